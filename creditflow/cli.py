@@ -1,0 +1,132 @@
+"""The ``creditflow`` command: run the stack (dev, api, worker), migrate, and operate the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from creditflow.config import Settings, get_settings
+
+app = typer.Typer(
+    help="creditflow: durable billing engine (credit wallet, PostgreSQL ledger, Temporal, Stripe).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+ratecard_app = typer.Typer(help="Show and load the rate card (features and credits per unit).", no_args_is_help=True)
+app.add_typer(ratecard_app, name="ratecard")
+
+console = Console()
+
+
+def _require_database(settings: Settings) -> str:
+    if not settings.database_url:
+        console.print("[red]CREDITFLOW_DATABASE_URL is not set[/red] (creditflow dev sets it for the embedded stack).")
+        raise typer.Exit(2)
+    return settings.database_url
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending database migrations and seed the default rate card on a fresh database."""
+    from creditflow.ledger.db import migrate as run_migrations
+    from creditflow.ledger.db import open_pool
+    from creditflow.ledger.ratecard import ensure_default_ratecard
+
+    settings = get_settings()
+    url = _require_database(settings)
+    applied = run_migrations(url)
+    console.print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+
+    async def seed() -> bool:
+        pool = open_pool(url, 1, 2)
+        await pool.open()
+        try:
+            return await ensure_default_ratecard(pool, settings.ratecard_path)
+        finally:
+            await pool.close()
+
+    if asyncio.run(seed()):
+        console.print("default rate card loaded")
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default CREDITFLOW_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default CREDITFLOW_API_PORT).")] = None,
+) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from creditflow.api.app import create_app
+
+    settings = get_settings()
+    _require_database(settings)
+    uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port,
+                log_level="info")
+
+
+@app.command()
+def worker() -> None:
+    """Run the Temporal worker (workflows and activities) and the outbox relay."""
+    from workers.main import run_worker
+
+    settings = get_settings()
+    _require_database(settings)
+    asyncio.run(run_worker(settings))
+
+
+@ratecard_app.command("show")
+def ratecard_show() -> None:
+    """List features and the rate in force now."""
+    from creditflow.ledger.db import open_pool
+    from creditflow.ledger.ratecard import list_features
+
+    url = _require_database(get_settings())
+
+    async def run() -> None:
+        pool = open_pool(url, 1, 2)
+        await pool.open()
+        try:
+            features = await list_features(pool)
+        finally:
+            await pool.close()
+        table = Table("feature", "channel", "unit", "credits/unit", "base", "since")
+        for f in features:
+            table.add_row(f.id, f.channel, f.unit, str(f.credits_per_unit), f.base_feature_id or "",
+                          f.effective_at.isoformat() if f.effective_at else "")
+        console.print(table)
+
+    asyncio.run(run())
+
+
+@ratecard_app.command("load")
+def ratecard_load(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML rate card file.")],
+    effective_at: Annotated[datetime | None, typer.Option(help="When the rates take effect (default now).")] = None,
+) -> None:
+    """Load a rate card file; changed rates become new versions (effective now or at --effective-at)."""
+    from creditflow.ledger.db import open_pool
+    from creditflow.ledger.ratecard import load_ratecard
+
+    url = _require_database(get_settings())
+
+    async def run() -> None:
+        pool = open_pool(url, 1, 2)
+        await pool.open()
+        try:
+            features = await load_ratecard(pool, path, effective_at)
+        finally:
+            await pool.close()
+        console.print(f"loaded {len(features)} features from {path}")
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,38 @@
+"""One error type with a stable machine-readable code, shared by the ledger, API and CLI."""
+
+from __future__ import annotations
+
+# HTTP status for each code the API can return. Unknown codes map to 400.
+STATUS_BY_CODE: dict[str, int] = {
+    "unauthorized": 401,
+    "forbidden": 403,
+    "insufficient_scope": 403,
+    "not_found": 404,
+    "unknown_account": 404,
+    "unknown_feature": 404,
+    "unknown_hold": 404,
+    "unknown_api_key": 404,
+    "account_exists": 409,
+    "idempotency_conflict": 409,
+    "hold_released": 409,
+    "hold_settled": 409,
+    "insufficient_credits": 402,
+    "validation_error": 422,
+    "invalid_amount": 422,
+    "invalid_quantity": 422,
+    "invalid_rate": 422,
+    "invalid_id": 422,
+    "feature_not_priced": 422,
+}
+
+
+class CreditflowError(Exception):
+    """A refusal with a stable ``code`` (e.g. ``insufficient_credits``) and a human message."""
+
+    def __init__(self, code: str, message: str | None = None, *, status: int | None = None,
+                 details: dict[str, object] | None = None) -> None:
+        super().__init__(message or code.replace("_", " "))
+        self.code = code
+        self.message = message or code.replace("_", " ")
+        self.status = status or STATUS_BY_CODE.get(code, 400)
+        self.details = details or {}

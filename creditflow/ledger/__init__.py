@@ -1,0 +1,1 @@
+"""The PostgreSQL ledger: schema, migrations, the metering hot path and the outbox."""

