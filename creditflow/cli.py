@@ -34,24 +34,13 @@ def _require_database(settings: Settings) -> str:
 @app.command()
 def migrate() -> None:
     """Apply pending database migrations and seed the default rate card on a fresh database."""
-    from creditflow.ledger.db import migrate as run_migrations
-    from creditflow.ledger.db import open_pool
-    from creditflow.ledger.ratecard import ensure_default_ratecard
+    from creditflow.ledger.bootstrap import prepare_database
 
     settings = get_settings()
-    url = _require_database(settings)
-    applied = run_migrations(url)
+    result = prepare_database(_require_database(settings), settings.ratecard_path)
+    applied = result.applied
     console.print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
-
-    async def seed() -> bool:
-        pool = open_pool(url, 1, 2)
-        await pool.open()
-        try:
-            return await ensure_default_ratecard(pool, settings.ratecard_path)
-        finally:
-            await pool.close()
-
-    if asyncio.run(seed()):
+    if result.ratecard_seeded:
         console.print("default rate card loaded")
 
 

@@ -10,15 +10,18 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from creditflow.api.app import create_app
 from creditflow.config import Settings
 from creditflow.ledger.db import migrate, open_pool, with_database
 from creditflow.ledger.ratecard import ensure_default_ratecard
 
 TEMPLATE = "creditflow_template"
+ADMIN_KEY = "cf_admin_test_key"
 
 
 @pytest.fixture(scope="session")
@@ -79,5 +82,38 @@ async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, admin_api_key="cf_admin_test_key",  # type: ignore[arg-type]
+    return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
                     welcome_bonus_credits=5000)
+
+
+# --- HTTP API -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on the real app (lifespan run, real database), authenticated as admin."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://creditflow.test",
+                                     headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+            yield client
+
+
+async def ledger_snapshot(database_url: str) -> dict[str, object]:
+    """Everything a bad request must leave untouched: row counts and sums of every money table."""
+    queries = {
+        "journal": "SELECT count(*), coalesce(sum(amount_micros), 0), coalesce(sum(abs(amount_micros)), 0)"
+                   " FROM journal_entries",
+        "txns": "SELECT count(*) FROM journal_transactions",
+        "balances": "SELECT coalesce(array_agg((account_id, balance_micros, held_micros) ORDER BY account_id)::text,"
+                    " '') FROM balances",
+        "lots": "SELECT count(*), coalesce(sum(remaining_micros), 0) FROM credit_lots",
+        "usage": "SELECT count(*) FROM usage_items",
+        "idempotency": "SELECT count(*) FROM idempotency_keys",
+        "holds": "SELECT coalesce(array_agg((id, status) ORDER BY id)::text, '') FROM holds",
+        "accounts": "SELECT count(*) FROM accounts",
+        "features": "SELECT count(*) FROM feature_rates",
+    }
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        return {name: await (await conn.execute(sql)).fetchone() for name, sql in queries.items()}

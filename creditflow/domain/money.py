@@ -29,7 +29,7 @@ class AmountError(ValueError):
 
 def to_decimal(value: object) -> Decimal:
     """Parse an int, Decimal or numeric string exactly. Floats and booleans are refused."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, bool | float):
         raise AmountError("invalid_amount", "amounts must be integers or decimal strings, not floats/booleans")
     try:
         result = Decimal(value) if not isinstance(value, Decimal) else value

@@ -60,7 +60,8 @@ async def create_account(
 async def get_account(pool: AsyncConnectionPool, account_id: str) -> Account:
     async with pool.connection() as conn:
         row = await (await conn.execute(
-            "SELECT a.*, b.balance_micros, b.held_micros, b.floor_micros FROM accounts a"
+            "SELECT a.*, b.balance_micros, cf_live_held(a.id, b.held_micros) AS held_micros, b.floor_micros"
+            " FROM accounts a"
             " JOIN balances b ON b.account_id = a.id WHERE a.id = %s", (account_id,))).fetchone()
     if row is None:
         raise CreditflowError("unknown_account", f"no account {account_id}")

@@ -84,11 +84,7 @@ async def track_batch(pool: AsyncConnectionPool, events: list[UsageEvent]) -> li
 
 
 _CHECK_SQL = """
-SELECT b.balance_micros, b.floor_micros,
-       b.held_micros - CASE WHEN b.held_micros > 0 THEN coalesce((
-           SELECT sum(amount_micros) FROM holds h
-           WHERE h.account_id = b.account_id AND h.status = 'active' AND h.expires_at <= now()), 0)
-       ELSE 0 END AS held_micros,
+SELECT b.balance_micros, b.floor_micros, cf_live_held(b.account_id, b.held_micros) AS held_micros,
        f.id AS feature_id, f.integer_only, cf_rate(f.id, now()) AS rate
 FROM balances b LEFT JOIN features f ON f.id = %(feature)s
 WHERE b.account_id = %(account)s

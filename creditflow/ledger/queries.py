@@ -23,7 +23,8 @@ from creditflow.ledger.models import (
 async def balance(pool: AsyncConnectionPool, account_id: str) -> Balance:
     async with pool.connection() as conn:
         row = await (await conn.execute(
-            "SELECT balance_micros, held_micros, floor_micros, updated_at FROM balances WHERE account_id = %s",
+            "SELECT balance_micros, cf_live_held(account_id, held_micros) AS held_micros, floor_micros, updated_at"
+            " FROM balances WHERE account_id = %s",
             (account_id,))).fetchone()
     if row is None:
         raise CreditflowError("unknown_account", f"no account {account_id}")

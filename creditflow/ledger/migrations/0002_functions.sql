@@ -100,6 +100,14 @@ BEGIN
     RETURN v_released;
 END $$;
 
+-- Held credits that still reserve (expired holds excluded even before a writer or the sweeper
+-- marks them): what reads should report without taking the account lock.
+CREATE FUNCTION cf_live_held(p_account text, p_held bigint) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_held = 0 THEN 0::bigint ELSE p_held - coalesce((
+        SELECT sum(amount_micros) FROM holds
+        WHERE account_id = p_account AND status = 'active' AND expires_at <= now()), 0)::bigint END
+$$;
+
 -- A movement of credits between the customer's wallet and a system book, as one balanced
 -- journal transaction. Positive amounts grant a lot (source/priority/expiry); negative amounts
 -- burn lots and respect the floor unless p_enforce_floor is false.

@@ -1,0 +1,75 @@
+"""The FastAPI application: routers, error format, lifespan (pool)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from creditflow import __version__
+from creditflow.api import accounts, billing, features
+from creditflow.api.exact_json import ExactJSONResponse, respond
+from creditflow.config import Settings
+from creditflow.errors import CreditflowError
+from creditflow.ledger.db import open_pool
+
+DESCRIPTION = """
+Prepaid credit wallet, metering and billing. **1 credit = 1 US cent.**
+
+* Authenticate with `Authorization: Bearer <API key>`. Account keys carry `billing:read` and/or
+  `billing:write` and act on their own account; admin keys act on any account and name it
+  (`account_id` in the body or query).
+* **Amounts are exact JSON numbers**: whole credits as integers (`45230`), sub-credit amounts with
+  their exact decimal digits (`0.5`). Requests may send numbers or decimal strings (`"2.5"`).
+* Errors: `{"error": {"code": "<stable machine-readable code>", "message": "...", "details": {}}}`.
+"""
+
+
+def _error(status: int, code: str, message: str, details: object | None = None) -> ExactJSONResponse:
+    return respond({"error": {"code": code, "message": message, "details": details or {}}}, status)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = open_pool(settings.database_url, settings.db_pool_min_size, settings.db_pool_max_size)
+        await pool.open()
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(title="creditflow", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  default_response_class=ExactJSONResponse)
+    app.state.settings = settings
+
+    @app.exception_handler(CreditflowError)
+    async def creditflow_error(request: Request, exc: CreditflowError) -> ExactJSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> ExactJSONResponse:
+        problems = [{"field": ".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]), "message": e["msg"]}
+                    for e in exc.errors()]
+        return _error(422, "validation_error", "the request is not valid", {"problems": problems})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> ExactJSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """Liveness and database reachability."""
+        async with app.state.pool.connection() as conn:
+            await conn.execute("SELECT 1")
+        return {"status": "ok"}
+
+    app.include_router(accounts.router)
+    app.include_router(billing.router)
+    app.include_router(features.router)
+    return app

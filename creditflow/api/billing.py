@@ -1,0 +1,207 @@
+"""/api/v1/billing: metering (track, check, holds), balance, history, usage, manual credits."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+
+from creditflow.api.deps import get_app_settings, get_pool, require, target_account
+from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
+from creditflow.api.keys import Principal, Scope
+from creditflow.api.schemas import (
+    CheckRequest,
+    HoldCreate,
+    HoldRelease,
+    HoldSettle,
+    TrackBatchRequest,
+    TrackRequest,
+    WalletCredit,
+)
+from creditflow.config import Settings
+from creditflow.domain.money import AmountError, validate_whole_credits
+from creditflow.errors import STATUS_BY_CODE, CreditflowError
+from creditflow.ids import check_id
+from creditflow.ledger import metering, postings, queries
+from creditflow.ledger.models import (
+    Balance,
+    CheckResult,
+    HoldResult,
+    PostingResult,
+    TrackResult,
+    TransactionPage,
+    UsageItem,
+    UsageRollup,
+)
+
+router = APIRouter(prefix="/api/v1/billing", tags=["billing"], route_class=ExactRoute)
+
+Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
+Writer = Annotated[Principal, Depends(require(Scope.BILLING_WRITE))]
+Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
+Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
+
+
+class TrackResponse(BaseModel):
+    allowed: bool
+    code: str
+    credits_charged: Decimal
+    credits_per_unit: Decimal | None = None
+    credits_required: Decimal | None = None
+    balance: Decimal | None = None
+    pending_charges: Decimal | None = None
+    available: Decimal | None = None
+    transaction_id: str | None = None
+    usage_item_id: str | None = None
+    replayed: bool = False
+
+
+def _track_body(result: TrackResult) -> dict[str, Any]:
+    body: dict[str, Any] = TrackResponse(
+        allowed=result.allowed, code=result.code, credits_charged=result.credits_charged,
+        credits_per_unit=result.credits_per_unit, credits_required=result.credits_required,
+        balance=result.balances.balance if result.balances else None,
+        pending_charges=result.balances.pending_charges if result.balances else None,
+        available=result.balances.available if result.balances else None,
+        transaction_id=result.transaction_id, usage_item_id=result.usage_item_id, replayed=result.replayed,
+    ).model_dump(exclude_none=True)
+    if not result.allowed:
+        body["error"] = {"code": result.code, "message": result.code.replace("_", " ")}
+    return body
+
+
+def _status(allowed: bool, code: str) -> int:
+    return 200 if allowed else STATUS_BY_CODE.get(code, 400)
+
+
+def _event(principal: Principal, req: TrackRequest) -> metering.UsageEvent:
+    account_id = target_account(principal, req.account_id)
+    return metering.UsageEvent.build(account_id, req.feature_id, req.value, req.idempotency_key,
+                                     req.agent_id, req.metadata)
+
+
+@router.post("/track", response_model=TrackResponse, response_class=ExactJSONResponse,
+             responses={402: {"description": "insufficient_credits (nothing written)"},
+                        404: {"description": "unknown_feature / unknown_account"},
+                        409: {"description": "idempotency_conflict"}})
+async def track(req: TrackRequest, principal: Writer, pool: Pool) -> ExactJSONResponse:
+    """Record a usage event exactly once (per ``idempotency_key``). Replays return the original
+    result with ``replayed: true``; a denial writes nothing and carries a ``code``."""
+    result = await metering.track(pool, _event(principal, req))
+    return respond(_track_body(result), _status(result.allowed, result.code))
+
+
+@router.post("/track/batch", response_class=ExactJSONResponse)
+async def track_batch(req: TrackBatchRequest, principal: Writer, pool: Pool) -> ExactJSONResponse:
+    """Up to 1,000 events in one transaction; each is decided on its own (see ``results``)."""
+    events = [_event(principal, e) for e in req.events]
+    results = await metering.track_batch(pool, events)
+    return respond({"results": [_track_body(r) for r in results],
+                    "allowed": sum(r.allowed for r in results), "denied": sum(not r.allowed for r in results)})
+
+
+@router.post("/check", response_model=CheckResult, response_class=ExactJSONResponse)
+async def check(req: CheckRequest, principal: Reader, pool: Pool) -> ExactJSONResponse:
+    """May the account use this feature (for ``value`` units), and what is left? Writes nothing.
+    A feature that is unknown or has no rate is ``allowed: false``."""
+    account_id = target_account(principal, req.account_id)
+    return respond(await metering.check(pool, account_id, req.feature_id, req.value, req.agent_id))
+
+
+@router.post("/holds", response_model=HoldResult, response_class=ExactJSONResponse, status_code=201)
+async def create_hold(req: HoldCreate, principal: Writer, pool: Pool,
+                      settings: Annotated[Settings, Depends(get_app_settings)]) -> ExactJSONResponse:
+    """Reserve credits for long-running usage (a call). Held credits are ``pending_charges``."""
+    account_id = target_account(principal, req.account_id)
+    event = metering.UsageEvent.build(account_id, req.feature_id, req.value, req.idempotency_key,
+                                      req.agent_id, req.metadata)
+    result = await metering.create_hold(pool, event, req.ttl_seconds or settings.hold_ttl_seconds)
+    body = result.model_dump(exclude_none=True)
+    if not result.allowed:
+        body["error"] = {"code": result.code, "message": result.code.replace("_", " ")}
+    return respond(body, 201 if result.allowed and not result.replayed else _status(result.allowed, result.code))
+
+
+@router.post("/holds/{hold_id}/settle", response_model=TrackResponse, response_class=ExactJSONResponse)
+async def settle_hold(hold_id: str, req: HoldSettle, principal: Writer, pool: Pool) -> ExactJSONResponse:
+    """Charge the actual usage and release the rest of the hold. Settling twice is a no-op."""
+    account_id = target_account(principal, req.account_id)
+    check_id(hold_id, "hold", "hold_id")
+    result = await metering.settle_hold(pool, account_id, hold_id, req.value, req.metadata)
+    return respond(_track_body(result), _status(result.allowed, result.code))
+
+
+@router.post("/holds/{hold_id}/release", response_model=HoldResult, response_class=ExactJSONResponse)
+async def release_hold(hold_id: str, req: HoldRelease, principal: Writer, pool: Pool) -> ExactJSONResponse:
+    account_id = target_account(principal, req.account_id)
+    check_id(hold_id, "hold", "hold_id")
+    result = await metering.release_hold(pool, account_id, hold_id)
+    if not result.allowed:
+        raise CreditflowError(result.code)
+    return respond(result.model_dump(exclude_none=True))
+
+
+@router.get("/balance", response_model=Balance, response_class=ExactJSONResponse)
+async def balance(principal: Reader, pool: Pool,
+                  account_id: Annotated[str | None, Query(description="Admin keys only.")] = None
+                  ) -> ExactJSONResponse:
+    """Wallet balance: ``balance``, ``pending_charges`` (holds), ``available`` = balance - pending."""
+    return respond(await queries.balance(pool, target_account(principal, account_id)))
+
+
+@router.get("/wallet", response_model=Balance, response_class=ExactJSONResponse)
+async def wallet(principal: Reader, pool: Pool, account_id: str | None = None) -> ExactJSONResponse:
+    """Alias of ``/balance``."""
+    return respond(await queries.balance(pool, target_account(principal, account_id)))
+
+
+@router.get("/transactions", response_model=TransactionPage, response_class=ExactJSONResponse)
+async def transactions(
+    principal: Reader, pool: Pool,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    type: Annotated[str | None, Query(max_length=40,
+                                      description="purchase, usage, welcome_bonus, adjustment, ...")] = None,
+    account_id: str | None = None,
+) -> ExactJSONResponse:
+    """Balance history, newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+    page = await queries.transactions(pool, target_account(principal, account_id), limit=limit, cursor=cursor,
+                                      type=type)
+    return respond(page)
+
+
+@router.get("/usage/items", response_model=list[UsageItem], response_class=ExactJSONResponse)
+async def usage_items(
+    principal: Reader, pool: Pool,
+    start: datetime | None = None, end: datetime | None = None, agent_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100, account_id: str | None = None,
+) -> ExactJSONResponse:
+    """Itemized charges in a window: channel, feature, quantity, credits, agent."""
+    items = await queries.usage_items(pool, target_account(principal, account_id), start=start, end=end,
+                                      agent_id=agent_id, limit=limit)
+    return respond({"items": items})
+
+
+@router.get("/usage", response_model=list[UsageRollup], response_class=ExactJSONResponse)
+async def usage(principal: Reader, pool: Pool, start: datetime | None = None, end: datetime | None = None,
+                account_id: str | None = None) -> ExactJSONResponse:
+    """Daily (UTC) usage per channel."""
+    rollups = await queries.usage_rollups(pool, target_account(principal, account_id), start=start, end=end)
+    return respond({"items": rollups})
+
+
+@router.post("/wallet/credit", response_model=PostingResult, response_class=ExactJSONResponse)
+async def wallet_credit(req: WalletCredit, principal: Admin, pool: Pool) -> ExactJSONResponse:
+    """Manual credit (positive ``amount``) or debit (negative) with a reason (admin only)."""
+    account_id = target_account(principal, req.account_id)
+    try:
+        amount = validate_whole_credits(req.amount, allow_negative=True)
+    except AmountError as exc:
+        raise CreditflowError(exc.code, str(exc)) from exc
+    result = await postings.adjust(pool, account_id=account_id, amount_credits=amount, reason=req.reason,
+                                   idempotency_key=req.idempotency_key, actor=principal.key_id)
+    return respond(result)

@@ -1,0 +1,103 @@
+"""API keys: bearer secrets stored as SHA-256 hashes, scoped to one account (or admin)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import datetime
+from enum import StrEnum
+
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+
+from creditflow.errors import CreditflowError
+from creditflow.ids import new_id
+
+
+class Scope(StrEnum):
+    BILLING_READ = "billing:read"
+    BILLING_WRITE = "billing:write"
+    ADMIN = "admin"
+
+
+SECRET_PREFIX = "cf_sk_"
+ADMIN_SECRET_PREFIX = "cf_admin_"
+
+
+class ApiKey(BaseModel):
+    id: str
+    account_id: str | None
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class CreatedApiKey(ApiKey):
+    secret: str
+
+
+class Principal(BaseModel):
+    """Who is calling: an account's key (acts on that account only) or an admin key."""
+
+    key_id: str
+    account_id: str | None
+    scopes: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        return Scope.ADMIN in self.scopes
+
+
+def hash_secret(secret: str) -> str:
+    # Secrets carry 256 bits of entropy, so a fast hash is enough (no password stretching needed).
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def create_key(pool: AsyncConnectionPool, *, account_id: str | None, scopes: list[Scope],
+                     name: str = "") -> CreatedApiKey:
+    secret = (ADMIN_SECRET_PREFIX if account_id is None else SECRET_PREFIX) + secrets.token_urlsafe(32)
+    key_id = new_id("key")
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "INSERT INTO api_keys (id, account_id, name, prefix, secret_hash, scopes)"
+            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING *",
+            (key_id, account_id, name, secret[:12], hash_secret(secret), sorted(s.value for s in scopes)),
+        )).fetchone()
+    return CreatedApiKey(secret=secret, **_key_fields(row))
+
+
+def _key_fields(row: dict[str, object]) -> dict[str, object]:
+    return {k: row[k] for k in ("id", "account_id", "name", "prefix", "scopes", "created_at", "revoked_at")}
+
+
+async def list_keys(pool: AsyncConnectionPool, account_id: str) -> list[ApiKey]:
+    async with pool.connection() as conn:
+        rows = await (await conn.execute(
+            "SELECT * FROM api_keys WHERE account_id = %s ORDER BY created_at", (account_id,))).fetchall()
+    return [ApiKey(**_key_fields(r)) for r in rows]
+
+
+async def revoke_key(pool: AsyncConnectionPool, account_id: str, key_id: str) -> ApiKey:
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s AND account_id = %s"
+            " RETURNING *", (key_id, account_id))).fetchone()
+    if row is None:
+        raise CreditflowError("unknown_api_key", f"no API key {key_id} on this account")
+    return ApiKey(**_key_fields(row))
+
+
+async def authenticate(pool: AsyncConnectionPool, secret: str, admin_secret: str | None) -> Principal:
+    """Resolve a bearer secret to a principal, or raise ``unauthorized``."""
+    if admin_secret and hmac.compare_digest(secret.encode(), admin_secret.encode()):
+        return Principal(key_id="settings:admin", account_id=None, scopes=frozenset({Scope.ADMIN.value}))
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT id, account_id, scopes FROM api_keys WHERE secret_hash = %s AND revoked_at IS NULL",
+            (hash_secret(secret),))).fetchone()
+    if row is None:
+        raise CreditflowError("unauthorized", "invalid or revoked API key")
+    return Principal(key_id=row["id"], account_id=row["account_id"], scopes=frozenset(row["scopes"]))

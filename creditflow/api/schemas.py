@@ -1,0 +1,98 @@
+"""Request bodies of the HTTP API. Amounts are exact (Decimal from JSON numbers or strings)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from creditflow.api.keys import Scope
+
+
+def _no_bool_or_float_noise(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("booleans are not amounts")
+    if isinstance(value, float):
+        raise ValueError("amounts must be exact (JSON number or decimal string)")
+    return value
+
+
+Amount = Annotated[Decimal, BeforeValidator(_no_bool_or_float_noise)]
+Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:\-/]{1,200}$")]
+Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$", max_length=254)]
+Metadata = Annotated[dict[str, Any], Field(default_factory=dict, max_length=50)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AccountCreate(Strict):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+    billing_email: Email
+    external_id: Token | None = None
+    overage_credit_line: Amount = Field(default=Decimal(0), description="Whole credits the account may go negative.")
+
+
+class ApiKeyCreate(Strict):
+    name: Annotated[str, StringConstraints(max_length=100)] = ""
+    scopes: list[Scope] = Field(min_length=1, description="billing:read and/or billing:write")
+
+
+class TrackRequest(Strict):
+    account_id: str | None = Field(default=None, description="Required with an admin key; implied by an account key.")
+    feature_id: Token
+    value: Amount = Field(description="Units used (messages, minutes, tokens). Exact; up to 6 decimals.")
+    agent_id: Token | None = None
+    idempotency_key: Token
+    metadata: Metadata
+
+
+class TrackBatchRequest(Strict):
+    events: list[TrackRequest] = Field(min_length=1, max_length=1000)
+
+
+class CheckRequest(Strict):
+    account_id: str | None = None
+    feature_id: Token
+    value: Amount | None = None
+    agent_id: Token | None = None
+
+
+class HoldCreate(Strict):
+    account_id: str | None = None
+    feature_id: Token
+    value: Amount = Field(description="Expected units to reserve (e.g. the expected call minutes).")
+    agent_id: Token | None = None
+    ttl_seconds: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    idempotency_key: Token
+    metadata: Metadata
+
+
+class HoldSettle(Strict):
+    account_id: str | None = None
+    value: Amount = Field(description="Actual units used; the rest of the hold is released.")
+    metadata: Metadata
+
+
+class HoldRelease(Strict):
+    account_id: str | None = None
+
+
+class WalletCredit(Strict):
+    account_id: str
+    amount: Amount = Field(description="Whole credits; positive credits the wallet, negative debits it.")
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500, strip_whitespace=True)]
+    idempotency_key: Token
+
+
+class FeaturePut(Strict):
+    name: str | None = None
+    channel: Token
+    unit: Token
+    integer_only: bool = True
+    base_feature_id: Token | None = None
+    credits_per_unit: Amount
+    effective_at: datetime | None = Field(default=None, description="Default: now.")

@@ -1,0 +1,97 @@
+"""Typed Temporal client for other services, and the public contract (names, ids, signals, queries).
+
+Anything that talks to creditflow's workflows goes through here or uses the documented names below with
+a plain Temporal client and the pydantic data converter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from creditflow.config import Settings
+from workflows.contract import (
+    ACCOUNT_WORKFLOW,
+    ACCOUNT_WORKFLOW_ID_PREFIX,
+    QUERY_STATE,
+    SA_ACCOUNT_ID,
+    SA_PLAN,
+    SA_STATUS,
+    SEARCH_ATTRIBUTES,
+    SIGNAL_OUTBOX_EVENT,
+    AccountState,
+    AccountWorkflowInput,
+    OutboxEvent,
+    account_workflow_id,
+)
+
+__all__ = [
+    "ACCOUNT_WORKFLOW", "ACCOUNT_WORKFLOW_ID_PREFIX", "QUERY_STATE", "SA_ACCOUNT_ID", "SA_PLAN", "SA_STATUS",
+    "SEARCH_ATTRIBUTES", "SIGNAL_OUTBOX_EVENT", "AccountState", "AccountWorkflowInput", "CreditflowClient",
+    "OutboxEvent", "account_workflow_id", "connect_temporal", "signal_with_start_account",
+]
+
+
+async def connect_temporal(settings: Settings) -> Client:
+    """A Temporal client for the configured cluster, with the pydantic data converter."""
+    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
+                                data_converter=pydantic_data_converter)
+
+
+def _start_options(account_id: str, name: str | None) -> dict[str, Any]:
+    """Start options shared by every way of starting an account workflow.
+
+    The search attributes make the account filterable from its first event; the workflow upserts them
+    itself afterwards. A running workflow is reused (an account has exactly one), a closed one (e.g.
+    terminated by an operator) is started again."""
+    label = f"{name} ({account_id})" if name else account_id
+    return {
+        "id": account_workflow_id(account_id),
+        "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
+        "id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        "search_attributes": TypedSearchAttributes([SA_ACCOUNT_ID.value_set(account_id)]),
+        "static_summary": f"Account {label}",
+        "static_details": "Entity workflow of one creditflow account: receives its outbox events "
+                          "(deduplicated), answers the `state` query.",
+    }
+
+
+async def signal_with_start_account(client: Client, task_queue: str, account_id: str, event: OutboxEvent,
+                                    *, name: str | None = None) -> WorkflowHandle[Any, Any]:
+    """Deliver ``event`` to ``account:{account_id}``, starting the workflow if it is not running."""
+    return await client.start_workflow(
+        ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account_id, name=name), task_queue=task_queue,
+        start_signal=SIGNAL_OUTBOX_EVENT, start_signal_args=[event], **_start_options(account_id, name),
+    )
+
+
+class CreditflowClient:
+    """What other services need from creditflow's workflows, typed."""
+
+    def __init__(self, client: Client, task_queue: str) -> None:
+        self.temporal = client
+        self.task_queue = task_queue
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> CreditflowClient:
+        return cls(await connect_temporal(settings), settings.temporal_task_queue)
+
+    def account_handle(self, account_id: str) -> WorkflowHandle[Any, Any]:
+        return self.temporal.get_workflow_handle(account_workflow_id(account_id))
+
+    async def account_state(self, account_id: str) -> AccountState:
+        """The account workflow's ``state`` query."""
+        return await self.account_handle(account_id).query(QUERY_STATE, result_type=AccountState)
+
+    async def ensure_account_workflow(self, account_id: str) -> WorkflowHandle[Any, Any]:
+        """Start the account's workflow unless it is running (no event is delivered).
+
+        A plain start with the USE_EXISTING conflict policy does atomically what signal-with-start
+        does, without a dummy signal in the history."""
+        return await self.temporal.start_workflow(
+            ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account_id), task_queue=self.task_queue,
+            **_start_options(account_id, None),
+        )

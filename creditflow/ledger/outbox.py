@@ -1,0 +1,77 @@
+"""The outbox's database side: claim pending rows, mark them dispatched, record failed attempts.
+
+Rows are written by hot-path transactions (e.g. ``create_account``) and drained by the relay in the
+worker. Functions take a connection from the ledger pool (dict rows) so the caller owns the
+transaction. Claims use ``FOR UPDATE SKIP LOCKED`` inside the caller's transaction, so several relays can run
+at once and each row is delivered by one of them at a time; delivery is at least once and the account
+workflow deduplicates by ``dedup_key``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+
+CHANNEL = "creditflow_outbox"  # NOTIFYed by the insert trigger with the account id as payload
+
+# Retry delays after failed attempts: 1 s, 2 s, 4 s, ... capped at 5 minutes.
+RETRY_BASE_SECONDS = 1.0
+RETRY_MAX_SECONDS = 300.0
+MAX_ERROR_LENGTH = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    account_id: str
+    kind: str
+    dedup_key: str
+    payload: dict[str, Any]
+    created_at: datetime
+    attempts: int
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds to wait before retrying a row that has failed ``attempts`` times."""
+    if attempts <= 0:
+        return 0.0
+    return min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2.0 ** min(attempts - 1, 20))
+
+
+async def claim_batch(conn: AsyncConnection[dict[str, Any]], limit: int,
+                      exclude_ids: Collection[int] = ()) -> list[OutboxRow]:
+    """Lock up to ``limit`` pending rows, oldest first, skipping rows locked by another relay and
+    ``exclude_ids`` (rows backing off). Call inside a transaction; the locks last until it ends."""
+    cur = await conn.execute(
+        "SELECT id, account_id, kind, dedup_key, payload, created_at, attempts FROM outbox"
+        " WHERE dispatched_at IS NULL AND NOT (id = ANY(%s))"
+        " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+        (list(exclude_ids), limit),
+    )
+    return [_row(r) for r in await cur.fetchall()]
+
+
+async def mark_dispatched(conn: AsyncConnection[dict[str, Any]], ids: Collection[int]) -> None:
+    """Delivered: counted as an attempt and never claimed again."""
+    if ids:
+        await conn.execute(
+            "UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1 WHERE id = ANY(%s)", (list(ids),))
+
+
+async def record_failure(conn: AsyncConnection[dict[str, Any]], row_id: int, error: str) -> int:
+    """A failed delivery: the row stays pending; returns its attempt count for the backoff."""
+    cur = await conn.execute(
+        "UPDATE outbox SET attempts = attempts + 1, last_error = %s WHERE id = %s RETURNING attempts",
+        (error[:MAX_ERROR_LENGTH], row_id),
+    )
+    row = await cur.fetchone()
+    return int(row["attempts"]) if row is not None else 0
+
+
+def _row(r: dict[str, Any]) -> OutboxRow:
+    return OutboxRow(id=r["id"], account_id=r["account_id"], kind=r["kind"], dedup_key=r["dedup_key"],
+                     payload=r["payload"], created_at=r["created_at"], attempts=r["attempts"])

@@ -1,0 +1,40 @@
+"""Cluster setup for creditflow: register its search attributes (Keyword) in a namespace.
+
+The embedded dev server gets them with ``--search-attribute`` flags (``dev_server_args``); a
+self-hosted cluster with ``ensure_search_attributes``. Temporal Cloud does not accept this operator call:
+add them there with ``tcld`` or the Cloud UI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+
+from workflows.contract import SEARCH_ATTRIBUTES
+
+
+def dev_server_args(keys: Sequence[SearchAttributeKey[str]] = SEARCH_ATTRIBUTES) -> list[str]:
+    """``temporal server start-dev`` flags that register the search attributes."""
+    args: list[str] = []
+    for key in keys:
+        args += ["--search-attribute", f"{key.name}=Keyword"]
+    return args
+
+
+async def ensure_search_attributes(client: Client, namespace: str,
+                                   keys: Sequence[SearchAttributeKey[str]] = SEARCH_ATTRIBUTES) -> list[str]:
+    """Register the missing Keyword attributes; idempotent. Returns the names it added."""
+    listed = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=namespace))
+    existing = set(listed.custom_attributes) | set(listed.system_attributes)
+    missing = [key.name for key in keys if key.name not in existing]
+    if missing:
+        await client.operator_service.add_search_attributes(AddSearchAttributesRequest(
+            namespace=namespace,
+            search_attributes={name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in missing},
+        ))
+    return missing
