@@ -30,7 +30,8 @@ async def assert_invariants(pool: AsyncConnectionPool) -> None:
         unbalanced = await (await conn.execute(
             "SELECT txn_id FROM journal_entries GROUP BY txn_id HAVING sum(amount_micros) <> 0")).fetchall()
         assert unbalanced == []
-        total = await (await conn.execute("SELECT coalesce(sum(amount_micros), 0) AS s FROM journal_entries")).fetchone()
+        total = await (await conn.execute(
+            "SELECT coalesce(sum(amount_micros), 0) AS s FROM journal_entries")).fetchone()
         assert total["s"] == 0
         drift = await (await conn.execute(
             "SELECT b.account_id FROM balances b LEFT JOIN (SELECT account_id, sum(amount_micros) AS s"
@@ -113,7 +114,8 @@ async def test_random_operations_keep_every_invariant(pool: AsyncConnectionPool,
             amount = op[1] * MICROS_PER_CREDIT
             ok = amount > 0 or model.balance + amount - model.held >= model.floor
             try:
-                await postings.adjust(pool, account_id=acc, amount_credits=op[1], reason="prop", idempotency_key=f"a{n}")
+                await postings.adjust(pool, account_id=acc, amount_credits=op[1], reason="prop",
+                                      idempotency_key=f"a{n}")
                 assert ok
                 model.balance += amount
             except Exception as exc:  # noqa: BLE001 - the refusal must be the floor
@@ -229,7 +231,8 @@ async def test_unbalanced_transaction_is_rejected_at_commit(pool: AsyncConnectio
     async with pool.connection() as conn:
         try:
             async with conn.transaction():
-                await conn.execute("INSERT INTO journal_transactions (id, type, amount_micros) VALUES ('txn_x', 'x', 5)")
+                await conn.execute(
+                    "INSERT INTO journal_transactions (id, type, amount_micros) VALUES ('txn_x', 'x', 5)")
                 await conn.execute("INSERT INTO journal_entries (txn_id, book, amount_micros)"
                                    " VALUES ('txn_x', 'system:usage_revenue', 5)")
         except psycopg.Error as exc:
