@@ -1,0 +1,152 @@
+"""Operator commands of the ``creditflow`` CLI: accounts, API keys, wallet adjustments, history.
+
+They talk to the ledger database directly (CREDITFLOW_DATABASE_URL), so they work even when the
+API is down; every write goes through the same ledger functions as the API."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
+
+import typer
+from psycopg_pool import AsyncConnectionPool
+from rich.console import Console
+from rich.table import Table
+
+from creditflow.api.keys import Scope, create_key, list_keys, revoke_key
+from creditflow.config import get_settings
+from creditflow.errors import CreditflowError
+from creditflow.ledger import accounts, postings, queries
+from creditflow.ledger.db import open_pool
+
+console = Console()
+T = TypeVar("T")
+
+accounts_app = typer.Typer(help="Create, list and inspect accounts.", no_args_is_help=True)
+keys_app = typer.Typer(help="Issue, list and revoke API keys.", no_args_is_help=True)
+wallet_app = typer.Typer(help="Manual wallet credits/debits and the balance history.", no_args_is_help=True)
+
+
+def run(action: Callable[[AsyncConnectionPool], Awaitable[T]]) -> T:
+    """Run one ledger action with a short-lived pool; ledger refusals exit 1 with their code."""
+    url = get_settings().database_url
+    if not url:
+        console.print("[red]CREDITFLOW_DATABASE_URL is not set[/red] (see `creditflow dev` for the embedded stack).")
+        raise typer.Exit(2)
+
+    async def main() -> T:
+        pool = open_pool(url, 1, 2)
+        await pool.open()
+        try:
+            return await action(pool)
+        finally:
+            await pool.close()
+
+    try:
+        return asyncio.run(main())
+    except CreditflowError as exc:
+        console.print(f"[red]{exc.code}[/red]: {exc.message}")
+        raise typer.Exit(1) from exc
+
+
+@accounts_app.command("create")
+def accounts_create(
+    name: Annotated[str, typer.Option(help="Customer or company name.")],
+    email: Annotated[str, typer.Option(help="Billing email (invoices and notifications).")],
+    external_id: Annotated[str | None, typer.Option(help="Your id for this customer (unique).")] = None,
+    overage_line: Annotated[int, typer.Option(min=0, help="Overage credit line in whole credits.")] = 0,
+) -> None:
+    """Create an account with its welcome bonus (CREDITFLOW_WELCOME_BONUS_CREDITS)."""
+    bonus = get_settings().welcome_bonus_credits
+    account = run(lambda pool: accounts.create_account(pool, name=name, billing_email=email, external_id=external_id,
+                                                       welcome_bonus_credits=bonus, overage_credit_line=overage_line))
+    console.print(f"created [bold]{account.id}[/bold] balance {account.balance.balance if account.balance else 0}")
+
+
+@accounts_app.command("show")
+def accounts_show(account_id: str) -> None:
+    """Show an account and its balances."""
+    account = run(lambda pool: accounts.get_account(pool, account_id))
+    console.print_json(account.model_dump_json())
+
+
+@accounts_app.command("list")
+def accounts_list(limit: Annotated[int, typer.Option(min=1, max=1000)] = 50) -> None:
+    """The newest accounts with their balances."""
+
+    async def fetch(pool: AsyncConnectionPool) -> list[dict[str, object]]:
+        async with pool.connection() as conn:
+            return await (await conn.execute(
+                "SELECT a.id, a.name, a.billing_email, a.created_at,"
+                " trim_scale(b.balance_micros::numeric / 1000000) AS balance"
+                " FROM accounts a JOIN balances b ON b.account_id = a.id ORDER BY a.created_at DESC LIMIT %s",
+                (limit,))).fetchall()
+
+    table = Table("id", "name", "billing email", "balance (credits)", "created")
+    for row in run(fetch):
+        table.add_row(str(row["id"]), str(row["name"]), str(row["billing_email"]), str(row["balance"]),
+                      str(row["created_at"]))
+    console.print(table)
+
+
+@keys_app.command("create")
+def keys_create(
+    account_id: str,
+    scope: Annotated[list[Scope], typer.Option(help="billing:read and/or billing:write (repeat).")],
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+) -> None:
+    """Issue an API key for an account; the secret is printed once."""
+    if Scope.ADMIN in scope:
+        console.print("[red]account keys take billing:read and/or billing:write[/red]")
+        raise typer.Exit(2)
+    key = run(lambda pool: create_key(pool, account_id=account_id, scopes=scope, name=name))
+    console.print(f"key [bold]{key.id}[/bold] scopes {', '.join(key.scopes)}\nsecret (shown once): {key.secret}")
+
+
+@keys_app.command("list")
+def keys_list(account_id: str) -> None:
+    table = Table("id", "name", "prefix", "scopes", "created", "revoked")
+    for key in run(lambda pool: list_keys(pool, account_id)):
+        table.add_row(key.id, key.name, key.prefix, ", ".join(key.scopes), str(key.created_at),
+                      str(key.revoked_at or ""))
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(account_id: str, key_id: str) -> None:
+    key = run(lambda pool: revoke_key(pool, account_id, key_id))
+    console.print(f"revoked {key.id} at {key.revoked_at}")
+
+
+@wallet_app.command("credit")
+def wallet_credit(
+    account_id: str,
+    amount: Annotated[int, typer.Option(help="Whole credits; negative debits the wallet (--amount -500).")],
+    reason: Annotated[str, typer.Option(help="Why (shown in the balance history).")],
+    idempotency_key: Annotated[str | None, typer.Option(help="Retry-safe key (default: a new one).")] = None,
+) -> None:
+    """Manual credit or debit, recorded as an `adjustment` journal entry."""
+    key = idempotency_key or f"cli-{uuid.uuid4().hex}"
+    result = run(lambda pool: postings.adjust(pool, account_id=account_id, amount_credits=amount, reason=reason,
+                                              idempotency_key=key, actor="cli"))
+    console.print(f"{result.transaction_id}: {result.amount:+} credits, balance {result.balances.balance}"
+                  f"{' (replayed)' if result.replayed else ''}")
+
+
+@wallet_app.command("balance")
+def wallet_balance(account_id: str) -> None:
+    console.print_json(run(lambda pool: queries.balance(pool, account_id)).model_dump_json())
+
+
+@wallet_app.command("history")
+def wallet_history(account_id: str, limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+                   type: Annotated[str | None, typer.Option(help="Only this transaction type.")] = None) -> None:
+    """The balance history (newest first)."""
+    page = run(lambda pool: queries.transactions(pool, account_id, limit=limit, type=type))
+    table = Table("id", "type", "amount", "balance after", "description", "created")
+    for t in page.items:
+        table.add_row(t.id, t.type, f"{t.amount:+}", str(t.balance_after), t.description, str(t.created_at))
+    console.print(table)
+    console.print(f"{len(page.items)} of {page.total}")

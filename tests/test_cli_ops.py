@@ -1,0 +1,50 @@
+"""Operator CLI commands against a real database."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from typer.testing import CliRunner
+
+from creditflow import ops_cli
+from creditflow.config import get_settings
+from creditflow.ops_cli import accounts_app, keys_app, wallet_app
+
+
+@pytest.fixture
+def cli_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("CREDITFLOW_DATABASE_URL", database_url)
+    monkeypatch.setenv("CREDITFLOW_WELCOME_BONUS_CREDITS", "100")
+    get_settings.cache_clear()
+    monkeypatch.setattr(ops_cli.console, "width", 250)
+    yield
+    get_settings.cache_clear()
+
+
+def test_operator_flow(cli_env: None) -> None:
+    runner = CliRunner()
+    created = runner.invoke(accounts_app, ["create", "--name", "Acme", "--email", "ops@acme.test"])
+    assert created.exit_code == 0, created.output
+    account_id = re.search(r"acc_[0-9a-f]{32}", created.output)[0]  # type: ignore[index]
+    assert "balance 100" in created.output
+
+    args = ["credit", account_id, "--amount", "250", "--reason", "SLA credit", "--idempotency-key", "k"]
+    credit = runner.invoke(wallet_app, args)
+    assert credit.exit_code == 0 and "balance 350" in credit.output
+    replay = runner.invoke(wallet_app, args)
+    assert "replayed" in replay.output and "balance 350" in replay.output
+    too_much = runner.invoke(wallet_app, ["credit", account_id, "--amount", "-1000", "--reason", "oops"])
+    assert too_much.exit_code == 1 and "insufficient_credits" in too_much.output
+
+    history = runner.invoke(wallet_app, ["history", account_id])
+    assert "adjustment" in history.output and "welcome_bonus" in history.output and "2 of 2" in history.output
+
+    key = runner.invoke(keys_app, ["create", account_id, "--scope", "billing:read"])
+    assert key.exit_code == 0 and "cf_sk_" in key.output
+    listed = runner.invoke(keys_app, ["list", account_id])
+    assert "billing:read" in listed.output
+
+    unknown = runner.invoke(accounts_app, ["show", "acc_" + "0" * 32])
+    assert unknown.exit_code == 1 and "unknown_account" in unknown.output
