@@ -6,10 +6,16 @@ a plain Temporal client and the pydantic data converter.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from creditflow.config import Settings
@@ -52,7 +58,7 @@ def _start_options(account_id: str, name: str | None) -> dict[str, Any]:
         "id": account_workflow_id(account_id),
         "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
         "id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        "search_attributes": TypedSearchAttributes([SA_ACCOUNT_ID.value_set(account_id)]),
+        "search_attributes": TypedSearchAttributes([SearchAttributePair(SA_ACCOUNT_ID, account_id)]),
         "static_summary": f"Account {label}",
         "static_details": "Entity workflow of one creditflow account: receives its outbox events "
                           "(deduplicated), answers the `state` query.",
@@ -60,11 +66,13 @@ def _start_options(account_id: str, name: str | None) -> dict[str, Any]:
 
 
 async def signal_with_start_account(client: Client, task_queue: str, account_id: str, event: OutboxEvent,
-                                    *, name: str | None = None) -> WorkflowHandle[Any, Any]:
+                                    *, name: str | None = None,
+                                    rpc_timeout: timedelta | None = None) -> WorkflowHandle[Any, Any]:
     """Deliver ``event`` to ``account:{account_id}``, starting the workflow if it is not running."""
     return await client.start_workflow(
         ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account_id, name=name), task_queue=task_queue,
-        start_signal=SIGNAL_OUTBOX_EVENT, start_signal_args=[event], **_start_options(account_id, name),
+        start_signal=SIGNAL_OUTBOX_EVENT, start_signal_args=[event], rpc_timeout=rpc_timeout,
+        **_start_options(account_id, name),
     )
 
 

@@ -13,6 +13,7 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
+from temporalio.service import RPCError, RPCStatusCode
 
 from workflows.contract import SEARCH_ATTRIBUTES
 
@@ -33,8 +34,13 @@ async def ensure_search_attributes(client: Client, namespace: str,
     existing = set(listed.custom_attributes) | set(listed.system_attributes)
     missing = [key.name for key in keys if key.name not in existing]
     if missing:
-        await client.operator_service.add_search_attributes(AddSearchAttributesRequest(
-            namespace=namespace,
-            search_attributes={name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in missing},
-        ))
+        try:
+            await client.operator_service.add_search_attributes(AddSearchAttributesRequest(
+                namespace=namespace,
+                search_attributes={name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in missing},
+            ))
+        except RPCError as err:
+            # Another process registered them between our list and add.
+            if err.status != RPCStatusCode.ALREADY_EXISTS:
+                raise
     return missing

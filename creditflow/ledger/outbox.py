@@ -58,8 +58,8 @@ async def claim_batch(conn: AsyncConnection[dict[str, Any]], limit: int,
 async def mark_dispatched(conn: AsyncConnection[dict[str, Any]], ids: Collection[int]) -> None:
     """Delivered: counted as an attempt and never claimed again."""
     if ids:
-        await conn.execute(
-            "UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1 WHERE id = ANY(%s)", (list(ids),))
+        await conn.execute("UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1"
+                           " WHERE id = ANY(%s)", (list(ids),))
 
 
 async def record_failure(conn: AsyncConnection[dict[str, Any]], row_id: int, error: str) -> int:

@@ -1,0 +1,1 @@
+"""Thin Temporal activity adapters over creditflow's ledger, payments and notifications."""

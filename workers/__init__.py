@@ -1,0 +1,1 @@
+"""Composition root: settings, pools, the Temporal client and worker, the outbox relay."""

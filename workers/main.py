@@ -1,0 +1,122 @@
+"""Composition root of the worker process: pool, Temporal client, Worker and outbox relay.
+
+``workflow_classes`` and ``activity_functions`` are the single list of what a creditflow worker runs,
+so tests and the CLI build the same worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.accounts import AccountActivities
+from creditflow.client import connect_temporal
+from creditflow.config import Settings
+from creditflow.ledger.db import open_pool
+from creditflow.temporal_setup import ensure_search_attributes
+from workers.relay import OutboxRelay
+from workflows.account import AccountWorkflow
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CONNECT_RETRY_MAX_SECONDS = 30.0
+
+
+def workflow_classes() -> list[type]:
+    return [AccountWorkflow]
+
+
+def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Callable[..., Any]]:
+    """Activities bound to this process's resources. ``settings`` is for the adapters to come
+    (payments, notifications)."""
+    accounts = AccountActivities(pool)
+    return [accounts.load_account]
+
+
+def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,
+                 task_queue: str | None = None) -> Worker:
+    return Worker(client, task_queue=task_queue or settings.temporal_task_queue,
+                  workflows=workflow_classes(), activities=activity_functions(pool, settings))
+
+
+async def connect_with_retry(settings: Settings) -> Client:
+    """Wait for Temporal instead of crashing when the worker starts first (docker compose, dev stack)."""
+    delay = 1.0
+    while True:
+        try:
+            return await connect_temporal(settings)
+        except RuntimeError as err:  # the SDK reports connection failures as RuntimeError
+            log.warning("Temporal at %s not reachable (%s); retrying in %.0f s",
+                        settings.temporal_address, err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CONNECT_RETRY_MAX_SECONDS)
+
+
+async def register_search_attributes(client: Client, settings: Settings) -> None:
+    """Workflows and the relay need the attributes registered; do it here for self-hosted clusters.
+
+    Temporal Cloud refuses this call (they are added with tcld there), so a failure is only logged."""
+    try:
+        added = await ensure_search_attributes(client, settings.temporal_namespace)
+    except Exception as err:
+        log.warning("could not register search attributes (%s); register them on the cluster", err)
+    else:
+        if added:
+            log.info("registered search attributes: %s", ", ".join(added))
+
+
+async def run_worker(settings: Settings) -> None:
+    """Run the worker and the outbox relay until SIGINT/SIGTERM, then shut both down cleanly."""
+    pool = open_pool(settings.database_url, settings.db_pool_min_size, settings.db_pool_max_size)
+    await pool.open()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        client = await _until_stopped(connect_with_retry(settings), stop)
+        if client is None:
+            return
+        await register_search_attributes(client, settings)
+        worker = build_worker(client, pool, settings)
+        relay = OutboxRelay(pool, client, settings)
+        tasks = [asyncio.create_task(worker.run(), name="temporal-worker"),
+                 asyncio.create_task(relay.run(), name="outbox-relay"),
+                 asyncio.create_task(stop.wait(), name="stop")]
+        log.info("worker running on task queue %r (Temporal %s, namespace %s)",
+                 settings.temporal_task_queue, settings.temporal_address, settings.temporal_namespace)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        tasks[1].cancel()
+        tasks[2].cancel()
+        if not tasks[0].done():
+            await worker.shutdown()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for task, result in zip(tasks, results, strict=True):
+            if task in done and isinstance(result, BaseException) and not isinstance(
+                    result, asyncio.CancelledError):
+                raise result
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await pool.close()
+
+
+async def _until_stopped(coro: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """``coro``'s result, or None if ``stop`` is set first."""
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
