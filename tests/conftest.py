@@ -109,14 +109,12 @@ async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 async def ledger_snapshot(database_url: str) -> dict[str, object]:
     """Everything a bad request must leave untouched: row counts and sums of every money table."""
     queries = {
-        "journal": "SELECT count(*), coalesce(sum(amount_micros), 0), coalesce(sum(abs(amount_micros)), 0)"
-                   " FROM journal_entries",
-        "txns": "SELECT count(*) FROM journal_transactions",
+        "journal": "SELECT count(*), coalesce(sum(amount_micros), 0), coalesce(sum(abs(amount_micros)), 0),"
+                   " coalesce(max(seq), 0) FROM journal",
         "balances": "SELECT coalesce(array_agg((account_id, balance_micros, held_micros) ORDER BY account_id)::text,"
                     " '') FROM balances",
         "lots": "SELECT count(*), coalesce(sum(remaining_micros), 0) FROM credit_lots",
-        "usage": "SELECT count(*) FROM usage_items",
-        "idempotency": "SELECT count(*) FROM idempotency_keys",
+        "lot_rows": "SELECT coalesce(array_agg((id, remaining_micros) ORDER BY id)::text, '') FROM credit_lots",
         "holds": "SELECT coalesce(array_agg((id, status) ORDER BY id)::text, '') FROM holds",
         "accounts": "SELECT count(*) FROM accounts",
         "features": "SELECT count(*) FROM feature_rates",

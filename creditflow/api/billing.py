@@ -56,7 +56,8 @@ class TrackResponse(BaseModel):
     pending_charges: Decimal | None = None
     available: Decimal | None = None
     transaction_id: str | None = None
-    usage_item_id: str | None = None
+    hold_id: str | None = None
+    released: Decimal | None = None
     replayed: bool = False
 
 
@@ -67,7 +68,8 @@ def _track_body(result: TrackResult) -> dict[str, Any]:
         balance=result.balances.balance if result.balances else None,
         pending_charges=result.balances.pending_charges if result.balances else None,
         available=result.balances.available if result.balances else None,
-        transaction_id=result.transaction_id, usage_item_id=result.usage_item_id, replayed=result.replayed,
+        transaction_id=result.transaction_id, replayed=result.replayed, hold_id=result.hold_id,
+        released=result.released,
     ).model_dump(exclude_none=True)
     if not result.allowed:
         body["error"] = {"code": result.code, "message": result.code.replace("_", " ")}

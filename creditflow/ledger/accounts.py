@@ -11,6 +11,7 @@ from creditflow.domain.lots import LotSource, lot_priority
 from creditflow.domain.money import credits_to_micros
 from creditflow.errors import CreditflowError
 from creditflow.ids import new_id
+from creditflow.ledger.idempotency import request_hash
 from creditflow.ledger.models import Account, Balances, credits
 
 WELCOME_DESCRIPTION = "Welcome credits for new account"
@@ -44,10 +45,11 @@ async def create_account(
                            (account_id, -line_micros))
         if welcome_bonus_credits > 0:
             await conn.execute(
-                "SELECT cf_post(%s, 'welcome_bonus', %s, 'system:promotions', %s, '{}'::jsonb,"
-                " %s, %s, NULL, true)",
+                "SELECT cf_post(%s, 'welcome_bonus', %s, 'system:promotions', %s, NULL, %s, %s, NULL,"
+                " 'welcome_bonus', %s)",
                 (account_id, credits_to_micros(welcome_bonus_credits), WELCOME_DESCRIPTION,
-                 LotSource.WELCOME_BONUS.value, lot_priority(LotSource.WELCOME_BONUS)),
+                 LotSource.WELCOME_BONUS.value, lot_priority(LotSource.WELCOME_BONUS),
+                 request_hash("welcome_bonus", welcome_bonus_credits)),
             )
         await conn.execute(
             "INSERT INTO outbox (account_id, kind, dedup_key, payload) VALUES (%s, 'account.created', %s, %s)",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import simplejson
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
@@ -20,12 +24,13 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 T = TypeVar("T")
 
 # Serialization failures and deadlocks are retried inside the library, never surfaced to callers.
-RETRYABLE = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+RETRYABLE: tuple[type[Exception], ...] = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 
 
-async def with_retry(fn: Callable[[], Awaitable[T]], attempts: int = 5) -> T:
+async def with_retry(fn: Callable[[], Awaitable[T]], attempts: int = 5,
+                     retry_on: tuple[type[Exception], ...] = RETRYABLE) -> T:
     async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(RETRYABLE),
+        retry=retry_if_exception_type(retry_on),
         stop=stop_after_attempt(attempts),
         wait=wait_random_exponential(multiplier=0.005, max=0.2),
         reraise=True,
@@ -35,13 +40,33 @@ async def with_retry(fn: Callable[[], Awaitable[T]], attempts: int = 5) -> T:
     raise AssertionError("unreachable")
 
 
+def _exact_json_loads(data: str | bytes) -> Any:
+    return json.loads(data, parse_float=Decimal)
+
+
+def _dump_json(obj: Any) -> str:
+    return simplejson.dumps(obj, use_decimal=True, separators=(",", ":"))
+
+
+def to_jsonb(obj: dict[str, Any] | None) -> Jsonb | None:
+    """JSON for the database, Decimals written exactly; empty objects are stored as NULL."""
+    return Jsonb(obj, dumps=_dump_json) if obj else None
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    # JSON numbers read back from jsonb (metadata) stay exact.
+    set_json_loads(_exact_json_loads, conn)
+
+
 def open_pool(database_url: str, min_size: int = 2, max_size: int = 20) -> AsyncConnectionPool:
-    """An async pool (not yet opened: ``await pool.open()``); rows come back as dicts."""
+    """An async pool (not yet opened: ``await pool.open()``); rows come back as dicts; every
+    statement is its own transaction unless wrapped in ``conn.transaction()``."""
     return AsyncConnectionPool(
         database_url,
         min_size=min_size,
         max_size=max_size,
         kwargs={"row_factory": dict_row, "autocommit": True, "prepare_threshold": 0},
+        configure=_configure,
         open=False,
         name="creditflow",
     )

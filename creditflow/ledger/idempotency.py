@@ -1,25 +1,29 @@
-"""Request fingerprints for idempotency keys: same key + same request = same result."""
+"""Request fingerprints for idempotency keys: same key + same request = same result.
+
+A 16-byte BLAKE2b digest of a canonical text form; cheap enough for the metering hot path."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from decimal import Decimal
 
-import simplejson
+
+def canonical_decimal(value: Decimal) -> str:
+    """``2.50`` and ``2.5`` are the same request."""
+    return str(value.quantize(Decimal(1))) if value == value.to_integral_value() else str(value.normalize())
 
 
-def request_hash(operation: str, **fields: object) -> str:
-    """A stable hash of the operation and its normalized fields (Decimals by value, not text)."""
+def _default(value: object) -> str:
+    if isinstance(value, Decimal):
+        return canonical_decimal(value)
+    return str(value)
 
-    def norm(value: object) -> object:
-        if isinstance(value, Decimal):
-            return str(value.normalize()) if value != value.to_integral_value() else str(int(value))
-        if isinstance(value, dict):
-            return {k: norm(v) for k, v in sorted(value.items())}
-        if isinstance(value, list | tuple):
-            return [norm(v) for v in value]
-        return value
 
-    payload = simplejson.dumps({"op": operation, **{k: norm(v) for k, v in fields.items()}},
-                               sort_keys=True, separators=(",", ":"), use_decimal=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+def request_hash(operation: str, *parts: object, metadata: dict[str, object] | None = None) -> bytes:
+    items = [operation]
+    for part in parts:
+        items.append("\x00" if part is None else canonical_decimal(part) if isinstance(part, Decimal) else str(part))
+    if metadata:
+        items.append(json.dumps(metadata, sort_keys=True, separators=(",", ":"), default=_default))
+    return hashlib.blake2b("\x1f".join(items).encode(), digest_size=16).digest()

@@ -1,26 +1,38 @@
 """The metering hot path: ``track``, ``track_batch``, ``check`` and holds.
 
-Each call is one PostgreSQL round trip into a PL/pgSQL function (see migrations/0002) that runs
-in one short transaction under the account's row lock: no Temporal on this path.
+Each call is one PostgreSQL round trip into a PL/pgSQL function (migrations/0002) that runs in
+one short transaction under the account's row lock: no Temporal on this path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from psycopg.types.json import Jsonb
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from creditflow.domain.money import micros_to_credits, usage_charge_micros, validate_quantity
+from creditflow.domain.money import AmountError, micros_to_credits, usage_charge_micros, validate_quantity
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_token
-from creditflow.ledger.db import with_retry
+from creditflow.ledger.db import RETRYABLE, to_jsonb, with_retry
 from creditflow.ledger.idempotency import request_hash
-from creditflow.ledger.models import Balances, CheckResult, HoldResult, TrackResult
+from creditflow.ledger.models import Balances, CheckResult, HoldResult, TrackResult, balances_from, credits, exact
 
-_TRACK_SQL = "SELECT cf_track(%s, %s, %s, %s, %s, %s, %s) AS r"
+# A concurrent duplicate of the same key hits the journal's unique index; the retry then replays it.
+TRACK_RETRY_ON: tuple[type[Exception], ...] = (*RETRYABLE, psycopg.errors.UniqueViolation)
+
+_TRACK_SQL = "SELECT * FROM cf_track(%s, %s, %s, %s, %s, %s, %s)"
+_BATCH_SQL = "SELECT * FROM cf_track_batch(%s, %s, %s, %s, %s, %s, %s::jsonb[])"
+
+
+def _quantity(value: object) -> Decimal:
+    try:
+        return validate_quantity(value, integer_only=False)
+    except AmountError as exc:
+        raise CreditflowError(exc.code, str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -40,53 +52,62 @@ class UsageEvent:
         check_token(idempotency_key, "idempotency_key")
         if agent_id is not None:
             check_token(agent_id, "agent_id")
-        try:
-            quantity = validate_quantity(value, integer_only=False)
-        except ValueError as exc:
-            raise CreditflowError(getattr(exc, "code", "invalid_quantity"), str(exc)) from exc
-        return cls(account_id, feature_id, quantity, idempotency_key, agent_id, metadata or {})
+        return cls(account_id, feature_id, _quantity(value), idempotency_key, agent_id, metadata or {})
 
-    def params(self) -> tuple[object, ...]:
-        fingerprint = request_hash("track", feature=self.feature_id, value=self.value,
-                                   agent=self.agent_id, metadata=self.metadata)
-        return (self.account_id, self.feature_id, self.value, self.agent_id, self.idempotency_key,
-                fingerprint, Jsonb(self.metadata))
+    def fingerprint(self, operation: str = "track", *extra: object) -> bytes:
+        return request_hash(operation, self.feature_id, self.value, self.agent_id, *extra, metadata=self.metadata)
+
+
+async def _fetch_one(pool: AsyncConnectionPool, sql: str, params: Sequence[object],
+                     retry_on: tuple[type[Exception], ...] = RETRYABLE) -> dict[str, Any]:
+    """One statement in its own transaction; the retry machinery only starts after a failure."""
+
+    async def run() -> dict[str, Any]:
+        async with pool.connection() as conn:
+            row = await (await conn.execute(sql, params)).fetchone()
+        assert row is not None
+        return row
+
+    try:
+        return await run()
+    except retry_on:
+        return await with_retry(run, retry_on=retry_on)
 
 
 async def track(pool: AsyncConnectionPool, event: UsageEvent) -> TrackResult:
     """Record one usage event exactly once; a denial writes nothing and carries a reason code."""
-
-    async def run() -> TrackResult:
-        async with pool.connection() as conn:
-            row = await (await conn.execute(_TRACK_SQL, event.params())).fetchone()
-        return TrackResult.from_db(row["r"])
-
-    return await with_retry(run)
+    row = await _fetch_one(pool, _TRACK_SQL, (
+        event.account_id, event.feature_id, event.value, event.agent_id, event.idempotency_key,
+        event.fingerprint(), to_jsonb(event.metadata)), TRACK_RETRY_ON)
+    return TrackResult.from_db(row)
 
 
-async def track_batch(pool: AsyncConnectionPool, events: list[UsageEvent]) -> list[TrackResult]:
-    """Many events in one transaction and one commit (pipelined). Each event is decided on its
-    own (a denied event writes nothing); results come back in input order. Accounts are locked
-    in a stable order so concurrent batches cannot deadlock."""
-    order = sorted(range(len(events)), key=lambda i: events[i].account_id)
+async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -> list[TrackResult]:
+    """Many events in one call and one commit. Each event is decided on its own, in order within
+    its account (a denied event writes nothing); results come back in input order."""
+    if not events:
+        return []
+    params = (
+        [e.account_id for e in events], [e.feature_id for e in events], [e.value for e in events],
+        [e.agent_id for e in events], [e.idempotency_key for e in events], [e.fingerprint() for e in events],
+        [to_jsonb(e.metadata) for e in events],
+    )
 
     async def run() -> list[TrackResult]:
-        results: list[TrackResult | None] = [None] * len(events)
-        async with pool.connection() as conn, conn.transaction():
-            async with conn.pipeline():
-                cursors = [(i, await conn.execute(_TRACK_SQL, events[i].params())) for i in order]
-            for i, cur in cursors:
-                row = await cur.fetchone()
-                results[i] = TrackResult.from_db(row["r"])
-        return [r for r in results if r is not None]
+        async with pool.connection() as conn:
+            rows = await (await conn.execute(_BATCH_SQL, params)).fetchall()
+        return [TrackResult.from_db(row) for row in rows]
 
-    return await with_retry(run)
+    try:
+        return await run()
+    except TRACK_RETRY_ON:
+        return await with_retry(run, retry_on=TRACK_RETRY_ON)
 
 
 _CHECK_SQL = """
 SELECT b.balance_micros, b.floor_micros, cf_live_held(b.account_id, b.held_micros) AS held_micros,
-       f.id AS feature_id, f.integer_only, cf_rate(f.id, now()) AS rate
-FROM balances b LEFT JOIN features f ON f.id = %(feature)s
+       p.id AS feature_id, p.integer_only, p.credits_per_unit AS rate
+FROM balances b LEFT JOIN feature_prices p ON p.id = %(feature)s
 WHERE b.account_id = %(account)s
 """
 
@@ -96,13 +117,8 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
     """May this account (agent) use this feature now, and what is left? Writes nothing.
 
     With ``value``, allowed means the whole quantity is affordable; without, that something is
-    left to spend. A feature with no rate is ``allowed: false``."""
-    quantity = None
-    if value is not None:
-        try:
-            quantity = validate_quantity(value, integer_only=False)
-        except ValueError as exc:
-            raise CreditflowError(getattr(exc, "code", "invalid_quantity"), str(exc)) from exc
+    left to spend. A feature that is unknown or has no rate is ``allowed: false``."""
+    quantity = None if value is None else _quantity(value)
     async with pool.connection() as conn:
         row = await (await conn.execute(_CHECK_SQL, {"account": account_id, "feature": feature_id})).fetchone()
     if row is None:
@@ -116,7 +132,7 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
         result.code = "feature_not_priced"
         return result
     rate = Decimal(row["rate"])
-    result.credits_per_unit = rate.normalize() if rate != rate.to_integral_value() else rate.quantize(Decimal(1))
+    result.credits_per_unit = exact(rate)
     spendable = row["balance_micros"] - row["held_micros"] - row["floor_micros"]
     if quantity is not None:
         if row["integer_only"] and quantity != quantity.to_integral_value():
@@ -133,65 +149,36 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
 
 
 def _hold_result(row: dict[str, Any]) -> HoldResult:
-    balances = None
-    if "balance_micros" in row:
-        balances = Balances.from_micros(row["balance_micros"], row["held_micros"], row["floor_micros"])
     return HoldResult(
-        allowed=row["allowed"], code=row["code"], hold_id=row.get("hold_id"),
-        held_amount=micros_to_credits(row["held_amount_micros"]) if "held_amount_micros" in row else None,
-        status=row.get("status"), expires_at=row.get("expires_at"),
-        released=micros_to_credits(row["released_micros"]) if "released_micros" in row else None,
-        credits_required=micros_to_credits(row["credits_required_micros"])
-        if "credits_required_micros" in row else None,
-        replayed=bool(row.get("replayed", False)), balances=balances,
+        allowed=row["allowed"], code=row["code"], hold_id=row["hold_id"], held_amount=credits(row["amount_micros"]),
+        status=row["status"], expires_at=row["expires_at"], released=credits(row["released_micros"]),
+        credits_required=credits(row["required_micros"]), replayed=bool(row["replayed"]),
+        balances=balances_from(row),
     )
 
 
 async def create_hold(pool: AsyncConnectionPool, event: UsageEvent, ttl_seconds: int) -> HoldResult:
     """Reserve the price of ``event.value`` units (e.g. the expected call minutes)."""
-    fingerprint = request_hash("hold", feature=event.feature_id, value=event.value, agent=event.agent_id,
-                               ttl=ttl_seconds, metadata=event.metadata)
-
-    async def run() -> HoldResult:
-        async with pool.connection() as conn:
-            row = await (await conn.execute(
-                "SELECT cf_hold(%s, %s, %s, %s, %s, %s, %s, %s) AS r",
-                (event.account_id, event.feature_id, event.value, event.agent_id, ttl_seconds,
-                 event.idempotency_key, fingerprint, Jsonb(event.metadata)))).fetchone()
-        return _hold_result(row["r"])
-
-    return await with_retry(run)
+    row = await _fetch_one(pool, "SELECT * FROM cf_hold(%s, %s, %s, %s, %s, %s, %s, %s)", (
+        event.account_id, event.feature_id, event.value, event.agent_id, ttl_seconds, event.idempotency_key,
+        event.fingerprint("hold", ttl_seconds), to_jsonb(event.metadata)), TRACK_RETRY_ON)
+    return _hold_result(row)
 
 
 async def settle_hold(pool: AsyncConnectionPool, account_id: str, hold_id: str, value: object,
                       metadata: dict[str, Any] | None = None) -> TrackResult:
     """Charge the actual quantity and release the rest of the hold, atomically (idempotent)."""
-    try:
-        quantity = validate_quantity(value, integer_only=False)
-    except ValueError as exc:
-        raise CreditflowError(getattr(exc, "code", "invalid_quantity"), str(exc)) from exc
-
-    async def run() -> TrackResult:
-        async with pool.connection() as conn:
-            row = await (await conn.execute("SELECT cf_hold_settle(%s, %s, %s, %s) AS r",
-                                            (account_id, hold_id, quantity, Jsonb(metadata or {})))).fetchone()
-        return TrackResult.from_db(row["r"])
-
-    return await with_retry(run)
+    row = await _fetch_one(pool, "SELECT * FROM cf_hold_settle(%s, %s, %s, %s)",
+                           (account_id, hold_id, _quantity(value), to_jsonb(metadata)), TRACK_RETRY_ON)
+    return TrackResult.from_db(row)
 
 
 async def release_hold(pool: AsyncConnectionPool, account_id: str, hold_id: str) -> HoldResult:
-    async def run() -> HoldResult:
-        async with pool.connection() as conn:
-            row = await (await conn.execute("SELECT cf_hold_release(%s, %s) AS r",
-                                            (account_id, hold_id))).fetchone()
-        return _hold_result(row["r"])
-
-    return await with_retry(run)
+    row = await _fetch_one(pool, "SELECT * FROM cf_hold_release(%s, %s)", (account_id, hold_id))
+    return _hold_result(row)
 
 
 async def expire_overdue_holds(pool: AsyncConnectionPool) -> Decimal:
     """Sweep every account's overdue holds; returns the credits released."""
-    async with pool.connection() as conn:
-        row = await (await conn.execute("SELECT cf_expire_all_holds() AS released")).fetchone()
+    row = await _fetch_one(pool, "SELECT cf_expire_all_holds() AS released", ())
     return micros_to_credits(row["released"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 from pydantic import BaseModel, Field
 
@@ -61,6 +62,17 @@ class Account(BaseModel):
     balance: Balances | None = None
 
 
+def txn_id(value: UUID | None) -> str | None:
+    """Transaction ids are ``txn_`` + the journal row's uuid in hex."""
+    return None if value is None else f"txn_{value.hex}"
+
+
+def balances_from(row: dict[str, Any]) -> Balances | None:
+    if row.get("balance_micros") is None:
+        return None
+    return Balances.from_micros(row["balance_micros"], row["held_micros"], row["floor_micros"])
+
+
 class TrackResult(BaseModel):
     allowed: bool
     code: str
@@ -68,8 +80,9 @@ class TrackResult(BaseModel):
     credits_required: Decimal | None = None
     credits_per_unit: Decimal | None = None
     transaction_id: str | None = None
-    usage_item_id: str | None = None
     replayed: bool = False
+    hold_id: str | None = None
+    released: Decimal | None = None
     balances: Balances | None = None
 
     @property
@@ -78,19 +91,18 @@ class TrackResult(BaseModel):
 
     @classmethod
     def from_db(cls, row: dict[str, Any]) -> TrackResult:
-        balances = None
-        if "balance_micros" in row:
-            balances = Balances.from_micros(row["balance_micros"], row["held_micros"], row["floor_micros"])
-        return cls(
+        """From a ``cf_track_result`` row (hot path: no re-validation of database values)."""
+        return cls.model_construct(
             allowed=row["allowed"],
             code=row["code"],
-            credits_charged=credits(row.get("credits_charged_micros")) or Decimal(0),
-            credits_required=credits(row.get("credits_required_micros")),
-            credits_per_unit=exact(row.get("credits_per_unit")),
-            transaction_id=row.get("transaction_id"),
-            usage_item_id=row.get("usage_item_id"),
-            replayed=bool(row.get("replayed", False)),
-            balances=balances,
+            credits_charged=micros_to_credits(row["charged_micros"] or 0),
+            credits_required=credits(row["required_micros"]),
+            credits_per_unit=exact(row["credits_per_unit"]),
+            transaction_id=txn_id(row["txn_id"]),
+            replayed=bool(row["replayed"]),
+            hold_id=row["hold_id"],
+            released=credits(row["released_micros"]),
+            balances=balances_from(row),
         )
 
 
@@ -121,7 +133,7 @@ class Transaction(BaseModel):
     type: str
     amount: Decimal
     description: str
-    balance_after: Decimal | None
+    balance_after: Decimal
     created_at: datetime
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -133,14 +145,13 @@ class TransactionPage(BaseModel):
 
 
 class UsageItem(BaseModel):
-    id: str
+    id: str = Field(description="The usage item's journal transaction id.")
     channel: str
     feature: str
     quantity: Decimal
     credits_per_unit: Decimal
     credits: Decimal
     agent_id: str | None
-    transaction_id: str
     created_at: datetime
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -171,4 +182,5 @@ class PostingResult(BaseModel):
     transaction_id: str
     amount: Decimal
     replayed: bool = False
+    lot_id: str | None = None
     balances: Balances

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -17,6 +18,7 @@ from creditflow.ledger.models import (
     UsageItem,
     UsageRollup,
     exact,
+    txn_id,
 )
 
 
@@ -24,50 +26,61 @@ async def balance(pool: AsyncConnectionPool, account_id: str) -> Balance:
     async with pool.connection() as conn:
         row = await (await conn.execute(
             "SELECT balance_micros, cf_live_held(account_id, held_micros) AS held_micros, floor_micros, updated_at"
-            " FROM balances WHERE account_id = %s",
-            (account_id,))).fetchone()
+            " FROM balances WHERE account_id = %s", (account_id,))).fetchone()
     if row is None:
         raise CreditflowError("unknown_account", f"no account {account_id}")
     return Balance(account_id=account_id, last_updated=row["updated_at"],
                    **Balances.from_micros(row["balance_micros"], row["held_micros"],
-                                         row["floor_micros"]).model_dump())
+                                          row["floor_micros"]).model_dump())
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
+def _encode_cursor(created_at: datetime, seq: int) -> str:
+    raw = f"{created_at.isoformat()}|{seq}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> int:
+def _decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
-        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+        created, seq = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
+        return datetime.fromisoformat(created), int(seq)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CreditflowError("validation_error", "malformed cursor") from exc
+
+
+def _usage_metadata(row: dict[str, Any]) -> dict[str, Any]:
+    """A transaction's metadata: the caller's, plus the usage item for usage rows."""
+    metadata = dict(row["metadata"] or {})
+    if row["feature_id"] is not None:
+        metadata.update(feature_id=row["feature_id"], channel=row["channel"], quantity=exact(row["quantity"]),
+                        credits_per_unit=exact(row["credits_per_unit"]))
+        if row["agent_id"] is not None:
+            metadata["agent_id"] = row["agent_id"]
+    return metadata
 
 
 async def transactions(pool: AsyncConnectionPool, account_id: str, *, limit: int = 50,
                        cursor: str | None = None, type: str | None = None) -> TransactionPage:
     """Newest first; ``cursor`` continues after the last item of the previous page."""
-    before = _decode_cursor(cursor) if cursor else None
+    after = _decode_cursor(cursor) if cursor else None
+    params = {"a": account_id, "t": type, "c": after[0] if after else None, "s": after[1] if after else None,
+              "l": limit + 1}
     async with pool.connection() as conn:
         rows = await (await conn.execute(
-            "SELECT seq, id, type, amount_micros, description, balance_after_micros, created_at, metadata"
-            " FROM journal_transactions WHERE account_id = %(a)s"
-            " AND (%(t)s::text IS NULL OR type = %(t)s) AND (%(b)s::bigint IS NULL OR seq < %(b)s)"
-            " ORDER BY seq DESC LIMIT %(l)s",
-            {"a": account_id, "t": type, "b": before, "l": limit + 1})).fetchall()
+            "SELECT * FROM journal WHERE account_id = %(a)s AND (%(t)s::text IS NULL OR type = %(t)s)"
+            " AND (%(c)s::timestamptz IS NULL OR (created_at, seq) < (%(c)s, %(s)s))"
+            " ORDER BY created_at DESC, seq DESC LIMIT %(l)s", params)).fetchall()
         total = await (await conn.execute(
-            "SELECT count(*) AS n FROM journal_transactions WHERE account_id = %(a)s"
-            " AND (%(t)s::text IS NULL OR type = %(t)s)", {"a": account_id, "t": type})).fetchone()
+            "SELECT count(*) AS n FROM journal WHERE account_id = %(a)s AND (%(t)s::text IS NULL OR type = %(t)s)",
+            params)).fetchone()
     items = [
-        Transaction(id=r["id"], type=r["type"], amount=micros_to_credits(r["amount_micros"]),
-                    description=r["description"],
-                    balance_after=None if r["balance_after_micros"] is None
-                    else micros_to_credits(r["balance_after_micros"]),
-                    created_at=r["created_at"], metadata=r["metadata"])
+        Transaction(id=txn_id(r["id"]) or "", type=r["type"], amount=micros_to_credits(r["amount_micros"]),
+                    description=r["description"], balance_after=micros_to_credits(r["balance_after_micros"]),
+                    created_at=r["created_at"], metadata=_usage_metadata(r))
         for r in rows[:limit]
     ]
-    next_cursor = _encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
-    return TransactionPage(items=items, total=total["n"], next_cursor=next_cursor)
+    last = rows[limit - 1] if len(rows) > limit else None
+    return TransactionPage(items=items, total=total["n"] if total else 0,
+                           next_cursor=_encode_cursor(last["created_at"], last["seq"]) if last else None)
 
 
 async def usage_items(pool: AsyncConnectionPool, account_id: str, *, start: datetime | None = None,
@@ -75,17 +88,17 @@ async def usage_items(pool: AsyncConnectionPool, account_id: str, *, start: date
                       limit: int = 100) -> list[UsageItem]:
     async with pool.connection() as conn:
         rows = await (await conn.execute(
-            "SELECT * FROM usage_items WHERE account_id = %(a)s"
+            "SELECT * FROM journal WHERE account_id = %(a)s AND type = 'usage'"
             " AND (%(s)s::timestamptz IS NULL OR created_at >= %(s)s)"
             " AND (%(e)s::timestamptz IS NULL OR created_at < %(e)s)"
             " AND (%(g)s::text IS NULL OR agent_id = %(g)s)"
-            " ORDER BY created_at DESC, id LIMIT %(l)s",
+            " ORDER BY created_at DESC, seq DESC LIMIT %(l)s",
             {"a": account_id, "s": start, "e": end, "g": agent_id, "l": limit})).fetchall()
     return [
-        UsageItem(id=r["id"], channel=r["channel"], feature=r["feature_id"], quantity=exact(r["quantity"]),
-                  credits_per_unit=exact(r["credits_per_unit"]),
-                  credits=micros_to_credits(r["credits_micros"]), agent_id=r["agent_id"],
-                  transaction_id=r["txn_id"], created_at=r["created_at"], metadata=r["metadata"])
+        UsageItem(id=txn_id(r["id"]) or "", channel=r["channel"], feature=r["feature_id"],
+                  quantity=exact(r["quantity"]), credits_per_unit=exact(r["credits_per_unit"]),
+                  credits=micros_to_credits(-r["amount_micros"]), agent_id=r["agent_id"],
+                  created_at=r["created_at"], metadata=dict(r["metadata"] or {}))
         for r in rows
     ]
 
@@ -96,10 +109,10 @@ async def usage_rollups(pool: AsyncConnectionPool, account_id: str, *, start: da
     async with pool.connection() as conn:
         rows = await (await conn.execute(
             "SELECT to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD') AS day, channel,"
-            " sum(quantity) AS quantity, sum(credits_micros) AS micros, count(*) AS events"
-            " FROM usage_items WHERE account_id = %(a)s"
+            " sum(quantity) AS quantity, -sum(amount_micros) AS micros, count(*) AS events"
+            " FROM journal WHERE account_id = %(a)s AND type = 'usage'"
             " AND (%(s)s::timestamptz IS NULL OR created_at >= %(s)s)"
             " AND (%(e)s::timestamptz IS NULL OR created_at < %(e)s)"
             " GROUP BY 1, 2 ORDER BY 1 DESC, 2", {"a": account_id, "s": start, "e": end})).fetchall()
-    return [UsageRollup(date=r["day"], channel=r["channel"], quantity=exact(r["quantity"]),
+    return [UsageRollup(date=r["day"], channel=r["channel"], quantity=exact(r["quantity"]) or 0,
                         credits=micros_to_credits(int(r["micros"])), events=r["events"]) for r in rows]

@@ -80,13 +80,13 @@ async def put_feature(pool: AsyncConnectionPool, spec: FeatureSpec, effective_at
 async def list_features(pool: AsyncConnectionPool) -> list[Feature]:
     async with pool.connection() as conn:
         rows = await (await conn.execute(
-            "SELECT f.*, cf_rate(f.id, now()) AS rate,"
+            "SELECT f.*, f.credits_per_unit AS rate,"
             " (SELECT row_to_json(r) FROM (SELECT credits_per_unit, effective_at FROM feature_rates"
             "   WHERE feature_id = f.id AND effective_at <= now() ORDER BY effective_at DESC LIMIT 1) r) AS own,"
             " (SELECT coalesce(json_agg(json_build_object('credits_per_unit', credits_per_unit::text,"
             "   'effective_at', effective_at) ORDER BY effective_at), '[]'::json)"
             "   FROM feature_rates WHERE feature_id = f.id AND effective_at > now()) AS scheduled"
-            " FROM features f ORDER BY f.id")).fetchall()
+            " FROM feature_prices f ORDER BY f.id")).fetchall()
     features = []
     for r in rows:
         own = r["own"] or {}

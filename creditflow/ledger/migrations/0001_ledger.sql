@@ -1,4 +1,4 @@
--- creditflow ledger: double-entry journal, credit lots, balances, idempotency, usage, holds, outbox.
+-- creditflow ledger: double-entry journal, credit lots, balances, holds, rate card, outbox, API keys.
 -- All amounts are BIGINT micro-credits (1 credit = 1,000,000 micros; 1 credit = 1 US cent).
 
 CREATE TABLE accounts (
@@ -11,8 +11,8 @@ CREATE TABLE accounts (
     created_at                  timestamptz NOT NULL DEFAULT now()
 );
 
--- One row per account, updated in the same transaction as the journal; locked FOR UPDATE by every
--- writer of the account, which serializes an account's writes while accounts run in parallel.
+-- One row per account, updated in the same transaction as the journal. Every writer of an
+-- account's money locks this row first, which serializes an account while accounts run in parallel.
 CREATE TABLE balances (
     account_id      text PRIMARY KEY REFERENCES accounts (id),
     balance_micros  bigint NOT NULL DEFAULT 0,
@@ -23,29 +23,39 @@ CREATE TABLE balances (
     CONSTRAINT balance_above_floor CHECK (balance_micros - held_micros >= floor_micros)
 );
 
-CREATE TABLE journal_transactions (
-    seq                   bigserial UNIQUE,
-    id                    text PRIMARY KEY,
-    account_id            text,
+-- The journal. Each row is one balanced transaction with two legs: ``amount_micros`` on the
+-- account's wallet and ``-amount_micros`` on ``counter_book`` (a system book: usage revenue,
+-- promotions, payments clearing, breakage, refunds, adjustments...). Balanced by construction; the
+-- view journal_lines shows the legs. Usage rows carry the usage item (feature, channel, quantity,
+-- the rate charged, agent). ``idempotency_key`` is unique per account: a key has one effect.
+CREATE SEQUENCE journal_seq;
+CREATE TABLE journal (
+    id                    uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    seq                   bigint NOT NULL DEFAULT nextval('journal_seq'),
+    account_id            text NOT NULL,
     type                  text NOT NULL,
-    amount_micros         bigint NOT NULL,           -- effect on the customer's wallet
-    balance_after_micros  bigint,
+    amount_micros         bigint NOT NULL,
+    counter_book          text NOT NULL CHECK (counter_book LIKE 'system:%'),
+    balance_after_micros  bigint NOT NULL,
     description           text NOT NULL DEFAULT '',
-    metadata              jsonb NOT NULL DEFAULT '{}'::jsonb,
+    feature_id            text,
+    channel               text,
+    quantity              numeric,
+    credits_per_unit      numeric,
+    agent_id              text,
+    idempotency_key       text,
+    request_hash          bytea,
+    metadata              jsonb,
     created_at            timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX journal_transactions_account ON journal_transactions (account_id, seq DESC);
+ALTER SEQUENCE journal_seq OWNED BY journal.seq;
+CREATE INDEX journal_account_time ON journal (account_id, created_at, seq);
+CREATE UNIQUE INDEX journal_idempotency ON journal (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
--- Lines of each transaction. book = 'wallet' (the customer's, account_id set) or 'system:*'.
-CREATE TABLE journal_entries (
-    id             bigserial PRIMARY KEY,
-    txn_id         text NOT NULL REFERENCES journal_transactions (id),
-    book           text NOT NULL,
-    account_id     text,
-    amount_micros  bigint NOT NULL,
-    CHECK ((book = 'wallet') = (account_id IS NOT NULL))
-);
-CREATE INDEX journal_entries_txn ON journal_entries (txn_id);
+CREATE VIEW journal_lines AS
+    SELECT id AS txn_id, 'wallet'::text AS book, account_id, amount_micros FROM journal
+    UNION ALL
+    SELECT id, counter_book, NULL, -amount_micros FROM journal;
 
 CREATE TABLE credit_lots (
     id                text PRIMARY KEY,
@@ -55,21 +65,11 @@ CREATE TABLE credit_lots (
     original_micros   bigint NOT NULL CHECK (original_micros > 0),
     remaining_micros  bigint NOT NULL CHECK (remaining_micros >= 0 AND remaining_micros <= original_micros),
     expires_at        timestamptz,
-    txn_id            text NOT NULL,
-    metadata          jsonb NOT NULL DEFAULT '{}'::jsonb,
+    txn_id            uuid NOT NULL,
     created_at        timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX credit_lots_burn ON credit_lots (account_id, priority, expires_at, created_at)
+CREATE INDEX credit_lots_burn ON credit_lots (account_id, priority, expires_at, created_at, id)
     WHERE remaining_micros > 0;
-
-CREATE TABLE idempotency_keys (
-    account_id    text NOT NULL,
-    key           text NOT NULL,
-    request_hash  text NOT NULL,
-    response      jsonb NOT NULL,
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (account_id, key)
-);
 
 CREATE TABLE features (
     id               text PRIMARY KEY,
@@ -93,34 +93,33 @@ CREATE TABLE feature_rates (
     UNIQUE (feature_id, effective_at)
 );
 
-CREATE TABLE usage_items (
-    id                text PRIMARY KEY,
-    account_id        text NOT NULL,
-    feature_id        text NOT NULL,
-    channel           text NOT NULL,
-    quantity          numeric NOT NULL,
-    credits_per_unit  numeric NOT NULL,
-    credits_micros    bigint NOT NULL,
-    agent_id          text,
-    txn_id            text NOT NULL,
-    metadata          jsonb NOT NULL DEFAULT '{}'::jsonb,
-    created_at        timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX usage_items_account_time ON usage_items (account_id, created_at);
+-- Each feature with the rate in force now (own rate + base feature's rate; NULL if either is missing).
+CREATE VIEW feature_prices AS
+SELECT f.id, f.name, f.channel, f.unit, f.integer_only, f.base_feature_id,
+       (SELECT r.credits_per_unit FROM feature_rates r
+         WHERE r.feature_id = f.id AND r.effective_at <= now() ORDER BY r.effective_at DESC LIMIT 1)
+       + CASE WHEN f.base_feature_id IS NULL THEN 0 ELSE
+           (SELECT r.credits_per_unit FROM feature_rates r
+             WHERE r.feature_id = f.base_feature_id AND r.effective_at <= now() ORDER BY r.effective_at DESC LIMIT 1)
+         END AS credits_per_unit
+FROM features f;
 
 CREATE TABLE holds (
-    id             text PRIMARY KEY,
-    account_id     text NOT NULL REFERENCES accounts (id),
-    feature_id     text NOT NULL,
-    agent_id       text,
-    quantity       numeric NOT NULL,
-    amount_micros  bigint NOT NULL CHECK (amount_micros >= 0),
-    status         text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'settled', 'released', 'expired')),
-    expires_at     timestamptz NOT NULL,
-    result         jsonb,
-    metadata       jsonb NOT NULL DEFAULT '{}'::jsonb,
-    created_at     timestamptz NOT NULL DEFAULT now(),
-    closed_at      timestamptz
+    id               text PRIMARY KEY,
+    account_id       text NOT NULL REFERENCES accounts (id),
+    feature_id       text NOT NULL,
+    agent_id         text,
+    quantity         numeric NOT NULL,
+    amount_micros    bigint NOT NULL CHECK (amount_micros >= 0),
+    status           text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'settled', 'released', 'expired')),
+    expires_at       timestamptz NOT NULL,
+    idempotency_key  text NOT NULL,
+    request_hash     bytea NOT NULL,
+    settled_txn_id   uuid,
+    metadata         jsonb,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    closed_at        timestamptz,
+    UNIQUE (account_id, idempotency_key)
 );
 CREATE INDEX holds_active ON holds (account_id, expires_at) WHERE status = 'active';
 

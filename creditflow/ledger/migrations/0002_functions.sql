@@ -1,31 +1,57 @@
 -- The ledger's write paths as PL/pgSQL so a usage event is ONE round trip and one short
--- transaction. The rules mirror creditflow.domain (money rounding, burn order); tests keep them in step.
--- Every function that writes an account's money first locks that account's balances row.
+-- transaction. The rules mirror creditflow.domain (rounding in money.usage_charge_micros, burn
+-- order in lots.plan_burn); property tests keep them in step.
+-- Every function that writes an account's money locks that account's balances row first.
 
-CREATE FUNCTION cf_id(prefix text) RETURNS text LANGUAGE sql VOLATILE AS $$
-    SELECT prefix || '_' || replace(gen_random_uuid()::text, '-', '')
-$$;
+CREATE TYPE cf_track_result AS (
+    allowed          boolean,
+    code             text,
+    txn_id           uuid,
+    charged_micros   bigint,
+    credits_per_unit numeric,
+    balance_micros   bigint,
+    held_micros      bigint,
+    floor_micros     bigint,
+    required_micros  bigint,
+    replayed         boolean,
+    hold_id          text,
+    released_micros  bigint
+);
 
--- Journal and balance rows are append-only: mistakes are corrected by reversing entries.
+CREATE TYPE cf_hold_result AS (
+    allowed          boolean,
+    code             text,
+    hold_id          text,
+    amount_micros    bigint,
+    status           text,
+    expires_at       timestamptz,
+    balance_micros   bigint,
+    held_micros      bigint,
+    floor_micros     bigint,
+    required_micros  bigint,
+    replayed         boolean,
+    released_micros  bigint
+);
+
+CREATE TYPE cf_post_result AS (
+    txn_id          uuid,
+    amount_micros   bigint,
+    balance_micros  bigint,
+    held_micros     bigint,
+    floor_micros    bigint,
+    lot_id          text,
+    replayed        boolean
+);
+
+-- The journal is append-only: mistakes are corrected by reversing entries.
 CREATE FUNCTION cf_forbid_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION '% is append-only', TG_TABLE_NAME USING ERRCODE = 'CF500';
 END $$;
-CREATE TRIGGER journal_transactions_append_only BEFORE UPDATE OR DELETE ON journal_transactions
+CREATE TRIGGER journal_append_only BEFORE UPDATE OR DELETE ON journal
     FOR EACH ROW EXECUTE FUNCTION cf_forbid_change();
-CREATE TRIGGER journal_entries_append_only BEFORE UPDATE OR DELETE ON journal_entries
-    FOR EACH ROW EXECUTE FUNCTION cf_forbid_change();
-
--- Every journal transaction sums to zero, checked at commit.
-CREATE FUNCTION cf_check_txn_balanced() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF (SELECT sum(amount_micros) FROM journal_entries WHERE txn_id = NEW.txn_id) <> 0 THEN
-        RAISE EXCEPTION 'journal transaction % does not balance', NEW.txn_id USING ERRCODE = 'CF500';
-    END IF;
-    RETURN NULL;
-END $$;
-CREATE CONSTRAINT TRIGGER journal_entries_balanced AFTER INSERT ON journal_entries
-    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION cf_check_txn_balanced();
+CREATE TRIGGER journal_no_truncate BEFORE TRUNCATE ON journal
+    FOR EACH STATEMENT EXECUTE FUNCTION cf_forbid_change();
 
 CREATE FUNCTION cf_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -34,40 +60,30 @@ BEGIN
 END $$;
 CREATE TRIGGER outbox_notify AFTER INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION cf_outbox_notify();
 
--- The rate in force for a feature at a time: its own latest rate, plus its base feature's.
--- NULL when the feature (or its base) has no rate yet: such a feature is not usable.
-CREATE FUNCTION cf_rate(p_feature text, p_at timestamptz) RETURNS numeric LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_base text;
-    v_own numeric;
-    v_base_rate numeric;
-BEGIN
-    SELECT base_feature_id INTO v_base FROM features WHERE id = p_feature;
-    SELECT credits_per_unit INTO v_own FROM feature_rates
-        WHERE feature_id = p_feature AND effective_at <= p_at ORDER BY effective_at DESC LIMIT 1;
-    IF v_base IS NULL OR v_own IS NULL THEN
-        RETURN v_own;
-    END IF;
-    SELECT credits_per_unit INTO v_base_rate FROM feature_rates
-        WHERE feature_id = v_base AND effective_at <= p_at ORDER BY effective_at DESC LIMIT 1;
-    RETURN v_own + v_base_rate;  -- NULL when the base has no rate
-END $$;
-
 -- The single rounding rule (creditflow.domain.money.usage_charge_micros): half-up to the micro.
 CREATE FUNCTION cf_charge_micros(p_quantity numeric, p_rate numeric) RETURNS bigint
     LANGUAGE sql IMMUTABLE AS $$ SELECT round(p_quantity * p_rate * 1000000)::bigint $$;
 
 -- Burn lots in order (creditflow.domain.lots): plan, promotional, purchased; earliest expiry
--- first; oldest first. Returns the part not covered by lots (drawn on the overage credit line).
+-- first; oldest first. Callers pass only the part of a debit that is above zero (the rest is
+-- drawn on the overage credit line), so the lots always hold exactly max(balance, 0).
 -- Caller holds the account's balances row lock, which serializes every lot writer.
-CREATE FUNCTION cf_burn_lots(p_account text, p_amount bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+CREATE FUNCTION cf_burn(p_account text, p_amount bigint) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     v_left bigint := p_amount;
     v_lot record;
     v_take bigint;
 BEGIN
-    IF v_left <= 0 THEN
-        RETURN 0;
+    IF p_amount <= 0 THEN
+        RETURN;
+    END IF;
+    -- Fast path: the first lot in burn order covers the whole amount (the common case).
+    UPDATE credit_lots SET remaining_micros = remaining_micros - p_amount
+    WHERE id = (SELECT id FROM credit_lots WHERE account_id = p_account AND remaining_micros > 0
+                ORDER BY priority, expires_at NULLS LAST, created_at, id LIMIT 1)
+      AND remaining_micros >= p_amount;
+    IF FOUND THEN
+        RETURN;
     END IF;
     FOR v_lot IN
         SELECT id, remaining_micros FROM credit_lots
@@ -79,7 +95,9 @@ BEGIN
         v_left := v_left - v_take;
         EXIT WHEN v_left = 0;
     END LOOP;
-    RETURN v_left;
+    IF v_left > 0 THEN
+        RAISE EXCEPTION 'credit lots of % do not cover % micros', p_account, v_left USING ERRCODE = 'CF500';
+    END IF;
 END $$;
 
 -- Holds past their expiry stop reserving credits. Caller holds the balances row lock.
@@ -100,258 +118,13 @@ BEGIN
     RETURN v_released;
 END $$;
 
--- Held credits that still reserve (expired holds excluded even before a writer or the sweeper
--- marks them): what reads should report without taking the account lock.
+-- Held credits that still reserve (overdue holds excluded even before a writer or the sweeper
+-- marks them): what reads report without taking the account lock.
 CREATE FUNCTION cf_live_held(p_account text, p_held bigint) RETURNS bigint LANGUAGE sql STABLE AS $$
     SELECT CASE WHEN p_held = 0 THEN 0::bigint ELSE p_held - coalesce((
         SELECT sum(amount_micros) FROM holds
         WHERE account_id = p_account AND status = 'active' AND expires_at <= now()), 0)::bigint END
 $$;
-
--- A movement of credits between the customer's wallet and a system book, as one balanced
--- journal transaction. Positive amounts grant a lot (source/priority/expiry); negative amounts
--- burn lots and respect the floor unless p_enforce_floor is false.
-CREATE FUNCTION cf_post(
-    p_account text, p_type text, p_amount bigint, p_book text, p_description text,
-    p_metadata jsonb, p_lot_source text, p_lot_priority integer, p_lot_expires_at timestamptz,
-    p_enforce_floor boolean
-) RETURNS jsonb LANGUAGE plpgsql AS $$
-DECLARE
-    b balances%ROWTYPE;
-    v_txn text := cf_id('txn');
-    v_new bigint;
-    v_lot text;
-BEGIN
-    IF p_amount = 0 THEN
-        RAISE EXCEPTION 'invalid_amount' USING ERRCODE = 'CF400';
-    END IF;
-    SELECT * INTO b FROM balances WHERE account_id = p_account FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown_account' USING ERRCODE = 'CF404';
-    END IF;
-    v_new := b.balance_micros + p_amount;
-    IF p_amount < 0 AND p_enforce_floor AND v_new - b.held_micros < b.floor_micros THEN
-        RAISE EXCEPTION 'insufficient_credits' USING ERRCODE = 'CF402';
-    END IF;
-    INSERT INTO journal_transactions (id, account_id, type, amount_micros, balance_after_micros, description, metadata)
-        VALUES (v_txn, p_account, p_type, p_amount, v_new, p_description, coalesce(p_metadata, '{}'::jsonb));
-    INSERT INTO journal_entries (txn_id, book, account_id, amount_micros)
-        VALUES (v_txn, 'wallet', p_account, p_amount), (v_txn, p_book, NULL, -p_amount);
-    IF p_amount > 0 THEN
-        v_lot := cf_id('lot');
-        -- A grant first repays any overage drawn: the lot keeps only what ends up above zero.
-        INSERT INTO credit_lots (id, account_id, source, priority, original_micros, remaining_micros,
-                                 expires_at, txn_id, metadata)
-            VALUES (v_lot, p_account, p_lot_source, p_lot_priority, p_amount,
-                    greatest(0, least(p_amount, v_new)), p_lot_expires_at, v_txn, coalesce(p_metadata, '{}'::jsonb));
-    ELSE
-        PERFORM cf_burn_lots(p_account, -p_amount);
-    END IF;
-    UPDATE balances SET balance_micros = v_new, updated_at = now() WHERE account_id = p_account;
-    RETURN jsonb_build_object(
-        'transaction_id', v_txn, 'lot_id', v_lot, 'amount_micros', p_amount,
-        'balance_micros', v_new, 'held_micros', b.held_micros, 'floor_micros', b.floor_micros);
-END $$;
-
--- The metering hot path: one call, one transaction. Dedupe by key (after taking the account
--- lock, so concurrent duplicates see each other), rate, floor check, burn, journal, usage item.
--- Denials write nothing and return a reason code; they are not stored under the key.
-CREATE FUNCTION cf_track(
-    p_account text, p_feature text, p_quantity numeric, p_agent text, p_key text,
-    p_hash text, p_metadata jsonb
-) RETURNS jsonb LANGUAGE plpgsql AS $$
-DECLARE
-    b balances%ROWTYPE;
-    v_idem record;
-    f record;
-    v_rate numeric;
-    v_charge bigint;
-    v_new bigint;
-    v_txn text;
-    v_item text;
-    v_resp jsonb;
-BEGIN
-    SELECT * INTO b FROM balances WHERE account_id = p_account FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'unknown_account');
-    END IF;
-    SELECT request_hash, response INTO v_idem FROM idempotency_keys
-        WHERE account_id = p_account AND key = p_key;
-    IF FOUND THEN
-        IF v_idem.request_hash = p_hash THEN
-            RETURN v_idem.response || '{"replayed": true}'::jsonb;
-        END IF;
-        RETURN jsonb_build_object('allowed', false, 'code', 'idempotency_conflict');
-    END IF;
-    IF b.held_micros > 0 AND cf_expire_holds(p_account) > 0 THEN
-        SELECT * INTO b FROM balances WHERE account_id = p_account;
-    END IF;
-
-    SELECT id, name, channel, integer_only INTO f FROM features WHERE id = p_feature;
-    IF NOT FOUND THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'unknown_feature');
-    END IF;
-    IF f.integer_only AND p_quantity <> trunc(p_quantity) THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'invalid_quantity');
-    END IF;
-    v_rate := cf_rate(p_feature, now());
-    IF v_rate IS NULL THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'feature_not_priced');
-    END IF;
-    v_charge := cf_charge_micros(p_quantity, v_rate);
-    v_new := b.balance_micros - v_charge;
-    IF v_new - b.held_micros < b.floor_micros THEN
-        RETURN jsonb_build_object(
-            'allowed', false, 'code', 'insufficient_credits', 'credits_required_micros', v_charge,
-            'balance_micros', b.balance_micros, 'held_micros', b.held_micros, 'floor_micros', b.floor_micros);
-    END IF;
-
-    PERFORM cf_burn_lots(p_account, v_charge);
-    v_txn := cf_id('txn');
-    v_item := cf_id('ui');
-    INSERT INTO journal_transactions (id, account_id, type, amount_micros, balance_after_micros, description, metadata)
-        VALUES (v_txn, p_account, 'usage', -v_charge, v_new,
-                f.name || coalesce(': ' || p_agent, ''),
-                jsonb_build_object('feature_id', p_feature, 'quantity', trim_scale(p_quantity)::text, 'credits_per_unit', trim_scale(v_rate)::text,
-                                   'agent_id', p_agent, 'usage_item_id', v_item)
-                || coalesce(p_metadata, '{}'::jsonb));
-    INSERT INTO journal_entries (txn_id, book, account_id, amount_micros)
-        VALUES (v_txn, 'wallet', p_account, -v_charge), (v_txn, 'system:usage_revenue', NULL, v_charge);
-    INSERT INTO usage_items (id, account_id, feature_id, channel, quantity, credits_per_unit, credits_micros,
-                             agent_id, txn_id, metadata)
-        VALUES (v_item, p_account, p_feature, f.channel, p_quantity, v_rate, v_charge, p_agent, v_txn,
-                coalesce(p_metadata, '{}'::jsonb));
-    UPDATE balances SET balance_micros = v_new, updated_at = now() WHERE account_id = p_account;
-
-    v_resp := jsonb_build_object(
-        'allowed', true, 'code', 'ok', 'credits_charged_micros', v_charge, 'balance_micros', v_new,
-        'held_micros', b.held_micros, 'floor_micros', b.floor_micros, 'transaction_id', v_txn,
-        'usage_item_id', v_item, 'credits_per_unit', trim_scale(v_rate)::text);
-    INSERT INTO idempotency_keys (account_id, key, request_hash, response) VALUES (p_account, p_key, p_hash, v_resp);
-    RETURN v_resp;
-END $$;
-
--- Reserve credits for long-running usage (a call): priced like track, not spendable meanwhile.
-CREATE FUNCTION cf_hold(
-    p_account text, p_feature text, p_quantity numeric, p_agent text, p_ttl_seconds integer,
-    p_key text, p_hash text, p_metadata jsonb
-) RETURNS jsonb LANGUAGE plpgsql AS $$
-DECLARE
-    b balances%ROWTYPE;
-    v_idem record;
-    f record;
-    v_rate numeric;
-    v_amount bigint;
-    v_hold text;
-    v_resp jsonb;
-BEGIN
-    SELECT * INTO b FROM balances WHERE account_id = p_account FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'unknown_account');
-    END IF;
-    SELECT request_hash, response INTO v_idem FROM idempotency_keys WHERE account_id = p_account AND key = p_key;
-    IF FOUND THEN
-        IF v_idem.request_hash = p_hash THEN
-            RETURN v_idem.response || '{"replayed": true}'::jsonb;
-        END IF;
-        RETURN jsonb_build_object('allowed', false, 'code', 'idempotency_conflict');
-    END IF;
-    IF b.held_micros > 0 AND cf_expire_holds(p_account) > 0 THEN
-        SELECT * INTO b FROM balances WHERE account_id = p_account;
-    END IF;
-    SELECT id, integer_only INTO f FROM features WHERE id = p_feature;
-    IF NOT FOUND THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'unknown_feature');
-    END IF;
-    IF f.integer_only AND p_quantity <> trunc(p_quantity) THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'invalid_quantity');
-    END IF;
-    v_rate := cf_rate(p_feature, now());
-    IF v_rate IS NULL THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'feature_not_priced');
-    END IF;
-    v_amount := cf_charge_micros(p_quantity, v_rate);
-    IF b.balance_micros - b.held_micros - v_amount < b.floor_micros THEN
-        RETURN jsonb_build_object(
-            'allowed', false, 'code', 'insufficient_credits', 'credits_required_micros', v_amount,
-            'balance_micros', b.balance_micros, 'held_micros', b.held_micros, 'floor_micros', b.floor_micros);
-    END IF;
-    v_hold := cf_id('hold');
-    INSERT INTO holds (id, account_id, feature_id, agent_id, quantity, amount_micros, expires_at, metadata)
-        VALUES (v_hold, p_account, p_feature, p_agent, p_quantity, v_amount,
-                now() + make_interval(secs => p_ttl_seconds), coalesce(p_metadata, '{}'::jsonb));
-    UPDATE balances SET held_micros = held_micros + v_amount, updated_at = now() WHERE account_id = p_account;
-    v_resp := jsonb_build_object(
-        'allowed', true, 'code', 'ok', 'hold_id', v_hold, 'held_amount_micros', v_amount,
-        'balance_micros', b.balance_micros, 'held_micros', b.held_micros + v_amount,
-        'floor_micros', b.floor_micros, 'expires_at', now() + make_interval(secs => p_ttl_seconds));
-    INSERT INTO idempotency_keys (account_id, key, request_hash, response) VALUES (p_account, p_key, p_hash, v_resp);
-    RETURN v_resp;
-END $$;
-
--- Settle a hold with the actual quantity: release the reservation and charge the actual usage
--- through cf_track (key 'hold:<id>'), atomically. Settling twice returns the first result.
--- A hold that already expired is still charged (the usage happened), subject to the floor.
-CREATE FUNCTION cf_hold_settle(p_account text, p_hold text, p_quantity numeric, p_metadata jsonb)
-RETURNS jsonb LANGUAGE plpgsql AS $$
-DECLARE
-    h holds%ROWTYPE;
-    v_resp jsonb;
-BEGIN
-    PERFORM 1 FROM balances WHERE account_id = p_account FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'unknown_account');
-    END IF;
-    SELECT * INTO h FROM holds WHERE id = p_hold AND account_id = p_account;
-    IF NOT FOUND THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'unknown_hold');
-    END IF;
-    IF h.status = 'settled' THEN
-        RETURN h.result || '{"replayed": true}'::jsonb;
-    END IF;
-    IF h.status = 'released' THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'hold_released');
-    END IF;
-    IF h.status = 'active' THEN
-        UPDATE balances SET held_micros = held_micros - h.amount_micros WHERE account_id = p_account;
-    END IF;
-    v_resp := cf_track(p_account, h.feature_id, p_quantity, h.agent_id, 'hold:' || p_hold,
-                       'hold:' || p_hold || ':' || p_quantity::text,
-                       coalesce(p_metadata, '{}'::jsonb) || jsonb_build_object('hold_id', p_hold));
-    IF (v_resp ->> 'allowed')::boolean THEN
-        v_resp := v_resp - 'replayed' || jsonb_build_object('hold_id', p_hold, 'released_micros',
-                  greatest(0, h.amount_micros - (v_resp ->> 'credits_charged_micros')::bigint));
-        UPDATE holds SET status = 'settled', closed_at = now(), result = v_resp WHERE id = p_hold;
-    ELSIF h.status = 'active' THEN
-        UPDATE balances SET held_micros = held_micros + h.amount_micros WHERE account_id = p_account;
-    END IF;
-    RETURN v_resp;
-END $$;
-
-CREATE FUNCTION cf_hold_release(p_account text, p_hold text) RETURNS jsonb LANGUAGE plpgsql AS $$
-DECLARE
-    h holds%ROWTYPE;
-BEGIN
-    PERFORM 1 FROM balances WHERE account_id = p_account FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'unknown_account');
-    END IF;
-    SELECT * INTO h FROM holds WHERE id = p_hold AND account_id = p_account;
-    IF NOT FOUND THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'unknown_hold');
-    END IF;
-    IF h.status = 'active' THEN
-        UPDATE balances SET held_micros = held_micros - h.amount_micros, updated_at = now()
-            WHERE account_id = p_account;
-        UPDATE holds SET status = 'released', closed_at = now() WHERE id = p_hold;
-        h.status := 'released';
-    END IF;
-    IF h.status = 'settled' THEN
-        RETURN jsonb_build_object('allowed', false, 'code', 'hold_settled', 'hold_id', p_hold);
-    END IF;
-    RETURN jsonb_build_object('allowed', true, 'code', 'ok', 'hold_id', p_hold, 'status', h.status,
-                              'released_micros', h.amount_micros);
-END $$;
 
 -- Sweep: expire overdue holds of every account (the worker calls this periodically).
 CREATE FUNCTION cf_expire_all_holds() RETURNS bigint LANGUAGE plpgsql AS $$
@@ -364,4 +137,477 @@ BEGIN
         v_total := v_total + cf_expire_holds(v_account);
     END LOOP;
     RETURN v_total;
+END $$;
+
+-- A movement between the wallet and a system book (grants, purchases, adjustments, refunds):
+-- one journal row, idempotent by key. Positive amounts grant a lot (source/priority/expiry);
+-- negative amounts burn lots and never take the balance below its floor.
+CREATE FUNCTION cf_post(
+    p_account text, p_type text, p_amount bigint, p_counter_book text, p_description text,
+    p_metadata jsonb, p_lot_source text, p_lot_priority integer, p_lot_expires_at timestamptz,
+    p_key text, p_hash bytea
+) RETURNS cf_post_result LANGUAGE plpgsql AS $$
+DECLARE
+    r cf_post_result;
+    b record;
+    j record;
+BEGIN
+    IF p_amount = 0 THEN
+        RAISE EXCEPTION 'invalid_amount' USING ERRCODE = 'CF400';
+    END IF;
+    SELECT balance_micros, held_micros, floor_micros INTO b FROM balances WHERE account_id = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown_account' USING ERRCODE = 'CF404';
+    END IF;
+    r.held_micros := b.held_micros;
+    r.floor_micros := b.floor_micros;
+    SELECT id, request_hash, amount_micros, balance_after_micros INTO j
+        FROM journal WHERE account_id = p_account AND idempotency_key = p_key;
+    IF FOUND THEN
+        IF j.request_hash IS DISTINCT FROM p_hash THEN
+            RAISE EXCEPTION 'idempotency_conflict' USING ERRCODE = 'CF409';
+        END IF;
+        r.txn_id := j.id;
+        r.amount_micros := j.amount_micros;
+        r.balance_micros := j.balance_after_micros;
+        r.replayed := true;
+        RETURN r;
+    END IF;
+    r.amount_micros := p_amount;
+    r.balance_micros := b.balance_micros + p_amount;
+    r.replayed := false;
+    IF p_amount < 0 AND r.balance_micros - b.held_micros < b.floor_micros THEN
+        RAISE EXCEPTION 'insufficient_credits' USING ERRCODE = 'CF402';
+    END IF;
+    INSERT INTO journal (account_id, type, amount_micros, counter_book, balance_after_micros, description,
+                         metadata, idempotency_key, request_hash)
+        VALUES (p_account, p_type, p_amount, p_counter_book, r.balance_micros, p_description,
+                nullif(p_metadata, '{}'::jsonb), p_key, p_hash)
+        RETURNING id INTO r.txn_id;
+    IF p_amount > 0 THEN
+        r.lot_id := 'lot_' || replace(gen_random_uuid()::text, '-', '');
+        -- A grant first repays any overage drawn: the lot keeps only what ends up above zero.
+        INSERT INTO credit_lots (id, account_id, source, priority, original_micros, remaining_micros,
+                                 expires_at, txn_id)
+            VALUES (r.lot_id, p_account, p_lot_source, p_lot_priority, p_amount,
+                    greatest(0, least(p_amount, r.balance_micros)), p_lot_expires_at, r.txn_id);
+    ELSE
+        PERFORM cf_burn(p_account, least(-p_amount, greatest(b.balance_micros, 0)));
+    END IF;
+    UPDATE balances SET balance_micros = r.balance_micros, updated_at = now() WHERE account_id = p_account;
+    RETURN r;
+END $$;
+
+-- The metering hot path: one call, one short transaction, one journal row.
+--  1. a key seen before replays its transaction (same request) or conflicts (different request);
+--     a concurrent duplicate is stopped by the unique index (the caller retries and replays);
+--  2. price the event with the rate in force;
+--  3. take the account lock, check the floor and debit in one UPDATE;
+--  4. burn lots and write the journal row (which is also the usage item).
+-- Denials write nothing (overdue holds may be expired on the way) and return a reason code.
+CREATE FUNCTION cf_track(
+    p_account text, p_feature text, p_quantity numeric, p_agent text, p_key text,
+    p_hash bytea, p_metadata jsonb
+) RETURNS cf_track_result LANGUAGE plpgsql AS $$
+DECLARE
+    r cf_track_result;
+    f record;
+    j record;
+    b record;
+BEGIN
+    r.allowed := false;
+    r.replayed := false;
+    r.charged_micros := 0;
+    SELECT id, request_hash, amount_micros, balance_after_micros, credits_per_unit INTO j
+        FROM journal WHERE account_id = p_account AND idempotency_key = p_key;
+    IF FOUND THEN
+        IF j.request_hash IS DISTINCT FROM p_hash THEN
+            r.code := 'idempotency_conflict';
+            RETURN r;
+        END IF;
+        SELECT held_micros, floor_micros INTO r.held_micros, r.floor_micros FROM balances WHERE account_id = p_account;
+        r.allowed := true;
+        r.code := 'ok';
+        r.replayed := true;
+        r.txn_id := j.id;
+        r.charged_micros := -j.amount_micros;
+        r.credits_per_unit := j.credits_per_unit;
+        r.balance_micros := j.balance_after_micros;
+        RETURN r;
+    END IF;
+
+    SELECT name, channel, integer_only, credits_per_unit INTO f FROM feature_prices WHERE id = p_feature;
+    IF NOT FOUND THEN
+        r.code := 'unknown_feature';
+        RETURN r;
+    END IF;
+    IF f.integer_only AND p_quantity <> trunc(p_quantity) THEN
+        r.code := 'invalid_quantity';
+        RETURN r;
+    END IF;
+    IF f.credits_per_unit IS NULL THEN
+        r.code := 'feature_not_priced';
+        RETURN r;
+    END IF;
+    r.credits_per_unit := f.credits_per_unit;
+    r.charged_micros := round(p_quantity * f.credits_per_unit * 1000000)::bigint;
+
+    UPDATE balances SET balance_micros = balance_micros - r.charged_micros, updated_at = now()
+        WHERE account_id = p_account AND balance_micros - held_micros - r.charged_micros >= floor_micros
+        RETURNING balance_micros, held_micros, floor_micros INTO r.balance_micros, r.held_micros, r.floor_micros;
+    IF NOT FOUND THEN
+        -- Unknown account, overdue holds still reserving, or not enough credits.
+        SELECT balance_micros, held_micros, floor_micros INTO b
+            FROM balances WHERE account_id = p_account FOR UPDATE;
+        IF NOT FOUND THEN
+            r.code := 'unknown_account';
+            r.charged_micros := 0;
+            RETURN r;
+        END IF;
+        IF b.held_micros > 0 AND cf_expire_holds(p_account) > 0 THEN
+            SELECT balance_micros, held_micros, floor_micros INTO b FROM balances WHERE account_id = p_account;
+        END IF;
+        IF b.balance_micros - b.held_micros - r.charged_micros < b.floor_micros THEN
+            r.code := 'insufficient_credits';
+            r.required_micros := r.charged_micros;
+            r.charged_micros := 0;
+            r.balance_micros := b.balance_micros;
+            r.held_micros := b.held_micros;
+            r.floor_micros := b.floor_micros;
+            RETURN r;
+        END IF;
+        UPDATE balances SET balance_micros = balance_micros - r.charged_micros, updated_at = now()
+            WHERE account_id = p_account
+            RETURNING balance_micros, held_micros, floor_micros INTO r.balance_micros, r.held_micros, r.floor_micros;
+    END IF;
+
+    PERFORM cf_burn(p_account, least(r.charged_micros, greatest(r.balance_micros + r.charged_micros, 0)));
+    INSERT INTO journal (account_id, type, amount_micros, counter_book, balance_after_micros, description,
+                         feature_id, channel, quantity, credits_per_unit, agent_id, idempotency_key,
+                         request_hash, metadata)
+        VALUES (p_account, 'usage', -r.charged_micros, 'system:usage_revenue', r.balance_micros,
+                f.name || coalesce(': ' || p_agent, ''), p_feature, f.channel, p_quantity, f.credits_per_unit,
+                p_agent, p_key, p_hash, p_metadata)
+        RETURNING id INTO r.txn_id;
+    r.allowed := true;
+    r.code := 'ok';
+    RETURN r;
+END $$;
+
+-- Many events in one call and one transaction, decided one by one in input order per account,
+-- written set-based: one INSERT for all journal rows, one UPDATE per account, one burn per
+-- account (burning the sum equals burning each in turn). Accounts are locked in id order, so
+-- concurrent batches cannot deadlock. A key repeated inside the batch behaves as if the events
+-- came one by one: it replays the event recorded under it (denials record nothing).
+CREATE FUNCTION cf_track_batch(
+    p_accounts text[], p_features text[], p_quantities numeric[], p_agents text[], p_keys text[],
+    p_hashes bytea[], p_metadata jsonb[]
+) RETURNS SETOF cf_track_result LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := cardinality(p_accounts);
+    res cf_track_result[] := array_fill(NULL::cf_track_result, ARRAY[n]);
+    r cf_track_result;
+    e record;
+    v_account text;
+    v_balance bigint;
+    v_held bigint;
+    v_floor bigint;
+    v_total bigint := 0;
+    v_burn bigint := 0;
+    v_charge bigint;
+    v_seen integer;
+    rep_keys text[] := '{}';
+    rep_ords integer[] := '{}';
+    acc_ids text[] := '{}';
+    acc_totals bigint[] := '{}';
+    acc_burns bigint[] := '{}';
+    ins_id uuid[] := '{}';
+    ins_account text[] := '{}';
+    ins_amount bigint[] := '{}';
+    ins_balance bigint[] := '{}';
+    ins_desc text[] := '{}';
+    ins_feature text[] := '{}';
+    ins_channel text[] := '{}';
+    ins_quantity numeric[] := '{}';
+    ins_rate numeric[] := '{}';
+    ins_agent text[] := '{}';
+    ins_key text[] := '{}';
+    ins_hash bytea[] := '{}';
+    ins_meta jsonb[] := '{}';
+BEGIN
+    IF n IS NULL OR n = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM balances WHERE account_id = ANY (p_accounts) ORDER BY account_id FOR UPDATE;
+    PERFORM cf_expire_holds(account_id) FROM balances WHERE account_id = ANY (p_accounts) AND held_micros > 0;
+
+    FOR e IN
+        SELECT ev.ord::integer AS ord, ev.account_id, ev.feature_id, ev.quantity, ev.agent_id, ev.key, ev.hash,
+               ev.metadata,
+               count(*) OVER (PARTITION BY ev.account_id, ev.key) > 1 AS repeated,
+               p.id IS NOT NULL AS feature_exists, p.name, p.channel, p.integer_only, p.credits_per_unit AS rate,
+               j.id AS prior_id, j.request_hash AS prior_hash, j.amount_micros AS prior_amount,
+               j.balance_after_micros AS prior_balance, j.credits_per_unit AS prior_rate,
+               b.balance_micros, b.held_micros, b.floor_micros
+        FROM unnest(p_accounts, p_features, p_quantities, p_agents, p_keys, p_hashes, p_metadata)
+             WITH ORDINALITY AS ev (account_id, feature_id, quantity, agent_id, key, hash, metadata, ord)
+        LEFT JOIN feature_prices p ON p.id = ev.feature_id
+        LEFT JOIN journal j ON j.account_id = ev.account_id AND j.idempotency_key = ev.key
+        LEFT JOIN balances b ON b.account_id = ev.account_id
+        ORDER BY ev.account_id, ev.ord
+    LOOP
+        IF v_account IS DISTINCT FROM e.account_id THEN
+            IF v_total > 0 THEN
+                acc_ids := acc_ids || v_account;
+                acc_totals := acc_totals || v_total;
+                acc_burns := acc_burns || v_burn;
+            END IF;
+            v_account := e.account_id;
+            v_balance := e.balance_micros;
+            v_held := e.held_micros;
+            v_floor := e.floor_micros;
+            v_total := 0;
+            v_burn := 0;
+            rep_keys := '{}';
+            rep_ords := '{}';
+        END IF;
+        r := ROW(false, NULL, NULL, 0, NULL, v_balance, v_held, v_floor, NULL, false, NULL, NULL)::cf_track_result;
+        v_seen := CASE WHEN e.repeated AND e.prior_id IS NULL THEN array_position(rep_keys, e.key) END;
+        IF v_seen IS NOT NULL THEN
+            -- Recorded earlier in this batch under the same key.
+            IF p_hashes[rep_ords[v_seen]] IS DISTINCT FROM e.hash THEN
+                r.code := 'idempotency_conflict';
+            ELSE
+                r := res[rep_ords[v_seen]];
+                r.replayed := true;
+            END IF;
+        ELSIF e.prior_id IS NOT NULL THEN
+            IF e.prior_hash IS DISTINCT FROM e.hash THEN
+                r.code := 'idempotency_conflict';
+            ELSE
+                r.allowed := true;
+                r.code := 'ok';
+                r.replayed := true;
+                r.txn_id := e.prior_id;
+                r.charged_micros := -e.prior_amount;
+                r.credits_per_unit := e.prior_rate;
+                r.balance_micros := e.prior_balance;
+            END IF;
+        ELSIF e.balance_micros IS NULL THEN
+            r.code := 'unknown_account';
+        ELSIF NOT e.feature_exists THEN
+            r.code := 'unknown_feature';
+        ELSIF e.integer_only AND e.quantity <> trunc(e.quantity) THEN
+            r.code := 'invalid_quantity';
+        ELSIF e.rate IS NULL THEN
+            r.code := 'feature_not_priced';
+        ELSE
+            v_charge := round(e.quantity * e.rate * 1000000)::bigint;
+            r.credits_per_unit := e.rate;
+            IF v_balance - v_held - v_charge < v_floor THEN
+                r.code := 'insufficient_credits';
+                r.required_micros := v_charge;
+            ELSE
+                v_burn := v_burn + least(v_charge, greatest(v_balance, 0));
+                v_balance := v_balance - v_charge;
+                v_total := v_total + v_charge;
+                r.allowed := true;
+                r.code := 'ok';
+                r.txn_id := gen_random_uuid();
+                r.charged_micros := v_charge;
+                r.balance_micros := v_balance;
+                ins_id := ins_id || r.txn_id;
+                ins_account := ins_account || e.account_id;
+                ins_amount := ins_amount || -v_charge;
+                ins_balance := ins_balance || v_balance;
+                ins_desc := ins_desc || (e.name || coalesce(': ' || e.agent_id, ''));
+                ins_feature := ins_feature || e.feature_id;
+                ins_channel := ins_channel || e.channel;
+                ins_quantity := ins_quantity || e.quantity;
+                ins_rate := ins_rate || e.rate;
+                ins_agent := ins_agent || e.agent_id;
+                ins_key := ins_key || e.key;
+                ins_hash := ins_hash || e.hash;
+                ins_meta := ins_meta || e.metadata;
+                IF e.repeated THEN
+                    rep_keys := rep_keys || e.key;
+                    rep_ords := rep_ords || e.ord;
+                END IF;
+            END IF;
+        END IF;
+        res[e.ord] := r;
+    END LOOP;
+    IF v_total > 0 THEN
+        acc_ids := acc_ids || v_account;
+        acc_totals := acc_totals || v_total;
+        acc_burns := acc_burns || v_burn;
+    END IF;
+
+    INSERT INTO journal (id, account_id, type, amount_micros, counter_book, balance_after_micros, description,
+                         feature_id, channel, quantity, credits_per_unit, agent_id, idempotency_key,
+                         request_hash, metadata)
+        SELECT t.id, t.account_id, 'usage', t.amount, 'system:usage_revenue', t.balance, t.description,
+               t.feature_id, t.channel, t.quantity, t.rate, t.agent_id, t.key, t.hash, t.metadata
+        FROM unnest(ins_id, ins_account, ins_amount, ins_balance, ins_desc, ins_feature, ins_channel,
+                    ins_quantity, ins_rate, ins_agent, ins_key, ins_hash, ins_meta)
+             AS t (id, account_id, amount, balance, description, feature_id, channel, quantity, rate, agent_id,
+                   key, hash, metadata);
+    UPDATE balances b SET balance_micros = b.balance_micros - t.total, updated_at = now()
+        FROM unnest(acc_ids, acc_totals) AS t (account_id, total)
+        WHERE b.account_id = t.account_id;
+    FOR i IN 1 .. cardinality(acc_ids) LOOP
+        PERFORM cf_burn(acc_ids[i], acc_burns[i]);
+    END LOOP;
+    RETURN QUERY SELECT (x).* FROM unnest(res) AS x;
+END $$;
+
+-- Reserve credits for long-running usage (a call): priced like track, not spendable meanwhile.
+CREATE FUNCTION cf_hold(
+    p_account text, p_feature text, p_quantity numeric, p_agent text, p_ttl_seconds integer,
+    p_key text, p_hash bytea, p_metadata jsonb
+) RETURNS cf_hold_result LANGUAGE plpgsql AS $$
+DECLARE
+    r cf_hold_result;
+    b record;
+    f record;
+    h record;
+BEGIN
+    r.allowed := false;
+    r.replayed := false;
+    SELECT balance_micros, held_micros, floor_micros INTO b FROM balances WHERE account_id = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        r.code := 'unknown_account';
+        RETURN r;
+    END IF;
+    SELECT id, request_hash, amount_micros, status, expires_at INTO h
+        FROM holds WHERE account_id = p_account AND idempotency_key = p_key;
+    IF FOUND THEN
+        IF h.request_hash IS DISTINCT FROM p_hash THEN
+            r.code := 'idempotency_conflict';
+            RETURN r;
+        END IF;
+        r := ROW(true, 'ok', h.id, h.amount_micros, h.status, h.expires_at, b.balance_micros, b.held_micros,
+                 b.floor_micros, NULL, true, NULL)::cf_hold_result;
+        RETURN r;
+    END IF;
+    IF b.held_micros > 0 AND cf_expire_holds(p_account) > 0 THEN
+        SELECT balance_micros, held_micros, floor_micros INTO b FROM balances WHERE account_id = p_account;
+    END IF;
+    r.balance_micros := b.balance_micros;
+    r.held_micros := b.held_micros;
+    r.floor_micros := b.floor_micros;
+    SELECT integer_only, credits_per_unit INTO f FROM feature_prices WHERE id = p_feature;
+    IF NOT FOUND THEN
+        r.code := 'unknown_feature';
+        RETURN r;
+    END IF;
+    IF f.integer_only AND p_quantity <> trunc(p_quantity) THEN
+        r.code := 'invalid_quantity';
+        RETURN r;
+    END IF;
+    IF f.credits_per_unit IS NULL THEN
+        r.code := 'feature_not_priced';
+        RETURN r;
+    END IF;
+    r.amount_micros := round(p_quantity * f.credits_per_unit * 1000000)::bigint;
+    IF b.balance_micros - b.held_micros - r.amount_micros < b.floor_micros THEN
+        r.code := 'insufficient_credits';
+        r.required_micros := r.amount_micros;
+        r.amount_micros := NULL;
+        RETURN r;
+    END IF;
+    r.hold_id := 'hold_' || replace(gen_random_uuid()::text, '-', '');
+    r.expires_at := now() + make_interval(secs => p_ttl_seconds);
+    INSERT INTO holds (id, account_id, feature_id, agent_id, quantity, amount_micros, expires_at, idempotency_key,
+                       request_hash, metadata)
+        VALUES (r.hold_id, p_account, p_feature, p_agent, p_quantity, r.amount_micros, r.expires_at, p_key, p_hash,
+                p_metadata);
+    UPDATE balances SET held_micros = held_micros + r.amount_micros, updated_at = now() WHERE account_id = p_account;
+    r.held_micros := b.held_micros + r.amount_micros;
+    r.allowed := true;
+    r.code := 'ok';
+    r.status := 'active';
+    RETURN r;
+END $$;
+
+-- Settle a hold with the actual quantity: release the reservation and charge the actual usage
+-- through cf_track (key 'hold:<id>'), atomically. Settling twice replays the first settlement.
+-- A hold that already expired is still charged (the usage happened), subject to the floor.
+CREATE FUNCTION cf_hold_settle(p_account text, p_hold text, p_quantity numeric, p_metadata jsonb)
+RETURNS cf_track_result LANGUAGE plpgsql AS $$
+DECLARE
+    h record;
+    r cf_track_result;
+    v_key text := 'hold:' || p_hold;
+BEGIN
+    PERFORM 1 FROM balances WHERE account_id = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        r := ROW(false, 'unknown_account', NULL, 0, NULL, NULL, NULL, NULL, NULL, false, p_hold, NULL)::cf_track_result;
+        RETURN r;
+    END IF;
+    SELECT id, feature_id, agent_id, amount_micros, status INTO h FROM holds WHERE id = p_hold AND account_id = p_account;
+    IF NOT FOUND THEN
+        r := ROW(false, 'unknown_hold', NULL, 0, NULL, NULL, NULL, NULL, NULL, false, p_hold, NULL)::cf_track_result;
+        RETURN r;
+    END IF;
+    IF h.status = 'released' THEN
+        r := ROW(false, 'hold_released', NULL, 0, NULL, NULL, NULL, NULL, NULL, false, p_hold, NULL)::cf_track_result;
+        RETURN r;
+    END IF;
+    IF h.status = 'active' THEN
+        UPDATE balances SET held_micros = held_micros - h.amount_micros WHERE account_id = p_account;
+    END IF;
+    r := cf_track(p_account, h.feature_id, p_quantity, h.agent_id, v_key,
+                  sha256(convert_to(v_key || ':' || trim_scale(p_quantity)::text, 'UTF8')),
+                  coalesce(p_metadata, '{}'::jsonb) || jsonb_build_object('hold_id', p_hold));
+    r.hold_id := p_hold;
+    IF r.allowed AND h.status = 'active' THEN
+        UPDATE holds SET status = 'settled', closed_at = now(), settled_txn_id = r.txn_id WHERE id = p_hold;
+        r.released_micros := greatest(0, h.amount_micros - r.charged_micros);
+    ELSIF h.status = 'active' THEN
+        UPDATE balances SET held_micros = held_micros + h.amount_micros WHERE account_id = p_account;
+    ELSIF r.allowed AND h.status = 'expired' AND NOT r.replayed THEN
+        UPDATE holds SET settled_txn_id = r.txn_id WHERE id = p_hold;
+    END IF;
+    RETURN r;
+END $$;
+
+CREATE FUNCTION cf_hold_release(p_account text, p_hold text) RETURNS cf_hold_result LANGUAGE plpgsql AS $$
+DECLARE
+    h record;
+    r cf_hold_result;
+BEGIN
+    r.allowed := false;
+    r.replayed := false;
+    r.hold_id := p_hold;
+    PERFORM 1 FROM balances WHERE account_id = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        r.code := 'unknown_account';
+        RETURN r;
+    END IF;
+    SELECT id, amount_micros, status, expires_at INTO h FROM holds WHERE id = p_hold AND account_id = p_account;
+    IF NOT FOUND THEN
+        r.code := 'unknown_hold';
+        RETURN r;
+    END IF;
+    IF h.status = 'settled' THEN
+        r.code := 'hold_settled';
+        RETURN r;
+    END IF;
+    r.status := h.status;
+    r.released_micros := 0;
+    IF h.status = 'active' THEN
+        UPDATE balances SET held_micros = held_micros - h.amount_micros, updated_at = now()
+            WHERE account_id = p_account;
+        UPDATE holds SET status = 'released', closed_at = now() WHERE id = p_hold;
+        r.status := 'released';
+        r.released_micros := h.amount_micros;
+    END IF;
+    r.allowed := true;
+    r.code := 'ok';
+    r.amount_micros := h.amount_micros;
+    r.expires_at := h.expires_at;
+    SELECT balance_micros, held_micros, floor_micros INTO r.balance_micros, r.held_micros, r.floor_micros
+        FROM balances WHERE account_id = p_account;
+    RETURN r;
 END $$;
