@@ -46,6 +46,7 @@ from creditflow.domain.money import credits_to_micros
 from creditflow.ledger import metering
 from creditflow.ledger.accounts import WELCOME_DESCRIPTION, create_account
 from creditflow.ledger.db import migrate, open_pool, with_database
+from creditflow.ledger.idempotency import request_hash
 from creditflow.ledger.ratecard import ensure_default_ratecard
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -228,7 +229,8 @@ def drop_database(server_url: str, name: str) -> None:
 _BULK_ACCOUNTS_SQL = """
 WITH new AS (
     INSERT INTO accounts (id, name, billing_email, external_id, overage_credit_line_micros)
-    SELECT cf_id('acc'), 'bench account ' || g, 'bench-' || g || '@example.com', NULL, 0
+    SELECT 'acc_' || replace(gen_random_uuid()::text, '-', ''), 'bench account ' || g,
+           'bench-' || g || '@example.com', NULL, 0
     FROM generate_series(1, %(n)s) AS g
     RETURNING id, name, billing_email
 ), bal AS (
@@ -240,8 +242,8 @@ SELECT id, 'account.created', 'account.created:' || id,
 FROM new
 """
 _BULK_WELCOME_SQL = """
-SELECT count(cf_post(b.account_id, 'welcome_bonus', %(micros)s, 'system:promotions', %(desc)s, '{}'::jsonb,
-                     %(source)s, %(priority)s, NULL, true))
+SELECT count(cf_post(b.account_id, 'welcome_bonus', %(micros)s, 'system:promotions', %(desc)s, NULL,
+                     %(source)s, %(priority)s, NULL, 'welcome_bonus', %(hash)s))
 FROM balances b WHERE NOT EXISTS (SELECT 1 FROM credit_lots l WHERE l.account_id = b.account_id)
 """
 
@@ -250,12 +252,10 @@ _SHAPE_SQL = """
 SELECT a.status, a.overage_credit_line_micros, b.balance_micros, b.held_micros, b.floor_micros,
        (SELECT json_agg(json_build_object('type', t.type, 'amount', t.amount_micros,
                'after', t.balance_after_micros, 'desc', t.description, 'meta', t.metadata,
-               'entries', (SELECT json_agg(json_build_object('book', e.book, 'acct', e.account_id = a.id,
-                                                             'amount', e.amount_micros) ORDER BY e.id)
-                           FROM journal_entries e WHERE e.txn_id = t.id)))
-        FROM journal_transactions t WHERE t.account_id = a.id) AS txns,
+               'counter_book', t.counter_book, 'key', t.idempotency_key, 'hash', t.request_hash))
+        FROM journal t WHERE t.account_id = a.id) AS txns,
        (SELECT json_agg(json_build_object('source', l.source, 'priority', l.priority, 'orig', l.original_micros,
-               'rem', l.remaining_micros, 'exp', l.expires_at, 'meta', l.metadata))
+               'rem', l.remaining_micros, 'exp', l.expires_at))
         FROM credit_lots l WHERE l.account_id = a.id) AS lots,
        (SELECT json_agg(json_build_object('kind', o.kind, 'dedup', o.dedup_key = 'account.created:' || a.id,
                'payload_keys', (SELECT json_agg(k ORDER BY k) FROM jsonb_object_keys(o.payload) k)))
@@ -280,7 +280,8 @@ async def setup_accounts(url: str, n: int, mode: str, concurrency: int, progress
                 await conn.execute(_BULK_ACCOUNTS_SQL, {"n": n})
                 await conn.execute(_BULK_WELCOME_SQL, {
                     "micros": credits_to_micros(WELCOME_CREDITS), "desc": WELCOME_DESCRIPTION,
-                    "source": LotSource.WELCOME_BONUS.value, "priority": lot_priority(LotSource.WELCOME_BONUS)})
+                    "source": LotSource.WELCOME_BONUS.value, "priority": lot_priority(LotSource.WELCOME_BONUS),
+                    "hash": request_hash("welcome_bonus", WELCOME_CREDITS)})
             progress.update(task, completed=n)
         else:
             sem = asyncio.Semaphore(concurrency)
@@ -391,13 +392,13 @@ async def verify(url: str, expected_usage: int, expected_debit: int, expected_ke
             return row[0] if row else None
 
         checks: dict[str, Any] = {
-            "sum_of_all_entries": int(await one("SELECT coalesce(sum(amount_micros), 0) FROM journal_entries")),
+            "sum_of_all_entries": int(await one("SELECT coalesce(sum(amount_micros), 0) FROM journal_lines")),
             "unbalanced_transactions": await one(
-                "SELECT count(*) FROM (SELECT txn_id FROM journal_entries GROUP BY txn_id"
+                "SELECT count(*) FROM (SELECT txn_id FROM journal_lines GROUP BY txn_id"
                 " HAVING sum(amount_micros) <> 0) x"),
             "balances_not_equal_to_entries": await one(
                 "SELECT count(*) FROM balances b LEFT JOIN (SELECT account_id, sum(amount_micros) s"
-                " FROM journal_entries WHERE book = 'wallet' GROUP BY account_id) e USING (account_id)"
+                " FROM journal_lines WHERE book = 'wallet' GROUP BY account_id) e USING (account_id)"
                 " WHERE b.balance_micros <> coalesce(e.s, 0)"),
             "balances_not_equal_to_lots": await one(
                 "SELECT count(*) FROM balances b LEFT JOIN (SELECT account_id, sum(remaining_micros) r"
@@ -405,9 +406,11 @@ async def verify(url: str, expected_usage: int, expected_debit: int, expected_ke
                 " WHERE b.balance_micros <> coalesce(l.r, 0)"),
             "balances_below_floor": await one(
                 "SELECT count(*) FROM balances WHERE balance_micros - held_micros < floor_micros"),
-            "usage_items": await one("SELECT count(*) FROM usage_items"),
-            "usage_transactions": await one("SELECT count(*) FROM journal_transactions WHERE type = 'usage'"),
-            "idempotency_keys": await one("SELECT count(*) FROM idempotency_keys"),
+            # A usage row is the usage item, its journal transaction and its idempotency key at once.
+            "usage_items": await one("SELECT count(*) FROM journal WHERE type = 'usage' AND feature_id IS NOT NULL"),
+            "usage_transactions": await one("SELECT count(*) FROM journal WHERE type = 'usage'"),
+            "idempotency_keys": await one(
+                "SELECT count(*) FROM journal WHERE type = 'usage' AND idempotency_key IS NOT NULL"),
         }
         # bench_wallets started equal to the balances before any usage: the welcome bonus.
         checks["baseline_debited_micros"] = int(await one(

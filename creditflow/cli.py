@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from creditflow.config import Settings, get_settings
+from creditflow.ops_cli import accounts_app, keys_app, wallet_app
 
 app = typer.Typer(
     help="creditflow: durable billing engine (credit wallet, PostgreSQL ledger, Temporal, Stripe).",
@@ -20,6 +21,9 @@ app = typer.Typer(
 )
 ratecard_app = typer.Typer(help="Show and load the rate card (features and credits per unit).", no_args_is_help=True)
 app.add_typer(ratecard_app, name="ratecard")
+app.add_typer(accounts_app, name="accounts")
+app.add_typer(keys_app, name="keys")
+app.add_typer(wallet_app, name="wallet")
 
 console = Console()
 
@@ -29,6 +33,37 @@ def _require_database(settings: Settings) -> str:
         console.print("[red]CREDITFLOW_DATABASE_URL is not set[/red] (creditflow dev sets it for the embedded stack).")
         raise typer.Exit(2)
     return settings.database_url
+
+
+@app.command()
+def dev(
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Where PostgreSQL, Temporal and localstripe keep their data between runs "
+             "(default CREDITFLOW_DATA_DIR or .data).")] = None,
+    api_port: Annotated[int | None, typer.Option(
+        help="API port (default CREDITFLOW_API_PORT or 8000; 0 picks a free one).")] = None,
+    temporal_port: Annotated[int | None, typer.Option(help="Temporal gRPC port (default: a free one).")] = None,
+    temporal_ui_port: Annotated[int | None, typer.Option(help="Temporal UI port (default: a free one).")] = None,
+    stripe_port: Annotated[int | None, typer.Option(help="localstripe port (default: a free one).")] = None,
+    demo: Annotated[bool, typer.Option(
+        help="Also create demo accounts and drive realistic usage traffic through the API.")] = False,
+    demo_events: Annotated[int, typer.Option(min=1, max=100_000, help="Usage events sent by --demo.")] = 240,
+    infra_only: Annotated[bool, typer.Option(
+        help="Start PostgreSQL, Temporal and localstripe only; print the environment to run the API "
+             "and worker yourself (e.g. under a debugger).")] = False,
+) -> None:
+    """Run the whole stack locally: embedded PostgreSQL, Temporal dev server + UI, localstripe, migrations,
+    worker and API. Prints every URL and the admin key; Ctrl-C stops everything."""
+    from creditflow.embedded import DevOptions, run_dev
+
+    settings = get_settings()
+    options = DevOptions(
+        data_dir=data_dir or settings.data_dir,
+        api_port=settings.api_port if api_port is None else api_port,
+        temporal_port=temporal_port, temporal_ui_port=temporal_ui_port, stripe_port=stripe_port,
+        demo=demo, demo_events=demo_events, infra_only=infra_only,
+    )
+    raise typer.Exit(run_dev(options, settings, console))
 
 
 @app.command()

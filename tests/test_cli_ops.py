@@ -48,3 +48,12 @@ def test_operator_flow(cli_env: None) -> None:
 
     unknown = runner.invoke(accounts_app, ["show", "acc_" + "0" * 32])
     assert unknown.exit_code == 1 and "unknown_account" in unknown.output
+
+
+def test_help_lists_the_stack_and_operator_commands() -> None:
+    from creditflow.cli import app
+
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for command in ("dev", "api", "worker", "migrate", "ratecard", "accounts", "keys", "wallet"):
+        assert f" {command} " in result.output
