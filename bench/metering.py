@@ -337,10 +337,14 @@ def build(spec: Spec, ids: list[str], key: str) -> metering.UsageEvent:
 
 
 async def track_phase(pool: AsyncConnectionPool, name: str, workload: str, specs: list[Spec], ids: list[str],
-                      run_id: str, concurrency: int, progress: Progress) -> PhaseResult:
-    """``metering.track`` per event (event construction included), unique idempotency keys."""
+                      run_id: str, concurrency: int, progress: Progress, coalesce: bool = True) -> PhaseResult:
+    """``metering.track`` per event (event construction included), unique idempotency keys.
+
+    ``coalesce=True`` is the library default (concurrent calls share transactions: group commit);
+    ``coalesce=False`` forces one transaction per event."""
     async def op(_w: int, i: int) -> tuple[int, int]:
-        result = await metering.track(pool, build(specs[i], ids, f"bench:{run_id}:{name.replace(' ', '-')}:{i}"))
+        event = build(specs[i], ids, f"bench:{run_id}:{name.replace(' ', '-')}:{i}")
+        result = await metering.track(pool, event, coalesce=coalesce)
         return 1, int(result.allowed)
 
     return await run_phase(name, workload, len(specs), concurrency, op, progress)
@@ -461,6 +465,8 @@ def evaluate(report: Report) -> None:
     report.ratios = {
         "track / baseline (many accounts)": track_many.events_per_s / base_many.events_per_s,
         "track / baseline (hot account)": track_hot.events_per_s / base_hot.events_per_s,
+        "track one-txn-per-event / baseline (many accounts)":
+            report.phase("track-alone").events_per_s / base_many.events_per_s,
         "track_batch / baseline (many accounts)": batch.events_per_s / base_many.events_per_s,
     }
     r = report.ratios
@@ -565,6 +571,7 @@ async def _bench(args: argparse.Namespace, url: str, server_desc: str) -> Report
             "setup": args.setup, "setup_seconds": setup_seconds, "warmup": args.warmup, "seed": args.seed})
         many = plan(n, len(ids), hot=False, seed=args.seed)
         hot = plan(n, len(ids), hot=True, seed=args.seed + 1)
+        alone = many  # the same events again (fresh keys), one transaction each
         pool = open_pool(url, conc, conc)
         await pool.open()
         await pool.wait()
@@ -582,6 +589,8 @@ async def _bench(args: argparse.Namespace, url: str, server_desc: str) -> Report
                 ("track", lambda: track_phase(pool, "track", "many accounts", many, ids, run_id, conc, progress)),
                 ("track-hot", lambda: track_phase(pool, "track-hot", "hot account", hot, ids, run_id, conc,
                                                   progress)),
+                ("track-alone", lambda: track_phase(pool, "track-alone", "many accounts", alone, ids, run_id, conc,
+                                                    progress, coalesce=False)),
                 ("track_batch", lambda: batch_phase(pool, "track_batch", many, ids, run_id, args.batch_size, conc,
                                                     progress)),
                 ("check", lambda: check_phase(pool, many, ids, conc, progress)),
@@ -591,7 +600,7 @@ async def _bench(args: argparse.Namespace, url: str, server_desc: str) -> Report
                 report.phases.append(await run())
         finally:
             await pool.close()
-    track_events = [p for p in report.phases if p.name in ("track", "track-hot", "track_batch")]
+    track_events = [p for p in report.phases if p.name in ("track", "track-hot", "track-alone", "track_batch")]
     expected_usage = len(warm) + sum(p.allowed for p in track_events)
     expected_debit = sum(s.micros for s in warm) + sum(s.micros for s in many) + sum(s.micros for s in hot)
     base_denied = sum(p.denied for p in report.phases if p.name.startswith("baseline"))

@@ -23,6 +23,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_rate": 422,
     "invalid_id": 422,
     "feature_not_priced": 422,
+    "amount_too_large": 422,
 }
 
 

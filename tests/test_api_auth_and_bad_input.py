@@ -78,6 +78,7 @@ def _bad_tracks(acc: str) -> list[tuple[dict[str, object], int, str]]:
         ({**base, "value": 10**30}, 422, "invalid_quantity"),
         ({**base, "value": "1.5"}, 422, "invalid_quantity"),  # chat messages are whole
         ({**base, "feature_id": "llm_tokens", "value": "0.0000001"}, 422, "invalid_quantity"),
+        ({**base, "feature_id": "phone_number", "value": 999_999_999}, 422, "amount_too_large"),
         ({**base, "value": True}, 422, "validation_error"),
         ({**base, "value": "abc"}, 422, "validation_error"),
         ({**base, "value": "NaN"}, 422, "validation_error"),

@@ -57,8 +57,10 @@ def credits_to_micros(credits: Decimal | int) -> int:
 
 def micros_to_credits(micros: int) -> Decimal:
     """Exact conversion for display: whole credits come back as integral Decimals."""
-    result = Decimal(micros) / MICROS_PER_CREDIT
-    return result.quantize(Decimal(1)) if result == result.to_integral_value() else result.normalize()
+    whole, rest = divmod(micros, MICROS_PER_CREDIT)
+    if rest == 0:
+        return Decimal(whole)
+    return Decimal(micros).scaleb(-6).normalize()
 
 
 def usd_to_credits(usd: Decimal | int) -> int:

@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.domain.money import AmountError, micros_to_credits, usage_charge_micros, validate_quantity
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_token
+from creditflow.ledger.coalescer import coalescer_for
 from creditflow.ledger.db import RETRYABLE, to_jsonb, with_retry
 from creditflow.ledger.idempotency import request_hash
 from creditflow.ledger.models import Balances, CheckResult, HoldResult, TrackResult, balances_from, credits, exact
@@ -24,7 +25,7 @@ from creditflow.ledger.models import Balances, CheckResult, HoldResult, TrackRes
 # A concurrent duplicate of the same key hits the journal's unique index; the retry then replays it.
 TRACK_RETRY_ON: tuple[type[Exception], ...] = (*RETRYABLE, psycopg.errors.UniqueViolation)
 
-_TRACK_SQL = "SELECT * FROM cf_track(%s, %s, %s, %s, %s, %s, %s)"
+_TRACK_SQL = "SELECT * FROM cf_track(%s, %s, %s, %s, %s, %s, %s, %s)"
 _BATCH_SQL = "SELECT * FROM cf_track_batch(%s, %s, %s, %s, %s, %s, %s::jsonb[])"
 
 
@@ -59,26 +60,76 @@ class UsageEvent:
 
 
 async def _fetch_one(pool: AsyncConnectionPool, sql: str, params: Sequence[object],
-                     retry_on: tuple[type[Exception], ...] = RETRYABLE) -> dict[str, Any]:
-    """One statement in its own transaction; the retry machinery only starts after a failure."""
+                     retry_on: tuple[type[Exception], ...] = RETRYABLE,
+                     retry_params: Sequence[object] | None = None) -> dict[str, Any]:
+    """One statement in its own transaction; the retry machinery only starts after a failure
+    (retries use ``retry_params`` when given)."""
 
-    async def run() -> dict[str, Any]:
+    async def run(args: Sequence[object] = retry_params if retry_params is not None else params) -> dict[str, Any]:
         async with pool.connection() as conn:
-            row = await (await conn.execute(sql, params)).fetchone()
+            row = await (await conn.execute(sql, args)).fetchone()
         assert row is not None
         return row
 
     try:
-        return await run()
+        return await run(params)
     except retry_on:
         return await with_retry(run, retry_on=retry_on)
 
 
-async def track(pool: AsyncConnectionPool, event: UsageEvent) -> TrackResult:
-    """Record one usage event exactly once; a denial writes nothing and carries a reason code."""
-    row = await _fetch_one(pool, _TRACK_SQL, (
-        event.account_id, event.feature_id, event.value, event.agent_id, event.idempotency_key,
-        event.fingerprint(), to_jsonb(event.metadata)), TRACK_RETRY_ON)
+async def track(pool: AsyncConnectionPool, event: UsageEvent, *, coalesce: bool = True) -> TrackResult:
+    """Record one usage event exactly once; a denial writes nothing and carries a reason code.
+
+    Concurrent calls on the same pool share transactions (group commit, see ``coalescer``);
+    ``coalesce=False`` forces one transaction for this event alone."""
+    if coalesce:
+        return await coalescer_for(pool, track_alone, track_pipelined).track(event)  # type: ignore[arg-type]
+    return await track_alone(pool, event)
+
+
+def _track_params(event: UsageEvent, probe: bool) -> tuple[object, ...]:
+    """``probe=False`` on a first attempt: a repeated key then fails on the journal's unique
+    index and the retry (``probe=True``) replays it or reports the conflict."""
+    return (event.account_id, event.feature_id, event.value, event.agent_id, event.idempotency_key,
+            event.fingerprint(), to_jsonb(event.metadata), probe)
+
+
+async def track_pipelined(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -> list[TrackResult]:
+    """A few events as ``cf_track`` calls sent together (pipeline: one round trip) in one
+    transaction (one commit). For the coalescer's small groups; ``track_batch`` is cheaper from
+    a few dozen events up. Accounts are locked in id order so concurrent groups cannot deadlock."""
+    order = sorted(range(len(events)), key=lambda i: events[i].account_id)
+
+    async def run(probe: bool = True) -> list[TrackResult]:
+        results: list[TrackResult | None] = [None] * len(events)
+        async with pool.connection() as conn, conn.transaction():
+            async with conn.pipeline():
+                cursors = [(i, await conn.execute(_TRACK_SQL, _track_params(events[i], probe))) for i in order]
+            for i, cursor in cursors:
+                row = await cursor.fetchone()
+                assert row is not None
+                results[i] = TrackResult.from_db(row)
+        return [r for r in results if r is not None]
+
+    try:
+        results = await run(probe=False)
+    except TRACK_RETRY_ON:
+        return await with_retry(run, retry_on=TRACK_RETRY_ON)
+    # A denial may hide a replay of a key used while the balance was higher: decide those again, probing.
+    for i, result in enumerate(results):
+        if not result.allowed:
+            results[i] = TrackResult.from_db(await _fetch_one(pool, _TRACK_SQL, _track_params(events[i], True),
+                                                              TRACK_RETRY_ON))
+    return results
+
+
+async def track_alone(pool: AsyncConnectionPool, event: UsageEvent) -> TrackResult:
+    """One event, one ``cf_track`` call, one transaction."""
+    row = await _fetch_one(pool, _TRACK_SQL, _track_params(event, False), TRACK_RETRY_ON,
+                           retry_params=_track_params(event, True))
+    if not row["allowed"]:
+        # A denial may hide a replay (the key was used while the balance was higher): ask again, probing.
+        row = await _fetch_one(pool, _TRACK_SQL, _track_params(event, True), TRACK_RETRY_ON)
     return TrackResult.from_db(row)
 
 

@@ -37,12 +37,14 @@ class Balances(BaseModel):
 
     @classmethod
     def from_micros(cls, balance: int, held: int, floor: int) -> Balances:
-        return cls(
+        # Built from trusted integers on the hot path: no re-validation.
+        return cls.model_construct(
             balance=micros_to_credits(balance),
             pending_charges=micros_to_credits(held),
             available=micros_to_credits(balance - held),
             overage_credit_line=micros_to_credits(-floor),
             available_to_use=micros_to_credits(balance - held - floor),
+            currency="credits",
         )
 
 

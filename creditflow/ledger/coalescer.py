@@ -1,0 +1,92 @@
+"""Group commit for the metering hot path.
+
+Concurrent ``track`` calls in one process are coalesced into ``cf_track_batch`` calls: one
+round trip, one transaction and one WAL flush for everything that arrived while the previous
+batch was being written, instead of one each. Nothing waits for a timer: an idle caller's event
+is sent at once (alone, through ``cf_track``); batches form only under concurrency, which is
+exactly when commits are the bottleneck. Every event is still decided on its own, in arrival
+order within its account, and answered only after its batch has committed; a property test
+proves batch and one-by-one decisions identical. If a batch fails as a whole (which no single
+bad event can cause: input is validated before it is queued), its events are retried one by one
+so a failure stays with the event that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+
+from psycopg_pool import AsyncConnectionPool
+
+from creditflow.ledger.models import TrackResult
+
+OneFn = Callable[[AsyncConnectionPool, object], Awaitable[TrackResult]]
+BatchFn = Callable[[AsyncConnectionPool, Sequence[object]], Awaitable[list[TrackResult]]]
+
+
+class TrackCoalescer:
+    """Per-pool queue of pending events, drained by at most ``max_in_flight`` concurrent batches."""
+
+    def __init__(self, pool: AsyncConnectionPool, one: OneFn, batch: BatchFn, *,
+                 max_batch: int = 200, max_in_flight: int = 4) -> None:
+        self._pool = pool
+        self._one = one
+        self._batch = batch
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._pending: list[tuple[object, asyncio.Future[TrackResult]]] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def track(self, event: object) -> TrackResult:
+        future: asyncio.Future[TrackResult] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, future))
+        if self._in_flight < self._max_in_flight:
+            self._in_flight += 1
+            task = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: len(batch)]
+                await self._write(batch)
+        finally:
+            self._in_flight -= 1
+
+    async def _write(self, batch: list[tuple[object, asyncio.Future[TrackResult]]]) -> None:
+        if len(batch) == 1:
+            await self._write_alone(*batch[0])
+            return
+        try:
+            results = await self._batch(self._pool, [event for event, _ in batch])
+        except Exception:  # noqa: BLE001 - isolate: retry one by one, each caller gets its own outcome
+            await asyncio.gather(*(self._write_alone(event, future) for event, future in batch))
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def _write_alone(self, event: object, future: asyncio.Future[TrackResult]) -> None:
+        try:
+            result = await self._one(self._pool, event)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller that sent this event
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(result)
+
+
+_coalescers: weakref.WeakKeyDictionary[AsyncConnectionPool, TrackCoalescer] = weakref.WeakKeyDictionary()
+
+
+def coalescer_for(pool: AsyncConnectionPool, one: OneFn, batch: BatchFn) -> TrackCoalescer:
+    coalescer = _coalescers.get(pool)
+    if coalescer is None:
+        coalescer = _coalescers[pool] = TrackCoalescer(pool, one, batch)
+    return coalescer

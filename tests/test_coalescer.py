@@ -1,0 +1,65 @@
+"""Group commit on the hot path: concurrent ``track`` calls share transactions, and every caller
+still gets its own exact, exactly-once result."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from psycopg_pool import AsyncConnectionPool
+
+from creditflow.ledger import accounts, metering
+from creditflow.ledger.coalescer import TrackCoalescer
+from creditflow.ledger.metering import UsageEvent
+from creditflow.ledger.models import TrackResult
+from tests.test_ledger_invariants import assert_invariants
+
+
+async def test_concurrent_tracks_are_coalesced_and_exact(pool: AsyncConnectionPool) -> None:
+    calls: list[int] = []
+
+    async def counting_group(p: AsyncConnectionPool, events: Sequence[object]) -> list[TrackResult]:
+        calls.append(len(events))
+        return await metering.track_pipelined(p, events)  # type: ignore[arg-type]
+
+    coalescer = TrackCoalescer(pool, metering.track_alone, counting_group, max_in_flight=1)  # type: ignore[arg-type]
+    ids = [(await accounts.create_account(pool, name="C", billing_email="c@x.co", welcome_bonus_credits=100)).id
+           for _ in range(3)]
+    # 3 accounts x 12 voice minutes of 10 credits: 10 affordable per account; plus duplicate keys.
+    events = [UsageEvent.build(ids[i % 3], "voice_minute", 1, f"e{i // 3}") for i in range(36)]
+    events += [UsageEvent.build(ids[0], "voice_minute", 1, "e0")] * 3
+    results = await asyncio.gather(*(coalescer.track(e) for e in events))
+    assert calls and max(calls) > 1, calls  # events shared transactions
+    by_account = {acc: [r for e, r in zip(events, results, strict=True) if e.account_id == acc] for acc in ids}
+    for acc, rs in by_account.items():
+        fresh = [r for r in rs if r.allowed and not r.replayed]
+        assert len(fresh) == 10, acc
+        assert {r.code for r in rs if not r.allowed} <= {"insufficient_credits"}
+    replays = [r for e, r in zip(events, results, strict=True) if e.account_id == ids[0] and e.idempotency_key == "e0"]
+    assert len({r.transaction_id for r in replays}) == 1 and sum(not r.replayed for r in replays) == 1
+    for acc in ids:
+        assert (await metering.check(pool, acc, "chat_message")).balances.balance == 0  # type: ignore[union-attr]
+    await assert_invariants(pool)
+
+
+async def test_a_failing_group_falls_back_to_one_by_one(pool: AsyncConnectionPool) -> None:
+    async def broken_group(p: AsyncConnectionPool, events: Sequence[object]) -> list[TrackResult]:
+        raise RuntimeError("connection lost mid-batch")
+
+    coalescer = TrackCoalescer(pool, metering.track_alone, broken_group, max_in_flight=1)  # type: ignore[arg-type]
+    acc = (await accounts.create_account(pool, name="F", billing_email="f@x.co")).id
+    events = [UsageEvent.build(acc, "chat_message", 1, f"f{i}") for i in range(6)]
+    results = await asyncio.gather(*(coalescer.track(e) for e in events))
+    assert all(r.allowed and r.credits_charged == 1 for r in results)
+    assert (await metering.check(pool, acc, "chat_message")).balances.balance == 4994  # type: ignore[union-attr]
+
+
+async def test_replay_after_the_balance_dropped_is_still_a_replay(pool: AsyncConnectionPool) -> None:
+    acc = (await accounts.create_account(pool, name="R", billing_email="r@x.co", welcome_bonus_credits=100)).id
+    first = await metering.track(pool, UsageEvent.build(acc, "voice_minute", 3, "call-1"))
+    await metering.track(pool, UsageEvent.build(acc, "voice_minute", 7, "call-2"))  # balance now 0
+    for coalesce in (True, False):
+        again = await metering.track(pool, UsageEvent.build(acc, "voice_minute", 3, "call-1"), coalesce=coalesce)
+        assert again.allowed and again.replayed and again.transaction_id == first.transaction_id
+        conflict = await metering.track(pool, UsageEvent.build(acc, "voice_minute", 4, "call-1"), coalesce=coalesce)
+        assert conflict.code == "idempotency_conflict"
