@@ -2,9 +2,10 @@
 
 Concurrent ``track`` calls in one process are coalesced into ``cf_track_batch`` calls: one
 round trip, one transaction and one WAL flush for everything that arrived while the previous
-batch was being written, instead of one each. Nothing waits for a timer: an idle caller's event
-is sent at once (alone, through ``cf_track``); batches form only under concurrency, which is
-exactly when commits are the bottleneck. Every event is still decided on its own, in arrival
+batch was being written, instead of one each. Nothing waits for a timer: while fewer than
+``max_in_flight`` writes are in progress an event is written at once, alone, through ``cf_track``;
+groups form only when the process has more concurrent calls than that, which is exactly when
+per-transaction costs are the bottleneck. Every event is still decided on its own, in arrival
 order within its account, and answered only after its batch has committed; a property test
 proves batch and one-by-one decisions identical. If a batch fails as a whole (which no single
 bad event can cause: input is validated before it is queued), its events are retried one by one
@@ -26,10 +27,11 @@ BatchFn = Callable[[AsyncConnectionPool, Sequence[object]], Awaitable[list[Track
 
 
 class TrackCoalescer:
-    """Per-pool queue of pending events, drained by at most ``max_in_flight`` concurrent batches."""
+    """At most ``max_in_flight`` writes at a time per pool; calls beyond that queue up and are
+    written together by the next free writer."""
 
     def __init__(self, pool: AsyncConnectionPool, one: OneFn, batch: BatchFn, *,
-                 max_batch: int = 200, max_in_flight: int = 4) -> None:
+                 max_batch: int = 200, max_in_flight: int = 8) -> None:
         self._pool = pool
         self._one = one
         self._batch = batch
@@ -40,14 +42,26 @@ class TrackCoalescer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def track(self, event: object) -> TrackResult:
+        if self._in_flight < self._max_in_flight and not self._pending:
+            # Not saturated: write it now, in the caller's task, exactly like ``track_alone``.
+            self._in_flight += 1
+            try:
+                return await self._one(self._pool, event)
+            finally:
+                self._in_flight -= 1
+                self._start_drain()
         future: asyncio.Future[TrackResult] = asyncio.get_running_loop().create_future()
         self._pending.append((event, future))
-        if self._in_flight < self._max_in_flight:
+        self._start_drain()
+        return await future
+
+    def _start_drain(self) -> None:
+        """Give the queue a writer if a slot is free (saturated: the queue is written in groups)."""
+        if self._pending and self._in_flight < self._max_in_flight:
             self._in_flight += 1
             task = asyncio.create_task(self._drain())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await future
 
     async def _drain(self) -> None:
         try:
