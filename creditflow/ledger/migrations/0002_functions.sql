@@ -64,6 +64,44 @@ CREATE TRIGGER outbox_notify AFTER INSERT ON outbox FOR EACH ROW EXECUTE FUNCTIO
 CREATE FUNCTION cf_charge_micros(p_quantity numeric, p_rate numeric) RETURNS bigint
     LANGUAGE sql IMMUTABLE AS $$ SELECT round(p_quantity * p_rate * 1000000)::bigint $$;
 
+-- Price a usage quantity with the rate in force now: the one place that says whether an event
+-- can be priced (unknown feature, a fraction of a whole unit, no rate yet, absurdly large) and what
+-- it costs (rounded as cf_charge_micros). Used by track, batch and holds.
+CREATE TYPE cf_price_result AS (
+    code              text,
+    name              text,
+    channel           text,
+    credits_per_unit  numeric,
+    charge_micros     bigint
+);
+
+CREATE FUNCTION cf_price(p_feature text, p_quantity numeric) RETURNS cf_price_result
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    f record;
+    r cf_price_result;
+BEGIN
+    SELECT name, channel, integer_only, credits_per_unit INTO f FROM feature_prices WHERE id = p_feature;
+    IF NOT FOUND THEN
+        r.code := 'unknown_feature';
+        RETURN r;
+    END IF;
+    r.name := f.name;
+    r.channel := f.channel;
+    r.credits_per_unit := f.credits_per_unit;
+    IF f.integer_only AND p_quantity <> trunc(p_quantity) THEN
+        r.code := 'invalid_quantity';
+    ELSIF f.credits_per_unit IS NULL THEN
+        r.code := 'feature_not_priced';
+    ELSIF round(p_quantity * f.credits_per_unit * 1000000) > 1000000000000000 THEN
+        r.code := 'amount_too_large';  -- over 1e9 credits in one event
+    ELSE
+        r.code := 'ok';
+        r.charge_micros := cf_charge_micros(p_quantity, f.credits_per_unit);
+    END IF;
+    RETURN r;
+END $$;
+
 -- Burn lots in order (creditflow.domain.lots): plan, promotional, purchased; earliest expiry
 -- first; oldest first. Callers pass only the part of a debit that is above zero (the rest is
 -- drawn on the overage credit line), so the lots always hold exactly max(balance, 0).
@@ -217,7 +255,7 @@ CREATE FUNCTION cf_track(
 ) RETURNS cf_track_result LANGUAGE plpgsql AS $$
 DECLARE
     r cf_track_result;
-    f record;
+    f cf_price_result;
     j record;
     b record;
     v_burn bigint;
@@ -245,25 +283,13 @@ BEGIN
         RETURN r;
     END IF;
 
-    SELECT name, channel, integer_only, credits_per_unit INTO f FROM feature_prices WHERE id = p_feature;
-    IF NOT FOUND THEN
-        r.code := 'unknown_feature';
-        RETURN r;
-    END IF;
-    IF f.integer_only AND p_quantity <> trunc(p_quantity) THEN
-        r.code := 'invalid_quantity';
-        RETURN r;
-    END IF;
-    IF f.credits_per_unit IS NULL THEN
-        r.code := 'feature_not_priced';
+    f := cf_price(p_feature, p_quantity);
+    IF f.code <> 'ok' THEN
+        r.code := f.code;
         RETURN r;
     END IF;
     r.credits_per_unit := f.credits_per_unit;
-    IF round(p_quantity * f.credits_per_unit * 1000000) > 1000000000000000 THEN
-        r.code := 'amount_too_large';  -- over 1e9 credits in one event
-        RETURN r;
-    END IF;
-    r.charged_micros := round(p_quantity * f.credits_per_unit * 1000000)::bigint;
+    r.charged_micros := f.charge_micros;
 
     UPDATE balances SET balance_micros = balance_micros - r.charged_micros, updated_at = now()
         WHERE account_id = p_account AND balance_micros - held_micros - r.charged_micros >= floor_micros
@@ -370,13 +396,13 @@ BEGIN
         SELECT ev.ord::integer AS ord, ev.account_id, ev.feature_id, ev.quantity, ev.agent_id, ev.key, ev.hash,
                ev.metadata,
                count(*) OVER (PARTITION BY ev.account_id, ev.key) > 1 AS repeated,
-               p.id IS NOT NULL AS feature_exists, p.name, p.channel, p.integer_only, p.credits_per_unit AS rate,
+               p.code AS price_code, p.name, p.channel, p.credits_per_unit AS rate, p.charge_micros,
                j.id AS prior_id, j.request_hash AS prior_hash, j.amount_micros AS prior_amount,
                j.balance_after_micros AS prior_balance, j.credits_per_unit AS prior_rate,
                b.balance_micros, b.held_micros, b.floor_micros
         FROM unnest(p_accounts, p_features, p_quantities, p_agents, p_keys, p_hashes, p_metadata)
              WITH ORDINALITY AS ev (account_id, feature_id, quantity, agent_id, key, hash, metadata, ord)
-        LEFT JOIN feature_prices p ON p.id = ev.feature_id
+        CROSS JOIN LATERAL cf_price(ev.feature_id, ev.quantity) AS p
         LEFT JOIN journal j ON j.account_id = ev.account_id AND j.idempotency_key = ev.key
         LEFT JOIN balances b ON b.account_id = ev.account_id
         ORDER BY ev.account_id, ev.ord
@@ -418,18 +444,12 @@ BEGIN
                 r.credits_per_unit := e.prior_rate;
                 r.balance_micros := e.prior_balance;
             END IF;
+        ELSIF e.price_code <> 'ok' THEN
+            r.code := e.price_code;
         ELSIF e.balance_micros IS NULL THEN
             r.code := 'unknown_account';
-        ELSIF NOT e.feature_exists THEN
-            r.code := 'unknown_feature';
-        ELSIF e.integer_only AND e.quantity <> trunc(e.quantity) THEN
-            r.code := 'invalid_quantity';
-        ELSIF e.rate IS NULL THEN
-            r.code := 'feature_not_priced';
-        ELSIF round(e.quantity * e.rate * 1000000) > 1000000000000000 THEN
-            r.code := 'amount_too_large';
         ELSE
-            v_charge := round(e.quantity * e.rate * 1000000)::bigint;
+            v_charge := e.charge_micros;
             r.credits_per_unit := e.rate;
             IF v_balance - v_held - v_charge < v_floor THEN
                 r.code := 'insufficient_credits';
@@ -496,7 +516,7 @@ CREATE FUNCTION cf_hold(
 DECLARE
     r cf_hold_result;
     b record;
-    f record;
+    f cf_price_result;
     h record;
 BEGIN
     r.allowed := false;
@@ -523,24 +543,12 @@ BEGIN
     r.balance_micros := b.balance_micros;
     r.held_micros := b.held_micros;
     r.floor_micros := b.floor_micros;
-    SELECT integer_only, credits_per_unit INTO f FROM feature_prices WHERE id = p_feature;
-    IF NOT FOUND THEN
-        r.code := 'unknown_feature';
+    f := cf_price(p_feature, p_quantity);
+    IF f.code <> 'ok' THEN
+        r.code := f.code;
         RETURN r;
     END IF;
-    IF f.integer_only AND p_quantity <> trunc(p_quantity) THEN
-        r.code := 'invalid_quantity';
-        RETURN r;
-    END IF;
-    IF f.credits_per_unit IS NULL THEN
-        r.code := 'feature_not_priced';
-        RETURN r;
-    END IF;
-    IF round(p_quantity * f.credits_per_unit * 1000000) > 1000000000000000 THEN
-        r.code := 'amount_too_large';
-        RETURN r;
-    END IF;
-    r.amount_micros := round(p_quantity * f.credits_per_unit * 1000000)::bigint;
+    r.amount_micros := f.charge_micros;
     IF b.balance_micros - b.held_micros - r.amount_micros < b.floor_micros THEN
         r.code := 'insufficient_credits';
         r.required_micros := r.amount_micros;
