@@ -125,11 +125,12 @@ async def track_pipelined(pool: AsyncConnectionPool, events: Sequence[UsageEvent
 
 async def track_alone(pool: AsyncConnectionPool, event: UsageEvent) -> TrackResult:
     """One event, one ``cf_track`` call, one transaction."""
-    row = await _fetch_one(pool, _TRACK_SQL, _track_params(event, False), TRACK_RETRY_ON,
-                           retry_params=_track_params(event, True))
+    first = _track_params(event, False)
+    probing = (*first[:-1], True)
+    row = await _fetch_one(pool, _TRACK_SQL, first, TRACK_RETRY_ON, retry_params=probing)
     if not row["allowed"]:
         # A denial may hide a replay (the key was used while the balance was higher): ask again, probing.
-        row = await _fetch_one(pool, _TRACK_SQL, _track_params(event, True), TRACK_RETRY_ON)
+        row = await _fetch_one(pool, _TRACK_SQL, probing, TRACK_RETRY_ON)
     return TrackResult.from_db(row)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -75,37 +76,54 @@ def balances_from(row: dict[str, Any]) -> Balances | None:
     return Balances.from_micros(row["balance_micros"], row["held_micros"], row["floor_micros"])
 
 
-class TrackResult(BaseModel):
+@dataclass(frozen=True, slots=True)
+class TrackResult:
+    """The outcome of one usage event. A plain slotted dataclass holding the database's integers:
+    the hot path builds one per event, and the credit figures are derived only when read."""
+
     allowed: bool
     code: str
-    credits_charged: Decimal = Decimal(0)
-    credits_required: Decimal | None = None
+    charged_micros: int = 0
+    required_micros: int | None = None
     credits_per_unit: Decimal | None = None
     transaction_id: str | None = None
     replayed: bool = False
     hold_id: str | None = None
-    released: Decimal | None = None
-    balances: Balances | None = None
+    released_micros: int | None = None
+    balance_micros: int | None = None
+    held_micros: int | None = None
+    floor_micros: int | None = None
+
+    @property
+    def credits_charged(self) -> Decimal:
+        return micros_to_credits(self.charged_micros)
+
+    @property
+    def credits_required(self) -> Decimal | None:
+        return credits(self.required_micros)
+
+    @property
+    def released(self) -> Decimal | None:
+        return credits(self.released_micros)
+
+    @property
+    def balances(self) -> Balances | None:
+        if self.balance_micros is None or self.held_micros is None or self.floor_micros is None:
+            return None
+        return Balances.from_micros(self.balance_micros, self.held_micros, self.floor_micros)
 
     @property
     def balance(self) -> Decimal | None:
-        return self.balances.balance if self.balances else None
+        return credits(self.balance_micros)
 
     @classmethod
     def from_db(cls, row: dict[str, Any]) -> TrackResult:
-        """From a ``cf_track_result`` row (hot path: no re-validation of database values)."""
-        return cls.model_construct(
-            allowed=row["allowed"],
-            code=row["code"],
-            credits_charged=micros_to_credits(row["charged_micros"] or 0),
-            credits_required=credits(row["required_micros"]),
-            credits_per_unit=exact(row["credits_per_unit"]),
-            transaction_id=txn_id(row["txn_id"]),
-            replayed=bool(row["replayed"]),
-            hold_id=row["hold_id"],
-            released=credits(row["released_micros"]),
-            balances=balances_from(row),
-        )
+        """From a ``cf_track_result`` row."""
+        rate = row["credits_per_unit"]
+        return cls(row["allowed"], row["code"], row["charged_micros"] or 0, row["required_micros"],
+                   None if rate is None else exact(rate), txn_id(row["txn_id"]), bool(row["replayed"]),
+                   row["hold_id"], row["released_micros"], row["balance_micros"], row["held_micros"],
+                   row["floor_micros"])
 
 
 class CheckResult(BaseModel):
