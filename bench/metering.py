@@ -243,7 +243,7 @@ FROM new
 """
 _BULK_WELCOME_SQL = """
 SELECT count(cf_post(b.account_id, 'welcome_bonus', %(micros)s, 'system:promotions', %(desc)s, NULL,
-                     %(source)s, %(priority)s, NULL, 'welcome_bonus', %(hash)s))
+                     %(source)s, %(priority)s, NULL, 'sys:welcome_bonus', %(hash)s))
 FROM balances b WHERE NOT EXISTS (SELECT 1 FROM credit_lots l WHERE l.account_id = b.account_id)
 """
 

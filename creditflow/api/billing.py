@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -165,8 +165,8 @@ async def wallet(principal: Reader, pool: Pool, account_id: str | None = None) -
 async def transactions(
     principal: Reader, pool: Pool,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
-    type: Annotated[str | None, Query(max_length=40,
+    cursor: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_\-]{1,200}$")] = None,
+    type: Annotated[str | None, Query(pattern=r"^[a-z_]{1,40}$",
                                       description="purchase, usage, welcome_bonus, adjustment, ...")] = None,
     account_id: str | None = None,
 ) -> ExactJSONResponse:
@@ -176,14 +176,23 @@ async def transactions(
     return respond(page)
 
 
+AgentQuery = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._:\-/]{1,200}$")]
+
+
+def utc(moment: datetime | None) -> datetime | None:
+    """Windows are UTC: a time without an offset is read as UTC, not as the server's zone."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
 @router.get("/usage/items", response_model=list[UsageItem], response_class=ExactJSONResponse)
 async def usage_items(
     principal: Reader, pool: Pool,
-    start: datetime | None = None, end: datetime | None = None, agent_id: str | None = None,
+    start: datetime | None = None, end: datetime | None = None, agent_id: AgentQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100, account_id: str | None = None,
 ) -> ExactJSONResponse:
-    """Itemized charges in a window: channel, feature, quantity, credits, agent."""
-    items = await queries.usage_items(pool, target_account(principal, account_id), start=start, end=end,
+    """Itemized charges in a window (``start`` inclusive, ``end`` exclusive, UTC): channel,
+    feature, quantity, credits, agent."""
+    items = await queries.usage_items(pool, target_account(principal, account_id), start=utc(start), end=utc(end),
                                       agent_id=agent_id, limit=limit)
     return respond({"items": items})
 
@@ -192,7 +201,8 @@ async def usage_items(
 async def usage(principal: Reader, pool: Pool, start: datetime | None = None, end: datetime | None = None,
                 account_id: str | None = None) -> ExactJSONResponse:
     """Daily (UTC) usage per channel."""
-    rollups = await queries.usage_rollups(pool, target_account(principal, account_id), start=start, end=end)
+    rollups = await queries.usage_rollups(pool, target_account(principal, account_id), start=utc(start),
+                                          end=utc(end))
     return respond({"items": rollups})
 
 

@@ -2,27 +2,51 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from creditflow.api.keys import Scope
+from creditflow.errors import CreditflowError
+from creditflow.metadata import check_metadata, check_text
+
+_DECIMAL_TEXT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
-def _no_bool_or_float_noise(value: Any) -> Any:
+def _exact_amount(value: Any) -> Any:
+    """JSON numbers (parsed as Decimal) or plain decimal strings; no booleans, floats (NaN,
+    Infinity), underscores or padding."""
     if isinstance(value, bool):
         raise ValueError("booleans are not amounts")
     if isinstance(value, float):
-        raise ValueError("amounts must be exact (JSON number or decimal string)")
+        raise ValueError("amounts must be exact finite numbers")
+    if isinstance(value, str) and not _DECIMAL_TEXT.match(value):
+        raise ValueError("not a decimal number")
     return value
 
 
-Amount = Annotated[Decimal, BeforeValidator(_no_bool_or_float_noise)]
+def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return check_metadata(value)
+    except CreditflowError as exc:
+        raise ValueError(exc.message) from exc
+
+
+def _text(value: str) -> str:
+    try:
+        return check_text(value)
+    except CreditflowError as exc:
+        raise ValueError(exc.message) from exc
+
+
+Amount = Annotated[Decimal, BeforeValidator(_exact_amount)]
 Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:\-/]{1,200}$")]
 Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$", max_length=254)]
-Metadata = Annotated[dict[str, Any], Field(default_factory=dict, max_length=50)]
+Text = Annotated[str, AfterValidator(_text)]
+Metadata = Annotated[dict[str, Any], Field(default_factory=dict, max_length=50), AfterValidator(_metadata)]
 
 
 class Strict(BaseModel):
@@ -30,14 +54,14 @@ class Strict(BaseModel):
 
 
 class AccountCreate(Strict):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+    name: Annotated[Text, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
     billing_email: Email
     external_id: Token | None = None
     overage_credit_line: Amount = Field(default=Decimal(0), description="Whole credits the account may go negative.")
 
 
 class ApiKeyCreate(Strict):
-    name: Annotated[str, StringConstraints(max_length=100)] = ""
+    name: Annotated[Text, StringConstraints(max_length=100)] = ""
     scopes: list[Scope] = Field(min_length=1, description="billing:read and/or billing:write")
 
 
@@ -84,12 +108,12 @@ class HoldRelease(Strict):
 class WalletCredit(Strict):
     account_id: str
     amount: Amount = Field(description="Whole credits; positive credits the wallet, negative debits it.")
-    reason: Annotated[str, StringConstraints(min_length=1, max_length=500, strip_whitespace=True)]
+    reason: Annotated[Text, StringConstraints(min_length=1, max_length=500, strip_whitespace=True)]
     idempotency_key: Token
 
 
 class FeaturePut(Strict):
-    name: str | None = None
+    name: Annotated[Text, StringConstraints(min_length=1, max_length=200)] | None = None
     channel: Token
     unit: Token
     integer_only: bool = True

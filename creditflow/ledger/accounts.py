@@ -46,7 +46,7 @@ async def create_account(
         if welcome_bonus_credits > 0:
             await conn.execute(
                 "SELECT cf_post(%s, 'welcome_bonus', %s, 'system:promotions', %s, NULL, %s, %s, NULL,"
-                " 'welcome_bonus', %s)",
+                " 'sys:welcome_bonus', %s)",
                 (account_id, credits_to_micros(welcome_bonus_credits), WELCOME_DESCRIPTION,
                  LotSource.WELCOME_BONUS.value, lot_priority(LotSource.WELCOME_BONUS),
                  request_hash("welcome_bonus", welcome_bonus_credits)),

@@ -7,9 +7,9 @@ batch was being written, instead of one each. Nothing waits for a timer: while f
 groups form only when the process has more concurrent calls than that, which is exactly when
 per-transaction costs are the bottleneck. Every event is still decided on its own, in arrival
 order within its account, and answered only after its batch has committed; a property test
-proves batch and one-by-one decisions identical. If a batch fails as a whole (which no single
-bad event can cause: input is validated before it is queued), its events are retried one by one
-so a failure stays with the event that caused it.
+proves batch and one-by-one decisions identical. If a group fails as a whole, nothing of it was
+committed and its events are written again one by one, in order, so a failure stays with the
+event that caused it.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class TrackCoalescer:
             task.add_done_callback(self._tasks.discard)
 
     async def _drain(self) -> None:
+        batch: list[tuple[object, asyncio.Future[TrackResult]]] = []
         try:
             while self._pending:
                 batch = self._pending[: self._max_batch]
@@ -71,6 +72,9 @@ class TrackCoalescer:
                 await self._write(batch)
         finally:
             self._in_flight -= 1
+            for _, future in batch:  # cancelled mid-write (shutdown): never leave a caller hanging
+                if not future.done():
+                    future.cancel()
 
     async def _write(self, batch: list[tuple[object, asyncio.Future[TrackResult]]]) -> None:
         if len(batch) == 1:
@@ -78,12 +82,17 @@ class TrackCoalescer:
             return
         try:
             results = await self._batch(self._pool, [event for event, _ in batch])
-        except Exception:  # noqa: BLE001 - isolate: retry one by one, each caller gets its own outcome
-            await asyncio.gather(*(self._write_alone(event, future) for event, future in batch))
+        except Exception:  # noqa: BLE001 - nothing was committed: write them one by one, in order
+            for event, future in batch:
+                await self._write_alone(event, future)
             return
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        for (event, future), result in zip(batch, results, strict=True):
+            if result.allowed:
+                if not future.done():
+                    future.set_result(result)
+            else:
+                # Decided again alone: a denial in a group may hide a replay (see track_pipelined).
+                await self._write_alone(event, future)
 
     async def _write_alone(self, event: object, future: asyncio.Future[TrackResult]) -> None:
         try:

@@ -10,8 +10,18 @@ from decimal import Decimal
 
 
 def canonical_decimal(value: Decimal) -> str:
-    """``2.50`` and ``2.5`` are the same request."""
-    return str(value.quantize(Decimal(1))) if value == value.to_integral_value() else str(value.normalize())
+    """``2.50``, ``2.5`` and ``25E-1`` are the same request. Exact for any finite Decimal: no
+    rounding context is involved."""
+    sign, digits, exponent = value.as_tuple()
+    if not isinstance(exponent, int):
+        return str(value)  # NaN/Infinity never reach a fingerprint, but stay deterministic anyway
+    numerals = list(digits)
+    if not any(numerals):
+        return "0"
+    while len(numerals) > 1 and numerals[-1] == 0:
+        numerals.pop()
+        exponent += 1
+    return f"{'-' if sign else ''}{''.join(map(str, numerals))}e{exponent}"
 
 
 def _default(value: object) -> str:

@@ -6,6 +6,7 @@ one short transaction under the account's row lock: no Temporal on this path.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -21,6 +22,13 @@ from creditflow.ledger.coalescer import coalescer_for
 from creditflow.ledger.db import RETRYABLE, to_jsonb, with_retry
 from creditflow.ledger.idempotency import request_hash
 from creditflow.ledger.models import Balances, CheckResult, HoldResult, TrackResult, balances_from, credits, exact
+from creditflow.metadata import check_metadata
+
+log = logging.getLogger(__name__)
+
+# Keys the ledger writes itself (hold settlements, adjustments, system grants) live in the same
+# per-account namespace as callers' keys, so callers may not use these prefixes.
+RESERVED_KEY_PREFIXES = ("hold:", "adj:", "sys:")
 
 # A concurrent duplicate of the same key hits the journal's unique index; the retry then replays it.
 TRACK_RETRY_ON: tuple[type[Exception], ...] = (*RETRYABLE, psycopg.errors.UniqueViolation)
@@ -51,9 +59,13 @@ class UsageEvent:
     def build(cls, account_id: str, feature_id: str, value: object, idempotency_key: str,
               agent_id: str | None = None, metadata: dict[str, Any] | None = None) -> UsageEvent:
         check_token(idempotency_key, "idempotency_key")
+        if idempotency_key.startswith(RESERVED_KEY_PREFIXES):
+            raise CreditflowError("validation_error",
+                                  f"idempotency keys starting with {', '.join(RESERVED_KEY_PREFIXES)} are reserved")
         if agent_id is not None:
             check_token(agent_id, "agent_id")
-        return cls(account_id, feature_id, _quantity(value), idempotency_key, agent_id, metadata or {})
+        return cls(account_id, feature_id, _quantity(value), idempotency_key, agent_id,
+                   check_metadata(metadata) if metadata else {})
 
     def fingerprint(self, operation: str = "track", *extra: object) -> bytes:
         return request_hash(operation, self.feature_id, self.value, self.agent_id, *extra, metadata=self.metadata)
@@ -97,7 +109,10 @@ def _track_params(event: UsageEvent, probe: bool) -> tuple[object, ...]:
 async def track_pipelined(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -> list[TrackResult]:
     """A few events as ``cf_track`` calls sent together (pipeline: one round trip) in one
     transaction (one commit). For the coalescer's small groups; ``track_batch`` is cheaper from
-    a few dozen events up. Accounts are locked in id order so concurrent groups cannot deadlock."""
+    a few dozen events up. Accounts are locked in id order so concurrent groups cannot deadlock.
+
+    The first attempt does not probe idempotency keys, so a denial may hide the replay of a key
+    used while the balance was higher: callers decide denied events again with ``track_alone``."""
     order = sorted(range(len(events)), key=lambda i: events[i].account_id)
 
     async def run(probe: bool = True) -> list[TrackResult]:
@@ -112,15 +127,9 @@ async def track_pipelined(pool: AsyncConnectionPool, events: Sequence[UsageEvent
         return [r for r in results if r is not None]
 
     try:
-        results = await run(probe=False)
+        return await run(probe=False)
     except TRACK_RETRY_ON:
         return await with_retry(run, retry_on=TRACK_RETRY_ON)
-    # A denial may hide a replay of a key used while the balance was higher: decide those again, probing.
-    for i, result in enumerate(results):
-        if not result.allowed:
-            results[i] = TrackResult.from_db(await _fetch_one(pool, _TRACK_SQL, _track_params(events[i], True),
-                                                              TRACK_RETRY_ON))
-    return results
 
 
 async def track_alone(pool: AsyncConnectionPool, event: UsageEvent) -> TrackResult:
@@ -231,6 +240,18 @@ async def release_hold(pool: AsyncConnectionPool, account_id: str, hold_id: str)
 
 
 async def expire_overdue_holds(pool: AsyncConnectionPool) -> Decimal:
-    """Sweep every account's overdue holds; returns the credits released."""
-    row = await _fetch_one(pool, "SELECT cf_expire_all_holds() AS released", ())
-    return micros_to_credits(row["released"])
+    """Sweep overdue holds, one short transaction per account (in id order); an account that
+    fails is logged and skipped so the others still expire. Returns the credits released."""
+    async with pool.connection() as conn:
+        rows = await (await conn.execute(
+            "SELECT DISTINCT account_id FROM holds WHERE status = 'active' AND expires_at <= now()"
+            " ORDER BY account_id")).fetchall()
+    released = 0
+    for row in rows:
+        try:
+            result = await _fetch_one(pool, "SELECT cf_expire_account_holds(%s) AS released", (row["account_id"],))
+        except psycopg.Error:
+            log.exception("could not expire the overdue holds of %s", row["account_id"])
+            continue
+        released += result["released"]
+    return micros_to_credits(released)

@@ -16,6 +16,7 @@ from creditflow.ids import check_token
 from creditflow.ledger.db import to_jsonb, with_retry
 from creditflow.ledger.idempotency import request_hash
 from creditflow.ledger.models import Balances, PostingResult, txn_id
+from creditflow.metadata import check_metadata
 
 # Codes raised by cf_post (SQLSTATE -> our code).
 _SQLSTATE_CODES = {"CF400": "invalid_amount", "CF402": "insufficient_credits", "CF404": "unknown_account",
@@ -41,6 +42,8 @@ async def post(
     Same key and same request returns the first result (``replayed``); same key with another
     request is ``idempotency_conflict``. The key is stored with the effect, never before it."""
     check_token(idempotency_key, "idempotency_key")
+    if metadata:
+        check_metadata(metadata)
     fingerprint = request_hash("post", type, amount_micros, counter_book, description, lot_source.value,
                                lot_expires_at.isoformat() if lot_expires_at else None, metadata=metadata)
     params = (account_id, type, amount_micros, counter_book, description, to_jsonb(metadata), lot_source.value,
@@ -73,9 +76,10 @@ async def adjust(pool: AsyncConnectionPool, *, account_id: str, amount_credits: 
     A debit never takes the balance below its floor."""
     if not reason.strip():
         raise CreditflowError("validation_error", "a reason is required for a manual adjustment")
+    check_token(idempotency_key, "idempotency_key")
     return await post(
         pool, account_id=account_id, type="adjustment", amount_micros=credits_to_micros(amount_credits),
-        counter_book="system:adjustments", description=reason.strip(), idempotency_key=idempotency_key,
+        counter_book="system:adjustments", description=reason.strip(), idempotency_key=f"adj:{idempotency_key}",
         metadata={"reason": reason.strip(), "actor": actor, **(metadata or {})},
         lot_source=LotSource.ADJUSTMENT,
     )

@@ -57,6 +57,11 @@ async def put_feature(pool: AsyncConnectionPool, spec: FeatureSpec, effective_at
                 raise CreditflowError("unknown_feature", f"base feature {spec.base_feature_id} does not exist")
             if base["base_feature_id"] is not None or spec.base_feature_id == spec.id:
                 raise CreditflowError("validation_error", "a base feature cannot itself have a base")
+            based_on_this = await (await conn.execute(
+                "SELECT id FROM features WHERE base_feature_id = %s LIMIT 1", (spec.id,))).fetchone()
+            if based_on_this is not None:
+                raise CreditflowError("validation_error", f"{spec.id} is the base of {based_on_this['id']}:"
+                                      " a base feature cannot itself have a base")
         await conn.execute(
             "INSERT INTO features (id, name, channel, unit, integer_only, base_feature_id)"
             " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name,"

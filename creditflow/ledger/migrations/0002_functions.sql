@@ -89,7 +89,9 @@ BEGIN
     r.name := f.name;
     r.channel := f.channel;
     r.credits_per_unit := f.credits_per_unit;
-    IF f.integer_only AND p_quantity <> trunc(p_quantity) THEN
+    IF p_quantity IS NULL OR p_quantity <= 0 THEN
+        r.code := 'invalid_quantity';  -- the library validates first; this guards direct SQL callers
+    ELSIF f.integer_only AND p_quantity <> trunc(p_quantity) THEN
         r.code := 'invalid_quantity';
     ELSIF f.credits_per_unit IS NULL THEN
         r.code := 'feature_not_priced';
@@ -167,17 +169,15 @@ CREATE FUNCTION cf_live_held(p_account text, p_held bigint) RETURNS bigint LANGU
         WHERE account_id = p_account AND status = 'active' AND expires_at <= now()), 0)::bigint END
 $$;
 
--- Sweep: expire overdue holds of every account (the worker calls this periodically).
-CREATE FUNCTION cf_expire_all_holds() RETURNS bigint LANGUAGE plpgsql AS $$
-DECLARE
-    v_account text;
-    v_total bigint := 0;
+-- Sweep one account's overdue holds in its own short transaction (the worker drives it per
+-- account, in id order, so a failure stays with that account and locks never pile up).
+CREATE FUNCTION cf_expire_account_holds(p_account text) RETURNS bigint LANGUAGE plpgsql AS $$
 BEGIN
-    FOR v_account IN SELECT DISTINCT account_id FROM holds WHERE status = 'active' AND expires_at <= now() LOOP
-        PERFORM 1 FROM balances WHERE account_id = v_account FOR UPDATE;
-        v_total := v_total + cf_expire_holds(v_account);
-    END LOOP;
-    RETURN v_total;
+    PERFORM 1 FROM balances WHERE account_id = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    RETURN cf_expire_holds(p_account);
 END $$;
 
 -- A movement between the wallet and a system book (grants, purchases, adjustments, refunds):
@@ -199,6 +199,9 @@ BEGIN
     SELECT balance_micros, held_micros, floor_micros INTO b FROM balances WHERE account_id = p_account FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown_account' USING ERRCODE = 'CF404';
+    END IF;
+    IF b.held_micros > 0 AND cf_expire_holds(p_account) > 0 THEN
+        SELECT balance_micros, held_micros, floor_micros INTO b FROM balances WHERE account_id = p_account;
     END IF;
     r.held_micros := b.held_micros;
     r.floor_micros := b.floor_micros;
@@ -584,6 +587,8 @@ BEGIN
         r := ROW(false, 'unknown_account', NULL, 0, NULL, NULL, NULL, NULL, NULL, false, p_hold, NULL)::cf_track_result;
         RETURN r;
     END IF;
+    -- Overdue holds (this one included) stop reserving first, so nothing below releases twice.
+    PERFORM cf_expire_holds(p_account);
     SELECT id, feature_id, agent_id, amount_micros, status INTO h FROM holds WHERE id = p_hold AND account_id = p_account;
     IF NOT FOUND THEN
         r := ROW(false, 'unknown_hold', NULL, 0, NULL, NULL, NULL, NULL, NULL, false, p_hold, NULL)::cf_track_result;
@@ -606,7 +611,7 @@ BEGIN
     ELSIF h.status = 'active' THEN
         UPDATE balances SET held_micros = held_micros + h.amount_micros WHERE account_id = p_account;
     ELSIF r.allowed AND h.status = 'expired' AND NOT r.replayed THEN
-        UPDATE holds SET settled_txn_id = r.txn_id WHERE id = p_hold;
+        UPDATE holds SET status = 'settled', settled_txn_id = r.txn_id WHERE id = p_hold;
     END IF;
     RETURN r;
 END $$;
