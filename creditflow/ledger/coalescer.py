@@ -39,16 +39,25 @@ class TrackCoalescer:
         self._max_in_flight = max_in_flight
         self._pending: list[tuple[object, asyncio.Future[TrackResult]]] = []
         self._in_flight = 0
+        self._busy: dict[object, int] = {}  # accounts with a direct write in progress
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def track(self, event: object) -> TrackResult:
-        if self._in_flight < self._max_in_flight and not self._pending:
-            # Not saturated: write it now, in the caller's task, exactly like ``track_alone``.
+        account = getattr(event, "account_id", None)
+        if self._in_flight < self._max_in_flight and not self._pending and account not in self._busy:
+            # Not saturated, and no write of this account in progress: write it now, in the
+            # caller's task, exactly like ``track_alone``. (A second event of a busy account would
+            # only wait for its row lock: it waits in the queue instead and shares a commit.)
             self._in_flight += 1
+            self._busy[account] = self._busy.get(account, 0) + 1
             try:
                 return await self._one(self._pool, event)
             finally:
                 self._in_flight -= 1
+                if self._busy[account] == 1:
+                    del self._busy[account]
+                else:
+                    self._busy[account] -= 1
                 self._start_drain()
         future: asyncio.Future[TrackResult] = asyncio.get_running_loop().create_future()
         self._pending.append((event, future))
