@@ -117,8 +117,9 @@ async def track_pipelined(pool: AsyncConnectionPool, events: Sequence[UsageEvent
 
     async def run(probe: bool = True) -> list[TrackResult]:
         results: list[TrackResult | None] = [None] * len(events)
-        async with pool.connection() as conn, conn.transaction():
-            async with conn.pipeline():
+        async with pool.connection() as conn:
+            # BEGIN, the calls and COMMIT all travel in one pipeline: one round trip for the group.
+            async with conn.pipeline(), conn.transaction():
                 cursors = [(i, await conn.execute(_TRACK_SQL, _track_params(events[i], probe))) for i in order]
             for i, cursor in cursors:
                 row = await cursor.fetchone()
