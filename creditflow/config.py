@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     # Ledger policy.
     welcome_bonus_credits: int = Field(default=5000, ge=0, le=10_000_000)
     hold_ttl_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    # How often the worker expires overdue holds (reads and writes already ignore them meanwhile).
+    hold_sweep_interval_seconds: float = Field(default=30.0, gt=0)
     ratecard_path: Path | None = None
 
     # Outbox relay.

@@ -30,7 +30,6 @@ from workflows.contract import OutboxEvent
 
 log = logging.getLogger(__name__)
 
-HOLD_SWEEP_INTERVAL_SECONDS = 30.0
 LISTEN_RECONNECT_SECONDS = 5.0
 # Bounds one delivery when Temporal hangs instead of refusing; the row is retried later.
 DELIVERY_RPC_TIMEOUT = timedelta(seconds=10)
@@ -40,13 +39,13 @@ Failure = tuple[outbox.OutboxRow, str]  # a row and the error that kept it pendi
 
 class OutboxRelay:
     def __init__(self, pool: AsyncConnectionPool, client: Client, settings: Settings, *,
-                 hold_sweep_interval: float = HOLD_SWEEP_INTERVAL_SECONDS) -> None:
+                 hold_sweep_interval: float | None = None) -> None:
         self._pool = pool
         self._client = client
         self._task_queue = settings.temporal_task_queue
         self._batch_size = settings.outbox_batch_size
         self._poll_interval = settings.outbox_poll_interval_seconds
-        self._hold_sweep_interval = hold_sweep_interval
+        self._hold_sweep_interval = hold_sweep_interval or settings.hold_sweep_interval_seconds
         # Row id -> monotonic time before which it is not retried (rows that failed in this process).
         self._not_before: dict[int, float] = {}
 
