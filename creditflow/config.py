@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr = SecretStr("sk_test_creditflow_localstripe")
     stripe_api_base: str = ""
     stripe_webhook_secret: SecretStr = SecretStr("")
+    # Rate limits, 5xx and network errors are retried this many times in all (exponential backoff
+    # capped at the wait below) before a call reports ``payment_provider_unavailable``.
+    stripe_max_attempts: int = Field(default=4, ge=1, le=10)
+    stripe_retry_max_wait_seconds: float = Field(default=2.0, ge=0, le=60)
+    stripe_timeout_seconds: float = Field(default=30.0, gt=0, le=120)
 
     # HTTP API.
     api_host: str = "127.0.0.1"

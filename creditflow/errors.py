@@ -24,6 +24,14 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_id": 422,
     "feature_not_priced": 422,
     "amount_too_large": 422,
+    # Payments (Stripe).
+    "unknown_payment_method": 404,
+    "card_declined": 402,
+    "payment_method_invalid": 422,
+    "payment_request_invalid": 422,
+    "payment_provider_error": 502,
+    "payment_provider_unavailable": 503,
+    "payment_provider_not_configured": 503,
 }
 
 

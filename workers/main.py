@@ -17,9 +17,11 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.accounts import AccountActivities
+from activities.payments import PaymentActivities
 from creditflow.client import connect_temporal
 from creditflow.config import Settings
 from creditflow.ledger.db import open_pool
+from creditflow.payments.gateway import StripeGateway
 from creditflow.temporal_setup import ensure_search_attributes
 from workers.relay import OutboxRelay
 from workflows.account import AccountWorkflow
@@ -35,10 +37,10 @@ def workflow_classes() -> list[type]:
 
 
 def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Callable[..., Any]]:
-    """Activities bound to this process's resources. ``settings`` is for the adapters to come
-    (payments, notifications)."""
+    """Activities bound to this process's resources (database pool, Stripe gateway from ``settings``)."""
     accounts = AccountActivities(pool)
-    return [accounts.load_account]
+    payments = PaymentActivities(pool, StripeGateway.from_settings(settings))
+    return [accounts.load_account, payments.ensure_stripe_customer]
 
 
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,

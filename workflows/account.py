@@ -14,9 +14,11 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.accounts import AccountActivities, AccountSnapshot, LoadAccountInput
+    from activities.payments import PERMANENT_CODES, EnsureStripeCustomerInput, PaymentActivities
     from workflows.contract import (
         ACCOUNT_WORKFLOW,
         QUERY_STATE,
@@ -31,6 +33,14 @@ with workflow.unsafe.imports_passed_through():
 # Reading our own database: outages are transient, so retry with a capped interval until it answers.
 LOAD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                          maximum_interval=timedelta(seconds=60), maximum_attempts=0)
+# Creating the Stripe customer: the gateway already retried transient errors for seconds; here we keep
+# trying for about a day on outages, never on refusals a retry cannot fix. If it still fails, the API
+# creates the customer on first use (``ensure_customer`` is exactly-once either way).
+STRIPE_CUSTOMER_RETRY = RetryPolicy(initial_interval=timedelta(seconds=5), backoff_coefficient=2.0,
+                                    maximum_interval=timedelta(minutes=30), maximum_attempts=60,
+                                    non_retryable_error_types=list(PERMANENT_CODES))
+# Histories recorded before the Stripe customer step have no marker: on replay the step is skipped there.
+PATCH_STRIPE_CUSTOMER = "stripe-customer"
 
 
 @workflow.defn(name=ACCOUNT_WORKFLOW)
@@ -63,7 +73,12 @@ class AccountWorkflow:
                 self._input.status = snapshot.status
             self._input.loaded = True
         self._publish()
-        await workflow.wait_condition(self._should_continue_as_new)
+        while True:
+            await workflow.wait_condition(
+                lambda: self._input.stripe_customer_pending or self._should_continue_as_new())
+            if not self._input.stripe_customer_pending:
+                break
+            await self._ensure_stripe_customer()
         # Let running handlers finish so no signal is half-applied when this run closes.
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(self._carry_over())
@@ -91,7 +106,7 @@ class AccountWorkflow:
             account_id=i.account_id, name=i.name, status=i.status, events_processed=i.events_processed,
             duplicates_ignored=i.duplicates_ignored, last_event_kind=i.last_event_kind,
             last_event_at=i.last_event_at, recent_dedup_keys=len(self._recent),
-            continued_as_new=i.continued_as_new,
+            continued_as_new=i.continued_as_new, stripe_customer_id=i.stripe_customer_id,
         )
 
     # --- event effects -------------------------------------------------------------------------------
@@ -100,6 +115,31 @@ class AccountWorkflow:
         name = event.payload.get("name")
         if self._input.name is None and isinstance(name, str):
             self._input.name = name
+        if self._input.stripe_customer_id is None:
+            self._input.stripe_customer_pending = True
+
+    async def _ensure_stripe_customer(self) -> None:
+        """Create the account's Stripe customer (once; the activity is idempotent)."""
+        self._input.stripe_customer_pending = False
+        if not workflow.patched(PATCH_STRIPE_CUSTOMER):
+            return  # replaying a history from before this step: it did not run there
+        try:
+            result = await workflow.execute_activity_method(
+                PaymentActivities.ensure_stripe_customer,
+                EnsureStripeCustomerInput(account_id=self._input.account_id),
+                start_to_close_timeout=timedelta(minutes=3),
+                retry_policy=STRIPE_CUSTOMER_RETRY,
+                summary="Create the Stripe customer",
+            )
+        except ActivityError as err:
+            cause = err.cause
+            code = cause.type if isinstance(cause, ApplicationError) and cause.type else type(cause).__name__
+            workflow.logger.warning("Stripe customer not created for %s: %s", self._input.account_id, code)
+            self._input.stripe_customer_error = code
+        else:
+            self._input.stripe_customer_id = result.customer_id
+            self._input.stripe_customer_error = None
+        self._publish()
 
     # --- helpers -------------------------------------------------------------------------------------
 
@@ -122,6 +162,7 @@ class AccountWorkflow:
         workflow.set_current_details(
             f"**{i.name or 'Unnamed account'}** (`{i.account_id}`)\n\n"
             f"- status: {i.status}\n- events processed: {i.events_processed}\n- last event: {last}"
+            f"\n- Stripe customer: {i.stripe_customer_id or i.stripe_customer_error or 'none'}"
         )
 
     def _should_continue_as_new(self) -> bool:

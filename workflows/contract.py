@@ -76,6 +76,11 @@ class AccountWorkflowInput(BaseModel):
     # Continue-as-new after this many new events in one run, on top of the server's suggestion.
     # None (production) relies on the suggestion only; tests set a small number.
     continue_as_new_after_events: int | None = Field(default=None, ge=1)
+    # Stripe customer (issue 3): requested by ``account.created``, created by an activity exactly once.
+    stripe_customer_pending: bool = False
+    stripe_customer_id: str | None = None
+    # The error code when creating it failed for good (it is then created on first use by the API).
+    stripe_customer_error: str | None = None
 
 
 class AccountState(BaseModel):
@@ -90,3 +95,4 @@ class AccountState(BaseModel):
     last_event_at: datetime | None = None
     recent_dedup_keys: int = 0
     continued_as_new: int = 0
+    stripe_customer_id: str | None = None

@@ -10,11 +10,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from creditflow import __version__
-from creditflow.api import accounts, billing, features
+from creditflow.api import accounts, billing, features, payment_methods
 from creditflow.api.exact_json import ExactJSONResponse, respond
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
 from creditflow.ledger.db import open_pool
+from creditflow.payments.gateway import StripeGateway
 
 DESCRIPTION = """
 Prepaid credit wallet, metering and billing. **1 credit = 1 US cent.**
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="creditflow", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   default_response_class=ExactJSONResponse)
     app.state.settings = settings
+    app.state.gateway = StripeGateway.from_settings(settings)
 
     @app.exception_handler(CreditflowError)
     async def creditflow_error(request: Request, exc: CreditflowError) -> ExactJSONResponse:
@@ -72,4 +74,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(billing.router)
     app.include_router(features.router)
+    app.include_router(payment_methods.router)
     return app

@@ -13,6 +13,7 @@ from creditflow.api.keys import Principal, Scope, authenticate
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id
+from creditflow.payments.gateway import StripeGateway
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer cf_sk_...`")
 
@@ -23,6 +24,10 @@ def get_pool(request: Request) -> AsyncConnectionPool:
 
 def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+def get_gateway(request: Request) -> StripeGateway:
+    return request.app.state.gateway
 
 
 async def get_principal(request: Request,

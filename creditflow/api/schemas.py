@@ -120,3 +120,11 @@ class FeaturePut(Strict):
     base_feature_id: Token | None = None
     credits_per_unit: Amount
     effective_at: datetime | None = Field(default=None, description="Default: now.")
+
+
+class PaymentMethodAttach(Strict):
+    account_id: str | None = Field(default=None, description="Required with an admin key; implied by an account key.")
+    payment_method_id: Annotated[str, StringConstraints(pattern=r"^pm_[A-Za-z0-9]{1,200}$")] = Field(
+        description="A PaymentMethod created client-side (Stripe.js), e.g. `pm_1Q...`.")
+    set_default: bool | None = Field(
+        default=None, description="Make it the default card. Absent: only if the account has no default yet.")

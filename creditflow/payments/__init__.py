@@ -1,0 +1,1 @@
+"""Payments: the Stripe gateway, Stripe customers and saved payment methods."""

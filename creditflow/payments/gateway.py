@@ -1,0 +1,196 @@
+"""A thin gateway over the official ``stripe`` SDK: customers and card payment methods.
+
+Why a gateway: callers (API, activities) see our models and ``CreditflowError`` codes, never SDK
+objects or exceptions, and every call gets the same policy:
+
+* card declines and invalid requests are permanent: ``card_declined`` (402, Stripe's ``decline_code``
+  kept in ``details``), ``unknown_payment_method`` (404), ``payment_method_invalid`` /
+  ``payment_request_invalid`` (422), ``payment_provider_error`` (502, e.g. a bad API key);
+* rate limits, Stripe 5xx and network errors are transient: retried here with exponential backoff
+  (tenacity), then ``payment_provider_unavailable`` (503). The SDK's own retries are off so there is one
+  retry policy, and the same idempotency key is sent on every attempt.
+
+The SDK's client is synchronous (its async methods bind an httpx client to one event loop, while the API,
+the worker and tests each run their own loop), so calls run in a thread: the event loop never blocks.
+localstripe ignores idempotency keys: exactly-once is guarded by our own records (see ``customers.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import stripe
+from pydantic import BaseModel
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from creditflow.config import Settings
+from creditflow.errors import CreditflowError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# The key creditflow ships for localstripe. It cannot work against Stripe itself, so with no API base
+# set it means "Stripe is not configured" and calls fail fast instead of going to the network.
+PLACEHOLDER_API_KEY = "sk_test_creditflow_localstripe"
+ACCOUNT_METADATA_KEY = "creditflow_account_id"
+
+
+class CardDetails(BaseModel):
+    """A card payment method as creditflow shows it. ``customer_id`` says whose it is (None: unattached)."""
+
+    id: str
+    customer_id: str | None
+    brand: str
+    last4: str
+    exp_month: int
+    exp_year: int
+    name_on_card: str | None
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, stripe.RateLimitError | stripe.APIConnectionError):
+        return True
+    # A plain APIError is Stripe's 5xx (or an unparseable answer); subclasses are permanent refusals.
+    return type(exc) is stripe.APIError and (exc.http_status is None or exc.http_status >= 500)
+
+
+def _card(obj: Any) -> CardDetails:
+    pm: dict[str, Any] = obj.to_dict()  # StripeObjects are not dicts in 16.x
+    card = pm.get("card") or {}
+    billing = pm.get("billing_details") or {}
+    customer = pm.get("customer")
+    if customer is not None and not isinstance(customer, str):  # expanded
+        customer = customer.get("id")
+    return CardDetails(id=pm["id"], customer_id=customer, brand=str(card.get("brand") or "unknown"),
+                       last4=str(card.get("last4") or ""), exp_month=int(card.get("exp_month") or 0),
+                       exp_year=int(card.get("exp_year") or 0), name_on_card=billing.get("name"))
+
+
+class StripeGateway:
+    """Stripe customers and payment methods with creditflow's error codes and retry policy."""
+
+    def __init__(self, api_key: str, api_base: str = "", *, max_attempts: int = 4,
+                 retry_max_wait: float = 2.0, timeout: float = 30.0) -> None:
+        self.configured = bool(api_base) or api_key != PLACEHOLDER_API_KEY
+        self._max_attempts = max_attempts
+        self._retry_max_wait = retry_max_wait
+        self._client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base.rstrip("/")} if api_base else None,
+            max_network_retries=0,
+            http_client=stripe.RequestsClient(timeout=timeout),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StripeGateway:
+        return cls(settings.stripe_api_key.get_secret_value(), settings.stripe_api_base,
+                   max_attempts=settings.stripe_max_attempts,
+                   retry_max_wait=settings.stripe_retry_max_wait_seconds,
+                   timeout=settings.stripe_timeout_seconds)
+
+    # --- customers ---------------------------------------------------------------------------------
+
+    async def create_customer(self, account_id: str, *, name: str | None = None, email: str | None = None,
+                              idempotency_key: str) -> str:
+        """A new Stripe customer tagged with the account id; returns its id. Callers guard exactly-once."""
+        params: dict[str, Any] = {"metadata": {ACCOUNT_METADATA_KEY: account_id}}
+        if name:
+            params["name"] = name
+        if email:
+            params["email"] = email
+        customer = await self._call(
+            lambda: self._client.v1.customers.create(params=params,  # type: ignore[arg-type]
+                                                     options={"idempotency_key": idempotency_key}),
+            what="customer")
+        return str(customer["id"])
+
+    async def default_payment_method(self, customer_id: str) -> str | None:
+        customer = await self._call(lambda: self._client.v1.customers.retrieve(customer_id), what="customer")
+        settings = customer.to_dict().get("invoice_settings") or {}
+        default = settings.get("default_payment_method")
+        if default is not None and not isinstance(default, str):  # expanded
+            default = default.get("id")
+        return default
+
+    async def set_default_payment_method(self, customer_id: str, payment_method_id: str | None) -> None:
+        """Set (or with None clear) the customer's ``invoice_settings.default_payment_method``."""
+        params: dict[str, Any] = {"invoice_settings": {"default_payment_method": payment_method_id or ""}}
+        await self._call(lambda: self._client.v1.customers.update(customer_id, params=params),  # type: ignore[arg-type]
+                         what="customer")
+
+    # --- payment methods ---------------------------------------------------------------------------
+
+    async def retrieve_payment_method(self, payment_method_id: str) -> CardDetails:
+        pm = await self._call(lambda: self._client.v1.payment_methods.retrieve(payment_method_id),
+                              what="payment_method")
+        return _card(pm)
+
+    async def attach_payment_method(self, payment_method_id: str, customer_id: str) -> CardDetails:
+        """Attach to the customer; a declined card raises ``card_declined``."""
+        pm = await self._call(
+            lambda: self._client.v1.payment_methods.attach(payment_method_id, params={"customer": customer_id}),
+            what="payment_method")
+        return _card(pm)
+
+    async def list_payment_methods(self, customer_id: str) -> list[CardDetails]:
+        """The customer's cards (every page), in Stripe's order (newest first)."""
+
+        def fetch() -> list[Any]:
+            page = self._client.v1.payment_methods.list(params={"customer": customer_id, "type": "card",
+                                                                "limit": 100})
+            return list(page.auto_paging_iter())
+
+        return [_card(pm) for pm in await self._call(fetch, what="customer")]
+
+    async def detach_payment_method(self, payment_method_id: str) -> None:
+        await self._call(lambda: self._client.v1.payment_methods.detach(payment_method_id),
+                         what="payment_method")
+
+    # --- policy --------------------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[], T], *, what: str) -> T:
+        """Run ``fn`` in a thread with the retry policy; map Stripe errors to ``CreditflowError``."""
+        if not self.configured:
+            raise CreditflowError("payment_provider_not_configured",
+                                  "Stripe is not configured (CREDITFLOW_STRIPE_API_KEY)")
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_transient),
+                stop=stop_after_attempt(self._max_attempts),
+                wait=wait_exponential(multiplier=0.25, max=self._retry_max_wait),
+                reraise=True,
+            ):
+                with attempt:
+                    return await asyncio.to_thread(fn)
+        except stripe.StripeError as exc:
+            raise _map_error(exc, what) from exc
+        raise AssertionError("unreachable")
+
+
+def _map_error(exc: stripe.StripeError, what: str) -> CreditflowError:
+    stripe_code = getattr(exc, "code", None)
+    details: dict[str, object] = {"stripe_code": stripe_code} if stripe_code else {}
+    if _transient(exc):
+        log.warning("Stripe unavailable after retries: %s", exc)
+        return CreditflowError("payment_provider_unavailable",
+                               "the payment provider is unavailable; try again later", details=details)
+    if isinstance(exc, stripe.CardError):
+        error = exc.error
+        decline_code = getattr(error, "decline_code", None) if error is not None else None
+        details["decline_code"] = decline_code  # Stripe's reason (insufficient_funds, ...), None if not given
+        return CreditflowError("card_declined", exc.user_message or "the card was declined", details=details)
+    if isinstance(exc, stripe.InvalidRequestError):
+        if exc.http_status == 404 or stripe_code == "resource_missing":
+            if what == "payment_method":
+                return CreditflowError("unknown_payment_method", "no such payment method")
+            return CreditflowError("payment_provider_error", f"Stripe has no such {what}", details=details)
+        if what == "payment_method":
+            return CreditflowError("payment_method_invalid", exc.user_message or "the payment method is not valid",
+                                   details=details)
+        return CreditflowError("payment_request_invalid", exc.user_message or "Stripe refused the request",
+                               details=details)
+    log.error("Stripe refused a call: %r", exc)
+    return CreditflowError("payment_provider_error", "the payment provider refused the request", details=details)
