@@ -49,11 +49,21 @@ async def assert_invariants(pool: AsyncConnectionPool) -> None:
             " WHERE status = 'active' GROUP BY account_id) h USING (account_id)"
             " WHERE b.held_micros <> coalesce(h.s, 0)")).fetchall()
         assert held == []
+        # Lots hold the positive part of the balance, less the usage not yet burned from them...
         lots = await (await conn.execute(
             "SELECT b.account_id FROM balances b LEFT JOIN (SELECT account_id, sum(remaining_micros) AS s"
             " FROM credit_lots GROUP BY account_id) l USING (account_id)"
-            " WHERE greatest(b.balance_micros, 0) <> coalesce(l.s, 0)")).fetchall()
+            " WHERE greatest(b.balance_micros, 0) <> coalesce(l.s, 0) - b.unburned_micros")).fetchall()
         assert lots == []
+        # ... and after settling the pending burns, exactly the positive part.
+        accounts_ = [r["account_id"] for r in await (await conn.execute("SELECT account_id FROM balances")).fetchall()]
+        for account_id in accounts_:
+            await conn.execute("SELECT cf_settle_account_burns(%s)", (account_id,))
+        settled = await (await conn.execute(
+            "SELECT b.account_id FROM balances b LEFT JOIN (SELECT account_id, sum(remaining_micros) AS s"
+            " FROM credit_lots GROUP BY account_id) l USING (account_id)"
+            " WHERE greatest(b.balance_micros, 0) <> coalesce(l.s, 0) OR b.unburned_micros <> 0")).fetchall()
+        assert settled == []
         # Each account's journal replays to its stored balance, row after row.
         history = await (await conn.execute(
             "SELECT id FROM (SELECT id, balance_after_micros, sum(amount_micros) OVER (PARTITION BY account_id"
@@ -237,8 +247,8 @@ async def test_journal_rows_must_name_a_system_counter_book(pool: AsyncConnectio
     async with pool.connection() as conn:
         try:
             await conn.execute(
-                "INSERT INTO journal (account_id, type, amount_micros, counter_book, balance_after_micros)"
-                " VALUES (%s, 'x', 5, 'wallet', 5)", (acc,))
+                "INSERT INTO journal (account_id, type, amount_micros, counter_book, balance_after_micros,"
+                " idempotency_key) VALUES (%s, 'x', 5, 'wallet', 5, 'k')", (acc,))
         except psycopg.errors.CheckViolation:
             pass
         else:
@@ -280,4 +290,50 @@ async def test_batch_decides_exactly_like_one_by_one(pool: AsyncConnectionPool, 
         b_bal = (await metering.check(pool, b_id, "chat_message")).balances
         s_bal = (await metering.check(pool, s_id, "chat_message")).balances
         assert b_bal == s_bal
+    await assert_invariants(pool)
+
+
+@PROPERTY
+@given(steps=st.lists(st.one_of(
+    st.tuples(st.just("grant"), st.sampled_from(GRANT_SOURCES), st.integers(min_value=1, max_value=300),
+              st.one_of(st.none(), st.integers(min_value=1, max_value=90))),
+    st.tuples(st.just("use"), st.integers(min_value=1, max_value=400)),
+), min_size=1, max_size=12))
+async def test_deferred_burns_equal_burning_each_event_at_once(pool: AsyncConnectionPool, steps: list[tuple]) -> None:
+    """The hot path defers lot burns; settling them later must leave every lot exactly as burning
+    each usage event immediately (domain.plan_burn) would, whatever grants came in between."""
+    acc = (await accounts.create_account(pool, name="D", billing_email="d@x.co", welcome_bonus_credits=0,
+                                         overage_credit_line=1000)).id
+    base = datetime.now(UTC)
+    model: dict[str, Lot] = {}
+    balance = 0
+    for n, step in enumerate(steps):
+        if step[0] == "grant":
+            _, source, amount, expiry_days = step
+            result = await postings.post(
+                pool, account_id=acc, type="grant", amount_micros=amount * MICROS_PER_CREDIT,
+                counter_book="system:promotions", description="g", idempotency_key=f"g{n}", lot_source=source,
+                lot_expires_at=None if expiry_days is None else base + timedelta(days=expiry_days))
+            async with pool.connection() as conn:
+                row = await (await conn.execute("SELECT * FROM credit_lots WHERE id = %s", (result.lot_id,))).fetchone()
+            model[row["id"]] = Lot(id=row["id"], source=LotSource(row["source"]),
+                                   remaining_micros=row["remaining_micros"], created_at=row["created_at"],
+                                   expires_at=row["expires_at"])
+            balance += amount * MICROS_PER_CREDIT
+        else:
+            charge = step[1] * MICROS_PER_CREDIT
+            result = await metering.track(pool, UsageEvent.build(acc, "chat_message", step[1], f"u{n}"))
+            if not result.allowed:
+                continue
+            takes, _ = plan_burn(list(model.values()), min(charge, max(balance, 0)))
+            for lot_id, take in takes:
+                lot = model[lot_id]
+                model[lot_id] = Lot(id=lot.id, source=lot.source, remaining_micros=lot.remaining_micros - take,
+                                    created_at=lot.created_at, expires_at=lot.expires_at)
+            balance -= charge
+    async with pool.connection() as conn:
+        await conn.execute("SELECT cf_settle_account_burns(%s)", (acc,))
+        actual = {r["id"]: r["remaining_micros"] for r in await (await conn.execute(
+            "SELECT id, remaining_micros FROM credit_lots WHERE account_id = %s", (acc,))).fetchall()}
+    assert actual == {lot_id: lot.remaining_micros for lot_id, lot in model.items()}
     await assert_invariants(pool)

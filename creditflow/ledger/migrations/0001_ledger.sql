@@ -18,6 +18,10 @@ CREATE TABLE balances (
     balance_micros  bigint NOT NULL DEFAULT 0,
     held_micros     bigint NOT NULL DEFAULT 0 CHECK (held_micros >= 0),
     floor_micros    bigint NOT NULL DEFAULT 0 CHECK (floor_micros <= 0),
+    -- Usage not yet burned from the credit lots. The hot path only adds to it (no lot row write per
+    -- event); cf_settle_burns applies it to the lots, in burn order, before anything that reads or
+    -- changes lots. Invariant: sum(remaining of the lots) - unburned = max(balance, 0).
+    unburned_micros bigint NOT NULL DEFAULT 0 CHECK (unburned_micros >= 0),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     -- The last guard on the floor: zero, or minus the overage credit line.
     CONSTRAINT balance_above_floor CHECK (balance_micros - held_micros >= floor_micros)
@@ -27,10 +31,10 @@ CREATE TABLE balances (
 -- account's wallet and ``-amount_micros`` on ``counter_book`` (a system book: usage revenue,
 -- promotions, payments clearing, breakage, refunds, adjustments...). Balanced by construction; the
 -- view journal_lines shows the legs. Usage rows carry the usage item (feature, channel, quantity,
--- the rate charged, agent). ``idempotency_key`` is unique per account: a key has one effect.
+-- the rate charged, agent). ``idempotency_key`` is the primary key with the account: one effect per key.
 CREATE SEQUENCE journal_seq;
 CREATE TABLE journal (
-    seq                   bigint PRIMARY KEY DEFAULT nextval('journal_seq'),
+    seq                   bigint NOT NULL DEFAULT nextval('journal_seq'),  -- total order, for paging
     id                    uuid NOT NULL DEFAULT gen_random_uuid(),
     account_id            text NOT NULL,
     type                  text NOT NULL,
@@ -43,17 +47,18 @@ CREATE TABLE journal (
     quantity              numeric,
     credits_per_unit      numeric,
     agent_id              text,
-    idempotency_key       text,
+    idempotency_key       text NOT NULL,
     request_hash          bytea,
     metadata              jsonb,
-    created_at            timestamptz NOT NULL DEFAULT now()
+    created_at            timestamptz NOT NULL DEFAULT now(),
+    -- Every write carries a key, scoped to the account: the key is the row's identity.
+    PRIMARY KEY (account_id, idempotency_key)
 );
 ALTER SEQUENCE journal_seq OWNED BY journal.seq;
 CREATE INDEX journal_account_time ON journal (account_id, created_at, seq);
 -- Money-movement rows are looked up by transaction id (refunds name the purchase); usage rows are
 -- reached through their account, so the hot path skips a random-uuid index insert.
 CREATE UNIQUE INDEX journal_id ON journal (id) WHERE type <> 'usage';
-CREATE UNIQUE INDEX journal_idempotency ON journal (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
 CREATE VIEW journal_lines AS
     SELECT id AS txn_id, 'wallet'::text AS book, account_id, amount_micros FROM journal

@@ -143,6 +143,33 @@ BEGIN
     END IF;
 END $$;
 
+-- Apply the usage the hot path recorded but did not burn yet. Burning the sum now equals burning
+-- each event in turn (same order, no lot was added in between: every lot insert settles first).
+-- Caller holds the balances row lock. Returns what was burned.
+CREATE FUNCTION cf_settle_burns(p_account text) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_pending bigint;
+BEGIN
+    SELECT unburned_micros INTO v_pending FROM balances WHERE account_id = p_account;
+    IF v_pending IS NULL OR v_pending = 0 THEN
+        RETURN 0;
+    END IF;
+    PERFORM cf_burn(p_account, v_pending);
+    UPDATE balances SET unburned_micros = 0 WHERE account_id = p_account;
+    RETURN v_pending;
+END $$;
+
+-- Settle one account's pending burns in its own transaction (the worker's sweep, and any reader of
+-- lots such as refund eligibility, call this first).
+CREATE FUNCTION cf_settle_account_burns(p_account text) RETURNS bigint LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM balances WHERE account_id = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    RETURN cf_settle_burns(p_account);
+END $$;
+
 -- Holds past their expiry stop reserving credits. Caller holds the balances row lock.
 CREATE FUNCTION cf_expire_holds(p_account text) RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
@@ -200,6 +227,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown_account' USING ERRCODE = 'CF404';
     END IF;
+    PERFORM cf_settle_burns(p_account);  -- lots are about to be read or added to: bring them up to date
     IF b.held_micros > 0 AND cf_expire_holds(p_account) > 0 THEN
         SELECT balance_micros, held_micros, floor_micros INTO b FROM balances WHERE account_id = p_account;
     END IF;
@@ -247,8 +275,9 @@ END $$;
 --  1. a key seen before replays its transaction (same request) or conflicts (different request);
 --     a concurrent duplicate is stopped by the unique index (the caller retries and replays);
 --  2. price the event with the rate in force;
---  3. take the account lock, check the floor and debit in one UPDATE;
---  4. burn lots and write the journal row (which is also the usage item).
+--  3. take the account lock, check the floor and debit in one UPDATE (the lots are burned later,
+--     in order, by cf_settle_burns: no lot row is written per event);
+--  4. write the journal row (which is also the usage item).
 -- Denials write nothing (overdue holds may be expired on the way) and return a reason code.
 -- p_probe = false skips step 1 (the client's first attempt): a key seen before then fails on the
 -- unique index, and the client retries with p_probe = true to replay or report the conflict.
@@ -261,7 +290,6 @@ DECLARE
     f cf_price_result;
     j record;
     b record;
-    v_burn bigint;
 BEGIN
     r.allowed := false;
     r.replayed := false;
@@ -294,7 +322,11 @@ BEGIN
     r.credits_per_unit := f.credits_per_unit;
     r.charged_micros := f.charge_micros;
 
-    UPDATE balances SET balance_micros = balance_micros - r.charged_micros, updated_at = now()
+    -- Lock, floor check and debit in one statement; the part above zero is owed to the lots
+    -- (burned later by cf_settle_burns, in burn order), the rest is drawn on the overage line.
+    UPDATE balances SET balance_micros = balance_micros - r.charged_micros,
+                        unburned_micros = unburned_micros + least(r.charged_micros, greatest(balance_micros, 0)),
+                        updated_at = now()
         WHERE account_id = p_account AND balance_micros - held_micros - r.charged_micros >= floor_micros
         RETURNING balance_micros, held_micros, floor_micros INTO r.balance_micros, r.held_micros, r.floor_micros;
     IF NOT FOUND THEN
@@ -318,22 +350,13 @@ BEGIN
             r.floor_micros := b.floor_micros;
             RETURN r;
         END IF;
-        UPDATE balances SET balance_micros = balance_micros - r.charged_micros, updated_at = now()
+        UPDATE balances SET balance_micros = balance_micros - r.charged_micros,
+                            unburned_micros = unburned_micros + least(r.charged_micros, greatest(balance_micros, 0)),
+                            updated_at = now()
             WHERE account_id = p_account
             RETURNING balance_micros, held_micros, floor_micros INTO r.balance_micros, r.held_micros, r.floor_micros;
     END IF;
 
-    -- Burn lots for the part above zero; inline fast path (first lot covers it), else cf_burn.
-    v_burn := least(r.charged_micros, greatest(r.balance_micros + r.charged_micros, 0));
-    IF v_burn > 0 THEN
-        UPDATE credit_lots SET remaining_micros = remaining_micros - v_burn, depleted = (remaining_micros = v_burn)
-        WHERE id = (SELECT id FROM credit_lots WHERE account_id = p_account AND NOT depleted
-                    ORDER BY priority, expires_at NULLS LAST, created_at, id LIMIT 1)
-          AND remaining_micros >= v_burn;
-        IF NOT FOUND THEN
-            PERFORM cf_burn(p_account, v_burn);
-        END IF;
-    END IF;
     INSERT INTO journal (account_id, type, amount_micros, counter_book, balance_after_micros, description,
                          feature_id, channel, quantity, credits_per_unit, agent_id, idempotency_key,
                          request_hash, metadata)
@@ -347,8 +370,8 @@ BEGIN
 END $$;
 
 -- Many events in one call and one transaction, decided one by one in input order per account,
--- written set-based: one INSERT for all journal rows, one UPDATE per account, one burn per
--- account (burning the sum equals burning each in turn). Accounts are locked in id order, so
+-- written set-based: one INSERT for all journal rows, one UPDATE per account (what the lots owe is
+-- added to unburned_micros, as in cf_track). Accounts are locked in id order, so
 -- concurrent batches cannot deadlock. A key repeated inside the batch behaves as if the events
 -- came one by one: it replays the event recorded under it (denials record nothing).
 CREATE FUNCTION cf_track_batch(
@@ -502,12 +525,10 @@ BEGIN
                     ins_quantity, ins_rate, ins_agent, ins_key, ins_hash, ins_meta)
              AS t (id, account_id, amount, balance, description, feature_id, channel, quantity, rate, agent_id,
                    key, hash, metadata);
-    UPDATE balances b SET balance_micros = b.balance_micros - t.total, updated_at = now()
-        FROM unnest(acc_ids, acc_totals) AS t (account_id, total)
+    UPDATE balances b SET balance_micros = b.balance_micros - t.total, unburned_micros = b.unburned_micros + t.burn,
+                          updated_at = now()
+        FROM unnest(acc_ids, acc_totals, acc_burns) AS t (account_id, total, burn)
         WHERE b.account_id = t.account_id;
-    FOR i IN 1 .. cardinality(acc_ids) LOOP
-        PERFORM cf_burn(acc_ids[i], acc_burns[i]);
-    END LOOP;
     RETURN QUERY SELECT (x).* FROM unnest(res) AS x;
 END $$;
 
