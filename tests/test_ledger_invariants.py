@@ -337,3 +337,16 @@ async def test_deferred_burns_equal_burning_each_event_at_once(pool: AsyncConnec
             "SELECT id, remaining_micros FROM credit_lots WHERE account_id = %s", (acc,))).fetchall()}
     assert actual == {lot_id: lot.remaining_micros for lot_id, lot in model.items()}
     await assert_invariants(pool)
+
+
+async def test_reading_lots_settles_pending_burns(pool: AsyncConnectionPool) -> None:
+    from creditflow.ledger.lots import account_lots
+
+    acc = (await accounts.create_account(pool, name="R", billing_email="r@x.co", welcome_bonus_credits=100)).id
+    await postings.post(pool, account_id=acc, type="purchase", amount_micros=500 * MICROS_PER_CREDIT,
+                        counter_book="system:payments_clearing", description="p", idempotency_key="p1",
+                        lot_source=LotSource.PURCHASE)
+    await metering.track(pool, UsageEvent.build(acc, "voice_minute", 15, "call"))  # 150 credits, deferred
+    lots = await account_lots(pool, acc, include_depleted=True)
+    assert [(lot.source, lot.remaining) for lot in lots] == [(LotSource.WELCOME_BONUS, 0), (LotSource.PURCHASE, 450)]
+    await assert_invariants(pool)
