@@ -13,6 +13,7 @@ from rich.table import Table
 
 from creditflow.config import Settings, get_settings
 from creditflow.ops_cli import accounts_app, keys_app, wallet_app
+from creditflow.topup_cli import topup
 
 app = typer.Typer(
     help="creditflow: durable billing engine (credit wallet, PostgreSQL ledger, Temporal, Stripe).",
@@ -24,6 +25,7 @@ app.add_typer(ratecard_app, name="ratecard")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(keys_app, name="keys")
 app.add_typer(wallet_app, name="wallet")
+app.command("topup")(topup)
 
 console = Console()
 

@@ -6,10 +6,11 @@ a plain Temporal client and the pydantic data converter.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WithStartWorkflowOperation, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -17,8 +18,12 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from creditflow.config import Settings
+from creditflow.domain.topups import TopUpError, quote
+from creditflow.errors import CreditflowError
 from workflows.contract import (
     ACCOUNT_WORKFLOW,
     ACCOUNT_WORKFLOW_ID_PREFIX,
@@ -28,16 +33,23 @@ from workflows.contract import (
     SA_STATUS,
     SEARCH_ATTRIBUTES,
     SIGNAL_OUTBOX_EVENT,
+    TOPUP_WORKFLOW,
+    UPDATE_TOPUP_ANSWER,
     AccountState,
     AccountWorkflowInput,
     OutboxEvent,
+    TopUpInput,
+    TopUpOutcome,
+    TopUpTerms,
     account_workflow_id,
+    topup_workflow_id,
 )
 
 __all__ = [
     "ACCOUNT_WORKFLOW", "ACCOUNT_WORKFLOW_ID_PREFIX", "QUERY_STATE", "SA_ACCOUNT_ID", "SA_PLAN", "SA_STATUS",
     "SEARCH_ATTRIBUTES", "SIGNAL_OUTBOX_EVENT", "AccountState", "AccountWorkflowInput", "CreditflowClient",
-    "OutboxEvent", "account_workflow_id", "connect_temporal", "signal_with_start_account",
+    "OutboxEvent", "TopUpInput", "TopUpOutcome", "TopUpTerms", "account_workflow_id", "connect_temporal",
+    "signal_with_start_account", "topup_input", "topup_workflow_id",
 ]
 
 
@@ -76,6 +88,22 @@ async def signal_with_start_account(client: Client, task_queue: str, account_id:
     )
 
 
+def topup_input(settings: Settings, account_id: str, request_id: str, *, amount_usd: object = None,
+                package_id: str | None = None, payment_method_id: str | None = None) -> TopUpInput:
+    """Validate a top-up request against the configured bounds and packages (``amount_out_of_range``,
+    ``unknown_package``, ``invalid_amount``) and build the workflow's input."""
+    try:
+        q = quote(settings.topup_policy(), amount_usd=amount_usd, package_id=package_id)
+    except TopUpError as exc:
+        raise CreditflowError(exc.code, str(exc)) from exc
+    return TopUpInput(
+        account_id=account_id, request_id=request_id, description=q.description,
+        terms=TopUpTerms(amount_cents=q.amount_cents, credits=q.credits, package_id=q.package_id,
+                         payment_method_id=payment_method_id),
+        payment_expiry_seconds=settings.topup_payment_expiry_seconds,
+        poll_interval_seconds=settings.topup_poll_interval_seconds)
+
+
 class CreditflowClient:
     """What other services need from creditflow's workflows, typed."""
 
@@ -103,3 +131,32 @@ class CreditflowClient:
             ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account_id), task_queue=self.task_queue,
             **_start_options(account_id, None),
         )
+
+    async def topup(self, input: TopUpInput, *, wait: timedelta) -> TopUpOutcome | None:
+        """Start ``topup:{account_id}:{request_id}`` (or join the running one: a repeated request never starts
+        a second charge) and wait up to ``wait`` for its answer; None if it is not decided by then (the
+        workflow keeps going). A request id reused with other terms is ``idempotency_conflict``; Temporal
+        unreachable is ``workflow_unavailable``."""
+        label = f"{input.account_id} / {input.request_id}"
+        start = WithStartWorkflowOperation(
+            TOPUP_WORKFLOW, input, id=topup_workflow_id(input.account_id, input.request_id),
+            task_queue=self.task_queue, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            search_attributes=TypedSearchAttributes([SearchAttributePair(SA_ACCOUNT_ID, input.account_id)]),
+            static_summary=f"Top-up {input.description} ({label})",
+            static_details="Charges the card (or hands out a client secret), credits the wallet once, "
+                           "sends a receipt. Query `status` for the outcome.",
+            result_type=TopUpOutcome)
+        try:
+            return await asyncio.wait_for(self.temporal.execute_update_with_start_workflow(
+                UPDATE_TOPUP_ANSWER, input.terms, start_workflow_operation=start, result_type=TopUpOutcome),
+                wait.total_seconds())
+        except TimeoutError:
+            return None
+        except WorkflowUpdateFailedError as err:
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and cause.type:
+                raise CreditflowError(cause.type, cause.message) from err
+            raise
+        except RPCError as err:
+            raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
+                                  details={"reason": err.message}) from err

@@ -6,11 +6,14 @@ stack and in production: PostgreSQL by URL, Temporal by address/namespace, Strip
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from creditflow.domain.topups import DEFAULT_MAX_USD, DEFAULT_MIN_USD, DEFAULT_PACKAGES, CreditPackage, TopUpPolicy
 
 
 class Settings(BaseSettings):
@@ -36,6 +39,16 @@ class Settings(BaseSettings):
     stripe_retry_max_wait_seconds: float = Field(default=2.0, ge=0, le=60)
     stripe_timeout_seconds: float = Field(default=30.0, gt=0, le=120)
 
+    # Top-ups (issue 3): bounds of a custom amount in USD (whole cents), the credit packages
+    # (CREDITFLOW_TOPUP_PACKAGES as JSON: [{"id", "name", "price_usd", "credits"}]), how long the API waits
+    # for the workflow's answer, and how long a client-secret payment may stay unpaid (polled meanwhile).
+    topup_min_usd: Decimal = Field(default=DEFAULT_MIN_USD, gt=0)
+    topup_max_usd: Decimal = Field(default=DEFAULT_MAX_USD, gt=0)
+    topup_packages: list[CreditPackage] = Field(default_factory=lambda: list(DEFAULT_PACKAGES))
+    topup_answer_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    topup_payment_expiry_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    topup_poll_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+
     # HTTP API.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -54,6 +67,10 @@ class Settings(BaseSettings):
 
     # Embedded stack (creditflow dev).
     data_dir: Path = Path(".data")
+
+    def topup_policy(self) -> TopUpPolicy:
+        return TopUpPolicy(min_usd=self.topup_min_usd, max_usd=self.topup_max_usd,
+                           packages=tuple(self.topup_packages))
 
 
 @lru_cache(maxsize=1)

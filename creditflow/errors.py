@@ -24,6 +24,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_id": 422,
     "feature_not_priced": 422,
     "amount_too_large": 422,
+    "amount_out_of_range": 422,
+    "unknown_package": 422,
+    "workflow_unavailable": 503,
     # Payments (Stripe).
     "unknown_payment_method": 404,
     "card_declined": 402,

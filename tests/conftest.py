@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +18,7 @@ from typing import TYPE_CHECKING
 import httpx
 import psycopg
 import pytest
+import stripe
 from psycopg_pool import AsyncConnectionPool
 
 from creditflow.api.app import create_app
@@ -28,6 +33,7 @@ if TYPE_CHECKING:
 
 TEMPLATE = "creditflow_template"
 ADMIN_KEY = "cf_admin_test_key"
+STRIPE_KEY = "sk_test_creditflow_tests"
 
 
 @pytest.fixture(scope="session")
@@ -181,3 +187,52 @@ async def temporal_worker(temporal_client: Client, pool: AsyncConnectionPool,
 
     async with build_worker(temporal_client, pool, temporal_settings) as worker:
         yield worker
+
+
+# --- Stripe (localstripe from its wheel, one per session) -------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def stripe_base() -> Iterator[str]:
+    """localstripe through creditflow's wrapper (its store in a temp dir), on a free port."""
+    port = free_port()
+    store = Path(tempfile.mkdtemp(prefix="creditflow-test-stripe-")) / "localstripe.pickle"
+    proc = subprocess.Popen([sys.executable, "-m", "creditflow.embedded", "localstripe", "--port", str(port),
+                             "--store", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/v1/customers?limit=1", auth=(STRIPE_KEY, "")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"localstripe did not start (exit code {proc.poll()})")
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def sdk(stripe_base: str) -> stripe.StripeClient:
+    """The test's own view of localstripe (what a browser's Stripe.js and an operator would see)."""
+    return stripe.StripeClient(STRIPE_KEY, base_addresses={"api": stripe_base})
+
+
+def new_card(sdk: stripe.StripeClient, number: str = "4242424242424242", name: str = "Ada Lovelace",
+             exp_month: int = 12, exp_year: int = 2030) -> str:
+    pm = sdk.v1.payment_methods.create(params={
+        "type": "card", "billing_details": {"name": name},
+        "card": {"number": number, "exp_month": exp_month, "exp_year": exp_year, "cvc": "123"},  # type: ignore[typeddict-item]
+    })
+    return pm.id

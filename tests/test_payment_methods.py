@@ -7,13 +7,7 @@ creation under concurrency, tenant isolation of cards, and the account workflow 
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,43 +19,11 @@ from creditflow.config import Settings
 from creditflow.errors import CreditflowError
 from creditflow.payments.customers import ensure_customer
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, StripeGateway
-from tests.conftest import ADMIN_KEY, ledger_snapshot
+from tests.conftest import ADMIN_KEY, STRIPE_KEY, free_port, ledger_snapshot, new_card
 from tests.test_api_auth_and_bad_input import bearer, key_for
 from tests.test_api_metering import new_account
 
-STRIPE_KEY = "sk_test_creditflow_tests"
 BASE = "/api/v1/billing/payment-methods"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def stripe_base() -> Iterator[str]:
-    """localstripe through creditflow's wrapper (its store in a temp dir), on a free port."""
-    port = _free_port()
-    store = Path(tempfile.mkdtemp(prefix="creditflow-test-stripe-")) / "localstripe.pickle"
-    proc = subprocess.Popen([sys.executable, "-m", "creditflow.embedded", "localstripe", "--port", str(port),
-                             "--store", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/v1/customers?limit=1", auth=(STRIPE_KEY, "")).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"localstripe did not start (exit code {proc.poll()})")
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture
@@ -70,21 +32,6 @@ def settings(database_url: str, stripe_base: str) -> Settings:
     return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
                     welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
                     stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1)
-
-
-@pytest.fixture
-def sdk(stripe_base: str) -> stripe.StripeClient:
-    """The test's own view of localstripe (what a browser's Stripe.js and an operator would see)."""
-    return stripe.StripeClient(STRIPE_KEY, base_addresses={"api": stripe_base})
-
-
-def new_card(sdk: stripe.StripeClient, number: str = "4242424242424242", name: str = "Ada Lovelace",
-             exp_month: int = 12, exp_year: int = 2030) -> str:
-    pm = sdk.v1.payment_methods.create(params={
-        "type": "card", "billing_details": {"name": name},
-        "card": {"number": number, "exp_month": exp_month, "exp_year": exp_year, "cvc": "123"},  # type: ignore[typeddict-item]
-    })
-    return pm.id
 
 
 def card(pm_id: str, last4: str = "4242", name: str | None = "Ada Lovelace", is_default: bool = True,
@@ -250,7 +197,7 @@ async def test_stripe_unreachable(api: httpx.AsyncClient, pool: AsyncConnectionP
     async with pool.connection() as conn:
         await conn.execute("INSERT INTO stripe_customers (account_id, customer_id) VALUES (%s, 'cus_gone1')",
                            (with_customer,))
-    dead = settings.model_copy(update={"stripe_api_base": f"http://127.0.0.1:{_free_port()}",
+    dead = settings.model_copy(update={"stripe_api_base": f"http://127.0.0.1:{free_port()}",
                                        "stripe_max_attempts": 3, "stripe_retry_max_wait_seconds": 0.05})
     app = create_app(dead)
     before = await ledger_snapshot(database_url)

@@ -17,7 +17,9 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.accounts import AccountActivities
+from activities.notifications import NotificationActivities
 from activities.payments import PaymentActivities
+from activities.topups import TopUpActivities
 from creditflow.client import connect_temporal
 from creditflow.config import Settings
 from creditflow.ledger.db import open_pool
@@ -25,6 +27,7 @@ from creditflow.payments.gateway import StripeGateway
 from creditflow.temporal_setup import ensure_search_attributes
 from workers.relay import OutboxRelay
 from workflows.account import AccountWorkflow
+from workflows.topup import TopUpWorkflow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,14 +36,19 @@ CONNECT_RETRY_MAX_SECONDS = 30.0
 
 
 def workflow_classes() -> list[type]:
-    return [AccountWorkflow]
+    return [AccountWorkflow, TopUpWorkflow]
 
 
 def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Callable[..., Any]]:
     """Activities bound to this process's resources (database pool, Stripe gateway from ``settings``)."""
     accounts = AccountActivities(pool)
-    payments = PaymentActivities(pool, StripeGateway.from_settings(settings))
-    return [accounts.load_account, payments.ensure_stripe_customer]
+    gateway = StripeGateway.from_settings(settings)
+    payments = PaymentActivities(pool, gateway)
+    topups = TopUpActivities(pool, gateway)
+    notifications = NotificationActivities(pool)
+    return [accounts.load_account, payments.ensure_stripe_customer,
+            topups.record_topup_charge, topups.charge_topup, topups.poll_topup_payment, topups.cancel_topup_payment,
+            topups.credit_topup, topups.mark_topup_charge, notifications.send_notification]
 
 
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,

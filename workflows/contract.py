@@ -10,6 +10,7 @@ This module is pure (no I/O at import) so workflows can pass it through the sand
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -96,3 +97,77 @@ class AccountState(BaseModel):
     recent_dedup_keys: int = 0
     continued_as_new: int = 0
     stripe_customer_id: str | None = None
+
+
+# --- TopUpWorkflow (issue 3) -----------------------------------------------------------------------
+
+TOPUP_WORKFLOW = "TopUpWorkflow"
+TOPUP_WORKFLOW_ID_PREFIX = "topup:"
+# Update: waits until the charge is decided (succeeded/failed) or the client secret is known, then
+# returns ``TopUpOutcome``. Its argument (``TopUpTerms``) must match the workflow's: a request id reused
+# for another top-up is rejected by the validator with ``idempotency_conflict``.
+UPDATE_TOPUP_ANSWER = "answer"
+# Query: the current ``TopUpOutcome`` (``status: pending`` until there is an answer).
+QUERY_TOPUP_STATUS = "status"
+# Signal: "the PaymentIntent changed, look now" (the webhook slice sends it; polling is the fallback).
+SIGNAL_PAYMENT_EVENT = "payment_event"
+
+# Top-up outcome statuses.
+TOPUP_PENDING = "pending"
+TOPUP_SUCCEEDED = "succeeded"
+TOPUP_REQUIRES_PAYMENT = "requires_payment"
+TOPUP_FAILED = "failed"
+TOPUP_CANCELED = "canceled"
+
+
+def topup_workflow_id(account_id: str, request_id: str) -> str:
+    """``topup:{account_id}:{request_id}``: one workflow per top-up request."""
+    return f"{TOPUP_WORKFLOW_ID_PREFIX}{account_id}:{request_id}"
+
+
+class TopUpTerms(BaseModel):
+    """What was asked for; a repeated request must ask for the same thing."""
+
+    amount_cents: int
+    credits: int
+    package_id: str | None = None
+    # As requested: None means the default card, or the client-secret path when there is none.
+    payment_method_id: str | None = None
+
+
+class TopUpInput(BaseModel):
+    """Input of ``TopUpWorkflow``."""
+
+    account_id: str
+    request_id: str
+    terms: TopUpTerms
+    description: str
+    # How long a client-secret payment may stay unpaid, and how often it is polled meanwhile.
+    payment_expiry_seconds: int = 3600
+    poll_interval_seconds: float = 5.0
+
+
+class PaymentEvent(BaseModel):
+    """Signal ``payment_event``: the PaymentIntent may have changed (e.g. a Stripe webhook)."""
+
+    payment_intent_id: str | None = None
+    event_type: str | None = None
+
+
+class TopUpOutcome(BaseModel):
+    """Answer of the ``answer`` update, the ``status`` query and the workflow's result."""
+
+    status: str = TOPUP_PENDING
+    account_id: str
+    request_id: str
+    amount_cents: int
+    credits: int
+    package_id: str | None = None
+    charge_id: str | None = None
+    payment_intent_id: str | None = None
+    client_secret: str | None = None
+    transaction_id: str | None = None
+    balance: Decimal | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    decline_code: str | None = None

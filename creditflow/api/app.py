@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from creditflow import __version__
-from creditflow.api import accounts, billing, features, payment_methods
+from creditflow.api import accounts, billing, features, payment_methods, topups
 from creditflow.api.exact_json import ExactJSONResponse, respond
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
@@ -39,6 +39,8 @@ def create_app(settings: Settings) -> FastAPI:
         pool = open_pool(settings.database_url, settings.db_pool_min_size, settings.db_pool_max_size)
         await pool.open()
         app.state.pool = pool
+        # Temporal (top-ups): connected on first use, so the rest of the API works while it is down.
+        app.state.temporal = topups.TemporalConnector(settings)
         try:
             yield
         finally:
@@ -75,4 +77,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(billing.router)
     app.include_router(features.router)
     app.include_router(payment_methods.router)
+    app.include_router(topups.router)
     return app

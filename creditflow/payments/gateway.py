@@ -1,4 +1,4 @@
-"""A thin gateway over the official ``stripe`` SDK: customers and card payment methods.
+"""A thin gateway over the official ``stripe`` SDK: customers, card payment methods and PaymentIntents.
 
 Why a gateway: callers (API, activities) see our models and ``CreditflowError`` codes, never SDK
 objects or exceptions, and every call gets the same policy:
@@ -48,6 +48,40 @@ class CardDetails(BaseModel):
     exp_month: int
     exp_year: int
     name_on_card: str | None
+
+
+class PaymentIntentState(BaseModel):
+    """What creditflow needs to know about a PaymentIntent. ``status`` is Stripe's (``succeeded``,
+    ``processing``, ``requires_action``, ``requires_payment_method``, ``requires_confirmation``, ``canceled``...)."""
+
+    id: str
+    status: str
+    amount_cents: int
+    currency: str
+    customer_id: str | None = None
+    payment_method_id: str | None = None
+    client_secret: str | None = None
+    failure_code: str | None = None
+    decline_code: str | None = None
+    failure_message: str | None = None
+    metadata: dict[str, str] = {}
+
+
+def _id_of(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return value.get("id")  # expanded
+
+
+def _payment_intent(obj: Any) -> PaymentIntentState:
+    pi: dict[str, Any] = obj.to_dict()
+    error = pi.get("last_payment_error") or {}
+    return PaymentIntentState(
+        id=pi["id"], status=str(pi["status"]), amount_cents=int(pi["amount"]), currency=str(pi["currency"]),
+        customer_id=_id_of(pi.get("customer")), payment_method_id=_id_of(pi.get("payment_method")),
+        client_secret=pi.get("client_secret"), failure_code=error.get("code"),
+        decline_code=error.get("decline_code"), failure_message=error.get("message"),
+        metadata={str(k): str(v) for k, v in (pi.get("metadata") or {}).items()})
 
 
 def _transient(exc: BaseException) -> bool:
@@ -149,6 +183,43 @@ class StripeGateway:
         await self._call(lambda: self._client.v1.payment_methods.detach(payment_method_id),
                          what="payment_method")
 
+    # --- payment intents ----------------------------------------------------------------------------
+
+    async def create_payment_intent(self, *, amount_cents: int, currency: str = "usd", customer_id: str,
+                                    payment_method_id: str | None, metadata: dict[str, str],
+                                    idempotency_key: str) -> PaymentIntentState:
+        """With a saved card: create and confirm off-session in one call (Stripe takes ``off_session`` only
+        with ``confirm``), so the answer says whether it succeeded; a decline raises ``card_declined`` with
+        ``details.payment_intent_id`` when Stripe names it. Without a card: an unconfirmed PaymentIntent
+        whose ``client_secret`` the customer's browser confirms. Callers guard exactly-once (localstripe
+        ignores the idempotency key)."""
+        params: dict[str, Any] = {"amount": amount_cents, "currency": currency, "customer": customer_id,
+                                  "metadata": metadata, "payment_method_types": ["card"]}
+        if payment_method_id is not None:
+            params.update(payment_method=payment_method_id, confirm=True, off_session=True)
+        pi = await self._call(
+            lambda: self._client.v1.payment_intents.create(params=params,  # type: ignore[arg-type]
+                                                           options={"idempotency_key": idempotency_key}),
+            what="payment_intent")
+        return _payment_intent(pi)
+
+    async def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentIntentState:
+        pi = await self._call(lambda: self._client.v1.payment_intents.retrieve(payment_intent_id),
+                              what="payment_intent")
+        return _payment_intent(pi)
+
+    async def cancel_payment_intent(self, payment_intent_id: str) -> PaymentIntentState:
+        """Cancel an unpaid PaymentIntent. One that can no longer be canceled (it succeeded meanwhile) is
+        returned as it is, so the caller acts on its real status."""
+        try:
+            pi = await self._call(lambda: self._client.v1.payment_intents.cancel(payment_intent_id),
+                                  what="payment_intent")
+        except CreditflowError as exc:
+            if exc.code != "payment_request_invalid":
+                raise
+            return await self.retrieve_payment_intent(payment_intent_id)
+        return _payment_intent(pi)
+
     # --- policy --------------------------------------------------------------------------------------
 
     async def _call(self, fn: Callable[[], T], *, what: str) -> T:
@@ -181,6 +252,9 @@ def _map_error(exc: stripe.StripeError, what: str) -> CreditflowError:
         error = exc.error
         decline_code = getattr(error, "decline_code", None) if error is not None else None
         details["decline_code"] = decline_code  # Stripe's reason (insufficient_funds, ...), None if not given
+        payment_intent = getattr(error, "payment_intent", None) if error is not None else None
+        if payment_intent is not None:  # Stripe names the PaymentIntent a declined confirmation left behind
+            details["payment_intent_id"] = _id_of(payment_intent)
         return CreditflowError("card_declined", exc.user_message or "the card was declined", details=details)
     if isinstance(exc, stripe.InvalidRequestError):
         if exc.http_status == 404 or stripe_code == "resource_missing":

@@ -1,0 +1,111 @@
+"""Top-up activities: thin adapters over ``creditflow.payments.topups`` (each step is safe to repeat).
+
+Refusals a retry cannot fix (a declined card, an unknown card, a reused request id) are non-retryable
+``ApplicationError``s typed with the creditflow code and carrying its details; provider outages and
+database errors are retried by the workflow's policies.
+"""
+
+from __future__ import annotations
+
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.payments import RETRYABLE_CODES
+from creditflow.errors import CreditflowError
+from creditflow.payments import topups
+from creditflow.payments.gateway import PaymentIntentState, StripeGateway
+from creditflow.payments.topups import CreditResult
+
+
+class RecordTopUpInput(BaseModel):
+    account_id: str
+    request_id: str
+    amount_cents: int
+    credits: int
+    package_id: str | None = None
+    description: str
+    payment_method_id: str | None = None
+
+
+class ChargeSnapshot(BaseModel):
+    charge_id: str
+    status: str
+    payment_method_id: str | None = None
+    payment_intent_id: str | None = None
+
+
+class ChargeRef(BaseModel):
+    charge_id: str
+
+
+class MarkChargeInput(BaseModel):
+    charge_id: str
+    status: str
+    failure_code: str | None = None
+    decline_code: str | None = None
+    failure_message: str | None = None
+
+
+def application_error(exc: CreditflowError) -> ApplicationError:
+    return ApplicationError(exc.message, exc.details, type=exc.code, non_retryable=exc.code not in RETRYABLE_CODES)
+
+
+class TopUpActivities:
+    """Activities bound to the worker's database pool and Stripe gateway."""
+
+    def __init__(self, pool: AsyncConnectionPool, gateway: StripeGateway) -> None:
+        self._pool = pool
+        self._gateway = gateway
+
+    @activity.defn(name="record_topup_charge")
+    async def record_topup_charge(self, input: RecordTopUpInput) -> ChargeSnapshot:
+        """Write the pending charge row (before any charge); later calls read it."""
+        try:
+            record = await topups.record_charge(
+                self._pool, self._gateway, account_id=input.account_id, request_id=input.request_id,
+                amount_cents=input.amount_cents, credits=input.credits, package_id=input.package_id,
+                description=input.description, payment_method_id=input.payment_method_id)
+        except CreditflowError as exc:
+            raise application_error(exc) from exc
+        return ChargeSnapshot(charge_id=record.id, status=record.status, payment_method_id=record.payment_method_id,
+                              payment_intent_id=record.payment_intent_id)
+
+    @activity.defn(name="charge_topup")
+    async def charge_topup(self, input: ChargeRef) -> PaymentIntentState:
+        """Create (and confirm with a saved card) the PaymentIntent, or retrieve the one recorded."""
+        try:
+            return await topups.charge(self._pool, self._gateway, input.charge_id)
+        except CreditflowError as exc:
+            raise application_error(exc) from exc
+
+    @activity.defn(name="poll_topup_payment")
+    async def poll_topup_payment(self, input: ChargeRef) -> PaymentIntentState:
+        """The PaymentIntent's current status (the customer is paying with the client secret)."""
+        try:
+            return await topups.refresh(self._pool, self._gateway, input.charge_id)
+        except CreditflowError as exc:
+            raise application_error(exc) from exc
+
+    @activity.defn(name="cancel_topup_payment")
+    async def cancel_topup_payment(self, input: ChargeRef) -> PaymentIntentState:
+        """Cancel the unpaid PaymentIntent when the payment window closes (returns it as it is if paid)."""
+        try:
+            return await topups.cancel(self._pool, self._gateway, input.charge_id)
+        except CreditflowError as exc:
+            raise application_error(exc) from exc
+
+    @activity.defn(name="credit_topup")
+    async def credit_topup(self, input: ChargeRef) -> CreditResult:
+        """Credit the wallet for the succeeded PaymentIntent, once (ledger key ``sys:topup:{payment_intent_id}``)."""
+        try:
+            return await topups.credit(self._pool, input.charge_id)
+        except CreditflowError as exc:
+            raise application_error(exc) from exc
+
+    @activity.defn(name="mark_topup_charge")
+    async def mark_topup_charge(self, input: MarkChargeInput) -> None:
+        """Record a final status that is not a credit (failed, canceled, waiting for the customer)."""
+        await topups.set_status(self._pool, input.charge_id, input.status, failure_code=input.failure_code,
+                                decline_code=input.decline_code, failure_message=input.failure_message)
