@@ -12,6 +12,8 @@ from decimal import Decimal
 def canonical_decimal(value: Decimal) -> str:
     """``2.50``, ``2.5`` and ``25E-1`` are the same request. Exact for any finite Decimal: no
     rounding context is involved."""
+    if value == value.to_integral_value():
+        return str(int(value))  # exact for any finite Decimal (no rounding context involved)
     sign, digits, exponent = value.as_tuple()
     if not isinstance(exponent, int):
         return str(value)  # NaN/Infinity never reach a fingerprint, but stay deterministic anyway

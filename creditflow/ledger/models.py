@@ -118,12 +118,16 @@ class TrackResult:
 
     @classmethod
     def from_db(cls, row: dict[str, Any]) -> TrackResult:
-        """From a ``cf_track_result`` row."""
-        rate = row["credits_per_unit"]
-        return cls(row["allowed"], row["code"], row["charged_micros"] or 0, row["required_micros"],
-                   None if rate is None else exact(rate), txn_id(row["txn_id"]), bool(row["replayed"]),
-                   row["hold_id"], row["released_micros"], row["balance_micros"], row["held_micros"],
-                   row["floor_micros"])
+        """From a ``cf_track_result`` row read as a dict."""
+        return cls.from_row(tuple(row.values()))
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> TrackResult:
+        """From a ``cf_track_result`` row as a tuple, in the type's column order: allowed, code, txn_id,
+        charged, credits_per_unit, balance, held, floor, required, replayed, hold_id, released."""
+        (allowed, code, txn, charged, rate, balance, held, floor, required, replayed, hold_id, released) = row
+        return cls(allowed, code, charged or 0, required, None if rate is None else exact(rate), txn_id(txn),
+                   bool(replayed), hold_id, released, balance, held, floor)
 
 
 class CheckResult(BaseModel):
