@@ -19,7 +19,7 @@ from temporalio.common import (
 )
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from creditflow.config import Settings
 from creditflow.domain.topups import TopUpError, quote
@@ -33,11 +33,13 @@ from workflows.contract import (
     SA_STATUS,
     SEARCH_ATTRIBUTES,
     SIGNAL_OUTBOX_EVENT,
+    SIGNAL_PAYMENT_EVENT,
     TOPUP_WORKFLOW,
     UPDATE_TOPUP_ANSWER,
     AccountState,
     AccountWorkflowInput,
     OutboxEvent,
+    PaymentEvent,
     TopUpInput,
     TopUpOutcome,
     TopUpTerms,
@@ -48,8 +50,8 @@ from workflows.contract import (
 __all__ = [
     "ACCOUNT_WORKFLOW", "ACCOUNT_WORKFLOW_ID_PREFIX", "QUERY_STATE", "SA_ACCOUNT_ID", "SA_PLAN", "SA_STATUS",
     "SEARCH_ATTRIBUTES", "SIGNAL_OUTBOX_EVENT", "AccountState", "AccountWorkflowInput", "CreditflowClient",
-    "OutboxEvent", "TopUpInput", "TopUpOutcome", "TopUpTerms", "account_workflow_id", "connect_temporal",
-    "signal_with_start_account", "topup_input", "topup_workflow_id",
+    "OutboxEvent", "PaymentEvent", "TopUpInput", "TopUpOutcome", "TopUpTerms", "account_workflow_id",
+    "connect_temporal", "signal_with_start_account", "topup_input", "topup_workflow_id",
 ]
 
 
@@ -160,3 +162,19 @@ class CreditflowClient:
         except RPCError as err:
             raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
                                   details={"reason": err.message}) from err
+
+    async def signal_payment_event(self, account_id: str, request_id: str, event: PaymentEvent, *,
+                                   rpc_timeout: timedelta = timedelta(seconds=10)) -> bool:
+        """Wake ``topup:{account_id}:{request_id}`` (signal ``payment_event``): it re-reads the PaymentIntent now.
+
+        False if that workflow is no longer running (it has already reached its outcome); Temporal
+        unreachable is ``workflow_unavailable``."""
+        handle = self.temporal.get_workflow_handle(topup_workflow_id(account_id, request_id))
+        try:
+            await handle.signal(SIGNAL_PAYMENT_EVENT, event, rpc_timeout=rpc_timeout)
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
+                                  details={"reason": err.message}) from err
+        return True

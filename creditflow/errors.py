@@ -35,6 +35,12 @@ STATUS_BY_CODE: dict[str, int] = {
     "payment_provider_error": 502,
     "payment_provider_unavailable": 503,
     "payment_provider_not_configured": 503,
+    # Stripe webhooks: Stripe retries any non-2xx answer.
+    "webhook_signature_missing": 400,
+    "webhook_signature_invalid": 400,
+    "webhook_payload_invalid": 400,
+    "webhook_not_configured": 503,
+    "webhook_in_progress": 503,
 }
 
 

@@ -109,7 +109,7 @@ TOPUP_WORKFLOW_ID_PREFIX = "topup:"
 UPDATE_TOPUP_ANSWER = "answer"
 # Query: the current ``TopUpOutcome`` (``status: pending`` until there is an answer).
 QUERY_TOPUP_STATUS = "status"
-# Signal: "the PaymentIntent changed, look now" (the webhook slice sends it; polling is the fallback).
+# Signal: "the PaymentIntent changed, look now" (POST /api/v1/stripe/webhook sends it; polling is the fallback).
 SIGNAL_PAYMENT_EVENT = "payment_event"
 
 # Top-up outcome statuses.

@@ -1,0 +1,200 @@
+"""Stripe webhook events: verify, store each event id once, route to the workflow that owns the payment.
+
+Why it is safe to act on a webhook at all: the event only *wakes* the top-up's workflow (signal
+``payment_event``); the workflow re-reads the PaymentIntent from Stripe and credits only what Stripe says
+succeeded, once (ledger key ``sys:topup:{payment_intent_id}``). A forged-but-signed, replayed or
+out-of-order event therefore cannot credit anything by itself.
+
+Exactly once per event id (``stripe_events``, migration 0005):
+
+1. the row is inserted with ON CONFLICT DO NOTHING (committed at once, payload kept as evidence);
+2. in one transaction the row is locked (SELECT ... FOR UPDATE): already processed means duplicate (200, no
+   effect); otherwise it is routed and marked processed with its outcome in the same transaction.
+   Concurrent deliveries of one event wait on the lock and then see it processed.
+3. If routing fails (Temporal unreachable) the transaction rolls back: the row stays unprocessed
+   (``processed_at`` NULL, ``last_error`` set), the API answers 503 and Stripe's redelivery processes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import stripe
+from psycopg import errors as pg_errors
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+
+from creditflow.errors import CreditflowError
+from creditflow.payments.topups import CHARGE_METADATA_KEY
+from workflows.contract import PaymentEvent
+
+log = logging.getLogger(__name__)
+
+# The Stripe SDK's default: a signature older than this (replay) is refused.
+DEFAULT_TOLERANCE_SECONDS = stripe.Webhook.DEFAULT_TOLERANCE
+
+PAYMENT_INTENT_EVENTS = frozenset({"payment_intent.succeeded", "payment_intent.payment_failed",
+                                   "payment_intent.canceled"})
+# Stored and logged now; the refund and dispute workflows (later slices of issue 3) will consume them.
+LATER_EVENTS = frozenset({"charge.refunded", "charge.dispute.created"})
+
+OUTCOME_SIGNALED = "signaled"
+OUTCOME_WORKFLOW_CLOSED = "workflow_closed"
+OUTCOME_IGNORED = "ignored"
+OUTCOME_RECORDED = "recorded"
+
+_EVENT_ID = re.compile(r"^evt_[A-Za-z0-9_]{1,250}$")
+_CHARGE_ID = re.compile(r"^chg_[0-9a-f]{32}$")
+# How long a delivery waits for a concurrent delivery of the same event to finish before giving up (503).
+_LOCK_TIMEOUT = "30s"
+
+# (account_id, request_id, event) -> False if the top-up's workflow is no longer running.
+Signal = Callable[[str, str, PaymentEvent], Awaitable[bool]]
+
+
+class StripeEvent(BaseModel):
+    """A verified Stripe event: what routing needs, and the whole payload to store."""
+
+    id: str
+    type: str
+    created: int
+    object: dict[str, Any]
+    payload: dict[str, Any]
+
+
+class WebhookResult(BaseModel):
+    event_id: str
+    type: str
+    duplicate: bool
+    outcome: str | None = None
+    charge_id: str | None = None
+
+
+def _invalid_payload(message: str) -> CreditflowError:
+    return CreditflowError("webhook_payload_invalid", message)
+
+
+def verify_event(body: bytes, signature: str | None, secret: str,
+                 tolerance: int = DEFAULT_TOLERANCE_SECONDS) -> StripeEvent:
+    """Check the ``Stripe-Signature`` header (the official SDK: HMAC-SHA256 of ``{t}.{body}`` with the
+    endpoint's secret, ``t`` within ``tolerance`` seconds) and parse the event. Refusals are
+    ``webhook_signature_missing`` / ``webhook_signature_invalid`` / ``webhook_payload_invalid`` (400)."""
+    if not signature:
+        raise CreditflowError("webhook_signature_missing", "the Stripe-Signature header is missing")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid_payload("the body is not UTF-8") from None
+    try:
+        stripe.WebhookSignature.verify_header(text, signature, secret, tolerance)
+    except stripe.SignatureVerificationError as exc:
+        raise CreditflowError("webhook_signature_invalid", "the Stripe signature does not verify",
+                              details={"reason": str(exc).split(" (")[0]}) from None
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        raise _invalid_payload("the body is not JSON") from None
+    if not isinstance(payload, dict) or payload.get("object") != "event":
+        raise _invalid_payload("the body is not a Stripe event")
+    event_id, type_, created = payload.get("id"), payload.get("type"), payload.get("created")
+    data = payload.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not (isinstance(event_id, str) and _EVENT_ID.match(event_id) and isinstance(type_, str) and type_
+            and len(type_) <= 200 and type(created) is int and created > 0 and isinstance(obj, dict)):
+        raise _invalid_payload("the event lacks a valid id, type, created or data.object")
+    if "\\u0000" in text:  # valid JSON that PostgreSQL's jsonb cannot hold
+        raise _invalid_payload("the event contains NUL characters")
+    return StripeEvent(id=event_id, type=type_, created=created, object=obj, payload=payload)
+
+
+async def _charge_for(conn: Any, payment_intent_id: str | None, metadata: object) -> dict[str, Any] | None:
+    """The ``stripe_charges`` row of a PaymentIntent: by its recorded id, else by the charge id creditflow
+    put in its metadata (an event can arrive before the PaymentIntent id is committed on the row)."""
+    if isinstance(payment_intent_id, str) and payment_intent_id:
+        row = await (await conn.execute(
+            "SELECT id, account_id, request_id, payment_intent_id, status FROM stripe_charges"
+            " WHERE payment_intent_id = %s", (payment_intent_id,))).fetchone()
+        if row is not None:
+            return row
+    charge_id = metadata.get(CHARGE_METADATA_KEY) if isinstance(metadata, dict) else None
+    if isinstance(charge_id, str) and _CHARGE_ID.match(charge_id):
+        row = await (await conn.execute(
+            "SELECT id, account_id, request_id, payment_intent_id, status FROM stripe_charges WHERE id = %s",
+            (charge_id,))).fetchone()
+        if row is not None and row["payment_intent_id"] not in (None, payment_intent_id):
+            # The known gap of payments/topups.py (a PaymentIntent created twice): reconcile by hand.
+            log.error("PaymentIntent %s names charge %s, which records PaymentIntent %s",
+                      payment_intent_id, charge_id, row["payment_intent_id"])
+        return row
+    return None
+
+
+async def _route(conn: Any, event: StripeEvent, signal: Signal) -> tuple[str, str | None]:
+    """What to do with a new event: (outcome, charge id)."""
+    obj = event.object
+    if event.type in PAYMENT_INTENT_EVENTS:
+        charge = await _charge_for(conn, obj.get("id"), obj.get("metadata"))
+        if charge is None:
+            log.info("stripe event %s (%s): PaymentIntent %s is not a creditflow top-up; ignored",
+                     event.id, event.type, obj.get("id"))
+            return OUTCOME_IGNORED, None
+        running = await signal(charge["account_id"], charge["request_id"],
+                               PaymentEvent(payment_intent_id=obj.get("id"), event_type=event.type))
+        if not running:
+            level = logging.WARNING if (event.type == "payment_intent.succeeded"
+                                        and charge["status"] != "succeeded") else logging.INFO
+            log.log(level, "stripe event %s (%s): the workflow of charge %s has finished (charge %s)",
+                    event.id, event.type, charge["id"], charge["status"])
+        return (OUTCOME_SIGNALED if running else OUTCOME_WORKFLOW_CLOSED), charge["id"]
+    if event.type in LATER_EVENTS:
+        # charge.refunded carries a Charge, charge.dispute.created a Dispute; both name the PaymentIntent.
+        # Kept (with the top-up they concern) for the refund and dispute workflows of later slices.
+        charge = await _charge_for(conn, obj.get("payment_intent"), obj.get("metadata"))
+        log.warning("stripe event %s (%s) for PaymentIntent %s recorded; no workflow handles it yet",
+                    event.id, event.type, obj.get("payment_intent"))
+        return OUTCOME_RECORDED, charge["id"] if charge else None
+    return OUTCOME_IGNORED, None
+
+
+async def receive(pool: AsyncConnectionPool, event: StripeEvent, signal: Signal) -> WebhookResult:
+    """Store the event once and process it once (see the module docstring). A failure while routing
+    (``workflow_unavailable``) is raised with the event left unprocessed, so a redelivery processes it."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO stripe_events (id, type, created, payload) VALUES (%s, %s, to_timestamp(%s), %s)"
+            " ON CONFLICT (id) DO NOTHING", (event.id, event.type, event.created, Jsonb(event.payload)))
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+                try:
+                    row = await (await conn.execute(
+                        "SELECT processed_at, outcome, charge_id FROM stripe_events WHERE id = %s FOR UPDATE",
+                        (event.id,))).fetchone()
+                except pg_errors.LockNotAvailable:
+                    raise CreditflowError("webhook_in_progress", "another delivery of this event is still being "
+                                          "processed; try again later") from None
+                assert row is not None
+                if row["processed_at"] is not None:
+                    return WebhookResult(event_id=event.id, type=event.type, duplicate=True,
+                                         outcome=row["outcome"], charge_id=row["charge_id"])
+                outcome, charge_id = await _route(conn, event, signal)
+                await conn.execute(
+                    "UPDATE stripe_events SET processed_at = now(), outcome = %s, charge_id = %s,"
+                    " attempts = attempts + 1, last_error = NULL WHERE id = %s", (outcome, charge_id, event.id))
+        except Exception as exc:
+            reason = exc.code if isinstance(exc, CreditflowError) else type(exc).__name__
+            try:
+                await conn.execute("UPDATE stripe_events SET attempts = attempts + 1, last_error = %s"
+                                   " WHERE id = %s AND processed_at IS NULL", (reason, event.id))
+            except Exception:  # the original failure is what matters
+                log.exception("could not record the failure of stripe event %s", event.id)
+            log.warning("stripe event %s (%s) not processed: %s; Stripe will redeliver it", event.id, event.type,
+                        reason)
+            raise
+    log.info("stripe event %s (%s): %s", event.id, event.type, outcome)
+    return WebhookResult(event_id=event.id, type=event.type, duplicate=False, outcome=outcome, charge_id=charge_id)
