@@ -170,9 +170,11 @@ class TopUpWorkflow:
         deadline = workflow.now() + timedelta(seconds=self._input.payment_expiry_seconds)
         interval = timedelta(seconds=self._input.poll_interval_seconds)
         while (remaining := deadline - workflow.now()) > timedelta(0):
-            self._wake = False
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(lambda: self._wake, timeout=min(interval, remaining))
+            # Reset before polling, not before waiting: a payment event that arrives while the poll
+            # runs then wakes the next wait at once instead of being lost for a whole interval.
+            self._wake = False
             try:
                 pi = await workflow.execute_activity_method(
                     TopUpActivities.poll_topup_payment, charge, start_to_close_timeout=STRIPE_TIMEOUT,
