@@ -10,10 +10,8 @@ from __future__ import annotations
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from activities.payments import RETRYABLE_CODES
-from creditflow.errors import CreditflowError
+from activities.errors import application_error, translating_errors  # noqa: F401 - re-exported
 from creditflow.payments import topups
 from creditflow.payments.gateway import PaymentIntentState, StripeGateway
 from creditflow.payments.topups import CreditResult
@@ -48,10 +46,6 @@ class MarkChargeInput(BaseModel):
     failure_message: str | None = None
 
 
-def application_error(exc: CreditflowError) -> ApplicationError:
-    return ApplicationError(exc.message, exc.details, type=exc.code, non_retryable=exc.code not in RETRYABLE_CODES)
-
-
 class TopUpActivities:
     """Activities bound to the worker's database pool and Stripe gateway."""
 
@@ -60,49 +54,39 @@ class TopUpActivities:
         self._gateway = gateway
 
     @activity.defn(name="record_topup_charge")
+    @translating_errors
     async def record_topup_charge(self, input: RecordTopUpInput) -> ChargeSnapshot:
         """Write the pending charge row (before any charge); later calls read it."""
-        try:
-            record = await topups.record_charge(
-                self._pool, self._gateway, account_id=input.account_id, request_id=input.request_id,
-                amount_cents=input.amount_cents, credits=input.credits, package_id=input.package_id,
-                description=input.description, payment_method_id=input.payment_method_id)
-        except CreditflowError as exc:
-            raise application_error(exc) from exc
+        record = await topups.record_charge(
+            self._pool, self._gateway, account_id=input.account_id, request_id=input.request_id,
+            amount_cents=input.amount_cents, credits=input.credits, package_id=input.package_id,
+            description=input.description, payment_method_id=input.payment_method_id)
         return ChargeSnapshot(charge_id=record.id, status=record.status, payment_method_id=record.payment_method_id,
                               payment_intent_id=record.payment_intent_id)
 
     @activity.defn(name="charge_topup")
+    @translating_errors
     async def charge_topup(self, input: ChargeRef) -> PaymentIntentState:
         """Create (and confirm with a saved card) the PaymentIntent, or retrieve the one recorded."""
-        try:
-            return await topups.charge(self._pool, self._gateway, input.charge_id)
-        except CreditflowError as exc:
-            raise application_error(exc) from exc
+        return await topups.charge(self._pool, self._gateway, input.charge_id)
 
     @activity.defn(name="poll_topup_payment")
+    @translating_errors
     async def poll_topup_payment(self, input: ChargeRef) -> PaymentIntentState:
         """The PaymentIntent's current status (the customer is paying with the client secret)."""
-        try:
-            return await topups.refresh(self._pool, self._gateway, input.charge_id)
-        except CreditflowError as exc:
-            raise application_error(exc) from exc
+        return await topups.refresh(self._pool, self._gateway, input.charge_id)
 
     @activity.defn(name="cancel_topup_payment")
+    @translating_errors
     async def cancel_topup_payment(self, input: ChargeRef) -> PaymentIntentState:
         """Cancel the unpaid PaymentIntent when the payment window closes (returns it as it is if paid)."""
-        try:
-            return await topups.cancel(self._pool, self._gateway, input.charge_id)
-        except CreditflowError as exc:
-            raise application_error(exc) from exc
+        return await topups.cancel(self._pool, self._gateway, input.charge_id)
 
     @activity.defn(name="credit_topup")
+    @translating_errors
     async def credit_topup(self, input: ChargeRef) -> CreditResult:
         """Credit the wallet for the succeeded PaymentIntent, once (ledger key ``sys:topup:{payment_intent_id}``)."""
-        try:
-            return await topups.credit(self._pool, input.charge_id)
-        except CreditflowError as exc:
-            raise application_error(exc) from exc
+        return await topups.credit(self._pool, input.charge_id)
 
     @activity.defn(name="mark_topup_charge")
     async def mark_topup_charge(self, input: MarkChargeInput) -> None:
