@@ -9,8 +9,10 @@ from typing import ParamSpec, TypeVar
 
 from temporalio.exceptions import ApplicationError
 
-from activities.payments import RETRYABLE_CODES
 from creditflow.errors import CreditflowError
+
+# Codes worth retrying (the gateway already retried a few times with backoff); every other code is final.
+RETRYABLE_CODES = frozenset({"payment_provider_unavailable"})
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -11,14 +11,11 @@ from __future__ import annotations
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from creditflow.errors import CreditflowError
+from activities.errors import RETRYABLE_CODES, translating_errors  # noqa: F401 - RETRYABLE_CODES re-exported
 from creditflow.payments.customers import ensure_customer
 from creditflow.payments.gateway import StripeGateway
 
-# Codes worth retrying (the gateway already retried a few times with backoff); every other code is final.
-RETRYABLE_CODES = frozenset({"payment_provider_unavailable"})
 # Listed in the workflow's retry policy too, so the policy documents what is never retried.
 PERMANENT_CODES = ("unknown_account", "payment_provider_not_configured", "payment_provider_error",
                    "payment_request_invalid")
@@ -40,11 +37,7 @@ class PaymentActivities:
         self._gateway = gateway
 
     @activity.defn(name="ensure_stripe_customer")
+    @translating_errors
     async def ensure_stripe_customer(self, input: EnsureStripeCustomerInput) -> StripeCustomerResult:
         """The account's Stripe customer, created on the first call."""
-        try:
-            customer_id = await ensure_customer(self._pool, self._gateway, input.account_id)
-        except CreditflowError as exc:
-            raise ApplicationError(exc.message, exc.details, type=exc.code,
-                                   non_retryable=exc.code not in RETRYABLE_CODES) from exc
-        return StripeCustomerResult(customer_id=customer_id)
+        return StripeCustomerResult(customer_id=await ensure_customer(self._pool, self._gateway, input.account_id))
