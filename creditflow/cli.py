@@ -13,6 +13,7 @@ from rich.table import Table
 
 from creditflow.config import Settings, get_settings
 from creditflow.ops_cli import accounts_app, keys_app, wallet_app
+from creditflow.refund_cli import refund
 from creditflow.topup_cli import topup
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app.add_typer(accounts_app, name="accounts")
 app.add_typer(keys_app, name="keys")
 app.add_typer(wallet_app, name="wallet")
 app.command("topup")(topup)
+app.command("refund")(refund)
 
 console = Console()
 

@@ -28,6 +28,7 @@ from workflows.contract import (
     ACCOUNT_WORKFLOW,
     ACCOUNT_WORKFLOW_ID_PREFIX,
     QUERY_STATE,
+    REFUND_WORKFLOW,
     SA_ACCOUNT_ID,
     SA_PLAN,
     SA_STATUS,
@@ -35,23 +36,29 @@ from workflows.contract import (
     SIGNAL_OUTBOX_EVENT,
     SIGNAL_PAYMENT_EVENT,
     TOPUP_WORKFLOW,
+    UPDATE_REFUND_ANSWER,
     UPDATE_TOPUP_ANSWER,
     AccountState,
     AccountWorkflowInput,
     OutboxEvent,
     PaymentEvent,
+    RefundInput,
+    RefundOutcome,
     TopUpInput,
     TopUpOutcome,
     TopUpTerms,
     account_workflow_id,
+    refund_workflow_id,
     topup_workflow_id,
 )
 
 __all__ = [
     "ACCOUNT_WORKFLOW", "ACCOUNT_WORKFLOW_ID_PREFIX", "QUERY_STATE", "SA_ACCOUNT_ID", "SA_PLAN", "SA_STATUS",
     "SEARCH_ATTRIBUTES", "SIGNAL_OUTBOX_EVENT", "AccountState", "AccountWorkflowInput", "CreditflowClient",
-    "OutboxEvent", "PaymentEvent", "TopUpInput", "TopUpOutcome", "TopUpTerms", "account_workflow_id",
-    "connect_temporal", "signal_with_start_account", "topup_input", "topup_workflow_id",
+    "OutboxEvent", "PaymentEvent", "RefundInput", "RefundOutcome", "TopUpInput", "TopUpOutcome", "TopUpTerms",
+    "account_workflow_id",
+    "connect_temporal", "refund_workflow_id", "signal_with_start_account",
+    "topup_input", "topup_workflow_id",
 ]
 
 
@@ -152,6 +159,38 @@ class CreditflowClient:
             return await asyncio.wait_for(self.temporal.execute_update_with_start_workflow(
                 UPDATE_TOPUP_ANSWER, input.terms, start_workflow_operation=start, result_type=TopUpOutcome),
                 wait.total_seconds())
+        except TimeoutError:
+            return None
+        except WorkflowUpdateFailedError as err:
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and cause.type:
+                raise CreditflowError(cause.type, cause.message) from err
+            raise
+        except RPCError as err:
+            raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
+                                  details={"reason": err.message}) from err
+
+    async def refund(self, input: RefundInput, *, wait: timedelta) -> RefundOutcome | None:
+        """Start ``refund:{account_id}:{request_id}`` (or join the running one: a repeated request never refunds
+        twice) and wait up to ``wait`` for its answer; None if it is not decided by then (the workflow keeps
+        going). A request id reused with other terms is ``idempotency_conflict``; Temporal unreachable is
+        ``workflow_unavailable``."""
+        purchase = input.terms.purchase_transaction_id or input.terms.payment_intent_id
+        start = WithStartWorkflowOperation(
+            REFUND_WORKFLOW, input, id=refund_workflow_id(input.account_id, input.request_id),
+            task_queue=self.task_queue, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            search_attributes=TypedSearchAttributes([SearchAttributePair(SA_ACCOUNT_ID, input.account_id)]),
+            static_summary=f"Refund of {purchase} ({input.account_id} / {input.request_id})",
+            static_details="Reserves the unused purchased credits, refunds them through Stripe, finalizes or "
+                           "releases the reservation. Query `status` for the outcome.",
+            result_type=RefundOutcome)
+        return await self._answer(UPDATE_REFUND_ANSWER, input.terms, start, RefundOutcome, wait)
+
+    async def _answer(self, update: str, arg: Any, start: WithStartWorkflowOperation[Any, Any],
+                      result_type: type[Any], wait: timedelta) -> Any:
+        try:
+            return await asyncio.wait_for(self.temporal.execute_update_with_start_workflow(
+                update, arg, start_workflow_operation=start, result_type=result_type), wait.total_seconds())
         except TimeoutError:
             return None
         except WorkflowUpdateFailedError as err:

@@ -35,6 +35,12 @@ STATUS_BY_CODE: dict[str, int] = {
     "payment_provider_error": 502,
     "payment_provider_unavailable": 503,
     "payment_provider_not_configured": 503,
+    # Refunds.
+    "unknown_purchase": 404,
+    "not_refundable": 422,
+    "refund_window_expired": 422,
+    "refund_exceeds_remaining": 422,
+    "refund_failed": 502,
     # Stripe webhooks: Stripe retries any non-2xx answer.
     "webhook_signature_missing": 400,
     "webhook_signature_invalid": 400,

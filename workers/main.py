@@ -19,6 +19,7 @@ from temporalio.worker import Worker
 from activities.accounts import AccountActivities
 from activities.notifications import NotificationActivities
 from activities.payments import PaymentActivities
+from activities.refunds import RefundActivities
 from activities.topups import TopUpActivities
 from creditflow.client import connect_temporal
 from creditflow.config import Settings
@@ -27,6 +28,7 @@ from creditflow.payments.gateway import StripeGateway
 from creditflow.temporal_setup import ensure_search_attributes
 from workers.relay import OutboxRelay
 from workflows.account import AccountWorkflow
+from workflows.refund import RefundWorkflow
 from workflows.topup import TopUpWorkflow
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ CONNECT_RETRY_MAX_SECONDS = 30.0
 
 
 def workflow_classes() -> list[type]:
-    return [AccountWorkflow, TopUpWorkflow]
+    return [AccountWorkflow, TopUpWorkflow, RefundWorkflow]
 
 
 def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Callable[..., Any]]:
@@ -46,9 +48,12 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
     payments = PaymentActivities(pool, gateway)
     topups = TopUpActivities(pool, gateway)
     notifications = NotificationActivities(pool)
+    refunds = RefundActivities(pool, gateway)
     return [accounts.load_account, payments.ensure_stripe_customer,
             topups.record_topup_charge, topups.charge_topup, topups.poll_topup_payment, topups.cancel_topup_payment,
-            topups.credit_topup, topups.mark_topup_charge, notifications.send_notification]
+            topups.credit_topup, topups.mark_topup_charge, notifications.send_notification,
+            refunds.check_refund, refunds.reserve_refund, refunds.refund_payment, refunds.finalize_refund,
+            refunds.release_refund]
 
 
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,

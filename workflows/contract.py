@@ -171,3 +171,60 @@ class TopUpOutcome(BaseModel):
     error_code: str | None = None
     error_message: str | None = None
     decline_code: str | None = None
+
+
+# --- RefundWorkflow (issue 3) ----------------------------------------------------------------------
+
+REFUND_WORKFLOW = "RefundWorkflow"
+REFUND_WORKFLOW_ID_PREFIX = "refund:"
+# Update: waits until the refund is decided (succeeded/failed), returns ``RefundOutcome``. Its argument
+# (``RefundTerms``) must match the workflow's: a request id reused for another refund is ``idempotency_conflict``.
+UPDATE_REFUND_ANSWER = "answer"
+# Query: the current ``RefundOutcome``.
+QUERY_REFUND_STATUS = "status"
+
+REFUND_PENDING = "pending"
+REFUND_SUCCEEDED = "succeeded"
+REFUND_FAILED = "failed"
+
+
+def refund_workflow_id(account_id: str, request_id: str) -> str:
+    """``refund:{account_id}:{request_id}``: one workflow per refund request."""
+    return f"{REFUND_WORKFLOW_ID_PREFIX}{account_id}:{request_id}"
+
+
+class RefundTerms(BaseModel):
+    """What was asked for: the purchase (transaction or PaymentIntent), credits (None: all that remains), reason."""
+
+    purchase_transaction_id: str | None = None
+    payment_intent_id: str | None = None
+    credits: int | None = None
+    reason: str = "requested_by_customer"
+
+
+class RefundInput(BaseModel):
+    """Input of ``RefundWorkflow``. ``requested_by``: ``admin`` or ``customer`` (an account key)."""
+
+    account_id: str
+    request_id: str
+    terms: RefundTerms
+    requested_by: str = "customer"
+
+
+class RefundOutcome(BaseModel):
+    """Answer of the ``answer`` update, the ``status`` query and the workflow's result."""
+
+    status: str = REFUND_PENDING
+    account_id: str
+    request_id: str
+    refund_id: str | None = None
+    credits: int | None = None
+    amount_cents: int | None = None
+    purchase_transaction_id: str | None = None
+    payment_intent_id: str | None = None
+    transaction_id: str | None = None
+    reversal_transaction_id: str | None = None
+    stripe_refund_id: str | None = None
+    balance: Decimal | None = None
+    error_code: str | None = None
+    error_message: str | None = None

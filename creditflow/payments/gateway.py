@@ -67,6 +67,18 @@ class PaymentIntentState(BaseModel):
     metadata: dict[str, str] = {}
 
 
+class RefundState(BaseModel):
+    """A Stripe refund as creditflow needs it. ``status``: ``succeeded``, ``pending``, ``requires_action``,
+    ``failed`` or ``canceled``."""
+
+    id: str
+    status: str
+    amount_cents: int
+    payment_intent_id: str | None = None
+    failure_reason: str | None = None
+    metadata: dict[str, str] = {}
+
+
 def _id_of(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -82,6 +94,15 @@ def _payment_intent(obj: Any) -> PaymentIntentState:
         client_secret=pi.get("client_secret"), failure_code=error.get("code"),
         decline_code=error.get("decline_code"), failure_message=error.get("message"),
         metadata={str(k): str(v) for k, v in (pi.get("metadata") or {}).items()})
+
+
+def _refund(obj: Any) -> RefundState:
+    refund: dict[str, Any] = obj.to_dict()
+    return RefundState(id=refund["id"], status=str(refund.get("status") or "pending"),
+                       amount_cents=int(refund["amount"]),
+                       payment_intent_id=_id_of(refund.get("payment_intent")),
+                       failure_reason=refund.get("failure_reason"),
+                       metadata={str(k): str(v) for k, v in (refund.get("metadata") or {}).items()})
 
 
 def _transient(exc: BaseException) -> bool:
@@ -219,6 +240,23 @@ class StripeGateway:
                 raise
             return await self.retrieve_payment_intent(payment_intent_id)
         return _payment_intent(pi)
+
+    # --- refunds -------------------------------------------------------------------------------------
+
+    async def create_refund(self, payment_intent_id: str, amount_cents: int, *, idempotency_key: str,
+                            metadata: dict[str, str]) -> RefundState:
+        """Refund ``amount_cents`` of a succeeded PaymentIntent. Refusals (already refunded, not paid, no such
+        PaymentIntent) are permanent (``payment_request_invalid`` / ``payment_provider_error``); outages are
+        retried, then ``payment_provider_unavailable``. Callers guard exactly-once (see ``refunds.py``)."""
+        params: dict[str, Any] = {"payment_intent": payment_intent_id, "amount": amount_cents, "metadata": metadata}
+        refund = await self._call(
+            lambda: self._client.v1.refunds.create(params=params,  # type: ignore[arg-type]
+                                                   options={"idempotency_key": idempotency_key}),
+            what="refund")
+        return _refund(refund)
+
+    async def retrieve_refund(self, refund_id: str) -> RefundState:
+        return _refund(await self._call(lambda: self._client.v1.refunds.retrieve(refund_id), what="refund"))
 
     # --- policy --------------------------------------------------------------------------------------
 

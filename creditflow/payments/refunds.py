@@ -1,0 +1,366 @@
+"""Refunds of purchased credits, exactly once: eligibility, the reservation, the Stripe refund, finalize or release.
+
+The saga's steps (``RefundWorkflow`` runs them; each is safe to repeat):
+
+1. ``plan`` reads the purchase (its ``purchase`` journal row, its ``stripe_charges`` row, its lot through
+   ``account_lots`` which settles deferred burns first) and applies ``creditflow.domain.refunds``. A request id
+   already used answers from its row (a repeat after success must not be re-judged on what now remains).
+2. ``reserve`` writes the ``refunds`` row and calls ``cf_refund_reserve`` in ONE transaction: the credits
+   leave that purchase's lot and the wallet (journal type ``refund``, key ``sys:refund:{refund_id}``) and stop
+   being spendable; a refusal leaves nothing behind. The lot is re-checked under the account lock.
+3. ``refund_payment``: localstripe ignores Stripe idempotency keys, so the row guards the call: status
+   ``refunding`` is committed first, then under the row lock the refund is created and its id recorded; a
+   retry that finds the id retrieves it instead of creating another.
+4. ``finalize`` (``cf_refund_finalize``) marks the row ``succeeded``; no wallet movement, the reservation is
+   the ledger effect. On a permanent Stripe refusal ``release`` (``cf_refund_release``, journal type
+   ``refund_reversal``, key ``sys:refund_release:{refund_id}``) puts the credits back into the same lot and
+   marks the row ``failed``.
+
+Known gap (as for top-ups): if the process dies after Stripe created the refund and before the row's commit,
+a retry creates a second refund on localstripe; on Stripe the idempotency key ``creditflow:refund:{id}`` returns
+the first within 24 hours.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+
+from creditflow.domain.money import MICROS_PER_CREDIT, micros_to_credits
+from creditflow.domain.refunds import PurchaseFacts, RefundError, RefundReason, quote_refund
+from creditflow.domain.topups import cents_to_usd, format_usd
+from creditflow.errors import CreditflowError
+from creditflow.ids import new_id
+from creditflow.ledger.db import to_jsonb
+from creditflow.ledger.idempotency import request_hash
+from creditflow.ledger.lots import account_lots
+from creditflow.ledger.models import txn_id
+from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, RefundState, StripeGateway
+
+REFUND_METADATA_KEY = "creditflow_refund_id"
+# Codes the refund functions raise (the exception's message is the code).
+_SQL_CODES = frozenset({"invalid_amount", "unknown_account", "unknown_purchase", "not_refundable",
+                        "refund_exceeds_remaining", "insufficient_credits", "idempotency_conflict", "not_found",
+                        "refund_not_reserved"})
+_TXN_ID = "txn_"
+
+
+class RefundRecord(BaseModel):
+    """A row of ``refunds``."""
+
+    id: str
+    account_id: str
+    request_id: str
+    charge_id: str
+    payment_intent_id: str
+    purchase_txn_id: UUID
+    lot_id: str
+    credits: int
+    amount_cents: int
+    reason: str
+    requested_by: str
+    status: str
+    reserve_txn_id: UUID | None
+    release_txn_id: UUID | None
+    stripe_refund_id: str | None
+    stripe_status: str | None
+    failure_code: str | None
+    failure_message: str | None
+    created_at: datetime
+    updated_at: datetime
+    finalized_at: datetime | None
+
+    @property
+    def amount_usd(self) -> Decimal:
+        return cents_to_usd(self.amount_cents)
+
+    @property
+    def transaction_id(self) -> str | None:
+        return txn_id(self.reserve_txn_id)
+
+
+class RefundPlan(BaseModel):
+    """What a refund request resolves to; ``refund_id`` and ``status`` are set when the request has a row."""
+
+    account_id: str
+    request_id: str
+    charge_id: str
+    payment_intent_id: str
+    purchase_txn_id: str
+    lot_id: str
+    credits: int
+    amount_cents: int
+    reason: str
+    requested_by: str
+    purchased_at: datetime
+    refund_id: str | None = None
+    status: str | None = None
+
+
+class RefundLedgerResult(BaseModel):
+    refund: RefundRecord
+    balance: Decimal
+
+
+def _sql_error(exc: psycopg.Error) -> CreditflowError | None:
+    code = str(exc.diag.message_primary or "")
+    return CreditflowError(code, code.replace("_", " ")) if code in _SQL_CODES else None
+
+
+def _purchase_uuid(value: str) -> UUID:
+    if not value.startswith(_TXN_ID):
+        raise CreditflowError("invalid_id", "malformed purchase_transaction_id: expected txn_<32 hex digits>")
+    try:
+        return UUID(hex=value[len(_TXN_ID):])
+    except ValueError:
+        raise CreditflowError("invalid_id", "malformed purchase_transaction_id: expected txn_<32 hex digits>") from None
+
+
+async def _purchase(pool: AsyncConnectionPool, account_id: str, purchase_transaction_id: str | None,
+                    payment_intent_id: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The purchase's journal row and charge row; ``unknown_purchase`` / ``not_refundable`` otherwise."""
+    if (purchase_transaction_id is None) == (payment_intent_id is None):
+        raise CreditflowError("validation_error", "name the purchase: purchase_transaction_id or payment_intent_id")
+    async with pool.connection() as conn:
+        if payment_intent_id is not None:
+            charge = await (await conn.execute(
+                "SELECT * FROM stripe_charges WHERE account_id = %s AND payment_intent_id = %s",
+                (account_id, payment_intent_id))).fetchone()
+            if charge is None:
+                raise CreditflowError("unknown_purchase", "no top-up of this account has this PaymentIntent")
+            if charge["status"] != "succeeded" or charge["ledger_txn_id"] is None:
+                raise CreditflowError("not_refundable", "this top-up was not paid")
+            purchase_transaction_id = charge["ledger_txn_id"]
+        assert purchase_transaction_id is not None
+        txn = await (await conn.execute(
+            "SELECT id, type, idempotency_key, created_at FROM journal WHERE id = %s AND account_id = %s"
+            " AND type <> 'usage'", (_purchase_uuid(purchase_transaction_id), account_id))).fetchone()
+        if txn is None:
+            raise CreditflowError("unknown_purchase", "this account has no such transaction")
+        charge = await (await conn.execute(
+            "SELECT * FROM stripe_charges WHERE account_id = %s AND ledger_txn_id = %s AND status = 'succeeded'",
+            (account_id, purchase_transaction_id))).fetchone()
+    if txn["type"] != "purchase" or charge is None:
+        raise CreditflowError("not_refundable", f"a {txn['type']} transaction is not a refundable purchase")
+    return txn, charge
+
+
+async def plan(pool: AsyncConnectionPool, *, account_id: str, request_id: str, purchase_transaction_id: str | None,
+               payment_intent_id: str | None, credits: int | None, reason: RefundReason, requested_by: str,
+               now: datetime) -> RefundPlan:
+    """Resolve and judge a refund request (read only). A request id already used returns its row's plan."""
+    txn, charge = await _purchase(pool, account_id, purchase_transaction_id, payment_intent_id)
+    existing = await find(pool, account_id, request_id)
+    if existing is not None:
+        if existing.charge_id != charge["id"] or (credits is not None and credits != existing.credits) or (
+                existing.reason != reason.value):
+            raise CreditflowError("idempotency_conflict",
+                                  f"request_id {request_id} was already used for another refund")
+        return _plan_of(existing, purchased_at=txn["created_at"])
+    lots = [lot for lot in await account_lots(pool, account_id, include_depleted=True)
+            if lot.transaction_id == f"txn_{txn['id'].hex}"]
+    if len(lots) != 1:
+        raise CreditflowError("not_refundable", "this purchase has no credit lot")
+    [lot] = lots
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT coalesce(sum(amount_cents), 0) AS cents FROM refunds WHERE charge_id = %s AND status <> 'failed'",
+            (charge["id"],))).fetchone()
+    assert row is not None
+    facts = PurchaseFacts(source=lot.source, purchased_at=lot.created_at, paid_cents=charge["amount_cents"],
+                          remaining_micros=int(lot.remaining * MICROS_PER_CREDIT), refunded_cents=int(row["cents"]))
+    try:
+        quote = quote_refund(facts, credits=credits, now=now)
+    except RefundError as exc:
+        raise CreditflowError(exc.code, exc.message) from exc
+    return RefundPlan(account_id=account_id, request_id=request_id, charge_id=charge["id"],
+                      payment_intent_id=charge["payment_intent_id"], purchase_txn_id=f"txn_{txn['id'].hex}",
+                      lot_id=lot.id, credits=quote.credits, amount_cents=quote.amount_cents, reason=reason.value,
+                      requested_by=requested_by, purchased_at=lot.created_at)
+
+
+def _plan_of(record: RefundRecord, *, purchased_at: datetime) -> RefundPlan:
+    return RefundPlan(account_id=record.account_id, request_id=record.request_id, charge_id=record.charge_id,
+                      payment_intent_id=record.payment_intent_id, purchase_txn_id=f"txn_{record.purchase_txn_id.hex}",
+                      lot_id=record.lot_id, credits=record.credits, amount_cents=record.amount_cents,
+                      reason=record.reason, requested_by=record.requested_by, purchased_at=purchased_at,
+                      refund_id=record.id, status=record.status)
+
+
+def _hash(kind: str, record: RefundRecord) -> bytes:
+    return request_hash(kind, record.id, record.lot_id, record.credits * MICROS_PER_CREDIT)
+
+
+def _description(record: RefundRecord) -> str:
+    return f"Refund of {record.credits:,} credits ({format_usd(record.amount_cents)}) of purchase " \
+           f"txn_{record.purchase_txn_id.hex}"
+
+
+async def reserve(pool: AsyncConnectionPool, p: RefundPlan) -> RefundLedgerResult:
+    """Write the refund row and take its credits out of the purchase's lot, in one transaction (replayed if done)."""
+    try:
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM balances WHERE account_id = %s FOR UPDATE", (p.account_id,))
+            await conn.execute(
+                "INSERT INTO refunds (id, account_id, request_id, charge_id, payment_intent_id, purchase_txn_id,"
+                " lot_id, credits, amount_cents, reason, requested_by)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (account_id, request_id) DO NOTHING",
+                (new_id("ref"), p.account_id, p.request_id, p.charge_id, p.payment_intent_id,
+                 _purchase_uuid(p.purchase_txn_id), p.lot_id, p.credits, p.amount_cents, p.reason, p.requested_by))
+            record = await _load_by_request(conn, p.account_id, p.request_id, lock=True)
+            if record.charge_id != p.charge_id or record.credits != p.credits:
+                raise CreditflowError("idempotency_conflict",
+                                      f"request_id {p.request_id} was already used for another refund")
+            if record.status == "failed":
+                return RefundLedgerResult(refund=record, balance=await _balance(conn, p.account_id))
+            # Never more than was paid, counting every other refund of this charge (the account lock serializes them).
+            row = await (await conn.execute(
+                "SELECT coalesce(sum(amount_cents), 0) AS cents FROM refunds WHERE charge_id = %s"
+                " AND status <> 'failed' AND id <> %s", (p.charge_id, record.id))).fetchone()
+            assert row is not None
+            amount_row = await (await conn.execute("SELECT amount_cents FROM stripe_charges WHERE id = %s",
+                                                   (p.charge_id,))).fetchone()
+            assert amount_row is not None
+            if row["cents"] + record.amount_cents > amount_row["amount_cents"]:
+                raise CreditflowError("refund_exceeds_remaining", "this purchase is already refunded")
+            result = await (await conn.execute(
+                "SELECT * FROM cf_refund_reserve(%s, %s, %s, %s, %s, %s, %s)",
+                (p.account_id, record.lot_id, record.credits * MICROS_PER_CREDIT, f"sys:refund:{record.id}",
+                 _hash("refund_reserve", record), _description(record),
+                 to_jsonb({"refund_id": record.id, "purchase_transaction_id": p.purchase_txn_id,
+                           "payment_intent_id": record.payment_intent_id, "reason": record.reason,
+                           "amount_cents": record.amount_cents, "request_id": record.request_id})))).fetchone()
+            assert result is not None
+            await conn.execute("UPDATE refunds SET reserve_txn_id = %s, updated_at = now() WHERE id = %s"
+                               " AND reserve_txn_id IS NULL", (result["txn_id"], record.id))
+            record = await _load(conn, record.id)
+            return RefundLedgerResult(refund=record, balance=await _balance(conn, p.account_id))
+    except psycopg.Error as exc:
+        mapped = _sql_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+async def refund_payment(pool: AsyncConnectionPool, gateway: StripeGateway, refund_id: str) -> RefundState:
+    """The Stripe refund of this row: created once (``refunding`` committed first), retrieved on every later call."""
+    async with pool.connection() as conn, conn.transaction():
+        record = await _load(conn, refund_id, lock=True)
+        if record.stripe_refund_id is None:
+            if record.status == "failed" or record.reserve_txn_id is None:
+                raise CreditflowError("refund_not_reserved", f"refund {refund_id} is not reserved")
+            await conn.execute("UPDATE refunds SET status = 'refunding', updated_at = now() WHERE id = %s"
+                               " AND status = 'reserved'", (refund_id,))
+    async with pool.connection() as conn, conn.transaction():
+        record = await _load(conn, refund_id, lock=True)
+        if record.stripe_refund_id is not None:
+            return await gateway.retrieve_refund(record.stripe_refund_id)
+        refund = await gateway.create_refund(
+            record.payment_intent_id, record.amount_cents, idempotency_key=f"creditflow:refund:{record.id}",
+            metadata={ACCOUNT_METADATA_KEY: record.account_id, REFUND_METADATA_KEY: record.id,
+                      "creditflow_reason": record.reason})
+        await conn.execute("UPDATE refunds SET stripe_refund_id = %s, stripe_status = %s, updated_at = now()"
+                           " WHERE id = %s", (refund.id, refund.status, refund_id))
+    return refund
+
+
+async def finalize(pool: AsyncConnectionPool, refund_id: str, stripe_refund_id: str,
+                   stripe_status: str) -> RefundLedgerResult:
+    """Stripe refunded the money: the row becomes ``succeeded`` (idempotent)."""
+    try:
+        async with pool.connection() as conn, conn.transaction():
+            row = await (await conn.execute("SELECT * FROM cf_refund_finalize(%s, %s, %s)",
+                                            (refund_id, stripe_refund_id, stripe_status))).fetchone()
+            assert row is not None
+            record = RefundRecord(**row)
+            return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+    except psycopg.Error as exc:
+        mapped = _sql_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+async def release(pool: AsyncConnectionPool, refund_id: str, *, failure_code: str,
+                  failure_message: str | None) -> RefundLedgerResult:
+    """Compensation: Stripe refused for good, so the reserved credits go back to the purchase's lot (once) and
+    the row becomes ``failed``. A succeeded refund is never released."""
+    async with pool.connection() as conn, conn.transaction():
+        record = await _load(conn, refund_id, lock=True)
+        if record.status == "succeeded":
+            raise CreditflowError("idempotency_conflict", f"refund {refund_id} succeeded; it cannot be released")
+        release_txn: UUID | None = record.release_txn_id
+        if record.reserve_txn_id is not None and release_txn is None:
+            result = await (await conn.execute(
+                "SELECT * FROM cf_refund_release(%s, %s, %s, %s, %s, %s, %s)",
+                (record.account_id, record.lot_id, record.credits * MICROS_PER_CREDIT,
+                 f"sys:refund_release:{record.id}", _hash("refund_release", record),
+                 f"Refund reversed ({failure_code}): {record.credits:,} credits back",
+                 to_jsonb({"refund_id": record.id, "failure_code": failure_code,
+                           "refund_transaction_id": record.transaction_id})))).fetchone()
+            assert result is not None
+            release_txn = result["txn_id"]
+        await conn.execute(
+            "UPDATE refunds SET status = 'failed', release_txn_id = %s, failure_code = coalesce(failure_code, %s),"
+            " failure_message = coalesce(failure_message, %s), updated_at = now() WHERE id = %s",
+            (release_txn, failure_code, failure_message, refund_id))
+        record = await _load(conn, refund_id)
+        return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+
+
+async def find(pool: AsyncConnectionPool, account_id: str, request_id: str) -> RefundRecord | None:
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT * FROM refunds WHERE account_id = %s AND request_id = %s",
+                                        (account_id, request_id))).fetchone()
+    return RefundRecord(**row) if row else None
+
+
+async def get_refund(pool: AsyncConnectionPool, refund_id: str) -> RefundRecord:
+    async with pool.connection() as conn:
+        return await _load(conn, refund_id)
+
+
+async def list_refunds(pool: AsyncConnectionPool, account_id: str, limit: int = 50) -> list[RefundRecord]:
+    """The account's refunds, newest first."""
+    async with pool.connection() as conn:
+        exists = await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone()
+        if exists is None:
+            raise CreditflowError("unknown_account", f"no account {account_id}")
+        rows = await (await conn.execute(
+            "SELECT * FROM refunds WHERE account_id = %s ORDER BY created_at DESC, id LIMIT %s",
+            (account_id, limit))).fetchall()
+    return [RefundRecord(**row) for row in rows]
+
+
+async def _load(conn: Any, refund_id: str, *, lock: bool = False) -> RefundRecord:
+    row = await (await conn.execute("SELECT * FROM refunds WHERE id = %s" + (" FOR UPDATE" if lock else ""),
+                                    (refund_id,))).fetchone()
+    if row is None:
+        raise CreditflowError("not_found", f"no refund {refund_id}")
+    return RefundRecord(**row)
+
+
+async def _load_by_request(conn: Any, account_id: str, request_id: str, *, lock: bool = False) -> RefundRecord:
+    row = await (await conn.execute("SELECT * FROM refunds WHERE account_id = %s AND request_id = %s"
+                                    + (" FOR UPDATE" if lock else ""), (account_id, request_id))).fetchone()
+    if row is None:
+        raise CreditflowError("not_found", f"no refund for request {request_id}")
+    return RefundRecord(**row)
+
+
+async def _balance_micros(conn: Any, account_id: str) -> int:
+    row = await (await conn.execute("SELECT balance_micros FROM balances WHERE account_id = %s",
+                                    (account_id,))).fetchone()
+    return int(row["balance_micros"]) if row else 0
+
+
+async def _balance(conn: Any, account_id: str) -> Decimal:
+    return micros_to_credits(await _balance_micros(conn, account_id))
+
