@@ -7,6 +7,9 @@ database errors are retried by the workflow's policies.
 
 from __future__ import annotations
 
+import os
+import signal
+
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from temporalio import activity
@@ -15,6 +18,17 @@ from activities.errors import application_error, translating_errors  # noqa: F40
 from creditflow.payments import topups
 from creditflow.payments.gateway import PaymentIntentState, StripeGateway
 from creditflow.payments.topups import CreditResult
+
+# TEST-ONLY fault injection (tests/test_fault_injection.py): with CREDITFLOW_FAULT_INJECT set to ``after_charge``
+# or ``after_credit`` the worker process SIGKILLs itself at that point, to prove a crash there is recovered
+# exactly once. Unset (always, outside that test) it does nothing. Never set it in any deployed environment.
+FAULT_INJECT_ENV = "CREDITFLOW_FAULT_INJECT"
+
+
+def _fault_point(name: str) -> None:
+    """Test-only: kill this process (no cleanup, as a crash would) if ``name`` is the injected fault."""
+    if os.environ.get(FAULT_INJECT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RecordTopUpInput(BaseModel):
@@ -68,7 +82,9 @@ class TopUpActivities:
     @translating_errors
     async def charge_topup(self, input: ChargeRef) -> PaymentIntentState:
         """Create (and confirm with a saved card) the PaymentIntent, or retrieve the one recorded."""
-        return await topups.charge(self._pool, self._gateway, input.charge_id)
+        pi = await topups.charge(self._pool, self._gateway, input.charge_id)
+        _fault_point("after_charge")  # test-only: Stripe answered, the PaymentIntent id is committed
+        return pi
 
     @activity.defn(name="poll_topup_payment")
     @translating_errors
@@ -86,7 +102,9 @@ class TopUpActivities:
     @translating_errors
     async def credit_topup(self, input: ChargeRef) -> CreditResult:
         """Credit the wallet for the succeeded PaymentIntent, once (ledger key ``sys:topup:{payment_intent_id}``)."""
-        return await topups.credit(self._pool, input.charge_id)
+        result = await topups.credit(self._pool, input.charge_id)
+        _fault_point("after_credit")  # test-only: the ledger credit is committed
+        return result
 
     @activity.defn(name="mark_topup_charge")
     async def mark_topup_charge(self, input: MarkChargeInput) -> None:

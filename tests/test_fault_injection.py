@@ -1,0 +1,167 @@
+"""Exactly once, proven: the worker process is SIGKILLed in the middle of a saved-card top-up, restarted, and the
+top-up still ends with one PaymentIntent, one ledger credit and the exact balance.
+
+The worker runs as a real subprocess (``workers.main.run_worker``, settings from ``CREDITFLOW_*``) with the
+test-only hook ``CREDITFLOW_FAULT_INJECT`` (activities/topups.py) set to the kill point; it is restarted without.
+A killed activity is only retried once its start-to-close timeout expires (no heartbeats): ``charge_topup`` has
+``STRIPE_TIMEOUT`` (3 minutes), ``credit_topup`` ``DB_TIMEOUT`` (30 s), and neither ``TopUpInput`` nor the
+settings can shorten them, so the ``after_charge`` case takes a little over 3 minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+
+from activities.topups import FAULT_INJECT_ENV
+from creditflow.config import Settings
+from tests.conftest import ADMIN_KEY, STRIPE_KEY
+from tests.test_api_metering import new_account
+from tests.test_ledger_invariants import assert_invariants
+from tests.test_topups import _client, charges, customer_of, intents_of, purchases, receipts, reconcile, save_card
+from workflows.contract import TopUpInput, TopUpOutcome, TopUpTerms, topup_workflow_id
+from workflows.topup import TopUpWorkflow
+
+pytestmark = [pytest.mark.temporal, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ("import asyncio; from creditflow.config import Settings; from workers.main import run_worker; "
+          "asyncio.run(run_worker(Settings()))")
+
+
+@pytest.fixture
+def settings(database_url: str, stripe_base: str) -> Settings:
+    return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
+                    welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
+                    stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1)
+
+
+@pytest.fixture
+async def api(temporal_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app on the test's task queue, with NO in-process worker: only the subprocess runs the work."""
+    async for client in _client(temporal_settings):
+        yield client
+
+
+class Workers:
+    """Worker subprocesses of one test; whatever is still alive is killed at teardown."""
+
+    def __init__(self, settings: Settings, logs: Path) -> None:
+        self.settings = settings
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, fault: str | None = None) -> subprocess.Popen[bytes]:
+        s = self.settings
+        env = {k: v for k, v in os.environ.items() if k != FAULT_INJECT_ENV and not k.startswith("CREDITFLOW_")}
+        env.update({
+            "CREDITFLOW_DATABASE_URL": s.database_url,
+            "CREDITFLOW_TEMPORAL_ADDRESS": s.temporal_address,
+            "CREDITFLOW_TEMPORAL_NAMESPACE": s.temporal_namespace,
+            "CREDITFLOW_TEMPORAL_TASK_QUEUE": s.temporal_task_queue,
+            "CREDITFLOW_STRIPE_API_BASE": s.stripe_api_base,
+            "CREDITFLOW_STRIPE_API_KEY": s.stripe_api_key.get_secret_value(),
+            "CREDITFLOW_STRIPE_RETRY_MAX_WAIT_SECONDS": "0.1",
+            "CREDITFLOW_DB_POOL_MIN_SIZE": "1",
+            "CREDITFLOW_DB_POOL_MAX_SIZE": "4",
+        })
+        if fault is not None:
+            env[FAULT_INJECT_ENV] = fault
+        log = (self.logs / f"worker-{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-c", WORKER], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def workers(temporal_settings: Settings, tmp_path: Path) -> Iterator[Workers]:
+    started = Workers(temporal_settings, tmp_path)
+    try:
+        yield started
+    finally:
+        started.kill_all()
+
+
+async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"worker {proc.pid} still alive after {timeout} s")
+        await asyncio.sleep(0.1)
+    return proc.returncode
+
+
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("fault", ["after_charge", "after_credit"])
+async def test_worker_killed_mid_topup_charges_and_credits_once(
+        fault: str, api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient,
+        temporal_client: Client, temporal_settings: Settings, workers: Workers) -> None:
+    account = await new_account(api)  # welcome bonus: 5,000 credits
+    card = await save_card(api, sdk, account)
+    request_id = f"kill-{fault}-{uuid.uuid4().hex[:6]}"
+    input = TopUpInput(account_id=account, request_id=request_id, description="Top-up of $25.00",
+                       terms=TopUpTerms(amount_cents=2500, credits=2500))
+
+    doomed = workers.start(fault)
+    handle = await temporal_client.start_workflow(
+        TopUpWorkflow.run, input, id=topup_workflow_id(account, request_id),
+        task_queue=temporal_settings.temporal_task_queue, result_type=TopUpOutcome)
+    assert await wait_exit(doomed, 60) == -signal.SIGKILL, (workers.logs / "worker-0.log").read_text()
+
+    # The kill point was reached: Stripe charged (and, after_credit, the ledger was credited) before the crash.
+    [pi] = intents_of(sdk, await customer_of(pool, account))
+    assert (pi.status, pi.amount, pi.payment_method) == ("succeeded", 2500, card)
+    [row] = await charges(pool, account)
+    assert row["payment_intent_id"] == pi.id
+    assert len(await purchases(pool, account)) == (1 if fault == "after_credit" else 0)
+
+    started = time.monotonic()
+    workers.start()  # no fault: the activity is retried once its start-to-close timeout expires
+    outcome = await asyncio.wait_for(handle.result(), 420)
+    recovered_in = time.monotonic() - started
+    print(f"{fault}: recovered in {recovered_in:.1f} s")
+
+    assert (outcome.status, outcome.payment_intent_id, outcome.credits, outcome.balance) == (
+        "succeeded", pi.id, 2500, 7500)
+    assert [p.id for p in intents_of(sdk, await customer_of(pool, account))] == [pi.id]
+    [purchase] = await purchases(pool, account)
+    assert purchase["idempotency_key"] == f"sys:topup:{pi.id}"
+    [row] = await charges(pool, account)
+    assert (row["status"], row["payment_intent_id"], row["ledger_txn_id"]) == (
+        "succeeded", pi.id, outcome.transaction_id)
+    balance = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"]
+    assert balance == 7500
+    assert len(await receipts(pool, account)) == 1
+    await assert_invariants(pool)
+    assert await reconcile(pool, sdk, account) == 1
+    # The activity that was running at the kill really ran twice (the crash was not a no-op).
+    activity = "charge_topup" if fault == "after_charge" else "credit_topup"
+    history = await handle.fetch_history()
+    attempts: list[Any] = [e.activity_task_started_event_attributes.attempt for e in history.events
+                           if e.HasField("activity_task_started_event_attributes")]
+    scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
+                 if e.HasField("activity_task_scheduled_event_attributes")]
+    assert activity in scheduled
+    assert max(attempts) >= 2, attempts
