@@ -155,20 +155,7 @@ class CreditflowClient:
             static_details="Charges the card (or hands out a client secret), credits the wallet once, "
                            "sends a receipt. Query `status` for the outcome.",
             result_type=TopUpOutcome)
-        try:
-            return await asyncio.wait_for(self.temporal.execute_update_with_start_workflow(
-                UPDATE_TOPUP_ANSWER, input.terms, start_workflow_operation=start, result_type=TopUpOutcome),
-                wait.total_seconds())
-        except TimeoutError:
-            return None
-        except WorkflowUpdateFailedError as err:
-            cause = err.cause
-            if isinstance(cause, ApplicationError) and cause.type:
-                raise CreditflowError(cause.type, cause.message) from err
-            raise
-        except RPCError as err:
-            raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
-                                  details={"reason": err.message}) from err
+        return await self._answer(UPDATE_TOPUP_ANSWER, input.terms, start, TopUpOutcome, wait)
 
     async def refund(self, input: RefundInput, *, wait: timedelta) -> RefundOutcome | None:
         """Start ``refund:{account_id}:{request_id}`` (or join the running one: a repeated request never refunds
@@ -188,6 +175,8 @@ class CreditflowClient:
 
     async def _answer(self, update: str, arg: Any, start: WithStartWorkflowOperation[Any, Any],
                       result_type: type[Any], wait: timedelta) -> Any:
+        """Update-with-start, waiting at most ``wait``: the workflow's refusal comes back as the
+        matching ``CreditflowError``; Temporal unreachable is ``workflow_unavailable``."""
         try:
             return await asyncio.wait_for(self.temporal.execute_update_with_start_workflow(
                 update, arg, start_workflow_operation=start, result_type=result_type), wait.total_seconds())

