@@ -3,21 +3,20 @@ the API, with operator rights: every reason is allowed). The same ``--request-id
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from datetime import timedelta
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from creditflow.client import CreditflowClient, refund_workflow_id
+from creditflow.client import refund_workflow_id
 from creditflow.config import get_settings
 from creditflow.domain.refunds import RefundError, check_credits, parse_reason
 from creditflow.domain.topups import format_usd
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id, check_token
-from workflows.contract import RefundInput, RefundOutcome, RefundTerms
+from creditflow.workflow_cli import ask_workflow, refuse
+from workflows.contract import RefundInput, RefundTerms
 
 console = Console()
 
@@ -41,25 +40,10 @@ def refund(
         input = RefundInput(account_id=account_id, request_id=request_id, requested_by="admin",
                             terms=RefundTerms(purchase_transaction_id=purchase, credits=check_credits(credits),
                                               reason=parsed.value))
-    except RefundError as exc:
-        console.print(f"[red]{exc.code}[/red]: {exc.message}")
-        raise typer.Exit(1) from exc
-    except CreditflowError as exc:
-        console.print(f"[red]{exc.code}[/red]: {exc.message}")
-        raise typer.Exit(1) from exc
+    except (RefundError, CreditflowError) as exc:
+        raise refuse(console, exc) from exc
 
-    async def run() -> RefundOutcome | None:
-        try:
-            client = await CreditflowClient.connect(settings)
-        except RuntimeError as exc:
-            raise CreditflowError("workflow_unavailable", f"Temporal at {settings.temporal_address}: {exc}") from exc
-        return await client.refund(input, wait=timedelta(seconds=settings.topup_answer_timeout_seconds))
-
-    try:
-        outcome = asyncio.run(run())
-    except CreditflowError as exc:
-        console.print(f"[red]{exc.code}[/red]: {exc.message}")
-        raise typer.Exit(1) from exc
+    outcome = ask_workflow(settings, console, lambda client, wait: client.refund(input, wait=wait))
     console.print(f"request id: {request_id}")
     if outcome is None:
         console.print(f"still pending; follow workflow {refund_workflow_id(account_id, request_id)}")

@@ -7,20 +7,19 @@ same ``--request-id`` run again never charges twice.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from datetime import timedelta
 from decimal import Decimal
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from creditflow.client import CreditflowClient, topup_input, topup_workflow_id
+from creditflow.client import topup_input, topup_workflow_id
 from creditflow.config import get_settings
 from creditflow.domain.topups import format_usd
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id, check_token
+from creditflow.workflow_cli import ask_workflow, refuse
 
 console = Console()
 
@@ -45,29 +44,14 @@ def topup(
         input = topup_input(settings, account_id, request_id, amount_usd=amount_usd, package_id=package,
                             payment_method_id=payment_method)
     except CreditflowError as exc:
-        console.print(f"[red]{exc.code}[/red]: {exc.message}")
-        raise typer.Exit(1) from exc
+        raise refuse(console, exc) from exc
 
-    async def run() -> object:
-        try:
-            client = await CreditflowClient.connect(settings)
-        except RuntimeError as exc:
-            raise CreditflowError("workflow_unavailable", f"Temporal at {settings.temporal_address}: {exc}") from exc
-        return await client.topup(input, wait=timedelta(seconds=settings.topup_answer_timeout_seconds))
-
-    try:
-        outcome = asyncio.run(run())
-    except CreditflowError as exc:
-        console.print(f"[red]{exc.code}[/red]: {exc.message}")
-        raise typer.Exit(1) from exc
+    outcome = ask_workflow(settings, console, lambda client, wait: client.topup(input, wait=wait))
     console.print(f"request id: {request_id}")
     if outcome is None:
         console.print(f"still pending; follow workflow {topup_workflow_id(account_id, request_id)} "
                       "or run again with the same --request-id")
         raise typer.Exit(3)
-    from workflows.contract import TopUpOutcome
-
-    assert isinstance(outcome, TopUpOutcome)
     what = f"{format_usd(outcome.amount_cents)} for {outcome.credits:,} credits"
     if outcome.status == "succeeded":
         console.print(f"succeeded: {what}, transaction {outcome.transaction_id}, balance {outcome.balance}, "
