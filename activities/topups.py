@@ -39,6 +39,9 @@ class RecordTopUpInput(BaseModel):
     package_id: str | None = None
     description: str
     payment_method_id: str | None = None
+    # ``auto_recharge`` charges are credited as such and must have a saved card (``no_payment_method``).
+    kind: str = topups.KIND_TOPUP
+    require_card: bool = False
 
 
 class ChargeSnapshot(BaseModel):
@@ -74,7 +77,8 @@ class TopUpActivities:
         record = await topups.record_charge(
             self._pool, self._gateway, account_id=input.account_id, request_id=input.request_id,
             amount_cents=input.amount_cents, credits=input.credits, package_id=input.package_id,
-            description=input.description, payment_method_id=input.payment_method_id)
+            description=input.description, payment_method_id=input.payment_method_id, kind=input.kind,
+            require_card=input.require_card)
         return ChargeSnapshot(charge_id=record.id, status=record.status, payment_method_id=record.payment_method_id,
                               payment_intent_id=record.payment_intent_id)
 

@@ -13,6 +13,13 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from creditflow.domain.recharge import (
+    DEFAULT_MAX_CONSECUTIVE_FAILURES,
+    DEFAULT_MAX_PER_DAY,
+    DEFAULT_RETRY_BASE_SECONDS,
+    DEFAULT_RETRY_MAX_SECONDS,
+    RechargePolicy,
+)
 from creditflow.domain.topups import DEFAULT_MAX_USD, DEFAULT_MIN_USD, DEFAULT_PACKAGES, CreditPackage, TopUpPolicy
 
 
@@ -49,6 +56,13 @@ class Settings(BaseSettings):
     topup_payment_expiry_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     topup_poll_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
 
+    # Auto-recharge (issue 3): attempts per UTC day (declined or not), consecutive failures before it is
+    # disabled, and the back-off after a failure (doubling from the base, capped).
+    auto_recharge_max_per_day: int = Field(default=DEFAULT_MAX_PER_DAY, ge=1, le=100)
+    auto_recharge_max_consecutive_failures: int = Field(default=DEFAULT_MAX_CONSECUTIVE_FAILURES, ge=1, le=100)
+    auto_recharge_retry_base_seconds: int = Field(default=DEFAULT_RETRY_BASE_SECONDS, ge=1)
+    auto_recharge_retry_max_seconds: int = Field(default=DEFAULT_RETRY_MAX_SECONDS, ge=1)
+
     # HTTP API.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -67,6 +81,12 @@ class Settings(BaseSettings):
 
     # Embedded stack (creditflow dev).
     data_dir: Path = Path(".data")
+
+    def recharge_policy(self) -> RechargePolicy:
+        return RechargePolicy(max_per_day=self.auto_recharge_max_per_day,
+                              max_consecutive_failures=self.auto_recharge_max_consecutive_failures,
+                              retry_base_seconds=self.auto_recharge_retry_base_seconds,
+                              retry_max_seconds=self.auto_recharge_retry_max_seconds)
 
     def topup_policy(self) -> TopUpPolicy:
         return TopUpPolicy(min_usd=self.topup_min_usd, max_usd=self.topup_max_usd,

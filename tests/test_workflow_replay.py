@@ -26,6 +26,7 @@ from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
 from tests.test_api_metering import new_account
 from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, _client, customer_of, intents_of, save_card
+from workflows.auto_recharge import AutoRechargeWorkflow
 from workflows.contract import RefundOutcome, TopUpOutcome, refund_workflow_id, topup_workflow_id
 from workflows.refund import RefundWorkflow
 from workflows.topup import TopUpWorkflow
@@ -51,7 +52,8 @@ async def api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterato
 
 
 def replayer() -> Replayer:
-    return Replayer(workflows=[TopUpWorkflow, RefundWorkflow], data_converter=pydantic_data_converter)
+    return Replayer(workflows=[TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow],
+                    data_converter=pydantic_data_converter)
 
 
 async def record_and_replay(client: Client, workflow_id: str, name: str) -> None:
@@ -120,10 +122,11 @@ async def test_refund_replays(api: httpx.AsyncClient, sdk: stripe.StripeClient, 
 
 
 async def test_recorded_topup_and_refund_histories_replay() -> None:
-    """Every recorded top-up and refund history replays on the current code (no non-determinism)."""
-    files = sorted([*HISTORIES.glob("topup/*.json"), *HISTORIES.glob("refund/*.json")])
+    """Every recorded top-up, refund and auto-recharge history replays on the current code (no non-determinism)."""
+    files = sorted([*HISTORIES.glob("topup/*.json"), *HISTORIES.glob("refund/*.json"),
+                    *HISTORIES.glob("recharge/*.json")])
     assert {p.stem for p in files} >= {"topup_v1_saved_card", "topup_v1_client_secret", "topup_v1_declined",
-                                        "refund_v1_success"}, files
+                                        "refund_v1_success", "recharge_v1_succeeded", "recharge_v1_declined"}, files
     for path in files:
         result = await replayer().replay_workflow(WorkflowHistory.from_json(path.stem, path.read_text()))
         assert result.replay_failure is None, (path.name, result.replay_failure)

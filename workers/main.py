@@ -17,6 +17,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.accounts import AccountActivities
+from activities.auto_recharge import AutoRechargeActivities
 from activities.notifications import NotificationActivities
 from activities.payments import PaymentActivities
 from activities.refunds import RefundActivities
@@ -28,6 +29,7 @@ from creditflow.payments.gateway import StripeGateway
 from creditflow.temporal_setup import ensure_search_attributes
 from workers.relay import OutboxRelay
 from workflows.account import AccountWorkflow
+from workflows.auto_recharge import AutoRechargeWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.topup import TopUpWorkflow
 
@@ -38,7 +40,7 @@ CONNECT_RETRY_MAX_SECONDS = 30.0
 
 
 def workflow_classes() -> list[type]:
-    return [AccountWorkflow, TopUpWorkflow, RefundWorkflow]
+    return [AccountWorkflow, TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow]
 
 
 def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Callable[..., Any]]:
@@ -49,7 +51,9 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
     topups = TopUpActivities(pool, gateway)
     notifications = NotificationActivities(pool)
     refunds = RefundActivities(pool, gateway)
+    recharge = AutoRechargeActivities(pool, settings.recharge_policy())
     return [accounts.load_account, payments.ensure_stripe_customer,
+            recharge.load_auto_recharge, recharge.record_auto_recharge_attempt,
             topups.record_topup_charge, topups.charge_topup, topups.poll_topup_payment, topups.cancel_topup_payment,
             topups.credit_topup, topups.mark_topup_charge, notifications.send_notification,
             refunds.check_refund, refunds.reserve_refund, refunds.refund_payment, refunds.finalize_refund,

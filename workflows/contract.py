@@ -16,6 +16,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 from temporalio.common import SearchAttributeKey
 
+from creditflow.domain.recharge import RechargeState
+
 # --- AccountWorkflow -------------------------------------------------------------------------------
 
 ACCOUNT_WORKFLOW = "AccountWorkflow"
@@ -82,6 +84,11 @@ class AccountWorkflowInput(BaseModel):
     stripe_customer_id: str | None = None
     # The error code when creating it failed for good (it is then created on first use by the API).
     stripe_customer_error: str | None = None
+    # Auto-recharge: a crossing (or a timer) asked for a decision; the state of attempts so far.
+    recharge_requested: bool = False
+    recharge: RechargeState = Field(default_factory=RechargeState)
+    # When to decide again by itself (back-off after a failure, the daily cap's next UTC day).
+    recharge_wake_at: datetime | None = None
 
 
 class AccountState(BaseModel):
@@ -97,6 +104,12 @@ class AccountState(BaseModel):
     recent_dedup_keys: int = 0
     continued_as_new: int = 0
     stripe_customer_id: str | None = None
+    recharge: RechargeState = Field(default_factory=RechargeState)
+    # The running ``recharge:{account_id}:{seq}`` workflow, if any (at most one at a time).
+    recharge_in_flight: str | None = None
+    # Why no recharge is running: due, above_threshold, backing_off, daily_cap_reached, disabled, ...
+    recharge_reason: str | None = None
+    recharge_wake_at: datetime | None = None
 
 
 # --- TopUpWorkflow (issue 3) -----------------------------------------------------------------------
@@ -228,3 +241,50 @@ class RefundOutcome(BaseModel):
     balance: Decimal | None = None
     error_code: str | None = None
     error_message: str | None = None
+
+
+# --- AutoRechargeWorkflow (issue 3) ----------------------------------------------------------------
+
+AUTO_RECHARGE_WORKFLOW = "AutoRechargeWorkflow"
+AUTO_RECHARGE_WORKFLOW_ID_PREFIX = "recharge:"
+# Query: the current ``AutoRechargeOutcome``.
+QUERY_RECHARGE_STATUS = "status"
+
+RECHARGE_PENDING = "pending"
+RECHARGE_SUCCEEDED = "succeeded"
+RECHARGE_FAILED = "failed"
+
+
+def auto_recharge_workflow_id(account_id: str, seq: int) -> str:
+    """``recharge:{account_id}:{seq}``: the account workflow starts them one at a time, ``seq`` counting up."""
+    return f"{AUTO_RECHARGE_WORKFLOW_ID_PREFIX}{account_id}:{seq}"
+
+
+class AutoRechargeInput(BaseModel):
+    """Input of ``AutoRechargeWorkflow`` (a child of the account workflow)."""
+
+    account_id: str
+    seq: int
+    credits: int
+    amount_cents: int
+    # None: the customer's default card. Never the client-secret path: no card means ``no_payment_method``.
+    payment_method_id: str | None = None
+    threshold_micros: int = 0
+    available_micros: int = 0
+
+
+class AutoRechargeOutcome(BaseModel):
+    """The ``status`` query and the workflow's result."""
+
+    status: str = RECHARGE_PENDING
+    account_id: str
+    seq: int
+    credits: int
+    amount_cents: int
+    charge_id: str | None = None
+    payment_intent_id: str | None = None
+    transaction_id: str | None = None
+    balance: Decimal | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    decline_code: str | None = None

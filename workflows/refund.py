@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         ReleaseRefundInput,
     )
     from creditflow.domain.topups import format_usd
+    from workflows.common import DB_TIMEOUT, STRIPE_TIMEOUT, db_retry, error_of, until_done_retry
     from workflows.contract import (
         QUERY_REFUND_STATUS,
         REFUND_FAILED,
@@ -49,28 +50,14 @@ with workflow.unsafe.imports_passed_through():
 _REFUSALS = [*PERMANENT_CODES, "unknown_purchase", "not_refundable", "refund_window_expired",
              "refund_exceeds_remaining", "insufficient_credits", "invalid_amount", "invalid_id", "forbidden",
              "validation_error", "idempotency_conflict", "not_found", "refund_not_reserved"]
-# Our database: short outages are retried for a few minutes, refusals never.
-DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                       maximum_interval=timedelta(seconds=30), maximum_attempts=10, non_retryable_error_types=_REFUSALS)
+DB_RETRY = db_retry(_REFUSALS)
 # Stripe refund: the gateway retried transient errors for seconds; the credits are reserved, so keep trying
 # (capped interval) until Stripe answers. Refusals are final and trigger the compensation.
 REFUND_STRIPE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), backoff_coefficient=2.0,
                                   maximum_interval=timedelta(minutes=5), maximum_attempts=0,
                                   non_retryable_error_types=_REFUSALS)
 # Finalize / release: the money side is decided, the ledger must follow, so retried until it lands.
-SETTLE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                           maximum_interval=timedelta(minutes=5), maximum_attempts=0,
-                           non_retryable_error_types=["idempotency_conflict", "not_found", "refund_not_reserved"])
-
-DB_TIMEOUT = timedelta(seconds=30)
-STRIPE_TIMEOUT = timedelta(minutes=3)
-
-
-def _error_of(err: ActivityError) -> ApplicationError:
-    cause = err.cause
-    if isinstance(cause, ApplicationError):
-        return cause
-    return ApplicationError(str(cause or err), type=type(cause).__name__ if cause else "activity_failed")
+SETTLE_RETRY = until_done_retry(["idempotency_conflict", "not_found", "refund_not_reserved"])
 
 
 @workflow.defn(name=REFUND_WORKFLOW)
@@ -99,7 +86,7 @@ class RefundWorkflow:
                 RefundActivities.reserve_refund, plan, start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY,
                 summary=f"Reserve {plan.credits:,} credits of {plan.purchase_txn_id}")
         except ActivityError as err:
-            return await self._finish_refused(_error_of(err))
+            return await self._finish_refused(error_of(err))
         self._take(reserved)
         if reserved.status == REFUND_SUCCEEDED:
             return await self._finish(REFUND_SUCCEEDED)
@@ -111,7 +98,7 @@ class RefundWorkflow:
                 start_to_close_timeout=STRIPE_TIMEOUT, retry_policy=REFUND_STRIPE_RETRY,
                 summary=f"Refund {format_usd(reserved.amount_cents)} on {o.payment_intent_id}")
         except ActivityError as err:
-            error = _error_of(err)
+            error = error_of(err)
             return await self._release(reserved.refund_id, error.type or "refund_failed", error.message)
         o.stripe_refund_id = refund.id
         if refund.status in ("failed", "canceled"):

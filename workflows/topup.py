@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from creditflow.domain.topups import format_usd
     from creditflow.notify.log import Notification
     from creditflow.payments.gateway import PaymentIntentState
+    from workflows.common import DB_TIMEOUT, NOTIFY_RETRY, STRIPE_TIMEOUT, db_retry, error_of, until_done_retry
     from workflows.contract import (
         QUERY_TOPUP_STATUS,
         SA_ACCOUNT_ID,
@@ -49,11 +50,8 @@ with workflow.unsafe.imports_passed_through():
     )
 
 _REFUSALS = [*PERMANENT_CODES, "card_declined", "unknown_payment_method", "payment_method_invalid",
-             "idempotency_conflict", "not_found", "invalid_amount"]
-# Our database: short outages are retried for a few minutes, refusals never.
-DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                       maximum_interval=timedelta(seconds=30), maximum_attempts=10,
-                       non_retryable_error_types=_REFUSALS)
+             "idempotency_conflict", "not_found", "invalid_amount", "no_payment_method"]
+DB_RETRY = db_retry(_REFUSALS)
 # Stripe: the gateway already retried transient errors for seconds; here about ten more minutes.
 STRIPE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), backoff_coefficient=2.0,
                            maximum_interval=timedelta(seconds=60), maximum_attempts=12,
@@ -63,23 +61,10 @@ POLL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coeffici
                          maximum_interval=timedelta(seconds=10), maximum_attempts=3,
                          non_retryable_error_types=_REFUSALS)
 # The customer has paid: the credit must land, so it is retried until it does (capped interval).
-CREDIT_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                           maximum_interval=timedelta(minutes=5), maximum_attempts=0,
-                           non_retryable_error_types=["idempotency_conflict", "invalid_amount", "not_found"])
-NOTIFY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                           maximum_interval=timedelta(minutes=1), maximum_attempts=10)
-
-DB_TIMEOUT = timedelta(seconds=30)
-STRIPE_TIMEOUT = timedelta(minutes=3)
+CREDIT_RETRY = until_done_retry(["idempotency_conflict", "invalid_amount", "not_found"])
 # PaymentIntent statuses that still need the customer (or Stripe) to act.
-_WAITING = frozenset({"requires_payment_method", "requires_confirmation", "requires_action", "processing"})
-
-
-def _error_of(err: ActivityError) -> ApplicationError:
-    cause = err.cause
-    if isinstance(cause, ApplicationError):
-        return cause
-    return ApplicationError(str(cause or err), type=type(cause).__name__ if cause else "activity_failed")
+WAITING_STATUSES = frozenset({"requires_payment_method", "requires_confirmation", "requires_action", "processing"})
+_WAITING = WAITING_STATUSES
 
 
 @workflow.defn(name=TOPUP_WORKFLOW)
@@ -107,7 +92,7 @@ class TopUpWorkflow:
                 start_to_close_timeout=STRIPE_TIMEOUT, retry_policy=STRIPE_RETRY,
                 summary=f"Record the {format_usd(t.amount_cents)} top-up ({how})")
         except ActivityError as err:
-            return await self._finish_failed(_error_of(err), mark=False)
+            return await self._finish_failed(error_of(err), mark=False)
         self._outcome.charge_id = record.charge_id
         saved_card = record.payment_method_id is not None
         try:
@@ -117,7 +102,7 @@ class TopUpWorkflow:
                 summary=(f"Charge {format_usd(t.amount_cents)} to card {record.payment_method_id} off-session"
                          if saved_card else f"Create a {format_usd(t.amount_cents)} PaymentIntent (client secret)"))
         except ActivityError as err:
-            error = _error_of(err)
+            error = error_of(err)
             # A decline is recorded by the activity itself (with Stripe's codes).
             return await self._finish_failed(error, mark=error.type != "card_declined")
         self._outcome.payment_intent_id = pi.id
@@ -180,7 +165,7 @@ class TopUpWorkflow:
                     TopUpActivities.poll_topup_payment, charge, start_to_close_timeout=STRIPE_TIMEOUT,
                     retry_policy=POLL_RETRY, summary=f"Check PaymentIntent {pi.id}")
             except ActivityError as err:
-                workflow.logger.warning("polling %s failed: %s", pi.id, _error_of(err).message)
+                workflow.logger.warning("polling %s failed: %s", pi.id, error_of(err).message)
                 continue
             if pi.status not in _WAITING:
                 return pi
@@ -209,7 +194,7 @@ class TopUpWorkflow:
                 NotificationActivities.send_notification, receipt, start_to_close_timeout=DB_TIMEOUT,
                 retry_policy=NOTIFY_RETRY, summary=f"Send the receipt ({format_usd(o.amount_cents)})")
         except ActivityError as err:  # the money part is done; a lost receipt must not undo it
-            workflow.logger.error("receipt for %s not sent: %s", charge_id, _error_of(err).message)
+            workflow.logger.error("receipt for %s not sent: %s", charge_id, error_of(err).message)
 
     async def _finish_failed(self, error: ApplicationError, *, mark: bool) -> TopUpOutcome:
         details = error.details[0] if error.details and isinstance(error.details[0], dict) else {}

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from creditflow import __version__
-from creditflow.api import accounts, billing, features, payment_methods, refunds, stripe_webhooks, topups
+from creditflow.api import accounts, auto_recharge, billing, features, payment_methods, refunds, stripe_webhooks, topups
 from creditflow.api.exact_json import ExactJSONResponse, respond
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
@@ -78,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(features.router)
     app.include_router(payment_methods.router)
     app.include_router(topups.router)
+    app.include_router(auto_recharge.router)
     app.include_router(refunds.router)
     app.include_router(stripe_webhooks.router)
     return app

@@ -49,6 +49,8 @@ _SQL_CODES = frozenset({"invalid_amount", "unknown_account", "unknown_purchase",
                         "refund_exceeds_remaining", "insufficient_credits", "idempotency_conflict", "not_found",
                         "refund_not_reserved"})
 _TXN_ID = "txn_"
+# Journal types of paid credits: a top-up and an auto-recharge (both keep their ``stripe_charges`` row).
+REFUNDABLE_TYPES = frozenset({"purchase", "auto_recharge"})
 
 
 class RefundRecord(BaseModel):
@@ -146,7 +148,7 @@ async def _purchase(pool: AsyncConnectionPool, account_id: str, purchase_transac
         charge = await (await conn.execute(
             "SELECT * FROM stripe_charges WHERE account_id = %s AND ledger_txn_id = %s AND status = 'succeeded'",
             (account_id, purchase_transaction_id))).fetchone()
-    if txn["type"] != "purchase" or charge is None:
+    if txn["type"] not in REFUNDABLE_TYPES or charge is None:
         raise CreditflowError("not_refundable", f"a {txn['type']} transaction is not a refundable purchase")
     return txn, charge
 

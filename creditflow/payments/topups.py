@@ -39,6 +39,9 @@ from creditflow.payments.methods import PAYMENT_METHOD_ID
 CHARGE_METADATA_KEY = "creditflow_charge_id"
 REQUEST_METADATA_KEY = "creditflow_request_id"
 PURCHASE_BOOK = "system:payments_clearing"
+# ``stripe_charges.kind``: a top-up asked for by the customer, or one started by auto-recharge.
+KIND_TOPUP = "topup"
+KIND_AUTO_RECHARGE = "auto_recharge"
 
 
 class ChargeRecord(BaseModel):
@@ -89,7 +92,7 @@ async def get_charge(pool: AsyncConnectionPool, charge_id: str) -> ChargeRecord:
         return await _load(conn, charge_id)
 
 
-async def _resolve_card(gateway: StripeGateway, customer_id: str, requested: str | None) -> str | None:
+async def resolve_card(gateway: StripeGateway, customer_id: str, requested: str | None) -> str | None:
     """The card to charge: the one asked for (only if it is this customer's), else the default, else None."""
     if requested is None:
         return await gateway.default_payment_method(customer_id)
@@ -103,24 +106,29 @@ async def _resolve_card(gateway: StripeGateway, customer_id: str, requested: str
 
 async def record_charge(pool: AsyncConnectionPool, gateway: StripeGateway, *, account_id: str, request_id: str,
                         amount_cents: int, credits: int, package_id: str | None, description: str,
-                        payment_method_id: str | None) -> ChargeRecord:
-    """The charge row of this request, written on the first call (before any charge), read on later ones."""
+                        payment_method_id: str | None, kind: str = KIND_TOPUP,
+                        require_card: bool = False) -> ChargeRecord:
+    """The charge row of this request, written on the first call (before any charge), read on later ones.
+
+    ``require_card`` (auto-recharge, off-session only): no saved card means ``no_payment_method`` and no row,
+    never the client-secret path."""
+    select = "SELECT * FROM stripe_charges WHERE account_id = %s AND kind = %s AND request_id = %s"
     async with pool.connection() as conn:
-        row = await (await conn.execute("SELECT * FROM stripe_charges WHERE account_id = %s AND request_id = %s",
-                                        (account_id, request_id))).fetchone()
+        row = await (await conn.execute(select, (account_id, kind, request_id))).fetchone()
     if row is None:
         customer_id = await ensure_customer(pool, gateway, account_id)
-        card = await _resolve_card(gateway, customer_id, payment_method_id)
+        card = await resolve_card(gateway, customer_id, payment_method_id)
+        if card is None and require_card:
+            raise CreditflowError("no_payment_method", "no saved payment method to charge off-session")
         async with pool.connection() as conn:
             await conn.execute(
                 "INSERT INTO stripe_charges (id, account_id, request_id, kind, amount_cents, credits, package_id,"
                 " description, requested_payment_method_id, payment_method_id, customer_id)"
-                " VALUES (%s, %s, %s, 'topup', %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (account_id, request_id) DO NOTHING",
-                (new_id("chg"), account_id, request_id, amount_cents, credits, package_id, description,
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (account_id, kind, request_id) DO NOTHING",
+                (new_id("chg"), account_id, request_id, kind, amount_cents, credits, package_id, description,
                  payment_method_id, card, customer_id))
-            row = await (await conn.execute("SELECT * FROM stripe_charges WHERE account_id = %s AND request_id = %s",
-                                            (account_id, request_id))).fetchone()
+            row = await (await conn.execute(select, (account_id, kind, request_id))).fetchone()
     assert row is not None
     record = ChargeRecord(**row)
     if (record.amount_cents, record.credits, record.package_id, record.requested_payment_method_id) != (
@@ -217,10 +225,14 @@ async def credit(pool: AsyncConnectionPool, charge_id: str) -> CreditResult:
                                 "request_id": record.request_id, "amount_cents": record.amount_cents}
     if record.package_id:
         metadata["package_id"] = record.package_id
+    recharge = record.kind == KIND_AUTO_RECHARGE
     result = await postings.post(
-        pool, account_id=record.account_id, type="purchase", amount_micros=credits_to_micros(record.credits),
-        counter_book=PURCHASE_BOOK, description=record.description,
-        idempotency_key=f"sys:topup:{record.payment_intent_id}", metadata=metadata, lot_source=LotSource.PURCHASE)
+        pool, account_id=record.account_id, type="auto_recharge" if recharge else "purchase",
+        amount_micros=credits_to_micros(record.credits), counter_book=PURCHASE_BOOK,
+        description=(f"Stripe Payment Intent {record.payment_intent_id} via Auto Recharge call" if recharge
+                     else record.description),
+        idempotency_key=f"sys:topup:{record.payment_intent_id}", metadata=metadata,
+        lot_source=LotSource.AUTO_RECHARGE if recharge else LotSource.PURCHASE)
     async with pool.connection() as conn:
         await conn.execute(
             "UPDATE stripe_charges SET status = 'succeeded', ledger_txn_id = %s, failure_code = NULL,"

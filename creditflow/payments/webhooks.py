@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
 from creditflow.errors import CreditflowError
-from creditflow.payments.topups import CHARGE_METADATA_KEY
+from creditflow.payments.topups import CHARGE_METADATA_KEY, KIND_AUTO_RECHARGE
 from workflows.contract import PaymentEvent
 
 log = logging.getLogger(__name__)
@@ -117,14 +117,14 @@ async def _charge_for(conn: Any, payment_intent_id: str | None, metadata: object
     put in its metadata (an event can arrive before the PaymentIntent id is committed on the row)."""
     if isinstance(payment_intent_id, str) and payment_intent_id:
         row = await (await conn.execute(
-            "SELECT id, account_id, request_id, payment_intent_id, status FROM stripe_charges"
+            "SELECT id, account_id, request_id, kind, payment_intent_id, status FROM stripe_charges"
             " WHERE payment_intent_id = %s", (payment_intent_id,))).fetchone()
         if row is not None:
             return row
     charge_id = metadata.get(CHARGE_METADATA_KEY) if isinstance(metadata, dict) else None
     if isinstance(charge_id, str) and _CHARGE_ID.match(charge_id):
         row = await (await conn.execute(
-            "SELECT id, account_id, request_id, payment_intent_id, status FROM stripe_charges WHERE id = %s",
+            "SELECT id, account_id, request_id, kind, payment_intent_id, status FROM stripe_charges WHERE id = %s",
             (charge_id,))).fetchone()
         if row is not None and row["payment_intent_id"] not in (None, payment_intent_id):
             # The known gap of payments/topups.py (a PaymentIntent created twice): reconcile by hand.
@@ -143,6 +143,9 @@ async def _route(conn: Any, event: StripeEvent, signal: Signal) -> tuple[str, st
             log.info("stripe event %s (%s): PaymentIntent %s is not a creditflow top-up; ignored",
                      event.id, event.type, obj.get("id"))
             return OUTCOME_IGNORED, None
+        if charge["kind"] == KIND_AUTO_RECHARGE:
+            # Charged off-session: its AutoRechargeWorkflow read the PaymentIntent's outcome synchronously.
+            return OUTCOME_RECORDED, charge["id"]
         running = await signal(charge["account_id"], charge["request_id"],
                                PaymentEvent(payment_intent_id=obj.get("id"), event_type=event.type))
         if not running:

@@ -1,0 +1,62 @@
+"""Auto-recharge activities of the account workflow: read the settings with the balance, record an attempt.
+
+The charge itself runs in ``AutoRechargeWorkflow`` with the top-up activities (one ``stripe_charges`` row of
+kind ``auto_recharge`` per attempt, the PaymentIntent recorded, one ledger credit keyed by it).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+from temporalio import activity
+
+from activities.errors import translating_errors
+from creditflow.domain.recharge import RechargeConfig, RechargePolicy
+from creditflow.ledger import auto_recharge
+
+
+class RechargeAccountInput(BaseModel):
+    account_id: str
+
+
+class RechargePlan(BaseModel):
+    """The settings (None: never configured), the available balance and the operator's policy."""
+
+    config: RechargeConfig | None
+    available_micros: int
+    policy: RechargePolicy
+
+
+class RecordRechargeAttemptInput(BaseModel):
+    account_id: str
+    generation: int
+    status: str
+    error: str | None = None
+    consecutive_failures: int = 0
+    attempted_at: datetime
+    disable_reason: str | None = None
+
+
+class AutoRechargeActivities:
+    def __init__(self, pool: AsyncConnectionPool, policy: RechargePolicy) -> None:
+        self._pool = pool
+        self._policy = policy
+
+    @activity.defn(name="load_auto_recharge")
+    @translating_errors
+    async def load_auto_recharge(self, input: RechargeAccountInput) -> RechargePlan:
+        """What the workflow needs to decide whether to recharge now."""
+        snap = await auto_recharge.snapshot(self._pool, input.account_id)
+        return RechargePlan(config=snap.config, available_micros=snap.available_micros, policy=self._policy)
+
+    @activity.defn(name="record_auto_recharge_attempt")
+    @translating_errors
+    async def record_auto_recharge_attempt(self, input: RecordRechargeAttemptInput) -> bool:
+        """Mirror the attempt for GET /billing/auto-recharge; disables it when ``disable_reason`` is set
+        (only for the settings generation judged). Returns whether those settings were still current."""
+        return await auto_recharge.record_attempt(
+            self._pool, input.account_id, generation=input.generation, status=input.status, error=input.error,
+            consecutive_failures=input.consecutive_failures, attempted_at=input.attempted_at,
+            disable_reason=input.disable_reason)
