@@ -1,22 +1,65 @@
 """``send_notification``: the one activity every workflow uses to tell an account something.
 
-Today it writes the notifications log (kind, account, payload; once per dedup key). The notifications
-issue adds channels behind the same input model, so workflows do not change.
+It records the notification (once per dedup key) and delivers it on its channels through
+``creditflow.notify.service``: each channel at most once when it succeeds, only unsent channels on a retry.
+While a channel may still go (transient failure), the activity fails with a *retryable*
+``notification_pending`` error so Temporal retries it; a channel failing ``notify_max_attempts`` times, or still
+pending on the activity's last attempt, is reported ``failed`` in the result and the activity completes.
+
+Workflows call it with ``notify`` below (bounded retries, never raises), or with ``NOTIFY_RETRY_POLICY`` and
+their own ``except ActivityError`` as ``TopUpWorkflow`` does.
 """
 
 from __future__ import annotations
 
-from psycopg_pool import AsyncConnectionPool
-from temporalio import activity
+from datetime import timedelta
 
-from creditflow.notify.log import Notification, NotificationRecord, record_notification
+from psycopg_pool import AsyncConnectionPool
+from temporalio import activity, workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+from activities.errors import translating_errors
+from creditflow.config import Settings, get_settings
+from creditflow.notify.log import Notification, NotificationRecord
+from creditflow.notify.service import NotificationPending, NotificationService
+
+# About 4 minutes of attempts in all; together with ``notify_max_attempts`` (5 per channel) a failing channel
+# is reported ``failed`` well before the last attempt. Refusals (unknown account...) are not retried.
+NOTIFY_RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                                  maximum_interval=timedelta(minutes=1), maximum_attempts=10)
+# Channels are sent concurrently, each within its own timeout (at most 25 s in the settings).
+NOTIFY_TIMEOUT = timedelta(seconds=30)
+PENDING = "notification_pending"
 
 
 class NotificationActivities:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
-        self._pool = pool
+    def __init__(self, pool: AsyncConnectionPool, settings: Settings | None = None) -> None:
+        self._service = NotificationService(pool, settings or get_settings())
 
     @activity.defn(name="send_notification")
+    @translating_errors
     async def send_notification(self, input: Notification) -> NotificationRecord:
-        """Record (and later deliver) a notification; a repeated dedup key is a no-op."""
-        return await record_notification(self._pool, input)
+        """Record and deliver a notification; a repeated dedup key re-sends nothing that was sent."""
+        info = activity.info()
+        limit = info.retry_policy.maximum_attempts if info.retry_policy else 0
+        final = limit > 0 and info.attempt >= limit
+        try:
+            return await self._service.send(input, final_attempt=final)
+        except NotificationPending as pending:
+            raise ApplicationError(f"channels pending: {pending}", pending.record.model_dump(mode="json"),
+                                   type=PENDING, non_retryable=False) from pending
+
+
+async def notify(notification: Notification, *, summary: str | None = None) -> NotificationRecord | None:
+    """From a workflow: send ``notification`` with bounded retries; never raises (a notification must not
+    fail a billing flow). Returns the record with each channel's outcome, or ``None`` if the activity failed."""
+    try:
+        return await workflow.execute_activity(
+            "send_notification", notification, result_type=NotificationRecord,
+            start_to_close_timeout=NOTIFY_TIMEOUT, retry_policy=NOTIFY_RETRY_POLICY,
+            summary=summary or f"Notify {notification.kind}")
+    except ActivityError as err:
+        workflow.logger.error("notification %s (%s) not delivered: %s", notification.dedup_key,
+                              notification.kind, err.cause or err)
+        return None

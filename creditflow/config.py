@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from creditflow.domain.plans import PlanCatalog, load_plan_catalog
 from creditflow.domain.recharge import (
     DEFAULT_MAX_CONSECUTIVE_FAILURES,
     DEFAULT_MAX_PER_DAY,
@@ -63,6 +64,34 @@ class Settings(BaseSettings):
     auto_recharge_retry_base_seconds: int = Field(default=DEFAULT_RETRY_BASE_SECONDS, ge=1)
     auto_recharge_retry_max_seconds: int = Field(default=DEFAULT_RETRY_MAX_SECONDS, ge=1)
 
+    # Notifications (issue 5). A channel whose settings are missing is reported ``skipped: not_configured``
+    # (never retried), so the dev stack and tests run without any of them. Timeouts stay well below the
+    # ``send_notification`` activity's start-to-close timeout (30 s): the channels are sent concurrently.
+    smtp_host: str = ""  # empty: email is not configured
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_username: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    smtp_from: str = "creditflow <billing@localhost>"
+    smtp_starttls: bool = True  # upgrade with STARTTLS (port 587); False for a plain local relay
+    smtp_use_tls: bool = False  # implicit TLS (port 465)
+    smtp_timeout_seconds: float = Field(default=10.0, gt=0, le=25)
+    # SMS through a Twilio-compatible API: POST {base}/2010-04-01/Accounts/{sid}/Messages.json.
+    sms_api_base: str = "https://api.twilio.com"
+    sms_account_sid: str = ""  # empty: SMS is not configured
+    sms_auth_token: SecretStr = SecretStr("")
+    sms_from_number: str = ""
+    sms_timeout_seconds: float = Field(default=10.0, gt=0, le=25)
+    slack_timeout_seconds: float = Field(default=10.0, gt=0, le=25)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=25)
+    # A channel is tried at most this many times per notification, then reported ``failed``.
+    notify_max_attempts: int = Field(default=5, ge=1, le=50)
+    # How long a claimed (in-flight) channel send is protected from a concurrent attempt of the activity.
+    notify_claim_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # Destination URLs (Slack, webhooks) are chosen by customers and called by the worker: https only, and not
+    # to loopback or private IP addresses, unless allowed here (a private network, the tests' local receivers).
+    notify_allow_http_urls: bool = False
+    notify_allow_private_urls: bool = False
+
     # HTTP API.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -74,6 +103,10 @@ class Settings(BaseSettings):
     # How often the worker expires overdue holds (reads and writes already ignore them meanwhile).
     hold_sweep_interval_seconds: float = Field(default=30.0, gt=0)
     ratecard_path: Path | None = None
+    # Billing (issue 4): the plan catalog file (None: the packaged plans.default.yaml) and the seller
+    # named on invoices.
+    plans_path: Path | None = None
+    invoice_seller_name: str = Field(default="creditflow", min_length=1, max_length=200)
 
     # Outbox relay.
     outbox_poll_interval_seconds: float = Field(default=2.0, gt=0)
@@ -87,6 +120,10 @@ class Settings(BaseSettings):
                               max_consecutive_failures=self.auto_recharge_max_consecutive_failures,
                               retry_base_seconds=self.auto_recharge_retry_base_seconds,
                               retry_max_seconds=self.auto_recharge_retry_max_seconds)
+
+    def plan_catalog(self) -> PlanCatalog:
+        """The plan catalog from ``plans_path`` (validated; raises ``PlanCatalogError`` with every problem)."""
+        return load_plan_catalog(self.plans_path)
 
     def topup_policy(self) -> TopUpPolicy:
         return TopUpPolicy(min_usd=self.topup_min_usd, max_usd=self.topup_max_usd,

@@ -49,7 +49,7 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
     gateway = StripeGateway.from_settings(settings)
     payments = PaymentActivities(pool, gateway)
     topups = TopUpActivities(pool, gateway)
-    notifications = NotificationActivities(pool)
+    notifications = NotificationActivities(pool, settings)
     refunds = RefundActivities(pool, gateway)
     recharge = AutoRechargeActivities(pool, settings.recharge_policy())
     return [accounts.load_account, payments.ensure_stripe_customer,

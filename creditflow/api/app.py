@@ -12,6 +12,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from creditflow import __version__
 from creditflow.api import accounts, auto_recharge, billing, features, payment_methods, refunds, stripe_webhooks, topups
 from creditflow.api.exact_json import ExactJSONResponse, respond
+from creditflow.api.notification_channels import router as notification_channels_router
+from creditflow.api.plans import router as plans_router
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
 from creditflow.ledger.db import open_pool
@@ -50,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
                   default_response_class=ExactJSONResponse)
     app.state.settings = settings
     app.state.gateway = StripeGateway.from_settings(settings)
+    app.state.plan_catalog = settings.plan_catalog()  # validated now: a bad catalog file stops start-up
 
     @app.exception_handler(CreditflowError)
     async def creditflow_error(request: Request, exc: CreditflowError) -> ExactJSONResponse:
@@ -81,4 +84,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(auto_recharge.router)
     app.include_router(refunds.router)
     app.include_router(stripe_webhooks.router)
+    app.include_router(notification_channels_router)
+    app.include_router(plans_router)
     return app

@@ -4,8 +4,11 @@ The ledger stores amounts as integers of **micro-credits** (1 credit = 1,000,000
 1 US cent). That is fine enough for sub-credit rates such as 0.1 credit per LLM token and small
 enough for 64-bit columns (9.2e12 credits). A usage charge is ``quantity x credits_per_unit``
 rounded half-up to the micro-credit in :func:`usage_charge_micros` (the SQL hot path uses the
-same rule: ``round(quantity * rate * 1e6)``; a property test keeps the two in step). Nothing
-else rounds: every other conversion is exact or refused.
+same rule: ``round(quantity * rate * 1e6)``; a property test keeps the two in step). Billing
+(issue 4) adds two conversions that must round, with the same rule (half-up, i.e. halves away from
+zero, Decimal's ``ROUND_HALF_UP``): micro-credits to whole cents on an invoice line
+(:func:`micros_to_cents`) and a share of a whole-cent or whole-credit amount for proration
+(:func:`prorate`). Nothing else rounds: every other conversion is exact or refused.
 """
 
 from __future__ import annotations
@@ -76,6 +79,22 @@ def usage_charge_micros(quantity: Decimal, credits_per_unit: Decimal) -> int:
     """The single rounding rule of the ledger: half-up to the micro-credit."""
     raw = quantity * credits_per_unit * MICROS_PER_CREDIT
     return int(raw.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def micros_to_cents(micros: int) -> int:
+    """Micro-credits to whole cents (1 credit = 1 cent), half-up: an invoice bills whole cents."""
+    return prorate(micros, 1, MICROS_PER_CREDIT)
+
+
+def prorate(amount: int, numerator: int, denominator: int) -> int:
+    """``amount x numerator / denominator`` rounded half-up (halves away from zero) to a whole unit.
+
+    Integer arithmetic only, so it is exact at any size: ``floor((2|a·n| + d) / 2d)`` with a's sign."""
+    if denominator <= 0 or numerator < 0:
+        raise ValueError(f"a share needs a positive denominator and a non-negative numerator; "
+                         f"got {numerator}/{denominator}")
+    magnitude = (2 * abs(amount) * numerator + denominator) // (2 * denominator)
+    return magnitude if amount >= 0 else -magnitude
 
 
 def validate_quantity(value: object, *, integer_only: bool) -> Decimal:

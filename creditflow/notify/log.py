@@ -1,32 +1,57 @@
 """The notifications log: every notification creditflow decided to send, written once per dedup key.
 
-Until channels (email, Slack, SMS, webhooks) exist, writing here is the whole delivery; afterwards the
-channels read the same request, so callers (the ``send_notification`` activity) do not change.
+The ``send_notification`` activity writes here first, then delivers the notification on its channels
+(``creditflow.notify.service``); each channel's outcome is kept per (dedup key, channel) in
+``notification_deliveries``. The input model only ever gains fields with defaults, so workflows and their
+recorded histories keep working.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
 from creditflow.ledger.db import to_jsonb
 
+Channel = Literal["log", "email", "slack", "sms", "webhook"]
+DeliveryStatus = Literal["pending", "sending", "sent", "failed", "skipped"]
+
 
 class Notification(BaseModel):
-    """One notification to send. ``dedup_key`` makes a retried send a no-op (e.g. ``receipt:{charge_id}``)."""
+    """One notification to send. ``dedup_key`` makes a retried send a no-op (e.g. ``receipt:{charge_id}``).
+
+    ``channels``: where to send it; ``None`` means the kind's defaults (see ``creditflow.notify.templates``)
+    among the channels the account has a destination for. The log always gets it."""
 
     account_id: str
     kind: str
     dedup_key: str
     payload: dict[str, Any] = Field(default_factory=dict)
     channel: str = "log"
+    channels: list[Channel] | None = None
+
+
+class ChannelDelivery(BaseModel):
+    """What happened on one channel: ``error`` is the last failure (or why it was skipped)."""
+
+    channel: Channel
+    status: DeliveryStatus
+    attempts: int = 0
+    destination: str | None = None
+    error: str | None = None
+    sent_at: datetime | None = None
 
 
 class NotificationRecord(BaseModel):
     id: int
     created: bool
+    deliveries: list[ChannelDelivery] = Field(default_factory=list)
+
+    def delivery(self, channel: str) -> ChannelDelivery | None:
+        return next((d for d in self.deliveries if d.channel == channel), None)
 
 
 async def record_notification(pool: AsyncConnectionPool, notification: Notification) -> NotificationRecord:

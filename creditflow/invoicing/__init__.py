@@ -1,0 +1,1 @@
+"""Invoice documents: HTML (Jinja2) and PDF (xhtml2pdf, pure Python) from a drafted invoice."""
