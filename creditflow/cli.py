@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from creditflow.agents_cli import agents_app
 from creditflow.config import Settings, get_settings
 from creditflow.ops_cli import accounts_app, keys_app, wallet_app
 from creditflow.refund_cli import refund
@@ -26,6 +27,7 @@ app.add_typer(ratecard_app, name="ratecard")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(keys_app, name="keys")
 app.add_typer(wallet_app, name="wallet")
+app.add_typer(agents_app, name="agents")
 app.command("topup")(topup)
 app.command("refund")(refund)
 

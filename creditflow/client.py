@@ -36,14 +36,21 @@ from workflows.contract import (
     SIGNAL_OUTBOX_EVENT,
     SIGNAL_PAYMENT_EVENT,
     TOPUP_WORKFLOW,
+    UPDATE_CHANGE_PLAN,
+    UPDATE_PAUSE_AGENT,
     UPDATE_REFUND_ANSWER,
+    UPDATE_RESUME_AGENT,
     UPDATE_TOPUP_ANSWER,
     AccountState,
     AccountWorkflowInput,
+    AgentCommand,
+    AgentStatus,
     OutboxEvent,
     PaymentEvent,
+    PlanChange,
     RefundInput,
     RefundOutcome,
+    SubscriptionState,
     TopUpInput,
     TopUpOutcome,
     TopUpTerms,
@@ -172,6 +179,31 @@ class CreditflowClient:
                            "releases the reservation. Query `status` for the outcome.",
             result_type=RefundOutcome)
         return await self._answer(UPDATE_REFUND_ANSWER, input.terms, start, RefundOutcome, wait)
+
+    async def set_agent_status(self, account_id: str, command: AgentCommand, *, paused: bool,
+                               wait: timedelta = timedelta(seconds=30)) -> AgentStatus:
+        """Pause or resume an agent through ``account:{account_id}`` (the single writer of agent status);
+        returns the agent's new status. Refusals come back as ``CreditflowError`` (``invalid_transition``,
+        ``unknown_agent``)."""
+        return await self._account_update(account_id, UPDATE_PAUSE_AGENT if paused else UPDATE_RESUME_AGENT,
+                                          command, AgentStatus, wait)
+
+    async def change_plan(self, account_id: str, change: PlanChange,
+                          wait: timedelta = timedelta(seconds=30)) -> SubscriptionState:
+        """Subscribe, change plan at the next renewal, or cancel, through ``account:{account_id}`` (the single
+        writer of cycle state); returns the subscription. Refusals: ``unknown_plan``, ``no_subscription``."""
+        return await self._account_update(account_id, UPDATE_CHANGE_PLAN, change, SubscriptionState, wait)
+
+    async def _account_update(self, account_id: str, update: str, arg: Any, result_type: type[Any],
+                              wait: timedelta) -> Any:
+        """An update of the account workflow, starting it first if it is not running."""
+        start = WithStartWorkflowOperation(
+            ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account_id), task_queue=self.task_queue,
+            **_start_options(account_id, None))
+        result = await self._answer(update, arg, start, result_type, wait)
+        if result is None:
+            raise CreditflowError("workflow_unavailable", "the account workflow did not answer in time")
+        return result
 
     async def _answer(self, update: str, arg: Any, start: WithStartWorkflowOperation[Any, Any],
                       result_type: type[Any], wait: timedelta) -> Any:

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     # named on invoices.
     plans_path: Path | None = None
     invoice_seller_name: str = Field(default="creditflow", min_length=1, max_length=200)
+    # Invoices: days from issue to due date (0: due on issue), and when charging the default card fails
+    # (declined, or no card), how many attempts in all and how long the workflow waits between them.
+    invoice_due_days: int = Field(default=0, ge=0, le=365)
+    invoice_charge_attempts: int = Field(default=4, ge=1, le=20)
+    invoice_retry_interval_seconds: int = Field(default=3 * 24 * 3600, ge=1, le=90 * 24 * 3600)
 
     # Outbox relay.
     outbox_poll_interval_seconds: float = Field(default=2.0, gt=0)

@@ -17,6 +17,14 @@ STATUS_BY_CODE: dict[str, int] = {
     "hold_released": 409,
     "hold_settled": 409,
     "insufficient_credits": 402,
+    # Spend control: a paused agent, a limit reached (retry after the period turns or the limit is raised).
+    "agent_paused": 403,
+    "daily_limit_reached": 429,
+    "monthly_limit_reached": 429,
+    "agent_limit_reached": 429,
+    "invalid_transition": 409,
+    "unknown_agent": 404,
+    "agent_exists": 409,
     "validation_error": 422,
     "invalid_amount": 422,
     "invalid_quantity": 422,
@@ -41,6 +49,10 @@ STATUS_BY_CODE: dict[str, int] = {
     "refund_window_expired": 422,
     "refund_exceeds_remaining": 422,
     "refund_failed": 502,
+    # Invoices and the billing profile (another account's invoice or registration is unknown too).
+    "unknown_invoice": 404,
+    "unknown_tax_registration": 404,
+    "unknown_plan": 422,
     # Stripe webhooks: Stripe retries any non-2xx answer.
     "webhook_signature_missing": 400,
     "webhook_signature_invalid": 400,

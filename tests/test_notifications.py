@@ -405,6 +405,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "balance.low": {"balance_micros": 999_999, "threshold_micros": 1_000_000},
     "limit.reached": {"limit_type": "agent_monthly", "limit": "500", "spent_micros": 500_100_000,
                       "action": "alert_only", "agent_id": "a1"},
+    "usage.daily_threshold": {"limit_micros": 5_000_000_000, "spent_micros": 5_000_500_000, "period": "2026-11-22"},
     "invoice.issued": {"number": "CF-0002", "period": "2026-11", "total_cents": 4_900, "due_date": "2026-12-01"},
     "invoice.past_due": {"number": "CF-0001", "amount_due_cents": 100, "due_date": "2026-11-01", "days_past_due": 3},
     "agent.paused": {"agent_id": "a1"},

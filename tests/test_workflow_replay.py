@@ -28,6 +28,7 @@ from tests.test_api_metering import new_account
 from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, _client, customer_of, intents_of, save_card
 from workflows.auto_recharge import AutoRechargeWorkflow
 from workflows.contract import RefundOutcome, TopUpOutcome, refund_workflow_id, topup_workflow_id
+from workflows.invoice import InvoiceWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.topup import TopUpWorkflow
 
@@ -52,7 +53,7 @@ async def api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterato
 
 
 def replayer() -> Replayer:
-    return Replayer(workflows=[TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow],
+    return Replayer(workflows=[TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow, InvoiceWorkflow],
                     data_converter=pydantic_data_converter)
 
 
@@ -122,11 +123,12 @@ async def test_refund_replays(api: httpx.AsyncClient, sdk: stripe.StripeClient, 
 
 
 async def test_recorded_topup_and_refund_histories_replay() -> None:
-    """Every recorded top-up, refund and auto-recharge history replays on the current code (no non-determinism)."""
+    """Every recorded top-up, refund, auto-recharge and invoice history replays on the current code."""
     files = sorted([*HISTORIES.glob("topup/*.json"), *HISTORIES.glob("refund/*.json"),
-                    *HISTORIES.glob("recharge/*.json")])
+                    *HISTORIES.glob("recharge/*.json"), *HISTORIES.glob("invoice/*.json")])
     assert {p.stem for p in files} >= {"topup_v1_saved_card", "topup_v1_client_secret", "topup_v1_declined",
-                                        "refund_v1_success", "recharge_v1_succeeded", "recharge_v1_declined"}, files
+                                        "refund_v1_success", "recharge_v1_succeeded", "recharge_v1_declined",
+                                        "invoice_v1_paid", "invoice_v1_past_due"}, files
     for path in files:
         result = await replayer().replay_workflow(WorkflowHistory.from_json(path.stem, path.read_text()))
         assert result.replay_failure is None, (path.name, result.replay_failure)

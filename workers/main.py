@@ -17,7 +17,11 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.accounts import AccountActivities
+from activities.agents import AgentActivities
+from activities.alerts import AlertActivities
 from activities.auto_recharge import AutoRechargeActivities
+from activities.billing_cycle import BillingCycleActivities
+from activities.invoices import InvoiceActivities
 from activities.notifications import NotificationActivities
 from activities.payments import PaymentActivities
 from activities.refunds import RefundActivities
@@ -30,6 +34,7 @@ from creditflow.temporal_setup import ensure_search_attributes
 from workers.relay import OutboxRelay
 from workflows.account import AccountWorkflow
 from workflows.auto_recharge import AutoRechargeWorkflow
+from workflows.invoice import InvoiceWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.topup import TopUpWorkflow
 
@@ -40,7 +45,7 @@ CONNECT_RETRY_MAX_SECONDS = 30.0
 
 
 def workflow_classes() -> list[type]:
-    return [AccountWorkflow, TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow]
+    return [AccountWorkflow, TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow, InvoiceWorkflow]
 
 
 def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Callable[..., Any]]:
@@ -52,12 +57,20 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
     notifications = NotificationActivities(pool, settings)
     refunds = RefundActivities(pool, gateway)
     recharge = AutoRechargeActivities(pool, settings.recharge_policy())
+    invoices = InvoiceActivities(pool, gateway, settings)
+    alerts = AlertActivities(pool, settings)
+    agent_activities = AgentActivities(pool)
+    cycle = BillingCycleActivities(pool, settings.plan_catalog())
     return [accounts.load_account, payments.ensure_stripe_customer,
             recharge.load_auto_recharge, recharge.record_auto_recharge_attempt,
+            cycle.start_subscription, cycle.set_pending_plan, cycle.renew_subscription,
+            agent_activities.set_agent_status, agent_activities.pause_for_limit, agent_activities.resume_system_paused,
             topups.record_topup_charge, topups.charge_topup, topups.poll_topup_payment, topups.cancel_topup_payment,
             topups.credit_topup, topups.mark_topup_charge, notifications.send_notification,
             refunds.check_refund, refunds.reserve_refund, refunds.refund_payment, refunds.finalize_refund,
-            refunds.release_refund]
+            refunds.release_refund, alerts.fire_balance_alerts, alerts.send_daily_usage_alert,
+            invoices.prepare_invoice, invoices.open_invoice, invoices.settle_invoice,
+            invoices.record_invoice_payment_failure]
 
 
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,

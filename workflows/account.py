@@ -13,39 +13,64 @@ each new event kind gets a method in ``_effects`` and each new piece of state a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from activities.accounts import AccountActivities, AccountSnapshot, LoadAccountInput
+    from activities.agents import AgentActivities, LimitReachedInput, ResumeInput, SetAgentStatusInput
+    from activities.alerts import (
+        BalanceAlertInput,
+        DailyUsageAlertInput,
+        fire_balance_alerts_from_workflow,
+        send_daily_usage_alert_from_workflow,
+    )
     from activities.auto_recharge import AutoRechargeActivities, RechargeAccountInput, RecordRechargeAttemptInput
-    from activities.notifications import NotificationActivities
+    from activities.billing_cycle import (
+        BillingCycleActivities,
+        PendingPlanInput,
+        RenewInput,
+        RenewResult,
+        StartSubscriptionInput,
+    )
+    from activities.notifications import notify
     from activities.payments import PERMANENT_CODES, EnsureStripeCustomerInput, PaymentActivities
     from creditflow.domain.money import micros_to_credits
     from creditflow.domain.recharge import Action, Reason, after_attempt, decide, rebase
     from creditflow.domain.topups import format_usd
     from creditflow.notify.log import Notification
     from workflows.auto_recharge import AutoRechargeWorkflow
-    from workflows.common import DB_TIMEOUT, NOTIFY_RETRY, db_retry, error_of
+    from workflows.common import DB_TIMEOUT, db_retry, error_of, publish_status
     from workflows.contract import (
         ACCOUNT_WORKFLOW,
+        INVOICE_WORKFLOW,
         QUERY_STATE,
         RECHARGE_SUCCEEDED,
-        SA_ACCOUNT_ID,
-        SA_STATUS,
         SIGNAL_OUTBOX_EVENT,
+        SIGNAL_PAUSE_AGENT,
+        SIGNAL_RESUME_AGENT,
+        UPDATE_CHANGE_PLAN,
+        UPDATE_PAUSE_AGENT,
+        UPDATE_RESUME_AGENT,
         AccountState,
         AccountWorkflowInput,
+        AgentCommand,
+        AgentStatus,
         AutoRechargeInput,
         AutoRechargeOutcome,
         OutboxEvent,
+        PlanChange,
+        SubscriptionState,
         auto_recharge_workflow_id,
+        invoice_workflow_id,
     )
 
 # Reading our own database: outages are transient, so retry with a capped interval until it answers.
@@ -59,11 +84,20 @@ STRIPE_CUSTOMER_RETRY = RetryPolicy(initial_interval=timedelta(seconds=5), backo
                                     non_retryable_error_types=list(PERMANENT_CODES))
 # Histories recorded before the Stripe customer step have no marker: on replay the step is skipped there.
 PATCH_STRIPE_CUSTOMER = "stripe-customer"
+# Billing-cycle steps that write: retried for minutes on outages, refusals (an unknown plan) at once.
+CYCLE_RETRY = db_retry(["unknown_plan", "unknown_account", "validation_error"])
 # Reading the recharge settings: a failure is retried by the next decision (a minute later), not forever here.
 RECHARGE_LOAD_RETRY = db_retry(["unknown_account"])
 RECHARGE_RELOAD_AFTER = timedelta(minutes=1)
-# The outbox kind written by the balance watch on the hot path.
+# The outbox kinds written by the hot path: the balance watch, limits reached, limits saved.
 BELOW_THRESHOLD = "balance.below_threshold"
+LIMIT_REACHED = "limit.reached"
+LIMITS_CHANGED = "limits.changed"
+DAILY_USAGE_THRESHOLD = "usage.daily_threshold"
+# Histories recorded before alerts existed crossed thresholds without sending any: on replay none are sent.
+PATCH_ALERTS = "balance-alerts"
+# Agent status writes: our database, retried for minutes; refusals (a pause of a paused agent) never.
+AGENT_RETRY = db_retry(["invalid_transition", "unknown_agent", "unknown_account", "validation_error"])
 
 
 @workflow.defn(name=ACCOUNT_WORKFLOW)
@@ -80,7 +114,15 @@ class AccountWorkflow:
         self._effects: dict[str, Callable[[OutboxEvent], None]] = {
             "account.created": self._on_account_created,
             BELOW_THRESHOLD: self._on_below_threshold,
+            LIMIT_REACHED: self._on_limit_reached,
+            LIMITS_CHANGED: self._on_limits_changed,
+            DAILY_USAGE_THRESHOLD: self._on_daily_usage,
         }
+        self._agents_lock = asyncio.Lock()  # one agent status change at a time, in arrival order
+        self._cycle_lock = asyncio.Lock()  # plan changes and renewals, one at a time
+        self._invoices: list[asyncio.Task[None]] = []  # invoice children started by this run
+        self._period_turned = False
+        self._rearm = False  # a wake-up time changed outside the loop (a new cycle): recompute the timer
         self._recharge_in_flight: str | None = None
         self._recharge_reason: str | None = None
 
@@ -103,15 +145,26 @@ class AccountWorkflow:
             self._wake_if_due()
             if self._input.stripe_customer_pending:
                 await self._ensure_stripe_customer()
+            elif self._input.pending_alert_events:
+                await self._send_alert(self._input.pending_alert_events[0])
+                self._input.pending_alert_events.pop(0)
+            elif self._input.pending_limit_events:
+                await self._apply_limit(self._input.pending_limit_events[0])
+                self._input.pending_limit_events.pop(0)
+            elif self._input.agents_recheck:
+                await self._resume_agents("limits")
+            elif self._renewal_due():
+                await self._renew()
             elif self._input.recharge_requested:
                 await self._auto_recharge()
             elif self._should_continue_as_new():
                 break
             else:
-                with contextlib.suppress(TimeoutError):  # a recharge timer came due
+                self._rearm = False
+                with contextlib.suppress(TimeoutError):  # a timer came due
                     await workflow.wait_condition(
-                        lambda: self._input.stripe_customer_pending or self._input.recharge_requested
-                        or self._should_continue_as_new(), timeout=self._until_wake())
+                        lambda: self._has_work() or self._rearm or self._should_continue_as_new(),
+                        timeout=self._until_wake())
         # Let running handlers finish so no signal is half-applied when this run closes.
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(self._carry_over())
@@ -141,8 +194,67 @@ class AccountWorkflow:
             last_event_at=i.last_event_at, recent_dedup_keys=len(self._recent),
             continued_as_new=i.continued_as_new, stripe_customer_id=i.stripe_customer_id, recharge=i.recharge,
             recharge_in_flight=self._recharge_in_flight, recharge_reason=self._recharge_reason,
-            recharge_wake_at=i.recharge_wake_at,
+            recharge_wake_at=i.recharge_wake_at, subscription=i.subscription,
         )
+
+    @workflow.update(name=UPDATE_CHANGE_PLAN)
+    async def change_plan(self, change: PlanChange) -> SubscriptionState:
+        """Subscribe (starts now, with the plan's credits), or change plan / cancel at the next renewal."""
+        async with self._cycle_lock:
+            i = self._input
+            if i.subscription is None or i.subscription.status != "active":
+                if change.plan_id is None:
+                    raise ApplicationError("the account has no subscription", type="no_subscription",
+                                           non_retryable=True)
+                now = workflow.now()
+                i.subscription = await self._cycle_step(
+                    BillingCycleActivities.start_subscription,
+                    StartSubscriptionInput(account_id=i.account_id, plan_id=change.plan_id,
+                                           anchor=change.anchor or now, now=now),
+                    f"Subscribe to {change.plan_id}")
+            else:
+                if change.effective != "next_renewal":
+                    raise ApplicationError("a plan change takes effect at the next renewal (immediate changes are "
+                                           "not supported yet)", type="validation_error", non_retryable=True)
+                pending = "" if change.plan_id is None else change.plan_id
+                state = i.subscription.model_copy(update={
+                    "pending_plan_id": None if pending == i.subscription.plan_id else pending})
+                i.subscription = await self._cycle_step(
+                    BillingCycleActivities.set_pending_plan, PendingPlanInput(account_id=i.account_id,
+                                                                              subscription=state),
+                    f"From the next renewal: {pending or 'no plan'}")
+            self._rearm = True
+            self._publish()
+            return i.subscription
+
+    @change_plan.validator
+    def _valid_plan_change(self, change: PlanChange) -> None:
+        if change.effective not in ("next_renewal", "immediately"):
+            raise ApplicationError("effective is next_renewal or immediately", type="validation_error",
+                                   non_retryable=True)
+
+    @workflow.signal(name=SIGNAL_PAUSE_AGENT)
+    async def pause_agent_signal(self, command: AgentCommand) -> None:
+        """Pause an agent (fire and forget: a refused transition is only logged)."""
+        await self._agent_command(command, paused=True, raise_refusal=False)
+
+    @workflow.signal(name=SIGNAL_RESUME_AGENT)
+    async def resume_agent_signal(self, command: AgentCommand) -> None:
+        await self._agent_command(command, paused=False, raise_refusal=False)
+
+    @workflow.update(name=UPDATE_PAUSE_AGENT)
+    async def pause_agent(self, command: AgentCommand) -> AgentStatus:
+        """Pause an agent and return its new status; ``invalid_transition`` if it is already paused."""
+        status = await self._agent_command(command, paused=True, raise_refusal=True)
+        assert status is not None
+        return status
+
+    @workflow.update(name=UPDATE_RESUME_AGENT)
+    async def resume_agent(self, command: AgentCommand) -> AgentStatus:
+        """Resume an agent and return its new status; ``invalid_transition`` if it is not paused."""
+        status = await self._agent_command(command, paused=False, raise_refusal=True)
+        assert status is not None
+        return status
 
     # --- event effects -------------------------------------------------------------------------------
 
@@ -176,9 +288,141 @@ class AccountWorkflow:
             self._input.stripe_customer_error = None
         self._publish()
 
+    async def _cycle_step(self, method: Callable[..., Any], arg: Any, summary: str) -> SubscriptionState:
+        """Run a cycle activity; a refusal (unknown plan) becomes the update's typed error."""
+        try:
+            return await workflow.execute_activity_method(method, arg, start_to_close_timeout=DB_TIMEOUT,
+                                                          retry_policy=CYCLE_RETRY, summary=summary)
+        except ActivityError as err:
+            error = error_of(err)
+            raise ApplicationError(error.message, type=error.type, non_retryable=True) from None
+
+    def _renewal_due(self) -> bool:
+        s = self._input.subscription
+        return s is not None and s.status == "active" and workflow.now() >= s.period_end
+
+    async def _renew(self) -> None:
+        """Close the period and open the next (credits expired and granted once), then start its invoice."""
+        async with self._cycle_lock:
+            i = self._input
+            s = i.subscription
+            assert s is not None
+            result = await workflow.execute_activity_method(
+                BillingCycleActivities.renew_subscription, RenewInput(account_id=i.account_id, subscription=s),
+                start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
+                summary=f"Renew {s.plan_id}: close {s.period_start.date()} - {s.period_end.date()}")
+            i.subscription = result.subscription or s.model_copy(update={"status": "canceled",
+                                                                          "pending_plan_id": None})
+            result.invoice.publish_search_attributes = i.publish_search_attributes
+            invoice_id = invoice_workflow_id(i.account_id, result.invoice.period_key or "")
+            self._invoices.append(asyncio.create_task(self._invoice(invoice_id, result)))
+            self._period_turned = True
+            self._publish()
+
+    async def _invoice(self, workflow_id: str, result: RenewResult) -> None:
+        """The closed period's invoice, as a child (it outlives this run if it must: abandon, not terminate)."""
+        try:
+            await workflow.execute_child_workflow(
+                INVOICE_WORKFLOW, result.invoice, id=workflow_id,
+                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                static_summary=f"Invoice {result.invoice.period_key}")
+        except ChildWorkflowError as err:
+            workflow.logger.error("invoice %s failed: %s", workflow_id, err.cause or err)
+        except WorkflowAlreadyStartedError:
+            workflow.logger.info("invoice %s was already started", workflow_id)
+
+    def _on_limit_reached(self, event: OutboxEvent) -> None:
+        """A limit was reached on the hot path: notify, and with action ``pause`` pause agents (main loop)."""
+        self._input.pending_limit_events.append(event)
+
+    def _on_limits_changed(self, event: OutboxEvent) -> None:
+        """Limits were saved: agents the system paused for a limit that no longer holds are resumed."""
+        self._input.agents_recheck = True
+
+    async def _agent_command(self, command: AgentCommand, *, paused: bool, raise_refusal: bool) -> AgentStatus | None:
+        """The single writer of agent status: record it (audit trail included), then tell the customer."""
+        async with self._agents_lock:
+            try:
+                status = await workflow.execute_activity_method(
+                    AgentActivities.set_agent_status,
+                    SetAgentStatusInput(account_id=self._input.account_id, agent_id=command.agent_id, paused=paused,
+                                        actor=command.actor, reason=command.reason),
+                    start_to_close_timeout=DB_TIMEOUT, retry_policy=AGENT_RETRY,
+                    summary=f"{'Pause' if paused else 'Resume'} agent {command.agent_id} ({command.actor})")
+            except ActivityError as err:
+                error = error_of(err)
+                workflow.logger.warning("%s of agent %s refused: %s", "pause" if paused else "resume",
+                                        command.agent_id, error.message)
+                if raise_refusal:
+                    raise ApplicationError(error.message, *error.details, type=error.type,
+                                           non_retryable=True) from None
+                return None
+            await self._notify_agent(status)
+            return status
+
+    async def _notify_agent(self, status: AgentStatus) -> None:
+        kind = "agent.paused" if status.status == "paused" else "agent.resumed"
+        await notify(Notification(
+            account_id=self._input.account_id, kind=kind,
+            dedup_key=f"{kind}:{self._input.account_id}:{status.agent_id}:{status.event_id}",
+            payload={"agent_id": status.agent_id, "agent_name": status.name, "paused_by": status.paused_by,
+                     "reason": status.reason, "resume_at": status.resume_at.isoformat() if status.resume_at else None,
+                     "status": status.status}),
+            summary=f"Tell the customer: agent {status.agent_id} {status.status}")
+
+    async def _apply_limit(self, event: OutboxEvent) -> None:
+        """Notify that a limit was reached (once per event) and, for action ``pause``, pause its agents."""
+        payload = event.payload
+        await notify(Notification(account_id=self._input.account_id, kind=LIMIT_REACHED,
+                                  dedup_key=f"notify:{event.dedup_key}", payload=dict(payload)),
+                     summary=f"Tell the customer: {payload.get('scope')} limit reached")
+        if payload.get("action") != "pause":
+            return
+        async with self._agents_lock:
+            result = await workflow.execute_activity_method(
+                AgentActivities.pause_for_limit,
+                LimitReachedInput(account_id=self._input.account_id, scope=str(payload.get("scope")),
+                                  agent_id=payload.get("agent_id"), now=workflow.now()),
+                start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
+                summary=f"Pause agents: {payload.get('scope')} limit reached")
+            for status in result.changes:
+                await self._notify_agent(status)
+            self._input.agents_wake_at = result.next_resume_at
+        self._publish()
+
+    async def _resume_agents(self, why: str) -> None:
+        """Resume agents the system paused: their period is over (``due``) or their limit was lifted."""
+        self._input.agents_recheck = False
+        async with self._agents_lock:
+            result = await workflow.execute_activity_method(
+                AgentActivities.resume_system_paused,
+                ResumeInput(account_id=self._input.account_id, now=workflow.now(), why=why),
+                start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
+                summary="Resume agents paused for a limit" + (" (new period)" if why == "due" else " (limits changed)"))
+            for status in result.changes:
+                await self._notify_agent(status)
+            self._input.agents_wake_at = result.next_resume_at
+        self._publish()
+
     def _on_below_threshold(self, event: OutboxEvent) -> None:
-        """The available balance crossed a watched threshold: decide about a recharge (once in flight)."""
+        """The available balance crossed a watched threshold: low-balance alerts for it (if any), and a
+        decision about a recharge (one in flight at most)."""
+        self._input.pending_alert_events.append(event)
         self._input.recharge_requested = True
+
+    def _on_daily_usage(self, event: OutboxEvent) -> None:
+        self._input.pending_alert_events.append(event)
+
+    async def _send_alert(self, event: OutboxEvent) -> None:
+        """Send the alerts an event calls for, once per channel (keyed by the event); never blocks billing."""
+        if not workflow.patched(PATCH_ALERTS):
+            return
+        if event.kind == DAILY_USAGE_THRESHOLD:
+            await send_daily_usage_alert_from_workflow(
+                DailyUsageAlertInput(account_id=self._input.account_id, dedup_key=event.dedup_key, **event.payload))
+        else:
+            await fire_balance_alerts_from_workflow(
+                BalanceAlertInput(account_id=self._input.account_id, dedup_key=event.dedup_key, **event.payload))
 
     async def _auto_recharge(self) -> None:
         """Decide, and if due run one ``AutoRechargeWorkflow`` to its end; record and report the outcome."""
@@ -220,7 +464,8 @@ class AccountWorkflow:
                 AutoRechargeWorkflow.run,
                 AutoRechargeInput(account_id=i.account_id, seq=seq, credits=config.amount_credits,
                                   amount_cents=config.amount_cents, payment_method_id=config.payment_method_id,
-                                  threshold_micros=config.threshold_micros, available_micros=plan.available_micros),
+                                  threshold_micros=config.threshold_micros, available_micros=plan.available_micros,
+                                  publish_search_attributes=i.publish_search_attributes),
                 id=child_id, parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 static_summary=f"Auto-recharge #{seq}: {format_usd(config.amount_cents)}")
         except ChildWorkflowError as err:
@@ -268,24 +513,30 @@ class AccountWorkflow:
 
     async def _notify(self, kind: str, key: str, payload: dict[str, object]) -> None:
         """Tell the customer (once per key); a notification that cannot be sent never stops billing."""
-        note = Notification(account_id=self._input.account_id, kind=kind,
-                            dedup_key=f"{kind}:{self._input.account_id}:{key}", payload=payload)
-        try:
-            await workflow.execute_activity_method(
-                NotificationActivities.send_notification, note, start_to_close_timeout=DB_TIMEOUT,
-                retry_policy=NOTIFY_RETRY, summary=f"Notify {kind}")
-        except ActivityError as err:
-            workflow.logger.error("%s not sent for %s: %s", kind, self._input.account_id, error_of(err).message)
+        await notify(Notification(account_id=self._input.account_id, kind=kind,
+                                  dedup_key=f"{kind}:{self._input.account_id}:{key}", payload=payload))
+
+    def _has_work(self) -> bool:
+        i = self._input
+        return (i.stripe_customer_pending or i.recharge_requested or bool(i.pending_limit_events)
+                or bool(i.pending_alert_events) or i.agents_recheck)
 
     def _wake_if_due(self) -> None:
-        at = self._input.recharge_wake_at
-        if at is not None and workflow.now() >= at:
-            self._input.recharge_wake_at = None
-            self._input.recharge_requested = True
+        """Timers that came due become work: a recharge decision, resuming agents whose pause ended."""
+        now = workflow.now()
+        i = self._input
+        if i.recharge_wake_at is not None and now >= i.recharge_wake_at:
+            i.recharge_wake_at = None
+            i.recharge_requested = True
+        if i.agents_wake_at is not None and now >= i.agents_wake_at:
+            i.agents_wake_at = None
+            i.agents_recheck = True
 
     def _until_wake(self) -> timedelta | None:
-        at = self._input.recharge_wake_at
-        return None if at is None else max(at - workflow.now(), timedelta(milliseconds=1))
+        s = self._input.subscription
+        renew_at = s.period_end if s is not None and s.status == "active" else None
+        times = [t for t in (self._input.recharge_wake_at, self._input.agents_wake_at, renew_at) if t is not None]
+        return None if not times else max(min(times) - workflow.now(), timedelta(milliseconds=1))
 
     # --- helpers -------------------------------------------------------------------------------------
 
@@ -301,8 +552,7 @@ class AccountWorkflow:
         Attributes are upserted only when they change: each upsert is a history event."""
         i = self._input
         if self._published != (i.account_id, i.status):
-            workflow.upsert_search_attributes([SA_ACCOUNT_ID.value_set(i.account_id),
-                                               SA_STATUS.value_set(i.status)])
+            publish_status(i.account_id, i.status, enabled=i.publish_search_attributes)
             self._published = (i.account_id, i.status)
         last = f"{i.last_event_kind} at {i.last_event_at.isoformat()}" if i.last_event_at else "none"
         workflow.set_current_details(
@@ -326,9 +576,11 @@ class AccountWorkflow:
         return line
 
     def _should_continue_as_new(self) -> bool:
+        """At a period boundary (and when the server suggests it), once this run's invoices are done."""
         limit = self._input.continue_as_new_after_events
-        return workflow.info().is_continue_as_new_suggested() or (
+        due = workflow.info().is_continue_as_new_suggested() or self._period_turned or (
             limit is not None and self._events_this_run >= limit)
+        return due and all(task.done() for task in self._invoices)
 
     def _carry_over(self) -> AccountWorkflowInput:
         carried = self._input.model_copy(deep=True)

@@ -23,14 +23,12 @@ with workflow.unsafe.imports_passed_through():
     from creditflow.notify.log import Notification
     from creditflow.payments.gateway import PaymentIntentState
     from creditflow.payments.topups import KIND_AUTO_RECHARGE
-    from workflows.common import DB_TIMEOUT, NOTIFY_RETRY, STRIPE_TIMEOUT, error_of
+    from workflows.common import DB_TIMEOUT, NOTIFY_RETRY, STRIPE_TIMEOUT, error_of, publish_status
     from workflows.contract import (
         AUTO_RECHARGE_WORKFLOW,
         QUERY_RECHARGE_STATUS,
         RECHARGE_FAILED,
         RECHARGE_SUCCEEDED,
-        SA_ACCOUNT_ID,
-        SA_STATUS,
         AutoRechargeInput,
         AutoRechargeOutcome,
     )
@@ -140,7 +138,7 @@ class AutoRechargeWorkflow:
 
     def _publish(self) -> None:
         o = self._outcome
-        workflow.upsert_search_attributes([SA_ACCOUNT_ID.value_set(o.account_id), SA_STATUS.value_set(o.status)])
+        publish_status(o.account_id, o.status, enabled=self._input.publish_search_attributes)
         lines = [f"**Auto-recharge #{o.seq}** {format_usd(o.amount_cents)} for {o.credits:,} credits",
                  f"- account: `{o.account_id}`", f"- status: {o.status}"]
         if o.payment_intent_id:

@@ -8,8 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
+from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
+
+from workflows.contract import SA_ACCOUNT_ID, SA_STATUS
 
 DB_TIMEOUT = timedelta(seconds=30)
 STRIPE_TIMEOUT = timedelta(minutes=3)
@@ -39,3 +42,10 @@ def error_of(err: ActivityError) -> ApplicationError:
     if isinstance(cause, ApplicationError):
         return cause
     return ApplicationError(str(cause or err), type=type(cause).__name__ if cause else "activity_failed")
+
+
+def publish_status(account_id: str, status: str, *, enabled: bool = True) -> None:
+    """Upsert the account id and status search attributes (filterable in the Temporal UI). ``enabled`` False
+    where the server has none of creditflow's attributes (the time-skipping test server: tests, simulator)."""
+    if enabled:
+        workflow.upsert_search_attributes([SA_ACCOUNT_ID.value_set(account_id), SA_STATUS.value_set(status)])

@@ -25,6 +25,14 @@ ACCOUNT_WORKFLOW_ID_PREFIX = "account:"
 SIGNAL_OUTBOX_EVENT = "outbox_event"
 QUERY_STATE = "state"
 
+# Agents (issue 5): a signal (fire and forget) and an update of the same name (returns the agent's new
+# ``AgentStatus``, or fails with ``invalid_transition`` / ``unknown_agent``), both taking ``AgentCommand``.
+SIGNAL_PAUSE_AGENT = UPDATE_PAUSE_AGENT = "pause_agent"
+SIGNAL_RESUME_AGENT = UPDATE_RESUME_AGENT = "resume_agent"
+
+# Billing cycle (issue 4): update ``change_plan`` (argument ``PlanChange``, result ``SubscriptionState``).
+UPDATE_CHANGE_PLAN = "change_plan"
+
 # Dedup keys the account workflow remembers (and carries across continue-as-new).
 DEFAULT_DEDUP_CAPACITY = 1000
 
@@ -60,6 +68,48 @@ class OutboxEvent(BaseModel):
     created_at: datetime
 
 
+class AgentCommand(BaseModel):
+    """Pause or resume one agent. ``actor`` says who asked (kept in the audit trail)."""
+
+    agent_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:\-/]+$")
+    actor: str = Field(default="operator", min_length=1, max_length=200)
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class AgentStatus(BaseModel):
+    """An agent after a pause or resume."""
+
+    agent_id: str
+    name: str = ""
+    status: str
+    paused_by: str | None = None
+    reason: str | None = None
+    resume_at: datetime | None = None
+    event_id: int | None = None
+
+
+class SubscriptionState(BaseModel):
+    """The account's plan and current billing period, as the account workflow (its only writer) keeps it."""
+
+    plan_id: str
+    anchor: datetime
+    period_index: int
+    period_start: datetime
+    period_end: datetime
+    # The plan from the next renewal on; "" ends the subscription then; None keeps the current plan.
+    pending_plan_id: str | None = None
+    status: str = "active"
+
+
+class PlanChange(BaseModel):
+    """Subscribe, change plan or cancel (``plan_id`` None). ``effective``: ``next_renewal`` (default) or
+    ``immediately`` (a new subscription always starts now, or at ``anchor`` when an operator backdates it)."""
+
+    plan_id: str | None = None
+    effective: str = "next_renewal"
+    anchor: datetime | None = None
+
+
 class AccountWorkflowInput(BaseModel):
     """Input of ``AccountWorkflow``; also the state carried across continue-as-new."""
 
@@ -76,6 +126,9 @@ class AccountWorkflowInput(BaseModel):
     last_event_kind: str | None = None
     last_event_at: datetime | None = None
     continued_as_new: int = 0
+    # False where the server has no creditflow search attributes (Temporal's time-skipping test server, used
+    # by tests and the billing simulator): the workflow then only sets its details.
+    publish_search_attributes: bool = True
     # Continue-as-new after this many new events in one run, on top of the server's suggestion.
     # None (production) relies on the suggestion only; tests set a small number.
     continue_as_new_after_events: int | None = Field(default=None, ge=1)
@@ -89,6 +142,16 @@ class AccountWorkflowInput(BaseModel):
     recharge: RechargeState = Field(default_factory=RechargeState)
     # When to decide again by itself (back-off after a failure, the daily cap's next UTC day).
     recharge_wake_at: datetime | None = None
+    # Spend control: limit events not yet applied, a re-check after limits changed, and when the next
+    # system pause ends by itself.
+    pending_limit_events: list[OutboxEvent] = Field(default_factory=list)
+    # Low-balance and daily-usage alerts to send (outbox events, oldest first).
+    pending_alert_events: list[OutboxEvent] = Field(default_factory=list)
+    # Billing cycle: the subscription (None: wallet only) and the invoices started and not yet seen finished.
+    subscription: SubscriptionState | None = None
+    open_invoice_ids: list[str] = Field(default_factory=list)
+    agents_recheck: bool = False
+    agents_wake_at: datetime | None = None
 
 
 class AccountState(BaseModel):
@@ -110,6 +173,7 @@ class AccountState(BaseModel):
     # Why no recharge is running: due, above_threshold, backing_off, daily_cap_reached, disabled, ...
     recharge_reason: str | None = None
     recharge_wake_at: datetime | None = None
+    subscription: SubscriptionState | None = None
 
 
 # --- TopUpWorkflow (issue 3) -----------------------------------------------------------------------
@@ -271,6 +335,7 @@ class AutoRechargeInput(BaseModel):
     payment_method_id: str | None = None
     threshold_micros: int = 0
     available_micros: int = 0
+    publish_search_attributes: bool = True
 
 
 class AutoRechargeOutcome(BaseModel):
@@ -288,3 +353,88 @@ class AutoRechargeOutcome(BaseModel):
     error_code: str | None = None
     error_message: str | None = None
     decline_code: str | None = None
+
+
+# --- InvoiceWorkflow (issue 4) ---------------------------------------------------------------------
+
+INVOICE_WORKFLOW = "InvoiceWorkflow"
+INVOICE_WORKFLOW_ID_PREFIX = "invoice:"
+# Query: the current ``InvoiceOutcome``.
+QUERY_INVOICE_STATUS = "status"
+# Signal: "try the charge again now" (e.g. the customer saved a new card) instead of waiting for the next retry.
+SIGNAL_RETRY_INVOICE_PAYMENT = "retry_payment"
+
+INVOICE_PENDING = "pending"
+INVOICE_OPEN = "open"
+INVOICE_PAID = "paid"
+INVOICE_PAST_DUE = "past_due"
+
+
+def invoice_workflow_id(account_id: str, period_key: str) -> str:
+    """``invoice:{account_id}:{period_key}``: one invoice per account and period (key: the period's UTC start date).
+    Start it with ``id_reuse_policy=REJECT_DUPLICATE``; a second run is harmless anyway (the invoice is stored
+    once per period and charged once per attempt)."""
+    return f"{INVOICE_WORKFLOW_ID_PREFIX}{account_id}:{period_key}"
+
+
+class InvoiceChargeLine(BaseModel):
+    """A recurring charge billed on the invoice, e.g. 3 phone numbers at 150 credits (1 credit = 1 cent)."""
+
+    description: str
+    quantity: int
+    unit: str = ""
+    unit_price_credits: Decimal
+
+
+class InvoiceAdjustmentLine(BaseModel):
+    """A stated amount in cents (negative: a credit, e.g. proration of a downgrade)."""
+
+    description: str
+    amount_cents: int
+
+
+class InvoiceWorkflowInput(BaseModel):
+    """Input of ``InvoiceWorkflow`` (started by the account workflow at each renewal for the closed period).
+
+    ``subscription_fee_cents`` None bills the plan's fee; ``overage_micros`` is the credit-line draw to bill (it is
+    restored to the wallet when the invoice is paid). The charge policy fields left None come from the worker's
+    settings (``CREDITFLOW_INVOICE_DUE_DAYS``, ``_CHARGE_ATTEMPTS``, ``_RETRY_INTERVAL_SECONDS``)."""
+
+    account_id: str
+    period_start: datetime
+    period_end: datetime
+    period_key: str | None = None  # None: the period start's UTC date
+    plan_id: str | None = None
+    subscription_fee_cents: int | None = None
+    recurring_charges: list[InvoiceChargeLine] = Field(default_factory=list)
+    overage_micros: int = 0
+    adjustments: list[InvoiceAdjustmentLine] = Field(default_factory=list)
+    charge: bool = True  # False: issue it open and leave the payment to someone else
+    publish_search_attributes: bool = True  # False on servers without creditflow's search attributes
+    send_email: bool = True
+    due_days: int | None = None
+    charge_attempts: int | None = None
+    retry_interval_seconds: int | None = None
+
+    def key(self) -> str:
+        return self.period_key or self.period_start.date().isoformat()
+
+
+class InvoiceOutcome(BaseModel):
+    """The ``status`` query and the workflow's result. Never carries the HTML or PDF (fetch them by ``invoice_id``)."""
+
+    status: str = INVOICE_PENDING
+    account_id: str
+    period_key: str
+    invoice_id: str | None = None
+    number: str | None = None
+    amount_due_cents: int | None = None
+    due_at: datetime | None = None
+    paid_at: datetime | None = None
+    attempts: int = 0
+    charge_id: str | None = None
+    payment_intent_id: str | None = None
+    next_attempt_at: datetime | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    emailed: bool = False

@@ -11,9 +11,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from creditflow import __version__
 from creditflow.api import accounts, auto_recharge, billing, features, payment_methods, refunds, stripe_webhooks, topups
+from creditflow.api.agents import router as agents_router
+from creditflow.api.alerts import router as alerts_router
+from creditflow.api.entitlements import router as entitlements_router
 from creditflow.api.exact_json import ExactJSONResponse, respond
+from creditflow.api.invoices import router as invoices_router
+from creditflow.api.limits import router as limits_router
 from creditflow.api.notification_channels import router as notification_channels_router
 from creditflow.api.plans import router as plans_router
+from creditflow.api.subscription import router as subscription_router
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
 from creditflow.ledger.db import open_pool
@@ -82,8 +88,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(payment_methods.router)
     app.include_router(topups.router)
     app.include_router(auto_recharge.router)
+    app.include_router(limits_router)
+    app.include_router(agents_router)
+    app.include_router(entitlements_router)
+    app.include_router(subscription_router)
     app.include_router(refunds.router)
     app.include_router(stripe_webhooks.router)
     app.include_router(notification_channels_router)
+    app.include_router(alerts_router)
     app.include_router(plans_router)
+    app.include_router(invoices_router)
     return app

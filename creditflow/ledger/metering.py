@@ -181,7 +181,7 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
 
 
 _CHECK_SQL = """
-SELECT b.balance_micros, b.floor_micros, cf_live_held(b.account_id, b.held_micros) AS held_micros,
+SELECT b.balance_micros, b.floor_micros, cf_live_held(b.account_id, b.held_micros) AS held_micros, b.controlled,
        p.id AS feature_id, p.integer_only, p.credits_per_unit AS rate
 FROM balances b LEFT JOIN feature_prices p ON p.id = %(feature)s
 WHERE b.account_id = %(account)s
@@ -218,9 +218,18 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
         result.credits_required = micros_to_credits(required)
         result.allowed = spendable >= required
     else:
+        required = 1  # "is anything left to spend?"
         result.allowed = spendable > 0
     if not result.allowed:
         result.code = "insufficient_credits"
+    elif row["controlled"]:
+        # Spend control (a paused agent, a limit this would exceed), read only: nothing is emitted.
+        async with pool.connection() as conn:
+            gate = await (await conn.execute("SELECT cf_spend_gate(%s, %s, %s, false) AS code",
+                                             (account_id, agent_id, required))).fetchone()
+        assert gate is not None
+        if gate["code"] != "ok":
+            result.allowed, result.code = False, gate["code"]
     return result
 
 

@@ -24,12 +24,22 @@ from creditflow.ledger.models import (
 
 async def balance(pool: AsyncConnectionPool, account_id: str) -> Balance:
     async with pool.connection() as conn:
+        # Plan credits left, read only: usage not yet burned from the lots is owed to the plan lots first (they
+        # come first in the burn order), so it is subtracted from them.
         row = await (await conn.execute(
-            "SELECT balance_micros, cf_live_held(account_id, held_micros) AS held_micros, floor_micros, updated_at"
-            " FROM balances WHERE account_id = %s", (account_id,))).fetchone()
+            "SELECT b.balance_micros, cf_live_held(b.account_id, b.held_micros) AS held_micros, b.floor_micros,"
+            " b.updated_at, s.plan_id, s.period_end, s.status,"
+            " greatest(0, (SELECT coalesce(sum(l.remaining_micros), 0) FROM credit_lots l WHERE l.account_id ="
+            "  b.account_id AND l.source = 'plan' AND NOT l.depleted) - b.unburned_micros) AS plan_left"
+            " FROM balances b LEFT JOIN subscriptions s ON s.account_id = b.account_id WHERE b.account_id = %s",
+            (account_id,))).fetchone()
     if row is None:
         raise CreditflowError("unknown_account", f"no account {account_id}")
+    subscribed = row["plan_id"] is not None and row["status"] == "active"
     return Balance(account_id=account_id, last_updated=row["updated_at"],
+                   plan_id=row["plan_id"] if subscribed else None,
+                   plan_credits_remaining=micros_to_credits(int(row["plan_left"])) if subscribed else None,
+                   next_renewal_at=row["period_end"] if subscribed else None,
                    **Balances.from_micros(row["balance_micros"], row["held_micros"],
                                           row["floor_micros"]).model_dump())
 

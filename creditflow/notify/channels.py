@@ -49,6 +49,8 @@ class Outgoing:
     payload: dict[str, Any]
     rendered: Rendered | None  # None: the template failed (only the webhook, which carries data, can go)
     destinations: Destinations
+    # (file name, content type, bytes) of each email attachment, resolved by the service; other channels ignore them.
+    attachments: tuple[tuple[str, str, bytes], ...] = ()
 
     @property
     def text(self) -> Rendered:
@@ -76,7 +78,8 @@ async def _post(url: str, *, timeout: float, retry_any: bool, **kwargs: Any) -> 
 
 
 def email_message(settings: Settings, out: Outgoing) -> EmailMessage:
-    """A plain-text email. The Message-ID comes from the event id, so a re-sent copy is recognisable."""
+    """A plain-text email (multipart/mixed when it has attachments). The Message-ID comes from the event id, so a
+    re-sent copy is recognisable."""
     msg = EmailMessage()
     msg["From"] = settings.smtp_from
     msg["To"] = out.destinations.effective_email
@@ -85,6 +88,9 @@ def email_message(settings: Settings, out: Outgoing) -> EmailMessage:
     msg["Message-ID"] = f"<{out.event_id}@creditflow>"
     msg["X-Creditflow-Event"] = out.kind
     msg.set_content(out.text.email_body)
+    for filename, content_type, data in out.attachments:  # none: the plain-text message as before
+        maintype, _, subtype = content_type.partition("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype or "octet-stream", filename=filename)
     return msg
 
 

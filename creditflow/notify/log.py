@@ -20,6 +20,15 @@ Channel = Literal["log", "email", "slack", "sms", "webhook"]
 DeliveryStatus = Literal["pending", "sending", "sent", "failed", "skipped"]
 
 
+class Attachment(BaseModel):
+    """A file to attach to the email, named by reference so workflow payloads stay small: the notification
+    service reads the bytes when it sends (today: an invoice's PDF, ``invoices.pdf`` of this account)."""
+
+    filename: str
+    content_type: str = "application/pdf"
+    invoice_id: str
+
+
 class Notification(BaseModel):
     """One notification to send. ``dedup_key`` makes a retried send a no-op (e.g. ``receipt:{charge_id}``).
 
@@ -32,6 +41,9 @@ class Notification(BaseModel):
     payload: dict[str, Any] = Field(default_factory=dict)
     channel: str = "log"
     channels: list[Channel] | None = None
+    # Email only (other channels ignore them); resolved by the service at send time. An attachment that cannot
+    # be found fails the email channel (``attachment_missing``) rather than sending a message without it.
+    attachments: list[Attachment] = Field(default_factory=list)
 
 
 class ChannelDelivery(BaseModel):

@@ -144,15 +144,20 @@ class NotificationService:
         except TemplateError as exc:
             log.error("notification %s: template of %s failed: %s", notification.dedup_key, notification.kind, exc)
             template_error = f"template_error: {exc}"
+        files, attachment_error = (await self._attachments(notification) if "email" in claimed
+                                   else ((), None))
         out = ch.Outgoing(kind=canonical_kind(notification.kind), event_id=event_id(notification.dedup_key),
                           created=created, payload=notification.payload, rendered=rendered,
-                          destinations=destinations)
+                          destinations=destinations, attachments=files)
         senders: dict[str, Callable[[Settings, ch.Outgoing], Awaitable[Any]]] = {
             "email": ch.send_email, "slack": ch.send_slack, "sms": ch.send_sms, "webhook": ch.send_webhook}
 
         async def one(channel: str) -> None:
             if rendered is None and channel != "webhook":  # the webhook carries data, not text
                 await self._finish(notification.dedup_key, channel, "failed", template_error)
+                return
+            if channel == "email" and attachment_error:
+                await self._finish(notification.dedup_key, channel, "failed", attachment_error)
                 return
             try:
                 provider_id = await senders[channel](self._settings, out)
@@ -170,6 +175,19 @@ class NotificationService:
                                    provider_id if isinstance(provider_id, str) else None)
 
         await asyncio.gather(*(one(channel) for channel in claimed))
+
+    async def _attachments(self, notification: Notification) -> tuple[tuple[tuple[str, str, bytes], ...], str | None]:
+        """The email's attachments, read now (the notification names them: workflow payloads stay small).
+        Only the account's own invoices can be attached."""
+        from creditflow.invoicing.store import pdf_attachment  # the invoicing package is only needed here
+
+        files = []
+        for attachment in notification.attachments:
+            found = await pdf_attachment(self._pool, notification.account_id, attachment.invoice_id)
+            if found is None:
+                return (), f"attachment_missing: invoice {attachment.invoice_id}"
+            files.append((attachment.filename, attachment.content_type, found[1]))
+        return tuple(files), None
 
     async def _created(self, dedup_key: str) -> int:
         async with self._pool.connection() as conn:

@@ -45,6 +45,7 @@ DEFAULT_CHANNELS: dict[str, tuple[str, ...]] = {
     "auto_recharge.daily_cap_reached": ("email", "slack", "webhook"),
     "balance.low": ALERT,
     "limit.reached": ALERT,
+    "usage.daily_threshold": ALERT,
     "invoice.issued": ("email", "webhook"),
     "invoice.past_due": ALERT,
     "agent.paused": ("slack", "webhook"),

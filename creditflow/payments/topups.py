@@ -42,6 +42,8 @@ PURCHASE_BOOK = "system:payments_clearing"
 # ``stripe_charges.kind``: a top-up asked for by the customer, or one started by auto-recharge.
 KIND_TOPUP = "topup"
 KIND_AUTO_RECHARGE = "auto_recharge"
+# An invoice payment (creditflow/invoicing/payment.py): buys no credits (``credits`` 0), settled by the invoice.
+KIND_INVOICE = "invoice"
 
 
 class ChargeRecord(BaseModel):
@@ -243,12 +245,12 @@ async def credit(pool: AsyncConnectionPool, charge_id: str) -> CreditResult:
 
 
 async def list_charges(pool: AsyncConnectionPool, account_id: str, limit: int = 50) -> list[ChargeRecord]:
-    """The account's top-ups, newest first."""
+    """The account's top-ups (and auto-recharges), newest first; invoice payments are listed with their invoices."""
     async with pool.connection() as conn:
         exists = await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone()
         if exists is None:
             raise CreditflowError("unknown_account", f"no account {account_id}")
         rows = await (await conn.execute(
-            "SELECT * FROM stripe_charges WHERE account_id = %s ORDER BY created_at DESC, id LIMIT %s",
-            (account_id, limit))).fetchall()
+            "SELECT * FROM stripe_charges WHERE account_id = %s AND kind <> %s ORDER BY created_at DESC, id LIMIT %s",
+            (account_id, KIND_INVOICE, limit))).fetchall()
     return [ChargeRecord(**row) for row in rows]

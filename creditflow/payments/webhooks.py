@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
 from creditflow.errors import CreditflowError
-from creditflow.payments.topups import CHARGE_METADATA_KEY, KIND_AUTO_RECHARGE
+from creditflow.payments.topups import CHARGE_METADATA_KEY, KIND_AUTO_RECHARGE, KIND_INVOICE
 from workflows.contract import PaymentEvent
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ async def _route(conn: Any, event: StripeEvent, signal: Signal) -> tuple[str, st
             log.info("stripe event %s (%s): PaymentIntent %s is not a creditflow top-up; ignored",
                      event.id, event.type, obj.get("id"))
             return OUTCOME_IGNORED, None
-        if charge["kind"] == KIND_AUTO_RECHARGE:
-            # Charged off-session: its AutoRechargeWorkflow read the PaymentIntent's outcome synchronously.
+        if charge["kind"] in (KIND_AUTO_RECHARGE, KIND_INVOICE):
+            # Charged off-session: its AutoRechargeWorkflow / InvoiceWorkflow read the outcome synchronously.
             return OUTCOME_RECORDED, charge["id"]
         running = await signal(charge["account_id"], charge["request_id"],
                                PaymentEvent(payment_intent_id=obj.get("id"), event_type=event.type))

@@ -1,0 +1,206 @@
+"""/api/v1/agents: the agents that spend an account's credits, their settings, and pause/resume.
+
+Settings are saved here. Pause and resume go through the account workflow (update ``pause_agent`` /
+``resume_agent`` on ``account:{account_id}``), the single writer of agent status: it records the change with
+its audit trail, tells the customer's service (``agent.paused`` / ``agent.resumed``) and answers the new status.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, Field
+
+from creditflow.api.deps import get_pool, require, target_account
+from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
+from creditflow.api.keys import Principal, Scope
+from creditflow.api.schemas import Amount, Metadata, Strict, Text, Token
+from creditflow.api.topups import get_temporal
+from creditflow.domain.money import AmountError, credits_to_micros, micros_to_credits
+from creditflow.errors import CreditflowError
+from creditflow.ledger import agents
+from creditflow.ledger.agents import Agent
+from workflows.contract import AgentCommand
+
+router = APIRouter(prefix="/api/v1/agents", tags=["agents"], route_class=ExactRoute)
+
+Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
+Writer = Annotated[Principal, Depends(require(Scope.BILLING_WRITE))]
+Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
+AccountQuery = Annotated[str | None, Query(description="Admin keys only.")]
+LimitAction = Literal["pause", "alert_only"]
+PlanExhausted = Literal["stop", "use_balance"]
+
+
+class AgentView(BaseModel):
+    id: str
+    name: str
+    status: str = Field(description="active or paused")
+    paused_by: str | None = Field(default=None, description="system (a limit) or who paused it")
+    pause_reason: str | None = None
+    paused_at: datetime | None = None
+    resume_at: datetime | None = Field(default=None, description="when a system pause ends by itself")
+    monthly_limit: Decimal | None = None
+    limit_action: str | None = Field(default=None, description="pause / alert_only; null: the account's")
+    on_plan_exhausted: str
+    spent_this_month: Decimal
+    metadata: dict[str, Any] | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class AgentList(BaseModel):
+    items: list[AgentView]
+
+
+class AgentCreate(Strict):
+    account_id: str | None = Field(default=None, description="Required with an admin key.")
+    id: Token = Field(description="The agent id used as agent_id in usage events.")
+    name: Text = Field(default="", max_length=200)
+    monthly_limit: Amount | None = Field(default=None, description="Credits per UTC month; null: none.")
+    limit_action: LimitAction | None = None
+    on_plan_exhausted: PlanExhausted = "use_balance"
+    metadata: Metadata
+
+
+class AgentPatch(Strict):
+    account_id: str | None = None
+    name: Text | None = Field(default=None, max_length=200)
+    monthly_limit: Amount | None = None
+    limit_action: LimitAction | None = None
+    on_plan_exhausted: PlanExhausted | None = None
+    metadata: dict[str, Any] | None = None
+    status: Literal["active", "paused"] | None = Field(default=None, description="pause or resume (the workflow)")
+    reason: Text | None = Field(default=None, max_length=500)
+
+
+class AgentAction(Strict):
+    account_id: str | None = None
+    reason: Text | None = Field(default=None, max_length=500)
+
+
+def view(agent: Agent) -> AgentView:
+    return AgentView(
+        id=agent.id, name=agent.name, status=agent.status, paused_by=agent.paused_by,
+        pause_reason=agent.pause_reason, paused_at=agent.paused_at, resume_at=agent.resume_at,
+        monthly_limit=None if agent.monthly_limit_micros is None else micros_to_credits(agent.monthly_limit_micros),
+        limit_action=agent.limit_action, on_plan_exhausted=agent.on_plan_exhausted,
+        spent_this_month=micros_to_credits(agent.month_spent_micros), metadata=agent.metadata,
+        created_at=agent.created_at, updated_at=agent.updated_at)
+
+
+def limit_micros(credits: Decimal | None, what: str) -> int | None:
+    """A limit in credits (exact, above zero) as micro-credits; None stays None."""
+    if credits is None:
+        return None
+    try:
+        micros = credits_to_micros(credits)
+    except AmountError as exc:
+        raise CreditflowError(exc.code, f"{what}: {exc}") from exc
+    if micros <= 0 or credits > Decimal(1_000_000_000):
+        raise CreditflowError("invalid_amount", f"{what} must be above zero and at most 1,000,000,000 credits")
+    return micros
+
+
+def actor_of(principal: Principal) -> str:
+    """Who asked, for the audit trail."""
+    return "admin" if principal.is_admin else f"customer (key {principal.key_id})"
+
+
+async def _status_change(request: Request, principal: Principal, account_id: str, agent_id: str, *, paused: bool,
+                         reason: str | None) -> ExactJSONResponse:
+    pool: AsyncConnectionPool = request.app.state.pool
+    await agents.get_agent(pool, account_id, agent_id)  # unknown_agent / unknown_account before Temporal
+    client = await get_temporal(request)
+    await client.set_agent_status(account_id, AgentCommand(agent_id=agent_id, actor=actor_of(principal),
+                                                           reason=reason), paused=paused)
+    return respond(view(await agents.get_agent(pool, account_id, agent_id)))
+
+
+_STATUS_ERRORS: dict[int | str, dict[str, str]] = {
+    404: {"description": "unknown_agent / unknown_account"},
+    409: {"description": "invalid_transition (already paused / not paused)"},
+    503: {"description": "workflow_unavailable"},
+}
+
+
+@router.get("", response_model=AgentList, response_class=ExactJSONResponse)
+async def list_agents(principal: Reader, pool: Pool, account_id: AccountQuery = None) -> ExactJSONResponse:
+    """The account's agents (registered, or seen in usage while the account has spend controls)."""
+    items = await agents.list_agents(pool, target_account(principal, account_id))
+    return respond(AgentList(items=[view(a) for a in items]))
+
+
+@router.post("", response_model=AgentView, response_class=ExactJSONResponse, status_code=201,
+             responses={409: {"description": "agent_exists"}})
+async def create_agent(req: AgentCreate, principal: Writer, pool: Pool) -> ExactJSONResponse:
+    """Register an agent with its settings (its usage this month so far counts towards its limit)."""
+    account_id = target_account(principal, req.account_id)
+    agent = await agents.create_agent(
+        pool, account_id, req.id, name=req.name, monthly_limit_micros=limit_micros(req.monthly_limit, "monthly_limit"),
+        limit_action=req.limit_action, on_plan_exhausted=req.on_plan_exhausted, metadata=req.metadata or None)
+    return respond(view(agent), 201)
+
+
+@router.get("/{agent_id}", response_model=AgentView, response_class=ExactJSONResponse,
+            responses={404: {"description": "unknown_agent"}})
+async def get_agent(agent_id: str, principal: Reader, pool: Pool, account_id: AccountQuery = None
+                    ) -> ExactJSONResponse:
+    return respond(view(await agents.get_agent(pool, target_account(principal, account_id), agent_id)))
+
+
+@router.get("/{agent_id}/events", response_class=ExactJSONResponse)
+async def agent_events(agent_id: str, principal: Reader, pool: Pool, account_id: AccountQuery = None
+                       ) -> ExactJSONResponse:
+    """The agent's audit trail: every pause and resume, who asked and why, oldest first."""
+    account = target_account(principal, account_id)
+    await agents.get_agent(pool, account, agent_id)
+    events = await agents.agent_events(pool, account, agent_id)
+    return respond({"items": [e.model_dump(mode="json") for e in events]})
+
+
+@router.patch("/{agent_id}", response_model=AgentView, response_class=ExactJSONResponse, responses=_STATUS_ERRORS)
+async def patch_agent(agent_id: str, req: AgentPatch, principal: Writer, request: Request, pool: Pool
+                      ) -> ExactJSONResponse:
+    """Change settings (a field sent as null is cleared: ``monthly_limit: null`` removes the limit); ``status``
+    pauses or resumes through the account workflow."""
+    account_id = target_account(principal, req.account_id)
+    changes: dict[str, Any] = {}
+    fields = req.model_fields_set
+    if "name" in fields:
+        changes["name"] = req.name or ""
+    if "monthly_limit" in fields:
+        changes["monthly_limit_micros"] = limit_micros(req.monthly_limit, "monthly_limit")
+    if "limit_action" in fields:
+        changes["limit_action"] = req.limit_action
+    if "on_plan_exhausted" in fields:
+        if req.on_plan_exhausted is None:
+            raise CreditflowError("validation_error", "on_plan_exhausted is stop or use_balance")
+        changes["on_plan_exhausted"] = req.on_plan_exhausted
+    if "metadata" in fields:
+        changes["metadata"] = req.metadata
+    agent = await agents.update_agent(pool, account_id, agent_id, changes)
+    if req.status is not None and req.status != agent.status:
+        return await _status_change(request, principal, account_id, agent_id, paused=req.status == "paused",
+                                    reason=req.reason)
+    return respond(view(agent))
+
+
+@router.post("/{agent_id}/pause", response_model=AgentView, response_class=ExactJSONResponse,
+             responses=_STATUS_ERRORS)
+async def pause_agent(agent_id: str, req: AgentAction, principal: Writer, request: Request) -> ExactJSONResponse:
+    """Pause the agent: its usage is refused (``agent_paused``) from the next event until it is resumed."""
+    account_id = target_account(principal, req.account_id)
+    return await _status_change(request, principal, account_id, agent_id, paused=True, reason=req.reason)
+
+
+@router.post("/{agent_id}/resume", response_model=AgentView, response_class=ExactJSONResponse,
+             responses=_STATUS_ERRORS)
+async def resume_agent(agent_id: str, req: AgentAction, principal: Writer, request: Request) -> ExactJSONResponse:
+    """Resume a paused agent (whoever paused it)."""
+    account_id = target_account(principal, req.account_id)
+    return await _status_change(request, principal, account_id, agent_id, paused=False, reason=req.reason)

@@ -1,0 +1,185 @@
+"""Agents: the consumers that spend an account's credits (a voice or chat agent), their settings and status.
+
+Settings (name, monthly limit, behaviour when plan credits run out) are written here by the API. The
+status (``active`` / ``paused``) is written only by the account workflow, through ``set_status``, which
+refuses transitions that make no sense and keeps the audit trail (``agent_events``). The hot path reads
+the row in its transaction (migration 0009), so a pause holds from the next event on.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+
+from creditflow.errors import CreditflowError
+from creditflow.ids import check_token
+from creditflow.ledger.db import to_jsonb
+from creditflow.ledger.limits import emit_limits_changed
+
+ON_PLAN_EXHAUSTED = ("stop", "use_balance")
+PAUSED_BY_SYSTEM = "system"
+
+
+class Agent(BaseModel):
+    account_id: str
+    id: str
+    name: str
+    status: str
+    paused_by: str | None = None
+    pause_reason: str | None = None
+    paused_at: datetime | None = None
+    resume_at: datetime | None = None
+    monthly_limit_micros: int | None = None
+    limit_action: str | None = None
+    on_plan_exhausted: str = "use_balance"
+    month_spent_micros: int = 0
+    metadata: dict[str, Any] | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class AgentEvent(BaseModel):
+    id: int
+    agent_id: str
+    action: str
+    actor: str
+    reason: str | None
+    created_at: datetime
+
+
+_COLUMNS = ("account_id, id, name, status, paused_by, pause_reason, paused_at, resume_at, monthly_limit_micros,"
+            " limit_action, on_plan_exhausted, CASE WHEN month_start = date_trunc('month', cf_utc_today())::date"
+            " THEN month_spent_micros ELSE 0 END AS month_spent_micros, metadata, created_at, updated_at")
+
+
+async def _exists(conn: Any, account_id: str) -> None:
+    if await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone() is None:
+        raise CreditflowError("unknown_account", f"no account {account_id}")
+
+
+async def get_agent(pool: AsyncConnectionPool, account_id: str, agent_id: str) -> Agent:
+    async with pool.connection() as conn:
+        await _exists(conn, account_id)
+        row = await (await conn.execute(f"SELECT {_COLUMNS} FROM agents WHERE account_id = %s AND id = %s",
+                                        (account_id, agent_id))).fetchone()
+    if row is None:
+        raise CreditflowError("unknown_agent", f"no agent {agent_id}")
+    return Agent(**row)
+
+
+async def list_agents(pool: AsyncConnectionPool, account_id: str) -> list[Agent]:
+    async with pool.connection() as conn:
+        await _exists(conn, account_id)
+        rows = await (await conn.execute(f"SELECT {_COLUMNS} FROM agents WHERE account_id = %s ORDER BY id",
+                                         (account_id,))).fetchall()
+    return [Agent(**row) for row in rows]
+
+
+async def create_agent(pool: AsyncConnectionPool, account_id: str, agent_id: str, *, name: str = "",
+                       monthly_limit_micros: int | None = None, limit_action: str | None = None,
+                       on_plan_exhausted: str = "use_balance", metadata: dict[str, Any] | None = None) -> Agent:
+    """Register an agent (``agent_exists`` if the id is taken in this account). Its spend this month so far
+    is counted from the journal, so a limit set now includes earlier usage."""
+    check_token(agent_id, "agent id")
+    async with pool.connection() as conn, conn.transaction():
+        locked = await (await conn.execute("SELECT 1 FROM balances WHERE account_id = %s FOR UPDATE",
+                                           (account_id,))).fetchone()
+        if locked is None:
+            raise CreditflowError("unknown_account", f"no account {account_id}")
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO agents (account_id, id, name, monthly_limit_micros, limit_action, on_plan_exhausted,"
+                    " metadata) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                    (account_id, agent_id, name, monthly_limit_micros, limit_action, on_plan_exhausted,
+                     to_jsonb(metadata)))
+        except psycopg.errors.UniqueViolation:
+            raise CreditflowError("agent_exists", f"agent {agent_id} already exists") from None
+        await conn.execute("SELECT cf_refresh_spend(%s)", (account_id,))
+    return await get_agent(pool, account_id, agent_id)
+
+
+async def update_agent(pool: AsyncConnectionPool, account_id: str, agent_id: str,
+                       changes: dict[str, Any]) -> Agent:
+    """Change settings (``name``, ``monthly_limit_micros``, ``limit_action``, ``on_plan_exhausted``,
+    ``metadata``); a changed limit tells the account workflow (it may resume an agent paused for it)."""
+    allowed = {"name", "monthly_limit_micros", "limit_action", "on_plan_exhausted", "metadata"}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise CreditflowError("validation_error", f"cannot change {', '.join(sorted(unknown))}")
+    async with pool.connection() as conn, conn.transaction():
+        locked = await (await conn.execute("SELECT 1 FROM balances WHERE account_id = %s FOR UPDATE",
+                                           (account_id,))).fetchone()
+        if locked is None:
+            raise CreditflowError("unknown_account", f"no account {account_id}")
+        if changes:
+            sets = ", ".join(f"{column} = %({column})s" for column in sorted(changes))
+            params = {**changes, "a": account_id, "i": agent_id}
+            if "metadata" in params:
+                params["metadata"] = to_jsonb(params["metadata"])
+            row = await (await conn.execute(
+                f"UPDATE agents SET {sets}, updated_at = now() WHERE account_id = %(a)s AND id = %(i)s"
+                " RETURNING id", params)).fetchone()
+        else:
+            row = await (await conn.execute("SELECT id FROM agents WHERE account_id = %s AND id = %s",
+                                            (account_id, agent_id))).fetchone()
+        if row is None:
+            raise CreditflowError("unknown_agent", f"no agent {agent_id}")
+        if "monthly_limit_micros" in changes or "limit_action" in changes:
+            await conn.execute("SELECT cf_refresh_spend(%s)", (account_id,))
+            await emit_limits_changed(conn, account_id)
+    return await get_agent(pool, account_id, agent_id)
+
+
+async def set_status(pool: AsyncConnectionPool, account_id: str, agent_id: str, *, paused: bool, actor: str,
+                     reason: str | None = None, resume_at: datetime | None = None) -> tuple[Agent, int]:
+    """Pause or resume (the account workflow's writer). Pausing a paused agent or resuming an active one is
+    ``invalid_transition``; every change is appended to ``agent_events`` (its id is returned with the agent)."""
+    async with pool.connection() as conn, conn.transaction():
+        row = await (await conn.execute(
+            "SELECT status FROM agents WHERE account_id = %s AND id = %s FOR UPDATE", (account_id, agent_id))
+        ).fetchone()
+        if row is None:
+            await _exists(conn, account_id)
+            raise CreditflowError("unknown_agent", f"no agent {agent_id}")
+        if (row["status"] == "paused") == paused:
+            raise CreditflowError("invalid_transition", f"agent {agent_id} is already {row['status']}",
+                                  details={"status": row["status"]})
+        if paused:
+            await conn.execute(
+                "UPDATE agents SET status = 'paused', paused_by = %s, pause_reason = %s, paused_at = now(),"
+                " resume_at = %s, updated_at = now() WHERE account_id = %s AND id = %s",
+                (actor, reason, resume_at, account_id, agent_id))
+        else:
+            await conn.execute(
+                "UPDATE agents SET status = 'active', paused_by = NULL, pause_reason = NULL, paused_at = NULL,"
+                " resume_at = NULL, updated_at = now() WHERE account_id = %s AND id = %s", (account_id, agent_id))
+        event = await (await conn.execute(
+            "INSERT INTO agent_events (account_id, agent_id, action, actor, reason) VALUES (%s, %s, %s, %s, %s)"
+            " RETURNING id", (account_id, agent_id, "paused" if paused else "resumed", actor, reason))).fetchone()
+    assert event is not None
+    return await get_agent(pool, account_id, agent_id), int(event["id"])
+
+
+async def agent_events(pool: AsyncConnectionPool, account_id: str, agent_id: str, limit: int = 100
+                       ) -> list[AgentEvent]:
+    """The agent's audit trail, oldest first."""
+    async with pool.connection() as conn:
+        rows = await (await conn.execute(
+            "SELECT id, agent_id, action, actor, reason, created_at FROM agent_events"
+            " WHERE account_id = %s AND agent_id = %s ORDER BY id LIMIT %s", (account_id, agent_id, limit))
+        ).fetchall()
+    return [AgentEvent(**row) for row in rows]
+
+
+async def system_paused(pool: AsyncConnectionPool, account_id: str) -> list[Agent]:
+    """Agents the system paused (for a limit): the ones a new period or a raised limit may resume."""
+    async with pool.connection() as conn:
+        rows = await (await conn.execute(
+            f"SELECT {_COLUMNS} FROM agents WHERE account_id = %s AND status = 'paused' AND paused_by = %s"
+            " ORDER BY id", (account_id, PAUSED_BY_SYSTEM))).fetchall()
+    return [Agent(**row) for row in rows]

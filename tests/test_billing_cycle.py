@@ -1,0 +1,129 @@
+"""Billing cycles on Temporal's time-skipping test server (issue 4): the real AccountWorkflow and InvoiceWorkflow
+on the production worker, real PostgreSQL and localstripe. Months pass in seconds; every grant, expiry, invoice
+and charge is asserted exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from creditflow.config import Settings
+from creditflow.domain.money import MICROS_PER_CREDIT
+from creditflow.domain.periods import period_containing
+from creditflow.ledger import subscriptions
+from creditflow.ledger.accounts import create_account
+from tests.conftest import ADMIN_KEY, STRIPE_KEY, _temporal_cli
+from tests.test_account_workflow import eventually
+from tests.test_ledger_invariants import assert_invariants
+from workers.main import build_worker
+from workflows.contract import (
+    ACCOUNT_WORKFLOW,
+    QUERY_STATE,
+    UPDATE_CHANGE_PLAN,
+    AccountState,
+    AccountWorkflowInput,
+    PlanChange,
+    SubscriptionState,
+    account_workflow_id,
+)
+
+pytestmark = pytest.mark.temporal
+
+ANCHOR = datetime(2025, 1, 31, 9, 30, tzinfo=UTC)  # a Jan 31 anchor: renews on the last day of short months
+
+
+@pytest.fixture
+def settings(database_url: str, stripe_base: str) -> Settings:
+    return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
+                    welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
+                    stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1)
+
+
+@pytest.fixture
+async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(Path(_temporal_cli()).parent / "temporal-test-server"),
+        data_converter=pydantic_data_converter)
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+async def journal(pool: AsyncConnectionPool, account: str, *types: str) -> list[dict[str, Any]]:
+    async with pool.connection() as conn:
+        return await (await conn.execute(
+            "SELECT type, amount_micros, idempotency_key FROM journal WHERE account_id = %s AND type = ANY(%s)"
+            " ORDER BY seq", (account, list(types)))).fetchall()
+
+
+async def invoices(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
+    async with pool.connection() as conn:
+        return await (await conn.execute(
+            "SELECT period_start, status, amount_due_cents FROM invoices WHERE account_id = %s ORDER BY period_start",
+            (account,))).fetchall()
+
+
+async def start_account(client: Client, queue: str, account: str) -> WorkflowHandle[Any, Any]:
+    # The test server has no creditflow search attributes: the workflow publishes details only.
+    return await client.start_workflow(
+        ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account, name="Acme", publish_search_attributes=False),
+        id=account_workflow_id(account), task_queue=queue)
+
+
+@pytest.mark.parametrize(("plan", "included", "fee_cents"), [("starter", 5_000, 4_900), ("growth", 22_000, 19_900),
+                                                             ("scale", 60_000, 49_900)])
+async def test_three_cycles(plan: str, included: int, fee_cents: int, ts_env: WorkflowEnvironment,
+                            pool: AsyncConnectionPool, settings: Settings, sdk: stripe.StripeClient,
+                            api: httpx.AsyncClient) -> None:
+    from tests.conftest import new_card
+
+    account = (await create_account(pool, name="Acme", billing_email="billing@acme.test",
+                                    welcome_bonus_credits=0)).id
+    card = new_card(sdk)
+    attached = await api.post("/api/v1/billing/payment-methods", json={"account_id": account,
+                                                                      "payment_method_id": card})
+    assert attached.status_code == 201, attached.text
+    await subscriptions.add_recurring(pool, account, description="Phone number rental", quantity=2,
+                                      unit="number", unit_price_credits=150)
+    queue = f"cycle-{account[-8:]}"
+    async with build_worker(ts_env.client, pool, settings, task_queue=queue):
+        handle = await start_account(ts_env.client, queue, account)
+        state: SubscriptionState = await handle.execute_update(
+            UPDATE_CHANGE_PLAN, PlanChange(plan_id=plan, anchor=ANCHOR), result_type=SubscriptionState)
+        now = await ts_env.get_current_time()
+        first = period_containing(ANCHOR, now)
+        assert (state.plan_id, state.period_index, state.period_start, state.period_end) == (
+            plan, first.index, first.start, first.end)
+        assert state.period_end.day in (28, 29, 30, 31)  # the Jan 31 anchor, clamped in shorter months
+
+        for cycle in range(1, 4):
+            await ts_env.sleep(state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
+            state = (await eventually(lambda: handle.query(QUERY_STATE, result_type=AccountState),
+                                      lambda s, c=cycle: s.subscription is not None
+                                      and s.subscription.period_index == first.index + c, timeout=30)).subscription
+            assert state is not None
+            await eventually(lambda: invoices(pool, account), lambda rows, c=cycle: len(rows) == c
+                             and all(r["status"] == "paid" for r in rows), timeout=30)
+
+    grants = await journal(pool, account, "plan_grant")
+    expiries = await journal(pool, account, "plan_expiry")
+    assert [g["amount_micros"] for g in grants] == [included * MICROS_PER_CREDIT] * 4
+    assert [e["amount_micros"] for e in expiries] == [-included * MICROS_PER_CREDIT] * 3
+    assert len({g["idempotency_key"] for g in grants}) == 4
+    rows = await invoices(pool, account)
+    assert [r["amount_due_cents"] for r in rows] == [fee_cents + 300] * 3  # fee + 2 numbers x 150 credits
+    assert [r["period_start"] for r in rows] == [period_containing(ANCHOR, now).start] + [
+        p.start for p in (period_containing(ANCHOR, r["period_start"] + timedelta(days=32)) for r in rows[:2])]
+    await assert_invariants(pool)
