@@ -15,6 +15,7 @@ from creditflow.agents_cli import agents_app
 from creditflow.config import Settings, get_settings
 from creditflow.ops_cli import accounts_app, keys_app, wallet_app
 from creditflow.refund_cli import refund
+from creditflow.simulate_cli import simulate
 from creditflow.topup_cli import topup
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app.add_typer(wallet_app, name="wallet")
 app.add_typer(agents_app, name="agents")
 app.command("topup")(topup)
 app.command("refund")(refund)
+app.command("simulate")(simulate)
 
 console = Console()
 

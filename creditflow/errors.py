@@ -22,6 +22,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "daily_limit_reached": 429,
     "monthly_limit_reached": 429,
     "agent_limit_reached": 429,
+    # Plan credits spent and the agent set to ``stop``: like insufficient_credits, more credits are what it takes
+    # (the next cycle's plan credits, or the agent switched to use_balance), not a retry later or a permission.
+    "plan_credits_exhausted": 402,
     "invalid_transition": 409,
     "unknown_agent": 404,
     "agent_exists": 409,

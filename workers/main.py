@@ -29,6 +29,7 @@ from activities.topups import TopUpActivities
 from creditflow.client import connect_temporal
 from creditflow.config import Settings
 from creditflow.ledger.db import open_pool
+from creditflow.ledger.plan_pricing import sync_plan_rates
 from creditflow.payments.gateway import StripeGateway
 from creditflow.temporal_setup import ensure_search_attributes
 from workers.relay import OutboxRelay
@@ -63,7 +64,7 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
     cycle = BillingCycleActivities(pool, settings.plan_catalog())
     return [accounts.load_account, payments.ensure_stripe_customer,
             recharge.load_auto_recharge, recharge.record_auto_recharge_attempt,
-            cycle.start_subscription, cycle.set_pending_plan, cycle.renew_subscription,
+            cycle.start_subscription, cycle.set_pending_plan, cycle.renew_subscription, cycle.change_plan_now,
             agent_activities.set_agent_status, agent_activities.pause_for_limit, agent_activities.resume_system_paused,
             topups.record_topup_charge, topups.charge_topup, topups.poll_topup_payment, topups.cancel_topup_payment,
             topups.credit_topup, topups.mark_topup_charge, notifications.send_notification,
@@ -109,6 +110,7 @@ async def run_worker(settings: Settings) -> None:
     """Run the worker and the outbox relay until SIGINT/SIGTERM, then shut both down cleanly."""
     pool = open_pool(settings.database_url, settings.db_pool_min_size, settings.db_pool_max_size)
     await pool.open()
+    await sync_plan_rates(pool, settings.plan_catalog())  # the hot path prices plan accounts from plan_rates
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)

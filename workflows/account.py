@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.auto_recharge import AutoRechargeActivities, RechargeAccountInput, RecordRechargeAttemptInput
     from activities.billing_cycle import (
         BillingCycleActivities,
+        ChangeNowInput,
         PendingPlanInput,
         RenewInput,
         RenewResult,
@@ -212,10 +213,16 @@ class AccountWorkflow:
                     StartSubscriptionInput(account_id=i.account_id, plan_id=change.plan_id,
                                            anchor=change.anchor or now, now=now),
                     f"Subscribe to {change.plan_id}")
+            elif change.effective == "immediately":
+                if change.plan_id is None or change.plan_id == i.subscription.plan_id:
+                    raise ApplicationError("an immediate change needs another plan (cancelling takes effect at the "
+                                           "next renewal)", type="validation_error", non_retryable=True)
+                i.subscription = await self._cycle_step(
+                    BillingCycleActivities.change_plan_now,
+                    ChangeNowInput(account_id=i.account_id, subscription=i.subscription,
+                                   new_plan_id=change.plan_id, at=workflow.now()),
+                    f"Change plan now: {i.subscription.plan_id} -> {change.plan_id} (prorated)")
             else:
-                if change.effective != "next_renewal":
-                    raise ApplicationError("a plan change takes effect at the next renewal (immediate changes are "
-                                           "not supported yet)", type="validation_error", non_retryable=True)
                 pending = "" if change.plan_id is None else change.plan_id
                 state = i.subscription.model_copy(update={
                     "pending_plan_id": None if pending == i.subscription.plan_id else pending})
@@ -314,6 +321,8 @@ class AccountWorkflow:
             i.subscription = result.subscription or s.model_copy(update={"status": "canceled",
                                                                           "pending_plan_id": None})
             result.invoice.publish_search_attributes = i.publish_search_attributes
+            if i.simulation:
+                result.invoice.charge = result.invoice.send_email = False
             invoice_id = invoice_workflow_id(i.account_id, result.invoice.period_key or "")
             self._invoices.append(asyncio.create_task(self._invoice(invoice_id, result)))
             self._period_turned = True

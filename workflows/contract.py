@@ -88,6 +88,19 @@ class AgentStatus(BaseModel):
     event_id: int | None = None
 
 
+class PlanProration(BaseModel):
+    """What an immediate plan change did: money lines for this period's invoice, plan credits now."""
+
+    at: datetime
+    old_plan_id: str | None = None
+    new_plan_id: str | None = None
+    old_plan_credit_cents: int = 0
+    new_plan_charge_cents: int = 0
+    net_cents: int = 0
+    plan_credits_granted: int = 0
+    plan_credits_expired: int = 0
+
+
 class SubscriptionState(BaseModel):
     """The account's plan and current billing period, as the account workflow (its only writer) keeps it."""
 
@@ -99,6 +112,11 @@ class SubscriptionState(BaseModel):
     # The plan from the next renewal on; "" ends the subscription then; None keeps the current plan.
     pending_plan_id: str | None = None
     status: str = "active"
+    # The plan whose monthly fee this period's invoice starts from (None: ``plan_id``); immediate changes keep it
+    # and add proration lines. ``changes`` counts immediate changes in this period (their idempotency keys).
+    fee_plan_id: str | None = None
+    changes: int = 0
+    proration: PlanProration | None = None  # the last immediate change
 
 
 class PlanChange(BaseModel):
@@ -129,6 +147,8 @@ class AccountWorkflowInput(BaseModel):
     # False where the server has no creditflow search attributes (Temporal's time-skipping test server, used
     # by tests and the billing simulator): the workflow then only sets its details.
     publish_search_attributes: bool = True
+    # The billing simulator: invoices are issued but not charged or emailed (nothing leaves the machine).
+    simulation: bool = False
     # Continue-as-new after this many new events in one run, on top of the server's suggestion.
     # None (production) relies on the suggestion only; tests set a small number.
     continue_as_new_after_events: int | None = Field(default=None, ge=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from psycopg_pool import AsyncConnectionPool
 
 from creditflow.api.deps import get_pool, require
@@ -14,6 +14,7 @@ from creditflow.api.schemas import FeaturePut, Token
 from creditflow.errors import CreditflowError
 from creditflow.ledger import ratecard
 from creditflow.ledger.models import Feature
+from creditflow.ledger.plan_pricing import sync_plan_rates
 
 router = APIRouter(prefix="/api/v1/features", tags=["features"], route_class=ExactRoute)
 
@@ -28,7 +29,7 @@ async def list_features(principal: Annotated[Principal, Depends(require(Scope.BI
 
 
 @router.put("/{feature_id}", response_model=Feature, response_class=ExactJSONResponse)
-async def put_feature(feature_id: Token, req: FeaturePut,
+async def put_feature(feature_id: Token, req: FeaturePut, request: Request,
                       principal: Annotated[Principal, Depends(require(Scope.ADMIN))],
                       pool: Pool) -> ExactJSONResponse:
     """Create or re-price a feature (admin): a new rate version from now or from ``effective_at``.
@@ -37,4 +38,7 @@ async def put_feature(feature_id: Token, req: FeaturePut,
         spec = ratecard.FeatureSpec(id=feature_id, **req.model_dump(exclude={"effective_at"}))
     except ValueError as exc:
         raise CreditflowError("invalid_rate", str(exc).splitlines()[-1].strip()) from exc
-    return respond(await ratecard.put_feature(pool, spec, req.effective_at))
+    feature = await ratecard.put_feature(pool, spec, req.effective_at)
+    # Plan rates that follow the card (unlisted features, the toll-free surcharge) move with it.
+    await sync_plan_rates(pool, request.app.state.plan_catalog)
+    return respond(feature)

@@ -180,9 +180,14 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
         return await with_retry(run, retry_on=TRACK_RETRY_ON)
 
 
+# The plan rate (migration 0013) is looked up only for an account with a plan (CASE short-circuits): the plan rate
+# while plan credits are left, the overage rate once they are spent; no row: the card rate, as cf_plan_price does.
 _CHECK_SQL = """
 SELECT b.balance_micros, b.floor_micros, cf_live_held(b.account_id, b.held_micros) AS held_micros, b.controlled,
-       p.id AS feature_id, p.integer_only, p.credits_per_unit AS rate
+       p.id AS feature_id, p.integer_only, p.credits_per_unit AS rate,
+       CASE WHEN b.plan_id IS NOT NULL AND p.credits_per_unit IS NOT NULL THEN
+           (SELECT CASE WHEN b.plan_left_micros > 0 THEN r.credits_per_unit ELSE r.overage_credits_per_unit END
+            FROM plan_rates r WHERE r.plan_id = b.plan_id AND r.feature_id = p.id) END AS plan_rate
 FROM balances b LEFT JOIN feature_prices p ON p.id = %(feature)s
 WHERE b.account_id = %(account)s
 """
@@ -207,7 +212,7 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
     if row["rate"] is None:
         result.code = "feature_not_priced"
         return result
-    rate = Decimal(row["rate"])
+    rate = Decimal(row["rate"] if row["plan_rate"] is None else row["plan_rate"])
     result.credits_per_unit = exact(rate)
     spendable = row["balance_micros"] - row["held_micros"] - row["floor_micros"]
     if quantity is not None:
@@ -220,16 +225,18 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
     else:
         required = 1  # "is anything left to spend?"
         result.allowed = spendable > 0
-    if not result.allowed:
-        result.code = "insufficient_credits"
-    elif row["controlled"]:
-        # Spend control (a paused agent, a limit this would exceed), read only: nothing is emitted.
+    if row["controlled"]:
+        # Spend control (a paused agent, plan credits exhausted for a 'stop' agent, a limit this would exceed),
+        # read only: nothing is emitted. Asked before affordability, in cf_track's order, so both give one code.
         async with pool.connection() as conn:
             gate = await (await conn.execute("SELECT cf_spend_gate(%s, %s, %s, false) AS code",
                                              (account_id, agent_id, required))).fetchone()
         assert gate is not None
         if gate["code"] != "ok":
             result.allowed, result.code = False, gate["code"]
+            return result
+    if not result.allowed:
+        result.code = "insufficient_credits"
     return result
 
 

@@ -13,6 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
@@ -23,7 +24,6 @@ from creditflow.domain.plans import Plan
 from creditflow.errors import CreditflowError
 from creditflow.ids import new_id
 from creditflow.ledger import postings
-from creditflow.ledger.db import to_jsonb
 
 PLAN_BOOK = "system:plan_credits"
 
@@ -64,6 +64,7 @@ class ClosedPeriod(BaseModel):
     fee_cents: int
     overage_micros: int
     recurring: list[dict[str, Any]] = Field(default_factory=list)
+    adjustments: list[dict[str, Any]] = Field(default_factory=list)
 
 
 async def get_subscription(pool: AsyncConnectionPool, account_id: str) -> Subscription | None:
@@ -78,8 +79,17 @@ async def get_subscription(pool: AsyncConnectionPool, account_id: str) -> Subscr
 
 async def save_subscription(pool: AsyncConnectionPool, account_id: str, *, plan_id: str, period: Period,
                             pending_plan_id: str | None, status: str = "active") -> Subscription:
-    """Write the workflow's cycle state (insert or replace)."""
-    async with pool.connection() as conn:
+    """Write the workflow's cycle state (insert or replace).
+
+    The account's ``balances.plan_id`` (what the metering hot path prices with, migration 0013) is set to the plan
+    of an active subscription, or cleared, in the same transaction: the balances row is locked first, as every
+    writer of an account's money does."""
+    async with pool.connection() as conn, conn.transaction():
+        locked = await (await conn.execute(
+            "UPDATE balances SET plan_id = %s WHERE account_id = %s RETURNING account_id",
+            (plan_id if status == "active" else None, account_id))).fetchone()
+        if locked is None:
+            raise CreditflowError("unknown_account", f"no account {account_id}")
         row = await (await conn.execute(
             "INSERT INTO subscriptions (account_id, plan_id, status, anchor_at, period_index, period_start, period_end,"
             " pending_plan_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (account_id) DO UPDATE SET"
@@ -120,6 +130,30 @@ async def expire_plan_credits(pool: AsyncConnectionPool, account_id: str, period
     return int(row["expired"])
 
 
+async def expire_some_plan_credits(pool: AsyncConnectionPool, account_id: str, period: Period, plan_name: str,
+                                   max_credits: int, key_suffix: str) -> int:
+    """Expire at most ``max_credits`` of the plan credits (a downgrade), once per key; returns the micros expired."""
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT cf_expire_plan_credits(%s, %s, %s, %s) AS expired",
+            (account_id, f"sys:plan_expiry:{period.key}{key_suffix}",
+             f"{plan_name} plan credits given back (plan change, {period.key})",
+             credits_to_micros(max_credits)))).fetchone()
+    assert row is not None
+    return int(row["expired"])
+
+
+async def add_adjustments(pool: AsyncConnectionPool, account_id: str, period: Period, change_seq: int,
+                          lines: list[tuple[str, int]]) -> None:
+    """Proration lines for the period's invoice, written once per change."""
+    async with pool.connection() as conn:
+        for line, (description, cents) in enumerate(lines):
+            await conn.execute(
+                "INSERT INTO billing_adjustments (account_id, period_key, change_seq, line, description, amount_cents)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (account_id, period.key, change_seq, line, description, cents))
+
+
 async def plan_credits_left(pool: AsyncConnectionPool, account_id: str) -> int:
     async with pool.connection() as conn:
         row = await (await conn.execute("SELECT cf_plan_credits_left(%s) AS left", (account_id,))).fetchone()
@@ -141,15 +175,20 @@ async def close_period(pool: AsyncConnectionPool, account_id: str, period: Perio
             for r in await (await conn.execute(
                 "SELECT * FROM recurring_charges WHERE account_id = %s AND active ORDER BY created_at, id",
                 (account_id,))).fetchall()]
+        adjustments = [
+            {"description": r["description"], "amount_cents": r["amount_cents"]}
+            for r in await (await conn.execute(
+                "SELECT description, amount_cents FROM billing_adjustments WHERE account_id = %s AND period_key = %s"
+                " ORDER BY change_seq, line", (account_id, period.key))).fetchall()]
         await conn.execute(
             "INSERT INTO billing_periods (account_id, period_key, period_index, period_start, period_end, plan_id,"
-            " fee_cents, overage_micros, recurring) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " fee_cents, overage_micros, recurring, adjustments) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (account_id, period_key) DO NOTHING",
             (account_id, period.key, period.index, period.start, period.end, plan.id, plan.monthly_fee_cents,
-             max(0, -int(balance["balance_micros"])), to_jsonb(recurring)))
+             max(0, -int(balance["balance_micros"])), Jsonb(recurring), Jsonb(adjustments)))
         row = await (await conn.execute(
             "SELECT account_id, period_key, period_index, period_start, period_end, plan_id, fee_cents,"
-            " overage_micros, recurring FROM billing_periods WHERE account_id = %s AND period_key = %s",
+            " overage_micros, recurring, adjustments FROM billing_periods WHERE account_id = %s AND period_key = %s",
             (account_id, period.key))).fetchone()
     assert row is not None
     return ClosedPeriod(**row)
