@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test test-fast bench lint install clean
+.PHONY: dev test test-fast bench bench-cycle lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/metering.py $(ARGS)
+
+bench-cycle: $(STAMP)
+	$(BIN)/python bench/billing_cycle.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

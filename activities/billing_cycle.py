@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from temporalio import activity
 
 from activities.errors import translating_errors
+from activities.faults import fault_point
 from creditflow.domain.money import MICROS_PER_CREDIT, micros_to_credits
 from creditflow.domain.periods import period_at, period_containing
 from creditflow.domain.plans import Plan, PlanCatalog, UnknownPlanError
@@ -149,6 +150,7 @@ class BillingCycleActivities:
         closed = period_at(s.anchor, s.period_index)
         facts = await subscriptions.close_period(self._pool, input.account_id, closed, fee_plan)
         expired = await subscriptions.expire_plan_credits(self._pool, input.account_id, closed, plan.name)
+        fault_point("renewal_after_expiry")  # test-only: the period is closed and its credits expired
         next_plan_id = s.plan_id if s.pending_plan_id is None else s.pending_plan_id
         state: SubscriptionState | None = None
         granted = 0

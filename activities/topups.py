@@ -7,28 +7,15 @@ database errors are retried by the workflow's policies.
 
 from __future__ import annotations
 
-import os
-import signal
-
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from temporalio import activity
 
 from activities.errors import application_error, translating_errors  # noqa: F401 - re-exported
+from activities.faults import FAULT_INJECT_ENV, fault_point  # noqa: F401 - FAULT_INJECT_ENV re-exported
 from creditflow.payments import topups
 from creditflow.payments.gateway import PaymentIntentState, StripeGateway
 from creditflow.payments.topups import CreditResult
-
-# TEST-ONLY fault injection (tests/test_fault_injection.py): with CREDITFLOW_FAULT_INJECT set to ``after_charge``
-# or ``after_credit`` the worker process SIGKILLs itself at that point, to prove a crash there is recovered
-# exactly once. Unset (always, outside that test) it does nothing. Never set it in any deployed environment.
-FAULT_INJECT_ENV = "CREDITFLOW_FAULT_INJECT"
-
-
-def _fault_point(name: str) -> None:
-    """Test-only: kill this process (no cleanup, as a crash would) if ``name`` is the injected fault."""
-    if os.environ.get(FAULT_INJECT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RecordTopUpInput(BaseModel):
@@ -87,7 +74,7 @@ class TopUpActivities:
     async def charge_topup(self, input: ChargeRef) -> PaymentIntentState:
         """Create (and confirm with a saved card) the PaymentIntent, or retrieve the one recorded."""
         pi = await topups.charge(self._pool, self._gateway, input.charge_id)
-        _fault_point("after_charge")  # test-only: Stripe answered, the PaymentIntent id is committed
+        fault_point("after_charge")  # test-only: Stripe answered, the PaymentIntent id is committed
         return pi
 
     @activity.defn(name="poll_topup_payment")
@@ -107,7 +94,7 @@ class TopUpActivities:
     async def credit_topup(self, input: ChargeRef) -> CreditResult:
         """Credit the wallet for the succeeded PaymentIntent, once (ledger key ``sys:topup:{payment_intent_id}``)."""
         result = await topups.credit(self._pool, input.charge_id)
-        _fault_point("after_credit")  # test-only: the ledger credit is committed
+        fault_point("after_credit")  # test-only: the ledger credit is committed
         return result
 
     @activity.defn(name="mark_topup_charge")

@@ -165,3 +165,71 @@ async def test_worker_killed_mid_topup_charges_and_credits_once(
                  if e.HasField("activity_task_scheduled_event_attributes")]
     assert activity in scheduled
     assert max(attempts) >= 2, attempts
+
+
+@pytest.mark.timeout(300)
+async def test_worker_killed_mid_renewal_grants_expires_and_invoices_once(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient, temporal_client: Client,
+        temporal_settings: Settings, workers: Workers) -> None:
+    """The worker dies inside the renewal (period closed, plan credits expired, next grant not yet made); after a
+    restart: one expiry, one grant of the next period, one invoice, paid once."""
+    from datetime import UTC, datetime, timedelta
+
+    from creditflow.domain.periods import period_containing
+    from workflows.contract import (
+        ACCOUNT_WORKFLOW,
+        QUERY_STATE,
+        UPDATE_CHANGE_PLAN,
+        AccountState,
+        AccountWorkflowInput,
+        PlanChange,
+        SubscriptionState,
+        account_workflow_id,
+    )
+
+    account = await new_account(api)
+    await save_card(api, sdk, account)
+    # A cycle anchored a year before "in a few seconds", so that its current period ends then (Feb 29: a day later).
+    soon = datetime.now(UTC) + timedelta(seconds=8)
+    if (soon.month, soon.day) == (2, 29):
+        soon += timedelta(days=1)
+    anchor = soon.replace(year=soon.year - 1)
+    assert period_containing(anchor, datetime.now(UTC)).end == soon
+
+    doomed = workers.start("renewal_after_expiry")
+    handle = await temporal_client.start_workflow(
+        ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account), id=account_workflow_id(account),
+        task_queue=temporal_settings.temporal_task_queue)
+    state = await handle.execute_update(UPDATE_CHANGE_PLAN, PlanChange(plan_id="starter", anchor=anchor),
+                                        result_type=SubscriptionState)
+    assert state.period_end == soon
+    assert await wait_exit(doomed, 60) == -signal.SIGKILL, (workers.logs / "worker-0.log").read_text()
+
+    async def rows(type_: str) -> list[dict[str, Any]]:
+        async with pool.connection() as conn:
+            return await (await conn.execute(
+                "SELECT amount_micros, idempotency_key FROM journal WHERE account_id = %s AND type = %s ORDER BY seq",
+                (account, type_))).fetchall()
+
+    assert len(await rows("plan_expiry")) == 1 and len(await rows("plan_grant")) == 1  # killed before the 2nd grant
+    workers.start()
+    deadline = time.monotonic() + 120
+    while True:
+        current = await handle.query(QUERY_STATE, result_type=AccountState)
+        async with pool.connection() as conn:
+            invoice = await (await conn.execute("SELECT status, amount_due_cents FROM invoices WHERE account_id = %s",
+                                                (account,))).fetchall()
+        if current.subscription and current.subscription.period_index == 1 and invoice and \
+                invoice[0]["status"] == "paid":
+            break
+        assert time.monotonic() < deadline, (current, invoice)
+        await asyncio.sleep(0.5)
+    expiries, grants = await rows("plan_expiry"), await rows("plan_grant")
+    assert [e["amount_micros"] for e in expiries] == [-5_000 * 1_000_000]
+    assert [g["amount_micros"] for g in grants] == [5_000 * 1_000_000] * 2
+    assert len({g["idempotency_key"] for g in grants}) == 2
+    assert [(i["status"], i["amount_due_cents"]) for i in invoice] == [("paid", 4_900)]
+    succeeded = [pi for pi in intents_of(sdk, await customer_of(pool, account)) if pi.status == "succeeded"]
+    assert [pi.amount for pi in succeeded] == [4_900]
+    await assert_invariants(pool)
+    await handle.terminate("test over")

@@ -55,6 +55,12 @@ async def assert_invariants(pool: AsyncConnectionPool) -> None:
             " FROM credit_lots GROUP BY account_id) l USING (account_id)"
             " WHERE greatest(b.balance_micros, 0) <> coalesce(l.s, 0) - b.unburned_micros")).fetchall()
         assert lots == []
+        # Plan credits left (migration 0013) are the plan lots less the usage they still owe (plan lots burn first).
+        plan = await (await conn.execute(
+            "SELECT b.account_id FROM balances b LEFT JOIN (SELECT account_id, sum(remaining_micros) AS s"
+            " FROM credit_lots WHERE source = 'plan' GROUP BY account_id) l USING (account_id)"
+            " WHERE b.plan_left_micros <> greatest(0, coalesce(l.s, 0) - b.unburned_micros)")).fetchall()
+        assert plan == []
         # ... and after settling the pending burns, exactly the positive part.
         accounts_ = [r["account_id"] for r in await (await conn.execute("SELECT account_id FROM balances")).fetchall()]
         for account_id in accounts_:

@@ -334,16 +334,17 @@ BEGIN
     RETURN r;
 END $$;
 
--- Batches as in 0009, but the rows are locked before ``controlled`` is read: a plan grant (or limits) committed
--- between the read and the lock could otherwise send a now-controlled account down the set-based path, which
--- neither prices with the plan nor keeps plan_left_micros. FOR UPDATE returns the latest row version.
+-- Batches as in 0009, but the accounts are locked (in id order) before ``controlled`` is read: a plan grant (or
+-- limits) committed between the read and the lock could otherwise send a now-controlled account down the
+-- set-based path, which neither prices with the plan nor keeps plan_left_micros. The read is a new statement, so
+-- (read committed) it sees the latest versions of the rows it now holds; the set-based path re-locks them cheaply.
 CREATE OR REPLACE FUNCTION cf_track_batch(
     p_accounts text[], p_features text[], p_quantities numeric[], p_agents text[], p_keys text[],
     p_hashes bytea[], p_metadata jsonb[]
 ) RETURNS SETOF cf_track_result LANGUAGE plpgsql AS $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM (SELECT controlled FROM balances WHERE account_id = ANY (p_accounts)
-                                  ORDER BY account_id FOR UPDATE) locked WHERE controlled) THEN
+    PERFORM 1 FROM balances WHERE account_id = ANY (p_accounts) ORDER BY account_id FOR UPDATE;
+    IF NOT EXISTS (SELECT 1 FROM balances WHERE account_id = ANY (p_accounts) AND controlled) THEN
         RETURN QUERY SELECT * FROM cf_track_batch_fast(p_accounts, p_features, p_quantities, p_agents, p_keys,
                                                        p_hashes, p_metadata);
         RETURN;
