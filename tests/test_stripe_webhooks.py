@@ -273,7 +273,8 @@ async def test_temporal_down_keeps_the_event_for_redelivery(cf: Clients, pool: A
         for _ in range(2):
             resp = await broken.deliver(body, sign(body))
             assert (resp.status_code, resp.json()["error"]["code"]) == (503, "workflow_unavailable"), resp.text
-        for b, outcome in [(refunded, "recorded"), (disputed, "recorded"), (stranger, "ignored"),
+        # Refunds and disputes go through the outbox, so they are routed even while Temporal is down.
+        for b, outcome in [(refunded, "routed"), (disputed, "ignored"), (stranger, "ignored"),
                            (other_type, "ignored")]:
             resp = await broken.deliver(b, sign(b))
             assert resp.status_code == 200 and resp.json()["outcome"] == outcome, resp.text
@@ -282,8 +283,8 @@ async def test_temporal_down_keeps_the_event_for_redelivery(cf: Clients, pool: A
     assert (kept["processed_at"], kept["outcome"], kept["attempts"], kept["last_error"]) == (
         None, None, 2, "workflow_unavailable")
     [charge] = await charges(pool, account)
-    assert (rows["evt_refunded"]["outcome"], rows["evt_refunded"]["charge_id"]) == ("recorded", charge["id"])
-    assert (rows["evt_disputed"]["outcome"], rows["evt_disputed"]["charge_id"]) == ("recorded", None)
+    assert (rows["evt_refunded"]["outcome"], rows["evt_refunded"]["charge_id"]) == ("routed", charge["id"])
+    assert (rows["evt_disputed"]["outcome"], rows["evt_disputed"]["charge_id"]) == ("ignored", None)
     assert rows["evt_stranger"]["outcome"] == rows["evt_customer"]["outcome"] == "ignored"
     assert await ledger_snapshot(database_url) == before
 

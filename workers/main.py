@@ -23,6 +23,7 @@ from activities.auto_recharge import AutoRechargeActivities
 from activities.billing_cycle import BillingCycleActivities
 from activities.invoices import InvoiceActivities
 from activities.notifications import NotificationActivities
+from activities.payment_events import PaymentEventActivities
 from activities.payments import PaymentActivities
 from activities.refunds import RefundActivities
 from activities.topups import TopUpActivities
@@ -61,10 +62,12 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
     invoices = InvoiceActivities(pool, gateway, settings)
     alerts = AlertActivities(pool, settings)
     agent_activities = AgentActivities(pool)
+    payment_events = PaymentEventActivities(pool)
     cycle = BillingCycleActivities(pool, settings.plan_catalog())
     return [accounts.load_account, payments.ensure_stripe_customer,
             recharge.load_auto_recharge, recharge.record_auto_recharge_attempt,
             cycle.start_subscription, cycle.set_pending_plan, cycle.renew_subscription, cycle.change_plan_now,
+            payment_events.apply_payment_event,
             agent_activities.set_agent_status, agent_activities.pause_for_limit, agent_activities.resume_system_paused,
             topups.record_topup_charge, topups.charge_topup, topups.poll_topup_payment, topups.cancel_topup_payment,
             topups.credit_topup, topups.mark_topup_charge, notifications.send_notification,

@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         StartSubscriptionInput,
     )
     from activities.notifications import notify
+    from activities.payment_events import PaymentEventActivities, PaymentEventInput
     from activities.payments import PERMANENT_CODES, EnsureStripeCustomerInput, PaymentActivities
     from creditflow.domain.money import micros_to_credits
     from creditflow.domain.recharge import Action, Reason, after_attempt, decide, rebase
@@ -95,6 +96,8 @@ BELOW_THRESHOLD = "balance.below_threshold"
 LIMIT_REACHED = "limit.reached"
 LIMITS_CHANGED = "limits.changed"
 DAILY_USAGE_THRESHOLD = "usage.daily_threshold"
+STRIPE_REFUNDED = "stripe.charge.refunded"
+STRIPE_DISPUTED = "stripe.charge.dispute.created"
 # Histories recorded before alerts existed crossed thresholds without sending any: on replay none are sent.
 PATCH_ALERTS = "balance-alerts"
 # Agent status writes: our database, retried for minutes; refusals (a pause of a paused agent) never.
@@ -118,6 +121,8 @@ class AccountWorkflow:
             LIMIT_REACHED: self._on_limit_reached,
             LIMITS_CHANGED: self._on_limits_changed,
             DAILY_USAGE_THRESHOLD: self._on_daily_usage,
+            STRIPE_REFUNDED: self._on_payment_event,
+            STRIPE_DISPUTED: self._on_payment_event,
         }
         self._agents_lock = asyncio.Lock()  # one agent status change at a time, in arrival order
         self._cycle_lock = asyncio.Lock()  # plan changes and renewals, one at a time
@@ -146,6 +151,9 @@ class AccountWorkflow:
             self._wake_if_due()
             if self._input.stripe_customer_pending:
                 await self._ensure_stripe_customer()
+            elif self._input.pending_payment_events:
+                await self._apply_payment_event(self._input.pending_payment_events[0])
+                self._input.pending_payment_events.pop(0)
             elif self._input.pending_alert_events:
                 await self._send_alert(self._input.pending_alert_events[0])
                 self._input.pending_alert_events.pop(0)
@@ -419,6 +427,28 @@ class AccountWorkflow:
         self._input.pending_alert_events.append(event)
         self._input.recharge_requested = True
 
+    def _on_payment_event(self, event: OutboxEvent) -> None:
+        self._input.pending_payment_events.append(event)
+
+    async def _apply_payment_event(self, event: OutboxEvent) -> None:
+        """A refund made on Stripe or a dispute: take back the credits that payment bought, then tell the customer
+        (a dispute) — once per refund or dispute id, whatever is redelivered."""
+        try:
+            result = await workflow.execute_activity_method(
+                PaymentEventActivities.apply_payment_event,
+                PaymentEventInput(account_id=self._input.account_id, kind=event.kind, payload=event.payload),
+                start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
+                summary=f"Take back credits: {event.kind.removeprefix('stripe.')}")
+        except ActivityError as err:
+            workflow.logger.error("%s not applied: %s", event.dedup_key, error_of(err).message)
+            return
+        if event.kind == STRIPE_DISPUTED and result.applied:
+            taken = result.applied[0]
+            await self._notify("payment.disputed", taken.stripe_id, {
+                "payment_intent_id": result.payment_intent_id, "dispute_id": taken.stripe_id,
+                "amount_cents": taken.amount_cents, "credits_taken_micros": taken.taken_micros,
+                "reason": event.payload.get("reason")})
+
     def _on_daily_usage(self, event: OutboxEvent) -> None:
         self._input.pending_alert_events.append(event)
 
@@ -528,7 +558,7 @@ class AccountWorkflow:
     def _has_work(self) -> bool:
         i = self._input
         return (i.stripe_customer_pending or i.recharge_requested or bool(i.pending_limit_events)
-                or bool(i.pending_alert_events) or i.agents_recheck)
+                or bool(i.pending_alert_events) or bool(i.pending_payment_events) or i.agents_recheck)
 
     def _wake_if_due(self) -> None:
         """Timers that came due become work: a recharge decision, resuming agents whose pause ended."""

@@ -167,6 +167,8 @@ class AccountWorkflowInput(BaseModel):
     pending_limit_events: list[OutboxEvent] = Field(default_factory=list)
     # Low-balance and daily-usage alerts to send (outbox events, oldest first).
     pending_alert_events: list[OutboxEvent] = Field(default_factory=list)
+    # Stripe refunds made outside creditflow and disputes, to apply to the ledger (outbox events, oldest first).
+    pending_payment_events: list[OutboxEvent] = Field(default_factory=list)
     # Billing cycle: the subscription (None: wallet only) and the invoices started and not yet seen finished.
     subscription: SubscriptionState | None = None
     open_invoice_ids: list[str] = Field(default_factory=list)

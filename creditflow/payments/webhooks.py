@@ -30,6 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
 from creditflow.errors import CreditflowError
+from creditflow.payments import clawbacks
 from creditflow.payments.topups import CHARGE_METADATA_KEY, KIND_AUTO_RECHARGE, KIND_INVOICE
 from workflows.contract import PaymentEvent
 
@@ -40,13 +41,14 @@ DEFAULT_TOLERANCE_SECONDS = stripe.Webhook.DEFAULT_TOLERANCE
 
 PAYMENT_INTENT_EVENTS = frozenset({"payment_intent.succeeded", "payment_intent.payment_failed",
                                    "payment_intent.canceled"})
-# Stored and logged now; the refund and dispute workflows (later slices of issue 3) will consume them.
+# Routed to the account workflow through the outbox (credits taken back for refunds made on Stripe, disputes).
 LATER_EVENTS = frozenset({"charge.refunded", "charge.dispute.created"})
 
 OUTCOME_SIGNALED = "signaled"
 OUTCOME_WORKFLOW_CLOSED = "workflow_closed"
 OUTCOME_IGNORED = "ignored"
 OUTCOME_RECORDED = "recorded"
+OUTCOME_ROUTED = "routed"  # written to the outbox for the account workflow
 
 _EVENT_ID = re.compile(r"^evt_[A-Za-z0-9_]{1,250}$")
 _CHARGE_ID = re.compile(r"^chg_[0-9a-f]{32}$")
@@ -155,12 +157,20 @@ async def _route(conn: Any, event: StripeEvent, signal: Signal) -> tuple[str, st
                     event.id, event.type, charge["id"], charge["status"])
         return (OUTCOME_SIGNALED if running else OUTCOME_WORKFLOW_CLOSED), charge["id"]
     if event.type in LATER_EVENTS:
-        # charge.refunded carries a Charge, charge.dispute.created a Dispute; both name the PaymentIntent.
-        # Kept (with the top-up they concern) for the refund and dispute workflows of later slices.
+        # charge.refunded carries a Charge, charge.dispute.created a Dispute; both name the PaymentIntent. The
+        # account workflow takes the credits back (creditflow/payments/clawbacks.py): an outbox row written in
+        # this transaction, so the event is processed exactly when it is routed.
         charge = await _charge_for(conn, obj.get("payment_intent"), obj.get("metadata"))
-        log.warning("stripe event %s (%s) for PaymentIntent %s recorded; no workflow handles it yet",
-                    event.id, event.type, obj.get("payment_intent"))
-        return OUTCOME_RECORDED, charge["id"] if charge else None
+        if charge is None:
+            log.info("stripe event %s (%s): PaymentIntent %s is not a creditflow charge; ignored",
+                     event.id, event.type, obj.get("payment_intent"))
+            return OUTCOME_IGNORED, None
+        await conn.execute(
+            "INSERT INTO outbox (account_id, kind, dedup_key, payload) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (dedup_key) DO NOTHING",
+            (charge["account_id"], clawbacks.EVENT_KINDS[event.type], f"stripe:{event.id}",
+             Jsonb(clawbacks.outbox_payload(event.type, obj))))
+        return OUTCOME_ROUTED, charge["id"]
     return OUTCOME_IGNORED, None
 
 

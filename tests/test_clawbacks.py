@@ -1,0 +1,77 @@
+"""Refunds made on Stripe directly and disputes (issue 3): the signed webhook is stored once and routed through the
+outbox to the account workflow, which takes back the credits that payment bought, once per refund or dispute id.
+Real PostgreSQL, Temporal dev server, localstripe; no mocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import stripe
+from psycopg_pool import AsyncConnectionPool
+
+from creditflow.domain.money import MICROS_PER_CREDIT
+from tests.test_account_workflow import eventually
+from tests.test_api_metering import new_account
+from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
+from tests.test_ledger_invariants import assert_invariants
+from tests.test_stripe_webhooks import Clients, cf, event, settings, sign  # noqa: F401 - fixtures
+from tests.test_topups import TOPUP, save_card
+
+pytestmark = pytest.mark.temporal
+
+
+async def rows(pool: AsyncConnectionPool, account: str, type_: str) -> list[dict[str, Any]]:
+    async with pool.connection() as conn:
+        return await (await conn.execute(
+            "SELECT amount_micros, counter_book, idempotency_key FROM journal WHERE account_id = %s AND type = %s"
+            " ORDER BY seq", (account, type_))).fetchall()
+
+
+async def test_stripe_side_refunds_and_disputes_take_back_credits_once(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, relay: Any) -> None:  # noqa: F811
+    account = await new_account(cf.admin)  # 5,000 welcome credits
+    await save_card(cf.admin, sdk, account)
+    paid = await cf.admin.post(TOPUP, json={"account_id": account, "amount_usd": 25, "request_id": "buy-1"})
+    assert paid.status_code == 200, paid.text
+    pi = paid.json()["payment_intent_id"]
+
+    # A refund of $10 made in the Stripe dashboard: 1,000 of the 2,500 purchased credits go.
+    charge = {"id": "ch_ext", "object": "charge", "payment_intent": pi, "amount": 2500, "amount_refunded": 1000,
+              "refunds": {"object": "list", "data": [{"id": "re_dash_1", "amount": 1000}]}}
+    first = event("charge.refunded", charge, event_id="evt_refund_1")
+    resp = await cf.deliver(first, sign(first))
+    assert (resp.status_code, resp.json()["outcome"]) == (200, "routed")
+    again = await cf.deliver(first, sign(first))
+    assert again.json()["duplicate"] is True
+    [refund] = await eventually(lambda: rows(pool, account, "refund"), lambda r: len(r) == 1, timeout=20)
+    assert (refund["amount_micros"], refund["counter_book"], refund["idempotency_key"]) == (
+        -1000 * MICROS_PER_CREDIT, "system:refund_reserve", "sys:stripe_refund:re_dash_1")
+
+    # Stripe sends charge.refunded again for a second refund (the list is cumulative): only the new one applies.
+    charge["refunds"]["data"].append({"id": "re_dash_2", "amount": 500})  # type: ignore[index]
+    second = event("charge.refunded", charge, event_id="evt_refund_2")
+    assert (await cf.deliver(second, sign(second))).json()["outcome"] == "routed"
+    found = await eventually(lambda: rows(pool, account, "refund"), lambda r: len(r) == 2, timeout=20)
+    assert [r["amount_micros"] for r in found] == [-1000 * MICROS_PER_CREDIT, -500 * MICROS_PER_CREDIT]
+
+    # A dispute of the whole $25: what remains of that purchase (1,000 credits) is taken, never bonus credits.
+    dispute = {"id": "dp_1", "object": "dispute", "payment_intent": pi, "charge": "ch_ext", "amount": 2500,
+               "reason": "fraudulent", "status": "needs_response"}
+    body = event("charge.dispute.created", dispute, event_id="evt_dispute_1")
+    assert (await cf.deliver(body, sign(body))).json()["outcome"] == "routed"
+    [taken] = await eventually(lambda: rows(pool, account, "dispute"), lambda r: len(r) == 1, timeout=20)
+    assert (taken["amount_micros"], taken["counter_book"]) == (-1000 * MICROS_PER_CREDIT, "system:disputes")
+    balance = (await cf.admin.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"]
+    assert balance == 5000  # the welcome bonus is untouched
+    async with pool.connection() as conn:
+        notices = await (await conn.execute(
+            "SELECT kind, payload FROM notifications_log WHERE account_id = %s AND kind = 'payment.disputed'",
+            (account,))).fetchall()
+    assert [(n["payload"]["dispute_id"], n["payload"]["amount_cents"]) for n in notices] == [("dp_1", 2500)]
+
+    # An event for a PaymentIntent creditflow does not know is stored and ignored.
+    stranger = event("charge.refunded", {**charge, "payment_intent": "pi_unknown"}, event_id="evt_refund_3")
+    assert (await cf.deliver(stranger, sign(stranger))).json()["outcome"] == "ignored"
+    await assert_invariants(pool)
