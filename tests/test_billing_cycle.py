@@ -192,3 +192,78 @@ async def test_plan_changes_now_and_at_renewal(ts_env: WorkflowEnvironment, pool
     balance = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
     assert (balance["plan_id"], balance["plan_credits_remaining"], balance["balance"]) == ("scale", 60_000, 60_000)
     await assert_invariants(pool)
+
+
+async def test_overage_is_billed_at_renewal_and_the_pdf_says_so(
+        ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings, sdk: stripe.StripeClient,
+        api: httpx.AsyncClient) -> None:
+    """Usage beyond the plan credits draws on the overage credit line; the renewal bills it (with the fee and the
+    recurring charges) and, once paid, the line is restored."""
+    import io
+
+    import pypdf
+
+    from tests.conftest import new_card
+    from tests.test_api_metering import track
+
+    account = (await create_account(pool, name="Overage Ltd", billing_email="billing@overage.test",
+                                    welcome_bonus_credits=0, overage_credit_line=1_000)).id
+    await api.post("/api/v1/billing/payment-methods", json={"account_id": account, "payment_method_id": new_card(sdk)})
+    await subscriptions.add_recurring(pool, account, description="Phone number rental", quantity=1, unit="number",
+                                      unit_price_credits=150)
+    queue = f"overage-{account[-8:]}"
+    async with build_worker(ts_env.client, pool, settings, task_queue=queue):
+        handle = await start_account(ts_env.client, queue, account)
+        now = await ts_env.get_current_time()
+        state: SubscriptionState = await handle.execute_update(
+            UPDATE_CHANGE_PLAN, PlanChange(plan_id="starter", anchor=now), result_type=SubscriptionState)
+        used = await track(api, account, "chat_message", 5_600, "big-day")  # 5,000 plan credits + 600 on the line
+        assert used.status_code == 200 and used.json()["balance"] == -600
+        await ts_env.sleep(state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
+        [invoice] = await eventually(lambda: invoices(pool, account),
+                                     lambda rows: len(rows) == 1 and rows[0]["status"] == "paid", timeout=30)
+    assert invoice["amount_due_cents"] == 4_900 + 150 + 600  # fee + number + 600 overage credits ($6)
+    [repayment] = await journal(pool, account, "overage_repayment")
+    assert repayment["amount_micros"] == 600 * MICROS_PER_CREDIT
+    balance = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
+    assert balance["balance"] == 5_000  # the new plan credits; the line is whole again
+    [listed] = (await api.get("/api/v1/billing/invoices", params={"account_id": account})).json()["items"]
+    pdf = await api.get(listed["pdf_url"])
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    text = " ".join(page.extract_text() for page in pypdf.PdfReader(io.BytesIO(pdf.content)).pages)
+    for expected in ("billing@overage.test", "Starter", "Phone number rental", "Overage", "56.50"):
+        assert expected in text, (expected, text)
+    await assert_invariants(pool)
+
+
+async def test_jan_31_anchor_through_a_leap_february(ts_env: WorkflowEnvironment, pool: AsyncConnectionPool,
+                                                     settings: Settings) -> None:
+    """Renewals keep the anchor day: ... Jan 31 2028 -> Feb 29 2028 (leap year) -> Mar 31 2028, one grant and one
+    invoice per period (simulation mode: invoices issued, not charged)."""
+    account = (await create_account(pool, name="Leap", billing_email="leap@acme.test", welcome_bonus_credits=0)).id
+    queue = f"leap-{account[-8:]}"
+    async with build_worker(ts_env.client, pool, settings, task_queue=queue):
+        handle = await ts_env.client.start_workflow(
+            ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account, publish_search_attributes=False,
+                                                   simulation=True),
+            id=account_workflow_id(account), task_queue=queue)
+        state: SubscriptionState = await handle.execute_update(
+            UPDATE_CHANGE_PLAN, PlanChange(plan_id="starter", anchor=ANCHOR), result_type=SubscriptionState)
+        ends = [state.period_end]
+        while state.period_end < datetime(2028, 4, 1, tzinfo=UTC):
+            index = state.period_index
+            await ts_env.sleep(state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
+            state = (await eventually(lambda: handle.query(QUERY_STATE, result_type=AccountState),
+                                      lambda s, i=index: s.subscription is not None
+                                      and s.subscription.period_index == i + 1, timeout=30)).subscription
+            assert state is not None
+            ends.append(state.period_end)
+        await handle.terminate("test over")
+    feb_2027, jan_2028, feb_2028 = (datetime(2027, 2, 28, 9, 30, tzinfo=UTC), datetime(2028, 1, 31, 9, 30, tzinfo=UTC),
+                                    datetime(2028, 2, 29, 9, 30, tzinfo=UTC))
+    assert {feb_2027, jan_2028, feb_2028, datetime(2028, 3, 31, 9, 30, tzinfo=UTC)} <= set(ends)
+    assert all(end.day in (28, 29, 30, 31) and end.time() == ANCHOR.time() for end in ends)
+    renewals = len(ends) - 1
+    assert len(await journal(pool, account, "plan_grant")) == renewals + 1
+    rows = await eventually(lambda: invoices(pool, account), lambda r: len(r) == renewals, timeout=30)
+    assert all(r["amount_due_cents"] == 4_900 for r in rows)
