@@ -42,3 +42,7 @@ BEGIN
                  NULL);
     RETURN v_left;
 END $$;
+
+-- The whole-expiry form (0012) is this one without a cap: one body to maintain.
+CREATE OR REPLACE FUNCTION cf_expire_plan_credits(p_account text, p_key text, p_description text) RETURNS bigint
+LANGUAGE sql AS $$ SELECT cf_expire_plan_credits(p_account, p_key, p_description, 9223372036854775807) $$;
