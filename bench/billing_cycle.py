@@ -27,6 +27,7 @@ from creditflow.config import Settings
 from creditflow.embedded import start_postgres, stop_postgres
 from creditflow.ledger.accounts import create_account
 from creditflow.ledger.db import migrate, open_pool
+from creditflow.ledger.plan_pricing import sync_plan_rates
 from creditflow.ledger.ratecard import ensure_default_ratecard
 from creditflow.simulate import _server_path
 from workers.main import build_worker
@@ -51,6 +52,7 @@ async def main(accounts: int, plan: str, concurrency: int) -> None:
                                                         data_converter=pydantic_data_converter)
     try:
         await ensure_default_ratecard(pool)
+        await sync_plan_rates(pool, Settings().plan_catalog())  # plan accounts are priced from these
         settings = Settings(database_url=url, welcome_bonus_credits=0)
         queue = f"bench-{uuid.uuid4().hex[:6]}"
         ids = [(await create_account(pool, name=f"bench {n}", billing_email="bench@localhost",

@@ -35,6 +35,7 @@ from creditflow.ids import check_token
 from creditflow.ledger import metering
 from creditflow.ledger.accounts import create_account
 from creditflow.ledger.db import migrate, open_pool
+from creditflow.ledger.plan_pricing import sync_plan_rates
 from creditflow.ledger.ratecard import ensure_default_ratecard
 
 Progress = Callable[[str], None]
@@ -153,6 +154,7 @@ async def run_simulation(plan_id: str, usage: list[UsageRow], months: int, *, da
                                                         data_converter=pydantic_data_converter)
     try:
         await ensure_default_ratecard(pool)
+        await sync_plan_rates(pool, settings.plan_catalog())  # plan accounts are priced from these
         account = await create_account(pool, name=f"Simulation {plan_id}", billing_email="simulation@localhost",
                                        welcome_bonus_credits=welcome_bonus_credits)
         queue = f"simulate-{uuid.uuid4().hex[:8]}"

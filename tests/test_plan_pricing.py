@@ -373,3 +373,22 @@ async def test_plan_left_and_prices_follow_the_domain(api: httpx.AsyncClient, po
                 " FROM balances b WHERE account_id = %s", (acc,))).fetchone()
         assert (row["balance_micros"], row["from_lots"]) == (balance_, left)
     await assert_invariants(pool)
+
+
+async def test_expiry_leaves_what_active_holds_reserve(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
+    """A call still running when the period closes: its hold keeps the credits it reserved; the rest of the plan
+    credits expire, and the renewal does not fail on the floor."""
+    account = (await accounts.create_account(pool, name="Holdco", billing_email="h@holdco.test",
+                                             welcome_bonus_credits=0)).id
+    period = await subscribe(pool, account, credits=100)
+    hold = await api.post("/api/v1/billing/holds", json={"account_id": account, "feature_id": "voice_minute",
+                                                         "value": 5, "idempotency_key": "call-1"})
+    assert hold.status_code == 201 and hold.json()["held_amount"] == 40  # 5 minutes at the plan rate, 8
+    expired = await subscriptions.expire_plan_credits(pool, account, period, GROWTH.name)
+    assert expired == 60 * MICROS_PER_CREDIT
+    body = await balance(api, account)
+    assert (body["balance"], body["pending_charges"], body["available"]) == (40, 40, 0)
+    settled = await api.post(f"/api/v1/billing/holds/{hold.json()['hold_id']}/settle",
+                             json={"account_id": account, "value": 5})
+    assert settled.status_code == 200 and settled.json()["balance"] == 0
+    await assert_invariants(pool)

@@ -29,7 +29,7 @@ async def test_three_months_of_growth(tmp_path: Path, database_url: str) -> None
     report = await run_simulation("growth", read_usage(trace), 3, database_url=database_url,
                                   welcome_bonus_credits=1000)
     assert [(p.usage_events, p.denied_events, p.usage_credits) for p in report.periods] == [
-        (3, 0, Decimal(4450)), (2, 0, Decimal(5500)), (1, 0, Decimal(1000))]
+        (3, 0, Decimal(4050)), (2, 0, Decimal(4400)), (1, 0, Decimal(1000))]  # Growth prices chat at 0.8
     assert [p.invoice_total_usd for p in report.periods] == [Decimal(199)] * 3
     # Plan credits are spent first and expire at each renewal; the wallet's 1,000 are untouched.
     assert [p.balance_after for p in report.periods] == [Decimal(23_000)] * 3

@@ -180,16 +180,24 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
         return await with_retry(run, retry_on=TRACK_RETRY_ON)
 
 
-# The plan rate (migration 0013) is looked up only for an account with a plan (CASE short-circuits): the plan rate
-# while plan credits are left, the overage rate once they are spent; no row: the card rate, as cf_plan_price does.
 _CHECK_SQL = """
 SELECT b.balance_micros, b.floor_micros, cf_live_held(b.account_id, b.held_micros) AS held_micros, b.controlled,
-       p.id AS feature_id, p.integer_only, p.credits_per_unit AS rate,
-       CASE WHEN b.plan_id IS NOT NULL AND p.credits_per_unit IS NOT NULL THEN
-           (SELECT CASE WHEN b.plan_left_micros > 0 THEN r.credits_per_unit ELSE r.overage_credits_per_unit END
-            FROM plan_rates r WHERE r.plan_id = b.plan_id AND r.feature_id = p.id) END AS plan_rate
+       p.id AS feature_id, p.integer_only, p.credits_per_unit AS rate
 FROM balances b LEFT JOIN feature_prices p ON p.id = %(feature)s
 WHERE b.account_id = %(account)s
+"""
+
+# Controlled accounts only (a second statement, as the gate always was): the rate this account pays (migration 0013:
+# the plan rate while plan credits are left, the overage rate once they are spent, else the card's, as
+# cf_plan_price) and the spend-control verdict for the amount at that rate, read only (nothing is emitted).
+_CONTROLLED_CHECK_SQL = """
+SELECT r.rate, cf_spend_gate(%(account)s, %(agent)s, CASE WHEN %(quantity)s::numeric IS NULL THEN 1
+                             ELSE cf_charge_micros(%(quantity)s::numeric, r.rate) END, false) AS code
+FROM (SELECT coalesce((SELECT CASE WHEN b.plan_left_micros > 0 THEN x.credits_per_unit
+                                   ELSE x.overage_credits_per_unit END
+                       FROM plan_rates x WHERE x.plan_id = b.plan_id AND x.feature_id = %(feature)s),
+                      %(card)s::numeric) AS rate
+      FROM balances b WHERE b.account_id = %(account)s) r
 """
 
 
@@ -212,30 +220,33 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
     if row["rate"] is None:
         result.code = "feature_not_priced"
         return result
-    rate = Decimal(row["rate"] if row["plan_rate"] is None else row["plan_rate"])
+    rate = Decimal(row["rate"])
+    if row["integer_only"] and quantity is not None and quantity != quantity.to_integral_value():
+        result.credits_per_unit = exact(rate)
+        result.code = "invalid_quantity"
+        return result
+    gate = "ok"
+    if row["controlled"]:
+        # Spend control (a paused agent, plan credits exhausted for a 'stop' agent, a limit this would exceed) and
+        # the plan's rate. The verdict comes before affordability, in cf_track's order, so both give one code.
+        async with pool.connection() as conn:
+            controlled = await (await conn.execute(_CONTROLLED_CHECK_SQL, {
+                "account": account_id, "agent": agent_id, "quantity": quantity, "feature": feature_id,
+                "card": rate})).fetchone()
+        if controlled is None:  # the account went away in between: as if unknown from the start
+            raise CreditflowError("unknown_account", f"no account {account_id}")
+        rate, gate = Decimal(controlled["rate"]), controlled["code"]
     result.credits_per_unit = exact(rate)
     spendable = row["balance_micros"] - row["held_micros"] - row["floor_micros"]
     if quantity is not None:
-        if row["integer_only"] and quantity != quantity.to_integral_value():
-            result.code = "invalid_quantity"
-            return result
         required = usage_charge_micros(quantity, rate)
         result.credits_required = micros_to_credits(required)
         result.allowed = spendable >= required
     else:
-        required = 1  # "is anything left to spend?"
-        result.allowed = spendable > 0
-    if row["controlled"]:
-        # Spend control (a paused agent, plan credits exhausted for a 'stop' agent, a limit this would exceed),
-        # read only: nothing is emitted. Asked before affordability, in cf_track's order, so both give one code.
-        async with pool.connection() as conn:
-            gate = await (await conn.execute("SELECT cf_spend_gate(%s, %s, %s, false) AS code",
-                                             (account_id, agent_id, required))).fetchone()
-        assert gate is not None
-        if gate["code"] != "ok":
-            result.allowed, result.code = False, gate["code"]
-            return result
-    if not result.allowed:
+        result.allowed = spendable > 0  # "is anything left to spend?"
+    if gate != "ok":
+        result.allowed, result.code = False, gate
+    elif not result.allowed:
         result.code = "insufficient_credits"
     return result
 

@@ -334,17 +334,21 @@ BEGIN
     RETURN r;
 END $$;
 
--- Batches as in 0009, but the accounts are locked (in id order) before ``controlled`` is read: a plan grant (or
--- limits) committed between the read and the lock could otherwise send a now-controlled account down the
--- set-based path, which neither prices with the plan nor keeps plan_left_micros. The read is a new statement, so
--- (read committed) it sees the latest versions of the rows it now holds; the set-based path re-locks them cheaply.
+-- Batches as in 0009, but ``controlled`` is read from the rows as they are locked (in id order, all of them: the
+-- aggregate reads every row; FOR UPDATE hands back the latest version of a row it waited for). Read before the
+-- lock, a plan grant (or limits) committed in between could send a now-controlled account down the set-based
+-- path, which neither prices with the plan nor keeps plan_left_micros. The set-based path's own lock then finds
+-- the rows already held by this transaction.
 CREATE OR REPLACE FUNCTION cf_track_batch(
     p_accounts text[], p_features text[], p_quantities numeric[], p_agents text[], p_keys text[],
     p_hashes bytea[], p_metadata jsonb[]
 ) RETURNS SETOF cf_track_result LANGUAGE plpgsql AS $$
+DECLARE
+    v_controlled boolean;
 BEGIN
-    PERFORM 1 FROM balances WHERE account_id = ANY (p_accounts) ORDER BY account_id FOR UPDATE;
-    IF NOT EXISTS (SELECT 1 FROM balances WHERE account_id = ANY (p_accounts) AND controlled) THEN
+    SELECT bool_or(controlled) INTO v_controlled
+        FROM (SELECT controlled FROM balances WHERE account_id = ANY (p_accounts) ORDER BY account_id FOR UPDATE) b;
+    IF NOT coalesce(v_controlled, false) THEN
         RETURN QUERY SELECT * FROM cf_track_batch_fast(p_accounts, p_features, p_quantities, p_agents, p_keys,
                                                        p_hashes, p_metadata);
         RETURN;
