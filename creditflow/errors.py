@@ -28,6 +28,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_transition": 409,
     "unknown_agent": 404,
     "agent_exists": 409,
+    "no_subscription": 409,
     "validation_error": 422,
     "invalid_amount": 422,
     "invalid_quantity": 422,

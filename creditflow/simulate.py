@@ -120,6 +120,7 @@ async def run_simulation(plan_id: str, usage: list[UsageRow], months: int, *, da
     import time
 
     from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
     from temporalio.testing import WorkflowEnvironment
 
     from creditflow.embedded import start_postgres, stop_postgres
@@ -150,8 +151,11 @@ async def run_simulation(plan_id: str, usage: list[UsageRow], months: int, *, da
     clock_pool = open_pool(database_url, 1, 1)
     await pool.open()
     await clock_pool.open()
+    # The SDK core's own log (e.g. the test server's capability warning) would land in the report's output.
+    quiet = Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(
+        filter=TelemetryFilter(core_level="ERROR", other_level="ERROR"))))
     env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=_server_path(),
-                                                        data_converter=pydantic_data_converter)
+                                                        data_converter=pydantic_data_converter, runtime=quiet)
     try:
         await ensure_default_ratecard(pool)
         await sync_plan_rates(pool, settings.plan_catalog())  # plan accounts are priced from these

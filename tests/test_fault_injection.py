@@ -219,10 +219,10 @@ async def test_worker_killed_mid_renewal_grants_expires_and_invoices_once(
         async with pool.connection() as conn:
             invoice = await (await conn.execute("SELECT status, amount_due_cents FROM invoices WHERE account_id = %s",
                                                 (account,))).fetchall()
-        if current.subscription and current.subscription.period_index == 1 and invoice and \
+        if current.subscription and current.subscription.period_index == state.period_index + 1 and invoice and \
                 invoice[0]["status"] == "paid":
             break
-        assert time.monotonic() < deadline, (current, invoice)
+        assert time.monotonic() < deadline, (current.subscription, invoice)
         await asyncio.sleep(0.5)
     expiries, grants = await rows("plan_expiry"), await rows("plan_grant")
     assert [e["amount_micros"] for e in expiries] == [-5_000 * 1_000_000]

@@ -56,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         INVOICE_WORKFLOW,
         QUERY_STATE,
         RECHARGE_SUCCEEDED,
+        SA_PLAN,
         SIGNAL_OUTBOX_EVENT,
         SIGNAL_PAUSE_AGENT,
         SIGNAL_RESUME_AGENT,
@@ -98,6 +99,8 @@ LIMITS_CHANGED = "limits.changed"
 DAILY_USAGE_THRESHOLD = "usage.daily_threshold"
 STRIPE_REFUNDED = "stripe.charge.refunded"
 STRIPE_DISPUTED = "stripe.charge.dispute.created"
+# Histories recorded before the plan search attribute was upserted never upserted it.
+PATCH_PLAN_ATTRIBUTE = "plan-search-attribute"
 # Histories recorded before alerts existed crossed thresholds without sending any: on replay none are sent.
 PATCH_ALERTS = "balance-alerts"
 # Agent status writes: our database, retried for minutes; refusals (a pause of a paused agent) never.
@@ -115,6 +118,8 @@ class AccountWorkflow:
         self._seen: set[str] = set(keys)
         self._events_this_run = 0
         self._published: tuple[str, str] | None = None
+        # The plan search attribute (CreditflowPlan) as last upserted ("" = none); a new run upserts it once.
+        self._published_plan = ""
         self._effects: dict[str, Callable[[OutboxEvent], None]] = {
             "account.created": self._on_account_created,
             BELOW_THRESHOLD: self._on_below_threshold,
@@ -593,6 +598,10 @@ class AccountWorkflow:
         if self._published != (i.account_id, i.status):
             publish_status(i.account_id, i.status, enabled=i.publish_search_attributes)
             self._published = (i.account_id, i.status)
+        plan = i.subscription.plan_id if i.subscription is not None and i.subscription.status == "active" else ""
+        if plan != self._published_plan and i.publish_search_attributes and workflow.patched(PATCH_PLAN_ATTRIBUTE):
+            workflow.upsert_search_attributes([SA_PLAN.value_set(plan) if plan else SA_PLAN.value_unset()])
+        self._published_plan = plan
         last = f"{i.last_event_kind} at {i.last_event_at.isoformat()}" if i.last_event_at else "none"
         workflow.set_current_details(
             f"**{i.name or 'Unnamed account'}** (`{i.account_id}`)\n\n"

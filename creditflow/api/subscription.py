@@ -25,7 +25,7 @@ from creditflow.domain.money import AmountError, micros_to_credits
 from creditflow.domain.plans import PlanCatalog, UnknownPlanError
 from creditflow.errors import CreditflowError
 from creditflow.ledger import queries, subscriptions
-from workflows.contract import PlanChange
+from workflows.contract import PlanChange, PlanProration
 
 router = APIRouter(prefix="/api/v1/billing", tags=["subscription"], route_class=ExactRoute)
 
@@ -49,6 +49,9 @@ class SubscriptionView(BaseModel):
     cycle_end: datetime | None = None
     next_renewal_at: datetime | None = None
     pending_plan_id: str | None = Field(default=None, description="the plan from the next renewal on; \"\" ends it")
+    proration: PlanProration | None = Field(default=None, description="an immediate change: the unused part of the "
+                                            "old plan credited, the new plan charged for the rest of the cycle "
+                                            "(both on this cycle's invoice), plan credits granted or given back")
 
 
 class SubscriptionRequest(Strict):
@@ -97,7 +100,8 @@ async def get_subscription(principal: Reader, pool: Pool, catalog: Catalog,
 
 @router.post("/subscription", response_model=SubscriptionView, response_class=ExactJSONResponse,
              responses={404: {"description": "unknown_account"},
-                        422: {"description": "unknown_plan / validation_error / no_subscription"},
+                        409: {"description": "no_subscription (cancelling without a plan)"},
+                        422: {"description": "unknown_plan / validation_error"},
                         503: {"description": "workflow_unavailable"}})
 async def change_subscription(req: SubscriptionRequest, principal: Writer, pool: Pool, catalog: Catalog,
                               request: Request) -> ExactJSONResponse:
@@ -113,8 +117,12 @@ async def change_subscription(req: SubscriptionRequest, principal: Writer, pool:
             raise CreditflowError("unknown_plan", f"no plan {req.plan_id}; see GET /api/v1/billing/plans") from exc
     await subscriptions.get_subscription(pool, account_id)  # unknown_account before Temporal
     client = await get_temporal(request)
-    await client.change_plan(account_id, PlanChange(plan_id=req.plan_id, effective=req.effective, anchor=req.anchor))
-    return respond(await _view(pool, catalog, account_id))
+    state = await client.change_plan(account_id, PlanChange(plan_id=req.plan_id, effective=req.effective,
+                                                             anchor=req.anchor))
+    view = await _view(pool, catalog, account_id)
+    if req.effective == "immediately":
+        view.proration = state.proration
+    return respond(view)
 
 
 def _charge_view(charge: subscriptions.RecurringCharge) -> RecurringChargeView:
