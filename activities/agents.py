@@ -7,7 +7,7 @@ request (the update reports it) and skipped for the system's own pauses.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
@@ -36,6 +36,8 @@ class LimitReachedInput(BaseModel):
     scope: str  # agent_monthly, daily, monthly
     agent_id: str | None = None
     now: datetime
+    # The UTC day ("2026-12-01") or month ("2026-12-01", its first day) the limit was reached in; None: ``now``'s.
+    period: str | None = None
 
 
 class ResumeInput(BaseModel):
@@ -51,9 +53,13 @@ class AgentChanges(BaseModel):
     next_resume_at: datetime | None = None
 
 
-def resume_time(scope: str, now: datetime) -> datetime:
-    """A daily limit pauses until the next UTC midnight; monthly ones until the first of the next month."""
-    today = now.astimezone(UTC).date()
+def resume_time(scope: str, now: datetime, period: str | None = None) -> datetime:
+    """A daily limit pauses until the end of its UTC day; monthly ones until the first of the next month. The
+    period is the one the limit was reached in (an event handled after midnight does not pause a new day)."""
+    try:
+        today = date.fromisoformat(period) if period else now.astimezone(UTC).date()
+    except ValueError:
+        today = now.astimezone(UTC).date()
     if scope == "daily":
         return datetime.combine(today + timedelta(days=1), time(0), tzinfo=UTC)
     first = today.replace(day=1)
@@ -88,7 +94,9 @@ class AgentActivities:
         """A limit with action ``pause`` was reached: pause its agent (agent limit) or every active agent of the
         account (account limit) until the next period. Agents already paused are left as they are."""
         reason = REASON_BY_SCOPE.get(input.scope, input.scope)
-        until = resume_time("daily" if input.scope == "daily" else "monthly", input.now)
+        until = resume_time("daily" if input.scope == "daily" else "monthly", input.now, input.period)
+        if until <= input.now:  # the period of that limit is already over: nothing to stop now
+            return AgentChanges(changes=[], next_resume_at=await self._next_resume(input.account_id))
         if input.agent_id is not None:
             targets = [input.agent_id]
         else:

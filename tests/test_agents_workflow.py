@@ -137,10 +137,10 @@ async def test_system_pause_ends_at_the_next_utc_day(pool: AsyncConnectionPool,
         await agents.set_status(pool, account, "a-2", paused=True, actor="operator", reason="manual")
         queue = temporal_settings.temporal_task_queue + "-ts"
         async with build_worker(env.client, pool, temporal_settings, task_queue=queue):
+            now = await env.get_current_time()
             reached = OutboxEvent(dedup_key=f"limit.reached:{account}:daily:test", kind="limit.reached",
-                                  payload={"scope": "daily", "period": "2026-01-01", "limit_micros": 1,
-                                           "spent_micros": 1, "action": "pause"},
-                                  created_at=(await env.get_current_time()))
+                                  payload={"scope": "daily", "period": now.date().isoformat(), "limit_micros": 1,
+                                           "spent_micros": 1, "action": "pause"}, created_at=now)
             # The test server has no creditflow search attributes: start without them.
             handle = await env.client.start_workflow(
                 ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account, publish_search_attributes=False),

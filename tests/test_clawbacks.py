@@ -51,6 +51,9 @@ async def test_stripe_side_refunds_and_disputes_take_back_credits_once(
 
     # Stripe sends charge.refunded again for a second refund (the list is cumulative): only the new one applies.
     charge["refunds"]["data"].append({"id": "re_dash_2", "amount": 500})  # type: ignore[index]
+    # One made by creditflow's RefundWorkflow (its id in the metadata) is never taken back a second time.
+    charge["refunds"]["data"].append({"id": "re_ours", "amount": 100,  # type: ignore[index]
+                                      "metadata": {"creditflow_refund_id": "ref_" + "0" * 32}})
     second = event("charge.refunded", charge, event_id="evt_refund_2")
     assert (await cf.deliver(second, sign(second))).json()["outcome"] == "routed"
     found = await eventually(lambda: rows(pool, account, "refund"), lambda r: len(r) == 2, timeout=20)

@@ -327,10 +327,17 @@ class AccountWorkflow:
             i = self._input
             s = i.subscription
             assert s is not None
-            result = await workflow.execute_activity_method(
-                BillingCycleActivities.renew_subscription, RenewInput(account_id=i.account_id, subscription=s),
-                start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
-                summary=f"Renew {s.plan_id}: close {s.period_start.date()} - {s.period_end.date()}")
+            try:
+                result = await workflow.execute_activity_method(
+                    BillingCycleActivities.renew_subscription, RenewInput(account_id=i.account_id, subscription=s),
+                    start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
+                    summary=f"Renew {s.plan_id}: close {s.period_start.date()} - {s.period_end.date()}")
+            except ActivityError as err:  # a refusal (e.g. the plan left the catalog): park the cycle, keep the run
+                error = error_of(err)
+                workflow.logger.error("renewal of %s refused: %s (%s)", i.account_id, error.message, error.type)
+                i.subscription = s.model_copy(update={"status": f"renewal_failed: {error.type}"})
+                self._publish()
+                return
             i.subscription = result.subscription or s.model_copy(update={"status": "canceled",
                                                                           "pending_plan_id": None})
             result.invoice.publish_search_attributes = i.publish_search_attributes
@@ -401,12 +408,17 @@ class AccountWorkflow:
         if payload.get("action") != "pause":
             return
         async with self._agents_lock:
-            result = await workflow.execute_activity_method(
-                AgentActivities.pause_for_limit,
-                LimitReachedInput(account_id=self._input.account_id, scope=str(payload.get("scope")),
-                                  agent_id=payload.get("agent_id"), now=workflow.now()),
-                start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
-                summary=f"Pause agents: {payload.get('scope')} limit reached")
+            try:
+                result = await workflow.execute_activity_method(
+                    AgentActivities.pause_for_limit,
+                    LimitReachedInput(account_id=self._input.account_id, scope=str(payload.get("scope")),
+                                      agent_id=payload.get("agent_id"), now=workflow.now(),
+                                      period=payload.get("period")),
+                    start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
+                    summary=f"Pause agents: {payload.get('scope')} limit reached")
+            except ActivityError as err:
+                workflow.logger.error("limit event %s not applied: %s", event.dedup_key, error_of(err).message)
+                return
             for status in result.changes:
                 await self._notify_agent(status)
             self._input.agents_wake_at = result.next_resume_at
@@ -416,11 +428,16 @@ class AccountWorkflow:
         """Resume agents the system paused: their period is over (``due``) or their limit was lifted."""
         self._input.agents_recheck = False
         async with self._agents_lock:
-            result = await workflow.execute_activity_method(
-                AgentActivities.resume_system_paused,
-                ResumeInput(account_id=self._input.account_id, now=workflow.now(), why=why),
-                start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
-                summary="Resume agents paused for a limit" + (" (new period)" if why == "due" else " (limits changed)"))
+            try:
+                result = await workflow.execute_activity_method(
+                    AgentActivities.resume_system_paused,
+                    ResumeInput(account_id=self._input.account_id, now=workflow.now(), why=why),
+                    start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
+                    summary="Resume agents paused for a limit" + (" (new period)" if why == "due"
+                                                                  else " (limits changed)"))
+            except ActivityError as err:
+                workflow.logger.error("agents of %s not resumed: %s", self._input.account_id, error_of(err).message)
+                return
             for status in result.changes:
                 await self._notify_agent(status)
             self._input.agents_wake_at = result.next_resume_at

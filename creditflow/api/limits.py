@@ -82,17 +82,14 @@ async def get_limits(principal: Reader, pool: Pool, account_id: AccountQuery = N
 
 async def _save(req: LimitsRequest, principal: Principal, pool: AsyncConnectionPool) -> ExactJSONResponse:
     account_id = target_account(principal, req.account_id)
-    current = await ledger_limits.get_limits(pool, account_id)
     fields = req.model_fields_set
-    new = current.model_copy(update={
-        **({"daily_limit_micros": limit_micros(req.daily_limit, "daily_limit")} if "daily_limit" in fields else {}),
-        **({"monthly_limit_micros": limit_micros(req.monthly_limit, "monthly_limit")}
-           if "monthly_limit" in fields else {}),
-        **({"per_agent_limit_micros": limit_micros(req.per_agent_limit, "per_agent_limit")}
-           if "per_agent_limit" in fields else {}),
-        **({"action_on_limit": req.action_on_limit} if req.action_on_limit is not None else {}),
-    })
-    return respond(_view(await ledger_limits.put_limits(pool, account_id, new)))
+    changes: dict[str, object] = {}
+    for name in ("daily_limit", "monthly_limit", "per_agent_limit"):
+        if name in fields:
+            changes[f"{name}_micros"] = limit_micros(getattr(req, name), name)
+    if req.action_on_limit is not None:
+        changes["action_on_limit"] = req.action_on_limit
+    return respond(_view(await ledger_limits.update_limits(pool, account_id, changes)))
 
 
 @router.put("/limits", response_model=LimitsView, response_class=ExactJSONResponse,

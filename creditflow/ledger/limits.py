@@ -61,17 +61,33 @@ async def get_limits(pool: AsyncConnectionPool, account_id: str) -> Limits:
 
 
 async def put_limits(pool: AsyncConnectionPool, account_id: str, limits: Limits) -> Limits:
-    """Save all limits at once; counters are recomputed and the account workflow told, in one transaction."""
-    if limits.action_on_limit not in LIMIT_ACTIONS:
-        raise CreditflowError("validation_error", f"action_on_limit must be one of {', '.join(LIMIT_ACTIONS)}")
+    """Save all limits at once (see ``update_limits``)."""
+    return await update_limits(pool, account_id, limits.model_dump())
+
+
+async def update_limits(pool: AsyncConnectionPool, account_id: str, changes: dict[str, Any]) -> Limits:
+    """Change some limits (the fields of ``Limits`` named in ``changes``), merged under the balances row lock so
+    concurrent partial updates never undo each other; counters are recomputed and the account workflow told, in
+    the same transaction."""
+    unknown = set(changes) - set(Limits.model_fields)
+    if unknown:
+        raise CreditflowError("validation_error", f"unknown limit field(s): {', '.join(sorted(unknown))}")
     async with pool.connection() as conn, conn.transaction():
         row = await (await conn.execute(
-            "UPDATE balances SET daily_limit_micros = %s, monthly_limit_micros = %s, per_agent_limit_micros = %s,"
-            " limit_action = %s, daily_usage_alert_micros = %s WHERE account_id = %s RETURNING account_id",
-            (limits.daily_limit_micros, limits.monthly_limit_micros, limits.per_agent_limit_micros,
-             limits.action_on_limit, limits.daily_usage_alert_micros, account_id))).fetchone()
+            "SELECT daily_limit_micros, monthly_limit_micros, per_agent_limit_micros, limit_action,"
+            " daily_usage_alert_micros FROM balances WHERE account_id = %s FOR UPDATE", (account_id,))).fetchone()
         if row is None:
             raise CreditflowError("unknown_account", f"no account {account_id}")
+        limits = Limits(daily_limit_micros=row["daily_limit_micros"], monthly_limit_micros=row["monthly_limit_micros"],
+                        per_agent_limit_micros=row["per_agent_limit_micros"], action_on_limit=row["limit_action"],
+                        daily_usage_alert_micros=row["daily_usage_alert_micros"]).model_copy(update=changes)
+        if limits.action_on_limit not in LIMIT_ACTIONS:
+            raise CreditflowError("validation_error", f"action_on_limit must be one of {', '.join(LIMIT_ACTIONS)}")
+        await conn.execute(
+            "UPDATE balances SET daily_limit_micros = %s, monthly_limit_micros = %s, per_agent_limit_micros = %s,"
+            " limit_action = %s, daily_usage_alert_micros = %s WHERE account_id = %s",
+            (limits.daily_limit_micros, limits.monthly_limit_micros, limits.per_agent_limit_micros,
+             limits.action_on_limit, limits.daily_usage_alert_micros, account_id))
         await conn.execute("SELECT cf_refresh_spend(%s)", (account_id,))
         await emit_limits_changed(conn, account_id)
     return limits

@@ -123,9 +123,9 @@ async def expire_plan_credits(pool: AsyncConnectionPool, account_id: str, period
     """Expire what is left of the plan credits (to breakage), once per period; returns the micro-credits expired."""
     async with pool.connection() as conn:
         row = await (await conn.execute(
-            "SELECT cf_expire_plan_credits(%s, %s, %s) AS expired",
+            "SELECT cf_expire_plan_credits(%s, %s, %s, %s, %s) AS expired",
             (account_id, f"sys:plan_expiry:{period.key}{key_suffix}",
-             f"Unused {plan_name} plan credits expired ({period.key})"))).fetchone()
+             f"Unused {plan_name} plan credits expired ({period.key})", 2**63 - 1, period.end))).fetchone()
     assert row is not None
     return int(row["expired"])
 
@@ -135,10 +135,10 @@ async def expire_some_plan_credits(pool: AsyncConnectionPool, account_id: str, p
     """Expire at most ``max_credits`` of the plan credits (a downgrade), once per key; returns the micros expired."""
     async with pool.connection() as conn:
         row = await (await conn.execute(
-            "SELECT cf_expire_plan_credits(%s, %s, %s, %s) AS expired",
+            "SELECT cf_expire_plan_credits(%s, %s, %s, %s, %s) AS expired",
             (account_id, f"sys:plan_expiry:{period.key}{key_suffix}",
              f"{plan_name} plan credits given back (plan change, {period.key})",
-             credits_to_micros(max_credits)))).fetchone()
+             credits_to_micros(max_credits), period.end))).fetchone()
     assert row is not None
     return int(row["expired"])
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.errors import CreditflowError
 from creditflow.ledger.db import to_jsonb
+from creditflow.payments.refunds import REFUND_METADATA_KEY
 
 REFUNDED = "stripe.charge.refunded"
 DISPUTED = "stripe.charge.dispute.created"
@@ -49,7 +50,9 @@ def outbox_payload(event_type: str, obj: dict[str, Any]) -> dict[str, Any]:
         refunds = obj.get("refunds") if isinstance(obj.get("refunds"), dict) else {}
         data = refunds.get("data") if isinstance(refunds, dict) else None
         return {"payment_intent_id": obj.get("payment_intent"), "stripe_charge_id": obj.get("id"),
-                "refunds": [{"id": r.get("id"), "amount": r.get("amount")} for r in (data or [])
+                "refunds": [{"id": r.get("id"), "amount": r.get("amount"),
+                             "creditflow_refund_id": (r.get("metadata") or {}).get(REFUND_METADATA_KEY)}
+                            for r in (data or [])
                             if isinstance(r, dict) and isinstance(r.get("id"), str) and type(r.get("amount")) is int]}
     return {"payment_intent_id": obj.get("payment_intent"), "stripe_charge_id": obj.get("charge"),
             "dispute_id": obj.get("id"), "amount": obj.get("amount"), "reason": obj.get("reason")}
@@ -88,11 +91,14 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
             ours = {r["stripe_refund_id"] for r in await (await conn.execute(
                 "SELECT stripe_refund_id FROM refunds WHERE charge_id = %s AND stripe_refund_id IS NOT NULL",
                 (purchase["id"],))).fetchall()}
-            items = [("refund", r["id"], int(r["amount"])) for r in payload.get("refunds", [])]
-            for _, stripe_id, _cents in items:
-                if stripe_id in ours:
-                    result.ignored.append(f"{stripe_id}: made by creditflow")
-            items = [i for i in items if i[1] not in ours]
+            # Ours: recorded on a refunds row, or carrying our refund id in its metadata (Stripe may report the
+            # refund before that row records the Stripe id, or the row's commit may have been lost to a crash).
+            items = []
+            for r in payload.get("refunds", []):
+                if r["id"] in ours or r.get("creditflow_refund_id"):
+                    result.ignored.append(f"{r['id']}: made by creditflow")
+                else:
+                    items.append(("refund", r["id"], int(r["amount"])))
         else:
             items = [("dispute", str(payload.get("dispute_id")), int(payload.get("amount") or 0))]
         for what, stripe_id, cents in items:
