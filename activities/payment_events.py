@@ -10,8 +10,10 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 
 from activities.errors import translating_errors
-from creditflow.payments import clawbacks
+from creditflow.errors import CreditflowError
+from creditflow.payments import clawbacks, topups
 from creditflow.payments.clawbacks import ClawbackResult
+from creditflow.payments.gateway import StripeGateway
 
 
 class PaymentEventInput(BaseModel):
@@ -20,12 +22,39 @@ class PaymentEventInput(BaseModel):
     payload: dict[str, Any] = Field(default_factory=dict)
 
 
+class LateCreditResult(BaseModel):
+    """An auto-recharge paid after its workflow gave up: credited now (or it was already, or Stripe disagrees)."""
+
+    charge_id: str
+    payment_intent_status: str | None = None
+    credited: bool = False
+    transaction_id: str | None = None
+    credits: int = 0
+
+
 class PaymentEventActivities:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, gateway: StripeGateway) -> None:
         self._pool = pool
+        self._gateway = gateway
 
     @activity.defn(name="apply_payment_event")
     @translating_errors
     async def apply_payment_event(self, input: PaymentEventInput) -> ClawbackResult:
         """Take back the credits of a refund made on Stripe or a disputed payment."""
         return await clawbacks.apply(self._pool, input.account_id, input.kind, input.payload)
+
+    @activity.defn(name="credit_late_recharge")
+    @translating_errors
+    async def credit_late_recharge(self, input: PaymentEventInput) -> LateCreditResult:
+        """Stripe says an auto-recharge succeeded after its workflow recorded it failed: check with Stripe (never
+        trust the event alone) and credit it, once (ledger key ``sys:topup:{payment_intent_id}``)."""
+        charge_id = str(input.payload.get("charge_id"))
+        record = await topups.get_charge(self._pool, charge_id)
+        if record.account_id != input.account_id or record.kind != topups.KIND_AUTO_RECHARGE:
+            raise CreditflowError("not_found", f"no auto-recharge charge {charge_id} on this account")
+        pi = await topups.refresh(self._pool, self._gateway, charge_id)
+        if pi.status != "succeeded":
+            return LateCreditResult(charge_id=charge_id, payment_intent_status=pi.status)
+        credit = await topups.credit(self._pool, charge_id)
+        return LateCreditResult(charge_id=charge_id, payment_intent_status=pi.status, credited=not credit.replayed,
+                                transaction_id=credit.transaction_id, credits=credit.credits)

@@ -11,6 +11,7 @@ import pytest
 import stripe
 from psycopg_pool import AsyncConnectionPool
 
+from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from tests.test_account_workflow import eventually
 from tests.test_api_metering import new_account
@@ -77,4 +78,35 @@ async def test_stripe_side_refunds_and_disputes_take_back_credits_once(
     # An event for a PaymentIntent creditflow does not know is stored and ignored.
     stranger = event("charge.refunded", {**charge, "payment_intent": "pi_unknown"}, event_id="evt_refund_3")
     assert (await cf.deliver(stranger, sign(stranger))).json()["outcome"] == "ignored"
+    await assert_invariants(pool)
+
+
+async def test_auto_recharge_paid_after_its_workflow_gave_up_is_credited_once(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient,  # noqa: F811
+        temporal_settings: Settings, relay: Any) -> None:  # noqa: F811
+    """The workflow recorded the charge failed (Stripe answered only after its retries ran out) but the payment went
+    through: Stripe's payment_intent.succeeded makes the account workflow check with Stripe and credit it, once."""
+    from creditflow.payments import topups
+    from creditflow.payments.gateway import StripeGateway
+
+    account = await new_account(cf.admin)
+    await save_card(cf.admin, sdk, account)
+    gateway = StripeGateway.from_settings(temporal_settings)
+    record = await topups.record_charge(pool, gateway, account_id=account, request_id="recharge-1", amount_cents=2000,
+                                        credits=2000, package_id=None, description="Auto-recharge: 2,000 credits",
+                                        payment_method_id=None, kind=topups.KIND_AUTO_RECHARGE, require_card=True)
+    pi = await topups.charge(pool, gateway, record.id)
+    assert pi.status == "succeeded"
+    await topups.set_status(pool, record.id, "failed", failure_code="payment_provider_unavailable")
+
+    paid = sdk.v1.payment_intents.retrieve(pi.id).to_dict()
+    for n in range(2):  # Stripe delivers it (again): one credit
+        body = event("payment_intent.succeeded", paid, event_id=f"evt_late_{n}")
+        resp = await cf.deliver(body, sign(body))
+        assert resp.json()["outcome"] in ("routed", "recorded"), resp.text
+    [credit] = await eventually(lambda: rows(pool, account, "auto_recharge"), lambda r: len(r) == 1, timeout=20)
+    assert (credit["amount_micros"], credit["idempotency_key"]) == (2000 * MICROS_PER_CREDIT, f"sys:topup:{pi.id}")
+    balance = (await cf.admin.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"]
+    assert balance == 7000
+    assert (await topups.get_charge(pool, record.id)).status == "succeeded"
     await assert_invariants(pool)

@@ -50,7 +50,7 @@ with workflow.unsafe.imports_passed_through():
     from creditflow.domain.topups import format_usd
     from creditflow.notify.log import Notification
     from workflows.auto_recharge import AutoRechargeWorkflow
-    from workflows.common import DB_TIMEOUT, db_retry, error_of, publish_status
+    from workflows.common import DB_TIMEOUT, STRIPE_TIMEOUT, db_retry, error_of, publish_status
     from workflows.contract import (
         ACCOUNT_WORKFLOW,
         INVOICE_WORKFLOW,
@@ -99,6 +99,7 @@ LIMITS_CHANGED = "limits.changed"
 DAILY_USAGE_THRESHOLD = "usage.daily_threshold"
 STRIPE_REFUNDED = "stripe.charge.refunded"
 STRIPE_DISPUTED = "stripe.charge.dispute.created"
+RECHARGE_SUCCEEDED_LATE = "stripe.recharge.succeeded_late"
 # Histories recorded before the plan search attribute was upserted never upserted it.
 PATCH_PLAN_ATTRIBUTE = "plan-search-attribute"
 # Histories recorded before alerts existed crossed thresholds without sending any: on replay none are sent.
@@ -128,6 +129,7 @@ class AccountWorkflow:
             DAILY_USAGE_THRESHOLD: self._on_daily_usage,
             STRIPE_REFUNDED: self._on_payment_event,
             STRIPE_DISPUTED: self._on_payment_event,
+            RECHARGE_SUCCEEDED_LATE: self._on_payment_event,
         }
         self._agents_lock = asyncio.Lock()  # one agent status change at a time, in arrival order
         self._cycle_lock = asyncio.Lock()  # plan changes and renewals, one at a time
@@ -455,6 +457,9 @@ class AccountWorkflow:
     async def _apply_payment_event(self, event: OutboxEvent) -> None:
         """A refund made on Stripe or a dispute: take back the credits that payment bought, then tell the customer
         (a dispute) — once per refund or dispute id, whatever is redelivered."""
+        if event.kind == RECHARGE_SUCCEEDED_LATE:
+            await self._credit_late_recharge(event)
+            return
         try:
             result = await workflow.execute_activity_method(
                 PaymentEventActivities.apply_payment_event,
@@ -470,6 +475,22 @@ class AccountWorkflow:
                 "payment_intent_id": result.payment_intent_id, "dispute_id": taken.stripe_id,
                 "amount_cents": taken.amount_cents, "credits_taken_micros": taken.taken_micros,
                 "reason": event.payload.get("reason")})
+
+    async def _credit_late_recharge(self, event: OutboxEvent) -> None:
+        """An auto-recharge that succeeded after its workflow gave up: credit it (checked with Stripe, once)."""
+        try:
+            late = await workflow.execute_activity_method(
+                PaymentEventActivities.credit_late_recharge,
+                PaymentEventInput(account_id=self._input.account_id, kind=event.kind, payload=event.payload),
+                start_to_close_timeout=STRIPE_TIMEOUT, retry_policy=LOAD_RETRY,
+                summary=f"Credit the late auto-recharge {event.payload.get('payment_intent_id')}")
+        except ActivityError as err:
+            workflow.logger.error("%s not applied: %s", event.dedup_key, error_of(err).message)
+            return
+        if late.credited:
+            await self._notify("auto_recharge.succeeded", f"late:{late.charge_id}", {
+                "charge_id": late.charge_id, "payment_intent_id": event.payload.get("payment_intent_id"),
+                "transaction_id": late.transaction_id, "credits": late.credits, "late": True})
 
     def _on_daily_usage(self, event: OutboxEvent) -> None:
         self._input.pending_alert_events.append(event)

@@ -23,6 +23,9 @@ from creditflow.payments.refunds import REFUND_METADATA_KEY
 
 REFUNDED = "stripe.charge.refunded"
 DISPUTED = "stripe.charge.dispute.created"
+# Not a clawback but the same route (webhook -> outbox -> account workflow): an auto-recharge whose workflow gave
+# up on an unclear outcome, reported paid by Stripe afterwards.
+RECHARGE_SUCCEEDED_LATE = "stripe.recharge.succeeded_late"
 EVENT_KINDS = {"charge.refunded": REFUNDED, "charge.dispute.created": DISPUTED}
 
 

@@ -145,6 +145,16 @@ async def _route(conn: Any, event: StripeEvent, signal: Signal) -> tuple[str, st
             log.info("stripe event %s (%s): PaymentIntent %s is not a creditflow top-up; ignored",
                      event.id, event.type, obj.get("id"))
             return OUTCOME_IGNORED, None
+        if charge["kind"] == KIND_AUTO_RECHARGE and event.type == "payment_intent.succeeded" \
+                and charge["status"] != "succeeded":
+            # Its workflow gave up on an unclear outcome (e.g. Stripe answered only after the retries ran out) and
+            # the payment went through after all: the account workflow checks Stripe and credits it, once.
+            await conn.execute(
+                "INSERT INTO outbox (account_id, kind, dedup_key, payload) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (dedup_key) DO NOTHING",
+                (charge["account_id"], clawbacks.RECHARGE_SUCCEEDED_LATE, f"stripe:{event.id}",
+                 Jsonb({"charge_id": charge["id"], "payment_intent_id": obj.get("id")})))
+            return OUTCOME_ROUTED, charge["id"]
         if charge["kind"] in (KIND_AUTO_RECHARGE, KIND_INVOICE):
             # Charged off-session: its AutoRechargeWorkflow / InvoiceWorkflow read the outcome synchronously.
             return OUTCOME_RECORDED, charge["id"]
