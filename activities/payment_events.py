@@ -14,6 +14,7 @@ from creditflow.errors import CreditflowError
 from creditflow.payments import clawbacks, topups
 from creditflow.payments.clawbacks import ClawbackResult
 from creditflow.payments.gateway import StripeGateway
+from creditflow.payments.refunds import REFUND_METADATA_KEY
 
 
 class PaymentEventInput(BaseModel):
@@ -40,8 +41,15 @@ class PaymentEventActivities:
     @activity.defn(name="apply_payment_event")
     @translating_errors
     async def apply_payment_event(self, input: PaymentEventInput) -> ClawbackResult:
-        """Take back the credits of a refund made on Stripe or a disputed payment."""
-        return await clawbacks.apply(self._pool, input.account_id, input.kind, input.payload)
+        """Take back the credits of a refund made on Stripe or a disputed payment. For refunds, Stripe is asked for
+        the PaymentIntent's refunds (the event may not list them)."""
+        listed = None
+        pi = input.payload.get("payment_intent_id")
+        if input.kind == clawbacks.REFUNDED and isinstance(pi, str) and pi.startswith("pi_"):
+            listed = [{"id": r.id, "amount": r.amount_cents,
+                       "creditflow_refund_id": r.metadata.get(REFUND_METADATA_KEY)}
+                      for r in await self._gateway.list_refunds(pi) if r.status == "succeeded"]
+        return await clawbacks.apply(self._pool, input.account_id, input.kind, input.payload, listed)
 
     @activity.defn(name="credit_late_recharge")
     @translating_errors

@@ -110,3 +110,27 @@ async def test_auto_recharge_paid_after_its_workflow_gave_up_is_credited_once(
     assert balance == 7000
     assert (await topups.get_charge(pool, record.id)).status == "succeeded"
     await assert_invariants(pool)
+
+
+async def test_refunds_are_asked_of_stripe_when_the_event_does_not_list_them(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, relay: Any) -> None:  # noqa: F811
+    """Stripe API versions from 2022-11-15 send charge.refunded without the refunds: the account workflow lists them
+    from Stripe. creditflow's own refund (RefundWorkflow) is recognised there and not taken back twice."""
+    account = await new_account(cf.admin)
+    await save_card(cf.admin, sdk, account)
+    paid = await cf.admin.post(TOPUP, json={"account_id": account, "amount_usd": 25, "request_id": "buy-2"})
+    pi = paid.json()["payment_intent_id"]
+    ours = await cf.admin.post("/api/v1/billing/refunds", json={
+        "account_id": account, "payment_intent_id": pi, "credits": 300, "request_id": "r-1"})
+    assert ours.status_code == 200 and ours.json()["status"] == "succeeded", ours.text
+    sdk.v1.refunds.create(params={"payment_intent": pi, "amount": 700})  # made in the Stripe dashboard
+
+    body = event("charge.refunded", {"id": "ch_x", "object": "charge", "payment_intent": pi, "amount": 2500,
+                                     "amount_refunded": 1000}, event_id="evt_modern_refund")
+    assert (await cf.deliver(body, sign(body))).json()["outcome"] == "routed"
+    found = await eventually(lambda: rows(pool, account, "refund"), lambda r: len(r) == 2, timeout=20)
+    assert sorted(r["amount_micros"] for r in found) == [-700 * MICROS_PER_CREDIT, -300 * MICROS_PER_CREDIT]
+    assert [r["idempotency_key"].split(":")[1] for r in found].count("stripe_refund") == 1
+    balance = (await cf.admin.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"]
+    assert balance == 5000 + 2500 - 300 - 700
+    await assert_invariants(pool)

@@ -76,8 +76,12 @@ async def _purchase(conn: Any, account_id: str, payment_intent_id: str) -> dict[
     return {**charge, "lot_id": lot["id"]}
 
 
-async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: dict[str, Any]) -> ClawbackResult:
-    """Apply a ``stripe.charge.refunded`` or ``stripe.charge.dispute.created`` outbox event (idempotent)."""
+async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: dict[str, Any],
+                stripe_refunds: list[dict[str, Any]] | None = None) -> ClawbackResult:
+    """Apply a ``stripe.charge.refunded`` or ``stripe.charge.dispute.created`` outbox event (idempotent).
+
+    ``stripe_refunds``: the PaymentIntent's succeeded refunds as listed by Stripe now. Merged with the event's
+    (Stripe API versions from 2022-11-15 no longer include ``Charge.refunds`` in the event)."""
     pi = payload.get("payment_intent_id")
     result = ClawbackResult(payment_intent_id=pi if isinstance(pi, str) else None,
                             charge_id=payload.get("stripe_charge_id"))
@@ -97,7 +101,10 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
             # Ours: recorded on a refunds row, or carrying our refund id in its metadata (Stripe may report the
             # refund before that row records the Stripe id, or the row's commit may have been lost to a crash).
             items = []
-            for r in payload.get("refunds", []):
+            listed = {r["id"]: r for r in payload.get("refunds", [])}
+            for r in stripe_refunds or []:
+                listed.setdefault(r["id"], r)
+            for r in listed.values():
                 if r["id"] in ours or r.get("creditflow_refund_id"):
                     result.ignored.append(f"{r['id']}: made by creditflow")
                 else:

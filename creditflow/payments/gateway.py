@@ -258,6 +258,15 @@ class StripeGateway:
     async def retrieve_refund(self, refund_id: str) -> RefundState:
         return _refund(await self._call(lambda: self._client.v1.refunds.retrieve(refund_id), what="refund"))
 
+    async def list_refunds(self, payment_intent_id: str) -> list[RefundState]:
+        """Every refund of a PaymentIntent, as Stripe knows them (whoever made them)."""
+
+        def fetch() -> list[Any]:
+            page = self._client.v1.refunds.list(params={"payment_intent": payment_intent_id, "limit": 100})
+            return list(page.auto_paging_iter())
+
+        return [_refund(r) for r in await self._call(fetch, what="refunds")]
+
     # --- policy --------------------------------------------------------------------------------------
 
     async def _call(self, fn: Callable[[], T], *, what: str) -> T:
