@@ -75,6 +75,14 @@ async def test_stripe_side_refunds_and_disputes_take_back_credits_once(
             (account,))).fetchall()
     assert [(n["payload"]["dispute_id"], n["payload"]["amount_cents"]) for n in notices] == [("dp_1", 2500)]
 
+    # The dispute is won: the credits taken come back, once (a lost one would keep them taken).
+    won = event("charge.dispute.closed", {**dispute, "status": "won"}, event_id="evt_dispute_won")
+    for _ in range(2):
+        assert (await cf.deliver(won, sign(won))).status_code == 200
+    [back] = await eventually(lambda: rows(pool, account, "dispute_reversal"), lambda r: len(r) == 1, timeout=20)
+    assert (back["amount_micros"], back["idempotency_key"]) == (1000 * MICROS_PER_CREDIT, "sys:dispute_won:dp_1")
+    assert (await cf.admin.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"] == 6000
+
     # An event for a PaymentIntent creditflow does not know is stored and ignored.
     stranger = event("charge.refunded", {**charge, "payment_intent": "pi_unknown"}, event_id="evt_refund_3")
     assert (await cf.deliver(stranger, sign(stranger))).json()["outcome"] == "ignored"

@@ -99,6 +99,7 @@ LIMITS_CHANGED = "limits.changed"
 DAILY_USAGE_THRESHOLD = "usage.daily_threshold"
 STRIPE_REFUNDED = "stripe.charge.refunded"
 STRIPE_DISPUTED = "stripe.charge.dispute.created"
+STRIPE_DISPUTE_CLOSED = "stripe.charge.dispute.closed"
 RECHARGE_SUCCEEDED_LATE = "stripe.recharge.succeeded_late"
 # Histories recorded before the plan search attribute was upserted never upserted it.
 PATCH_PLAN_ATTRIBUTE = "plan-search-attribute"
@@ -129,6 +130,7 @@ class AccountWorkflow:
             DAILY_USAGE_THRESHOLD: self._on_daily_usage,
             STRIPE_REFUNDED: self._on_payment_event,
             STRIPE_DISPUTED: self._on_payment_event,
+            STRIPE_DISPUTE_CLOSED: self._on_payment_event,
             RECHARGE_SUCCEEDED_LATE: self._on_payment_event,
         }
         self._agents_lock = asyncio.Lock()  # one agent status change at a time, in arrival order

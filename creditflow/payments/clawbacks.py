@@ -26,7 +26,9 @@ DISPUTED = "stripe.charge.dispute.created"
 # Not a clawback but the same route (webhook -> outbox -> account workflow): an auto-recharge whose workflow gave
 # up on an unclear outcome, reported paid by Stripe afterwards.
 RECHARGE_SUCCEEDED_LATE = "stripe.recharge.succeeded_late"
-EVENT_KINDS = {"charge.refunded": REFUNDED, "charge.dispute.created": DISPUTED}
+DISPUTE_CLOSED = "stripe.charge.dispute.closed"
+EVENT_KINDS = {"charge.refunded": REFUNDED, "charge.dispute.created": DISPUTED,
+               "charge.dispute.closed": DISPUTE_CLOSED}
 
 
 class Clawback(BaseModel):
@@ -58,7 +60,8 @@ def outbox_payload(event_type: str, obj: dict[str, Any]) -> dict[str, Any]:
                             for r in (data or [])
                             if isinstance(r, dict) and isinstance(r.get("id"), str) and type(r.get("amount")) is int]}
     return {"payment_intent_id": obj.get("payment_intent"), "stripe_charge_id": obj.get("charge"),
-            "dispute_id": obj.get("id"), "amount": obj.get("amount"), "reason": obj.get("reason")}
+            "dispute_id": obj.get("id"), "amount": obj.get("amount"), "reason": obj.get("reason"),
+            "status": obj.get("status")}
 
 
 async def _purchase(conn: Any, account_id: str, payment_intent_id: str) -> dict[str, Any]:
@@ -93,6 +96,9 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
             purchase = await _purchase(conn, account_id, result.payment_intent_id)
         except CreditflowError:
             result.ignored.append(f"{result.payment_intent_id}: not a credited creditflow purchase")
+            return result
+        if kind == DISPUTE_CLOSED:
+            await _close_dispute(conn, account_id, payload, result)
             return result
         if kind == REFUNDED:
             ours = {r["stripe_refund_id"] for r in await (await conn.execute(
@@ -130,3 +136,28 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
             result.applied.append(Clawback(key=key, kind=what, stripe_id=stripe_id, amount_cents=cents,
                                            wanted_micros=wanted, taken_micros=int(row["taken"])))
     return result
+
+
+async def _close_dispute(conn: Any, account_id: str, payload: dict[str, Any], result: ClawbackResult) -> None:
+    """A dispute won gives back the credits taken when it was opened (a new purchased lot), once; a dispute lost
+    (or closed otherwise) keeps them taken."""
+    dispute_id = str(payload.get("dispute_id"))
+    if payload.get("status") != "won":
+        result.ignored.append(f"{dispute_id}: closed {payload.get('status')}, credits stay taken")
+        return
+    taken = await (await conn.execute(
+        "SELECT -amount_micros AS micros FROM journal WHERE account_id = %s AND idempotency_key = %s",
+        (account_id, f"sys:dispute:{dispute_id}"))).fetchone()
+    if taken is None or taken["micros"] <= 0:
+        result.ignored.append(f"{dispute_id}: nothing was taken")
+        return
+    key = f"sys:dispute_won:{dispute_id}"
+    row = await (await conn.execute(
+        "SELECT * FROM cf_post(%s, 'dispute_reversal', %s, 'system:disputes', %s, %s, 'purchase', 20, NULL, %s,"
+        " NULL)", (account_id, taken["micros"], f"Dispute {dispute_id} won: credits given back",
+                   to_jsonb({"dispute_id": dispute_id, "payment_intent_id": result.payment_intent_id}), key))
+    ).fetchone()
+    assert row is not None
+    result.applied.append(Clawback(key=key, kind="dispute_reversal", stripe_id=dispute_id,
+                                   amount_cents=int(payload.get("amount") or 0), wanted_micros=-taken["micros"],
+                                   taken_micros=-taken["micros"]))

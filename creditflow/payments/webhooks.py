@@ -42,7 +42,7 @@ DEFAULT_TOLERANCE_SECONDS = stripe.Webhook.DEFAULT_TOLERANCE
 PAYMENT_INTENT_EVENTS = frozenset({"payment_intent.succeeded", "payment_intent.payment_failed",
                                    "payment_intent.canceled"})
 # Routed to the account workflow through the outbox (credits taken back for refunds made on Stripe, disputes).
-LATER_EVENTS = frozenset({"charge.refunded", "charge.dispute.created"})
+LATER_EVENTS = frozenset({"charge.refunded", "charge.dispute.created", "charge.dispute.closed"})
 
 OUTCOME_SIGNALED = "signaled"
 OUTCOME_WORKFLOW_CLOSED = "workflow_closed"
