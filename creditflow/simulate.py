@@ -177,9 +177,9 @@ async def run_simulation(plan_id: str, usage: list[UsageRow], months: int, *, da
                 report = PeriodReport(period_key=period_start.date().isoformat(), start=period_start,
                                       end=period_end, plan_id=state.plan_id, usage_events=0, denied_events=0,
                                       usage_credits=Decimal(0), invoice_number=None, invoice_total_usd=None)
-                while remaining and start + timedelta(days=float(remaining[0].day)) < period_end:
+                while remaining and start + _days(remaining[0].day) < period_end:
                     row = remaining.pop(0)
-                    at = max(start + timedelta(days=float(row.day)), period_start)
+                    at = max(start + _days(row.day), period_start)
                     event = metering.UsageEvent.build(account.id, row.feature_id, row.value,
                                                       f"sim:{uuid.uuid4().hex}", row.agent_id, None)
                     result = await _track_at(clock_pool, at, event)
@@ -206,6 +206,11 @@ async def run_simulation(plan_id: str, usage: list[UsageRow], months: int, *, da
         if pgdata is not None:
             stop_postgres(pgdata)
             shutil.rmtree(pgdata, ignore_errors=True)
+
+
+def _days(days: Decimal) -> timedelta:
+    """Decimal days as a timedelta, exact to the microsecond (no float)."""
+    return timedelta(microseconds=int(days * 86_400_000_000))
 
 
 async def _next_period(handle: Any, query: str, state_type: Any, index: int) -> Any:
