@@ -17,13 +17,13 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import NotificationActivities
-    from activities.topups import ChargeRef, MarkChargeInput, RecordTopUpInput, TopUpActivities
+    from activities.notifications import notify
+    from activities.topups import ChargeRef, RecordTopUpInput, TopUpActivities
     from creditflow.domain.topups import format_usd
     from creditflow.notify.log import Notification
     from creditflow.payments.gateway import PaymentIntentState
     from creditflow.payments.topups import KIND_AUTO_RECHARGE
-    from workflows.common import DB_TIMEOUT, NOTIFY_RETRY, STRIPE_TIMEOUT, error_of, publish_status
+    from workflows.common import DB_TIMEOUT, STRIPE_TIMEOUT, error_details, error_of, publish_status
     from workflows.contract import (
         AUTO_RECHARGE_WORKFLOW,
         QUERY_RECHARGE_STATUS,
@@ -32,7 +32,7 @@ with workflow.unsafe.imports_passed_through():
         AutoRechargeInput,
         AutoRechargeOutcome,
     )
-    from workflows.topup import CREDIT_RETRY, DB_RETRY, STRIPE_RETRY, WAITING_STATUSES
+    from workflows.topup import CREDIT_RETRY, STRIPE_RETRY, WAITING_STATUSES, mark_charge_failed
 
 
 def recharge_request_id(seq: int) -> str:
@@ -73,7 +73,7 @@ class AutoRechargeWorkflow:
         except ActivityError as err:
             error = error_of(err)
             if error.type != "card_declined":  # a decline is recorded on the row by the activity itself
-                await self._mark_failed(charge, error)
+                await mark_charge_failed(charge.charge_id, error)
             return self._failed(error)
         self._outcome.payment_intent_id = pi.id
         if pi.status == "succeeded":
@@ -92,7 +92,7 @@ class AutoRechargeWorkflow:
         else:
             error = ApplicationError(pi.failure_message or "the card was declined", {"decline_code": pi.decline_code},
                                      type="card_declined")
-        await self._mark_failed(charge, error)
+        await mark_charge_failed(charge.charge_id, error)
         return self._failed(error)
 
     @workflow.query(name=QUERY_RECHARGE_STATUS)
@@ -112,23 +112,10 @@ class AutoRechargeWorkflow:
             payload={"charge_id": o.charge_id, "seq": o.seq, "payment_intent_id": pi.id,
                      "transaction_id": result.transaction_id, "amount_cents": o.amount_cents,
                      "amount": format_usd(o.amount_cents), "credits": o.credits, "balance": str(result.balance)})
-        try:
-            await workflow.execute_activity_method(
-                NotificationActivities.send_notification, receipt, start_to_close_timeout=DB_TIMEOUT,
-                retry_policy=NOTIFY_RETRY, summary=f"Send the auto-recharge receipt ({format_usd(o.amount_cents)})")
-        except ActivityError as err:  # the money part is done; a lost receipt must not undo it
-            workflow.logger.error("auto-recharge receipt for %s not sent: %s", o.charge_id, error_of(err).message)
-
-    async def _mark_failed(self, charge: ChargeRef, error: ApplicationError) -> None:
-        details = error.details[0] if error.details and isinstance(error.details[0], dict) else {}
-        await workflow.execute_activity_method(
-            TopUpActivities.mark_topup_charge,
-            MarkChargeInput(charge_id=charge.charge_id, status="failed", failure_code=error.type,
-                            decline_code=details.get("decline_code"), failure_message=error.message),
-            start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY, summary="Mark the charge failed")
+        await notify(receipt, summary=f"Send the auto-recharge receipt ({format_usd(o.amount_cents)})")
 
     def _failed(self, error: ApplicationError) -> AutoRechargeOutcome:
-        details = error.details[0] if error.details and isinstance(error.details[0], dict) else {}
+        details = error_details(error)
         o = self._outcome
         o.status = RECHARGE_FAILED
         o.error_code, o.error_message = error.type or "payment_failed", error.message

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -16,10 +17,6 @@ from workflows.contract import SA_ACCOUNT_ID, SA_STATUS
 
 DB_TIMEOUT = timedelta(seconds=30)
 STRIPE_TIMEOUT = timedelta(minutes=3)
-
-# A notification is retried for a few minutes; its failure never undoes the money part before it.
-NOTIFY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                           maximum_interval=timedelta(minutes=1), maximum_attempts=10)
 
 
 def db_retry(refusals: Sequence[str]) -> RetryPolicy:
@@ -42,6 +39,11 @@ def error_of(err: ActivityError) -> ApplicationError:
     if isinstance(cause, ApplicationError):
         return cause
     return ApplicationError(str(cause or err), type=type(cause).__name__ if cause else "activity_failed")
+
+
+def error_details(error: ApplicationError) -> dict[str, Any]:
+    """The details dict an activity's refusal carries (e.g. ``decline_code``), or empty."""
+    return error.details[0] if error.details and isinstance(error.details[0], dict) else {}
 
 
 def publish_status(account_id: str, status: str, *, enabled: bool = True) -> None:

@@ -38,7 +38,7 @@ with workflow.unsafe.imports_passed_through():
         SettleInvoiceInput,
     )
     from activities.notifications import notify
-    from activities.topups import ChargeRef, MarkChargeInput, RecordTopUpInput, TopUpActivities
+    from activities.topups import ChargeRef, RecordTopUpInput, TopUpActivities
     from creditflow.domain.topups import format_usd
     from creditflow.invoicing.payment import KIND_INVOICE, charge_request_id
     from creditflow.notify.log import Attachment, Notification
@@ -53,8 +53,7 @@ with workflow.unsafe.imports_passed_through():
         InvoiceOutcome,
         InvoiceWorkflowInput,
     )
-    from workflows.topup import DB_RETRY as CHARGE_DB_RETRY
-    from workflows.topup import STRIPE_RETRY, WAITING_STATUSES
+    from workflows.topup import STRIPE_RETRY, WAITING_STATUSES, mark_charge_failed
 
 _REFUSALS = ["unknown_account", "unknown_plan", "validation_error", "invalid_amount", "invalid_id", "not_found",
              "unknown_invoice", "invalid_transition", "payment_not_settled", "payment_required",
@@ -170,7 +169,7 @@ class InvoiceWorkflow:
         except ActivityError as err:
             error = error_of(err)
             if error.type != "card_declined":  # a decline is recorded on the charge row by the activity itself
-                await self._mark_charge_failed(charge, error)
+                await mark_charge_failed(charge.charge_id, error)
             return self._failed(error)
         self._outcome.payment_intent_id = pi.id
         if pi.status == "succeeded":
@@ -186,7 +185,7 @@ class InvoiceWorkflow:
         else:
             error = ApplicationError(pi.failure_message or "the card was declined", {"decline_code": pi.decline_code},
                                      type="card_declined")
-        await self._mark_charge_failed(charge, error)
+        await mark_charge_failed(charge.charge_id, error)
         return self._failed(error)
 
     async def _settle(self, inv: InvoiceSummary, charge_id: str | None, attempt: int) -> InvoiceSummary:
@@ -198,14 +197,6 @@ class InvoiceWorkflow:
         self._outcome.error_code = self._outcome.error_message = None
         self._track(paid)
         return paid
-
-    async def _mark_charge_failed(self, charge: ChargeRef, error: ApplicationError) -> None:
-        details = error.details[0] if error.details and isinstance(error.details[0], dict) else {}
-        await workflow.execute_activity_method(
-            TopUpActivities.mark_topup_charge,
-            MarkChargeInput(charge_id=charge.charge_id, status="failed", failure_code=error.type,
-                            decline_code=details.get("decline_code"), failure_message=error.message),
-            start_to_close_timeout=DB_TIMEOUT, retry_policy=CHARGE_DB_RETRY, summary="Mark the charge failed")
 
     def _failed(self, error: ApplicationError) -> None:
         self._outcome.error_code, self._outcome.error_message = error.type or "payment_failed", error.message

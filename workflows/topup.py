@@ -24,13 +24,13 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import NotificationActivities
+    from activities.notifications import notify
     from activities.payments import PERMANENT_CODES
     from activities.topups import ChargeRef, MarkChargeInput, RecordTopUpInput, TopUpActivities
     from creditflow.domain.topups import format_usd
     from creditflow.notify.log import Notification
     from creditflow.payments.gateway import PaymentIntentState
-    from workflows.common import DB_TIMEOUT, NOTIFY_RETRY, STRIPE_TIMEOUT, db_retry, error_of, until_done_retry
+    from workflows.common import DB_TIMEOUT, STRIPE_TIMEOUT, db_retry, error_details, error_of, until_done_retry
     from workflows.contract import (
         QUERY_TOPUP_STATUS,
         SA_ACCOUNT_ID,
@@ -65,6 +65,16 @@ CREDIT_RETRY = until_done_retry(["idempotency_conflict", "invalid_amount", "not_
 # PaymentIntent statuses that still need the customer (or Stripe) to act.
 WAITING_STATUSES = frozenset({"requires_payment_method", "requires_confirmation", "requires_action", "processing"})
 _WAITING = WAITING_STATUSES
+
+
+async def mark_charge_failed(charge_id: str, error: ApplicationError) -> None:
+    """Record an off-session charge's failure on its ``stripe_charges`` row (auto-recharge, invoices)."""
+    details = error_details(error)
+    await workflow.execute_activity_method(
+        TopUpActivities.mark_topup_charge,
+        MarkChargeInput(charge_id=charge_id, status="failed", failure_code=error.type,
+                        decline_code=details.get("decline_code"), failure_message=error.message),
+        start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY, summary="Mark the charge failed")
 
 
 @workflow.defn(name=TOPUP_WORKFLOW)
@@ -189,15 +199,10 @@ class TopUpWorkflow:
                      "transaction_id": result.transaction_id, "amount_cents": o.amount_cents,
                      "amount": format_usd(o.amount_cents), "credits": o.credits, "package_id": o.package_id,
                      "description": self._input.description})
-        try:
-            await workflow.execute_activity_method(
-                NotificationActivities.send_notification, receipt, start_to_close_timeout=DB_TIMEOUT,
-                retry_policy=NOTIFY_RETRY, summary=f"Send the receipt ({format_usd(o.amount_cents)})")
-        except ActivityError as err:  # the money part is done; a lost receipt must not undo it
-            workflow.logger.error("receipt for %s not sent: %s", charge_id, error_of(err).message)
+        await notify(receipt, summary=f"Send the receipt ({format_usd(o.amount_cents)})")
 
     async def _finish_failed(self, error: ApplicationError, *, mark: bool) -> TopUpOutcome:
-        details = error.details[0] if error.details and isinstance(error.details[0], dict) else {}
+        details = error_details(error)
         o = self._outcome
         o.error_code, o.error_message = error.type or "payment_failed", error.message
         o.decline_code = details.get("decline_code")
