@@ -1,7 +1,8 @@
 """Group commit for the metering hot path.
 
-Concurrent ``track`` calls in one process are coalesced into ``cf_track_batch`` calls: one
-round trip, one transaction and one WAL flush for everything that arrived while the previous
+Concurrent ``track`` calls in one process are coalesced into ``cf_track_batch`` calls (groups of
+fewer than ``metering.GROUP_BATCH_MIN`` events as pipelined ``cf_track`` calls): one round trip,
+one transaction and one WAL flush for everything that arrived while the previous
 batch was being written, instead of one each. Nothing waits for a timer: while fewer than
 ``max_in_flight`` writes are in progress an event is written at once, alone, through ``cf_track``;
 groups form only when the process has more concurrent calls than that, which is exactly when
