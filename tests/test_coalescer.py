@@ -16,8 +16,7 @@ from creditflow.ledger.models import TrackResult
 from tests.test_ledger_invariants import assert_invariants
 
 
-@pytest.mark.parametrize("group", [metering.track_group, metering.track_pipelined, metering.track_batch],
-                         ids=["track_group", "pipelined", "batch"])
+@pytest.mark.parametrize("group", [metering.track_pipelined, metering.track_batch], ids=["pipelined", "batch"])
 async def test_concurrent_tracks_are_coalesced_and_exact(pool: AsyncConnectionPool, group: object) -> None:
     calls: list[int] = []
 

@@ -1,16 +1,15 @@
 """Group commit for the metering hot path.
 
-Concurrent ``track`` calls in one process are coalesced into ``cf_track_batch`` calls (groups of
-fewer than ``metering.GROUP_BATCH_MIN`` events as pipelined ``cf_track`` calls): one round trip,
-one transaction and one WAL flush for everything that arrived while the previous
-batch was being written, instead of one each. Nothing waits for a timer: while fewer than
-``max_in_flight`` writes are in progress an event is written at once, alone, through ``cf_track``;
-groups form only when the process has more concurrent calls than that, which is exactly when
-per-transaction costs are the bottleneck. Every event is still decided on its own, in arrival
-order within its account, and answered only after its batch has committed; a property test
-proves batch and one-by-one decisions identical. If a group fails as a whole, nothing of it was
-committed and its events are written again one by one, in order, so a failure stays with the
-event that caused it.
+Concurrent ``track`` calls in one process are coalesced into groups (``metering.track_pipelined``:
+``cf_track`` calls sent together in one transaction): one round trip, one transaction and one WAL
+flush for everything that arrived while the previous group was being written, instead of one
+each. Nothing waits for a timer: while fewer than ``max_in_flight`` writes are in progress an
+event is written at once, alone, through ``cf_track``; groups form only when the process has more
+concurrent calls than that, which is exactly when per-transaction costs are the bottleneck. Every
+event is still decided on its own, in arrival order within its account, and answered only after
+its group has committed; a test proves grouped and one-by-one decisions identical. If a group
+fails as a whole, nothing of it was committed and its events are written again one by one, in
+order, so a failure stays with the event that caused it.
 """
 
 from __future__ import annotations
