@@ -16,7 +16,7 @@ from creditflow.ledger.models import TrackResult
 from tests.test_ledger_invariants import assert_invariants
 
 
-@pytest.mark.parametrize("group", [metering.track_pipelined, metering.track_batch], ids=["pipelined", "batch"])
+@pytest.mark.parametrize("group", [metering.track_grouped, metering.track_batch], ids=["grouped", "batch"])
 async def test_concurrent_tracks_are_coalesced_and_exact(pool: AsyncConnectionPool, group: object) -> None:
     calls: list[int] = []
 
@@ -24,7 +24,7 @@ async def test_concurrent_tracks_are_coalesced_and_exact(pool: AsyncConnectionPo
         calls.append(len(events))
         return await group(p, events)  # type: ignore[operator,no-any-return]
 
-    coalescer = TrackCoalescer(pool, metering.track_alone, counting_group, max_in_flight=1)  # type: ignore[arg-type]
+    coalescer = TrackCoalescer(pool, metering.track_alone, counting_group, writers=1)  # type: ignore[arg-type]
     ids = [(await accounts.create_account(pool, name="C", billing_email="c@x.co", welcome_bonus_credits=100)).id
            for _ in range(3)]
     # The third account is under spend control: a daily limit of 80 credits stops it at 8 of its 10 affordable
@@ -53,7 +53,7 @@ async def test_a_failing_group_falls_back_to_one_by_one(pool: AsyncConnectionPoo
     async def broken_group(p: AsyncConnectionPool, events: Sequence[object]) -> list[TrackResult]:
         raise RuntimeError("connection lost mid-batch")
 
-    coalescer = TrackCoalescer(pool, metering.track_alone, broken_group, max_in_flight=1)  # type: ignore[arg-type]
+    coalescer = TrackCoalescer(pool, metering.track_alone, broken_group, writers=1)  # type: ignore[arg-type]
     acc = (await accounts.create_account(pool, name="F", billing_email="f@x.co")).id
     events = [UsageEvent.build(acc, "chat_message", 1, f"f{i}") for i in range(6)]
     results = await asyncio.gather(*(coalescer.track(e) for e in events))
@@ -70,3 +70,29 @@ async def test_replay_after_the_balance_dropped_is_still_a_replay(pool: AsyncCon
         assert again.allowed and again.replayed and again.transaction_id == first.transaction_id
         conflict = await metering.track(pool, UsageEvent.build(acc, "voice_minute", 4, "call-1"), coalesce=coalesce)
         assert conflict.code == "idempotency_conflict"
+
+
+async def test_waiting_calls_are_split_evenly_among_the_writers(pool: AsyncConnectionPool) -> None:
+    groups: list[int] = []
+    alone: list[object] = []
+
+    async def counting_group(p: AsyncConnectionPool, events: Sequence[object]) -> list[TrackResult]:
+        groups.append(len(events))
+        return await metering.track_grouped(p, events)  # type: ignore[arg-type]
+
+    async def counting_alone(p: AsyncConnectionPool, event: object) -> TrackResult:
+        alone.append(event)
+        return await metering.track_alone(p, event)  # type: ignore[arg-type]
+
+    coalescer = TrackCoalescer(pool, counting_alone, counting_group, writers=2)  # type: ignore[arg-type]
+    acc = (await accounts.create_account(pool, name="S", billing_email="s@x.co")).id
+    # Nothing else waiting: a lone call is written at once, alone, through cf_track.
+    assert (await coalescer.track(UsageEvent.build(acc, "chat_message", 1, "s-alone"))).allowed
+    assert len(alone) == 1 and groups == []
+    # Eight calls in one turn of the event loop: two writers, four events each, one transaction per writer.
+    results = await asyncio.gather(*(coalescer.track(UsageEvent.build(acc, "chat_message", 1, f"s{i}"))
+                                     for i in range(8)))
+    assert groups == [4, 4] and len(alone) == 1
+    assert {r.balance for r in results} == set(range(4991, 4999))
+    with pytest.raises(ValueError):
+        TrackCoalescer(pool, counting_alone, counting_group, writers=0)  # type: ignore[arg-type]

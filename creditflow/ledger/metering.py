@@ -36,6 +36,7 @@ TRACK_RETRY_ON: tuple[type[Exception], ...] = (*RETRYABLE, psycopg.errors.Unique
 
 _TRACK_SQL = "SELECT * FROM cf_track(%s, %s, %s, %s, %s, %s, %s, %s)"
 _BATCH_SQL = "SELECT * FROM cf_track_batch(%s, %s, %s, %s, %s, %s, %s::jsonb[])"
+_GROUP_SQL = "SELECT * FROM cf_track_group(%s, %s, %s, %s, %s, %s, %s::jsonb[], %s)"
 
 
 def _quantity(value: object) -> Decimal:
@@ -96,7 +97,7 @@ async def track(pool: AsyncConnectionPool, event: UsageEvent, *, coalesce: bool 
     Concurrent calls on the same pool share transactions (group commit, see ``coalescer``);
     ``coalesce=False`` forces one transaction for this event alone."""
     if coalesce:
-        return await coalescer_for(pool, track_alone, track_pipelined).track(event)  # type: ignore[arg-type]
+        return await coalescer_for(pool, track_alone, track_grouped).track(event)  # type: ignore[arg-type]
     return await track_alone(pool, event)
 
 
@@ -107,27 +108,35 @@ def _track_params(event: UsageEvent, probe: bool) -> tuple[object, ...]:
             event.fingerprint(), to_jsonb(event.metadata), probe)
 
 
-async def track_pipelined(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -> list[TrackResult]:
-    """A few events as ``cf_track`` calls sent together (pipeline: one round trip) in one
-    transaction (one commit): the coalescer's groups. Each event runs ``cf_track`` on its own, so
-    the balance watch (auto-recharge, alerts) sees every event's balance, as for single events;
-    ``cf_track_batch`` moves an account's balance once per batch. Accounts are locked in id order so
-    concurrent groups cannot deadlock.
+def _event_columns(events: Sequence[UsageEvent]) -> tuple[list[Any], ...]:
+    """Events as the array parameters of ``cf_track_group`` / ``cf_track_batch``, column by column."""
+    return (
+        [e.account_id for e in events], [e.feature_id for e in events], [e.value for e in events],
+        [e.agent_id for e in events], [e.idempotency_key for e in events], [e.fingerprint() for e in events],
+        [to_jsonb(e.metadata) for e in events],
+    )
+
+
+async def track_grouped(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -> list[TrackResult]:
+    """A few events in one ``cf_track_group`` call and one transaction (the coalescer's groups):
+    ``cf_track`` for each, server-side, so the balance watch (auto-recharge, alerts) sees every
+    event's balance, as for single events (``cf_track_batch`` moves an account's balance once per
+    batch). Accounts are locked in id order so concurrent groups cannot deadlock.
 
     The first attempt does not probe idempotency keys, so a denial may hide the replay of a key
     used while the balance was higher: callers decide denied events again with ``track_alone``."""
     order = sorted(range(len(events)), key=lambda i: events[i].account_id)
+    ordered = [events[i] for i in order]
+    columns = _event_columns(ordered)
 
     async def run(probe: bool = True) -> list[TrackResult]:
-        results: list[TrackResult | None] = [None] * len(events)
         async with pool.connection() as conn:
-            # BEGIN, the calls and COMMIT all travel in one pipeline: one round trip for the group.
-            async with conn.pipeline(), conn.transaction():
-                cursors = [(i, await conn.execute(_TRACK_SQL, _track_params(events[i], probe))) for i in order]
-            for i, cursor in cursors:
-                row = await cursor.fetchone()
-                assert row is not None
-                results[i] = TrackResult.from_db(row)
+            cursor = conn.cursor(row_factory=tuple_row)
+            await cursor.execute(_GROUP_SQL, (*columns, probe))
+            rows = await cursor.fetchall()
+        results: list[TrackResult | None] = [None] * len(events)
+        for i, row in zip(order, rows, strict=True):
+            results[i] = TrackResult.from_row(row)
         return [r for r in results if r is not None]
 
     try:
@@ -165,11 +174,7 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
     its account (a denied event writes nothing); results come back in input order."""
     if not events:
         return []
-    params = (
-        [e.account_id for e in events], [e.feature_id for e in events], [e.value for e in events],
-        [e.agent_id for e in events], [e.idempotency_key for e in events], [e.fingerprint() for e in events],
-        [to_jsonb(e.metadata) for e in events],
-    )
+    params = _event_columns(events)
 
     async def run() -> list[TrackResult]:
         async with pool.connection() as conn:
