@@ -34,9 +34,11 @@ RESERVED_KEY_PREFIXES = ("hold:", "adj:", "sys:")
 # A concurrent duplicate of the same key hits the journal's unique index; the retry then replays it.
 TRACK_RETRY_ON: tuple[type[Exception], ...] = (*RETRYABLE, psycopg.errors.UniqueViolation)
 
-_TRACK_SQL = "SELECT * FROM cf_track(%s, %s, %s, %s, %s, %s, %s, %s)"
-_BATCH_SQL = "SELECT * FROM cf_track_batch(%s, %s, %s, %s, %s, %s, %s::jsonb[])"
-_GROUP_SQL = "SELECT * FROM cf_track_group(%s, %s, %s, %s, %s, %s, %s::jsonb[], %s)"
+# Parameters travel in binary (%b): psycopg dumps arrays in text format element by element, quoting each
+# with a regular expression (~40 us of client CPU per event in a group of four); in binary it is ~10.
+_TRACK_SQL = "SELECT * FROM cf_track(%b, %b, %b, %b, %b, %b, %b, %b)"
+_BATCH_SQL = "SELECT * FROM cf_track_batch(%b, %b, %b, %b, %b, %b, %b::jsonb[])"
+_GROUP_SQL = "SELECT * FROM cf_track_group(%b, %b, %b, %b, %b, %b, %b::jsonb[], %b)"
 
 
 def _quantity(value: object) -> Decimal:
