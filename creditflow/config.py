@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     database_url: str = ""
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=20, ge=1)
+    # Metering: concurrent ``track`` calls of one process share transactions through at most this many
+    # writers at a time (see creditflow/ledger/coalescer.py); more writers mean smaller groups.
+    track_writers: int = Field(default=2, ge=1, le=64)
 
     # Temporal: any cluster by address and namespace.
     temporal_address: str = "localhost:7233"

@@ -96,3 +96,18 @@ async def test_waiting_calls_are_split_evenly_among_the_writers(pool: AsyncConne
     assert {r.balance for r in results} == set(range(4991, 4999))
     with pytest.raises(ValueError):
         TrackCoalescer(pool, counting_alone, counting_group, writers=0)  # type: ignore[arg-type]
+
+
+async def test_the_number_of_writers_is_configurable_per_pool(pool: AsyncConnectionPool) -> None:
+    from creditflow.ledger.coalescer import DEFAULT_WRITERS, coalescer_for
+
+    default = coalescer_for(pool, metering.track_alone, metering.track_grouped)  # type: ignore[arg-type]
+    assert default.writers == DEFAULT_WRITERS
+    metering.configure_track(pool, writers=5)
+    configured = coalescer_for(pool, metering.track_alone, metering.track_grouped)  # type: ignore[arg-type]
+    assert configured.writers == 5 and configured is not default
+    acc = (await accounts.create_account(pool, name="W", billing_email="w@x.co")).id
+    results = await asyncio.gather(*(metering.track(pool, UsageEvent.build(acc, "chat_message", 1, f"w{i}"))
+                                     for i in range(12)))
+    assert sorted(r.balance for r in results) == list(range(4988, 5000))
+    metering.configure_track(pool, writers=DEFAULT_WRITERS)

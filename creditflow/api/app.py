@@ -22,6 +22,7 @@ from creditflow.api.plans import router as plans_router
 from creditflow.api.subscription import router as subscription_router
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
+from creditflow.ledger import metering
 from creditflow.ledger.db import open_pool
 from creditflow.ledger.plan_pricing import sync_plan_rates
 from creditflow.payments.gateway import StripeGateway
@@ -47,6 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = open_pool(settings.database_url, settings.db_pool_min_size, settings.db_pool_max_size)
         await pool.open()
+        metering.configure_track(pool, writers=settings.track_writers)
         app.state.pool = pool
         await sync_plan_rates(pool, app.state.plan_catalog)  # the hot path prices plan accounts from plan_rates
         # Temporal (top-ups): connected on first use, so the rest of the API works while it is down.

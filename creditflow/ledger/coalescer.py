@@ -54,6 +54,10 @@ class TrackCoalescer:
         self._starting = 0  # of which not yet holding their first group
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def writers(self) -> int:
+        return self._max_writers
+
     async def track(self, event: object) -> TrackResult:
         future: asyncio.Future[TrackResult] = asyncio.get_running_loop().create_future()
         self._pending.append((event, future))
@@ -127,8 +131,11 @@ class TrackCoalescer:
 _coalescers: weakref.WeakKeyDictionary[AsyncConnectionPool, TrackCoalescer] = weakref.WeakKeyDictionary()
 
 
-def coalescer_for(pool: AsyncConnectionPool, one: OneFn, group: GroupFn) -> TrackCoalescer:
+def coalescer_for(pool: AsyncConnectionPool, one: OneFn, group: GroupFn, *,
+                  writers: int | None = None) -> TrackCoalescer:
+    """The pool's coalescer, made on first use; ``writers`` (when given) replaces it with one that
+    has that many writers (calls already queued on the old one are still answered by it)."""
     coalescer = _coalescers.get(pool)
-    if coalescer is None:
-        coalescer = _coalescers[pool] = TrackCoalescer(pool, one, group)
+    if coalescer is None or (writers is not None and writers != coalescer.writers):
+        coalescer = _coalescers[pool] = TrackCoalescer(pool, one, group, writers=writers or DEFAULT_WRITERS)
     return coalescer

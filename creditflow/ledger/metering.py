@@ -103,6 +103,11 @@ async def track(pool: AsyncConnectionPool, event: UsageEvent, *, coalesce: bool 
     return await track_alone(pool, event)
 
 
+def configure_track(pool: AsyncConnectionPool, *, writers: int) -> None:
+    """How many group writers ``track`` uses on this pool (``CREDITFLOW_TRACK_WRITERS``, default 2)."""
+    coalescer_for(pool, track_alone, track_grouped, writers=writers)  # type: ignore[arg-type]
+
+
 def _track_params(event: UsageEvent, probe: bool) -> tuple[object, ...]:
     """``probe=False`` on a first attempt: a repeated key then fails on the journal's unique
     index and the retry (``probe=True``) replays it or reports the conflict."""
