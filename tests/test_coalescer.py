@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
+import psycopg
 import pytest
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from creditflow.ledger import accounts, limits, metering
@@ -16,15 +19,17 @@ from creditflow.ledger.models import TrackResult
 from tests.test_ledger_invariants import assert_invariants
 
 
-@pytest.mark.parametrize("group", [metering.track_grouped, metering.track_batch], ids=["grouped", "batch"])
-async def test_concurrent_tracks_are_coalesced_and_exact(pool: AsyncConnectionPool, group: object) -> None:
+@pytest.mark.parametrize("batch", [False, True], ids=["grouped", "batch"])
+async def test_concurrent_tracks_are_coalesced_and_exact(pool: AsyncConnectionPool, batch: bool) -> None:
     calls: list[int] = []
 
-    async def counting_group(p: AsyncConnectionPool, events: Sequence[object]) -> list[TrackResult]:
+    async def counting_group(conn: AsyncConnection[Any], events: Sequence[object]) -> list[TrackResult]:
         calls.append(len(events))
-        return await group(p, events)  # type: ignore[operator,no-any-return]
+        if batch:  # cf_track_batch, for the same decisions
+            return await metering.track_batch(pool, events)  # type: ignore[arg-type]
+        return await metering.track_grouped(conn, events)  # type: ignore[arg-type]
 
-    coalescer = TrackCoalescer(pool, metering.track_alone, counting_group, writers=1)  # type: ignore[arg-type]
+    coalescer = TrackCoalescer(pool, metering.track_one, counting_group, writers=1)  # type: ignore[arg-type]
     ids = [(await accounts.create_account(pool, name="C", billing_email="c@x.co", welcome_bonus_credits=100)).id
            for _ in range(3)]
     # The third account is under spend control: a daily limit of 80 credits stops it at 8 of its 10 affordable
@@ -50,10 +55,11 @@ async def test_concurrent_tracks_are_coalesced_and_exact(pool: AsyncConnectionPo
 
 
 async def test_a_failing_group_falls_back_to_one_by_one(pool: AsyncConnectionPool) -> None:
-    async def broken_group(p: AsyncConnectionPool, events: Sequence[object]) -> list[TrackResult]:
-        raise RuntimeError("connection lost mid-batch")
+    async def broken_group(conn: AsyncConnection[Any], events: Sequence[object]) -> list[TrackResult]:
+        await conn.close()  # the writer's connection is gone: the fallback takes a fresh one from the pool
+        raise psycopg.OperationalError("connection lost mid-group")
 
-    coalescer = TrackCoalescer(pool, metering.track_alone, broken_group, writers=1)  # type: ignore[arg-type]
+    coalescer = TrackCoalescer(pool, metering.track_one, broken_group, writers=1)  # type: ignore[arg-type]
     acc = (await accounts.create_account(pool, name="F", billing_email="f@x.co")).id
     events = [UsageEvent.build(acc, "chat_message", 1, f"f{i}") for i in range(6)]
     results = await asyncio.gather(*(coalescer.track(e) for e in events))
@@ -76,13 +82,13 @@ async def test_waiting_calls_are_split_evenly_among_the_writers(pool: AsyncConne
     groups: list[int] = []
     alone: list[object] = []
 
-    async def counting_group(p: AsyncConnectionPool, events: Sequence[object]) -> list[TrackResult]:
+    async def counting_group(conn: AsyncConnection[Any], events: Sequence[object]) -> list[TrackResult]:
         groups.append(len(events))
-        return await metering.track_grouped(p, events)  # type: ignore[arg-type]
+        return await metering.track_grouped(conn, events)  # type: ignore[arg-type]
 
-    async def counting_alone(p: AsyncConnectionPool, event: object) -> TrackResult:
+    async def counting_alone(conn: AsyncConnection[Any], event: object) -> TrackResult:
         alone.append(event)
-        return await metering.track_alone(p, event)  # type: ignore[arg-type]
+        return await metering.track_one(conn, event)  # type: ignore[arg-type]
 
     coalescer = TrackCoalescer(pool, counting_alone, counting_group, writers=2)  # type: ignore[arg-type]
     acc = (await accounts.create_account(pool, name="S", billing_email="s@x.co")).id
@@ -93,6 +99,10 @@ async def test_waiting_calls_are_split_evenly_among_the_writers(pool: AsyncConne
     results = await asyncio.gather(*(coalescer.track(UsageEvent.build(acc, "chat_message", 1, f"s{i}"))
                                      for i in range(8)))
     assert groups == [4, 4] and len(alone) == 1
+    for _ in range(3):  # each writer lingers one turn, finds the queue empty and hands its connection back
+        await asyncio.sleep(0)
+    stats = pool.get_stats()
+    assert stats["pool_size"] == stats["pool_available"], stats
     assert {r.balance for r in results} == set(range(4991, 4999))
     with pytest.raises(ValueError):
         TrackCoalescer(pool, counting_alone, counting_group, writers=0)  # type: ignore[arg-type]
@@ -101,13 +111,27 @@ async def test_waiting_calls_are_split_evenly_among_the_writers(pool: AsyncConne
 async def test_the_number_of_writers_is_configurable_per_pool(pool: AsyncConnectionPool) -> None:
     from creditflow.ledger.coalescer import DEFAULT_WRITERS, coalescer_for
 
-    default = coalescer_for(pool, metering.track_alone, metering.track_grouped)  # type: ignore[arg-type]
+    default = coalescer_for(pool, metering.track_one, metering.track_grouped)  # type: ignore[arg-type]
     assert default.writers == DEFAULT_WRITERS
     metering.configure_track(pool, writers=5)
-    configured = coalescer_for(pool, metering.track_alone, metering.track_grouped)  # type: ignore[arg-type]
+    configured = coalescer_for(pool, metering.track_one, metering.track_grouped)  # type: ignore[arg-type]
     assert configured.writers == 5 and configured is not default
     acc = (await accounts.create_account(pool, name="W", billing_email="w@x.co")).id
     results = await asyncio.gather(*(metering.track(pool, UsageEvent.build(acc, "chat_message", 1, f"w{i}"))
                                      for i in range(12)))
     assert sorted(r.balance for r in results) == list(range(4988, 5000))
     metering.configure_track(pool, writers=DEFAULT_WRITERS)
+
+
+async def test_callers_get_the_error_when_no_connection_can_be_had(database_url: str) -> None:
+    from creditflow.ledger.db import open_pool
+
+    closed = open_pool(database_url, 1, 2)
+    await closed.open()
+    acc = (await accounts.create_account(closed, name="P", billing_email="p@x.co")).id
+    await closed.close()
+    coalescer = TrackCoalescer(closed, metering.track_one, metering.track_grouped)  # type: ignore[arg-type]
+    results = await asyncio.wait_for(asyncio.gather(
+        *(coalescer.track(UsageEvent.build(acc, "chat_message", 1, f"p{i}")) for i in range(5)),
+        return_exceptions=True), timeout=10)
+    assert all(isinstance(r, Exception) for r in results), results

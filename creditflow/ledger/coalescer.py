@@ -23,13 +23,16 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from creditflow.ledger.models import TrackResult
 
-OneFn = Callable[[AsyncConnectionPool, object], Awaitable[TrackResult]]
-GroupFn = Callable[[AsyncConnectionPool, Sequence[object]], Awaitable[list[TrackResult]]]
+# Both write on the connection the writer holds, in autocommit (each call is its own transaction).
+OneFn = Callable[[AsyncConnection[Any], object], Awaitable[TrackResult]]
+GroupFn = Callable[[AsyncConnection[Any], Sequence[object]], Awaitable[list[TrackResult]]]
 
 DEFAULT_WRITERS = 2
 DEFAULT_MAX_GROUP = 200
@@ -74,6 +77,7 @@ class TrackCoalescer:
     async def _drain(self) -> None:
         group: list[_Waiting] = []
         starting = True
+        conn: AsyncConnection[Any] | None = None  # held while this writer has groups to write
         try:
             while self._pending:
                 # Split what is waiting evenly among the writers about to take from it (this one included).
@@ -84,7 +88,7 @@ class TrackCoalescer:
                 share = min(self._max_group, -(-len(self._pending) // takers))
                 group = self._pending[:share]
                 del self._pending[:share]
-                await self._write(group)
+                conn = await self._write(conn, group)
                 # One turn of the event loop for this group's callers, woken by its results, to queue their next
                 # calls: this writer then takes them itself. Without it, when two writers' results arrive in the
                 # same turn, both writers' callers queue together, are split again and sent together: the writers
@@ -98,34 +102,60 @@ class TrackCoalescer:
             for _, future in group:  # cancelled mid-write (shutdown): never leave a caller hanging
                 if not future.done():
                     future.cancel()
+            if conn is not None:
+                await self._pool.putconn(conn)
 
-    async def _write(self, group: list[_Waiting]) -> None:
-        if len(group) == 1:
-            await self._write_alone(*group[0])
-            return
+    async def _connection(self, conn: AsyncConnection[Any] | None) -> AsyncConnection[Any]:
+        """The writer's connection, replaced when a failure broke it (the pool discards broken ones)."""
+        if conn is not None and not (conn.broken or conn.closed):
+            return conn
+        if conn is not None:
+            await self._pool.putconn(conn)
+        return await self._pool.getconn()
+
+    async def _write(self, conn: AsyncConnection[Any] | None, group: list[_Waiting]) -> AsyncConnection[Any] | None:
+        """Write one group; returns the connection to keep using (None if none could be had)."""
         try:
-            results = await self._group(self._pool, [event for event, _ in group])
+            conn = await self._connection(conn)
+        except Exception as exc:  # noqa: BLE001 - no connection (pool closed or exhausted): these callers get why
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            return None
+        if len(group) == 1:
+            return await self._write_alone(conn, *group[0])
+        try:
+            results = await self._group(conn, [event for event, _ in group])
         except Exception:  # noqa: BLE001 - nothing was committed: write them one by one, in order
             for event, future in group:
-                await self._write_alone(event, future)
-            return
+                conn = await self._write_alone(conn, event, future)
+            return conn
         for (event, future), result in zip(group, results, strict=True):
             if result.allowed:
                 if not future.done():
                     future.set_result(result)
             else:
                 # Decided again alone: a denial in a group may hide a replay (see metering.track_grouped).
-                await self._write_alone(event, future)
+                conn = await self._write_alone(conn, event, future)
+        return conn
 
-    async def _write_alone(self, event: object, future: asyncio.Future[TrackResult]) -> None:
+    async def _write_alone(self, conn: AsyncConnection[Any] | None, event: object,
+                           future: asyncio.Future[TrackResult]) -> AsyncConnection[Any] | None:
         try:
-            result = await self._one(self._pool, event)
+            conn = await self._connection(conn)
+        except Exception as exc:  # noqa: BLE001 - no connection: the caller gets why
+            if not future.done():
+                future.set_exception(exc)
+            return None
+        try:
+            result = await self._one(conn, event)
         except Exception as exc:  # noqa: BLE001 - handed to the caller that sent this event
             if not future.done():
                 future.set_exception(exc)
-            return
+            return conn
         if not future.done():
             future.set_result(result)
+        return conn
 
 
 _coalescers: weakref.WeakKeyDictionary[AsyncConnectionPool, TrackCoalescer] = weakref.WeakKeyDictionary()

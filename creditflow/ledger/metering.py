@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+from psycopg import AsyncConnection
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -99,13 +100,13 @@ async def track(pool: AsyncConnectionPool, event: UsageEvent, *, coalesce: bool 
     Concurrent calls on the same pool share transactions (group commit, see ``coalescer``);
     ``coalesce=False`` forces one transaction for this event alone."""
     if coalesce:
-        return await coalescer_for(pool, track_alone, track_grouped).track(event)  # type: ignore[arg-type]
+        return await coalescer_for(pool, track_one, track_grouped).track(event)  # type: ignore[arg-type]
     return await track_alone(pool, event)
 
 
 def configure_track(pool: AsyncConnectionPool, *, writers: int) -> None:
     """How many group writers ``track`` uses on this pool (``CREDITFLOW_TRACK_WRITERS``, default 2)."""
-    coalescer_for(pool, track_alone, track_grouped, writers=writers)  # type: ignore[arg-type]
+    coalescer_for(pool, track_one, track_grouped, writers=writers)  # type: ignore[arg-type]
 
 
 def _track_params(event: UsageEvent, probe: bool) -> tuple[object, ...]:
@@ -124,23 +125,21 @@ def _event_columns(events: Sequence[UsageEvent]) -> tuple[list[Any], ...]:
     )
 
 
-async def track_grouped(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -> list[TrackResult]:
+async def track_grouped(conn: AsyncConnection[Any], events: Sequence[UsageEvent]) -> list[TrackResult]:
     """A few events in one ``cf_track_group`` call and one transaction (the coalescer's groups):
     ``cf_track`` for each, server-side, so the balance watch (auto-recharge, alerts) sees every
     event's balance, as for single events (``cf_track_batch`` moves an account's balance once per
     batch). Accounts are locked in id order so concurrent groups cannot deadlock.
 
     The first attempt does not probe idempotency keys, so a denial may hide the replay of a key
-    used while the balance was higher: callers decide denied events again with ``track_alone``."""
+    used while the balance was higher: callers decide denied events again with ``track_one``."""
     order = sorted(range(len(events)), key=lambda i: events[i].account_id)
-    ordered = [events[i] for i in order]
-    columns = _event_columns(ordered)
+    columns = _event_columns([events[i] for i in order])
 
     async def run(probe: bool = True) -> list[TrackResult]:
-        async with pool.connection() as conn:
-            cursor = conn.cursor(row_factory=tuple_row)
-            await cursor.execute(_GROUP_SQL, (*columns, probe))
-            rows = await cursor.fetchall()
+        cursor = conn.cursor(row_factory=tuple_row)
+        await cursor.execute(_GROUP_SQL, (*columns, probe))
+        rows = await cursor.fetchall()
         results: list[TrackResult | None] = [None] * len(events)
         for i, row in zip(order, rows, strict=True):
             results[i] = TrackResult.from_row(row)
@@ -152,28 +151,33 @@ async def track_grouped(pool: AsyncConnectionPool, events: Sequence[UsageEvent])
         return await with_retry(run, retry_on=TRACK_RETRY_ON)
 
 
-async def _track_row(pool: AsyncConnectionPool, params: Sequence[object]) -> tuple[Any, ...]:
+async def _track_row(conn: AsyncConnection[Any], params: Sequence[object]) -> tuple[Any, ...]:
     """The hot path's one statement, read as a plain tuple (cheaper than a dict per event)."""
-    async with pool.connection() as conn:
-        cursor = conn.cursor(row_factory=tuple_row)
-        await cursor.execute(_TRACK_SQL, params)
-        row = await cursor.fetchone()
+    cursor = conn.cursor(row_factory=tuple_row)
+    await cursor.execute(_TRACK_SQL, params)
+    row = await cursor.fetchone()
     assert row is not None
     return row
 
 
-async def track_alone(pool: AsyncConnectionPool, event: UsageEvent) -> TrackResult:
-    """One event, one ``cf_track`` call, one transaction."""
+async def track_one(conn: AsyncConnection[Any], event: UsageEvent) -> TrackResult:
+    """One event, one ``cf_track`` call, one transaction, on ``conn`` (autocommit)."""
     first = _track_params(event, False)
     probing = (*first[:-1], True)
     try:
-        row = await _track_row(pool, first)
+        row = await _track_row(conn, first)
     except TRACK_RETRY_ON:
-        row = await with_retry(lambda: _track_row(pool, probing), retry_on=TRACK_RETRY_ON)
+        row = await with_retry(lambda: _track_row(conn, probing), retry_on=TRACK_RETRY_ON)
     if not row[0]:
         # A denial may hide a replay (the key was used while the balance was higher): ask again, probing.
-        row = await with_retry(lambda: _track_row(pool, probing), retry_on=TRACK_RETRY_ON)
+        row = await with_retry(lambda: _track_row(conn, probing), retry_on=TRACK_RETRY_ON)
     return TrackResult.from_row(row)
+
+
+async def track_alone(pool: AsyncConnectionPool, event: UsageEvent) -> TrackResult:
+    """One event in a transaction of its own (``track(..., coalesce=False)``)."""
+    async with pool.connection() as conn:
+        return await track_one(conn, event)
 
 
 async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -> list[TrackResult]:
