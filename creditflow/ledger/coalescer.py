@@ -12,10 +12,12 @@ writers with groups of about four beat eight single-event transactions in flight
 writers with smaller groups; a group costs one commit and one call's fixed overhead, and each
 event in it only its own writes.
 
-Every event is still decided on its own (``cf_track`` for each, in arrival order within its
-account) and answered only after its group has committed; a test proves grouped and one-by-one
-decisions identical. If a group fails as a whole, nothing of it was committed and its events are
-written again one by one, in order, so a failure stays with the event that caused it.
+Every event is still decided on its own (``cf_track`` for each; within a group, in arrival order
+within its account) and answered only after its group has committed; a test proves grouped and
+one-by-one decisions identical. Two writers may hold events of one account at once: the account's
+row lock orders them, as it orders any concurrent calls. If a group fails as a whole, nothing of it
+was committed and its events are written again one by one, in order, so a failure stays with the
+event that caused it.
 """
 
 from __future__ import annotations
@@ -115,15 +117,13 @@ class TrackCoalescer:
 
     async def _write(self, conn: AsyncConnection[Any] | None, group: list[_Waiting]) -> AsyncConnection[Any] | None:
         """Write one group; returns the connection to keep using (None if none could be had)."""
-        try:
-            conn = await self._connection(conn)
-        except Exception as exc:  # noqa: BLE001 - no connection (pool closed or exhausted): these callers get why
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(exc)
-            return None
         if len(group) == 1:
             return await self._write_alone(conn, *group[0])
+        try:
+            conn = await self._connection(conn)
+        except Exception as exc:  # noqa: BLE001 - no connection (pool closed or exhausted): the callers get why
+            _fail(group, exc)
+            return None
         try:
             results = await self._group(conn, [event for event, _ in group])
         except Exception:  # noqa: BLE001 - nothing was committed: write them one by one, in order
@@ -144,18 +144,22 @@ class TrackCoalescer:
         try:
             conn = await self._connection(conn)
         except Exception as exc:  # noqa: BLE001 - no connection: the caller gets why
-            if not future.done():
-                future.set_exception(exc)
+            _fail([(event, future)], exc)
             return None
         try:
             result = await self._one(conn, event)
         except Exception as exc:  # noqa: BLE001 - handed to the caller that sent this event
-            if not future.done():
-                future.set_exception(exc)
+            _fail([(event, future)], exc)
             return conn
         if not future.done():
             future.set_result(result)
         return conn
+
+
+def _fail(waiting: list[_Waiting], exc: BaseException) -> None:
+    for _, future in waiting:
+        if not future.done():
+            future.set_exception(exc)
 
 
 _coalescers: weakref.WeakKeyDictionary[AsyncConnectionPool, TrackCoalescer] = weakref.WeakKeyDictionary()
