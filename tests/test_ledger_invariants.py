@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import psycopg
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import AsyncConnectionPool
@@ -170,10 +171,13 @@ async def test_random_operations_keep_every_invariant(pool: AsyncConnectionPool,
     await assert_invariants(pool)
 
 
-async def test_concurrent_debits_on_one_account_admit_exactly_the_affordable(pool: AsyncConnectionPool) -> None:
+# coalesce=True: the default, two writers with groups; False: one transaction per event, each on its own connection.
+@pytest.mark.parametrize("coalesce", [True, False], ids=["grouped", "one-connection-each"])
+async def test_concurrent_debits_on_one_account_admit_exactly_the_affordable(pool: AsyncConnectionPool,
+                                                                             coalesce: bool) -> None:
     acc = (await accounts.create_account(pool, name="C", billing_email="c@x.co", welcome_bonus_credits=250)).id
     events = [UsageEvent.build(acc, "voice_minute", 1, f"c{i}") for i in range(40)]
-    results = await asyncio.gather(*(metering.track(pool, e) for e in events))
+    results = await asyncio.gather(*(metering.track(pool, e, coalesce=coalesce) for e in events))
     assert sum(r.allowed for r in results) == 25
     assert {r.code for r in results if not r.allowed} == {"insufficient_credits"}
     assert (await metering.check(pool, acc, "chat_message")).balances.balance == 0  # type: ignore[union-attr]
