@@ -135,3 +135,39 @@ async def test_callers_get_the_error_when_no_connection_can_be_had(database_url:
         *(coalescer.track(UsageEvent.build(acc, "chat_message", 1, f"p{i}")) for i in range(5)),
         return_exceptions=True), timeout=10)
     assert all(isinstance(r, Exception) for r in results), results
+
+
+async def test_a_busy_writer_hands_its_connection_back_now_and_then(pool: AsyncConnectionPool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from creditflow.ledger import coalescer as coalescer_module
+
+    checkouts: list[int] = []
+    writes: list[int] = []
+    getconn = pool.getconn
+
+    async def counting_getconn(*args: Any, **kwargs: Any) -> AsyncConnection[Any]:
+        checkouts.append(1)
+        return await getconn(*args, **kwargs)
+
+    async def counting_group(conn: AsyncConnection[Any], events: Sequence[object]) -> list[TrackResult]:
+        writes.append(len(events))
+        return await metering.track_grouped(conn, events)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pool, "getconn", counting_getconn)
+    coalescer = TrackCoalescer(pool, metering.track_one, counting_group, writers=1)  # type: ignore[arg-type]
+    acc = (await accounts.create_account(pool, name="H", billing_email="h@x.co")).id
+
+    async def run(tag: str) -> None:  # three callers, each sending its next event once the last one is answered
+        async def caller(c: int) -> None:
+            for i in range(6):
+                assert (await coalescer.track(UsageEvent.build(acc, "chat_message", 1, f"{tag}{c}-{i}"))).allowed
+        checkouts.clear()
+        writes.clear()
+        await asyncio.gather(*(caller(c) for c in range(3)))
+
+    await run("a")  # the writer keeps one connection for all six groups of three
+    assert writes == [3] * 6 and len(checkouts) == 1
+    monkeypatch.setattr(coalescer_module, "WRITES_PER_CHECKOUT", 2)
+    await run("b")  # ... or hands it back every second group
+    assert writes == [3] * 6 and len(checkouts) == 3
+    assert (await metering.check(pool, acc, "chat_message")).balances.balance == 5000 - 36  # type: ignore[union-attr]

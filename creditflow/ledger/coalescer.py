@@ -38,6 +38,9 @@ GroupFn = Callable[[AsyncConnection[Any], Sequence[object]], Awaitable[list[Trac
 
 DEFAULT_WRITERS = 2
 DEFAULT_MAX_GROUP = 200
+# A busy writer hands its connection back to the pool after this many writes, so the pool still applies
+# its max_lifetime and health checks to it under constant load (about once a second on the benchmark).
+WRITES_PER_CHECKOUT = 1000
 
 _Waiting = tuple[object, "asyncio.Future[TrackResult]"]
 
@@ -80,6 +83,7 @@ class TrackCoalescer:
         group: list[_Waiting] = []
         starting = True
         conn: AsyncConnection[Any] | None = None  # held while this writer has groups to write
+        writes = 0
         try:
             while self._pending:
                 # Split what is waiting evenly among the writers about to take from it (this one included).
@@ -91,6 +95,10 @@ class TrackCoalescer:
                 group = self._pending[:share]
                 del self._pending[:share]
                 conn = await self._write(conn, group)
+                writes += 1
+                if conn is not None and writes % WRITES_PER_CHECKOUT == 0:
+                    await self._pool.putconn(conn)
+                    conn = None
                 # One turn of the event loop for this group's callers, woken by its results, to queue their next
                 # calls: this writer then takes them itself. Without it, when two writers' results arrive in the
                 # same turn, both writers' callers queue together, are split again and sent together: the writers
