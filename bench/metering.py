@@ -45,6 +45,7 @@ from creditflow.domain.lots import LotSource, lot_priority
 from creditflow.domain.money import credits_to_micros
 from creditflow.ledger import metering
 from creditflow.ledger.accounts import WELCOME_DESCRIPTION, create_account
+from creditflow.ledger.coalescer import DEFAULT_WRITERS
 from creditflow.ledger.db import migrate, open_pool, with_database
 from creditflow.ledger.idempotency import request_hash
 from creditflow.ledger.ratecard import ensure_default_ratecard
@@ -491,6 +492,7 @@ def render(report: Report, out: Console) -> None:
               f"shared_buffers={m['shared_buffers']}")
     out.print(f"concurrency {c['concurrency']} connections; {c['accounts']:,} accounts (setup: {c['setup']}, "
               f"{c['setup_seconds']:.1f} s); {c['events']:,} events per phase; batch size {c['batch_size']}; "
+              f"track writers {c['track_writers']}; "
               f"events alternate chat_message x1 and llm_tokens x50-2000")
     table = Table(title="throughput and latency (latency per call: one event, or one batch for track_batch)")
     for col in ("phase", "workload", "events", "seconds", "events/s", "p50 ms", "p99 ms", "max ms", "denied",
@@ -568,13 +570,15 @@ async def _bench(args: argparse.Namespace, url: str, server_desc: str) -> Report
         setup_seconds = time.perf_counter() - t0
         report = Report(machine=machine, config={
             "concurrency": conc, "accounts": len(ids), "events": n, "batch_size": args.batch_size,
-            "setup": args.setup, "setup_seconds": setup_seconds, "warmup": args.warmup, "seed": args.seed})
+            "track_writers": args.writers, "setup": args.setup, "setup_seconds": setup_seconds, "warmup": args.warmup,
+            "seed": args.seed})
         many = plan(n, len(ids), hot=False, seed=args.seed)
         hot = plan(n, len(ids), hot=True, seed=args.seed + 1)
         alone = many  # the same events again (fresh keys), one transaction each
         pool = open_pool(url, conc, conc)
         await pool.open()
         await pool.wait()
+        metering.configure_track(pool, writers=args.writers)  # what CREDITFLOW_TRACK_WRITERS sets in the API
         try:
             # Warm-up (untimed): connections, prepared statements, caches.
             warm = plan(args.warmup, len(ids), hot=False, seed=args.seed + 2)
@@ -617,6 +621,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=8, help="client connections (and callers) per phase")
     p.add_argument("--accounts", type=int, default=10_000, help="accounts in the many-accounts workload")
     p.add_argument("--batch-size", type=int, default=100, help="events per track_batch call")
+    p.add_argument("--writers", type=int, default=DEFAULT_WRITERS,
+                   help="track's group writers (CREDITFLOW_TRACK_WRITERS)")
     p.add_argument("--warmup", type=int, default=400, help="untimed warm-up events per operation")
     p.add_argument("--setup", choices=("bulk", "library"), default="bulk",
                    help="bulk: set-based SQL producing create_account's rows; library: create_account calls")
@@ -628,8 +634,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.events, args.warmup = min(args.events, 2_000), min(args.warmup, 100)
-    if args.events < 1 or args.concurrency < 1 or args.accounts < 1 or args.batch_size < 1:
-        p.error("--events, --concurrency, --accounts and --batch-size must be positive")
+    if args.events < 1 or args.concurrency < 1 or args.accounts < 1 or args.batch_size < 1 or args.writers < 1:
+        p.error("--events, --concurrency, --accounts, --batch-size and --writers must be positive")
     return args
 
 
