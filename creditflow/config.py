@@ -22,6 +22,7 @@ from creditflow.domain.recharge import (
     RechargePolicy,
 )
 from creditflow.domain.topups import DEFAULT_MAX_USD, DEFAULT_MIN_USD, DEFAULT_PACKAGES, CreditPackage, TopUpPolicy
+from creditflow.ledger.coalescer import DEFAULT_WRITERS
 
 
 class Settings(BaseSettings):
@@ -33,7 +34,7 @@ class Settings(BaseSettings):
     db_pool_max_size: int = Field(default=20, ge=1)
     # Metering: concurrent ``track`` calls of one process share transactions through at most this many
     # writers at a time (see creditflow/ledger/coalescer.py); more writers mean smaller groups.
-    track_writers: int = Field(default=2, ge=1, le=64)
+    track_writers: int = Field(default=DEFAULT_WRITERS, ge=1, le=64)
 
     # Temporal: any cluster by address and namespace.
     temporal_address: str = "localhost:7233"

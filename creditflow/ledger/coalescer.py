@@ -82,7 +82,7 @@ class TrackCoalescer:
     async def _drain(self) -> None:
         group: list[_Waiting] = []
         starting = True
-        conn: AsyncConnection[Any] | None = None  # held while this writer has groups to write
+        lease = _Lease(self._pool)  # this writer's connection, held while it has groups to write
         writes = 0
         try:
             while self._pending:
@@ -94,11 +94,10 @@ class TrackCoalescer:
                 share = min(self._max_group, -(-len(self._pending) // takers))
                 group = self._pending[:share]
                 del self._pending[:share]
-                conn = await self._write(conn, group)
+                await self._write(lease, group)
                 writes += 1
-                if conn is not None and writes % WRITES_PER_CHECKOUT == 0:
-                    await self._pool.putconn(conn)
-                    conn = None
+                if writes % WRITES_PER_CHECKOUT == 0:
+                    await lease.release()
                 # One turn of the event loop for this group's callers, woken by its results, to queue their next
                 # calls: this writer then takes them itself. Without it, when two writers' results arrive in the
                 # same turn, both writers' callers queue together, are split again and sent together: the writers
@@ -112,56 +111,60 @@ class TrackCoalescer:
             for _, future in group:  # cancelled mid-write (shutdown): never leave a caller hanging
                 if not future.done():
                     future.cancel()
-            if conn is not None:
-                await self._pool.putconn(conn)
+            await lease.release()
 
-    async def _connection(self, conn: AsyncConnection[Any] | None) -> AsyncConnection[Any]:
-        """The writer's connection, replaced when a failure broke it (the pool discards broken ones)."""
-        if conn is not None and not (conn.broken or conn.closed):
-            return conn
-        if conn is not None:
-            await self._pool.putconn(conn)
-        return await self._pool.getconn()
-
-    async def _write(self, conn: AsyncConnection[Any] | None, group: list[_Waiting]) -> AsyncConnection[Any] | None:
-        """Write one group; returns the connection to keep using (None if none could be had)."""
+    async def _write(self, lease: _Lease, group: list[_Waiting]) -> None:
         if len(group) == 1:
-            return await self._write_alone(conn, *group[0])
+            await self._write_alone(lease, *group[0])
+            return
         try:
-            conn = await self._connection(conn)
+            conn = await lease.get()
         except Exception as exc:  # noqa: BLE001 - no connection (pool closed or exhausted): the callers get why
             _fail(group, exc)
-            return None
+            return
         try:
             results = await self._group(conn, [event for event, _ in group])
         except Exception:  # noqa: BLE001 - nothing was committed: write them one by one, in order
             for event, future in group:
-                conn = await self._write_alone(conn, event, future)
-            return conn
+                await self._write_alone(lease, event, future)
+            return
         for (event, future), result in zip(group, results, strict=True):
             if result.allowed:
                 if not future.done():
                     future.set_result(result)
             else:
                 # Decided again alone: a denial in a group may hide a replay (see metering.track_grouped).
-                conn = await self._write_alone(conn, event, future)
-        return conn
+                await self._write_alone(lease, event, future)
 
-    async def _write_alone(self, conn: AsyncConnection[Any] | None, event: object,
-                           future: asyncio.Future[TrackResult]) -> AsyncConnection[Any] | None:
+    async def _write_alone(self, lease: _Lease, event: object, future: asyncio.Future[TrackResult]) -> None:
         try:
-            conn = await self._connection(conn)
-        except Exception as exc:  # noqa: BLE001 - no connection: the caller gets why
+            result = await self._one(await lease.get(), event)
+        except Exception as exc:  # noqa: BLE001 - no connection, or this event failed: handed to its caller
             _fail([(event, future)], exc)
-            return None
-        try:
-            result = await self._one(conn, event)
-        except Exception as exc:  # noqa: BLE001 - handed to the caller that sent this event
-            _fail([(event, future)], exc)
-            return conn
+            return
         if not future.done():
             future.set_result(result)
-        return conn
+
+
+class _Lease:
+    """A writer's pool connection: taken on first use, kept across groups, replaced when a failure broke it
+    (handing a broken connection back makes the pool discard it)."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+        self._conn: AsyncConnection[Any] | None = None
+
+    async def get(self) -> AsyncConnection[Any]:
+        if self._conn is not None and (self._conn.broken or self._conn.closed):
+            await self.release()
+        if self._conn is None:
+            self._conn = await self._pool.getconn()
+        return self._conn
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pool.putconn(conn)
 
 
 def _fail(waiting: list[_Waiting], exc: BaseException) -> None:

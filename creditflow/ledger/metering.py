@@ -139,11 +139,8 @@ async def track_grouped(conn: AsyncConnection[Any], events: Sequence[UsageEvent]
     async def run(probe: bool = True) -> list[TrackResult]:
         cursor = conn.cursor(row_factory=tuple_row)
         await cursor.execute(_GROUP_SQL, (*columns, probe))
-        rows = await cursor.fetchall()
-        results: list[TrackResult | None] = [None] * len(events)
-        for i, row in zip(order, rows, strict=True):
-            results[i] = TrackResult.from_row(row)
-        return [r for r in results if r is not None]
+        row_of = dict(zip(order, await cursor.fetchall(), strict=True))  # back to the callers' order
+        return [TrackResult.from_row(row_of[i]) for i in range(len(events))]
 
     try:
         return await run(probe=False)
