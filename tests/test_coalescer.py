@@ -19,17 +19,24 @@ from creditflow.ledger.models import TrackResult
 from tests.test_ledger_invariants import assert_invariants
 
 
+def counting_group(sizes: list[int]) -> Any:
+    """``metering.track_grouped`` that also notes the size of every group it writes."""
+    async def group(conn: AsyncConnection[Any], events: Sequence[object]) -> list[TrackResult]:
+        sizes.append(len(events))
+        return await metering.track_grouped(conn, events)  # type: ignore[arg-type]
+    return group
+
+
 @pytest.mark.parametrize("batch", [False, True], ids=["grouped", "batch"])
 async def test_concurrent_tracks_are_coalesced_and_exact(pool: AsyncConnectionPool, batch: bool) -> None:
     calls: list[int] = []
 
-    async def counting_group(conn: AsyncConnection[Any], events: Sequence[object]) -> list[TrackResult]:
-        calls.append(len(events))
-        if batch:  # cf_track_batch, for the same decisions
-            return await metering.track_batch(pool, events)  # type: ignore[arg-type]
-        return await metering.track_grouped(conn, events)  # type: ignore[arg-type]
+    async def batch_group(conn: AsyncConnection[Any], events: Sequence[object]) -> list[TrackResult]:
+        calls.append(len(events))  # cf_track_batch, for the same decisions
+        return await metering.track_batch(pool, events)  # type: ignore[arg-type]
 
-    coalescer = TrackCoalescer(pool, metering.track_one, counting_group, writers=1)  # type: ignore[arg-type]
+    group = batch_group if batch else counting_group(calls)
+    coalescer = TrackCoalescer(pool, metering.track_one, group, writers=1)  # type: ignore[arg-type]
     ids = [(await accounts.create_account(pool, name="C", billing_email="c@x.co", welcome_bonus_credits=100)).id
            for _ in range(3)]
     # The third account is under spend control: a daily limit of 80 credits stops it at 8 of its 10 affordable
@@ -82,15 +89,11 @@ async def test_waiting_calls_are_split_evenly_among_the_writers(pool: AsyncConne
     groups: list[int] = []
     alone: list[object] = []
 
-    async def counting_group(conn: AsyncConnection[Any], events: Sequence[object]) -> list[TrackResult]:
-        groups.append(len(events))
-        return await metering.track_grouped(conn, events)  # type: ignore[arg-type]
-
     async def counting_alone(conn: AsyncConnection[Any], event: object) -> TrackResult:
         alone.append(event)
         return await metering.track_one(conn, event)  # type: ignore[arg-type]
 
-    coalescer = TrackCoalescer(pool, counting_alone, counting_group, writers=2)  # type: ignore[arg-type]
+    coalescer = TrackCoalescer(pool, counting_alone, counting_group(groups), writers=2)  # type: ignore[arg-type]
     acc = (await accounts.create_account(pool, name="S", billing_email="s@x.co")).id
     # Nothing else waiting: a lone call is written at once, alone, through cf_track.
     assert (await coalescer.track(UsageEvent.build(acc, "chat_message", 1, "s-alone"))).allowed
@@ -105,7 +108,7 @@ async def test_waiting_calls_are_split_evenly_among_the_writers(pool: AsyncConne
     assert stats["pool_size"] == stats["pool_available"], stats
     assert {r.balance for r in results} == set(range(4991, 4999))
     with pytest.raises(ValueError):
-        TrackCoalescer(pool, counting_alone, counting_group, writers=0)  # type: ignore[arg-type]
+        TrackCoalescer(pool, counting_alone, counting_group(groups), writers=0)  # type: ignore[arg-type]
 
 
 async def test_the_number_of_writers_is_configurable_per_pool(pool: AsyncConnectionPool) -> None:
@@ -149,12 +152,8 @@ async def test_a_busy_writer_hands_its_connection_back_now_and_then(pool: AsyncC
         checkouts.append(1)
         return await getconn(*args, **kwargs)
 
-    async def counting_group(conn: AsyncConnection[Any], events: Sequence[object]) -> list[TrackResult]:
-        writes.append(len(events))
-        return await metering.track_grouped(conn, events)  # type: ignore[arg-type]
-
     monkeypatch.setattr(pool, "getconn", counting_getconn)
-    coalescer = TrackCoalescer(pool, metering.track_one, counting_group, writers=1)  # type: ignore[arg-type]
+    coalescer = TrackCoalescer(pool, metering.track_one, counting_group(writes), writers=1)  # type: ignore[arg-type]
     acc = (await accounts.create_account(pool, name="H", billing_email="h@x.co")).id
 
     async def run(tag: str) -> None:  # three callers, each sending its next event once the last one is answered
