@@ -17,6 +17,7 @@ from creditflow.ops_cli import accounts_app, keys_app, wallet_app
 from creditflow.refund_cli import refund
 from creditflow.simulate_cli import simulate
 from creditflow.topup_cli import topup
+from creditflow.verify_cli import verify_command
 
 app = typer.Typer(
     help="creditflow: durable billing engine (credit wallet, PostgreSQL ledger, Temporal, Stripe).",
@@ -32,6 +33,7 @@ app.add_typer(agents_app, name="agents")
 app.command("topup")(topup)
 app.command("refund")(refund)
 app.command("simulate")(simulate)
+app.command("verify")(verify_command)
 
 console = Console()
 

@@ -20,6 +20,7 @@ from creditflow.api.limits import router as limits_router
 from creditflow.api.notification_channels import router as notification_channels_router
 from creditflow.api.plans import router as plans_router
 from creditflow.api.subscription import router as subscription_router
+from creditflow.api.verify import router as verify_router
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
 from creditflow.ledger import metering
@@ -102,4 +103,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(alerts_router)
     app.include_router(plans_router)
     app.include_router(invoices_router)
+    app.include_router(verify_router)
     return app

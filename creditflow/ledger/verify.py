@@ -1,0 +1,271 @@
+"""``creditflow verify``: the ledger's invariants, structural and economic, checked on demand.
+
+Why: a balanced ledger can still create or lose money where two features cross (a bonus package refunded at
+1 credit = 1 cent, plan credits kept alive by a hold, overage repaid twice). Each check below is one SQL query
+that returns the rows that break it, with the ids needed to investigate; an empty report means every invariant
+holds. The checks only read, except that an account's deferred burns are applied first (the same bookkeeping
+every read of the lots does), so lot balances are exact.
+
+Structural invariants are the floor (entries sum to zero, balance = journal = lots, floor, holds); economic ones
+say the money is conserved: each purchase lot's credits and money move together in the lot's own proportion,
+plan credits die with their period, each Stripe object has one ledger effect, each invoice's overage is repaid
+at most once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, Field, computed_field
+
+from creditflow.errors import CreditflowError
+
+# The longest a hold may live (the API's hold_ttl_seconds bound); an active hold meant to outlive it is a defect.
+MAX_HOLD_SECONDS = 7 * 24 * 3600
+
+
+class Violation(BaseModel):
+    """One broken invariant: which check, which account, what is wrong and the ids to look at."""
+
+    check: str
+    account_id: str | None = None
+    message: str
+    ids: dict[str, str] = Field(default_factory=dict)
+
+
+class VerifyReport(BaseModel):
+    checked_at: datetime
+    account_id: str | None = None  # None: every account
+    accounts_checked: int
+    checks: list[str]
+    violations: list[Violation]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+@dataclass(frozen=True)
+class Check:
+    """A named invariant: ``sql`` selects the rows that break it (``%(account)s`` is NULL for every account);
+    ``explain`` turns one such row into a message; every other column of the row becomes an id."""
+
+    name: str
+    doc: str
+    sql: str
+    explain: str
+
+
+_ACCOUNT = "(%(account)s::text IS NULL OR {col} = %(account)s)"
+# A charge row names its ledger entry as 'txn_<32 hex>'.
+_UUID = "(CASE WHEN {col} ~ '^txn_[0-9a-f]{{32}}$' THEN substr({col}, 5)::uuid END)"
+
+# Per PaymentIntent: the money that went back to the payer (creditflow refunds not failed, refunds made on Stripe,
+# disputes not won) and the credits taken back for it.
+_RETURNED = (
+    "WITH returned AS ("
+    " WITH ours AS ("
+    "  SELECT r.payment_intent_id, r.amount_cents AS cents, -coalesce(j.amount_micros, 0) AS taken_micros,"
+    "   r.amount_cents AS refunded_cents"
+    "  FROM refunds r LEFT JOIN journal j ON j.id = r.reserve_txn_id AND j.account_id = r.account_id"
+    "  WHERE r.status <> 'failed'),"
+    " clawbacks AS ("
+    "  SELECT j.metadata->>'payment_intent_id' AS payment_intent_id,"
+    "   (j.metadata->>'amount_cents')::bigint AS cents, -j.amount_micros AS taken_micros,"
+    "   CASE WHEN j.type = 'refund' THEN (j.metadata->>'amount_cents')::bigint ELSE 0 END AS refunded_cents"
+    "  FROM journal j WHERE j.type IN ('refund', 'dispute')"
+    "   AND (j.idempotency_key LIKE 'sys:stripe\\_refund:%%' OR j.idempotency_key LIKE 'sys:dispute:%%')),"
+    " given_back AS ("
+    "  SELECT d.metadata->>'payment_intent_id' AS payment_intent_id,"
+    "   -(d.metadata->>'amount_cents')::bigint AS cents, -w.amount_micros AS taken_micros, 0::bigint AS refunded_cents"
+    "  FROM journal w JOIN journal d ON d.account_id = w.account_id"
+    "   AND d.idempotency_key = 'sys:dispute:' || substr(w.idempotency_key, length('sys:dispute_won:') + 1)"
+    "  WHERE w.type = 'dispute_reversal')"
+    " SELECT payment_intent_id, sum(cents)::bigint AS cents, sum(taken_micros)::bigint AS taken_micros,"
+    "  sum(refunded_cents)::bigint AS refunded_cents"
+    " FROM (SELECT * FROM ours UNION ALL SELECT * FROM clawbacks UNION ALL SELECT * FROM given_back) x"
+    " WHERE payment_intent_id IS NOT NULL GROUP BY payment_intent_id) "
+)
+
+
+CHECKS: tuple[Check, ...] = (
+    Check(
+        "journal_sums_to_zero",
+        "The sum of every journal line (wallet legs and system books) is zero.",
+        "SELECT NULL::text AS account_id, sum(amount_micros) AS sum_micros FROM journal_lines"
+        " WHERE %(account)s::text IS NULL HAVING coalesce(sum(amount_micros), 0) <> 0",
+        "the journal's lines sum to {sum_micros} micros, not 0",
+    ),
+    Check(
+        "balance_equals_journal",
+        "Each account's balance equals the sum of its journal entries.",
+        "SELECT b.account_id, b.balance_micros, coalesce(j.s, 0) AS journal_micros FROM balances b"
+        " LEFT JOIN (SELECT account_id, sum(amount_micros) AS s FROM journal GROUP BY account_id) j"
+        " USING (account_id) WHERE b.balance_micros <> coalesce(j.s, 0) AND " + _ACCOUNT.format(col="b.account_id"),
+        "balance {balance_micros} micros but its journal sums to {journal_micros}",
+    ),
+    Check(
+        "balance_after_is_running_sum",
+        "Each journal row's balance_after is the running sum of the account's entries.",
+        "SELECT account_id, id::text AS transaction_id, balance_after_micros, running_micros FROM ("
+        " SELECT account_id, id, balance_after_micros, sum(amount_micros) OVER (PARTITION BY account_id ORDER BY seq)"
+        " AS running_micros FROM journal WHERE " + _ACCOUNT.format(col="account_id") + ") x"
+        " WHERE balance_after_micros <> running_micros",
+        "transaction records balance_after {balance_after_micros} micros; the running sum is {running_micros}",
+    ),
+    Check(
+        "balance_above_floor",
+        "No balance net of holds is below its floor (zero, or minus the overage credit line).",
+        "SELECT account_id, balance_micros, held_micros, floor_micros FROM balances"
+        " WHERE balance_micros - held_micros < floor_micros AND " + _ACCOUNT.format(col="account_id"),
+        "balance {balance_micros} - held {held_micros} is below the floor {floor_micros} (micros)",
+    ),
+    Check(
+        "held_equals_active_holds",
+        "What the balance row holds equals the sum of the account's active holds.",
+        "SELECT b.account_id, b.held_micros, coalesce(h.s, 0) AS holds_micros FROM balances b"
+        " LEFT JOIN (SELECT account_id, sum(amount_micros) AS s FROM holds WHERE status = 'active'"
+        " GROUP BY account_id) h USING (account_id)"
+        " WHERE b.held_micros <> coalesce(h.s, 0) AND " + _ACCOUNT.format(col="b.account_id"),
+        "held {held_micros} micros but its active holds sum to {holds_micros}",
+    ),
+    Check(
+        "holds_within_max_lifetime",
+        "No active hold is set to live longer than the longest hold allowed (7 days).",
+        "SELECT account_id, id AS hold_id, created_at::text AS created_at, expires_at::text AS expires_at FROM holds"
+        f" WHERE status = 'active' AND expires_at > created_at + interval '{MAX_HOLD_SECONDS} seconds'"
+        " AND " + _ACCOUNT.format(col="account_id"),
+        "hold {hold_id} created {created_at} expires {expires_at}, beyond the 7-day maximum",
+    ),
+    Check(
+        "lots_equal_balance",
+        "The credit lots hold exactly the positive part of the balance (deferred burns applied).",
+        "SELECT b.account_id, b.balance_micros, coalesce(l.s, 0) AS lots_micros, b.unburned_micros FROM balances b"
+        " LEFT JOIN (SELECT account_id, sum(remaining_micros) AS s FROM credit_lots GROUP BY account_id) l"
+        " USING (account_id) WHERE coalesce(l.s, 0) - b.unburned_micros <> greatest(b.balance_micros, 0)"
+        " AND " + _ACCOUNT.format(col="b.account_id"),
+        "lots hold {lots_micros} micros (unburned {unburned_micros}) for a balance of {balance_micros}",
+    ),
+    Check(
+        "usage_priced_by_its_rate",
+        "Each usage entry debits round(quantity x rate) micro-credits.",
+        "SELECT account_id, idempotency_key, amount_micros, quantity::text AS quantity,"
+        " credits_per_unit::text AS credits_per_unit FROM journal WHERE type = 'usage'"
+        " AND amount_micros <> -round(quantity * credits_per_unit * 1000000) AND " + _ACCOUNT.format(col="account_id"),
+        "usage {idempotency_key} debits {amount_micros} micros for {quantity} x {credits_per_unit} credits",
+    ),
+    Check(
+        "charge_credited_once",
+        "Each succeeded top-up or auto-recharge charge is credited by exactly one journal entry of its credits.",
+        "SELECT c.account_id, c.id AS charge_id, c.payment_intent_id, c.ledger_txn_id, c.credits,"
+        " coalesce(j.amount_micros, 0) AS credited_micros FROM stripe_charges c"
+        " LEFT JOIN journal j ON c.ledger_txn_id IS NOT NULL AND j.type <> 'usage'"
+        "  AND j.id = " + _UUID.format(col="c.ledger_txn_id") + " AND j.account_id = c.account_id"
+        " WHERE c.status = 'succeeded' AND c.kind IN ('topup', 'auto_recharge')"
+        " AND coalesce(j.amount_micros, 0) <> c.credits * 1000000 AND " + _ACCOUNT.format(col="c.account_id"),
+        "charge {charge_id} ({payment_intent_id}) bought {credits} credits; its entry {ledger_txn_id} credited "
+        "{credited_micros} micros",
+    ),
+    Check(
+        "purchase_traces_to_a_charge",
+        "Each purchase or auto-recharge credit in the journal traces to exactly one succeeded Stripe charge.",
+        "SELECT j.account_id, j.id::text AS transaction_id, j.type, count(c.id) AS charges FROM journal j"
+        " LEFT JOIN stripe_charges c ON c.ledger_txn_id = 'txn_' || replace(j.id::text, '-', '')"
+        "  AND c.status = 'succeeded'"
+        " WHERE j.type IN ('purchase', 'auto_recharge') AND " + _ACCOUNT.format(col="j.account_id") +
+        " GROUP BY j.account_id, j.id, j.type HAVING count(c.id) <> 1",
+        "{type} entry {transaction_id} is backed by {charges} succeeded charges, not 1",
+    ),
+    Check(
+        "refunds_within_paid",
+        "No charge has more money refunded (by creditflow or on Stripe) than was paid.",
+        _RETURNED + "SELECT c.account_id, c.id AS charge_id, c.payment_intent_id, c.amount_cents,"
+        " r.refunded_cents"
+        " FROM stripe_charges c JOIN returned r ON r.payment_intent_id = c.payment_intent_id"
+        " WHERE r.refunded_cents > c.amount_cents AND " + _ACCOUNT.format(col="c.account_id"),
+        "charge {charge_id} ({payment_intent_id}) paid {amount_cents} cents and refunded {refunded_cents}",
+    ),
+    Check(
+        "credits_leave_with_their_money",
+        "Money returned from a purchase (refunds, Stripe refunds, disputes not won) takes back at least the credits "
+        "it bought, in the lot's own proportion, unless nothing of the lot is left to take.",
+        _RETURNED + "SELECT c.account_id, c.id AS charge_id, c.payment_intent_id, l.id AS lot_id,"
+        " c.amount_cents AS paid_cents,"
+        " l.original_micros, l.remaining_micros, r.cents AS returned_cents, r.taken_micros,"
+        " ceil(r.cents::numeric * l.original_micros / c.amount_cents)::bigint AS owed_micros"
+        " FROM stripe_charges c JOIN returned r ON r.payment_intent_id = c.payment_intent_id"
+        " JOIN credit_lots l ON l.account_id = c.account_id AND l.txn_id = " + _UUID.format(col="c.ledger_txn_id") + ""
+        " WHERE c.status = 'succeeded' AND c.kind IN ('topup', 'auto_recharge') AND l.remaining_micros > 0"
+        " AND r.taken_micros < ceil(r.cents::numeric * l.original_micros / c.amount_cents)"
+        " AND " + _ACCOUNT.format(col="c.account_id"),
+        "lot {lot_id} bought {original_micros} micros for {paid_cents} cents; {returned_cents} cents went back but "
+        "only {taken_micros} micros were taken (owed {owed_micros}) while {remaining_micros} remain",
+    ),
+    Check(
+        "stripe_refund_one_effect",
+        "A Stripe refund is either creditflow's own refund or a clawback, never both.",
+        "SELECT r.account_id, r.id AS refund_id, r.stripe_refund_id FROM refunds r JOIN journal j"
+        " ON j.account_id = r.account_id AND j.idempotency_key = 'sys:stripe_refund:' || r.stripe_refund_id"
+        " WHERE r.status <> 'failed' AND " + _ACCOUNT.format(col="r.account_id"),
+        "Stripe refund {stripe_refund_id} took credits back twice: refund {refund_id} and a clawback",
+    ),
+    Check(
+        "plan_credits_die_with_their_period",
+        "No plan lot of a closed billing period has credits left.",
+        "SELECT l.account_id, l.id AS lot_id, l.remaining_micros, l.expires_at::text AS expires_at,"
+        " p.period_key FROM credit_lots l JOIN LATERAL (SELECT period_key FROM billing_periods bp"
+        "  WHERE bp.account_id = l.account_id AND bp.period_end >= l.expires_at AND bp.expired_micros IS NOT NULL"
+        "  ORDER BY bp.period_end LIMIT 1) p ON true"
+        " WHERE l.source = 'plan' AND l.remaining_micros > 0 AND l.expires_at IS NOT NULL"
+        " AND " + _ACCOUNT.format(col="l.account_id"),
+        "plan lot {lot_id} of period {period_key} (expiring {expires_at}) still holds {remaining_micros} micros",
+    ),
+    Check(
+        "invoice_repaid_at_most_its_overage",
+        "A paid invoice gives back at most the overage it billed, once.",
+        "SELECT i.account_id, i.id AS invoice_id, i.overage_micros, sum(j.amount_micros) AS repaid_micros,"
+        " count(*) AS entries FROM invoices i JOIN journal j ON j.account_id = i.account_id"
+        "  AND j.type = 'overage_repayment' AND j.idempotency_key LIKE 'sys:invoice:' || i.id || '%%'"
+        " WHERE " + _ACCOUNT.format(col="i.account_id") +
+        " GROUP BY i.account_id, i.id, i.overage_micros"
+        " HAVING sum(j.amount_micros) > i.overage_micros OR count(*) > 1",
+        "invoice {invoice_id} billed {overage_micros} micros of overage and {entries} entries gave back "
+        "{repaid_micros}",
+    ),
+)
+
+def _violation(check: Check, row: dict[str, Any]) -> Violation:
+    ids = {k: str(v) for k, v in row.items() if k != "account_id" and v is not None}
+    return Violation(check=check.name, account_id=row.get("account_id"),
+                     message=check.explain.format(**{k: row.get(k) for k in row}), ids=ids)
+
+
+async def verify(pool: AsyncConnectionPool, account_id: str | None = None) -> VerifyReport:
+    """Run every check over one account or all of them; the report lists each violation found."""
+    async with pool.connection() as conn:
+        if account_id is not None:
+            exists = await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone()
+            if exists is None:
+                raise CreditflowError("unknown_account", f"no account {account_id}")
+        accounts = [r["account_id"] for r in await (await conn.execute(
+            "SELECT account_id FROM balances WHERE unburned_micros > 0 AND (%s::text IS NULL OR account_id = %s)",
+            (account_id, account_id))).fetchall()]
+        for acc in accounts:  # deferred burns applied, one short transaction per account (the lots become exact)
+            async with conn.transaction():
+                await conn.execute("SELECT cf_settle_account_burns(%s)", (acc,))
+        violations: list[Violation] = []
+        async with conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            row = await (await conn.execute(
+                "SELECT count(*) AS n, now() AS at FROM accounts WHERE %(account)s::text IS NULL OR id = %(account)s",
+                {"account": account_id})).fetchone()
+            assert row is not None
+            for check in CHECKS:
+                rows = await (await conn.execute(check.sql, {"account": account_id})).fetchall()
+                violations.extend(_violation(check, r) for r in rows)
+    return VerifyReport(checked_at=row["at"], account_id=account_id, accounts_checked=int(row["n"]),
+                        checks=[c.name for c in CHECKS], violations=violations)

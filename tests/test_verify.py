@@ -1,0 +1,211 @@
+"""``creditflow verify``: a clean ledger passes every check, and each kind of money defect is reported with its ids.
+
+The defects are produced with the ledger's own functions (the states the issue-11 bugs left behind), not by
+editing totals, so the checks are shown to see what the bugs did; plain corruption of a total is caught too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from typer.testing import CliRunner
+
+from creditflow.cli import app
+from creditflow.domain.money import MICROS_PER_CREDIT
+from creditflow.ids import new_id
+from creditflow.ledger import accounts
+from creditflow.ledger.verify import CHECKS, verify
+from creditflow.payments import topups
+
+M = MICROS_PER_CREDIT
+
+
+async def new_account(pool: AsyncConnectionPool, bonus: int = 0) -> str:
+    account = await accounts.create_account(pool, name="Verify Co", billing_email="ops@verify.test",
+                                            welcome_bonus_credits=bonus)
+    return account.id
+
+
+async def paid_purchase(pool: AsyncConnectionPool, account_id: str, *, cents: int, credits: int) -> dict[str, Any]:
+    """A top-up Stripe reported paid, credited through the production path (``topups.credit``)."""
+    charge_id, pi = new_id("chg"), f"pi_{uuid.uuid4().hex[:24]}"
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO stripe_charges (id, account_id, request_id, kind, amount_cents, credits, description,"
+            " customer_id, payment_intent_id) VALUES (%s, %s, %s, 'topup', %s, %s, 'Credits', 'cus_test', %s)",
+            (charge_id, account_id, f"r-{pi}", cents, credits, pi))
+    await topups.credit(pool, charge_id)
+    async with pool.connection() as conn:
+        lot = await (await conn.execute(
+            "SELECT l.id FROM credit_lots l JOIN stripe_charges c ON l.txn_id = substr(c.ledger_txn_id, 5)::uuid"
+            " WHERE c.id = %s", (charge_id,))).fetchone()
+    assert lot is not None
+    return {"charge_id": charge_id, "payment_intent_id": pi, "lot_id": lot["id"]}
+
+
+async def refund_credits(pool: AsyncConnectionPool, account_id: str, purchase: dict[str, Any], *, credits: int,
+                         cents: int) -> str:
+    """A refund row and its reservation, as the refund saga writes them, for ``credits`` against ``cents``."""
+    refund_id = new_id("ref")
+    async with pool.connection() as conn, conn.transaction():
+        txn = await (await conn.execute("SELECT txn_id FROM credit_lots WHERE id = %s",
+                                        (purchase["lot_id"],))).fetchone()
+        assert txn is not None
+        await conn.execute(
+            "INSERT INTO refunds (id, account_id, request_id, charge_id, payment_intent_id, purchase_txn_id, lot_id,"
+            " credits, amount_cents, reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'requested_by_customer')",
+            (refund_id, account_id, f"rr-{refund_id}", purchase["charge_id"], purchase["payment_intent_id"],
+             txn["txn_id"], purchase["lot_id"], credits, cents))
+        row = await (await conn.execute(
+            "SELECT * FROM cf_refund_reserve(%s, %s, %s, %s, %s, %s, %s)",
+            (account_id, purchase["lot_id"], credits * M, f"sys:refund:{refund_id}", b"h", "Refund", "{}")
+        )).fetchone()
+        assert row is not None
+        await conn.execute("UPDATE refunds SET reserve_txn_id = %s WHERE id = %s", (row["txn_id"], refund_id))
+    return refund_id
+
+
+def by_check(report: Any) -> dict[str, list[Any]]:
+    found: dict[str, list[Any]] = {}
+    for v in report.violations:
+        found.setdefault(v.check, []).append(v)
+    return found
+
+
+async def test_a_clean_lifecycle_passes_every_check(pool: AsyncConnectionPool) -> None:
+    account = await new_account(pool, bonus=500)
+    purchase = await paid_purchase(pool, account, cents=1000, credits=1200)
+    # Refunding half the money takes back half the credits (the lot's own proportion): consistent.
+    await refund_credits(pool, account, purchase, credits=600, cents=500)
+    report = await verify(pool)
+    assert report.ok, report.violations
+    assert report.accounts_checked == 1
+    assert report.checks == [c.name for c in CHECKS]
+    assert (await verify(pool, account)).ok
+
+
+async def test_bonus_refund_at_one_cent_per_credit_is_reported(pool: AsyncConnectionPool) -> None:
+    """The bonus-package refund loop: 1,200 credits for $10, 1,000 credits refunded for $10, 200 stay."""
+    account = await new_account(pool)
+    purchase = await paid_purchase(pool, account, cents=1000, credits=1200)
+    await refund_credits(pool, account, purchase, credits=1000, cents=1000)
+    [violation] = by_check(await verify(pool))["credits_leave_with_their_money"]
+    assert violation.account_id == account
+    assert violation.ids["lot_id"] == purchase["lot_id"]
+    assert violation.ids["payment_intent_id"] == purchase["payment_intent_id"]
+    assert (violation.ids["returned_cents"], violation.ids["taken_micros"], violation.ids["owed_micros"]) == (
+        "1000", str(1000 * M), str(1200 * M))
+
+
+async def test_refunding_more_money_than_paid_is_reported(pool: AsyncConnectionPool) -> None:
+    account = await new_account(pool)
+    purchase = await paid_purchase(pool, account, cents=1000, credits=1000)
+    await refund_credits(pool, account, purchase, credits=600, cents=600)
+    await refund_credits(pool, account, purchase, credits=400, cents=500)
+    found = by_check(await verify(pool))
+    [violation] = found["refunds_within_paid"]
+    assert (violation.ids["amount_cents"], violation.ids["refunded_cents"]) == ("1000", "1100")
+
+
+async def test_plan_credits_of_a_closed_period_are_reported(pool: AsyncConnectionPool) -> None:
+    """A plan lot that outlived its closed period (what a hold across the renewal left behind)."""
+    account = await new_account(pool)
+    end = datetime(2026, 11, 1, tzinfo=UTC)
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT * FROM cf_post(%s, 'plan_grant', %s, 'system:plan_credits', 'Plan credits', NULL, 'plan', 0, %s,"
+            " 'sys:plan:test', NULL)", (account, 3000 * M, end))).fetchone()
+        assert row is not None
+        await conn.execute(
+            "INSERT INTO billing_periods (account_id, period_key, period_index, period_start, period_end, plan_id,"
+            " fee_cents, overage_micros, expired_micros) VALUES (%s, '2026-10-01', 0, %s, %s, 'pro', 0, 0, 0)",
+            (account, end - timedelta(days=31), end))
+    [violation] = by_check(await verify(pool, account))["plan_credits_die_with_their_period"]
+    assert violation.ids["lot_id"] == row["lot_id"]
+    assert violation.ids["remaining_micros"] == str(3000 * M)
+    assert violation.ids["period_key"] == "2026-10-01"
+
+
+async def test_overage_repaid_twice_is_reported(pool: AsyncConnectionPool) -> None:
+    account = await new_account(pool)
+    invoice_id = new_id("inv")
+    now = datetime(2026, 11, 1, tzinfo=UTC)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO invoices (id, account_id, number, period_key, period_start, period_end, status,"
+            " subtotal_cents, amount_due_cents, overage_micros, draft, html, pdf, issued_at, due_at)"
+            " VALUES (%s, %s, %s, '2026-10-01', %s, %s, 'open', 600, 600, %s, '{}', '', '', %s, %s)",
+            (invoice_id, account, f"CF-{invoice_id[-8:]}", now - timedelta(days=31), now, 600 * M, now, now))
+        for key in (f"sys:invoice:{invoice_id}", f"sys:invoice:{invoice_id}:again"):
+            await conn.execute(
+                "SELECT cf_post(%s, 'overage_repayment', %s, 'system:payments_clearing', 'Overage repaid', NULL,"
+                " 'purchase', 20, NULL, %s, NULL)", (account, 600 * M, key))
+    [violation] = by_check(await verify(pool, account))["invoice_repaid_at_most_its_overage"]
+    assert violation.ids["invoice_id"] == invoice_id
+    assert (violation.ids["repaid_micros"], violation.ids["entries"]) == (str(1200 * M), "2")
+
+
+async def test_a_total_edited_by_hand_is_reported(pool: AsyncConnectionPool, database_url: str) -> None:
+    account = await new_account(pool, bonus=100)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute("UPDATE balances SET balance_micros = balance_micros + 7, held_micros = 5"
+                           " WHERE account_id = %s", (account,))
+    found = by_check(await verify(pool))
+    assert set(found) == {"balance_equals_journal", "lots_equal_balance", "held_equals_active_holds"}
+    assert found["balance_equals_journal"][0].ids == {"balance_micros": str(100 * M + 7),
+                                                      "journal_micros": str(100 * M)}
+
+
+async def test_unknown_account_is_refused(pool: AsyncConnectionPool) -> None:
+    from creditflow.errors import CreditflowError
+
+    with pytest.raises(CreditflowError) as exc:
+        await verify(pool, "acc_" + "0" * 32)
+    assert exc.value.code == "unknown_account"
+
+
+async def test_cli_and_api_report_the_same_violations(pool: AsyncConnectionPool, api: httpx.AsyncClient,
+                                                      database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    account = await new_account(pool)
+    purchase = await paid_purchase(pool, account, cents=1000, credits=1200)
+    monkeypatch.setenv("CREDITFLOW_DATABASE_URL", database_url)
+    from creditflow.config import get_settings
+
+    get_settings.cache_clear()
+    from creditflow import ops_cli
+
+    monkeypatch.setattr(ops_cli.console, "width", 400)
+    runner = CliRunner()
+
+    def cli(*args: str) -> Any:  # the command runs its own event loop: off this test's loop
+        return asyncio.to_thread(runner.invoke, app, list(args))
+
+    clean = await cli("verify")
+    assert clean.exit_code == 0, clean.output
+    assert "no violation" in clean.output
+
+    await refund_credits(pool, account, purchase, credits=1000, cents=1000)
+    broken = await cli("verify", "--account", account)
+    assert broken.exit_code == 1
+    assert "credits_leave_with_their_money" in broken.output and purchase["lot_id"] in broken.output
+    as_json = await cli("verify", "--json")
+    assert as_json.exit_code == 1 and '"ok": false' in as_json.output
+    listed = await cli("verify", "--list-checks")
+    assert listed.exit_code == 0 and all(c.name in listed.output for c in CHECKS)
+    get_settings.cache_clear()
+
+    resp = await api.get("/api/v1/verify", params={"account_id": account})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["ok"] is False
+    assert [v["check"] for v in body["violations"]] == ["credits_leave_with_their_money"]
+    malformed = await api.get("/api/v1/verify", params={"account_id": "nope"})
+    assert malformed.status_code == 422 and malformed.json()["error"]["code"] == "invalid_id"
+    assert (await api.get("/api/v1/verify", headers={"Authorization": "Bearer wrong"})).status_code == 401
