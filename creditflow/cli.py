@@ -14,6 +14,7 @@ from rich.table import Table
 from creditflow.agents_cli import agents_app
 from creditflow.config import Settings, get_settings
 from creditflow.ops_cli import accounts_app, keys_app, wallet_app
+from creditflow.reconcile_cli import reconcile
 from creditflow.refund_cli import refund
 from creditflow.simulate_cli import simulate
 from creditflow.topup_cli import topup
@@ -34,6 +35,7 @@ app.command("topup")(topup)
 app.command("refund")(refund)
 app.command("simulate")(simulate)
 app.command("verify")(verify_command)
+app.command("reconcile")(reconcile)
 
 console = Console()
 

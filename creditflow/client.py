@@ -7,7 +7,8 @@ a plain Temporal client and the pydantic data converter.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowHandle, WorkflowUpdateFailedError
@@ -28,6 +29,7 @@ from workflows.contract import (
     ACCOUNT_WORKFLOW,
     ACCOUNT_WORKFLOW_ID_PREFIX,
     QUERY_STATE,
+    RECONCILIATION_WORKFLOW,
     REFUND_WORKFLOW,
     SA_ACCOUNT_ID,
     SA_PLAN,
@@ -48,6 +50,8 @@ from workflows.contract import (
     OutboxEvent,
     PaymentEvent,
     PlanChange,
+    ReconcileInput,
+    ReconcileSummary,
     RefundInput,
     RefundOutcome,
     SubscriptionState,
@@ -130,6 +134,12 @@ class CreditflowClient:
     @classmethod
     async def connect(cls, settings: Settings) -> CreditflowClient:
         return cls(await connect_temporal(settings), settings.temporal_task_queue)
+
+    async def start_reconciliation(self, since: datetime | None = None) -> WorkflowHandle[Any, ReconcileSummary]:
+        """Reconcile the ledger with Stripe now (``reconcile:manual:{uuid}``); ``since`` None: from the watermark."""
+        return await self.temporal.start_workflow(
+            RECONCILIATION_WORKFLOW, ReconcileInput(since=since, trigger="manual"),
+            id=f"reconcile:manual:{uuid.uuid4().hex}", task_queue=self.task_queue, result_type=ReconcileSummary)
 
     def account_handle(self, account_id: str) -> WorkflowHandle[Any, Any]:
         return self.temporal.get_workflow_handle(account_workflow_id(account_id))

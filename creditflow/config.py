@@ -117,12 +117,24 @@ class Settings(BaseSettings):
     invoice_charge_attempts: int = Field(default=4, ge=1, le=20)
     invoice_retry_interval_seconds: int = Field(default=3 * 24 * 3600, ge=1, le=90 * 24 * 3600)
 
+    # Reconciliation with Stripe (ReconciliationWorkflow on a Temporal Schedule, created by the worker).
+    # 0: no schedule (run `creditflow reconcile` by hand). ``stripe_list_filters``: ask Stripe to filter lists
+    # by date (None: yes for Stripe itself, no when ``stripe_api_base`` points elsewhere, e.g. the emulator).
+    reconcile_interval_hours: int = Field(default=24, ge=0, le=24 * 31)
+    reconcile_grace_seconds: int = Field(default=900, ge=0, le=7 * 24 * 3600)
+    stripe_list_filters: bool | None = None
+    # Who hears about reconciliation differences and ledger violations (email, through the SMTP settings).
+    operator_email: str = ""
+
     # Outbox relay.
     outbox_poll_interval_seconds: float = Field(default=2.0, gt=0)
     outbox_batch_size: int = Field(default=100, ge=1)
 
     # Embedded stack (creditflow dev).
     data_dir: Path = Path(".data")
+
+    def stripe_lists_filtered(self) -> bool:
+        return self.stripe_list_filters if self.stripe_list_filters is not None else not self.stripe_api_base
 
     def recharge_policy(self) -> RechargePolicy:
         return RechargePolicy(max_per_day=self.auto_recharge_max_per_day,

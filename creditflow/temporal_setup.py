@@ -8,14 +8,26 @@ add them there with ``tcld`` or the Cloud UI.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleHandle,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+)
 from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError, RPCStatusCode
 
-from workflows.contract import SEARCH_ATTRIBUTES
+from workflows.contract import RECONCILE_SCHEDULE_ID, RECONCILIATION_WORKFLOW, SEARCH_ATTRIBUTES, ReconcileInput
 
 
 def dev_server_args(keys: Sequence[SearchAttributeKey[str]] = SEARCH_ATTRIBUTES) -> list[str]:
@@ -44,3 +56,30 @@ async def ensure_search_attributes(client: Client, namespace: str,
             if err.status != RPCStatusCode.ALREADY_EXISTS:
                 raise
     return missing
+
+
+async def ensure_reconcile_schedule(client: Client, *, task_queue: str, interval_hours: int,
+                                    schedule_id: str = RECONCILE_SCHEDULE_ID) -> ScheduleHandle | None:
+    """Create (or bring up to date) the Schedule that starts ``ReconciliationWorkflow`` every ``interval_hours``;
+    0 deletes it. Idempotent, and safe when several workers start at once. Runs do not overlap: a run still going
+    when the next is due makes the schedule skip that one (the next covers its window: runs start at the last
+    completed run's end)."""
+    handle = client.get_schedule_handle(schedule_id)
+    if interval_hours <= 0:
+        try:
+            await handle.delete()
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+        return None
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(RECONCILIATION_WORKFLOW, ReconcileInput(trigger="schedule"),
+                                           id=f"reconcile:{schedule_id}", task_queue=task_queue),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(hours=interval_hours))]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    try:
+        await client.create_schedule(schedule_id, schedule)
+    except ScheduleAlreadyRunningError:
+        await handle.update(lambda _: ScheduleUpdate(schedule=schedule))
+    return handle

@@ -25,6 +25,7 @@ from activities.invoices import InvoiceActivities
 from activities.notifications import NotificationActivities
 from activities.payment_events import PaymentEventActivities
 from activities.payments import PaymentActivities
+from activities.reconcile import ReconcileActivities
 from activities.refunds import RefundActivities
 from activities.topups import TopUpActivities
 from creditflow.client import connect_temporal
@@ -32,11 +33,12 @@ from creditflow.config import Settings
 from creditflow.ledger.db import open_pool
 from creditflow.ledger.plan_pricing import sync_plan_rates
 from creditflow.payments.gateway import StripeGateway
-from creditflow.temporal_setup import ensure_search_attributes
+from creditflow.temporal_setup import ensure_reconcile_schedule, ensure_search_attributes
 from workers.relay import OutboxRelay
 from workflows.account import AccountWorkflow
 from workflows.auto_recharge import AutoRechargeWorkflow
 from workflows.invoice import InvoiceWorkflow
+from workflows.reconcile import ReconciliationWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.topup import TopUpWorkflow
 
@@ -47,7 +49,8 @@ CONNECT_RETRY_MAX_SECONDS = 30.0
 
 
 def workflow_classes() -> list[type]:
-    return [AccountWorkflow, TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow, InvoiceWorkflow]
+    return [AccountWorkflow, TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow, InvoiceWorkflow,
+            ReconciliationWorkflow]
 
 
 def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Callable[..., Any]]:
@@ -64,6 +67,7 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
     agent_activities = AgentActivities(pool)
     payment_events = PaymentEventActivities(pool, gateway)
     cycle = BillingCycleActivities(pool, settings.plan_catalog())
+    reconciliation = ReconcileActivities(pool, gateway, settings)
     return [accounts.load_account, payments.ensure_stripe_customer,
             recharge.load_auto_recharge, recharge.record_auto_recharge_attempt,
             cycle.start_subscription, cycle.set_pending_plan, cycle.renew_subscription, cycle.change_plan_now,
@@ -74,7 +78,9 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
             refunds.check_refund, refunds.reserve_refund, refunds.refund_payment, refunds.finalize_refund,
             refunds.release_refund, alerts.fire_balance_alerts, alerts.send_daily_usage_alert,
             invoices.prepare_invoice, invoices.open_invoice, invoices.settle_invoice,
-            invoices.record_invoice_payment_failure]
+            invoices.record_invoice_payment_failure,
+            reconciliation.open_reconciliation, reconciliation.reconcile_with_stripe,
+            reconciliation.verify_and_complete, reconciliation.fail_reconciliation, reconciliation.notify_operators]
 
 
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,
@@ -109,6 +115,18 @@ async def register_search_attributes(client: Client, settings: Settings) -> None
             log.info("registered search attributes: %s", ", ".join(added))
 
 
+async def schedule_reconciliation(client: Client, settings: Settings) -> None:
+    """The daily reconciliation with Stripe (CREDITFLOW_RECONCILE_INTERVAL_HOURS; 0: none). A failure is logged,
+    not fatal: the worker's other work does not depend on it."""
+    try:
+        await ensure_reconcile_schedule(client, task_queue=settings.temporal_task_queue,
+                                        interval_hours=settings.reconcile_interval_hours)
+    except Exception as err:
+        log.warning("could not create the reconciliation schedule (%s); run `creditflow reconcile` by hand", err)
+    else:
+        log.info("reconciliation schedule: every %d h", settings.reconcile_interval_hours)
+
+
 async def run_worker(settings: Settings) -> None:
     """Run the worker and the outbox relay until SIGINT/SIGTERM, then shut both down cleanly."""
     pool = open_pool(settings.database_url, settings.db_pool_min_size, settings.db_pool_max_size)
@@ -124,6 +142,7 @@ async def run_worker(settings: Settings) -> None:
         if client is None:
             return
         await register_search_attributes(client, settings)
+        await schedule_reconciliation(client, settings)
         worker = build_worker(client, pool, settings)
         relay = OutboxRelay(pool, client, settings)
         tasks = [asyncio.create_task(worker.run(), name="temporal-worker"),

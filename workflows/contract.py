@@ -460,3 +460,32 @@ class InvoiceOutcome(BaseModel):
     error_code: str | None = None
     error_message: str | None = None
     emailed: bool = False
+
+
+# --- ReconciliationWorkflow ------------------------------------------------------------------------
+
+RECONCILIATION_WORKFLOW = "ReconciliationWorkflow"
+# The Temporal Schedule that starts it (daily by default: CREDITFLOW_RECONCILE_INTERVAL_HOURS); its runs' ids
+# start with this id. `creditflow reconcile` starts ``reconcile:manual:{uuid}`` instead.
+RECONCILE_SCHEDULE_ID = "creditflow-reconcile"
+
+
+class ReconcileInput(BaseModel):
+    """Input of ``ReconciliationWorkflow``. ``since`` None: from the last completed run's end (the watermark)."""
+
+    since: datetime | None = None
+    trigger: str = "schedule"  # schedule / manual
+
+
+class ReconcileSummary(BaseModel):
+    """The workflow's result; the whole report is stored (``GET /api/v1/reconciliation/runs/{run_id}``)."""
+
+    run_id: str
+    since: datetime
+    until: datetime
+    listed: dict[str, int] = Field(default_factory=dict)
+    matched: int = 0
+    repaired: int = 0
+    reported: int = 0
+    violations: int | None = None
+    notes: list[str] = Field(default_factory=list)

@@ -19,6 +19,7 @@ from creditflow.api.invoices import router as invoices_router
 from creditflow.api.limits import router as limits_router
 from creditflow.api.notification_channels import router as notification_channels_router
 from creditflow.api.plans import router as plans_router
+from creditflow.api.reconciliation import router as reconciliation_router
 from creditflow.api.subscription import router as subscription_router
 from creditflow.api.verify import router as verify_router
 from creditflow.config import Settings
@@ -104,4 +105,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(plans_router)
     app.include_router(invoices_router)
     app.include_router(verify_router)
+    app.include_router(reconciliation_router)
     return app

@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any, Literal, TypeVar
 
 import stripe
 from pydantic import BaseModel
@@ -36,6 +37,8 @@ T = TypeVar("T")
 # set it means "Stripe is not configured" and calls fail fast instead of going to the network.
 PLACEHOLDER_API_KEY = "sk_test_creditflow_localstripe"
 ACCOUNT_METADATA_KEY = "creditflow_account_id"
+# What reconciliation lists from Stripe.
+ListedResource = Literal["payment_intents", "refunds", "disputes"]
 
 
 class CardDetails(BaseModel):
@@ -266,6 +269,27 @@ class StripeGateway:
             return list(page.auto_paging_iter())
 
         return [_refund(r) for r in await self._call(fetch, what="refunds")]
+
+    # --- listing (reconciliation) ----------------------------------------------------------------------
+
+    async def list_created_since(self, resource: ListedResource, since: datetime, *,
+                                 server_filter: bool) -> list[dict[str, Any]]:
+        """Every PaymentIntent, refund or dispute created at or after ``since``, as plain dicts, through the SDK's
+        auto-pagination. ``server_filter`` asks Stripe to filter on ``created``; without it everything is listed
+        and filtered here (the emulator refuses list filters). A provider without the list (the emulator has no
+        disputes) raises ``payment_provider_error``."""
+        since_ts = int(since.timestamp())
+        params: dict[str, Any] = {"limit": 100}
+        if server_filter:
+            params["created"] = {"gte": since_ts}
+        service = {"payment_intents": self._client.v1.payment_intents, "refunds": self._client.v1.refunds,
+                   "disputes": self._client.v1.disputes}[resource]
+
+        def fetch() -> list[dict[str, Any]]:
+            listed = (obj.to_dict() for obj in service.list(params=params).auto_paging_iter())  # type: ignore[attr-defined]
+            return [obj for obj in listed if int(obj.get("created") or 0) >= since_ts]
+
+        return await self._call(fetch, what=resource)
 
     # --- policy --------------------------------------------------------------------------------------
 

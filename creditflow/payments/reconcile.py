@@ -1,0 +1,417 @@
+"""Reconciliation with Stripe: compare what Stripe says happened with what the ledger recorded, repair what is
+safely repairable, report the rest.
+
+Why: webhooks get lost, workers die between a Stripe call and the commit that records it, a PaymentIntent that was
+``processing`` when its workflow gave up succeeds an hour later, a refund Stripe first answered ``pending`` fails
+days later. Each of these leaves the ledger and Stripe disagreeing; none is visible from the ledger alone.
+
+A run covers the Stripe objects created in ``[since, until)`` (the SDK's auto-pagination over PaymentIntents,
+refunds and disputes) plus creditflow's own rows that are not settled yet (charges and refunds younger than
+``RECHECK``), whose Stripe objects are retrieved one by one. Matching is by Stripe ids and creditflow's metadata
+(``creditflow_account_id``, ``creditflow_charge_id``, ``creditflow_refund_id``), never by amounts alone.
+
+Repairs go through the same idempotent functions the workflows call, keyed the same way, so a repair and a
+workflow (or two runs) racing each other still have one effect:
+
+* a PaymentIntent that succeeded for a charge the ledger did not credit: ``topups.credit`` (top-ups and
+  auto-recharges, ledger key ``sys:topup:{pi}``) or ``invoicing.payment.settle`` (invoices);
+* a creditflow refund Stripe finished: ``refunds.finalize`` (succeeded) or ``refunds.release`` (failed/canceled:
+  the reserved credits go back once);
+* a refund made on Stripe, or a dispute, that took nothing back yet; a dispute won that gave nothing back:
+  ``clawbacks.apply`` (keys ``sys:stripe_refund:{id}``, ``sys:dispute:{id}``, ``sys:dispute_won:{id}``).
+
+Everything else is reported: a payment the ledger does not know, a second PaymentIntent for one charge, credits
+without a payment, amounts that differ, a refund released although Stripe paid it. Objects younger than the grace
+period are left to the workflows still handling them.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from creditflow.domain.reconciliation import Difference, ReconcileResult, RunReport, RunWindow
+from creditflow.errors import CreditflowError
+from creditflow.invoicing import payment as invoice_payment
+from creditflow.payments import clawbacks, refunds, topups
+from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, ListedResource, StripeGateway
+from creditflow.payments.refunds import REFUND_METADATA_KEY
+
+log = logging.getLogger(__name__)
+
+# A scheduled run starts this much before the last run's end (clocks differ; an object may be listed late).
+OVERLAP = timedelta(hours=1)
+# The first scheduled run looks back this far.
+FIRST_LOOKBACK = timedelta(days=30)
+# creditflow's own unsettled charges and refunds are re-checked with Stripe for this long after they were made.
+RECHECK = timedelta(days=30)
+DEFAULT_GRACE = timedelta(minutes=15)
+
+# Refund rows whose outcome Stripe still decides.
+_OPEN_REFUND_STATUSES = ("reserved", "refunding", "pending")
+_FINAL_FAILED = ("failed", "canceled")
+
+
+# --- runs -----------------------------------------------------------------------------------------------
+
+
+async def open_run(pool: AsyncConnectionPool, run_id: str, *, trigger: Literal["schedule", "manual"],
+                   since: datetime | None, now: datetime) -> RunWindow:
+    """The run's window, fixed on its first call (a retried activity gets the same window). Without ``since``:
+    from the last completed run's end (less ``OVERLAP``), or ``FIRST_LOOKBACK`` ago."""
+    async with pool.connection() as conn:
+        if since is None:
+            last = await (await conn.execute(
+                "SELECT max(until) AS until FROM reconciliation_runs WHERE status = 'completed'")).fetchone()
+            since = last["until"] - OVERLAP if last and last["until"] else now - FIRST_LOOKBACK
+        since = min(since, now)
+        await conn.execute(
+            "INSERT INTO reconciliation_runs (id, trigger, since, until) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (id) DO NOTHING", (run_id, trigger, since, now))
+        row = await (await conn.execute("SELECT * FROM reconciliation_runs WHERE id = %s", (run_id,))).fetchone()
+    assert row is not None
+    return RunWindow(run_id=row["id"], trigger=row["trigger"], since=row["since"], until=row["until"])
+
+
+async def record_result(pool: AsyncConnectionPool, result: ReconcileResult) -> None:
+    """Store what the run found (idempotent: a retried run stores its own latest result)."""
+    repaired = sum(d.action == "repaired" for d in result.differences)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE reconciliation_runs SET listed = %s, matched = %s, repaired = %s, reported = %s,"
+            " differences = %s, notes = %s WHERE id = %s",
+            (Jsonb(result.listed), result.matched, repaired, len(result.differences) - repaired,
+             Jsonb([d.model_dump() for d in result.differences]), Jsonb(result.notes), result.run_id))
+
+
+async def complete_run(pool: AsyncConnectionPool, run_id: str, *, violations: int | None) -> RunReport:
+    """The run is over: ``violations`` is what ``creditflow verify`` found after the repairs."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE reconciliation_runs SET status = 'completed', violations = %s,"
+            " finished_at = coalesce(finished_at, now()) WHERE id = %s", (violations, run_id))
+    return await get_run(pool, run_id)
+
+
+async def fail_run(pool: AsyncConnectionPool, run_id: str, error: str) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE reconciliation_runs SET status = 'failed', notes = notes || %s, finished_at = now()"
+            " WHERE id = %s AND status = 'running'", (Jsonb([f"failed: {error}"]), run_id))
+
+
+def _report(row: dict[str, Any]) -> RunReport:
+    return RunReport(**{**row, "differences": [Difference(**d) for d in row["differences"]]})
+
+
+async def get_run(pool: AsyncConnectionPool, run_id: str) -> RunReport:
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT * FROM reconciliation_runs WHERE id = %s", (run_id,))).fetchone()
+    if row is None:
+        raise CreditflowError("not_found", f"no reconciliation run {run_id}")
+    return _report(row)
+
+
+async def list_runs(pool: AsyncConnectionPool, limit: int = 20) -> list[RunReport]:
+    async with pool.connection() as conn:
+        rows = await (await conn.execute(
+            "SELECT * FROM reconciliation_runs ORDER BY started_at DESC, id LIMIT %s", (limit,))).fetchall()
+    return [_report(r) for r in rows]
+
+
+# --- matching -------------------------------------------------------------------------------------------
+
+
+class Reconciler:
+    """One run's matching and repairs. ``server_filter``: Stripe filters lists by date (off for the emulator)."""
+
+    def __init__(self, pool: AsyncConnectionPool, gateway: StripeGateway, window: RunWindow, *, now: datetime,
+                 server_filter: bool, grace: timedelta = DEFAULT_GRACE) -> None:
+        self.pool = pool
+        self.gateway = gateway
+        self.window = window
+        self.now = now
+        self.server_filter = server_filter
+        self.grace = grace
+        self.result = ReconcileResult(run_id=window.run_id)
+
+    async def run(self) -> ReconcileResult:
+        seen_intents: set[str] = set()
+        seen_refunds: set[str] = set()
+        for pi in await self._list("payment_intents"):
+            seen_intents.add(pi["id"])
+            await self._payment_intent(pi)
+        for pi_id in await self._unsettled_charges(seen_intents):
+            await self._payment_intent(await self._retrieve_intent(pi_id))
+        for refund in await self._list("refunds"):
+            seen_refunds.add(refund["id"])
+            await self._refund(refund)
+        for refund_id in await self._open_refunds(seen_refunds):
+            state = await self.gateway.retrieve_refund(refund_id)
+            await self._refund({"id": state.id, "status": state.status, "amount": state.amount_cents,
+                                "payment_intent": state.payment_intent_id, "metadata": state.metadata,
+                                "created": None})
+        for dispute in await self._list("disputes", optional=True):
+            await self._dispute(dispute)
+        r = self.result
+        log.info("reconciliation %s: listed %s, matched %d, in flight %d, %d repaired, %d reported", r.run_id,
+                 r.listed, r.matched, r.in_flight, sum(d.action == "repaired" for d in r.differences),
+                 sum(d.action == "reported" for d in r.differences))
+        return r
+
+    # --- Stripe side ---
+
+    async def _list(self, resource: ListedResource, *, optional: bool = False) -> list[dict[str, Any]]:
+        try:
+            objects = await self.gateway.list_created_since(resource, self.window.since,
+                                                            server_filter=self.server_filter)
+        except CreditflowError as exc:
+            if not optional or exc.code != "payment_provider_error":
+                raise
+            self.result.notes.append(f"{resource}: not listed ({exc.message}); the provider has no such list")
+            return []
+        until = int(self.window.until.timestamp())
+        objects = [o for o in objects if int(o.get("created") or 0) < until]
+        self.result.listed[resource] = len(objects)
+        return objects
+
+    async def _retrieve_intent(self, payment_intent_id: str) -> dict[str, Any]:
+        pi = await self.gateway.retrieve_payment_intent(payment_intent_id)
+        return {"id": pi.id, "status": pi.status, "amount": pi.amount_cents, "metadata": pi.metadata,
+                "created": None}
+
+    def _young(self, created: object) -> bool:
+        return isinstance(created, int) and created > (self.now - self.grace).timestamp()
+
+    def _difference(self, kind: str, action: Literal["repaired", "reported"], detail: str, *,
+                    account_id: str | None, stripe_id: str | None, **ids: object) -> None:
+        diff = Difference(kind=kind, action=action, account_id=account_id, stripe_id=stripe_id, detail=detail,
+                          ids={k: str(v) for k, v in ids.items() if v is not None})
+        (log.info if action == "repaired" else log.warning)("reconciliation %s: %s %s %s (%s)", self.window.run_id,
+                                                            action, kind, stripe_id, detail)
+        self.result.differences.append(diff)
+
+    # --- PaymentIntents ---
+
+    async def _unsettled_charges(self, seen: set[str]) -> list[str]:
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(
+                "SELECT payment_intent_id FROM stripe_charges WHERE status <> 'succeeded'"
+                " AND payment_intent_id IS NOT NULL AND created_at >= %s ORDER BY created_at",
+                (self.now - RECHECK,))).fetchall()
+        return [r["payment_intent_id"] for r in rows if r["payment_intent_id"] not in seen]
+
+    async def _charge_of(self, pi: dict[str, Any]) -> dict[str, Any] | None:
+        charge_id = (pi.get("metadata") or {}).get(topups.CHARGE_METADATA_KEY)
+        async with self.pool.connection() as conn:
+            return await (await conn.execute(
+                "SELECT * FROM stripe_charges WHERE payment_intent_id = %s OR id = %s"
+                " ORDER BY payment_intent_id = %s DESC LIMIT 1", (pi["id"], charge_id, pi["id"]))).fetchone()
+
+    async def _payment_intent(self, pi: dict[str, Any]) -> None:
+        metadata = pi.get("metadata") or {}
+        charge = await self._charge_of(pi)
+        status, amount = str(pi.get("status")), int(pi.get("amount") or 0)
+        if charge is None:
+            if metadata.get(ACCOUNT_METADATA_KEY) and status == "succeeded":
+                self._difference("payment_unknown_to_ledger", "reported",
+                                 f"PaymentIntent succeeded for {amount} cents and names creditflow, but no charge "
+                                 "row has it", account_id=metadata.get(ACCOUNT_METADATA_KEY), stripe_id=pi["id"],
+                                 charge_id=metadata.get(topups.CHARGE_METADATA_KEY))
+            elif not metadata.get(ACCOUNT_METADATA_KEY):
+                self.result.foreign += 1
+            else:
+                self.result.matched += 1
+            return
+        account = charge["account_id"]
+        if charge["payment_intent_id"] not in (None, pi["id"]):
+            if status == "succeeded":
+                self._difference("duplicate_payment", "reported",
+                                 f"a second PaymentIntent succeeded ({amount} cents) for charge {charge['id']}, "
+                                 f"which was paid by {charge['payment_intent_id']}: refund one of them",
+                                 account_id=account, stripe_id=pi["id"], charge_id=charge["id"],
+                                 recorded_payment_intent_id=charge["payment_intent_id"])
+            else:
+                self.result.matched += 1
+            return
+        if status != "succeeded":
+            if charge["status"] == "succeeded":
+                self._difference("credited_without_payment", "reported",
+                                 f"the ledger credited charge {charge['id']} but the PaymentIntent is {status}",
+                                 account_id=account, stripe_id=pi["id"], charge_id=charge["id"],
+                                 ledger_txn_id=charge["ledger_txn_id"])
+            else:
+                self.result.matched += 1
+            return
+        if amount != charge["amount_cents"]:
+            self._difference("amount_mismatch", "reported",
+                             f"the PaymentIntent took {amount} cents; charge {charge['id']} is for "
+                             f"{charge['amount_cents']}", account_id=account, stripe_id=pi["id"],
+                             charge_id=charge["id"])
+            return
+        if charge["status"] == "succeeded":
+            self.result.matched += 1
+            return
+        if self._young(pi.get("created")):
+            self.result.in_flight += 1
+            return
+        await self._settle_late(charge, pi["id"])
+
+    async def _settle_late(self, charge: dict[str, Any], payment_intent_id: str) -> None:
+        """A PaymentIntent that succeeded after its workflow gave up (or whose success was never recorded)."""
+        account = charge["account_id"]
+        async with self.pool.connection() as conn:  # a crash between the create and its record left no PI id
+            await conn.execute("UPDATE stripe_charges SET payment_intent_id = %s, updated_at = now()"
+                               " WHERE id = %s AND payment_intent_id IS NULL", (payment_intent_id, charge["id"]))
+        try:
+            if charge["kind"] == invoice_payment.KIND_INVOICE:
+                invoice_id = charge["request_id"].split(":", 1)[0]
+                await invoice_payment.settle(self.pool, self.gateway, invoice_id, charge_id=charge["id"])
+                kind, detail = "invoice_paid_late", f"invoice {invoice_id} marked paid"
+            else:
+                credited = await topups.credit(self.pool, charge["id"])
+                kind, detail = "payment_credited_late", f"{credited.credits} credits credited once"
+        except CreditflowError as exc:
+            self._difference("payment_not_credited", "reported",
+                             f"the PaymentIntent succeeded but the repair was refused: {exc.code}: {exc.message}",
+                             account_id=account, stripe_id=payment_intent_id, charge_id=charge["id"])
+            return
+        self._difference(kind, "repaired", detail, account_id=account, stripe_id=payment_intent_id,
+                         charge_id=charge["id"])
+
+    # --- refunds ---
+
+    async def _open_refunds(self, seen: set[str]) -> list[str]:
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(
+                "SELECT stripe_refund_id FROM refunds WHERE status = ANY(%s) AND stripe_refund_id IS NOT NULL"
+                " AND created_at >= %s ORDER BY created_at", (list(_OPEN_REFUND_STATUSES), self.now - RECHECK))
+            ).fetchall()
+        return [r["stripe_refund_id"] for r in rows if r["stripe_refund_id"] not in seen]
+
+    async def _refund(self, refund: dict[str, Any]) -> None:
+        ours = (refund.get("metadata") or {}).get(REFUND_METADATA_KEY)
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(
+                "SELECT * FROM refunds WHERE stripe_refund_id = %s OR id = %s ORDER BY stripe_refund_id = %s DESC"
+                " LIMIT 1", (refund["id"], ours, refund["id"]))).fetchone()
+        if row is not None:
+            await self._own_refund(refund, refunds.RefundRecord(**row))
+        elif ours:
+            self._difference("refund_unknown_to_ledger", "reported",
+                             f"Stripe refund names creditflow refund {ours}, which the ledger does not have",
+                             account_id=(refund.get("metadata") or {}).get(ACCOUNT_METADATA_KEY),
+                             stripe_id=refund["id"], refund_id=ours)
+        else:
+            await self._stripe_side_refund(refund)
+
+    async def _own_refund(self, refund: dict[str, Any], record: refunds.RefundRecord) -> None:
+        status, amount = str(refund.get("status")), int(refund.get("amount") or 0)
+        ids = {"refund_id": record.id, "payment_intent_id": record.payment_intent_id}
+        if amount != record.amount_cents:
+            self._difference("refund_amount_mismatch", "reported",
+                             f"Stripe refunded {amount} cents; refund {record.id} is for {record.amount_cents}",
+                             account_id=record.account_id, stripe_id=refund["id"], **ids)
+            return
+        if (status, record.status) in (("succeeded", "succeeded"), *((f, "failed") for f in _FINAL_FAILED)):
+            self.result.matched += 1
+        elif status == "succeeded" and record.status == "failed":
+            self._difference("refund_paid_after_release", "reported",
+                             f"Stripe refunded {amount} cents but refund {record.id} released its credits: the "
+                             "customer has both", account_id=record.account_id, stripe_id=refund["id"], **ids)
+        elif self._young(refund.get("created")) or status not in ("succeeded", *_FINAL_FAILED):
+            self.result.in_flight += 1
+        elif status == "succeeded":
+            await refunds.finalize(self.pool, record.id, refund["id"], status)
+            self._difference("refund_finalized_late", "repaired", f"refund {record.id} marked succeeded",
+                             account_id=record.account_id, stripe_id=refund["id"], **ids)
+        else:
+            try:
+                await refunds.release(self.pool, record.id, failure_code=f"refund_{status}",
+                                      failure_message=refund.get("failure_reason"))
+            except CreditflowError as exc:
+                self._difference("refund_failed_not_restored", "reported",
+                                 f"Stripe reports the refund {status}; restoring the credits was refused: "
+                                 f"{exc.code}", account_id=record.account_id, stripe_id=refund["id"], **ids)
+                return
+            self._difference("refund_failed_restored", "repaired",
+                             f"Stripe reports the refund {status}: the {record.credits} reserved credits went back "
+                             "once", account_id=record.account_id, stripe_id=refund["id"], **ids)
+
+    async def _purchase_account(self, payment_intent_id: str | None) -> str | None:
+        if not payment_intent_id:
+            return None
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute("SELECT account_id FROM stripe_charges WHERE payment_intent_id = %s",
+                                            (payment_intent_id,))).fetchone()
+        return row["account_id"] if row else None
+
+    async def _applied(self, account_id: str, key: str) -> bool:
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute("SELECT 1 FROM journal WHERE account_id = %s AND idempotency_key = %s",
+                                            (account_id, key))).fetchone()
+        return row is not None
+
+    async def _stripe_side_refund(self, refund: dict[str, Any]) -> None:
+        """A refund made outside creditflow (the dashboard, support): the credits it bought must leave once."""
+        pi = refund.get("payment_intent")
+        account = await self._purchase_account(pi)
+        if account is None:
+            self.result.foreign += 1
+            return
+        if await self._applied(account, f"sys:stripe_refund:{refund['id']}"):
+            self.result.matched += 1
+            return
+        if refund.get("status") != "succeeded" or self._young(refund.get("created")):
+            self.result.in_flight += 1
+            return
+        payload = {"payment_intent_id": pi, "stripe_charge_id": refund.get("charge"),
+                   "refunds": [{"id": refund["id"], "amount": int(refund.get("amount") or 0),
+                                "creditflow_refund_id": None}]}
+        await self._clawback(account, clawbacks.REFUNDED, payload, refund["id"],
+                             ("stripe_refund_taken_back", "stripe_refund_not_applied"),
+                             f"refund of {refund.get('amount')} cents made on Stripe")
+
+    async def _clawback(self, account: str, kind: str, payload: dict[str, Any], stripe_id: str,
+                        kinds: tuple[str, str], what: str) -> None:
+        """Apply a refund made on Stripe or a dispute through the account workflow's own path; ``kinds``: the
+        difference's kind when it applied, and when it did not."""
+        repaired_kind, unapplied_kind = kinds
+        result = await clawbacks.apply(self.pool, account, kind, payload)
+        if result.applied:
+            taken = sum(c.taken_micros for c in result.applied)
+            self._difference(repaired_kind, "repaired", f"{what}: applied ({taken} micro-credits)",
+                             account_id=account, stripe_id=stripe_id, payment_intent_id=payload["payment_intent_id"])
+        else:
+            self._difference(unapplied_kind, "reported",
+                             f"{what}: nothing applied ({'; '.join(result.ignored) or 'no effect'})",
+                             account_id=account, stripe_id=stripe_id, payment_intent_id=payload["payment_intent_id"])
+
+    # --- disputes ---
+
+    async def _dispute(self, dispute: dict[str, Any]) -> None:
+        account = await self._purchase_account(dispute.get("payment_intent"))
+        if account is None:
+            self.result.foreign += 1
+            return
+        payload = clawbacks.outbox_payload("charge.dispute.created", dispute)
+        opened = await self._applied(account, f"sys:dispute:{dispute['id']}")
+        if not opened:
+            if self._young(dispute.get("created")):
+                self.result.in_flight += 1
+                return
+            await self._clawback(account, clawbacks.DISPUTED, payload, dispute["id"],
+                                 ("dispute_taken_back", "dispute_not_applied"),
+                                 f"dispute of {dispute.get('amount')} cents")
+            opened = await self._applied(account, f"sys:dispute:{dispute['id']}")
+        if dispute.get("status") in ("won", "warning_closed") and opened and not await self._applied(
+                account, f"sys:dispute_won:{dispute['id']}"):
+            await self._clawback(account, clawbacks.DISPUTE_CLOSED, payload, dispute["id"],
+                                 ("dispute_returned", "dispute_return_not_applied"),
+                                 f"dispute closed {dispute.get('status')}")
+        elif opened:
+            self.result.matched += 1
