@@ -79,7 +79,13 @@ async def connect_temporal(settings: Settings) -> Client:
                                 data_converter=pydantic_data_converter)
 
 
-def _start_options(account_id: str, name: str | None) -> dict[str, Any]:
+def account_search_attributes(account_id: str, enabled: bool = True) -> TypedSearchAttributes | None:
+    """``CreditflowAccountId`` at start, so a workflow is filterable from its first event; None where the cluster
+    has none of creditflow's attributes (CREDITFLOW_TEMPORAL_SEARCH_ATTRIBUTES=false)."""
+    return TypedSearchAttributes([SearchAttributePair(SA_ACCOUNT_ID, account_id)]) if enabled else None
+
+
+def _start_options(account_id: str, name: str | None, search_attributes: bool = True) -> dict[str, Any]:
     """Start options shared by every way of starting an account workflow.
 
     The search attributes make the account filterable from its first event; the workflow upserts them
@@ -90,7 +96,7 @@ def _start_options(account_id: str, name: str | None) -> dict[str, Any]:
         "id": account_workflow_id(account_id),
         "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
         "id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        "search_attributes": TypedSearchAttributes([SearchAttributePair(SA_ACCOUNT_ID, account_id)]),
+        "search_attributes": account_search_attributes(account_id, search_attributes),
         "static_summary": f"Account {label}",
         "static_details": "Entity workflow of one creditflow account: receives its outbox events "
                           "(deduplicated), answers the `state` query.",
@@ -98,13 +104,14 @@ def _start_options(account_id: str, name: str | None) -> dict[str, Any]:
 
 
 async def signal_with_start_account(client: Client, task_queue: str, account_id: str, event: OutboxEvent,
-                                    *, name: str | None = None,
-                                    rpc_timeout: timedelta | None = None) -> WorkflowHandle[Any, Any]:
+                                    *, name: str | None = None, rpc_timeout: timedelta | None = None,
+                                    search_attributes: bool = True) -> WorkflowHandle[Any, Any]:
     """Deliver ``event`` to ``account:{account_id}``, starting the workflow if it is not running."""
     return await client.start_workflow(
-        ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account_id, name=name), task_queue=task_queue,
-        start_signal=SIGNAL_OUTBOX_EVENT, start_signal_args=[event], rpc_timeout=rpc_timeout,
-        **_start_options(account_id, name),
+        ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account_id, name=name,
+                                               publish_search_attributes=search_attributes),
+        task_queue=task_queue, start_signal=SIGNAL_OUTBOX_EVENT, start_signal_args=[event], rpc_timeout=rpc_timeout,
+        **_start_options(account_id, name, search_attributes),
     )
 
 
@@ -127,13 +134,19 @@ def topup_input(settings: Settings, account_id: str, request_id: str, *, amount_
 class CreditflowClient:
     """What other services need from creditflow's workflows, typed."""
 
-    def __init__(self, client: Client, task_queue: str) -> None:
+    def __init__(self, client: Client, task_queue: str, *, search_attributes: bool = True) -> None:
         self.temporal = client
         self.task_queue = task_queue
+        self.search_attributes = search_attributes  # False: the cluster has none of creditflow's attributes
 
     @classmethod
     async def connect(cls, settings: Settings) -> CreditflowClient:
-        return cls(await connect_temporal(settings), settings.temporal_task_queue)
+        return cls(await connect_temporal(settings), settings.temporal_task_queue,
+                   search_attributes=settings.temporal_search_attributes)
+
+    def _account_start(self, account_id: str) -> tuple[AccountWorkflowInput, dict[str, Any]]:
+        return (AccountWorkflowInput(account_id=account_id, publish_search_attributes=self.search_attributes),
+                _start_options(account_id, None, self.search_attributes))
 
     async def start_reconciliation(self, since: datetime | None = None) -> WorkflowHandle[Any, ReconcileSummary]:
         """Reconcile the ledger with Stripe now (``reconcile:manual:{uuid}``); ``since`` None: from the watermark."""
@@ -153,10 +166,8 @@ class CreditflowClient:
 
         A plain start with the USE_EXISTING conflict policy does atomically what signal-with-start
         does, without a dummy signal in the history."""
-        return await self.temporal.start_workflow(
-            ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account_id), task_queue=self.task_queue,
-            **_start_options(account_id, None),
-        )
+        input, options = self._account_start(account_id)
+        return await self.temporal.start_workflow(ACCOUNT_WORKFLOW, input, task_queue=self.task_queue, **options)
 
     async def topup(self, input: TopUpInput, *, wait: timedelta) -> TopUpOutcome | None:
         """Start ``topup:{account_id}:{request_id}`` (or join the running one: a repeated request never starts
@@ -167,7 +178,7 @@ class CreditflowClient:
         start = WithStartWorkflowOperation(
             TOPUP_WORKFLOW, input, id=topup_workflow_id(input.account_id, input.request_id),
             task_queue=self.task_queue, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            search_attributes=TypedSearchAttributes([SearchAttributePair(SA_ACCOUNT_ID, input.account_id)]),
+            search_attributes=account_search_attributes(input.account_id, self.search_attributes),
             static_summary=f"Top-up {input.description} ({label})",
             static_details="Charges the card (or hands out a client secret), credits the wallet once, "
                            "sends a receipt. Query `status` for the outcome.",
@@ -183,7 +194,7 @@ class CreditflowClient:
         start = WithStartWorkflowOperation(
             REFUND_WORKFLOW, input, id=refund_workflow_id(input.account_id, input.request_id),
             task_queue=self.task_queue, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            search_attributes=TypedSearchAttributes([SearchAttributePair(SA_ACCOUNT_ID, input.account_id)]),
+            search_attributes=account_search_attributes(input.account_id, self.search_attributes),
             static_summary=f"Refund of {purchase} ({input.account_id} / {input.request_id})",
             static_details="Reserves the unused purchased credits, refunds them through Stripe, finalizes or "
                            "releases the reservation. Query `status` for the outcome.",
@@ -207,9 +218,8 @@ class CreditflowClient:
     async def _account_update(self, account_id: str, update: str, arg: Any, result_type: type[Any],
                               wait: timedelta) -> Any:
         """An update of the account workflow, starting it first if it is not running."""
-        start = WithStartWorkflowOperation(
-            ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account_id), task_queue=self.task_queue,
-            **_start_options(account_id, None))
+        input, options = self._account_start(account_id)
+        start = WithStartWorkflowOperation(ACCOUNT_WORKFLOW, input, task_queue=self.task_queue, **options)
         result = await self._answer(update, arg, start, result_type, wait)
         if result is None:
             raise CreditflowError("workflow_unavailable", "the account workflow did not answer in time")

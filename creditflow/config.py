@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     temporal_task_queue: str = "creditflow"
+    # False where the cluster has none of creditflow's search attributes (Temporal's time-skipping test server; a
+    # Temporal Cloud namespace before they are added with tcld): workflows are then started and run without them.
+    temporal_search_attributes: bool = True
 
     # Stripe: the official SDK, pointed at localstripe in dev/tests and at Stripe in production.
     stripe_api_key: SecretStr = SecretStr("sk_test_creditflow_localstripe")
