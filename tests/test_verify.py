@@ -209,3 +209,34 @@ async def test_cli_and_api_report_the_same_violations(pool: AsyncConnectionPool,
     malformed = await api.get("/api/v1/verify", params={"account_id": "nope"})
     assert malformed.status_code == 422 and malformed.json()["error"]["code"] == "invalid_id"
     assert (await api.get("/api/v1/verify", headers={"Authorization": "Bearer wrong"})).status_code == 401
+
+
+async def test_a_refund_marked_succeeded_while_stripe_says_pending_is_reported(pool: AsyncConnectionPool) -> None:
+    account = await new_account(pool)
+    purchase = await paid_purchase(pool, account, cents=1000, credits=1000)
+    refund_id = await refund_credits(pool, account, purchase, credits=100, cents=100)
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE refunds SET status = 'succeeded', stripe_refund_id = 're_pending1',"
+                           " stripe_status = 'pending' WHERE id = %s", (refund_id,))
+    [violation] = by_check(await verify(pool, account))["refund_succeeded_only_when_stripe_did"]
+    assert (violation.ids["refund_id"], violation.ids["stripe_status"]) == (refund_id, "pending")
+
+
+async def test_an_invoice_paid_twice_is_reported(pool: AsyncConnectionPool) -> None:
+    account = await new_account(pool)
+    invoice_id = new_id("inv")
+    now = datetime(2026, 11, 1, tzinfo=UTC)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO invoices (id, account_id, number, period_key, period_start, period_end, status,"
+            " subtotal_cents, amount_due_cents, draft, html, pdf, issued_at, due_at)"
+            " VALUES (%s, %s, %s, '2026-10-01', %s, %s, 'open', 4900, 4900, '{}', '', '', %s, %s)",
+            (invoice_id, account, f"CF-{invoice_id[-8:]}", now - timedelta(days=31), now, now, now))
+        for request_id, pi in ((invoice_id, "pi_first0001"), (f"{invoice_id}:2", "pi_second002")):
+            await conn.execute(
+                "INSERT INTO stripe_charges (id, account_id, request_id, kind, amount_cents, credits, description,"
+                " customer_id, payment_intent_id, status) VALUES (%s, %s, %s, 'invoice', 4900, 0, 'Invoice',"
+                " 'cus_test', %s, 'succeeded')", (new_id("chg"), account, request_id, pi))
+    [violation] = by_check(await verify(pool, account))["invoice_charged_once"]
+    assert (violation.ids["invoice_id"], violation.ids["charges"]) == (invoice_id, "2")
+    assert violation.ids["payment_intents"] == "pi_first0001 pi_second002"

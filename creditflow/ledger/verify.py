@@ -214,6 +214,25 @@ CHECKS: tuple[Check, ...] = (
         "Stripe refund {stripe_refund_id} took credits back twice: refund {refund_id} and a clawback",
     ),
     Check(
+        "refund_succeeded_only_when_stripe_did",
+        "A refund is marked succeeded only when Stripe reported it succeeded (a pending one may still fail).",
+        "SELECT account_id, id AS refund_id, stripe_refund_id, stripe_status FROM refunds"
+        " WHERE status = 'succeeded' AND stripe_status IS DISTINCT FROM 'succeeded'"
+        " AND " + _ACCOUNT.format(col="account_id"),
+        "refund {refund_id} is succeeded but Stripe's refund {stripe_refund_id} was {stripe_status}",
+    ),
+    Check(
+        "invoice_charged_once",
+        "An invoice is paid by at most one successful charge.",
+        "SELECT i.account_id, i.id AS invoice_id, count(c.id) AS charges,"
+        " string_agg(c.payment_intent_id, ' ' ORDER BY c.created_at) AS payment_intents"
+        " FROM invoices i JOIN stripe_charges c ON c.account_id = i.account_id AND c.kind = 'invoice'"
+        "  AND c.status = 'succeeded' AND (c.request_id = i.id OR c.request_id LIKE i.id || ':%%')"
+        " WHERE " + _ACCOUNT.format(col="i.account_id") +
+        " GROUP BY i.account_id, i.id HAVING count(c.id) > 1",
+        "invoice {invoice_id} was paid {charges} times: {payment_intents}",
+    ),
+    Check(
         "plan_credits_die_with_their_period",
         "No plan lot of a closed billing period has credits left.",
         "SELECT l.account_id, l.id AS lot_id, l.remaining_micros, l.expires_at::text AS expires_at,"
