@@ -15,7 +15,8 @@ NOW = datetime(2025, 6, 1, tzinfo=UTC)
 
 def facts(**kw: object) -> PurchaseFacts:
     base: dict[str, object] = {"source": LotSource.PURCHASE, "purchased_at": NOW - timedelta(days=1),
-                               "paid_cents": 2500, "remaining_micros": 2500 * MICROS_PER_CREDIT}
+                               "paid_cents": 2500, "remaining_micros": 2500 * MICROS_PER_CREDIT,
+                               "original_micros": 2500 * MICROS_PER_CREDIT}
     return PurchaseFacts(**{**base, **kw})  # type: ignore[arg-type]
 
 

@@ -3,8 +3,9 @@
 Stripe tells us with ``charge.refunded`` (a refund creditflow did not make: e.g. from the Stripe dashboard) and
 ``charge.dispute.created``. The webhook stores the event and writes an outbox row in the same transaction; the
 account workflow applies it here, once per refund or dispute id (the journal key). The credits come from the
-purchase's own lot, in proportion to the money (a package may have bought more credits than cents), never more
-than remains of that lot and never below the balance floor; what could not be taken back is reported.
+purchase's own lot, in the lot's own proportion (a package may have bought more credits than cents): D cents take back
+ceil(D * credits bought / cents paid) micros, rounded up against the customer (``creditflow.domain.lots``), never
+more than remains of that lot and never below the balance floor; what could not be taken back is reported.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
-from creditflow.domain.money import MICROS_PER_CREDIT
+from creditflow.domain.lots import micros_for_cents
 from creditflow.errors import CreditflowError
 from creditflow.ledger.db import to_jsonb
 from creditflow.payments.refunds import REFUND_METADATA_KEY
@@ -72,11 +73,14 @@ async def _purchase(conn: Any, account_id: str, payment_intent_id: str) -> dict[
         (account_id, payment_intent_id))).fetchone()
     if charge is None or not charge["ledger_txn_id"]:
         raise CreditflowError("unknown_purchase", f"no credited purchase with PaymentIntent {payment_intent_id}")
-    lot = await (await conn.execute("SELECT id FROM credit_lots WHERE account_id = %s AND txn_id = %s",
+    lot = await (await conn.execute("SELECT id, paid_cents, original_micros FROM credit_lots"
+                                    " WHERE account_id = %s AND txn_id = %s",
                                     (account_id, UUID(hex=charge["ledger_txn_id"].removeprefix("txn_"))))).fetchone()
     if lot is None:
         raise CreditflowError("unknown_purchase", f"the purchase of {payment_intent_id} has no credit lot")
-    return {**charge, "lot_id": lot["id"]}
+    # The lot's price (0023_1); a lot without a backfilled price has its charge's.
+    return {**charge, "lot_id": lot["id"], "original_micros": lot["original_micros"],
+            "paid_cents": lot["paid_cents"] if lot["paid_cents"] is not None else charge["amount_cents"]}
 
 
 async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: dict[str, Any],
@@ -118,8 +122,9 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
         else:
             items = [("dispute", str(payload.get("dispute_id")), int(payload.get("amount") or 0))]
         for what, stripe_id, cents in items:
-            wanted = purchase["credits"] * MICROS_PER_CREDIT * min(cents, purchase["amount_cents"]) \
-                // purchase["amount_cents"]
+            # The credits that money bought, in the lot's own proportion, rounded up (creditflow.domain.lots).
+            wanted = micros_for_cents(min(cents, purchase["paid_cents"]), paid_cents=purchase["paid_cents"],
+                                      original_micros=purchase["original_micros"])
             key = f"sys:{'stripe_refund' if what == 'refund' else 'dispute'}:{stripe_id}"
             description = (f"Refund {stripe_id} made on Stripe" if what == "refund"
                            else f"Disputed payment {result.payment_intent_id} ({payload.get('reason') or 'dispute'})")

@@ -175,8 +175,11 @@ async def plan(pool: AsyncConnectionPool, *, account_id: str, request_id: str, p
             "SELECT coalesce(sum(amount_cents), 0) AS cents FROM refunds WHERE charge_id = %s AND status <> 'failed'",
             (charge["id"],))).fetchone()
     assert row is not None
-    facts = PurchaseFacts(source=lot.source, purchased_at=lot.created_at, paid_cents=charge["amount_cents"],
-                          remaining_micros=int(lot.remaining * MICROS_PER_CREDIT), refunded_cents=int(row["cents"]))
+    # The lot's price (migration 0023_1); a lot written before it without a backfilled price has its charge's.
+    facts = PurchaseFacts(source=lot.source, purchased_at=lot.created_at,
+                          paid_cents=lot.paid_cents if lot.paid_cents is not None else charge["amount_cents"],
+                          remaining_micros=int(lot.remaining * MICROS_PER_CREDIT),
+                          original_micros=int(lot.original * MICROS_PER_CREDIT), refunded_cents=int(row["cents"]))
     try:
         quote = quote_refund(facts, credits=credits, now=now)
     except RefundError as exc:
