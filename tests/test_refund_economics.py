@@ -8,22 +8,25 @@ signed webhook events (localstripe has no disputes and creates every refund ``su
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
 import stripe
 from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
 
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.topups import DEFAULT_PACKAGES, CreditPackage
+from creditflow.payments.gateway import RefundState, StripeGateway
 from tests.conftest import ADMIN_KEY, STRIPE_KEY
 from tests.test_account_workflow import eventually
 from tests.test_api_metering import new_account
 from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
 from tests.test_ledger_invariants import assert_invariants
-from tests.test_stripe_webhooks import SECRET, Clients, cf, event, sign  # noqa: F401 - fixtures
+from tests.test_stripe_webhooks import SECRET, Clients, cf, clients_for, event, sign  # noqa: F401 - fixtures
 from tests.test_topups import TOPUP, save_card
 
 pytestmark = pytest.mark.temporal
@@ -157,4 +160,122 @@ async def test_dispute_of_a_bonus_package_takes_credits_in_the_lots_proportion(
     [back] = await eventually(lambda: journal(pool, account, "refund"), lambda r: len(r) == 1, timeout=20)
     assert back["amount_micros"] == -8_400_000
     assert (await lot_of(pool, bought["transaction_id"]))["remaining_micros"] == 1200 * MICROS_PER_CREDIT - 608_400_000
+    await assert_invariants(pool)
+
+
+# --- defect 9 ------------------------------------------------------------------------------------------
+
+
+class StripeAnswersPending(StripeGateway):
+    """Test-only gateway: the refunds are real (localstripe), but Stripe's answer is reported ``pending``, as real
+    Stripe answers for payment methods that refund asynchronously (localstripe creates every refund ``succeeded``).
+    What happens next is fed as signed webhook events, as Stripe sends them."""
+
+    async def create_refund(self, payment_intent_id: str, amount_cents: int, *, idempotency_key: str,
+                            metadata: dict[str, str]) -> RefundState:
+        made = await super().create_refund(payment_intent_id, amount_cents, idempotency_key=idempotency_key,
+                                           metadata=metadata)
+        return made.model_copy(update={"status": "pending"})
+
+    async def retrieve_refund(self, refund_id: str) -> RefundState:
+        return (await super().retrieve_refund(refund_id)).model_copy(update={"status": "pending"})
+
+
+@pytest.fixture
+async def pending_cf(temporal_client: Client, pool: AsyncConnectionPool,
+                     temporal_settings: Settings) -> AsyncIterator[Clients]:
+    """The app, and the production worker whose Stripe answers every refund ``pending``."""
+    from workers.main import build_worker
+
+    gateway = StripeAnswersPending.from_settings(temporal_settings)
+    async with build_worker(temporal_client, pool, temporal_settings, gateway=gateway), \
+            clients_for(temporal_settings) as clients:
+        yield clients
+
+
+def refund_event(type_: str, refund_row: dict[str, Any], status: str, **extra: Any) -> bytes:
+    """A Refund object as Stripe sends it in refund / charge.refund events (creditflow's metadata included)."""
+    obj = {"id": refund_row["stripe_refund_id"], "object": "refund", "amount": refund_row["amount_cents"],
+           "payment_intent": refund_row["payment_intent_id"], "status": status,
+           "metadata": {"creditflow_refund_id": refund_row["id"], "creditflow_account_id": refund_row["account_id"]},
+           **extra}
+    return event(type_, obj)
+
+
+async def refund_rows(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
+    async with pool.connection() as conn:
+        return await (await conn.execute("SELECT * FROM refunds WHERE account_id = %s ORDER BY created_at",
+                                         (account,))).fetchall()
+
+
+async def test_pending_refund_is_not_succeeded_and_a_later_failure_gives_the_credits_back_once(
+        pending_cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient) -> None:
+    app = pending_cf
+    account = await new_account(app.admin)
+    await save_card(app.admin, sdk, account)
+    bought = await buy(app, account, "b", amount_usd=25)  # 2,500 credits, 7,500 in all
+    pi = bought["payment_intent_id"]
+
+    resp = await refund(app, account, pi, "r-all")
+    assert resp.status_code == 202, resp.text
+    body = exact(resp)
+    assert (body["status"], body["credits"], body["amount_usd"], body["balance"]) == ("pending", 2500, 25, 5000)
+    assert body["stripe_refund_id"].startswith("re_")
+    [row] = await refund_rows(pool, account)
+    assert (row["status"], row["stripe_status"], row["finalized_at"]) == ("pending", "pending", None)
+    listed = (await app.admin.get(REFUNDS, params={"account_id": account})).json()["items"]
+    assert [(r["status"], r["credits"]) for r in listed] == [("pending", 2500)]
+    # Asking again answers the same pending refund.
+    again = await refund(app, account, pi, "r-all")
+    assert (again.status_code, again.json()["refund_id"]) == (202, body["refund_id"])
+
+    # Stripe: the refund failed. The reserved credits go back to the purchase's lot, once, whatever is redelivered.
+    failed = refund_event("charge.refund.updated", row, "failed", failure_reason="expired_or_canceled_card")
+    first = await app.deliver(failed, sign(failed))
+    assert (first.status_code, first.json()["outcome"]) == (200, "recorded"), first.text
+    assert (await app.deliver(failed, sign(failed))).json()["duplicate"] is True
+    also = refund_event("refund.failed", row, "failed", failure_reason="expired_or_canceled_card")
+    assert (await app.deliver(also, sign(also))).status_code == 200
+    assert await balance_of(app, account) == 7500
+    [row] = await refund_rows(pool, account)
+    assert (row["status"], row["stripe_status"], row["failure_code"]) == ("failed", "failed", "refund_failed")
+    assert [r["amount_micros"] // MICROS_PER_CREDIT for r in await journal(pool, account, "refund")] == [-2500]
+    assert [r["amount_micros"] // MICROS_PER_CREDIT for r in await journal(pool, account, "refund_reversal")] == [2500]
+    assert (await lot_of(pool, bought["transaction_id"]))["remaining_micros"] == 2500 * MICROS_PER_CREDIT
+
+    # Another refund, pending, then succeeded: finalized once, the credits stay refunded.
+    resp = await refund(app, account, pi, "r-1000", 1000)
+    assert resp.status_code == 202 and exact(resp)["balance"] == 6500, resp.text
+    row = (await refund_rows(pool, account))[1]
+    assert row["status"] == "pending"
+    for type_ in ("refund.updated", "charge.refund.updated"):
+        done = refund_event(type_, row, "succeeded")
+        assert (await app.deliver(done, sign(done))).json()["outcome"] == "recorded"
+    row = (await refund_rows(pool, account))[1]
+    assert (row["status"], row["stripe_status"]) == ("succeeded", "succeeded") and row["finalized_at"] is not None
+    assert await balance_of(app, account) == 6500
+    await assert_invariants(pool)
+
+
+async def test_pending_refund_polled_by_its_workflow_is_settled_by_stripes_answer(
+        pending_cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient,
+        temporal_settings: Settings) -> None:
+    """The workflow's poll (activity ``settle_pending_refund``) applies what Stripe says now: localstripe has the
+    refund succeeded, so it is finalized; asked again, nothing changes."""
+    from creditflow.payments import refunds
+
+    app = pending_cf
+    account = await new_account(app.admin)
+    await save_card(app.admin, sdk, account)
+    bought = await buy(app, account, "b", amount_usd=25)
+    resp = await refund(app, account, bought["payment_intent_id"], "r", 400)
+    assert resp.status_code == 202 and exact(resp)["status"] == "pending", resp.text
+    [row] = await refund_rows(pool, account)
+    gateway = StripeGateway.from_settings(temporal_settings)  # what Stripe (localstripe) says: succeeded
+    for _ in range(2):
+        settled = await refunds.settle_pending(pool, gateway, row["id"])
+        assert (settled.refund.status, settled.refund.stripe_status, settled.balance) == ("succeeded", "succeeded",
+                                                                                          7100)
+    assert [r["amount_micros"] // MICROS_PER_CREDIT for r in await journal(pool, account, "refund")] == [-400]
+    assert await journal(pool, account, "refund_reversal") == []
     await assert_invariants(pool)

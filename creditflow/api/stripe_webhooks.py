@@ -47,7 +47,8 @@ async def stripe_webhook(request: Request, pool: Pool, settings: AppSettings,
                          ) -> ExactJSONResponse:
     """Receive a Stripe event. Register this URL in Stripe's dashboard (Developers → Webhooks) with the events
     ``payment_intent.succeeded``, ``payment_intent.payment_failed``, ``payment_intent.canceled``,
-    ``charge.refunded``, ``charge.dispute.created`` and ``charge.dispute.closed``; its signing secret goes in
+    ``charge.refunded``, ``charge.dispute.created``, ``charge.dispute.closed``, ``charge.refund.updated``,
+    ``refund.updated`` and ``refund.failed``; its signing secret goes in
     ``CREDITFLOW_STRIPE_WEBHOOK_SECRET``."""
     secret = settings.stripe_webhook_secret.get_secret_value()
     if not secret:

@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
 from creditflow.errors import CreditflowError
-from creditflow.payments import clawbacks
+from creditflow.payments import clawbacks, refunds
 from creditflow.payments.topups import CHARGE_METADATA_KEY, KIND_AUTO_RECHARGE, KIND_INVOICE
 from workflows.contract import PaymentEvent
 
@@ -43,6 +43,9 @@ PAYMENT_INTENT_EVENTS = frozenset({"payment_intent.succeeded", "payment_intent.p
                                    "payment_intent.canceled"})
 # Routed to the account workflow through the outbox (credits taken back for refunds made on Stripe, disputes).
 LATER_EVENTS = frozenset({"charge.refunded", "charge.dispute.created", "charge.dispute.closed"})
+# A Refund object whose status changed: applied to creditflow's refund row in the event's transaction (a pending
+# refund finalized, or its reserved credits released once when it failed). Refunds made elsewhere are ignored.
+REFUND_EVENTS = frozenset({"charge.refund.updated", "refund.updated", "refund.failed"})
 
 OUTCOME_SIGNALED = "signaled"
 OUTCOME_WORKFLOW_CLOSED = "workflow_closed"
@@ -181,6 +184,14 @@ async def _route(conn: Any, event: StripeEvent, signal: Signal) -> tuple[str, st
             (charge["account_id"], clawbacks.EVENT_KINDS[event.type], f"stripe:{event.id}",
              Jsonb(clawbacks.outbox_payload(event.type, obj))))
         return OUTCOME_ROUTED, charge["id"]
+    if event.type in REFUND_EVENTS:
+        record = await refunds.apply_stripe_event(conn, obj)
+        if record is None:
+            log.info("stripe event %s (%s): refund %s is not a creditflow refund; ignored", event.id, event.type,
+                     obj.get("id"))
+            return OUTCOME_IGNORED, None
+        log.info("stripe event %s (%s): refund %s is %s", event.id, event.type, record.id, record.status)
+        return OUTCOME_RECORDED, record.charge_id
     return OUTCOME_IGNORED, None
 
 
