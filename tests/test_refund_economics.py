@@ -7,6 +7,7 @@ signed webhook events (localstripe has no disputes and creates every refund ``su
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -20,6 +21,7 @@ from temporalio.client import Client
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.topups import DEFAULT_PACKAGES, CreditPackage
+from creditflow.errors import CreditflowError
 from creditflow.payments.gateway import RefundState, StripeGateway
 from tests.conftest import ADMIN_KEY, STRIPE_KEY
 from tests.test_account_workflow import eventually
@@ -279,3 +281,114 @@ async def test_pending_refund_polled_by_its_workflow_is_settled_by_stripes_answe
     assert [r["amount_micros"] // MICROS_PER_CREDIT for r in await journal(pool, account, "refund")] == [-400]
     assert await journal(pool, account, "refund_reversal") == []
     await assert_invariants(pool)
+
+
+# --- defect 7 ------------------------------------------------------------------------------------------
+
+
+class StripeRefusesOnceDisputed(StripeGateway):
+    """Test-only gateway: a refund call stays in flight until the test opens ``gate``, then Stripe refuses it as it
+    refuses the refund of a disputed charge (``charge_disputed``, an invalid request: permanent)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+        self.called = asyncio.Event()
+
+    async def create_refund(self, payment_intent_id: str, amount_cents: int, *, idempotency_key: str,
+                            metadata: dict[str, str]) -> RefundState:
+        self.called.set()
+        await self.gate.wait()
+        raise CreditflowError("payment_request_invalid", "This charge is disputed and cannot be refunded",
+                              details={"stripe_code": "charge_disputed"})
+
+
+async def notices(pool: AsyncConnectionPool, account: str, kind: str) -> list[dict[str, Any]]:
+    async with pool.connection() as conn:
+        return await (await conn.execute("SELECT payload FROM notifications_log WHERE account_id = %s AND kind = %s",
+                                         (account, kind))).fetchall()
+
+
+async def test_dispute_during_a_refund_is_not_lost(temporal_client: Client, pool: AsyncConnectionPool,
+                                                   temporal_settings: Settings, sdk: stripe.StripeClient,
+                                                   relay: Any) -> None:  # noqa: F811
+    """Purchase (2,500 credits for $25); a refund of all of it reserves the credits and is in flight at Stripe; a
+    dispute of the whole $25 is opened (the lot is empty: nothing to take yet) and lost; Stripe then refuses the
+    refund of the disputed charge. The released credits satisfy the dispute: the customer keeps neither the
+    credits nor the money (5,000 welcome credits left, as before the purchase)."""
+    from workers.main import build_worker
+
+    gateway = StripeRefusesOnceDisputed.from_settings(temporal_settings)
+    assert isinstance(gateway, StripeRefusesOnceDisputed)
+    async with build_worker(temporal_client, pool, temporal_settings, gateway=gateway), \
+            clients_for(temporal_settings) as app:
+        account = await new_account(app.admin)
+        await save_card(app.admin, sdk, account)
+        bought = await buy(app, account, "b", amount_usd=25)
+        pi = bought["payment_intent_id"]
+        asked = asyncio.create_task(refund(app, account, pi, "r-all"))
+        await asyncio.wait_for(gateway.called.wait(), 20)
+        assert await balance_of(app, account) == 5000  # reserved, in flight
+
+        dispute = {"id": "dp_during", "object": "dispute", "payment_intent": pi, "charge": "ch_x", "amount": 2500,
+                   "reason": "fraudulent", "status": "needs_response"}
+        opened = event("charge.dispute.created", dispute)
+        assert (await app.deliver(opened, sign(opened))).json()["outcome"] == "routed"
+        await eventually(lambda: notices(pool, account, "payment.disputed"), lambda r: len(r) == 1, timeout=20)
+        lost = event("charge.dispute.closed", {**dispute, "status": "lost"})
+        assert (await app.deliver(lost, sign(lost))).json()["outcome"] == "routed"
+
+        gateway.gate.set()  # Stripe refuses the refund of the disputed charge
+        resp = await asyncio.wait_for(asked, 60)
+        assert resp.status_code == 422 and resp.json()["error"]["code"] == "payment_request_invalid", resp.text
+        assert await balance_of(app, account) == 5000
+        assert (await lot_of(pool, bought["transaction_id"]))["remaining_micros"] == 0
+        moves = [(r["type"], r["amount_micros"] // MICROS_PER_CREDIT) for r in await all_moves(pool, account)]
+        assert moves == [("welcome_bonus", 5000), ("purchase", 2500), ("refund", -2500), ("refund_reversal", 2500),
+                         ("dispute", -2500)]
+        assert stripe_money(sdk, [pi]) == (2500, 0)  # Stripe keeps no refund; the dispute gave the $25 back
+        [claim] = await dispute_rows(pool, account)
+        assert (claim["id"], claim["status"], claim["claimed_micros"], claim["taken_micros"]) == (
+            "dp_during", "lost", 2500 * MICROS_PER_CREDIT, 2500 * MICROS_PER_CREDIT)
+        await assert_invariants(pool)
+
+
+async def test_dispute_during_a_pending_refund_that_fails_takes_the_released_credits(
+        pending_cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, relay: Any) -> None:  # noqa: F811
+    """The same through a refund Stripe answered ``pending`` and later reports failed: the release gives the
+    credits to the open dispute, once (a redelivered failure changes nothing)."""
+    app = pending_cf
+    account = await new_account(app.admin)
+    await save_card(app.admin, sdk, account)
+    bought = await buy(app, account, "b", package_id="bonus")  # 1,200 credits for $10
+    pi = bought["payment_intent_id"]
+    assert (await refund(app, account, pi, "r-all")).status_code == 202
+    dispute = {"id": "dp_pending", "object": "dispute", "payment_intent": pi, "charge": "ch_x", "amount": 1000,
+               "reason": "fraudulent", "status": "needs_response"}
+    opened = event("charge.dispute.created", dispute)
+    assert (await app.deliver(opened, sign(opened))).json()["outcome"] == "routed"
+    [claim] = await eventually(lambda: dispute_rows(pool, account), lambda r: len(r) == 1, timeout=20)
+    assert (claim["claimed_micros"], claim["taken_micros"]) == (1200 * MICROS_PER_CREDIT, 0)
+    [row] = await refund_rows(pool, account)
+    for _ in range(2):
+        failed = refund_event("refund.failed", row, "failed")
+        assert (await app.deliver(failed, sign(failed))).status_code == 200
+    assert await balance_of(app, account) == 5000
+    moves = [(r["type"], r["amount_micros"] // MICROS_PER_CREDIT) for r in await all_moves(pool, account)]
+    assert moves == [("welcome_bonus", 5000), ("purchase", 1200), ("refund", -1200), ("refund_reversal", 1200),
+                     ("dispute", -1200)]
+    [claim] = await dispute_rows(pool, account)
+    assert claim["taken_micros"] == 1200 * MICROS_PER_CREDIT
+    await assert_invariants(pool)
+
+
+async def dispute_rows(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
+    async with pool.connection() as conn:
+        return await (await conn.execute("SELECT * FROM disputes WHERE account_id = %s ORDER BY created_at",
+                                         (account,))).fetchall()
+
+
+async def all_moves(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
+    async with pool.connection() as conn:
+        return await (await conn.execute("SELECT type, amount_micros FROM journal WHERE account_id = %s ORDER BY seq",
+                                         (account,))).fetchall()

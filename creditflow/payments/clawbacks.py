@@ -102,7 +102,7 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
             result.ignored.append(f"{result.payment_intent_id}: not a credited creditflow purchase")
             return result
         if kind == DISPUTE_CLOSED:
-            await _close_dispute(conn, account_id, payload, result)
+            await _close_dispute(conn, account_id, purchase, payload, result)
             return result
         if kind == REFUNDED:
             ours = {r["stripe_refund_id"] for r in await (await conn.execute(
@@ -122,47 +122,95 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
         else:
             items = [("dispute", str(payload.get("dispute_id")), int(payload.get("amount") or 0))]
         for what, stripe_id, cents in items:
-            # The credits that money bought, in the lot's own proportion, rounded up (creditflow.domain.lots).
-            wanted = micros_for_cents(min(cents, purchase["paid_cents"]), paid_cents=purchase["paid_cents"],
-                                      original_micros=purchase["original_micros"])
-            key = f"sys:{'stripe_refund' if what == 'refund' else 'dispute'}:{stripe_id}"
-            description = (f"Refund {stripe_id} made on Stripe" if what == "refund"
-                           else f"Disputed payment {result.payment_intent_id} ({payload.get('reason') or 'dispute'})")
-            try:
-                row = await (await conn.execute(
-                    "SELECT cf_clawback_lot(%s, %s, %s, %s, %s, %s, %s, %s) AS taken",
-                    (account_id, purchase["lot_id"], wanted, what, "system:refund_reserve" if what == "refund"
-                     else "system:disputes", key, description,
-                     to_jsonb({"payment_intent_id": result.payment_intent_id, "stripe_id": stripe_id,
-                               "amount_cents": cents})))).fetchone()
-            except psycopg.errors.RaiseException as exc:
-                raise CreditflowError(str(exc.diag.message_primary or "clawback_failed")) from exc
-            assert row is not None
-            result.applied.append(Clawback(key=key, kind=what, stripe_id=stripe_id, amount_cents=cents,
-                                           wanted_micros=wanted, taken_micros=int(row["taken"])))
+            async with conn.transaction():
+                result.applied.append(await _take_back(conn, account_id, purchase, what, stripe_id, cents,
+                                                       result.payment_intent_id, payload.get("reason")))
     return result
 
 
-async def _close_dispute(conn: Any, account_id: str, payload: dict[str, Any], result: ClawbackResult) -> None:
-    """A dispute won gives back the credits taken when it was opened (a new purchased lot), once; a dispute lost
-    (or closed otherwise) keeps them taken."""
-    dispute_id = str(payload.get("dispute_id"))
-    if payload.get("status") != "won":
-        result.ignored.append(f"{dispute_id}: closed {payload.get('status')}, credits stay taken")
-        return
-    taken = await (await conn.execute(
-        "SELECT -amount_micros AS micros FROM journal WHERE account_id = %s AND idempotency_key = %s",
-        (account_id, f"sys:dispute:{dispute_id}"))).fetchone()
-    if taken is None or taken["micros"] <= 0:
-        result.ignored.append(f"{dispute_id}: nothing was taken")
-        return
-    key = f"sys:dispute_won:{dispute_id}"
-    row = await (await conn.execute(
-        "SELECT * FROM cf_post(%s, 'dispute_reversal', %s, 'system:disputes', %s, %s, 'purchase', 20, NULL, %s,"
-        " NULL)", (account_id, taken["micros"], f"Dispute {dispute_id} won: credits given back",
-                   to_jsonb({"dispute_id": dispute_id, "payment_intent_id": result.payment_intent_id}), key))
-    ).fetchone()
+async def _take_back(conn: Any, account_id: str, purchase: dict[str, Any], what: str, stripe_id: str, cents: int,
+                     payment_intent_id: str | None, reason: object) -> Clawback:
+    """One refund made on Stripe or one dispute: the credits its money bought leave the purchase's lot (once per
+    key). A dispute is recorded in ``disputes`` in the same transaction with what it claims and what it took: what
+    the lot could not give now (e.g. credits an in-flight refund holds in reserve) stays claimed, and a release of
+    that refund gives it to the dispute (``creditflow.payments.refunds``)."""
+    key = f"sys:{'stripe_refund' if what == 'refund' else 'dispute'}:{stripe_id}"
+    if what == "dispute":
+        known = await (await conn.execute("SELECT amount_cents, claimed_micros, taken_micros FROM disputes"
+                                          " WHERE id = %s", (stripe_id,))).fetchone()
+        if known is not None:  # applied before (a redelivery): nothing more
+            return Clawback(key=key, kind=what, stripe_id=stripe_id, amount_cents=known["amount_cents"],
+                            wanted_micros=known["claimed_micros"], taken_micros=known["taken_micros"])
+    # The credits that money bought, in the lot's own proportion, rounded up (creditflow.domain.lots).
+    wanted = micros_for_cents(min(cents, purchase["paid_cents"]), paid_cents=purchase["paid_cents"],
+                              original_micros=purchase["original_micros"])
+    description = (f"Refund {stripe_id} made on Stripe" if what == "refund"
+                   else f"Disputed payment {payment_intent_id} ({reason or 'dispute'})")
+    try:
+        row = await (await conn.execute(
+            "SELECT cf_clawback_lot(%s, %s, %s, %s, %s, %s, %s, %s) AS taken",
+            (account_id, purchase["lot_id"], wanted, what, "system:refund_reserve" if what == "refund"
+             else "system:disputes", key, description,
+             to_jsonb({"payment_intent_id": payment_intent_id, "stripe_id": stripe_id,
+                       "amount_cents": cents})))).fetchone()
+    except psycopg.errors.RaiseException as exc:
+        raise CreditflowError(str(exc.diag.message_primary or "clawback_failed")) from exc
     assert row is not None
+    taken = int(row["taken"])
+    if what == "dispute":
+        await conn.execute(
+            "INSERT INTO disputes (id, account_id, charge_id, payment_intent_id, lot_id, amount_cents, claimed_micros,"
+            " taken_micros) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (stripe_id, account_id, purchase["id"], payment_intent_id, purchase["lot_id"], cents, wanted, taken))
+    return Clawback(key=key, kind=what, stripe_id=stripe_id, amount_cents=cents, wanted_micros=wanted,
+                    taken_micros=taken)
+
+
+# Closing statuses that give back what the dispute took (the merchant keeps the money).
+RETURNING_CLOSES = frozenset({"won"})
+
+
+async def _close_dispute(conn: Any, account_id: str, purchase: dict[str, Any], payload: dict[str, Any],
+                         result: ClawbackResult) -> None:
+    """A dispute closed: its status is recorded; ``won`` gives back what it took (journal ``dispute_reversal``, key
+    ``sys:dispute_won:{id}``), once, and claims nothing more; a dispute lost keeps them taken (and its claim on
+    credits a refund releases later). A close that arrives before its opening records the dispute closed, so a
+    late ``charge.dispute.created`` of a dispute the merchant won takes nothing."""
+    dispute_id = str(payload.get("dispute_id"))
+    status = str(payload.get("status") or "closed")
+    async with conn.transaction():
+        # The balance row first, as every ledger write (a refund's release locks it before the disputes rows).
+        await conn.execute("SELECT 1 FROM balances WHERE account_id = %s FOR UPDATE", (account_id,))
+        dispute = await (await conn.execute("SELECT * FROM disputes WHERE id = %s AND account_id = %s FOR UPDATE",
+                                            (dispute_id, account_id))).fetchone()
+        if dispute is None:
+            if status in RETURNING_CLOSES:
+                await conn.execute(
+                    "INSERT INTO disputes (id, account_id, charge_id, payment_intent_id, lot_id, amount_cents,"
+                    " claimed_micros, status, closed_at) VALUES (%s, %s, %s, %s, %s, %s, 0, %s, now())",
+                    (dispute_id, account_id, purchase["id"], result.payment_intent_id, purchase["lot_id"],
+                     int(payload.get("amount") or 0), status))
+            result.ignored.append(f"{dispute_id}: closed {status} before it was opened here; nothing was taken")
+            return
+        if dispute["closed_at"] is None:
+            await conn.execute("UPDATE disputes SET status = %s, closed_at = now(), updated_at = now() WHERE id = %s",
+                               (status, dispute_id))
+        if status not in RETURNING_CLOSES:
+            result.ignored.append(f"{dispute_id}: closed {status}, credits stay taken")
+            return
+        back = dispute["taken_micros"] - dispute["returned_micros"]
+        if back <= 0:
+            result.ignored.append(f"{dispute_id}: nothing was taken")
+            return
+        key = f"sys:dispute_won:{dispute_id}"
+        row = await (await conn.execute(
+            "SELECT * FROM cf_post(%s, 'dispute_reversal', %s, 'system:disputes', %s, %s, 'purchase', 20, NULL, %s,"
+            " NULL)", (account_id, back, f"Dispute {dispute_id} {status}: credits given back",
+                       to_jsonb({"dispute_id": dispute_id, "payment_intent_id": result.payment_intent_id}), key))
+        ).fetchone()
+        assert row is not None
+        await conn.execute("UPDATE disputes SET returned_micros = returned_micros + %s, updated_at = now()"
+                           " WHERE id = %s", (back, dispute_id))
     result.applied.append(Clawback(key=key, kind="dispute_reversal", stripe_id=dispute_id,
-                                   amount_cents=int(payload.get("amount") or 0), wanted_micros=-taken["micros"],
-                                   taken_micros=-taken["micros"]))
+                                   amount_cents=int(payload.get("amount") or 0), wanted_micros=-back,
+                                   taken_micros=-back))

@@ -326,6 +326,7 @@ async def _release_in(conn: Any, refund_id: str, *, failure_code: str, failure_m
                        "refund_transaction_id": record.transaction_id})))).fetchone()
         assert result is not None
         release_txn = result["txn_id"]
+        await _satisfy_dispute_claims(conn, record)
     await conn.execute(
         "UPDATE refunds SET status = 'failed', release_txn_id = %s, failure_code = coalesce(failure_code, %s),"
         " failure_message = coalesce(failure_message, %s), stripe_status = coalesce(%s, stripe_status),"
@@ -333,6 +334,28 @@ async def _release_in(conn: Any, refund_id: str, *, failure_code: str, failure_m
         (release_txn, failure_code, failure_message, stripe_status, refund_id))
     record = await _load(conn, refund_id)
     return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+
+
+async def _satisfy_dispute_claims(conn: Any, record: RefundRecord) -> None:
+    """The credits a released refund puts back into its purchase's lot go first to the disputes of that purchase
+    that could not take them while the refund held them in reserve (``disputes``, migration 0023_3): journal
+    ``dispute``, key ``sys:dispute:{dispute_id}:refund:{refund_id}``, in the release's transaction (so once). A
+    dispute closed ``won`` / ``warning_closed`` claims nothing. Only the rest stays in the wallet."""
+    claims = await (await conn.execute(
+        "SELECT id, claimed_micros - taken_micros AS owed FROM disputes WHERE lot_id = %s"
+        " AND taken_micros < claimed_micros AND status NOT IN ('won', 'warning_closed')"
+        " ORDER BY created_at, id FOR UPDATE", (record.lot_id,))).fetchall()
+    for claim in claims:
+        row = await (await conn.execute(
+            "SELECT cf_clawback_lot(%s, %s, %s, 'dispute', 'system:disputes', %s, %s, %s) AS taken",
+            (record.account_id, record.lot_id, claim["owed"], f"sys:dispute:{claim['id']}:refund:{record.id}",
+             f"Disputed payment {record.payment_intent_id}: credits released by refund {record.id}",
+             to_jsonb({"payment_intent_id": record.payment_intent_id, "stripe_id": claim["id"],
+                       "refund_id": record.id})))).fetchone()
+        assert row is not None
+        if row["taken"] > 0:
+            await conn.execute("UPDATE disputes SET taken_micros = taken_micros + %s, updated_at = now()"
+                               " WHERE id = %s", (row["taken"], claim["id"]))
 
 
 # --- Stripe has not settled the refund yet (status pending / requires_action) ---------------------------------
