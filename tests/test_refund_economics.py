@@ -392,3 +392,39 @@ async def all_moves(pool: AsyncConnectionPool, account: str) -> list[dict[str, A
     async with pool.connection() as conn:
         return await (await conn.execute("SELECT type, amount_micros FROM journal WHERE account_id = %s ORDER BY seq",
                                          (account,))).fetchall()
+
+
+# --- defect 8 (disputes closing as inquiries) ------------------------------------------------------------
+
+
+async def test_dispute_closed_as_warning_closed_returns_what_was_taken_once(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, relay: Any) -> None:  # noqa: F811
+    """An inquiry (``warning_needs_response``) that closes ``warning_closed`` leaves the merchant the money: the
+    credits taken when it opened come back to the purchase's own lot, once, however often Stripe says so."""
+    account = await new_account(cf.admin)
+    await save_card(cf.admin, sdk, account)
+    bought = await buy(cf, account, "b", package_id="bonus")  # 1,200 credits for $10
+    pi = bought["payment_intent_id"]
+    inquiry = {"id": "dp_inquiry", "object": "dispute", "payment_intent": pi, "charge": "ch_x", "amount": 500,
+               "reason": "general", "status": "warning_needs_response"}
+    opened = event("charge.dispute.created", inquiry)
+    assert (await cf.deliver(opened, sign(opened))).json()["outcome"] == "routed"
+    await eventually(lambda: journal(pool, account, "dispute"), lambda r: len(r) == 1, timeout=20)
+    assert await balance_of(cf, account) == 5600
+    for n in range(2):  # a redelivery and a second event with the same news
+        closed = event("charge.dispute.closed", {**inquiry, "status": "warning_closed"}, event_id=f"evt_wc_{n}")
+        for _ in range(2):
+            assert (await cf.deliver(closed, sign(closed))).status_code == 200
+    [back] = await eventually(lambda: journal(pool, account, "dispute_reversal"), lambda r: len(r) == 1, timeout=20)
+    assert (back["amount_micros"], back["idempotency_key"]) == (600 * MICROS_PER_CREDIT, "sys:dispute_won:dp_inquiry")
+    await eventually(lambda: dispute_rows(pool, account), lambda r: r[0]["returned_micros"] > 0, timeout=20)
+    assert await balance_of(cf, account) == 6200
+    lot = await lot_of(pool, bought["transaction_id"])
+    assert (lot["remaining_micros"], lot["paid_cents"]) == (1200 * MICROS_PER_CREDIT, 1000)  # back in its own lot
+    [claim] = await dispute_rows(pool, account)
+    assert (claim["status"], claim["taken_micros"], claim["returned_micros"]) == (
+        "warning_closed", 600 * MICROS_PER_CREDIT, 600 * MICROS_PER_CREDIT)
+    # The purchase is whole again: refunding all of it returns the $10 for the 1,200 credits.
+    all_back = exact(await refund(cf, account, pi, "r-all"))
+    assert (all_back["credits"], all_back["amount_usd"], all_back["balance"]) == (1200, 10, 5000)
+    await assert_invariants(pool)

@@ -167,15 +167,16 @@ async def _take_back(conn: Any, account_id: str, purchase: dict[str, Any], what:
 
 
 # Closing statuses that give back what the dispute took (the merchant keeps the money).
-RETURNING_CLOSES = frozenset({"won"})
+RETURNING_CLOSES = frozenset({"won", "warning_closed"})
 
 
 async def _close_dispute(conn: Any, account_id: str, purchase: dict[str, Any], payload: dict[str, Any],
                          result: ClawbackResult) -> None:
-    """A dispute closed: its status is recorded; ``won`` gives back what it took (journal ``dispute_reversal``, key
-    ``sys:dispute_won:{id}``), once, and claims nothing more; a dispute lost keeps them taken (and its claim on
-    credits a refund releases later). A close that arrives before its opening records the dispute closed, so a
-    late ``charge.dispute.created`` of a dispute the merchant won takes nothing."""
+    """A dispute closed: its status is recorded; ``won`` and ``warning_closed`` (an inquiry that did not become a
+    chargeback) leave the merchant the money, so they give back what it took to the purchase's own lot (journal
+    ``dispute_reversal``, key ``sys:dispute_won:{id}``), once, and claim nothing more; a dispute lost keeps them
+    taken (and its claim on credits a refund releases later). A close that arrives before its opening records the
+    dispute closed, so a late ``charge.dispute.created`` of a dispute the merchant won takes nothing."""
     dispute_id = str(payload.get("dispute_id"))
     status = str(payload.get("status") or "closed")
     async with conn.transaction():
@@ -203,11 +204,11 @@ async def _close_dispute(conn: Any, account_id: str, purchase: dict[str, Any], p
             result.ignored.append(f"{dispute_id}: nothing was taken")
             return
         key = f"sys:dispute_won:{dispute_id}"
+        # Back into the purchase's own lot (cf_lot_return, 0023_4): its price keeps describing what it holds.
         row = await (await conn.execute(
-            "SELECT * FROM cf_post(%s, 'dispute_reversal', %s, 'system:disputes', %s, %s, 'purchase', 20, NULL, %s,"
-            " NULL)", (account_id, back, f"Dispute {dispute_id} {status}: credits given back",
-                       to_jsonb({"dispute_id": dispute_id, "payment_intent_id": result.payment_intent_id}), key))
-        ).fetchone()
+            "SELECT * FROM cf_lot_return(%s, %s, %s, 'dispute_reversal', 'system:disputes', %s, %s, %s)",
+            (account_id, dispute["lot_id"], back, key, f"Dispute {dispute_id} {status}: credits given back",
+             to_jsonb({"dispute_id": dispute_id, "payment_intent_id": result.payment_intent_id})))).fetchone()
         assert row is not None
         await conn.execute("UPDATE disputes SET returned_micros = returned_micros + %s, updated_at = now()"
                            " WHERE id = %s", (back, dispute_id))
