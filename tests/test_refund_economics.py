@@ -30,6 +30,7 @@ from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox r
 from tests.test_ledger_invariants import assert_invariants
 from tests.test_stripe_webhooks import SECRET, Clients, cf, clients_for, event, sign  # noqa: F401 - fixtures
 from tests.test_topups import TOPUP, save_card
+from workflows.contract import refund_workflow_id
 
 pytestmark = pytest.mark.temporal
 
@@ -211,7 +212,7 @@ async def refund_rows(pool: AsyncConnectionPool, account: str) -> list[dict[str,
 
 
 async def test_pending_refund_is_not_succeeded_and_a_later_failure_gives_the_credits_back_once(
-        pending_cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient) -> None:
+        pending_cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, temporal_client: Client) -> None:
     app = pending_cf
     account = await new_account(app.admin)
     await save_card(app.admin, sdk, account)
@@ -257,6 +258,13 @@ async def test_pending_refund_is_not_succeeded_and_a_later_failure_gives_the_cre
     assert (row["status"], row["stripe_status"]) == ("succeeded", "succeeded") and row["finalized_at"] is not None
     assert await balance_of(app, account) == 6500
     await assert_invariants(pool)
+    # The new path (patch refund-pending-waits: mark pending, answer, wait for Stripe) replays deterministically.
+    from tests.test_workflow_replay import replayer
+
+    history = await temporal_client.get_workflow_handle(refund_workflow_id(account, "r-all")).fetch_history()
+    assert any(e.marker_recorded_event_attributes.marker_name == "core_patch" for e in history.events
+               if e.HasField("marker_recorded_event_attributes"))
+    await replayer().replay_workflow(history)
 
 
 async def test_pending_refund_polled_by_its_workflow_is_settled_by_stripes_answer(

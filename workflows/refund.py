@@ -78,7 +78,7 @@ class RefundWorkflow:
     def __init__(self, input: RefundInput) -> None:
         self._input = input
         self._outcome = RefundOutcome(account_id=input.account_id, request_id=input.request_id,
-                                      credits=input.terms.credits, amount_cents=input.terms.credits,
+                                      credits=input.terms.credits, amount_cents=None,  # priced by the lot
                                       purchase_transaction_id=input.terms.purchase_transaction_id,
                                       payment_intent_id=input.terms.payment_intent_id)
         self._published: str | None = None
@@ -204,7 +204,8 @@ class RefundWorkflow:
         if self._published != o.status:
             workflow.upsert_search_attributes([SA_ACCOUNT_ID.value_set(o.account_id), SA_STATUS.value_set(o.status)])
             self._published = o.status
-        what = f"{o.credits:,} credits ({format_usd(o.amount_cents or 0)})" if o.credits else "all unused credits"
+        what = "all unused credits" if not o.credits else f"{o.credits:,} credits" + (
+            f" ({format_usd(o.amount_cents)})" if o.amount_cents is not None else "")
         lines = [f"**Refund** of {what}", f"- account: `{o.account_id}`", f"- request: `{o.request_id}`",
                  f"- reason: {self._input.terms.reason}", f"- status: {o.status}"]
         if o.purchase_transaction_id:
