@@ -11,6 +11,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +34,8 @@ from tests.test_topups import TOPUP, save_card
 from workflows.contract import refund_workflow_id
 
 pytestmark = pytest.mark.temporal
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "creditflow" / "ledger" / "migrations"
 
 REFUNDS = "/api/v1/billing/refunds"
 # A package carrying more credits than cents (packages allow it): 1,200 credits for $10.
@@ -70,10 +73,21 @@ async def refund(client: Clients, account: str, pi: str, request_id: str, credit
     return await client.admin.post(REFUNDS, json=body)
 
 
+def migration_statements(name: str, *starts: str) -> list[str]:
+    """The statements of one of creditflow's migrations that start with one of ``starts`` (to re-run a backfill)."""
+    text = (MIGRATIONS / name).read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+    return [sql.strip() for sql in body.split(";") if sql.strip().startswith(starts)]
+
+
+def lot_id(lot: dict[str, Any]) -> str:
+    return str(lot["id"])
+
+
 async def lot_of(pool: AsyncConnectionPool, transaction_id: str) -> dict[str, Any]:
     async with pool.connection() as conn:
         row = await (await conn.execute(
-            "SELECT source, original_micros, remaining_micros, paid_cents FROM credit_lots"
+            "SELECT id, source, original_micros, remaining_micros, paid_cents FROM credit_lots"
             " WHERE txn_id = %s::uuid", (transaction_id.removeprefix("txn_"),))).fetchone()
     assert row is not None
     return dict(row)
@@ -119,6 +133,14 @@ async def test_bonus_package_refund_loop_creates_no_credits(
     assert await balance_of(cf, account) == 5000
     assert stripe_money(sdk, pis) == (3000, 3000)
     await assert_invariants(pool)
+    # Lots written before migration 0023_1 get their price from their charge (its backfill, run again here).
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE credit_lots SET paid_cents = NULL WHERE account_id = %s", (account,))
+        for sql in migration_statements("0023_1_lot_prices.sql", "UPDATE"):
+            await conn.execute(sql)
+        prices = await (await conn.execute("SELECT source, paid_cents FROM credit_lots WHERE account_id = %s"
+                                           " ORDER BY source", (account,))).fetchall()
+    assert [(p["source"], p["paid_cents"]) for p in prices] == [("purchase", 1000)] * 3 + [("welcome_bonus", None)]
 
 
 async def test_partial_refunds_are_priced_by_the_lot_and_round_against_the_refund(
@@ -432,6 +454,14 @@ async def test_dispute_closed_as_warning_closed_returns_what_was_taken_once(
     [claim] = await dispute_rows(pool, account)
     assert (claim["status"], claim["taken_micros"], claim["returned_micros"]) == (
         "warning_closed", 600 * MICROS_PER_CREDIT, 600 * MICROS_PER_CREDIT)
+    # Disputes applied before migration 0023_3 are recorded from their journal rows (its backfill, run again here).
+    async with pool.connection() as conn:
+        await conn.execute("DELETE FROM disputes WHERE account_id = %s", (account,))
+        for sql in migration_statements("0023_3_disputes.sql", "INSERT", "UPDATE"):
+            await conn.execute(sql)
+    [claim] = await dispute_rows(pool, account)
+    assert (claim["status"], claim["lot_id"], claim["amount_cents"], claim["taken_micros"],
+            claim["returned_micros"]) == ("won", lot_id(lot), 500, 600 * MICROS_PER_CREDIT, 600 * MICROS_PER_CREDIT)
     # The purchase is whole again: refunding all of it returns the $10 for the 1,200 credits.
     all_back = exact(await refund(cf, account, pi, "r-all"))
     assert (all_back["credits"], all_back["amount_usd"], all_back["balance"]) == (1200, 10, 5000)
