@@ -31,7 +31,7 @@ from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox r
 from tests.test_ledger_invariants import assert_invariants
 from tests.test_stripe_webhooks import SECRET, Clients, cf, clients_for, event, sign  # noqa: F401 - fixtures
 from tests.test_topups import TOPUP, save_card
-from workflows.contract import refund_workflow_id
+from workflows.contract import RefundOutcome, refund_workflow_id
 
 pytestmark = pytest.mark.temporal
 
@@ -267,6 +267,11 @@ async def test_pending_refund_is_not_succeeded_and_a_later_failure_gives_the_cre
     assert [r["amount_micros"] // MICROS_PER_CREDIT for r in await journal(pool, account, "refund")] == [-2500]
     assert [r["amount_micros"] // MICROS_PER_CREDIT for r in await journal(pool, account, "refund_reversal")] == [2500]
     assert (await lot_of(pool, bought["transaction_id"]))["remaining_micros"] == 2500 * MICROS_PER_CREDIT
+    # The webhook woke the refund's workflow (signal refund_event): it ends failed, and asking again says so.
+    outcome = await workflow_result(temporal_client, account, "r-all")
+    assert (outcome.status, outcome.error_code, outcome.balance) == ("failed", "refund_failed", 7500)
+    again = await refund(app, account, pi, "r-all")
+    assert (again.status_code, again.json()["error"]["code"]) == (502, "refund_failed"), again.text
 
     # Another refund, pending, then succeeded: finalized once, the credits stay refunded.
     resp = await refund(app, account, pi, "r-1000", 1000)
@@ -279,14 +284,24 @@ async def test_pending_refund_is_not_succeeded_and_a_later_failure_gives_the_cre
     row = (await refund_rows(pool, account))[1]
     assert (row["status"], row["stripe_status"]) == ("succeeded", "succeeded") and row["finalized_at"] is not None
     assert await balance_of(app, account) == 6500
+    outcome = await workflow_result(temporal_client, account, "r-1000")
+    assert (outcome.status, outcome.credits, outcome.amount_cents, outcome.balance) == ("succeeded", 1000, 1000, 6500)
     await assert_invariants(pool)
     # The new path (patch refund-pending-waits: mark pending, answer, wait for Stripe) replays deterministically.
     from tests.test_workflow_replay import replayer
 
-    history = await temporal_client.get_workflow_handle(refund_workflow_id(account, "r-all")).fetch_history()
-    assert any(e.marker_recorded_event_attributes.marker_name == "core_patch" for e in history.events
-               if e.HasField("marker_recorded_event_attributes"))
-    await replayer().replay_workflow(history)
+    # ("r-all" was asked again after its workflow closed: its latest run replays the decided row, no Stripe call.)
+    for request_id in ("r-all", "r-1000"):
+        history = await temporal_client.get_workflow_handle(refund_workflow_id(account, request_id)).fetch_history()
+        markers = [e.marker_recorded_event_attributes.marker_name for e in history.events
+                   if e.HasField("marker_recorded_event_attributes")]
+        assert ("core_patch" in markers) == (request_id == "r-1000")
+        await replayer().replay_workflow(history)
+
+
+async def workflow_result(client: Client, account: str, request_id: str) -> RefundOutcome:
+    handle = client.get_workflow_handle(refund_workflow_id(account, request_id), result_type=RefundOutcome)
+    return await asyncio.wait_for(handle.result(), 20)
 
 
 async def test_pending_refund_polled_by_its_workflow_is_settled_by_stripes_answer(

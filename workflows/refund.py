@@ -11,9 +11,9 @@
 5. A refund Stripe answers ``pending`` / ``requires_action`` is not succeeded: ``mark_refund_pending`` keeps the
    row ``pending`` (credits reserved), the ``answer`` update returns ``pending``, and the workflow polls
    (``settle_pending_refund``, backing off to every 6 hours) until Stripe's final word, which a signed webhook
-   event may already have applied (``creditflow.payments.refunds.apply_stripe_event``): succeeded finalizes,
-   failed/canceled releases the credits once. Guarded by the patch ``refund-pending-waits`` (older histories
-   finalized at once).
+   event may already have applied (``creditflow.payments.refunds.apply_stripe_event``; the webhook then wakes
+   the workflow with the signal ``refund_event``): succeeded finalizes, failed/canceled releases the credits
+   once. Guarded by the patch ``refund-pending-waits`` (older histories finalized at once).
 
 The ``answer`` update returns once the refund is decided, so the API (update-with-start) gives a clear result;
 a repeated request id joins the running workflow or, after it closed, replays every step from the row.
@@ -21,6 +21,8 @@ a repeated request id joins the running workflow or, after it closed, replays ev
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
@@ -47,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         REFUND_WORKFLOW,
         SA_ACCOUNT_ID,
         SA_STATUS,
+        SIGNAL_REFUND_EVENT,
         UPDATE_REFUND_ANSWER,
         RefundInput,
         RefundOutcome,
@@ -83,6 +86,7 @@ class RefundWorkflow:
                                       payment_intent_id=input.terms.payment_intent_id)
         self._published: str | None = None
         self._stripe_pending = False  # Stripe accepted the refund and has not settled it: ``answer`` returns
+        self._stripe_word = False  # a webhook applied Stripe's word to the row: read it now, not at the next poll
 
     @workflow.run
     async def run(self, input: RefundInput) -> RefundOutcome:
@@ -141,6 +145,11 @@ class RefundWorkflow:
             raise ApplicationError(f"request_id {self._input.request_id} was already used for another refund",
                                    type="idempotency_conflict", non_retryable=True)
 
+    @workflow.signal(name=SIGNAL_REFUND_EVENT)
+    def refund_event(self) -> None:
+        """A Stripe event decided (or updated) the pending refund's row: check it now."""
+        self._stripe_word = True
+
     @workflow.query(name=QUERY_REFUND_STATUS)
     def status(self) -> RefundOutcome:
         return self._outcome
@@ -165,7 +174,9 @@ class RefundWorkflow:
         delay = PENDING_FIRST_POLL
         while snap.status not in (REFUND_SUCCEEDED, REFUND_FAILED):
             self._stripe_pending = True
-            await workflow.sleep(delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await workflow.wait_condition(lambda: self._stripe_word, timeout=delay)
+            self._stripe_word = False
             delay = min(delay * 2, PENDING_MAX_POLL)
             try:
                 snap = await workflow.execute_activity_method(

@@ -59,7 +59,11 @@ async def stripe_webhook(request: Request, pool: Pool, settings: AppSettings,
         client = await get_temporal(request)  # connected only when an event needs it
         return await client.signal_payment_event(account_id, request_id, payment_event)
 
-    result = await webhooks.receive(pool, event, signal)
+    async def wake_refund(account_id: str, request_id: str) -> bool:
+        client = await get_temporal(request)
+        return await client.signal_refund_event(account_id, request_id)
+
+    result = await webhooks.receive(pool, event, signal, wake_refund)
     if result.duplicate:
         return respond({"received": True, "duplicate": True})
     return respond(WebhookAck(duplicate=False, event_id=result.event_id, outcome=result.outcome))
