@@ -481,3 +481,32 @@ async def test_dispute_closed_as_warning_closed_returns_what_was_taken_once(
     all_back = exact(await refund(cf, account, pi, "r-all"))
     assert (all_back["credits"], all_back["amount_usd"], all_back["balance"]) == (1200, 10, 5000)
     await assert_invariants(pool)
+
+
+async def test_refund_reported_failed_before_its_finalize_stays_failed(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient,  # noqa: F811
+        temporal_settings: Settings) -> None:
+    """The saga's steps driven directly: Stripe answers succeeded, then reports the refund failed before the saga
+    finalizes it. The failure released the credits once; the finalize that follows leaves the refund failed."""
+    from datetime import UTC, datetime
+
+    from creditflow.domain.refunds import RefundReason
+    from creditflow.payments import refunds
+
+    account = await new_account(cf.admin)
+    await save_card(cf.admin, sdk, account)
+    bought = await buy(cf, account, "b", amount_usd=25)
+    gateway = StripeGateway.from_settings(temporal_settings)
+    plan = await refunds.plan(pool, account_id=account, request_id="direct", purchase_transaction_id=None,
+                              payment_intent_id=bought["payment_intent_id"], credits=500,
+                              reason=RefundReason.REQUESTED_BY_CUSTOMER, requested_by="admin", now=datetime.now(UTC))
+    reserved = await refunds.reserve(pool, plan)
+    made = await refunds.refund_payment(pool, gateway, reserved.refund.id)
+    assert made.status == "succeeded"
+    row = (await refund_rows(pool, account))[0]
+    failed = refund_event("charge.refund.updated", row, "failed")
+    assert (await cf.deliver(failed, sign(failed))).json()["outcome"] == "recorded"
+    done = await refunds.finalize(pool, reserved.refund.id, made.id, made.status)
+    assert (done.refund.status, done.refund.stripe_status, done.balance) == ("failed", "failed", 7500)
+    assert [r["amount_micros"] // MICROS_PER_CREDIT for r in await journal(pool, account, "refund_reversal")] == [500]
+    await assert_invariants(pool)

@@ -129,7 +129,8 @@ class RefundWorkflow:
             FinalizeRefundInput(refund_id=reserved.refund_id, stripe_refund_id=refund.id, stripe_status=refund.status),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=SETTLE_RETRY, summary=f"Finalize refund {refund.id}")
         self._take(done)
-        return await self._finish(REFUND_SUCCEEDED)
+        # A Stripe event may have reported the refund failed meanwhile (its credits then went back): say so.
+        return await self._finish(REFUND_FAILED if done.status == REFUND_FAILED else REFUND_SUCCEEDED)
 
     # --- public handlers -------------------------------------------------------------------------------
 

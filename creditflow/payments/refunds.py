@@ -282,9 +282,13 @@ async def refund_payment(pool: AsyncConnectionPool, gateway: StripeGateway, refu
 
 async def finalize(pool: AsyncConnectionPool, refund_id: str, stripe_refund_id: str,
                    stripe_status: str) -> RefundLedgerResult:
-    """Stripe refunded the money: the row becomes ``succeeded`` (idempotent)."""
+    """Stripe refunded the money: the row becomes ``succeeded`` (idempotent). A row that a later Stripe event
+    reported failed (its credits released, ``apply_stripe_status``) is returned as it is."""
     try:
         async with pool.connection() as conn, conn.transaction():
+            record = await _load(conn, refund_id, lock=True)
+            if record.status == "failed" and record.stripe_status in STRIPE_FAILED:
+                return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
             return await _finalize_in(conn, refund_id, stripe_refund_id, stripe_status)
     except psycopg.Error as exc:
         mapped = _sql_error(exc)
