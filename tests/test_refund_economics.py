@@ -510,3 +510,31 @@ async def test_refund_reported_failed_before_its_finalize_stays_failed(
     assert (done.refund.status, done.refund.stripe_status, done.balance) == ("failed", "failed", 7500)
     assert [r["amount_micros"] // MICROS_PER_CREDIT for r in await journal(pool, account, "refund_reversal")] == [500]
     await assert_invariants(pool)
+
+
+async def test_refund_made_on_stripe_that_fails_gives_its_credits_back_once(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, relay: Any) -> None:  # noqa: F811
+    """A refund made in the Stripe dashboard took its credits back (charge.refunded); Stripe later reports it failed:
+    the money did not go back, so the credits return to the purchase's lot, once."""
+    account = await new_account(cf.admin)
+    await save_card(cf.admin, sdk, account)
+    bought = await buy(cf, account, "b", package_id="bonus")  # 1,200 credits for $10
+    pi = bought["payment_intent_id"]
+    charge = {"id": "ch_x", "object": "charge", "payment_intent": pi, "amount": 1000, "amount_refunded": 500,
+              "refunds": {"object": "list", "data": [{"id": "re_dash_f", "amount": 500}]}}
+    body = event("charge.refunded", charge)
+    assert (await cf.deliver(body, sign(body))).json()["outcome"] == "routed"
+    await eventually(lambda: journal(pool, account, "refund"), lambda r: len(r) == 1, timeout=20)
+    assert await balance_of(cf, account) == 5600
+    obj = {"id": "re_dash_f", "object": "refund", "amount": 500, "payment_intent": pi, "status": "failed"}
+    for type_ in ("charge.refund.updated", "refund.failed", "charge.refund.updated"):
+        failed = event(type_, obj)
+        assert (await cf.deliver(failed, sign(failed))).json()["outcome"] == "recorded"
+    [back] = await journal(pool, account, "refund_reversal")
+    assert (back["amount_micros"], back["idempotency_key"]) == (600 * MICROS_PER_CREDIT,
+                                                                "sys:stripe_refund_failed:re_dash_f")
+    assert await balance_of(cf, account) == 6200
+    assert (await lot_of(pool, bought["transaction_id"]))["remaining_micros"] == 1200 * MICROS_PER_CREDIT
+    unknown = event("refund.failed", {**obj, "id": "re_never_taken"})
+    assert (await cf.deliver(unknown, sign(unknown))).json()["outcome"] == "ignored"
+    await assert_invariants(pool)

@@ -215,3 +215,34 @@ async def _close_dispute(conn: Any, account_id: str, purchase: dict[str, Any], p
     result.applied.append(Clawback(key=key, kind="dispute_reversal", stripe_id=dispute_id,
                                    amount_cents=int(payload.get("amount") or 0), wanted_micros=-back,
                                    taken_micros=-back))
+
+
+async def restore_failed_refund(conn: Any, obj: dict[str, Any]) -> str | None:
+    """A refund made on Stripe directly, whose credits were taken back on ``charge.refunded``, that Stripe reports
+    ``failed`` or ``canceled`` (a Refund object of ``charge.refund.updated`` / ``refund.failed``): the money did not
+    go back, so the credits return to the purchase's own lot, once (journal ``refund_reversal``, key
+    ``sys:stripe_refund_failed:{refund_id}``), in the caller's (the webhook's) transaction. Returns the charge id
+    (``stripe_charges``) when something was (or had been) restored, else None."""
+    refund_id, status, pi = obj.get("id"), obj.get("status"), obj.get("payment_intent")
+    if status not in ("failed", "canceled") or not isinstance(refund_id, str) or not isinstance(pi, str):
+        return None
+    charge = await (await conn.execute("SELECT account_id FROM stripe_charges WHERE payment_intent_id = %s",
+                                       (pi,))).fetchone()
+    if charge is None:
+        return None
+    account_id = charge["account_id"]
+    taken = await (await conn.execute(
+        "SELECT -amount_micros AS micros FROM journal WHERE account_id = %s AND idempotency_key = %s",
+        (account_id, f"sys:stripe_refund:{refund_id}"))).fetchone()
+    if taken is None or taken["micros"] <= 0:
+        return None
+    purchase = await _purchase(conn, account_id, pi)
+    try:
+        await conn.execute(
+            "SELECT * FROM cf_lot_return(%s, %s, %s, 'refund_reversal', 'system:refund_reserve', %s, %s, %s)",
+            (account_id, purchase["lot_id"], taken["micros"], f"sys:stripe_refund_failed:{refund_id}",
+             f"Refund {refund_id} made on Stripe {status}: credits back",
+             to_jsonb({"payment_intent_id": pi, "stripe_id": refund_id, "status": status})))
+    except psycopg.errors.RaiseException as exc:
+        raise CreditflowError(str(exc.diag.message_primary or "clawback_failed")) from exc
+    return str(purchase["id"])

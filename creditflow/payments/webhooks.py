@@ -191,6 +191,10 @@ async def _route(conn: Any, event: StripeEvent, signal: Signal,
     if event.type in REFUND_EVENTS:
         record = await refunds.apply_stripe_event(conn, obj)
         if record is None:
+            # A refund made on Stripe directly whose credits were taken back: if it failed, they come back once.
+            restored = await clawbacks.restore_failed_refund(conn, obj)
+            if restored is not None:
+                return OUTCOME_RECORDED, restored
             log.info("stripe event %s (%s): refund %s is not a creditflow refund; ignored", event.id, event.type,
                      obj.get("id"))
             return OUTCOME_IGNORED, None
