@@ -107,9 +107,9 @@ def quote_refund(purchase: PurchaseFacts, *, credits: int | None, now: datetime)
     cents_left = purchase.paid_cents - purchase.refunded_cents
     wanted = remaining if credits is None else credits
     if wanted <= 0 or wanted > remaining or cents_left <= 0:
+        refundable = remaining if cents_left > 0 else 0
         raise RefundError("refund_exceeds_remaining",
-                          f"at most {max(remaining if cents_left > 0 else 0, 0):,} credits of this purchase can "
-                          "be refunded")
+                          f"at most {refundable:,} credits of this purchase can be refunded")
     cents = cents_for_micros(wanted * MICROS_PER_CREDIT, paid_cents=purchase.paid_cents,
                              original_micros=purchase.original_micros)
     if cents > cents_left:
