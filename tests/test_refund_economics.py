@@ -392,7 +392,8 @@ async def test_dispute_during_a_refund_is_not_lost(temporal_client: Client, pool
         assert moves == [("welcome_bonus", 5000), ("purchase", 2500), ("refund", -2500), ("refund_reversal", 2500),
                          ("dispute", -2500)]
         assert stripe_money(sdk, [pi]) == (2500, 0)  # Stripe keeps no refund; the dispute gave the $25 back
-        [claim] = await dispute_rows(pool, account)
+        [claim] = await eventually(lambda: dispute_rows(pool, account), lambda r: r[0]["status"] == "lost",
+                                   timeout=20)  # the close is applied by the account workflow, maybe after
         assert (claim["id"], claim["status"], claim["claimed_micros"], claim["taken_micros"]) == (
             "dp_during", "lost", 2500 * MICROS_PER_CREDIT, 2500 * MICROS_PER_CREDIT)
         await assert_invariants(pool)
