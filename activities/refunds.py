@@ -32,6 +32,11 @@ class FinalizeRefundInput(BaseModel):
     stripe_status: str
 
 
+class PendingRefundInput(BaseModel):
+    refund_id: str
+    stripe_status: str
+
+
 class ReleaseRefundInput(BaseModel):
     refund_id: str
     failure_code: str
@@ -109,3 +114,15 @@ class RefundActivities:
         """Compensation: put the reserved credits back into the purchase's lot and mark the refund failed."""
         return _snapshot(await refunds.release(self._pool, input.refund_id, failure_code=input.failure_code,
                                                failure_message=input.failure_message))
+
+    @activity.defn(name="mark_refund_pending")
+    @translating_errors
+    async def mark_refund_pending(self, input: PendingRefundInput) -> RefundSnapshot:
+        """Stripe accepted the refund without settling it: the row stays ``pending``, the credits reserved."""
+        return _snapshot(await refunds.mark_pending(self._pool, input.refund_id, input.stripe_status))
+
+    @activity.defn(name="settle_pending_refund")
+    @translating_errors
+    async def settle_pending_refund(self, input: RefundRef) -> RefundSnapshot:
+        """A pending refund: decided already by a Stripe event, or ask Stripe and finalize / release on its answer."""
+        return _snapshot(await refunds.settle_pending(self._pool, self._gateway, input.refund_id))

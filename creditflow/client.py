@@ -37,6 +37,7 @@ from workflows.contract import (
     SEARCH_ATTRIBUTES,
     SIGNAL_OUTBOX_EVENT,
     SIGNAL_PAYMENT_EVENT,
+    SIGNAL_REFUND_EVENT,
     TOPUP_WORKFLOW,
     UPDATE_CHANGE_PLAN,
     UPDATE_PAUSE_AGENT,
@@ -252,6 +253,21 @@ class CreditflowClient:
         handle = self.temporal.get_workflow_handle(topup_workflow_id(account_id, request_id))
         try:
             await handle.signal(SIGNAL_PAYMENT_EVENT, event, rpc_timeout=rpc_timeout)
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
+                                  details={"reason": err.message}) from err
+        return True
+
+    async def signal_refund_event(self, account_id: str, request_id: str, *,
+                                  rpc_timeout: timedelta = timedelta(seconds=10)) -> bool:
+        """Wake ``refund:{account_id}:{request_id}`` (signal ``refund_event``): Stripe's word on its pending refund
+        was applied to the refund row, so it reads the row now instead of at its next poll. False if that workflow is
+        no longer running; Temporal unreachable is ``workflow_unavailable``."""
+        handle = self.temporal.get_workflow_handle(refund_workflow_id(account_id, request_id))
+        try:
+            await handle.signal(SIGNAL_REFUND_EVENT, rpc_timeout=rpc_timeout)
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
                 return False

@@ -48,6 +48,11 @@ def refund(
     if outcome is None:
         console.print(f"still pending; follow workflow {refund_workflow_id(account_id, request_id)}")
         raise typer.Exit(3)
+    if outcome.status == "pending":  # Stripe accepted the refund and has not settled it: credits stay reserved
+        console.print(f"pending: Stripe has not settled refund {outcome.stripe_refund_id} yet "
+                      f"({outcome.credits:,} credits reserved, refund {outcome.refund_id}); follow workflow "
+                      f"{refund_workflow_id(account_id, request_id)}")
+        raise typer.Exit(3)
     if outcome.status != "succeeded":
         console.print(f"[red]{outcome.status}[/red]: {outcome.error_code}: {outcome.error_message}")
         raise typer.Exit(1)

@@ -69,10 +69,14 @@ async def test_stripe_side_refunds_and_disputes_take_back_credits_once(
     assert (taken["amount_micros"], taken["counter_book"]) == (-1000 * MICROS_PER_CREDIT, "system:disputes")
     balance = (await cf.admin.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"]
     assert balance == 5000  # the welcome bonus is untouched
-    async with pool.connection() as conn:
-        notices = await (await conn.execute(
-            "SELECT kind, payload FROM notifications_log WHERE account_id = %s AND kind = 'payment.disputed'",
-            (account,))).fetchall()
+    async def disputed_notices() -> list[dict[str, Any]]:
+        async with pool.connection() as conn:
+            return await (await conn.execute(
+                "SELECT kind, payload FROM notifications_log WHERE account_id = %s AND kind = 'payment.disputed'",
+                (account,))).fetchall()
+
+    # The workflow notifies after the clawback's activity has committed: wait for it.
+    notices = await eventually(disputed_notices, lambda n: len(n) >= 1, timeout=20)
     assert [(n["payload"]["dispute_id"], n["payload"]["amount_cents"]) for n in notices] == [("dp_1", 2500)]
 
     # The dispute is won: the credits taken come back, once (a lost one would keep them taken).
@@ -117,6 +121,10 @@ async def test_auto_recharge_paid_after_its_workflow_gave_up_is_credited_once(
     balance = (await cf.admin.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"]
     assert balance == 7000
     assert (await topups.get_charge(pool, record.id)).status == "succeeded"
+    async with pool.connection() as conn:  # the lot carries its price (issue 11): $20 for 2,000 credits
+        [lot] = await (await conn.execute("SELECT source, original_micros, paid_cents FROM credit_lots"
+                                          " WHERE account_id = %s AND source = 'auto_recharge'", (account,))).fetchall()
+    assert (lot["original_micros"], lot["paid_cents"]) == (2000 * MICROS_PER_CREDIT, 2000)
     await assert_invariants(pool)
 
 

@@ -53,10 +53,12 @@ def workflow_classes() -> list[type]:
             ReconciliationWorkflow]
 
 
-def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Callable[..., Any]]:
-    """Activities bound to this process's resources (database pool, Stripe gateway from ``settings``)."""
+def activity_functions(pool: AsyncConnectionPool, settings: Settings,
+                       gateway: StripeGateway | None = None) -> list[Callable[..., Any]]:
+    """Activities bound to this process's resources (database pool, Stripe gateway from ``settings``; tests may
+    pass a gateway of their own, e.g. one reporting Stripe answers the emulator cannot give)."""
     accounts = AccountActivities(pool)
-    gateway = StripeGateway.from_settings(settings)
+    gateway = gateway or StripeGateway.from_settings(settings)
     payments = PaymentActivities(pool, gateway)
     topups = TopUpActivities(pool, gateway)
     notifications = NotificationActivities(pool, settings)
@@ -76,7 +78,8 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
             topups.record_topup_charge, topups.charge_topup, topups.poll_topup_payment, topups.cancel_topup_payment,
             topups.credit_topup, topups.mark_topup_charge, notifications.send_notification,
             refunds.check_refund, refunds.reserve_refund, refunds.refund_payment, refunds.finalize_refund,
-            refunds.release_refund, alerts.fire_balance_alerts, alerts.send_daily_usage_alert,
+            refunds.release_refund, refunds.mark_refund_pending, refunds.settle_pending_refund,
+            alerts.fire_balance_alerts, alerts.send_daily_usage_alert,
             invoices.prepare_invoice, invoices.open_invoice, invoices.settle_invoice,
             invoices.record_invoice_payment_failure,
             reconciliation.open_reconciliation, reconciliation.reconcile_with_stripe,
@@ -84,9 +87,9 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
 
 
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,
-                 task_queue: str | None = None) -> Worker:
+                 task_queue: str | None = None, gateway: StripeGateway | None = None) -> Worker:
     return Worker(client, task_queue=task_queue or settings.temporal_task_queue,
-                  workflows=workflow_classes(), activities=activity_functions(pool, settings))
+                  workflows=workflow_classes(), activities=activity_functions(pool, settings, gateway))
 
 
 async def connect_with_retry(settings: Settings) -> Client:

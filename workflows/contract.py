@@ -281,6 +281,8 @@ REFUND_WORKFLOW_ID_PREFIX = "refund:"
 UPDATE_REFUND_ANSWER = "answer"
 # Query: the current ``RefundOutcome``.
 QUERY_REFUND_STATUS = "status"
+# Signal (no argument): Stripe's word on a pending refund was applied to its row (a webhook event); read it now.
+SIGNAL_REFUND_EVENT = "refund_event"
 
 REFUND_PENDING = "pending"
 REFUND_SUCCEEDED = "succeeded"

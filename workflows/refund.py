@@ -8,6 +8,12 @@
    refunded would pay twice. Only a refusal (or a refund Stripe reports ``failed``/``canceled``) compensates.
 4. ``finalize_refund`` marks it succeeded; compensation is ``release_refund`` (journal ``refund_reversal``:
    the credits go back to the same lot) and the refund is reported ``failed``.
+5. A refund Stripe answers ``pending`` / ``requires_action`` is not succeeded: ``mark_refund_pending`` keeps the
+   row ``pending`` (credits reserved), the ``answer`` update returns ``pending``, and the workflow polls
+   (``settle_pending_refund``, backing off to every 6 hours) until Stripe's final word, which a signed webhook
+   event may already have applied (``creditflow.payments.refunds.apply_stripe_event``; the webhook then wakes
+   the workflow with the signal ``refund_event``): succeeded finalizes, failed/canceled releases the credits
+   once. Guarded by the patch ``refund-pending-waits`` (older histories finalized at once).
 
 The ``answer`` update returns once the refund is decided, so the API (update-with-start) gives a clear result;
 a repeated request id joins the running workflow or, after it closed, replays every step from the row.
@@ -15,6 +21,8 @@ a repeated request id joins the running workflow or, after it closed, replays ev
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
@@ -25,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.payments import PERMANENT_CODES
     from activities.refunds import (
         FinalizeRefundInput,
+        PendingRefundInput,
         RefundActivities,
         RefundRef,
         RefundSnapshot,
@@ -40,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         REFUND_WORKFLOW,
         SA_ACCOUNT_ID,
         SA_STATUS,
+        SIGNAL_REFUND_EVENT,
         UPDATE_REFUND_ANSWER,
         RefundInput,
         RefundOutcome,
@@ -58,6 +68,11 @@ REFUND_STRIPE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), backoff
                                   non_retryable_error_types=_REFUSALS)
 # Finalize / release: the money side is decided, the ledger must follow, so retried until it lands.
 SETTLE_RETRY = until_done_retry(["idempotency_conflict", "not_found", "refund_not_reserved"])
+# Stripe's final refund statuses; anything else (pending, requires_action) waits for Stripe.
+STRIPE_FINAL = ("succeeded", "failed", "canceled")
+PENDING_PATCH = "refund-pending-waits"
+PENDING_FIRST_POLL = timedelta(minutes=5)
+PENDING_MAX_POLL = timedelta(hours=6)
 
 
 @workflow.defn(name=REFUND_WORKFLOW)
@@ -66,10 +81,12 @@ class RefundWorkflow:
     def __init__(self, input: RefundInput) -> None:
         self._input = input
         self._outcome = RefundOutcome(account_id=input.account_id, request_id=input.request_id,
-                                      credits=input.terms.credits, amount_cents=input.terms.credits,
+                                      credits=input.terms.credits, amount_cents=None,  # priced by the lot
                                       purchase_transaction_id=input.terms.purchase_transaction_id,
                                       payment_intent_id=input.terms.payment_intent_id)
         self._published: str | None = None
+        self._stripe_pending = False  # Stripe accepted the refund and has not settled it: ``answer`` returns
+        self._stripe_word = False  # a webhook applied Stripe's word to the row: read it now, not at the next poll
 
     @workflow.run
     async def run(self, input: RefundInput) -> RefundOutcome:
@@ -101,6 +118,8 @@ class RefundWorkflow:
             error = error_of(err)
             return await self._release(reserved.refund_id, error.type or "refund_failed", error.message)
         o.stripe_refund_id = refund.id
+        if refund.status not in STRIPE_FINAL and workflow.patched(PENDING_PATCH):
+            return await self._wait_for_stripe(reserved.refund_id, refund.status)
         if refund.status in ("failed", "canceled"):
             return await self._release(reserved.refund_id, "refund_failed",
                                        f"Stripe reports the refund {refund.status}"
@@ -110,14 +129,15 @@ class RefundWorkflow:
             FinalizeRefundInput(refund_id=reserved.refund_id, stripe_refund_id=refund.id, stripe_status=refund.status),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=SETTLE_RETRY, summary=f"Finalize refund {refund.id}")
         self._take(done)
-        return await self._finish(REFUND_SUCCEEDED)
+        # A Stripe event may have reported the refund failed meanwhile (its credits then went back): say so.
+        return await self._finish(REFUND_FAILED if done.status == REFUND_FAILED else REFUND_SUCCEEDED)
 
     # --- public handlers -------------------------------------------------------------------------------
 
     @workflow.update(name=UPDATE_REFUND_ANSWER)
     async def answer(self, terms: RefundTerms) -> RefundOutcome:
-        """Wait until the refund is decided."""
-        await workflow.wait_condition(lambda: self._outcome.status != REFUND_PENDING)
+        """Wait until the refund is decided, or Stripe has accepted it without settling it (``pending``)."""
+        await workflow.wait_condition(lambda: self._outcome.status != REFUND_PENDING or self._stripe_pending)
         return self._outcome
 
     @answer.validator
@@ -125,6 +145,11 @@ class RefundWorkflow:
         if terms != self._input.terms:
             raise ApplicationError(f"request_id {self._input.request_id} was already used for another refund",
                                    type="idempotency_conflict", non_retryable=True)
+
+    @workflow.signal(name=SIGNAL_REFUND_EVENT)
+    def refund_event(self) -> None:
+        """A Stripe event decided (or updated) the pending refund's row: check it now."""
+        self._stripe_word = True
 
     @workflow.query(name=QUERY_REFUND_STATUS)
     def status(self) -> RefundOutcome:
@@ -140,6 +165,30 @@ class RefundWorkflow:
         o.balance = snap.balance
         if snap.status == REFUND_FAILED:
             o.error_code, o.error_message = snap.failure_code or "refund_failed", snap.failure_message
+
+    async def _wait_for_stripe(self, refund_id: str, stripe_status: str) -> RefundOutcome:
+        """Stripe has not settled the refund: keep it pending (credits reserved) until Stripe's final word."""
+        snap = await workflow.execute_activity_method(
+            RefundActivities.mark_refund_pending, PendingRefundInput(refund_id=refund_id, stripe_status=stripe_status),
+            start_to_close_timeout=DB_TIMEOUT, retry_policy=SETTLE_RETRY, summary=f"Stripe says {stripe_status}")
+        self._take(snap)
+        delay = PENDING_FIRST_POLL
+        while snap.status not in (REFUND_SUCCEEDED, REFUND_FAILED):
+            self._stripe_pending = True
+            with contextlib.suppress(asyncio.TimeoutError):
+                await workflow.wait_condition(lambda: self._stripe_word, timeout=delay)
+            self._stripe_word = False
+            delay = min(delay * 2, PENDING_MAX_POLL)
+            try:
+                snap = await workflow.execute_activity_method(
+                    RefundActivities.settle_pending_refund, RefundRef(refund_id=refund_id),
+                    start_to_close_timeout=STRIPE_TIMEOUT, retry_policy=REFUND_STRIPE_RETRY,
+                    summary="Has Stripe settled the refund?")
+            except ActivityError as err:  # Stripe refused to answer: the credits stay reserved, ask again later
+                workflow.logger.warning("refund %s: could not ask Stripe (%s)", refund_id, error_of(err).message)
+                continue
+            self._take(snap)
+        return await self._finish(snap.status)
 
     async def _release(self, refund_id: str, code: str, message: str | None) -> RefundOutcome:
         released = await workflow.execute_activity_method(
@@ -167,7 +216,8 @@ class RefundWorkflow:
         if self._published != o.status:
             workflow.upsert_search_attributes([SA_ACCOUNT_ID.value_set(o.account_id), SA_STATUS.value_set(o.status)])
             self._published = o.status
-        what = f"{o.credits:,} credits ({format_usd(o.amount_cents or 0)})" if o.credits else "all unused credits"
+        what = "all unused credits" if not o.credits else f"{o.credits:,} credits" + (
+            f" ({format_usd(o.amount_cents)})" if o.amount_cents is not None else "")
         lines = [f"**Refund** of {what}", f"- account: `{o.account_id}`", f"- request: `{o.request_id}`",
                  f"- reason: {self._input.terms.reason}", f"- status: {o.status}"]
         if o.purchase_transaction_id:

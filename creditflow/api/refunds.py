@@ -49,7 +49,8 @@ class RefundRequest(Strict):
 
 
 class RefundResponse(BaseModel):
-    status: str = Field(description="succeeded, or pending (still deciding: ask again with the same request_id)")
+    status: str = Field(description="succeeded, or pending (still deciding, or Stripe has not settled the refund: "
+                                    "ask again with the same request_id)")
     request_id: str
     refund_id: str | None = None
     credits: int | None = None
@@ -97,7 +98,8 @@ def _body(outcome: RefundOutcome) -> dict[str, object]:
 
 
 @router.post("/refunds", response_model=RefundResponse, response_class=ExactJSONResponse,
-             responses={202: {"description": "not decided within the wait: `status: pending`; repeat the request"},
+             responses={202: {"description": "not decided within the wait, or Stripe has not settled the refund "
+                                             "(credits stay reserved): `status: pending`; repeat the request"},
                         403: {"description": "forbidden (an admin-only reason with an account key)"},
                         404: {"description": "unknown_purchase / unknown_account"},
                         409: {"description": "idempotency_conflict (request_id used for another refund)"},
@@ -132,14 +134,15 @@ async def create_refund(req: RefundRequest, principal: Writer, pool: Pool, setti
     if outcome is None:
         return respond({"status": REFUND_PENDING, "request_id": req.request_id,
                         "workflow_id": refund_workflow_id(account_id, req.request_id)}, 202)
-    return respond(_body(outcome))
+    # Stripe accepted the refund without settling it: pending (202) until Stripe's final word.
+    return respond(_body(outcome), 202 if outcome.status == REFUND_PENDING else 200)
 
 
 @router.get("/refunds", response_model=RefundList, response_class=ExactJSONResponse)
 async def list_refunds(principal: Reader, pool: Pool, limit: Annotated[int, Query(ge=1, le=500)] = 50,
                        account_id: Annotated[str | None, Query(description="Admin keys only.")] = None
                        ) -> ExactJSONResponse:
-    """The account's refunds, newest first, with their status (reserved, refunding, succeeded, failed)."""
+    """The account's refunds, newest first, with their status (reserved, refunding, pending, succeeded, failed)."""
     rows = await refunds.list_refunds(pool, target_account(principal, account_id), limit)
     items = [RefundItem(id=r.id, request_id=r.request_id, status=r.status, reason=r.reason, credits=r.credits,
                         amount_usd=r.amount_usd, purchase_transaction_id=f"txn_{r.purchase_txn_id.hex}",

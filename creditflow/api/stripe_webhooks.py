@@ -47,7 +47,8 @@ async def stripe_webhook(request: Request, pool: Pool, settings: AppSettings,
                          ) -> ExactJSONResponse:
     """Receive a Stripe event. Register this URL in Stripe's dashboard (Developers → Webhooks) with the events
     ``payment_intent.succeeded``, ``payment_intent.payment_failed``, ``payment_intent.canceled``,
-    ``charge.refunded``, ``charge.dispute.created`` and ``charge.dispute.closed``; its signing secret goes in
+    ``charge.refunded``, ``charge.dispute.created``, ``charge.dispute.closed``, ``charge.refund.updated``,
+    ``refund.updated`` and ``refund.failed``; its signing secret goes in
     ``CREDITFLOW_STRIPE_WEBHOOK_SECRET``."""
     secret = settings.stripe_webhook_secret.get_secret_value()
     if not secret:
@@ -58,7 +59,11 @@ async def stripe_webhook(request: Request, pool: Pool, settings: AppSettings,
         client = await get_temporal(request)  # connected only when an event needs it
         return await client.signal_payment_event(account_id, request_id, payment_event)
 
-    result = await webhooks.receive(pool, event, signal)
+    async def wake_refund(account_id: str, request_id: str) -> bool:
+        client = await get_temporal(request)
+        return await client.signal_refund_event(account_id, request_id)
+
+    result = await webhooks.receive(pool, event, signal, wake_refund)
     if result.duplicate:
         return respond({"received": True, "duplicate": True})
     return respond(WebhookAck(duplicate=False, event_id=result.event_id, outcome=result.outcome))

@@ -38,6 +38,35 @@ PRIORITY: dict[LotSource, int] = {
 REFUNDABLE_SOURCES = frozenset({LotSource.PURCHASE, LotSource.AUTO_RECHARGE})
 
 
+# --- a lot's price -------------------------------------------------------------------------------------
+# A paid lot (purchase, auto-recharge) carries ``paid_cents``: the money paid for it, and ``original_micros``: the
+# credits that money bought (a package's bonus included, so 1,200 credits for 1,000 cents is a price of 0.8333 cents
+# per credit). Refunds, Stripe-side refunds and disputes move its credits and its money together, in that proportion,
+# and every conversion rounds against the customer getting something back: money returned is rounded DOWN, credits
+# taken back are rounded UP (to the micro). Neither direction can then mint value, however a purchase is split.
+
+
+def cents_for_micros(micros: int, *, paid_cents: int, original_micros: int) -> int:
+    """The money ``micros`` credits of the lot are worth, rounded down: floor(micros * paid / original)."""
+    _check_price(paid_cents, original_micros)
+    if micros < 0:
+        raise ValueError("micros must be >= 0")
+    return micros * paid_cents // original_micros
+
+
+def micros_for_cents(cents: int, *, paid_cents: int, original_micros: int) -> int:
+    """The credits (micros) of the lot that ``cents`` bought, rounded up: ceil(cents * original / paid)."""
+    _check_price(paid_cents, original_micros)
+    if cents < 0:
+        raise ValueError("cents must be >= 0")
+    return -(-cents * original_micros // paid_cents)
+
+
+def _check_price(paid_cents: int, original_micros: int) -> None:
+    if paid_cents <= 0 or original_micros <= 0:
+        raise ValueError("a lot's price needs paid_cents > 0 and original_micros > 0")
+
+
 def lot_priority(source: LotSource | str) -> int:
     return PRIORITY[LotSource(source)]
 

@@ -8,9 +8,15 @@ account lock when it reserves them, so a race between two refunds can never over
 Rules:
 * only purchased credits (a top-up's lot); bonus, plan, promotional credits are ``not_refundable``;
 * within 30 days of the purchase (``refund_window_expired``);
-* whole credits, at most what remains of that purchase's lot and at most what was paid less what is already
-  refunded or being refunded (``refund_exceeds_remaining``); default: every whole credit that remains;
-* 1 credit = 1 cent, so the money refunded is the number of credits in cents;
+* whole credits, at most what remains of that purchase's lot (``refund_exceeds_remaining``); default: every whole
+  credit that remains, a package's bonus credits included (they leave with the purchase they came with);
+* priced by the lot's own proportion (``creditflow.domain.lots``): the money refunded is
+  floor(credits * paid_cents / credits bought), rounded DOWN, against the refund; so 1,200 credits bought for $10
+  give back $10 only all together, 600 of them $5, 7 of them $0.05 (5.83 cents), 1 of them nothing (refused:
+  ``refund_exceeds_remaining``, worth less than a cent). Credits derived from money (disputes, refunds made on
+  Stripe) are rounded UP. A sub-credit rest of the lot (left by fractional usage) stays, with its money;
+* never more money than was paid less what is already refunded or being refunded (an explicit number of credits
+  worth more is ``refund_exceeds_remaining``; "everything" is capped at that money);
 * ``requested_by_customer`` (default) for anyone allowed to refund; ``duplicate_charge`` and
   ``billing_error`` for admins only (``forbidden``). They follow the same limits.
 """
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from creditflow.domain.lots import REFUNDABLE_SOURCES, LotSource
+from creditflow.domain.lots import REFUNDABLE_SOURCES, LotSource, cents_for_micros
 from creditflow.domain.money import MICROS_PER_CREDIT
 
 REFUND_WINDOW = timedelta(days=30)
@@ -53,6 +59,8 @@ class PurchaseFacts:
     purchased_at: datetime
     paid_cents: int
     remaining_micros: int
+    # The credits the payment bought (the lot's original size, a package's bonus included): the lot's price.
+    original_micros: int
     # Cents of this purchase already refunded or being refunded (failed refunds excluded).
     refunded_cents: int = 0
 
@@ -96,9 +104,18 @@ def quote_refund(purchase: PurchaseFacts, *, credits: int | None, now: datetime)
         raise RefundError("refund_window_expired", "refunds are possible within 30 days of purchase")
     credits = check_credits(credits)
     remaining = purchase.remaining_micros // MICROS_PER_CREDIT
-    refundable = min(remaining, purchase.paid_cents - purchase.refunded_cents)  # 1 credit = 1 cent
-    wanted = refundable if credits is None else credits
-    if wanted <= 0 or wanted > refundable:
+    cents_left = purchase.paid_cents - purchase.refunded_cents
+    wanted = remaining if credits is None else credits
+    if wanted <= 0 or wanted > remaining or cents_left <= 0:
+        refundable = remaining if cents_left > 0 else 0
         raise RefundError("refund_exceeds_remaining",
-                          f"at most {max(refundable, 0):,} credits of this purchase can be refunded")
-    return RefundQuote(credits=wanted, amount_cents=wanted)
+                          f"at most {refundable:,} credits of this purchase can be refunded")
+    cents = cents_for_micros(wanted * MICROS_PER_CREDIT, paid_cents=purchase.paid_cents,
+                             original_micros=purchase.original_micros)
+    if cents > cents_left:
+        if credits is not None:
+            raise RefundError("refund_exceeds_remaining", "this purchase's money is already refunded")
+        cents = cents_left  # everything that remains, for what is left of the money
+    if cents <= 0:
+        raise RefundError("refund_exceeds_remaining", f"{wanted:,} credits of this purchase are worth less than a cent")
+    return RefundQuote(credits=wanted, amount_cents=cents)

@@ -22,6 +22,8 @@ class CreditLot(BaseModel):
     expires_at: datetime | None
     created_at: datetime
     transaction_id: str
+    # Money paid for the lot (purchases, auto-recharges); None for grants nobody paid for. Its price with ``original``.
+    paid_cents: int | None = None
 
 
 async def account_lots(pool: AsyncConnectionPool, account_id: str, *, include_depleted: bool = False
@@ -34,4 +36,5 @@ async def account_lots(pool: AsyncConnectionPool, account_id: str, *, include_de
             " ORDER BY priority, expires_at NULLS LAST, created_at, id", (account_id, include_depleted))).fetchall()
     return [CreditLot(id=r["id"], source=LotSource(r["source"]), original=micros_to_credits(r["original_micros"]),
                       remaining=micros_to_credits(r["remaining_micros"]), expires_at=r["expires_at"],
-                      created_at=r["created_at"], transaction_id=txn_id(r["txn_id"]) or "") for r in rows]
+                      created_at=r["created_at"], transaction_id=txn_id(r["txn_id"]) or "",
+                      paid_cents=r["paid_cents"]) for r in rows]

@@ -35,12 +35,17 @@ async def post(
     metadata: dict[str, Any] | None = None,
     lot_source: LotSource = LotSource.ADJUSTMENT,
     lot_expires_at: datetime | None = None,
+    lot_paid_cents: int | None = None,
 ) -> PostingResult:
     """Move ``amount_micros`` into (positive: a new credit lot) or out of (negative: burns lots,
     never below the floor) the wallet, against ``counter_book`` (``system:...``).
 
     Same key and same request returns the first result (``replayed``); same key with another
-    request is ``idempotency_conflict``. The key is stored with the effect, never before it."""
+    request is ``idempotency_conflict``. The key is stored with the effect, never before it.
+
+    ``lot_paid_cents``: the money paid for a purchased grant, stored on its lot in the same transaction (the
+    lot's price: refunds and disputes move its credits and money in that proportion). Not part of the
+    request's fingerprint: the caller's metadata carries the amount."""
     check_token(idempotency_key, "idempotency_key")
     if metadata:
         check_metadata(metadata)
@@ -51,9 +56,12 @@ async def post(
 
     async def run() -> PostingResult:
         try:
-            async with pool.connection() as conn:
+            async with pool.connection() as conn, conn.transaction():
                 row = await (await conn.execute(
                     "SELECT * FROM cf_post(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", params)).fetchone()
+                if lot_paid_cents is not None and row is not None and row["lot_id"] is not None:
+                    await conn.execute("UPDATE credit_lots SET paid_cents = %s WHERE id = %s AND paid_cents IS NULL",
+                                       (lot_paid_cents, row["lot_id"]))
         except psycopg.Error as exc:
             code = _SQLSTATE_CODES.get(exc.diag.sqlstate or "")
             if code is None:

@@ -3,8 +3,9 @@
 Stripe tells us with ``charge.refunded`` (a refund creditflow did not make: e.g. from the Stripe dashboard) and
 ``charge.dispute.created``. The webhook stores the event and writes an outbox row in the same transaction; the
 account workflow applies it here, once per refund or dispute id (the journal key). The credits come from the
-purchase's own lot, in proportion to the money (a package may have bought more credits than cents), never more
-than remains of that lot and never below the balance floor; what could not be taken back is reported.
+purchase's own lot, in the lot's own proportion (a package may have bought more credits than cents): D cents take back
+ceil(D * credits bought / cents paid) micros, rounded up against the customer (``creditflow.domain.lots``), never
+more than remains of that lot and never below the balance floor; what could not be taken back is reported.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
-from creditflow.domain.money import MICROS_PER_CREDIT
+from creditflow.domain.lots import micros_for_cents
 from creditflow.errors import CreditflowError
 from creditflow.ledger.db import to_jsonb
 from creditflow.payments.refunds import REFUND_METADATA_KEY
@@ -72,11 +73,14 @@ async def _purchase(conn: Any, account_id: str, payment_intent_id: str) -> dict[
         (account_id, payment_intent_id))).fetchone()
     if charge is None or not charge["ledger_txn_id"]:
         raise CreditflowError("unknown_purchase", f"no credited purchase with PaymentIntent {payment_intent_id}")
-    lot = await (await conn.execute("SELECT id FROM credit_lots WHERE account_id = %s AND txn_id = %s",
+    lot = await (await conn.execute("SELECT id, paid_cents, original_micros FROM credit_lots"
+                                    " WHERE account_id = %s AND txn_id = %s",
                                     (account_id, UUID(hex=charge["ledger_txn_id"].removeprefix("txn_"))))).fetchone()
     if lot is None:
         raise CreditflowError("unknown_purchase", f"the purchase of {payment_intent_id} has no credit lot")
-    return {**charge, "lot_id": lot["id"]}
+    # The lot's price (0023_1); a lot without a backfilled price has its charge's.
+    return {**charge, "lot_id": lot["id"], "original_micros": lot["original_micros"],
+            "paid_cents": lot["paid_cents"] if lot["paid_cents"] is not None else charge["amount_cents"]}
 
 
 async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: dict[str, Any],
@@ -98,7 +102,7 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
             result.ignored.append(f"{result.payment_intent_id}: not a credited creditflow purchase")
             return result
         if kind == DISPUTE_CLOSED:
-            await _close_dispute(conn, account_id, payload, result)
+            await _close_dispute(conn, account_id, purchase, payload, result)
             return result
         if kind == REFUNDED:
             ours = {r["stripe_refund_id"] for r in await (await conn.execute(
@@ -118,46 +122,127 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
         else:
             items = [("dispute", str(payload.get("dispute_id")), int(payload.get("amount") or 0))]
         for what, stripe_id, cents in items:
-            wanted = purchase["credits"] * MICROS_PER_CREDIT * min(cents, purchase["amount_cents"]) \
-                // purchase["amount_cents"]
-            key = f"sys:{'stripe_refund' if what == 'refund' else 'dispute'}:{stripe_id}"
-            description = (f"Refund {stripe_id} made on Stripe" if what == "refund"
-                           else f"Disputed payment {result.payment_intent_id} ({payload.get('reason') or 'dispute'})")
-            try:
-                row = await (await conn.execute(
-                    "SELECT cf_clawback_lot(%s, %s, %s, %s, %s, %s, %s, %s) AS taken",
-                    (account_id, purchase["lot_id"], wanted, what, "system:refund_reserve" if what == "refund"
-                     else "system:disputes", key, description,
-                     to_jsonb({"payment_intent_id": result.payment_intent_id, "stripe_id": stripe_id,
-                               "amount_cents": cents})))).fetchone()
-            except psycopg.errors.RaiseException as exc:
-                raise CreditflowError(str(exc.diag.message_primary or "clawback_failed")) from exc
-            assert row is not None
-            result.applied.append(Clawback(key=key, kind=what, stripe_id=stripe_id, amount_cents=cents,
-                                           wanted_micros=wanted, taken_micros=int(row["taken"])))
+            async with conn.transaction():
+                result.applied.append(await _take_back(conn, account_id, purchase, what, stripe_id, cents,
+                                                       result.payment_intent_id, payload.get("reason")))
     return result
 
 
-async def _close_dispute(conn: Any, account_id: str, payload: dict[str, Any], result: ClawbackResult) -> None:
-    """A dispute won gives back the credits taken when it was opened (a new purchased lot), once; a dispute lost
-    (or closed otherwise) keeps them taken."""
+async def _take_back(conn: Any, account_id: str, purchase: dict[str, Any], what: str, stripe_id: str, cents: int,
+                     payment_intent_id: str | None, reason: object) -> Clawback:
+    """One refund made on Stripe or one dispute: the credits its money bought leave the purchase's lot (once per
+    key). A dispute is recorded in ``disputes`` in the same transaction with what it claims and what it took: what
+    the lot could not give now (e.g. credits an in-flight refund holds in reserve) stays claimed, and a release of
+    that refund gives it to the dispute (``creditflow.payments.refunds``)."""
+    key = f"sys:{'stripe_refund' if what == 'refund' else 'dispute'}:{stripe_id}"
+    if what == "dispute":
+        known = await (await conn.execute("SELECT amount_cents, claimed_micros, taken_micros FROM disputes"
+                                          " WHERE id = %s", (stripe_id,))).fetchone()
+        if known is not None:  # applied before (a redelivery): nothing more
+            return Clawback(key=key, kind=what, stripe_id=stripe_id, amount_cents=known["amount_cents"],
+                            wanted_micros=known["claimed_micros"], taken_micros=known["taken_micros"])
+    # The credits that money bought, in the lot's own proportion, rounded up (creditflow.domain.lots).
+    wanted = micros_for_cents(min(cents, purchase["paid_cents"]), paid_cents=purchase["paid_cents"],
+                              original_micros=purchase["original_micros"])
+    description = (f"Refund {stripe_id} made on Stripe" if what == "refund"
+                   else f"Disputed payment {payment_intent_id} ({reason or 'dispute'})")
+    try:
+        row = await (await conn.execute(
+            "SELECT cf_clawback_lot(%s, %s, %s, %s, %s, %s, %s, %s) AS taken",
+            (account_id, purchase["lot_id"], wanted, what, "system:refund_reserve" if what == "refund"
+             else "system:disputes", key, description,
+             to_jsonb({"payment_intent_id": payment_intent_id, "stripe_id": stripe_id,
+                       "amount_cents": cents})))).fetchone()
+    except psycopg.errors.RaiseException as exc:
+        raise CreditflowError(str(exc.diag.message_primary or "clawback_failed")) from exc
+    assert row is not None
+    taken = int(row["taken"])
+    if what == "dispute":
+        await conn.execute(
+            "INSERT INTO disputes (id, account_id, charge_id, payment_intent_id, lot_id, amount_cents, claimed_micros,"
+            " taken_micros) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (stripe_id, account_id, purchase["id"], payment_intent_id, purchase["lot_id"], cents, wanted, taken))
+    return Clawback(key=key, kind=what, stripe_id=stripe_id, amount_cents=cents, wanted_micros=wanted,
+                    taken_micros=taken)
+
+
+# Closing statuses that give back what the dispute took (the merchant keeps the money).
+RETURNING_CLOSES = frozenset({"won", "warning_closed"})
+
+
+async def _close_dispute(conn: Any, account_id: str, purchase: dict[str, Any], payload: dict[str, Any],
+                         result: ClawbackResult) -> None:
+    """A dispute closed: its status is recorded; ``won`` and ``warning_closed`` (an inquiry that did not become a
+    chargeback) leave the merchant the money, so they give back what it took to the purchase's own lot (journal
+    ``dispute_reversal``, key ``sys:dispute_won:{id}``), once, and claim nothing more; a dispute lost keeps them
+    taken (and its claim on credits a refund releases later). A close that arrives before its opening records the
+    dispute closed, so a late ``charge.dispute.created`` of a dispute the merchant won takes nothing."""
     dispute_id = str(payload.get("dispute_id"))
-    if payload.get("status") != "won":
-        result.ignored.append(f"{dispute_id}: closed {payload.get('status')}, credits stay taken")
-        return
+    status = str(payload.get("status") or "closed")
+    async with conn.transaction():
+        # The balance row first, as every ledger write (a refund's release locks it before the disputes rows).
+        await conn.execute("SELECT 1 FROM balances WHERE account_id = %s FOR UPDATE", (account_id,))
+        dispute = await (await conn.execute("SELECT * FROM disputes WHERE id = %s AND account_id = %s FOR UPDATE",
+                                            (dispute_id, account_id))).fetchone()
+        if dispute is None:
+            if status in RETURNING_CLOSES:
+                await conn.execute(
+                    "INSERT INTO disputes (id, account_id, charge_id, payment_intent_id, lot_id, amount_cents,"
+                    " claimed_micros, status, closed_at) VALUES (%s, %s, %s, %s, %s, %s, 0, %s, now())",
+                    (dispute_id, account_id, purchase["id"], result.payment_intent_id, purchase["lot_id"],
+                     int(payload.get("amount") or 0), status))
+            result.ignored.append(f"{dispute_id}: closed {status} before it was opened here; nothing was taken")
+            return
+        if dispute["closed_at"] is None:
+            await conn.execute("UPDATE disputes SET status = %s, closed_at = now(), updated_at = now() WHERE id = %s",
+                               (status, dispute_id))
+        if status not in RETURNING_CLOSES:
+            result.ignored.append(f"{dispute_id}: closed {status}, credits stay taken")
+            return
+        back = dispute["taken_micros"] - dispute["returned_micros"]
+        if back <= 0:
+            result.ignored.append(f"{dispute_id}: nothing was taken")
+            return
+        key = f"sys:dispute_won:{dispute_id}"
+        # Back into the purchase's own lot (cf_lot_return, 0023_4): its price keeps describing what it holds.
+        row = await (await conn.execute(
+            "SELECT * FROM cf_lot_return(%s, %s, %s, 'dispute_reversal', 'system:disputes', %s, %s, %s)",
+            (account_id, dispute["lot_id"], back, key, f"Dispute {dispute_id} {status}: credits given back",
+             to_jsonb({"dispute_id": dispute_id, "payment_intent_id": result.payment_intent_id})))).fetchone()
+        assert row is not None
+        await conn.execute("UPDATE disputes SET returned_micros = returned_micros + %s, updated_at = now()"
+                           " WHERE id = %s", (back, dispute_id))
+    result.applied.append(Clawback(key=key, kind="dispute_reversal", stripe_id=dispute_id,
+                                   amount_cents=int(payload.get("amount") or 0), wanted_micros=-back,
+                                   taken_micros=-back))
+
+
+async def restore_failed_refund(conn: Any, obj: dict[str, Any]) -> str | None:
+    """A refund made on Stripe directly, whose credits were taken back on ``charge.refunded``, that Stripe reports
+    ``failed`` or ``canceled`` (a Refund object of ``charge.refund.updated`` / ``refund.failed``): the money did not
+    go back, so the credits return to the purchase's own lot, once (journal ``refund_reversal``, key
+    ``sys:stripe_refund_failed:{refund_id}``), in the caller's (the webhook's) transaction. Returns the charge id
+    (``stripe_charges``) when something was (or had been) restored, else None."""
+    refund_id, status, pi = obj.get("id"), obj.get("status"), obj.get("payment_intent")
+    if status not in ("failed", "canceled") or not isinstance(refund_id, str) or not isinstance(pi, str):
+        return None
+    charge = await (await conn.execute("SELECT account_id FROM stripe_charges WHERE payment_intent_id = %s",
+                                       (pi,))).fetchone()
+    if charge is None:
+        return None
+    account_id = charge["account_id"]
     taken = await (await conn.execute(
         "SELECT -amount_micros AS micros FROM journal WHERE account_id = %s AND idempotency_key = %s",
-        (account_id, f"sys:dispute:{dispute_id}"))).fetchone()
+        (account_id, f"sys:stripe_refund:{refund_id}"))).fetchone()
     if taken is None or taken["micros"] <= 0:
-        result.ignored.append(f"{dispute_id}: nothing was taken")
-        return
-    key = f"sys:dispute_won:{dispute_id}"
-    row = await (await conn.execute(
-        "SELECT * FROM cf_post(%s, 'dispute_reversal', %s, 'system:disputes', %s, %s, 'purchase', 20, NULL, %s,"
-        " NULL)", (account_id, taken["micros"], f"Dispute {dispute_id} won: credits given back",
-                   to_jsonb({"dispute_id": dispute_id, "payment_intent_id": result.payment_intent_id}), key))
-    ).fetchone()
-    assert row is not None
-    result.applied.append(Clawback(key=key, kind="dispute_reversal", stripe_id=dispute_id,
-                                   amount_cents=int(payload.get("amount") or 0), wanted_micros=-taken["micros"],
-                                   taken_micros=-taken["micros"]))
+        return None
+    purchase = await _purchase(conn, account_id, pi)
+    try:
+        await conn.execute(
+            "SELECT * FROM cf_lot_return(%s, %s, %s, 'refund_reversal', 'system:refund_reserve', %s, %s, %s)",
+            (account_id, purchase["lot_id"], taken["micros"], f"sys:stripe_refund_failed:{refund_id}",
+             f"Refund {refund_id} made on Stripe {status}: credits back",
+             to_jsonb({"payment_intent_id": pi, "stripe_id": refund_id, "status": status})))
+    except psycopg.errors.RaiseException as exc:
+        raise CreditflowError(str(exc.diag.message_primary or "clawback_failed")) from exc
+    return str(purchase["id"])

@@ -15,6 +15,10 @@ The saga's steps (``RefundWorkflow`` runs them; each is safe to repeat):
    the ledger effect. On a permanent Stripe refusal ``release`` (``cf_refund_release``, journal type
    ``refund_reversal``, key ``sys:refund_release:{refund_id}``) puts the credits back into the same lot and
    marks the row ``failed``.
+5. A refund Stripe answers ``pending`` (or ``requires_action``) is not decided: ``mark_pending`` keeps the row
+   ``pending`` with the credits reserved. Stripe's final word decides it through ``apply_stripe_status``: a signed
+   webhook event (``apply_stripe_event``, in the event's transaction) or the workflow's poll (``settle_pending``);
+   ``succeeded`` finalizes, ``failed``/``canceled`` release once.
 
 Known gap (as for top-ups): if the process dies after Stripe created the refund and before the row's commit,
 a retry creates a second refund on localstripe; on Stripe the idempotency key ``creditflow:refund:{id}`` returns
@@ -175,8 +179,11 @@ async def plan(pool: AsyncConnectionPool, *, account_id: str, request_id: str, p
             "SELECT coalesce(sum(amount_cents), 0) AS cents FROM refunds WHERE charge_id = %s AND status <> 'failed'",
             (charge["id"],))).fetchone()
     assert row is not None
-    facts = PurchaseFacts(source=lot.source, purchased_at=lot.created_at, paid_cents=charge["amount_cents"],
-                          remaining_micros=int(lot.remaining * MICROS_PER_CREDIT), refunded_cents=int(row["cents"]))
+    # The lot's price (migration 0023_1); a lot written before it without a backfilled price has its charge's.
+    facts = PurchaseFacts(source=lot.source, purchased_at=lot.created_at,
+                          paid_cents=lot.paid_cents if lot.paid_cents is not None else charge["amount_cents"],
+                          remaining_micros=int(lot.remaining * MICROS_PER_CREDIT),
+                          original_micros=int(lot.original * MICROS_PER_CREDIT), refunded_cents=int(row["cents"]))
     try:
         quote = quote_refund(facts, credits=credits, now=now)
     except RefundError as exc:
@@ -275,14 +282,14 @@ async def refund_payment(pool: AsyncConnectionPool, gateway: StripeGateway, refu
 
 async def finalize(pool: AsyncConnectionPool, refund_id: str, stripe_refund_id: str,
                    stripe_status: str) -> RefundLedgerResult:
-    """Stripe refunded the money: the row becomes ``succeeded`` (idempotent)."""
+    """Stripe refunded the money: the row becomes ``succeeded`` (idempotent). A row that a later Stripe event
+    reported failed (its credits released, ``apply_stripe_status``) is returned as it is."""
     try:
         async with pool.connection() as conn, conn.transaction():
-            row = await (await conn.execute("SELECT * FROM cf_refund_finalize(%s, %s, %s)",
-                                            (refund_id, stripe_refund_id, stripe_status))).fetchone()
-            assert row is not None
-            record = RefundRecord(**row)
-            return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+            record = await _load(conn, refund_id, lock=True)
+            if record.status == "failed" and record.stripe_status in STRIPE_FAILED:
+                return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+            return await _finalize_in(conn, refund_id, stripe_refund_id, stripe_status)
     except psycopg.Error as exc:
         mapped = _sql_error(exc)
         if mapped is None:
@@ -290,31 +297,152 @@ async def finalize(pool: AsyncConnectionPool, refund_id: str, stripe_refund_id: 
         raise mapped from exc
 
 
+async def _finalize_in(conn: Any, refund_id: str, stripe_refund_id: str, stripe_status: str) -> RefundLedgerResult:
+    row = await (await conn.execute("SELECT * FROM cf_refund_finalize(%s, %s, %s)",
+                                    (refund_id, stripe_refund_id, stripe_status))).fetchone()
+    assert row is not None
+    record = RefundRecord(**row)
+    return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+
+
 async def release(pool: AsyncConnectionPool, refund_id: str, *, failure_code: str,
                   failure_message: str | None) -> RefundLedgerResult:
     """Compensation: Stripe refused for good, so the reserved credits go back to the purchase's lot (once) and
-    the row becomes ``failed``. A succeeded refund is never released."""
+    the row becomes ``failed``. A succeeded refund is never released here (only Stripe's own word that it failed
+    afterwards releases it: ``apply_stripe_status``)."""
     async with pool.connection() as conn, conn.transaction():
-        record = await _load(conn, refund_id, lock=True)
-        if record.status == "succeeded":
-            raise CreditflowError("idempotency_conflict", f"refund {refund_id} succeeded; it cannot be released")
-        release_txn: UUID | None = record.release_txn_id
-        if record.reserve_txn_id is not None and release_txn is None:
-            result = await (await conn.execute(
-                "SELECT * FROM cf_refund_release(%s, %s, %s, %s, %s, %s, %s)",
-                (record.account_id, record.lot_id, record.credits * MICROS_PER_CREDIT,
-                 f"sys:refund_release:{record.id}", _hash("refund_release", record),
-                 f"Refund reversed ({failure_code}): {record.credits:,} credits back",
-                 to_jsonb({"refund_id": record.id, "failure_code": failure_code,
-                           "refund_transaction_id": record.transaction_id})))).fetchone()
-            assert result is not None
-            release_txn = result["txn_id"]
-        await conn.execute(
-            "UPDATE refunds SET status = 'failed', release_txn_id = %s, failure_code = coalesce(failure_code, %s),"
-            " failure_message = coalesce(failure_message, %s), updated_at = now() WHERE id = %s",
-            (release_txn, failure_code, failure_message, refund_id))
+        return await _release_in(conn, refund_id, failure_code=failure_code, failure_message=failure_message)
+
+
+async def _release_in(conn: Any, refund_id: str, *, failure_code: str, failure_message: str | None,
+                      stripe_status: str | None = None, after_success: bool = False) -> RefundLedgerResult:
+    record = await _load(conn, refund_id, lock=True)
+    if record.status == "succeeded" and not after_success:
+        raise CreditflowError("idempotency_conflict", f"refund {refund_id} succeeded; it cannot be released")
+    release_txn: UUID | None = record.release_txn_id
+    if record.reserve_txn_id is not None and release_txn is None:
+        result = await (await conn.execute(
+            "SELECT * FROM cf_refund_release(%s, %s, %s, %s, %s, %s, %s)",
+            (record.account_id, record.lot_id, record.credits * MICROS_PER_CREDIT,
+             f"sys:refund_release:{record.id}", _hash("refund_release", record),
+             f"Refund reversed ({failure_code}): {record.credits:,} credits back",
+             to_jsonb({"refund_id": record.id, "failure_code": failure_code,
+                       "refund_transaction_id": record.transaction_id})))).fetchone()
+        assert result is not None
+        release_txn = result["txn_id"]
+        await _satisfy_dispute_claims(conn, record)
+    await conn.execute(
+        "UPDATE refunds SET status = 'failed', release_txn_id = %s, failure_code = coalesce(failure_code, %s),"
+        " failure_message = coalesce(failure_message, %s), stripe_status = coalesce(%s, stripe_status),"
+        " finalized_at = NULL, updated_at = now() WHERE id = %s",
+        (release_txn, failure_code, failure_message, stripe_status, refund_id))
+    record = await _load(conn, refund_id)
+    return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+
+
+async def _satisfy_dispute_claims(conn: Any, record: RefundRecord) -> None:
+    """The credits a released refund puts back into its purchase's lot go first to the disputes of that purchase
+    that could not take them while the refund held them in reserve (``disputes``, migration 0023_3): journal
+    ``dispute``, key ``sys:dispute:{dispute_id}:refund:{refund_id}``, in the release's transaction (so once). A
+    dispute closed ``won`` / ``warning_closed`` claims nothing. Only the rest stays in the wallet."""
+    claims = await (await conn.execute(
+        "SELECT id, claimed_micros - taken_micros AS owed FROM disputes WHERE lot_id = %s"
+        " AND taken_micros < claimed_micros AND status NOT IN ('won', 'warning_closed')"
+        " ORDER BY created_at, id FOR UPDATE", (record.lot_id,))).fetchall()
+    for claim in claims:
+        row = await (await conn.execute(
+            "SELECT cf_clawback_lot(%s, %s, %s, 'dispute', 'system:disputes', %s, %s, %s) AS taken",
+            (record.account_id, record.lot_id, claim["owed"], f"sys:dispute:{claim['id']}:refund:{record.id}",
+             f"Disputed payment {record.payment_intent_id}: credits released by refund {record.id}",
+             to_jsonb({"payment_intent_id": record.payment_intent_id, "stripe_id": claim["id"],
+                       "refund_id": record.id})))).fetchone()
+        assert row is not None
+        if row["taken"] > 0:
+            await conn.execute("UPDATE disputes SET taken_micros = taken_micros + %s, updated_at = now()"
+                               " WHERE id = %s", (row["taken"], claim["id"]))
+
+
+# --- Stripe has not settled the refund yet (status pending / requires_action) ---------------------------------
+# Stripe's statuses: succeeded and failed/canceled are final; anything else (pending, requires_action) is not.
+STRIPE_SUCCEEDED = "succeeded"
+STRIPE_FAILED = frozenset({"failed", "canceled"})
+_DECIDED = frozenset({"succeeded", "failed"})  # row statuses that no longer wait for Stripe
+
+
+async def mark_pending(pool: AsyncConnectionPool, refund_id: str, stripe_status: str) -> RefundLedgerResult:
+    """Stripe accepted the refund without settling it: the row is ``pending`` and the credits stay reserved. A row
+    that Stripe's webhook already decided is left as it is (and returned)."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("UPDATE refunds SET status = 'pending', stripe_status = %s, updated_at = now()"
+                           " WHERE id = %s AND status IN ('reserved', 'refunding', 'pending')",
+                           (stripe_status, refund_id))
         record = await _load(conn, refund_id)
         return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+
+
+async def settle_pending(pool: AsyncConnectionPool, gateway: StripeGateway, refund_id: str) -> RefundLedgerResult:
+    """The workflow's poll of a pending refund: decided already (a webhook), or ask Stripe and apply its answer."""
+    record = await get_refund(pool, refund_id)
+    if record.status in _DECIDED or record.stripe_refund_id is None:
+        async with pool.connection() as conn:
+            return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+    state = await gateway.retrieve_refund(record.stripe_refund_id)
+    async with pool.connection() as conn, conn.transaction():
+        return await apply_stripe_status(conn, refund_id, state.id, state.status, state.failure_reason)
+
+
+async def apply_stripe_status(conn: Any, refund_id: str, stripe_refund_id: str, status: str,
+                              failure_reason: str | None) -> RefundLedgerResult:
+    """Stripe's word on one of our refunds, in the caller's transaction (a webhook event or the workflow's poll).
+
+    ``succeeded`` finalizes (a released refund stays released); ``failed`` / ``canceled`` release the reserved
+    credits back to the purchase's lot, once (key ``sys:refund_release:{refund_id}``), even after the refund was
+    marked succeeded (Stripe can fail a refund after reporting it succeeded: the money did not go back, so the
+    credits do); anything else only records Stripe's status on an undecided row."""
+    record = await _load(conn, refund_id, lock=True)
+    if status == STRIPE_SUCCEEDED:
+        if record.status != "failed" and record.reserve_txn_id is not None:
+            return await _finalize_in(conn, refund_id, stripe_refund_id, status)
+    elif status in STRIPE_FAILED:
+        if record.status != "failed":
+            return await _release_in(conn, refund_id, failure_code="refund_failed",
+                                     failure_message=f"Stripe reports the refund {status}"
+                                     + (f" ({failure_reason})" if failure_reason else ""),
+                                     stripe_status=status, after_success=True)
+    elif record.status not in _DECIDED:
+        await conn.execute(
+            "UPDATE refunds SET stripe_status = %s, stripe_refund_id = coalesce(stripe_refund_id, %s),"
+            " status = CASE WHEN status = 'refunding' THEN 'pending' ELSE status END, updated_at = now()"
+            " WHERE id = %s", (status, stripe_refund_id, refund_id))
+        record = await _load(conn, refund_id)
+    return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+
+
+async def apply_stripe_event(conn: Any, obj: dict[str, Any]) -> RefundRecord | None:
+    """A Refund object from a signed Stripe event (``charge.refund.updated``, ``refund.updated``,
+    ``refund.failed``): applied to the refund row it names (its Stripe id, or creditflow's id in its metadata);
+    None if it is not one of creditflow's refunds. Runs in the webhook's transaction, so once per event."""
+    stripe_id, status = obj.get("id"), obj.get("status")
+    if not isinstance(stripe_id, str) or not isinstance(status, str):
+        return None
+    row = await (await conn.execute("SELECT id FROM refunds WHERE stripe_refund_id = %s", (stripe_id,))).fetchone()
+    ours = (obj.get("metadata") or {}).get(REFUND_METADATA_KEY) if isinstance(obj.get("metadata"), dict) else None
+    if row is None and isinstance(ours, str):
+        row = await (await conn.execute(
+            "SELECT id FROM refunds WHERE id = %s AND (stripe_refund_id IS NULL OR stripe_refund_id = %s)",
+            (ours, stripe_id))).fetchone()
+    if row is None:
+        return None
+    reason = obj.get("failure_reason")
+    try:
+        result = await apply_stripe_status(conn, row["id"], stripe_id, status,
+                                           reason if isinstance(reason, str) else None)
+    except psycopg.Error as exc:
+        mapped = _sql_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
+    return result.refund
 
 
 async def find(pool: AsyncConnectionPool, account_id: str, request_id: str) -> RefundRecord | None:

@@ -234,7 +234,7 @@ async def credit(pool: AsyncConnectionPool, charge_id: str) -> CreditResult:
         description=(f"Stripe Payment Intent {record.payment_intent_id} via Auto Recharge call" if recharge
                      else record.description),
         idempotency_key=f"sys:topup:{record.payment_intent_id}", metadata=metadata,
-        lot_source=LotSource.AUTO_RECHARGE if recharge else LotSource.PURCHASE)
+        lot_source=LotSource.AUTO_RECHARGE if recharge else LotSource.PURCHASE, lot_paid_cents=record.amount_cents)
     async with pool.connection() as conn:
         await conn.execute(
             "UPDATE stripe_charges SET status = 'succeeded', ledger_txn_id = %s, failure_code = NULL,"

@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
 from creditflow.errors import CreditflowError
-from creditflow.payments import clawbacks
+from creditflow.payments import clawbacks, refunds
 from creditflow.payments.topups import CHARGE_METADATA_KEY, KIND_AUTO_RECHARGE, KIND_INVOICE
 from workflows.contract import PaymentEvent
 
@@ -43,6 +43,9 @@ PAYMENT_INTENT_EVENTS = frozenset({"payment_intent.succeeded", "payment_intent.p
                                    "payment_intent.canceled"})
 # Routed to the account workflow through the outbox (credits taken back for refunds made on Stripe, disputes).
 LATER_EVENTS = frozenset({"charge.refunded", "charge.dispute.created", "charge.dispute.closed"})
+# A Refund object whose status changed: applied to creditflow's refund row in the event's transaction (a pending
+# refund finalized, or its reserved credits released once when it failed). Refunds made elsewhere are ignored.
+REFUND_EVENTS = frozenset({"charge.refund.updated", "refund.updated", "refund.failed"})
 
 OUTCOME_SIGNALED = "signaled"
 OUTCOME_WORKFLOW_CLOSED = "workflow_closed"
@@ -57,6 +60,8 @@ _LOCK_TIMEOUT = "30s"
 
 # (account_id, request_id, event) -> False if the top-up's workflow is no longer running.
 Signal = Callable[[str, str, PaymentEvent], Awaitable[bool]]
+# (account_id, request_id) of a refund whose row a Stripe event just decided: wakes its RefundWorkflow.
+WakeRefund = Callable[[str, str], Awaitable[bool]]
 
 
 class StripeEvent(BaseModel):
@@ -136,8 +141,10 @@ async def _charge_for(conn: Any, payment_intent_id: str | None, metadata: object
     return None
 
 
-async def _route(conn: Any, event: StripeEvent, signal: Signal) -> tuple[str, str | None]:
-    """What to do with a new event: (outcome, charge id)."""
+async def _route(conn: Any, event: StripeEvent, signal: Signal,
+                 decided: list[tuple[str, str]]) -> tuple[str, str | None]:
+    """What to do with a new event: (outcome, charge id). ``decided`` collects the refunds (account, request id)
+    whose workflow to wake once this transaction has committed."""
     obj = event.object
     if event.type in PAYMENT_INTENT_EVENTS:
         charge = await _charge_for(conn, obj.get("id"), obj.get("metadata"))
@@ -181,12 +188,30 @@ async def _route(conn: Any, event: StripeEvent, signal: Signal) -> tuple[str, st
             (charge["account_id"], clawbacks.EVENT_KINDS[event.type], f"stripe:{event.id}",
              Jsonb(clawbacks.outbox_payload(event.type, obj))))
         return OUTCOME_ROUTED, charge["id"]
+    if event.type in REFUND_EVENTS:
+        record = await refunds.apply_stripe_event(conn, obj)
+        if record is None:
+            # A refund made on Stripe directly whose credits were taken back: if it failed, they come back once.
+            restored = await clawbacks.restore_failed_refund(conn, obj)
+            if restored is not None:
+                return OUTCOME_RECORDED, restored
+            log.info("stripe event %s (%s): refund %s is not a creditflow refund; ignored", event.id, event.type,
+                     obj.get("id"))
+            return OUTCOME_IGNORED, None
+        log.info("stripe event %s (%s): refund %s is %s", event.id, event.type, record.id, record.status)
+        decided.append((record.account_id, record.request_id))
+        return OUTCOME_RECORDED, record.charge_id
     return OUTCOME_IGNORED, None
 
 
-async def receive(pool: AsyncConnectionPool, event: StripeEvent, signal: Signal) -> WebhookResult:
+async def receive(pool: AsyncConnectionPool, event: StripeEvent, signal: Signal,
+                  wake_refund: WakeRefund | None = None) -> WebhookResult:
     """Store the event once and process it once (see the module docstring). A failure while routing
-    (``workflow_unavailable``) is raised with the event left unprocessed, so a redelivery processes it."""
+    (``workflow_unavailable``) is raised with the event left unprocessed, so a redelivery processes it.
+
+    A refund event decides the refund row in the event's transaction; its RefundWorkflow is woken after the commit
+    (``wake_refund``, best effort: the workflow also polls, so a failure here is only logged)."""
+    decided: list[tuple[str, str]] = []
     async with pool.connection() as conn:
         await conn.execute(
             "INSERT INTO stripe_events (id, type, created, payload) VALUES (%s, %s, to_timestamp(%s), %s)"
@@ -205,7 +230,7 @@ async def receive(pool: AsyncConnectionPool, event: StripeEvent, signal: Signal)
                 if row["processed_at"] is not None:
                     return WebhookResult(event_id=event.id, type=event.type, duplicate=True,
                                          outcome=row["outcome"], charge_id=row["charge_id"])
-                outcome, charge_id = await _route(conn, event, signal)
+                outcome, charge_id = await _route(conn, event, signal, decided)
                 await conn.execute(
                     "UPDATE stripe_events SET processed_at = now(), outcome = %s, charge_id = %s,"
                     " attempts = attempts + 1, last_error = NULL WHERE id = %s", (outcome, charge_id, event.id))
@@ -220,4 +245,10 @@ async def receive(pool: AsyncConnectionPool, event: StripeEvent, signal: Signal)
                         reason)
             raise
     log.info("stripe event %s (%s): %s", event.id, event.type, outcome)
+    for account_id, request_id in decided if wake_refund is not None else []:
+        try:
+            await wake_refund(account_id, request_id)
+        except Exception as exc:  # the ledger effect is committed; the workflow's poll reads it later
+            log.warning("stripe event %s: could not wake refund workflow %s/%s (%s)", event.id, account_id,
+                        request_id, exc)
     return WebhookResult(event_id=event.id, type=event.type, duplicate=False, outcome=outcome, charge_id=charge_id)
