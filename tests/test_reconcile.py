@@ -131,6 +131,17 @@ async def test_a_refund_made_on_stripe_takes_its_credits_back_once(
     assert await balance_micros(pool, account) == 600 * MICROS_PER_CREDIT
     assert (await verify(pool, account)).ok
 
+    # Stripe later reports that refund failed (the emulator cannot): the credits it took come back, once.
+    now = datetime.now(UTC)
+    reconciler = Reconciler(pool, gateway, RunWindow(run_id="t", trigger="manual", since=now, until=now), now=now,
+                            server_filter=False, grace=timedelta(0))
+    failed = {"id": refund.id, "status": "failed", "amount": 500, "created": None, "metadata": {},
+              "payment_intent": record.payment_intent_id}
+    await reconciler._refund(failed)
+    await reconciler._refund(failed)
+    assert kinds(reconciler.result, account) == [("repaired", "stripe_refund_failed_restored")]
+    assert await balance_micros(pool, account) == 1200 * MICROS_PER_CREDIT
+
 
 async def test_a_refund_stripe_finished_is_finalized_and_a_failed_one_restored(
         pool: AsyncConnectionPool, api: httpx.AsyncClient, sdk: stripe.StripeClient, gateway: StripeGateway) -> None:
@@ -165,6 +176,17 @@ async def test_a_refund_stripe_finished_is_finalized_and_a_failed_one_restored(
     assert kinds(reconciler.result, account) == [("repaired", "refund_failed_restored")]
     assert (await refunds.get_refund(pool, reserved2.refund.id)).status == "failed"
     assert await balance_micros(pool, account) == 700 * MICROS_PER_CREDIT
+
+    # Stripe fails a refund it had reported succeeded (the first one): the credits come back, once.
+    first_refund = await refunds.get_refund(pool, reserved.refund.id)
+    for _ in range(2):
+        await reconciler._refund({"id": first_refund.stripe_refund_id, "status": "failed", "amount": 300,
+                                  "created": None, "payment_intent": record.payment_intent_id,
+                                  "metadata": {refunds.REFUND_METADATA_KEY: first_refund.id}})
+    assert kinds(reconciler.result, account) == [("repaired", "refund_failed_restored")] * 2
+    assert (await refunds.get_refund(pool, reserved.refund.id)).status == "failed"
+    assert await balance_micros(pool, account) == 1000 * MICROS_PER_CREDIT
+    assert (await verify(pool, account)).ok
 
 
 async def test_what_cannot_be_repaired_is_reported(

@@ -64,8 +64,9 @@ _ACCOUNT = "(%(account)s::text IS NULL OR {col} = %(account)s)"
 # A charge row names its ledger entry as 'txn_<32 hex>'.
 _UUID = "(CASE WHEN {col} ~ '^txn_[0-9a-f]{{32}}$' THEN substr({col}, 5)::uuid END)"
 
-# Per PaymentIntent: the money that went back to the payer (creditflow refunds not failed, refunds made on Stripe,
-# disputes not won) and the credits taken back for it.
+# Per PaymentIntent: the money that went back to the payer and the credits taken back for it. creditflow's refunds
+# (not failed); refunds made on Stripe (not failed since: a failed one gave its credits back); disputes (their
+# money unless won or closed as an inquiry; what they took and did not give back).
 _RETURNED = (
     "WITH returned AS ("
     " WITH ours AS ("
@@ -73,21 +74,18 @@ _RETURNED = (
     "   r.amount_cents AS refunded_cents"
     "  FROM refunds r LEFT JOIN journal j ON j.id = r.reserve_txn_id AND j.account_id = r.account_id"
     "  WHERE r.status <> 'failed'),"
-    " clawbacks AS ("
-    "  SELECT j.metadata->>'payment_intent_id' AS payment_intent_id,"
-    "   (j.metadata->>'amount_cents')::bigint AS cents, -j.amount_micros AS taken_micros,"
-    "   CASE WHEN j.type = 'refund' THEN (j.metadata->>'amount_cents')::bigint ELSE 0 END AS refunded_cents"
-    "  FROM journal j WHERE j.type IN ('refund', 'dispute')"
-    "   AND (j.idempotency_key LIKE 'sys:stripe\\_refund:%%' OR j.idempotency_key LIKE 'sys:dispute:%%')),"
-    " given_back AS ("
-    "  SELECT d.metadata->>'payment_intent_id' AS payment_intent_id,"
-    "   -(d.metadata->>'amount_cents')::bigint AS cents, -w.amount_micros AS taken_micros, 0::bigint AS refunded_cents"
-    "  FROM journal w JOIN journal d ON d.account_id = w.account_id"
-    "   AND d.idempotency_key = 'sys:dispute:' || substr(w.idempotency_key, length('sys:dispute_won:') + 1)"
-    "  WHERE w.type = 'dispute_reversal')"
+    " on_stripe AS ("
+    "  SELECT j.metadata->>'payment_intent_id' AS payment_intent_id, (j.metadata->>'amount_cents')::bigint AS cents,"
+    "   -j.amount_micros AS taken_micros, (j.metadata->>'amount_cents')::bigint AS refunded_cents"
+    "  FROM journal j WHERE j.type = 'refund' AND j.idempotency_key LIKE 'sys:stripe\\_refund:%%'"
+    "   AND NOT EXISTS (SELECT 1 FROM journal f WHERE f.account_id = j.account_id AND f.idempotency_key ="
+    "    'sys:stripe_refund_failed:' || substr(j.idempotency_key, length('sys:stripe_refund:') + 1))),"
+    " disputed AS ("
+    "  SELECT payment_intent_id, CASE WHEN status IN ('won', 'warning_closed') THEN 0 ELSE amount_cents END AS cents,"
+    "   taken_micros - returned_micros AS taken_micros, 0::bigint AS refunded_cents FROM disputes)"
     " SELECT payment_intent_id, sum(cents)::bigint AS cents, sum(taken_micros)::bigint AS taken_micros,"
     "  sum(refunded_cents)::bigint AS refunded_cents"
-    " FROM (SELECT * FROM ours UNION ALL SELECT * FROM clawbacks UNION ALL SELECT * FROM given_back) x"
+    " FROM (SELECT * FROM ours UNION ALL SELECT * FROM on_stripe UNION ALL SELECT * FROM disputed) x"
     " WHERE payment_intent_id IS NOT NULL GROUP BY payment_intent_id) "
 )
 

@@ -325,22 +325,16 @@ class Reconciler:
                              "customer has both", account_id=record.account_id, stripe_id=refund["id"], **ids)
         elif self._young(refund.get("created")) or status not in ("succeeded", *_FINAL_FAILED):
             self.result.in_flight += 1
-        elif status == "succeeded":
-            await refunds.finalize(self.pool, record.id, refund["id"], status)
-            self._difference("refund_finalized_late", "repaired", f"refund {record.id} marked succeeded",
-                             account_id=record.account_id, stripe_id=refund["id"], **ids)
-        else:
-            try:
-                await refunds.release(self.pool, record.id, failure_code=f"refund_{status}",
-                                      failure_message=refund.get("failure_reason"))
-            except CreditflowError as exc:
-                self._difference("refund_failed_not_restored", "reported",
-                                 f"Stripe reports the refund {status}; restoring the credits was refused: "
-                                 f"{exc.code}", account_id=record.account_id, stripe_id=refund["id"], **ids)
-                return
-            self._difference("refund_failed_restored", "repaired",
-                             f"Stripe reports the refund {status}: the {record.credits} reserved credits went back "
-                             "once", account_id=record.account_id, stripe_id=refund["id"], **ids)
+        else:  # Stripe decided; the row did not follow (a lost event, a dead worker): the webhook's own path
+            async with self.pool.connection() as conn, conn.transaction():
+                await refunds.apply_stripe_status(conn, record.id, refund["id"], status, refund.get("failure_reason"))
+            if status == "succeeded":
+                self._difference("refund_finalized_late", "repaired", f"refund {record.id} marked succeeded",
+                                 account_id=record.account_id, stripe_id=refund["id"], **ids)
+            else:
+                self._difference("refund_failed_restored", "repaired",
+                                 f"Stripe reports the refund {status}: the {record.credits} reserved credits went "
+                                 "back once", account_id=record.account_id, stripe_id=refund["id"], **ids)
 
     async def _purchase_account(self, payment_intent_id: str | None) -> str | None:
         if not payment_intent_id:
@@ -364,7 +358,15 @@ class Reconciler:
             self.result.foreign += 1
             return
         if await self._applied(account, f"sys:stripe_refund:{refund['id']}"):
-            self.result.matched += 1
+            if refund.get("status") in _FINAL_FAILED and not await self._applied(
+                    account, f"sys:stripe_refund_failed:{refund['id']}"):
+                async with self.pool.connection() as conn, conn.transaction():
+                    await clawbacks.restore_failed_refund(conn, refund)
+                self._difference("stripe_refund_failed_restored", "repaired",
+                                 f"a refund made on Stripe is {refund.get('status')}: the credits it took went back "
+                                 "once", account_id=account, stripe_id=refund["id"], payment_intent_id=pi)
+            else:
+                self.result.matched += 1
             return
         if refund.get("status") != "succeeded" or self._young(refund.get("created")):
             self.result.in_flight += 1
