@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import stripe
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
@@ -108,5 +109,114 @@ async def test_hold_across_renewal_settles_from_the_next_source(
         assert (settled.json()["credits_charged"], settled.json()["balance"]) == (1_200, 3_800)
         body = await _balance(api, account)
         assert (body["balance"], body["pending_charges"], body["plan_credits_remaining"]) == (3_800, 0, 3_800)
+        await handle.terminate("test over")
+    await assert_invariants(pool)
+
+
+async def _invoices(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
+    async with pool.connection() as conn:
+        return await (await conn.execute(
+            "SELECT id, period_key, status, amount_due_cents, overage_micros FROM invoices WHERE account_id = %s"
+            " ORDER BY period_start", (account,))).fetchall()
+
+
+async def _lots(pool: AsyncConnectionPool, account: str) -> list[tuple[str, int]]:
+    """(source, credits remaining) of the lots with something left."""
+    async with pool.connection() as conn:
+        await conn.execute("SELECT cf_settle_account_burns(%s)", (account,))
+        rows = await (await conn.execute(
+            "SELECT source, remaining_micros FROM credit_lots WHERE account_id = %s AND NOT depleted"
+            " ORDER BY created_at", (account,))).fetchall()
+    return [(r["source"], r["remaining_micros"] // MICROS_PER_CREDIT) for r in rows]
+
+
+async def test_paid_overage_is_not_credited_again_as_permanent_credits(
+        ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings,  # noqa: F811
+        sdk: stripe.StripeClient, api: httpx.AsyncClient) -> None:
+    """Defect 3: 600 credits of overage, billed $6 at the renewal; the next plan grant repays the credit line out of
+    its plan credits (5,000 -> 4,400 left). Paying the invoice restores only what is still drawn for it (nothing),
+    so no 600 permanent credits appear, and the next renewal expires everything left of the plan."""
+    from tests.conftest import new_card
+    from tests.test_api_metering import track
+
+    account = (await create_account(pool, name="Overage Ltd", billing_email="billing@overage.test",
+                                    welcome_bonus_credits=0, overage_credit_line=1_000)).id
+    await api.post("/api/v1/billing/payment-methods", json={"account_id": account, "payment_method_id": new_card(sdk)})
+    queue = f"over3-{account[-8:]}"
+    async with build_worker(ts_env.client, pool, settings, task_queue=queue):
+        handle = await start_account(ts_env.client, queue, account)
+        now = await ts_env.get_current_time()
+        state: SubscriptionState = await handle.execute_update(
+            UPDATE_CHANGE_PLAN, PlanChange(plan_id="starter", anchor=now), result_type=SubscriptionState)
+        used = await track(api, account, "chat_message", 5_600, "big-day")
+        assert used.status_code == 200 and used.json()["balance"] == -600
+        state = await _renew(ts_env, handle, state)
+        [invoice] = await eventually(lambda: _invoices(pool, account),
+                                     lambda rows: len(rows) == 1 and rows[0]["status"] == "paid", timeout=30)
+        assert (invoice["amount_due_cents"], invoice["overage_micros"]) == (4_900 + 600, 600 * MICROS_PER_CREDIT)
+        body = await _balance(api, account)
+        assert (body["balance"], body["plan_credits_remaining"]) == (4_400, 4_400)
+        assert await _lots(pool, account) == [("plan", 4_400)]
+        assert [r["amount_micros"] for r in await journal(pool, account, "overage_repayment")] == []
+        # The next renewal: the 4,400 plan credits left expire, the new grant is all there is.
+        await _renew(ts_env, handle, state)
+        await eventually(lambda: _invoices(pool, account),
+                         lambda rows: len(rows) == 2 and rows[1]["status"] == "paid", timeout=30)
+        body = await _balance(api, account)
+        assert (body["balance"], body["plan_credits_remaining"]) == (5_000, 5_000)
+        await handle.terminate("test over")
+    await assert_invariants(pool)
+
+
+@pytest.fixture
+def patient_settings(settings: Settings) -> Settings:  # noqa: F811
+    """Invoices retried once, 40 days later: an unpaid invoice is still waiting at the next renewal."""
+    return settings.model_copy(update={"invoice_charge_attempts": 2,
+                                       "invoice_retry_interval_seconds": 40 * 24 * 3600})
+
+
+async def test_unpaid_overage_is_not_billed_again(
+        ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, patient_settings: Settings,  # noqa: F811
+        sdk: stripe.StripeClient, api: httpx.AsyncClient) -> None:
+    """Defect 4: 7,000 credits of overage (more than Starter's 5,000 grant), the invoice unpaid at the next renewal
+    (no card). The next close must not bill the 2,000 still drawn again; paying both invoices restores nothing
+    more than what is still drawn (nothing: the two grants repaid it)."""
+    from tests.conftest import new_card
+    from tests.test_api_metering import track
+    from workflows.contract import SIGNAL_RETRY_INVOICE_PAYMENT, invoice_workflow_id
+
+    account = (await create_account(pool, name="Late Payer", billing_email="billing@late.test",
+                                    welcome_bonus_credits=0, overage_credit_line=10_000)).id
+    queue = f"over4-{account[-8:]}"
+    async with build_worker(ts_env.client, pool, patient_settings, task_queue=queue):
+        handle = await start_account(ts_env.client, queue, account)
+        now = await ts_env.get_current_time()
+        state: SubscriptionState = await handle.execute_update(
+            UPDATE_CHANGE_PLAN, PlanChange(plan_id="starter", anchor=now), result_type=SubscriptionState)
+        used = await track(api, account, "chat_message", 12_000, "huge-month")
+        assert used.status_code == 200 and used.json()["balance"] == -7_000
+        state = await _renew(ts_env, handle, state)
+        await eventually(lambda: _invoices(pool, account),
+                         lambda rows: len(rows) == 1 and rows[0]["status"] == "past_due", timeout=30)
+        assert (await _balance(api, account))["balance"] == -2_000  # the grant repaid 5,000 of the 7,000
+        await _renew(ts_env, handle, state)  # no usage in between
+        first, second = await eventually(lambda: _invoices(pool, account),
+                                         lambda rows: len(rows) == 2 and rows[1]["status"] == "past_due", timeout=30)
+        assert (first["amount_due_cents"], first["overage_micros"]) == (4_900 + 7_000, 7_000 * MICROS_PER_CREDIT)
+        assert (second["amount_due_cents"], second["overage_micros"]) == (4_900, 0)
+        assert (await _balance(api, account))["balance"] == 3_000  # the second grant repaid the last 2,000
+
+        # Paying both restores nothing: every unit of the overage was repaid once, by the grants.
+        attached = await api.post("/api/v1/billing/payment-methods",
+                                  json={"account_id": account, "payment_method_id": new_card(sdk)})
+        assert attached.status_code == 201, attached.text
+        for row in (first, second):
+            await ts_env.client.get_workflow_handle(invoice_workflow_id(account, row["period_key"])).signal(
+                SIGNAL_RETRY_INVOICE_PAYMENT)
+        await eventually(lambda: _invoices(pool, account),
+                         lambda rows: [r["status"] for r in rows] == ["paid", "paid"], timeout=30)
+        assert [r["amount_micros"] for r in await journal(pool, account, "overage_repayment")] == []
+        body = await _balance(api, account)
+        assert (body["balance"], body["plan_credits_remaining"]) == (3_000, 3_000)
         await handle.terminate("test over")
     await assert_invariants(pool)

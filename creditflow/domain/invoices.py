@@ -7,8 +7,8 @@ What is billed (adds to the amount due), in this order:
    advance and passes the next one);
 2. **recurring charges** such as phone-number rentals: ``quantity x unit price`` (unit prices in
    credits, exact; 1 credit = 1 cent);
-3. **overage drawn on the credit line**: the credits the balance went below zero during the period,
-   billed 1 credit = 1 cent;
+3. **overage drawn on the credit line**: the credits the balance went below zero and that no earlier
+   invoice billed, in whole credits (:func:`billable_overage_micros`), billed 1 credit = 1 cent;
 4. **adjustments** (e.g. a proration credit for a downgrade, negative).
 
 Every line's amount is rounded once, from micro-credits to whole cents, half-up, by
@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from creditflow.domain.money import (
     MAX_CREDITS,
+    MICROS_PER_CREDIT,
     AmountError,
     credits_to_micros,
     micros_to_cents,
@@ -57,6 +58,16 @@ def _exact(value: object, what: str) -> Decimal:
     if amount > MAX_CREDITS:
         raise ValueError(f"{what} is too large")
     return amount
+
+
+def billable_overage_micros(drawn_micros: int, open_micros: int) -> int:
+    """What a period's close bills of the credit line drawn: the part no earlier invoice billed (``open_micros`` is
+    what earlier invoices billed and the line still carries), **rounded down to whole credits** (cents). This is
+    the one rounding of overage: the invoice bills exactly this and its payment restores at most this, so a
+    fraction of a credit is never billed $0 and credited back; it stays drawn and is billed with a later period's
+    overage once it adds up to a credit (or is repaid by the next credits that reach the wallet)."""
+    unbilled = max(0, drawn_micros - max(0, open_micros))
+    return unbilled - unbilled % MICROS_PER_CREDIT
 
 
 def invoice_number(account_id: str, period: Period) -> str:

@@ -9,9 +9,10 @@ the customer's *current* default card.
 :func:`settle` is the step after Stripe said ``succeeded`` (or nothing was due), safe to repeat:
 
 1. the PaymentIntent is read back from Stripe and must have succeeded for the invoice's amount;
-2. overage drawn on the credit line and billed by this invoice is restored to the wallet (journal
-   ``overage_repayment`` against ``system:payments_clearing``, keyed ``sys:invoice:{invoice id}``, so it lands
-   once; its lot keeps only what ends above zero, as for any grant after a negative balance);
+2. the overage this invoice billed that the credit line still carries is restored (journal ``overage_repayment``
+   against ``system:payments_clearing``, keyed ``sys:invoice:{invoice id}``, so it lands once): what later credits
+   (the next plan grant, a top-up) already repaid is not restored again, so the restoration never leaves credits
+   above zero (:func:`restore_overage`, migration 0024);
 3. the charge row is marked ``succeeded`` (with the repayment transaction, if any) and the invoice ``paid``.
 """
 
@@ -19,18 +20,35 @@ from __future__ import annotations
 
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from creditflow.domain.lots import LotSource
 from creditflow.errors import CreditflowError
 from creditflow.invoicing import store
 from creditflow.invoicing.store import InvoiceRecord
-from creditflow.ledger import postings
+from creditflow.ledger.models import txn_id
 from creditflow.payments import topups
 from creditflow.payments.gateway import StripeGateway
 
 KIND_INVOICE = topups.KIND_INVOICE
 REPAYMENT_TYPE = "overage_repayment"
+
+
+async def restore_overage(pool: AsyncConnectionPool, invoice: InvoiceRecord,
+                          payment_intent_id: str | None) -> str | None:
+    """Restore to the credit line what this invoice billed and the line still carries (migration 0024: what later
+    credits, e.g. the next plan grant, already repaid is not restored again), once; the journal id, or None."""
+    metadata: dict[str, Any] = {"invoice_id": invoice.id, "invoice_number": invoice.number}
+    if payment_intent_id:
+        metadata["payment_intent_id"] = payment_intent_id
+    key = f"sys:invoice:{invoice.id}"
+    async with pool.connection() as conn:
+        await conn.execute("SELECT cf_invoice_overage_restore(%s, %s, %s, %s, %s, %s)",
+                           (invoice.account_id, invoice.period_key, invoice.overage_micros, key,
+                            f"Overage billed on invoice {invoice.number}, paid", Jsonb(metadata)))
+        row = await (await conn.execute("SELECT id FROM journal WHERE account_id = %s AND idempotency_key = %s",
+                                        (invoice.account_id, key))).fetchone()
+    return txn_id(row["id"]) if row else None
 
 
 def charge_request_id(invoice_id: str, attempt: int) -> str:
@@ -61,14 +79,7 @@ async def settle(pool: AsyncConnectionPool, gateway: StripeGateway, invoice_id: 
         raise CreditflowError("payment_required", f"invoice {invoice_id} has an amount due and no charge")
     repayment: str | None = None
     if invoice.overage_micros > 0:
-        metadata: dict[str, Any] = {"invoice_id": invoice.id, "invoice_number": invoice.number}
-        if payment_intent_id:
-            metadata["payment_intent_id"] = payment_intent_id
-        result = await postings.post(
-            pool, account_id=invoice.account_id, type=REPAYMENT_TYPE, amount_micros=invoice.overage_micros,
-            counter_book=topups.PURCHASE_BOOK, description=f"Overage billed on invoice {invoice.number}, paid",
-            idempotency_key=f"sys:invoice:{invoice.id}", metadata=metadata, lot_source=LotSource.ADJUSTMENT)
-        repayment = result.transaction_id
+        repayment = await restore_overage(pool, invoice, payment_intent_id)
     if charge_id is not None:
         async with pool.connection() as conn:
             await conn.execute(
