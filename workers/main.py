@@ -74,7 +74,7 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
             refunds.check_refund, refunds.reserve_refund, refunds.refund_payment, refunds.finalize_refund,
             refunds.release_refund, alerts.fire_balance_alerts, alerts.send_daily_usage_alert,
             invoices.prepare_invoice, invoices.open_invoice, invoices.settle_invoice,
-            invoices.record_invoice_payment_failure]
+            invoices.record_invoice_payment_failure, invoices.check_earlier_invoice_charges]
 
 
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,

@@ -22,6 +22,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
 
 from creditflow.errors import CreditflowError
 from creditflow.invoicing import store
@@ -32,6 +33,8 @@ from creditflow.payments.gateway import StripeGateway
 
 KIND_INVOICE = topups.KIND_INVOICE
 REPAYMENT_TYPE = "overage_repayment"
+# PaymentIntent states that can still turn into a payment and that Stripe lets us cancel.
+_CANCELABLE = frozenset({"requires_payment_method", "requires_confirmation", "requires_action", "requires_capture"})
 
 
 async def restore_overage(pool: AsyncConnectionPool, invoice: InvoiceRecord,
@@ -49,6 +52,37 @@ async def restore_overage(pool: AsyncConnectionPool, invoice: InvoiceRecord,
         row = await (await conn.execute("SELECT id FROM journal WHERE account_id = %s AND idempotency_key = %s",
                                         (invoice.account_id, key))).fetchone()
     return txn_id(row["id"]) if row else None
+
+
+class EarlierCharges(BaseModel):
+    """What the invoice's earlier charge attempts came to on Stripe, before another is made."""
+
+    paid_charge_id: str | None = None  # an earlier attempt's PaymentIntent succeeded: settle with it
+    in_flight: bool = False  # one is still processing (or could not be canceled): no new charge now
+
+
+async def earlier_charges(pool: AsyncConnectionPool, gateway: StripeGateway, invoice_id: str) -> EarlierCharges:
+    """Read every earlier charge attempt of the invoice back from Stripe before a new PaymentIntent is made.
+
+    One that succeeded (late: its attempt was recorded as failed) pays the invoice; one that could still succeed
+    (waiting for the customer, a card retry) is canceled first, and if it cannot be canceled (processing) no new
+    charge is made now. So an invoice has at most one succeeded PaymentIntent whatever its attempts ended as."""
+    invoice = await store.get(pool, invoice_id)
+    async with pool.connection() as conn:
+        charges = await (await conn.execute(
+            "SELECT id, payment_intent_id FROM stripe_charges WHERE account_id = %s AND kind = %s"
+            " AND (request_id = %s OR request_id LIKE %s) AND payment_intent_id IS NOT NULL ORDER BY created_at, id",
+            (invoice.account_id, KIND_INVOICE, invoice_id, f"{invoice_id}:%"))).fetchall()
+    result = EarlierCharges()
+    for charge in charges:
+        pi = await gateway.retrieve_payment_intent(charge["payment_intent_id"])
+        if pi.status in _CANCELABLE:
+            pi = await gateway.cancel_payment_intent(pi.id)  # returned as it is if it can no longer be canceled
+        if pi.status == "succeeded" and pi.amount_cents == invoice.amount_due_cents:
+            return EarlierCharges(paid_charge_id=charge["id"])
+        if pi.status not in ("canceled", "succeeded"):
+            result.in_flight = True
+    return result
 
 
 def charge_request_id(invoice_id: str, attempt: int) -> str:
