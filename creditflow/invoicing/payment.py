@@ -122,3 +122,109 @@ async def settle(pool: AsyncConnectionPool, gateway: StripeGateway, invoice_id: 
                 (repayment, charge_id))
     return await store.mark_paid(pool, invoice_id, charge_id=charge_id, payment_intent_id=payment_intent_id,
                                  repayment_txn_id=repayment, attempts=attempts)
+
+
+# --- refunds and disputes of an invoice payment (issue 11, defect 8; migration 0024_3) ---------------------------
+
+
+class InvoicePaymentEvent(BaseModel):
+    """One refund or dispute outcome applied to an invoice: its credit-line restoration moved by ``moved_micros``."""
+
+    key: str
+    kind: str  # refund / dispute / dispute_won / dispute_lost
+    stripe_id: str
+    amount_cents: int
+    moved_micros: int
+
+
+async def invoice_paid_with(pool: AsyncConnectionPool, account_id: str, payment_intent_id: str) -> InvoiceRecord | None:
+    """The account's invoice that this PaymentIntent paid, if any."""
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT id FROM invoices WHERE account_id = %s AND payment_intent_id = %s",
+                                        (account_id, payment_intent_id))).fetchone()
+    return await store.get(pool, row["id"]) if row else None
+
+
+async def _restored_micros(conn: Any, invoice: InvoiceRecord) -> int:
+    row = await (await conn.execute("SELECT amount_micros FROM journal WHERE account_id = %s AND idempotency_key = %s",
+                                    (invoice.account_id, f"sys:invoice:{invoice.id}"))).fetchone()
+    return int(row["amount_micros"]) if row else 0
+
+
+async def _apply_once(conn: Any, invoice: InvoiceRecord, kind: str, stripe_id: str, cents: int, micros: int,
+                      key: str, description: str) -> InvoicePaymentEvent | None:
+    """Record the event and move the restoration, in the caller's transaction; None if it was applied before."""
+    inserted = await (await conn.execute(
+        "INSERT INTO invoice_payment_events (invoice_id, stripe_id, kind, amount_cents, moved_micros)"
+        " VALUES (%s, %s, %s, %s, 0) ON CONFLICT DO NOTHING RETURNING invoice_id",
+        (invoice.id, stripe_id, kind, cents))).fetchone()
+    if inserted is None:
+        return None
+    moved = 0
+    if micros:
+        row = await (await conn.execute(
+            "SELECT cf_invoice_restoration_move(%s, %s, %s, %s, %s, %s) AS moved",
+            (invoice.account_id, invoice.period_key, micros, key, description,
+             Jsonb({"invoice_id": invoice.id, "invoice_number": invoice.number, "stripe_id": stripe_id,
+                    "amount_cents": cents})))).fetchone()
+        moved = int(row["moved"])
+        await conn.execute("UPDATE invoice_payment_events SET moved_micros = %s WHERE invoice_id = %s"
+                           " AND stripe_id = %s AND kind = %s", (moved, invoice.id, stripe_id, kind))
+    return InvoicePaymentEvent(key=key, kind=kind, stripe_id=stripe_id, amount_cents=cents, moved_micros=moved)
+
+
+async def apply_stripe_event(pool: AsyncConnectionPool, invoice: InvoiceRecord, kind: str,
+                             refunds: list[tuple[str, int]],
+                             dispute: dict[str, Any] | None) -> list[InvoicePaymentEvent]:
+    """A refund or dispute of the payment of a paid invoice (``kind``: refund / dispute / dispute_closed).
+
+    Rule: refunds add to ``refunded_cents`` (refunded in full: ``refunded``) and take back the credit-line
+    restoration the payment made in the refund's proportion (rounded up, at most what was restored); a dispute
+    makes the invoice ``disputed`` and takes the whole restoration back; closed ``won`` / ``warning_closed`` the
+    invoice is ``paid`` again and the restoration is made again (at most what is still drawn); closed lost it stays
+    ``disputed``. Reversals never go below the floor. Each refund id / dispute outcome applies once."""
+    applied: list[InvoicePaymentEvent] = []
+    paid = max(1, invoice.amount_due_cents)
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (invoice.id,))
+        restored = await _restored_micros(conn, invoice)
+        if kind == "refund":
+            for refund_id, cents in refunds:
+                done = await (await conn.execute(
+                    "SELECT coalesce(sum(-moved_micros), 0) AS taken FROM invoice_payment_events"
+                    " WHERE invoice_id = %s AND kind = 'refund'", (invoice.id,))).fetchone()
+                share = -(-restored * min(cents, paid) // paid)  # rounded up: against the refund
+                event = await _apply_once(conn, invoice, "refund", refund_id, cents,
+                                          -min(share, max(0, restored - int(done["taken"]))),
+                                          f"sys:invoice_refund:{refund_id}",
+                                          f"Refund {refund_id} of invoice {invoice.number}: overage restoration back")
+                if event:
+                    applied.append(event)
+            await conn.execute(
+                "UPDATE invoices SET refunded_cents = (SELECT coalesce(sum(amount_cents), 0) FROM"
+                " invoice_payment_events WHERE invoice_id = %s AND kind = 'refund'), updated_at = now() WHERE id = %s",
+                (invoice.id, invoice.id))
+            await conn.execute("UPDATE invoices SET status = 'refunded' WHERE id = %s AND status = 'paid'"
+                               " AND refunded_cents >= amount_due_cents", (invoice.id,))
+        elif dispute is not None:
+            dispute_id, cents = str(dispute.get("dispute_id")), int(dispute.get("amount") or 0)
+            if kind == "dispute":
+                event = await _apply_once(conn, invoice, "dispute", dispute_id, cents, -restored,
+                                          f"sys:invoice_dispute:{dispute_id}",
+                                          f"Dispute {dispute_id} of invoice {invoice.number}: overage restoration back")
+                await conn.execute("UPDATE invoices SET status = 'disputed', updated_at = now() WHERE id = %s"
+                                   " AND status IN ('paid', 'refunded')", (invoice.id,))
+            elif dispute.get("status") in ("won", "warning_closed"):
+                taken = await (await conn.execute(
+                    "SELECT -moved_micros AS taken FROM invoice_payment_events WHERE invoice_id = %s"
+                    " AND stripe_id = %s AND kind = 'dispute'", (invoice.id, dispute_id))).fetchone()
+                event = await _apply_once(conn, invoice, "dispute_won", dispute_id, cents,
+                                          int(taken["taken"]) if taken else 0, f"sys:invoice_dispute_won:{dispute_id}",
+                                          f"Dispute {dispute_id} of invoice {invoice.number} closed in our favour")
+                await conn.execute("UPDATE invoices SET status = 'paid', updated_at = now() WHERE id = %s"
+                                   " AND status = 'disputed'", (invoice.id,))
+            else:
+                event = await _apply_once(conn, invoice, "dispute_lost", dispute_id, cents, 0, "", "")
+            if event:
+                applied.append(event)
+    return applied

@@ -38,7 +38,7 @@ from creditflow.ids import new_id
 from creditflow.invoicing import profile
 from creditflow.invoicing.render import render_html, render_pdf
 
-STATUSES = ("draft", "open", "paid", "past_due", "void")
+STATUSES = ("draft", "open", "paid", "past_due", "void", "refunded", "disputed")
 # "Payments due" on the invoices page: issued and not paid yet.
 DUE_STATUSES = ("open", "past_due")
 PDF_CONTENT_TYPE = "application/pdf"

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.errors import CreditflowError
+from creditflow.invoicing import payment as invoice_payment
 from creditflow.ledger.db import to_jsonb
 from creditflow.payments.refunds import REFUND_METADATA_KEY
 
@@ -91,6 +92,9 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
     if result.payment_intent_id is None:
         result.ignored.append("no PaymentIntent")
         return result
+    invoice = await invoice_payment.invoice_paid_with(pool, account_id, result.payment_intent_id)
+    if invoice is not None:  # an invoice payment: the invoice and its credit-line restoration (issue 11, defect 8)
+        return await _apply_to_invoice(invoice, pool, kind, payload, stripe_refunds, result)
     async with pool.connection() as conn:
         try:
             purchase = await _purchase(conn, account_id, result.payment_intent_id)
@@ -135,6 +139,40 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
             assert row is not None
             result.applied.append(Clawback(key=key, kind=what, stripe_id=stripe_id, amount_cents=cents,
                                            wanted_micros=wanted, taken_micros=int(row["taken"])))
+    return result
+
+
+def _refunds_not_ours(payload: dict[str, Any], stripe_refunds: list[dict[str, Any]] | None,
+                      ours: set[str], result: ClawbackResult) -> list[tuple[str, int]]:
+    """(refund id, cents) of the refunds listed in the event or by Stripe that creditflow did not make."""
+    listed = {r["id"]: r for r in payload.get("refunds", [])}
+    for r in stripe_refunds or []:
+        listed.setdefault(r["id"], r)
+    items = []
+    for r in listed.values():
+        if r["id"] in ours or r.get("creditflow_refund_id"):
+            result.ignored.append(f"{r['id']}: made by creditflow")
+        else:
+            items.append((r["id"], int(r["amount"])))
+    return items
+
+
+async def _apply_to_invoice(invoice: Any, pool: AsyncConnectionPool, kind: str, payload: dict[str, Any],
+                            stripe_refunds: list[dict[str, Any]] | None, result: ClawbackResult) -> ClawbackResult:
+    """Refunds and disputes of an invoice payment (creditflow.invoicing.payment.apply_stripe_event)."""
+    what = {REFUNDED: "refund", DISPUTED: "dispute", DISPUTE_CLOSED: "dispute_closed"}.get(kind)
+    if what is None:
+        result.ignored.append(f"{kind}: not an invoice payment event")
+        return result
+    refunds = _refunds_not_ours(payload, stripe_refunds, set(), result) if what == "refund" else []
+    events = await invoice_payment.apply_stripe_event(pool, invoice, what, refunds,
+                                                      payload if what != "refund" else None)
+    for e in events:
+        result.applied.append(Clawback(key=e.key, kind=f"invoice_{e.kind}", stripe_id=e.stripe_id,
+                                       amount_cents=e.amount_cents, wanted_micros=-e.moved_micros,
+                                       taken_micros=-e.moved_micros))
+    if not events:
+        result.ignored.append(f"invoice {invoice.id}: nothing new")
     return result
 
 
