@@ -220,3 +220,37 @@ async def test_unpaid_overage_is_not_billed_again(
         assert (body["balance"], body["plan_credits_remaining"]) == (3_000, 3_000)
         await handle.terminate("test over")
     await assert_invariants(pool)
+
+
+async def test_overage_under_half_a_credit_is_not_billed_0_and_credited_back(
+        ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings,  # noqa: F811
+        sdk: stripe.StripeClient, api: httpx.AsyncClient) -> None:
+    """Defect 11 (part): 0.4 credits drawn on the line were billed $0.00 (half-up to the cent) and the payment
+    credited the 0.4 credits back in full. Overage is billed in whole credits, rounded down
+    (domain.invoices.billable_overage_micros): nothing is billed and nothing is restored; the fraction stays drawn
+    (the next grant repays it)."""
+    from decimal import Decimal
+
+    from tests.conftest import new_card
+    from tests.test_api_metering import track
+
+    account = (await create_account(pool, name="Fraction", billing_email="billing@fraction.test",
+                                    welcome_bonus_credits=0, overage_credit_line=1_000)).id
+    await api.post("/api/v1/billing/payment-methods", json={"account_id": account, "payment_method_id": new_card(sdk)})
+    queue = f"frac-{account[-8:]}"
+    async with build_worker(ts_env.client, pool, settings, task_queue=queue):
+        handle = await start_account(ts_env.client, queue, account)
+        now = await ts_env.get_current_time()
+        state: SubscriptionState = await handle.execute_update(
+            UPDATE_CHANGE_PLAN, PlanChange(plan_id="starter", anchor=now), result_type=SubscriptionState)
+        used = await track(api, account, "llm_tokens", 50_004, "tokens")  # 5,000.4 credits at 0.1
+        assert used.status_code == 200 and Decimal(str(used.json()["balance"])) == Decimal("-0.4"), used.text
+        await _renew(ts_env, handle, state)
+        [invoice] = await eventually(lambda: _invoices(pool, account),
+                                     lambda rows: len(rows) == 1 and rows[0]["status"] == "paid", timeout=30)
+        assert (invoice["amount_due_cents"], invoice["overage_micros"]) == (4_900, 0)
+        assert await journal(pool, account, "overage_repayment") == []
+        body = await _balance(api, account)
+        assert Decimal(str(body["balance"])) == Decimal("4999.6")  # the grant repaid the 0.4 drawn, once
+        await handle.terminate("test over")
+    await assert_invariants(pool)
