@@ -175,31 +175,37 @@ async def prepare(pool: AsyncConnectionPool, request: InvoiceRequest, *, catalog
     existing = await find(pool, request.account_id, request.period_key)
     if existing is not None:
         return existing, False
-    # One invoice of an account is drafted at a time: the credit balance it applies is read and used up in the
-    # transaction that stores it (issue 11: the credit carried forward is applied once).
-    async with pool.connection() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 11))", (request.account_id,))
-        stored = await (await conn.execute(
-            f"SELECT {_COLUMNS} FROM invoices WHERE account_id = %s AND period_key = %s",
-            (request.account_id, request.period_key))).fetchone()
-        if stored is not None:  # a concurrent attempt stored it first
-            return InvoiceRecord(**stored), False
+    # The credit balance an invoice applies is used up in the transaction that stores it, under a per-account lock
+    # (issue 11: the credit carried forward is applied once). Drafting and rendering happen outside that
+    # transaction; if another invoice of the account changed the balance meanwhile, the draft is made again.
+    while True:
+        async with pool.connection() as conn:
+            balance = await credit_balance(conn, request.account_id)
         draft = await draft_for(pool, request, catalog=catalog, seller_name=seller_name, issued_at=issued_at,
-                                due_at=issued_at + timedelta(days=due_days),
-                                credit_balance_cents=await credit_balance(conn, request.account_id))
+                                due_at=issued_at + timedelta(days=due_days), credit_balance_cents=balance)
         html = render_html(draft)
         pdf = render_pdf(draft)
-        row = await (await conn.execute(
-            "INSERT INTO invoices (id, account_id, number, period_key, period_start, period_end, subtotal_cents,"
-            " amount_due_cents, overage_micros, plan_id, draft, html, pdf, issued_at, due_at, credit_applied_cents,"
-            " credit_added_cents) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            f" RETURNING {_COLUMNS}",
-            (new_id("inv"), request.account_id, draft.number, request.period_key, draft.period_start,
-             draft.period_end, draft.subtotal_cents, draft.total_due_cents, request.overage_micros, draft.plan_id,
-             Jsonb(draft.model_dump(mode="json")), html, pdf, draft.issued_at, draft.due_at,
-             draft.credit_applied_cents, draft.credit_added_cents))).fetchone()
-    assert row is not None
-    return InvoiceRecord(**row), True
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 11))", (request.account_id,))
+            stored = await (await conn.execute(
+                f"SELECT {_COLUMNS} FROM invoices WHERE account_id = %s AND period_key = %s",
+                (request.account_id, request.period_key))).fetchone()
+            if stored is not None:  # a concurrent attempt stored it first
+                return InvoiceRecord(**stored), False
+            if await credit_balance(conn, request.account_id) != balance:
+                continue
+            row = await (await conn.execute(
+                "INSERT INTO invoices (id, account_id, number, period_key, period_start, period_end, subtotal_cents,"
+                " amount_due_cents, overage_micros, plan_id, draft, html, pdf, issued_at, due_at,"
+                " credit_applied_cents, credit_added_cents)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                f" RETURNING {_COLUMNS}",
+                (new_id("inv"), request.account_id, draft.number, request.period_key, draft.period_start,
+                 draft.period_end, draft.subtotal_cents, draft.total_due_cents, request.overage_micros,
+                 draft.plan_id, Jsonb(draft.model_dump(mode="json")), html, pdf, draft.issued_at, draft.due_at,
+                 draft.credit_applied_cents, draft.credit_added_cents))).fetchone()
+        assert row is not None
+        return InvoiceRecord(**row), True
 
 
 async def get(pool: AsyncConnectionPool, invoice_id: str, account_id: str | None = None) -> InvoiceRecord:
