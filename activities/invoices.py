@@ -117,6 +117,13 @@ class InvoiceActivities:
         return summary(await payment.settle(self._pool, self._gateway, input.invoice_id, charge_id=input.charge_id,
                                             attempts=input.attempts))
 
+    @activity.defn(name="check_earlier_invoice_charges")
+    @translating_errors
+    async def check_earlier_invoice_charges(self, input: InvoiceRef) -> payment.EarlierCharges:
+        """Before charge attempt 2+: did an earlier attempt's PaymentIntent succeed after all (then settle with
+        it), or may it still (then it is canceled, or no new charge is made while it cannot be)?"""
+        return await payment.earlier_charges(self._pool, self._gateway, input.invoice_id)
+
     @activity.defn(name="record_invoice_payment_failure")
     @translating_errors
     async def record_invoice_payment_failure(self, input: InvoiceFailureInput) -> InvoiceSummary:

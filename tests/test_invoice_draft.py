@@ -160,3 +160,19 @@ def test_refused_parts() -> None:
         TaxRegistration(country="DE", description="European VAT number", value="DE1", status="pending")
     with pytest.raises(ValidationError, match="usage cannot be negative"):
         ChannelUsage(channel="voice", quantity=-1, credits=0)
+
+
+def test_credit_carried_forward_is_applied_to_the_next_invoice() -> None:
+    """Issue 11, defect 11: the credit a negative invoice carries forward is the next invoice's "Applied credit
+    balance" (at most what that invoice comes to); what is left is carried again."""
+    starter = load_plan_catalog().get("starter")
+    draft = draft_invoice(make(plan=starter, recurring_charges=[], overage_credits=0, credit_balance_cents=13367))
+    assert rows(draft) == [
+        (1, "subscription", "Starter plan, 2026-01-31 to 2026-02-28", D(1), "month", D("49.00"), 4900),
+        (2, "credit", "Applied credit balance", D(1), "", D("-49.00"), -4900),
+    ]
+    assert (draft.subtotal_cents, draft.total_due_cents, draft.credit_carried_forward_cents,
+            draft.credit_applied_cents, draft.credit_added_cents) == (0, 0, 8467, 4900, 0)
+    small = draft_invoice(make(plan=starter, recurring_charges=[], overage_credits=0, credit_balance_cents=200))
+    assert (small.subtotal_cents, small.total_due_cents, small.credit_carried_forward_cents,
+            small.credit_applied_cents) == (4700, 4700, 0, 200)

@@ -78,7 +78,8 @@ async def assert_invariants(pool: AsyncConnectionPool) -> None:
         assert history == []
         usage = await (await conn.execute(
             "SELECT id FROM journal WHERE type = 'usage' AND amount_micros <> -round(quantity * credits_per_unit"
-            " * 1000000)")).fetchall()
+            " * 1000000) + coalesce((metadata ->> 'uncovered_micros')::bigint, 0)")).fetchall()
+        # (a hold settled after the floor stopped covering it charges less: uncovered_micros, migration 0024)
         assert usage == []
 
 

@@ -375,20 +375,31 @@ async def test_plan_left_and_prices_follow_the_domain(api: httpx.AsyncClient, po
     await assert_invariants(pool)
 
 
-async def test_expiry_leaves_what_active_holds_reserve(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
-    """A call still running when the period closes: its hold keeps the credits it reserved; the rest of the plan
-    credits expire, and the renewal does not fail on the floor."""
-    account = (await accounts.create_account(pool, name="Holdco", billing_email="h@holdco.test",
-                                             welcome_bonus_credits=0)).id
-    period = await subscribe(pool, account, credits=100)
-    hold = await api.post("/api/v1/billing/holds", json={"account_id": account, "feature_id": "voice_minute",
-                                                         "value": 5, "idempotency_key": "call-1"})
-    assert hold.status_code == 201 and hold.json()["held_amount"] == 40  # 5 minutes at the plan rate, 8
-    expired = await subscriptions.expire_plan_credits(pool, account, period, GROWTH.name)
-    assert expired == 60 * MICROS_PER_CREDIT
-    body = await balance(api, account)
-    assert (body["balance"], body["pending_charges"], body["available"]) == (40, 40, 0)
-    settled = await api.post(f"/api/v1/billing/holds/{hold.json()['hold_id']}/settle",
-                             json={"account_id": account, "value": 5})
-    assert settled.status_code == 200 and settled.json()["balance"] == 0
+async def test_expiry_takes_held_plan_credits_and_settlements_go_to_the_floor(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
+    """A call still running when the period closes (issue 11, defect 2): the plan credits expire in full whatever
+    is held; the hold keeps reserving only what the account covers; its settlement is not refused: charged from the
+    next source (here the overage line), down to the floor, the rest recorded as uncovered."""
+    for line, reserved_after, charged, uncovered in ((0, 0, 0, 45), (1_000, 40, 45, 0)):
+        account = (await accounts.create_account(pool, name="Holdco", billing_email="h@holdco.test",
+                                                 welcome_bonus_credits=0, overage_credit_line=line)).id
+        period = await subscribe(pool, account, credits=100)
+        hold = await api.post("/api/v1/billing/holds", json={"account_id": account, "feature_id": "voice_minute",
+                                                             "value": 5, "idempotency_key": "call-1"})
+        assert hold.status_code == 201 and hold.json()["held_amount"] == 40  # 5 minutes at the plan rate, 8
+        expired = await subscriptions.expire_plan_credits(pool, account, period, GROWTH.name)
+        assert expired == 100 * MICROS_PER_CREDIT
+        body = await balance(api, account)
+        assert (body["balance"], body["pending_charges"]) == (0, reserved_after)
+        settled = await api.post(f"/api/v1/billing/holds/{hold.json()['hold_id']}/settle",
+                                 json={"account_id": account, "value": 5})
+        assert settled.status_code == 200, settled.text
+        assert (settled.json()["credits_charged"], settled.json()["balance"]) == (charged, -charged)  # overage rate 9
+        async with pool.connection() as conn:
+            row = await (await conn.execute("SELECT metadata FROM journal WHERE account_id = %s AND type = 'usage'",
+                                            (account,))).fetchone()
+        assert (row["metadata"] or {}).get("uncovered_micros", 0) == uncovered * MICROS_PER_CREDIT
+        again = await api.post(f"/api/v1/billing/holds/{hold.json()['hold_id']}/settle",
+                               json={"account_id": account, "value": 5})
+        assert (again.status_code, again.json()["credits_charged"], again.json()["replayed"]) == (200, charged, True)
     await assert_invariants(pool)

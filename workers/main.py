@@ -81,7 +81,7 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings,
             refunds.release_refund, refunds.mark_refund_pending, refunds.settle_pending_refund,
             alerts.fire_balance_alerts, alerts.send_daily_usage_alert,
             invoices.prepare_invoice, invoices.open_invoice, invoices.settle_invoice,
-            invoices.record_invoice_payment_failure,
+            invoices.record_invoice_payment_failure, invoices.check_earlier_invoice_charges,
             reconciliation.open_reconciliation, reconciliation.reconcile_with_stripe,
             reconciliation.verify_and_complete, reconciliation.fail_reconciliation, reconciliation.notify_operators]
 

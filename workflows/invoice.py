@@ -9,7 +9,10 @@ safe to repeat:
 2. **Open**: ``draft`` -> ``open``, due ``invoice_due_days`` after issue (default 0: due on issue).
 3. **Collect**: nothing due -> ``paid`` at once, no charge. Otherwise the default card is charged off-session
    through the top-up machinery (``stripe_charges`` kind ``invoice``, request id = the invoice id, then
-   ``{invoice id}:{n}`` for attempt ``n``). Success -> ``settle_invoice`` (checks the PaymentIntent, restores
+   ``{invoice id}:{n}`` for attempt ``n``). Before attempt ``n`` > 1 the earlier attempts' PaymentIntents are read
+   back from Stripe (``check_earlier_invoice_charges``): one that succeeded late pays the invoice, one that could
+   still succeed is canceled first, and none is created while one cannot be (an invoice is charged at most once).
+   Success -> ``settle_invoice`` (checks the PaymentIntent, restores
    the billed overage to the wallet, marks ``paid``). No card, a decline or a card that needs the customer ->
    ``past_due`` and, on the first failure, an ``invoice.past_due`` notification; the charge is tried again after
    a durable timer (``invoice_retry_interval_seconds``, default 3 days, or at once on the ``retry_payment``
@@ -65,6 +68,8 @@ INVOICE_DB_RETRY = db_retry(_REFUSALS)
 # Stripe said the money moved: the invoice must be marked paid (and the overage restored), whatever it takes.
 SETTLE_RETRY = until_done_retry(_REFUSALS)
 PDF_CONTENT_TYPE = "application/pdf"
+# Issue 11, defect 10: attempt 2+ first reads the earlier attempts' PaymentIntents back (one payment per invoice).
+ONE_PAYMENT_PATCH = "invoice-one-payment-per-invoice"
 
 
 @workflow.defn(name=INVOICE_WORKFLOW)
@@ -150,6 +155,20 @@ class InvoiceWorkflow:
     async def _attempt(self, inv: InvoiceSummary, attempt: int) -> InvoiceSummary | None:
         """One off-session charge of the amount due; the paid invoice, or None (the error is on the outcome)."""
         amount = format_usd(inv.amount_due_cents)
+        if attempt > 1 and workflow.patched(ONE_PAYMENT_PATCH):
+            # One succeeded PaymentIntent per invoice: an earlier attempt recorded as failed may have been paid late.
+            try:
+                earlier = await workflow.execute_activity_method(
+                    InvoiceActivities.check_earlier_invoice_charges, InvoiceRef(invoice_id=inv.invoice_id),
+                    start_to_close_timeout=STRIPE_TIMEOUT, retry_policy=STRIPE_RETRY,
+                    summary=f"Check the earlier charges of {inv.number} with Stripe")
+            except ActivityError as err:
+                return self._failed(error_of(err))
+            if earlier.paid_charge_id is not None:
+                return await self._settle(inv, earlier.paid_charge_id, attempt)
+            if earlier.in_flight:
+                return self._failed(ApplicationError("an earlier charge of this invoice is still processing",
+                                                     type="payment_processing"))
         try:
             record = await workflow.execute_activity_method(
                 TopUpActivities.record_topup_charge,
@@ -176,9 +195,17 @@ class InvoiceWorkflow:
             return await self._settle(inv, record.charge_id, attempt)
         if pi.status in WAITING_STATUSES and not pi.failure_code:
             # Off-session and the bank wants the customer (3-D Secure): nobody is there to confirm it now.
-            pi = await workflow.execute_activity_method(
-                TopUpActivities.cancel_topup_payment, charge, start_to_close_timeout=STRIPE_TIMEOUT,
-                retry_policy=STRIPE_RETRY, summary=f"Cancel PaymentIntent {pi.id} (needs the customer)")
+            try:
+                pi = await workflow.execute_activity_method(
+                    TopUpActivities.cancel_topup_payment, charge, start_to_close_timeout=STRIPE_TIMEOUT,
+                    retry_policy=STRIPE_RETRY, summary=f"Cancel PaymentIntent {pi.id} (needs the customer)")
+            except ActivityError as err:
+                if not workflow.patched(ONE_PAYMENT_PATCH):
+                    raise
+                # Stripe unreachable: the attempt ended unclear; the next one checks this PaymentIntent first.
+                error = error_of(err)
+                await mark_charge_failed(charge.charge_id, error)
+                return self._failed(error)
             if pi.status == "succeeded":
                 return await self._settle(inv, record.charge_id, attempt)
             error = ApplicationError("the card needs the customer to authenticate", type="authentication_required")

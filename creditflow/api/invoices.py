@@ -125,7 +125,7 @@ class InvoiceOut(BaseModel):
 
     id: str
     number: str
-    status: str = Field(description="open, paid, past_due or void.")
+    status: str = Field(description="open, paid, past_due, void, refunded or disputed.")
     payment_due: bool = Field(description="true for open and past_due invoices (the seed's Payments Due).")
     currency: str
     amount_usd: Decimal
@@ -273,7 +273,8 @@ async def delete_tax_registration(registration_id: str, principal: Writer, pool:
 
 @router.get("/invoices", response_model=InvoiceList, response_class=ExactJSONResponse, responses=_ERRORS)
 async def list_invoices(principal: Reader, pool: Pool, account_id: AccountQuery = None,
-                        status: Annotated[Literal["open", "paid", "past_due", "void"] | None, Query()] = None,
+                        status: Annotated[Literal["open", "paid", "past_due", "void", "refunded", "disputed"] | None,
+                                          Query()] = None,
                         limit: Annotated[int, Query(ge=1, le=500)] = 100) -> ExactJSONResponse:
     """Issued invoices, newest first, each with its PDF link. ``payments_due`` sums the invoices still to pay
     (``open`` and ``past_due``: the seed's *Payments Due*); the others are the order and invoice history."""

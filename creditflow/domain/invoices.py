@@ -7,14 +7,19 @@ What is billed (adds to the amount due), in this order:
    advance and passes the next one);
 2. **recurring charges** such as phone-number rentals: ``quantity x unit price`` (unit prices in
    credits, exact; 1 credit = 1 cent);
-3. **overage drawn on the credit line**: the credits the balance went below zero during the period,
-   billed 1 credit = 1 cent;
-4. **adjustments** (e.g. a proration credit for a downgrade, negative).
+3. **overage drawn on the credit line**: the credits the balance went below zero and that no earlier
+   invoice billed, in whole credits (:func:`billable_overage_micros`), billed 1 credit = 1 cent;
+4. **adjustments** (e.g. a proration credit for a downgrade, negative);
+5. the **applied credit balance** (negative): money credit carried from earlier invoices, at most what the lines
+   above come to.
 
 Every line's amount is rounded once, from micro-credits to whole cents, half-up, by
 :func:`creditflow.domain.money.micros_to_cents`; the subtotal is the exact sum of the line amounts.
 No tax is computed here: tax registrations are printed as given. A negative subtotal is not a
-payment to the customer: the total due is then 0 and the rest is ``credit_carried_forward_cents``.
+payment to the customer: the total due is then 0 and the rest is a money credit carried to the next invoice
+(``credit_added_cents``), which applies it as its "Applied credit balance" line (``credit_applied_cents``);
+``credit_carried_forward_cents`` is the credit balance left after this invoice (the account's balance is the sum
+of what its invoices added less what they applied: ``creditflow.invoicing.store``).
 
 What is informational (never added to the amount due): the **usage summary per channel** (paid with
 credits as it happened) and the **top-ups paid during the period** (already paid through Stripe).
@@ -31,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from creditflow.domain.money import (
     MAX_CREDITS,
+    MICROS_PER_CREDIT,
     AmountError,
     credits_to_micros,
     micros_to_cents,
@@ -57,6 +63,16 @@ def _exact(value: object, what: str) -> Decimal:
     if amount > MAX_CREDITS:
         raise ValueError(f"{what} is too large")
     return amount
+
+
+def billable_overage_micros(drawn_micros: int, open_micros: int) -> int:
+    """What a period's close bills of the credit line drawn: the part no earlier invoice billed (``open_micros`` is
+    what earlier invoices billed and the line still carries), **rounded down to whole credits** (cents). This is
+    the one rounding of overage: the invoice bills exactly this and its payment restores at most this, so a
+    fraction of a credit is never billed $0 and credited back; it stays drawn and is billed with a later period's
+    overage once it adds up to a credit (or is repaid by the next credits that reach the wallet)."""
+    unbilled = max(0, drawn_micros - max(0, open_micros))
+    return unbilled - unbilled % MICROS_PER_CREDIT
 
 
 def invoice_number(account_id: str, period: Period) -> str:
@@ -197,6 +213,7 @@ class InvoiceInput(BaseModel):
     adjustments: tuple[Adjustment, ...] = ()
     usage: tuple[ChannelUsage, ...] = ()
     top_ups: tuple[TopUpPaid, ...] = ()
+    credit_balance_cents: int = Field(default=0, ge=0)  # money credit carried from earlier invoices
 
     @field_validator("issued_at", "due_at")
     @classmethod
@@ -217,7 +234,7 @@ class InvoiceInput(BaseModel):
         return self
 
 
-LineKind = Literal["subscription", "recurring", "overage", "adjustment"]
+LineKind = Literal["subscription", "recurring", "overage", "adjustment", "credit"]
 
 
 class InvoiceLine(BaseModel):
@@ -257,6 +274,8 @@ class InvoiceDraft(BaseModel):
     total_due_cents: int
     credit_carried_forward_cents: int
     usage: tuple[ChannelUsage, ...]
+    credit_applied_cents: int = 0  # the credit balance this invoice used ("Applied credit balance" line)
+    credit_added_cents: int = 0  # what a negative subtotal adds to the credit balance
     usage_total_credits: Decimal
     top_ups: tuple[TopUpPaid, ...]
     top_ups_total_cents: int
@@ -301,7 +320,12 @@ def draft_invoice(data: InvoiceInput) -> InvoiceDraft:
         add("adjustment", adjustment.description, Decimal(1), "", _cents_to_usd(adjustment.amount_cents),
             adjustment.amount_cents)
 
-    subtotal = sum(line.amount_cents for line in lines)
+    billed = sum(line.amount_cents for line in lines)
+    applied = min(data.credit_balance_cents, max(0, billed))
+    if applied:
+        add("credit", "Applied credit balance", Decimal(1), "", _cents_to_usd(-applied), -applied)
+    subtotal = billed - applied
+    added = max(0, -billed)
     usage_micros = sum(credits_to_micros(item.credits) for item in data.usage)
     return InvoiceDraft(
         number=data.number, account_id=data.account_id, issued_at=data.issued_at, due_at=data.due_at,
@@ -309,6 +333,7 @@ def draft_invoice(data: InvoiceInput) -> InvoiceDraft:
         seller_name=data.seller_name, bill_to=data.bill_to, tax_registrations=data.tax_registrations,
         plan_id=data.plan.id if data.plan else None, plan_name=data.plan.name if data.plan else None,
         lines=tuple(lines), subtotal_cents=subtotal, total_due_cents=max(0, subtotal),
-        credit_carried_forward_cents=max(0, -subtotal), usage=data.usage,
+        credit_carried_forward_cents=data.credit_balance_cents - applied + added, credit_applied_cents=applied,
+        credit_added_cents=added, usage=data.usage,
         usage_total_credits=micros_to_credits(usage_micros),
         top_ups=data.top_ups, top_ups_total_cents=sum(t.amount_cents for t in data.top_ups))

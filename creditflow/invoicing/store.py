@@ -38,7 +38,7 @@ from creditflow.ids import new_id
 from creditflow.invoicing import profile
 from creditflow.invoicing.render import render_html, render_pdf
 
-STATUSES = ("draft", "open", "paid", "past_due", "void")
+STATUSES = ("draft", "open", "paid", "past_due", "void", "refunded", "disputed")
 # "Payments due" on the invoices page: issued and not paid yet.
 DUE_STATUSES = ("open", "past_due")
 PDF_CONTENT_TYPE = "application/pdf"
@@ -139,8 +139,16 @@ async def find(pool: AsyncConnectionPool, account_id: str, period_key: str) -> I
     return InvoiceRecord(**row) if row else None
 
 
+async def credit_balance(conn: Any, account_id: str) -> int:
+    """The account's money credit carried from earlier invoices (cents): what they added less what they applied."""
+    row = await (await conn.execute(
+        "SELECT coalesce(sum(credit_added_cents - credit_applied_cents), 0) AS cents FROM invoices"
+        " WHERE account_id = %s", (account_id,))).fetchone()
+    return int(row["cents"])
+
+
 async def draft_for(pool: AsyncConnectionPool, request: InvoiceRequest, *, catalog: PlanCatalog, seller_name: str,
-                    issued_at: datetime, due_at: datetime) -> InvoiceDraft:
+                    issued_at: datetime, due_at: datetime, credit_balance_cents: int = 0) -> InvoiceDraft:
     """Gather the period's facts (usage, top-ups, billing profile) and draft the invoice (pure domain code)."""
     period = Period(anchor=request.period_start, index=0, start=request.period_start, end=request.period_end)
     bill_to, taxes = await profile.billing_details(pool, request.account_id)
@@ -155,7 +163,8 @@ async def draft_for(pool: AsyncConnectionPool, request: InvoiceRequest, *, catal
         recurring_charges=request.recurring_charges, overage_credits=micros_to_credits(request.overage_micros),
         adjustments=request.adjustments,
         usage=await period_usage(pool, request.account_id, request.period_start, request.period_end),
-        top_ups=await period_top_ups(pool, request.account_id, request.period_start, request.period_end))
+        top_ups=await period_top_ups(pool, request.account_id, request.period_start, request.period_end),
+        credit_balance_cents=credit_balance_cents)
     return draft_invoice(data)
 
 
@@ -166,24 +175,37 @@ async def prepare(pool: AsyncConnectionPool, request: InvoiceRequest, *, catalog
     existing = await find(pool, request.account_id, request.period_key)
     if existing is not None:
         return existing, False
-    draft = await draft_for(pool, request, catalog=catalog, seller_name=seller_name, issued_at=issued_at,
-                            due_at=issued_at + timedelta(days=due_days))
-    html = render_html(draft)
-    pdf = render_pdf(draft)
-    async with pool.connection() as conn:
-        row = await (await conn.execute(
-            "INSERT INTO invoices (id, account_id, number, period_key, period_start, period_end, subtotal_cents,"
-            " amount_due_cents, overage_micros, plan_id, draft, html, pdf, issued_at, due_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            f" ON CONFLICT (account_id, period_key) DO NOTHING RETURNING {_COLUMNS}",
-            (new_id("inv"), request.account_id, draft.number, request.period_key, draft.period_start,
-             draft.period_end, draft.subtotal_cents, draft.total_due_cents, request.overage_micros, draft.plan_id,
-             Jsonb(draft.model_dump(mode="json")), html, pdf, draft.issued_at, draft.due_at))).fetchone()
-    if row is not None:
+    # The credit balance an invoice applies is used up in the transaction that stores it, under a per-account lock
+    # (issue 11: the credit carried forward is applied once). Drafting and rendering happen outside that
+    # transaction; if another invoice of the account changed the balance meanwhile, the draft is made again.
+    while True:
+        async with pool.connection() as conn:
+            balance = await credit_balance(conn, request.account_id)
+        draft = await draft_for(pool, request, catalog=catalog, seller_name=seller_name, issued_at=issued_at,
+                                due_at=issued_at + timedelta(days=due_days), credit_balance_cents=balance)
+        html = render_html(draft)
+        pdf = render_pdf(draft)
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 11))", (request.account_id,))
+            stored = await (await conn.execute(
+                f"SELECT {_COLUMNS} FROM invoices WHERE account_id = %s AND period_key = %s",
+                (request.account_id, request.period_key))).fetchone()
+            if stored is not None:  # a concurrent attempt stored it first
+                return InvoiceRecord(**stored), False
+            if await credit_balance(conn, request.account_id) != balance:
+                continue
+            row = await (await conn.execute(
+                "INSERT INTO invoices (id, account_id, number, period_key, period_start, period_end, subtotal_cents,"
+                " amount_due_cents, overage_micros, plan_id, draft, html, pdf, issued_at, due_at,"
+                " credit_applied_cents, credit_added_cents)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                f" RETURNING {_COLUMNS}",
+                (new_id("inv"), request.account_id, draft.number, request.period_key, draft.period_start,
+                 draft.period_end, draft.subtotal_cents, draft.total_due_cents, request.overage_micros,
+                 draft.plan_id, Jsonb(draft.model_dump(mode="json")), html, pdf, draft.issued_at, draft.due_at,
+                 draft.credit_applied_cents, draft.credit_added_cents))).fetchone()
+        assert row is not None
         return InvoiceRecord(**row), True
-    stored = await find(pool, request.account_id, request.period_key)  # a concurrent attempt stored it first
-    assert stored is not None
-    return stored, False
 
 
 async def get(pool: AsyncConnectionPool, invoice_id: str, account_id: str | None = None) -> InvoiceRecord:

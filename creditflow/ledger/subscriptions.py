@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
+from creditflow.domain.invoices import billable_overage_micros
 from creditflow.domain.lots import LotSource
 from creditflow.domain.money import credits_to_micros, micros_to_credits
 from creditflow.domain.periods import Period
@@ -163,7 +164,8 @@ async def plan_credits_left(pool: AsyncConnectionPool, account_id: str) -> int:
 
 async def close_period(pool: AsyncConnectionPool, account_id: str, period: Period, plan: Plan) -> ClosedPeriod:
     """Record the closing facts of ``period`` once (the overage drawn is read before the next grant repays it,
-    and the recurring charges as they are now); a retry returns the first record."""
+    less what earlier invoices billed and the line still carries; the recurring charges as they are now); a retry
+    returns the first record."""
     async with pool.connection() as conn, conn.transaction():
         balance = await (await conn.execute(
             "SELECT balance_micros FROM balances WHERE account_id = %s FOR UPDATE", (account_id,))).fetchone()
@@ -180,12 +182,16 @@ async def close_period(pool: AsyncConnectionPool, account_id: str, period: Perio
             for r in await (await conn.execute(
                 "SELECT description, amount_cents FROM billing_adjustments WHERE account_id = %s AND period_key = %s"
                 " ORDER BY change_seq, line", (account_id, period.key))).fetchall()]
+        # Overage already billed by an earlier period and still drawn is not billed again (migration 0024).
+        still_open = await (await conn.execute("SELECT cf_overage_sync(%s) AS open", (account_id,))).fetchone()
+        assert still_open is not None
+        overage = billable_overage_micros(max(0, -int(balance["balance_micros"])), int(still_open["open"]))
         await conn.execute(
             "INSERT INTO billing_periods (account_id, period_key, period_index, period_start, period_end, plan_id,"
-            " fee_cents, overage_micros, recurring, adjustments) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (account_id, period_key) DO NOTHING",
+            " fee_cents, overage_micros, overage_open_micros, recurring, adjustments)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (account_id, period_key) DO NOTHING",
             (account_id, period.key, period.index, period.start, period.end, plan.id, plan.monthly_fee_cents,
-             max(0, -int(balance["balance_micros"])), Jsonb(recurring), Jsonb(adjustments)))
+             overage, overage, Jsonb(recurring), Jsonb(adjustments)))
         row = await (await conn.execute(
             "SELECT account_id, period_key, period_index, period_start, period_end, plan_id, fee_cents,"
             " overage_micros, recurring, adjustments FROM billing_periods WHERE account_id = %s AND period_key = %s",

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from creditflow.domain.lots import micros_for_cents
 from creditflow.errors import CreditflowError
+from creditflow.invoicing import payment as invoice_payment
 from creditflow.ledger.db import to_jsonb
 from creditflow.payments.refunds import REFUND_METADATA_KEY
 
@@ -95,6 +96,9 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
     if result.payment_intent_id is None:
         result.ignored.append("no PaymentIntent")
         return result
+    invoice = await invoice_payment.invoice_paid_with(pool, account_id, result.payment_intent_id)
+    if invoice is not None:  # an invoice payment: the invoice and its credit-line restoration (issue 11, defect 8)
+        return await _apply_to_invoice(invoice, pool, kind, payload, stripe_refunds, result)
     async with pool.connection() as conn:
         try:
             purchase = await _purchase(conn, account_id, result.payment_intent_id)
@@ -110,15 +114,8 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
                 (purchase["id"],))).fetchall()}
             # Ours: recorded on a refunds row, or carrying our refund id in its metadata (Stripe may report the
             # refund before that row records the Stripe id, or the row's commit may have been lost to a crash).
-            items = []
-            listed = {r["id"]: r for r in payload.get("refunds", [])}
-            for r in stripe_refunds or []:
-                listed.setdefault(r["id"], r)
-            for r in listed.values():
-                if r["id"] in ours or r.get("creditflow_refund_id"):
-                    result.ignored.append(f"{r['id']}: made by creditflow")
-                else:
-                    items.append(("refund", r["id"], int(r["amount"])))
+            items = [("refund", refund_id, cents)
+                     for refund_id, cents in _refunds_not_ours(payload, stripe_refunds, ours, result)]
         else:
             items = [("dispute", str(payload.get("dispute_id")), int(payload.get("amount") or 0))]
         for what, stripe_id, cents in items:
@@ -246,3 +243,27 @@ async def restore_failed_refund(conn: Any, obj: dict[str, Any]) -> str | None:
     except psycopg.errors.RaiseException as exc:
         raise CreditflowError(str(exc.diag.message_primary or "clawback_failed")) from exc
     return str(purchase["id"])
+
+
+def _refunds_not_ours(payload: dict[str, Any], stripe_refunds: list[dict[str, Any]] | None,
+                      ours: set[str], result: ClawbackResult) -> list[tuple[str, int]]:
+    """(refund id, cents) of the refunds listed in the event or by Stripe that creditflow did not make."""
+    listed = {r["id"]: r for r in payload.get("refunds", [])}
+    for r in stripe_refunds or []:
+        listed.setdefault(r["id"], r)
+    items = []
+    for r in listed.values():
+        if r["id"] in ours or r.get("creditflow_refund_id"):
+            result.ignored.append(f"{r['id']}: made by creditflow")
+        else:
+            items.append((r["id"], int(r["amount"])))
+    return items
+
+
+async def _apply_to_invoice(invoice: Any, pool: AsyncConnectionPool, kind: str, payload: dict[str, Any],
+                            stripe_refunds: list[dict[str, Any]] | None, result: ClawbackResult) -> ClawbackResult:
+    """Refunds and disputes of an invoice payment (creditflow.invoicing.payment.apply_stripe_event)."""
+    what = {REFUNDED: "refund", DISPUTED: "dispute", DISPUTE_CLOSED: "dispute_closed"}.get(kind)
+    if what is None:
+        result.ignored.append(f"{kind}: not an invoice payment event")
+        return result

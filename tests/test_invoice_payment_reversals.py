@@ -1,0 +1,103 @@
+"""Issue 11, defect 8 (invoices): refunds and disputes of an invoice payment are reflected on the invoice and take
+back the credit-line restoration that payment made. Signed webhook events (as Stripe sends them) through the real
+app, the outbox relay and the account workflow; the invoice paid by the real InvoiceWorkflow; real PostgreSQL,
+Temporal dev server, localstripe.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import stripe
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+
+from creditflow.config import Settings
+from creditflow.domain.money import MICROS_PER_CREDIT
+from tests.test_account_workflow import eventually
+from tests.test_api_metering import new_account, track
+from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
+from tests.test_invoices import period_around_now, rows, run_invoice, workflow_input
+from tests.test_ledger_invariants import assert_invariants
+from tests.test_stripe_webhooks import Clients, cf, event, settings, sign  # noqa: F401 - fixtures
+from tests.test_topups import save_card
+
+pytestmark = pytest.mark.temporal
+
+
+async def _paid_invoice_with_overage(cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient,  # noqa: F811
+                                     client: Client, wf_settings: Settings, shift: int = 0) -> tuple[str, Any]:
+    """An account 1,000 credits into its overage line, invoiced $10 for them and paid: the line is restored."""
+    account = await new_account(cf.admin, overage_credit_line=2_000)  # 5,000 welcome credits
+    assert (await track(cf.admin, account, "chat_message", 6_000, "use")).json()["balance"] == -1_000
+    await save_card(cf.admin, sdk, account)
+    begin, end = period_around_now()
+    outcome = await run_invoice(client, wf_settings, workflow_input(
+        account, begin - timedelta(days=shift), end - timedelta(days=shift),
+        overage_micros=1_000 * MICROS_PER_CREDIT))
+    assert (outcome.status, outcome.amount_due_cents) == ("paid", 1_000)
+    assert await _balance(cf, account) == 0
+    return account, outcome
+
+
+async def _balance(cf: Clients, account: str) -> int:  # noqa: F811
+    return int((await cf.admin.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"])
+
+
+async def _invoice(pool: AsyncConnectionPool, account: str) -> dict[str, Any]:
+    [row] = await rows(pool, "SELECT status, refunded_cents FROM invoices WHERE account_id = %s", account)
+    return row
+
+
+async def _reversals(pool: AsyncConnectionPool, account: str) -> list[int]:
+    found = await rows(pool, "SELECT amount_micros FROM journal WHERE account_id = %s AND type IN"
+                             " ('overage_repayment_reversal', 'overage_repayment') ORDER BY seq", account)
+    return [r["amount_micros"] // MICROS_PER_CREDIT for r in found]
+
+
+async def test_refund_of_an_invoice_payment_unpays_the_invoice_and_takes_back_the_restoration(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, relay: Any,  # noqa: F811
+        temporal_client: Client, temporal_settings: Settings) -> None:
+    account, outcome = await _paid_invoice_with_overage(cf, pool, sdk, temporal_client, temporal_settings)
+    charge = {"id": "ch_inv", "object": "charge", "payment_intent": outcome.payment_intent_id, "amount": 1_000,
+              "amount_refunded": 400, "refunds": {"object": "list", "data": [{"id": "re_inv_1", "amount": 400}]}}
+    body = event("charge.refunded", charge, event_id="evt_inv_refund_1")
+    assert (await cf.deliver(body, sign(body))).json()["outcome"] == "routed"
+    await eventually(lambda: _reversals(pool, account), lambda r: r == [1_000, -400], timeout=20)
+    assert (await _invoice(pool, account)) == {"status": "paid", "refunded_cents": 400}
+    assert await _balance(cf, account) == -400
+
+    # The rest is refunded (Stripe's list is cumulative): the invoice is refunded, the line drawn as before.
+    charge["refunds"]["data"].append({"id": "re_inv_2", "amount": 600})  # type: ignore[index]
+    for n in range(2):
+        body = event("charge.refunded", {**charge, "amount_refunded": 1_000}, event_id=f"evt_inv_refund_2_{n}")
+        assert (await cf.deliver(body, sign(body))).status_code == 200
+    await eventually(lambda: _reversals(pool, account), lambda r: r == [1_000, -400, -600], timeout=20)
+    await eventually(lambda: _invoice(pool, account), lambda r: r == {"status": "refunded", "refunded_cents": 1_000},
+                     timeout=20)
+    assert await _balance(cf, account) == -1_000
+    await assert_invariants(pool)
+
+
+async def test_dispute_of_an_invoice_payment_unpays_the_invoice_until_won(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, relay: Any,  # noqa: F811
+        temporal_client: Client, temporal_settings: Settings) -> None:
+    for closed, status, balance in (("won", "paid", 0), ("lost", "disputed", -1_000)):
+        account, outcome = await _paid_invoice_with_overage(cf, pool, sdk, temporal_client, temporal_settings)
+        dispute = {"id": f"dp_inv_{closed}", "object": "dispute", "payment_intent": outcome.payment_intent_id,
+                   "charge": "ch_inv", "amount": 1_000, "reason": "fraudulent", "status": "needs_response"}
+        body = event("charge.dispute.created", dispute, event_id=f"evt_inv_dispute_{closed}")
+        assert (await cf.deliver(body, sign(body))).json()["outcome"] == "routed"
+        await eventually(lambda a=account: _reversals(pool, a), lambda r: r == [1_000, -1_000], timeout=20)
+        assert (await _invoice(pool, account))["status"] == "disputed"
+        assert await _balance(cf, account) == -1_000
+        body = event("charge.dispute.closed", {**dispute, "status": closed}, event_id=f"evt_inv_closed_{closed}")
+        for _ in range(2):
+            assert (await cf.deliver(body, sign(body))).status_code == 200
+        want = [1_000, -1_000, 1_000] if closed == "won" else [1_000, -1_000]
+        await eventually(lambda a=account: _invoice(pool, a), lambda r, s=status: r["status"] == s, timeout=20)
+        await eventually(lambda a=account: _reversals(pool, a), lambda r, w=want: r == w, timeout=20)
+        assert await _balance(cf, account) == balance
+    await assert_invariants(pool)
