@@ -267,3 +267,13 @@ async def _apply_to_invoice(invoice: Any, pool: AsyncConnectionPool, kind: str, 
     if what is None:
         result.ignored.append(f"{kind}: not an invoice payment event")
         return result
+    refunds = _refunds_not_ours(payload, stripe_refunds, set(), result) if what == "refund" else []
+    events = await invoice_payment.apply_stripe_event(pool, invoice, what, refunds,
+                                                      payload if what != "refund" else None)
+    for e in events:
+        result.applied.append(Clawback(key=e.key, kind=f"invoice_{e.kind}", stripe_id=e.stripe_id,
+                                       amount_cents=e.amount_cents, wanted_micros=-e.moved_micros,
+                                       taken_micros=-e.moved_micros))
+    if not events:
+        result.ignored.append(f"invoice {invoice.id}: nothing new")
+    return result
