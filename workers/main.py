@@ -52,7 +52,7 @@ def workflow_classes() -> list[type]:
 
 def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Callable[..., Any]]:
     """Activities bound to this process's resources (database pool, Stripe gateway from ``settings``)."""
-    accounts = AccountActivities(pool)
+    accounts = AccountActivities(pool, settings.recharge_policy())
     gateway = StripeGateway.from_settings(settings)
     payments = PaymentActivities(pool, gateway)
     topups = TopUpActivities(pool, gateway)
@@ -64,7 +64,7 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings) -> list[Ca
     agent_activities = AgentActivities(pool)
     payment_events = PaymentEventActivities(pool, gateway)
     cycle = BillingCycleActivities(pool, settings.plan_catalog())
-    return [accounts.load_account, payments.ensure_stripe_customer,
+    return [accounts.load_account, accounts.rebuild_account_state, payments.ensure_stripe_customer,
             recharge.load_auto_recharge, recharge.record_auto_recharge_attempt,
             cycle.start_subscription, cycle.set_pending_plan, cycle.renew_subscription, cycle.change_plan_now,
             payment_events.apply_payment_event, payment_events.credit_late_recharge,

@@ -25,7 +25,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.accounts import AccountActivities, AccountSnapshot, LoadAccountInput
+    from activities.accounts import AccountActivities, AccountRebuild, AccountSnapshot, LoadAccountInput, RebuildInput
     from activities.agents import AgentActivities, LimitReachedInput, ResumeInput, SetAgentStatusInput
     from activities.alerts import (
         BalanceAlertInput,
@@ -105,6 +105,9 @@ RECHARGE_SUCCEEDED_LATE = "stripe.recharge.succeeded_late"
 PATCH_PLAN_ATTRIBUTE = "plan-search-attribute"
 # Histories recorded before alerts existed crossed thresholds without sending any: on replay none are sent.
 PATCH_ALERTS = "balance-alerts"
+# A new run (terminated, reset, started again by the relay) rebuilds its state from the database instead of
+# reading only the name; histories recorded before it read the name only.
+PATCH_REBUILD_STATE = "rebuild-state-from-db"
 # Agent status writes: our database, retried for minutes; refusals (a pause of a paused agent) never.
 AGENT_RETRY = db_retry(["invalid_transition", "unknown_agent", "unknown_account", "validation_error"])
 
@@ -140,21 +143,28 @@ class AccountWorkflow:
         self._rearm = False  # a wake-up time changed outside the loop (a new cycle): recompute the timer
         self._recharge_in_flight: str | None = None
         self._recharge_reason: str | None = None
+        self._early_events: list[OutboxEvent] = []  # arrived before a new run rebuilt its state
 
     @workflow.run
     async def run(self, input: AccountWorkflowInput) -> None:
         if not self._input.loaded:
-            snapshot: AccountSnapshot | None = await workflow.execute_activity_method(
-                AccountActivities.load_account,
-                LoadAccountInput(account_id=input.account_id),
-                start_to_close_timeout=timedelta(seconds=10),
-                retry_policy=LOAD_RETRY,
-                summary="Read the account from the ledger",
-            )
-            if snapshot is not None:
-                self._input.name = snapshot.name
-                self._input.status = snapshot.status
+            if workflow.patched(PATCH_REBUILD_STATE):
+                await self._rebuild_state()
+            else:
+                snapshot: AccountSnapshot | None = await workflow.execute_activity_method(
+                    AccountActivities.load_account,
+                    LoadAccountInput(account_id=input.account_id),
+                    start_to_close_timeout=timedelta(seconds=10),
+                    retry_policy=LOAD_RETRY,
+                    summary="Read the account from the ledger",
+                )
+                if snapshot is not None:
+                    self._input.name = snapshot.name
+                    self._input.status = snapshot.status
             self._input.loaded = True
+            early, self._early_events = self._early_events, []
+            for event in early:  # delivered while the state was being rebuilt: deduplicated against it now
+                self.outbox_event(event)
         self._publish()
         while True:
             self._wake_if_due()
@@ -187,9 +197,41 @@ class AccountWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(self._carry_over())
 
+    async def _rebuild_state(self) -> None:
+        """A new run (not a continue-as-new): the database is the source of truth, this run's state a cache of it.
+
+        Reload the subscription (renewals, invoices and expiry go on; subscribing again is a plan change), the
+        auto-recharge sequence and policy state (a sequence number is never reused), agents' next resume, the Stripe
+        customer and the dedup window. Events that arrived with the start are kept (they are newer)."""
+        i = self._input
+        got: AccountRebuild = await workflow.execute_activity_method(
+            AccountActivities.rebuild_account_state,
+            RebuildInput(account_id=i.account_id, now=workflow.now(), dedup_capacity=i.dedup_capacity,
+                         run_id=workflow.info().run_id),
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=LOAD_RETRY,
+            summary="Rebuild the account's state from the ledger")
+        if got.account is not None:
+            i.name, i.status = got.account.name, got.account.status
+        if i.subscription is None:
+            i.subscription = got.subscription
+        i.recharge = got.recharge.model_copy(update={"seq": max(got.recharge.seq, i.recharge.seq)})
+        i.recharge_wake_at = i.recharge_wake_at or got.recharge_wake_at
+        i.recharge_requested = i.recharge_requested or got.recharge_enabled
+        i.agents_wake_at = i.agents_wake_at or got.agents_wake_at
+        i.stripe_customer_id = i.stripe_customer_id or got.stripe_customer_id
+        if i.stripe_customer_id is not None:
+            i.stripe_customer_pending = False
+        # Older keys first, then the ones this run has seen already; at most ``dedup_capacity``.
+        known = [k for k in got.recent_dedup_keys if k not in self._seen]
+        self._recent = deque([*known, *self._recent][-i.dedup_capacity:])
+        self._seen = set(self._recent)
+
     @workflow.signal(name=SIGNAL_OUTBOX_EVENT)
     def outbox_event(self, event: OutboxEvent) -> None:
         """Apply an outbox event once: a dedup key seen before is counted and ignored."""
+        if not self._input.loaded and workflow.patched(PATCH_REBUILD_STATE):
+            self._early_events.append(event)  # applied once the dedup window is rebuilt from the database
+            return
         if event.dedup_key in self._seen:
             self._input.duplicates_ignored += 1
             return
@@ -218,6 +260,8 @@ class AccountWorkflow:
     @workflow.update(name=UPDATE_CHANGE_PLAN)
     async def change_plan(self, change: PlanChange) -> SubscriptionState:
         """Subscribe (starts now, with the plan's credits), or change plan / cancel at the next renewal."""
+        if workflow.patched(PATCH_REBUILD_STATE):  # a new run first learns whether there is a subscription
+            await workflow.wait_condition(lambda: self._input.loaded)
         async with self._cycle_lock:
             i = self._input
             if i.subscription is None or i.subscription.status != "active":

@@ -143,3 +143,26 @@ async def record_attempt(pool: AsyncConnectionPool, account_id: str, *, generati
         if row is not None and disable_reason is not None:
             await conn.execute("SELECT cf_refresh_watch(%s)", (account_id,))
     return row is not None
+
+
+class RechargeHistory(BaseModel):
+    """What the database remembers of auto-recharge attempts: what a new account workflow run starts from."""
+
+    settings: AutoRechargeRow | None
+    last_seq: int  # the highest ``recharge-{seq}`` charge row (0: none)
+    attempts_on_day: int  # charge rows created on the UTC day asked for
+
+
+async def history(pool: AsyncConnectionPool, account_id: str, day_start: datetime) -> RechargeHistory:
+    """The settings with the policy state mirrored by ``record_attempt``, the last recharge sequence number used
+    and the attempts of the UTC day starting at ``day_start`` (a new run must never reuse a sequence number: its
+    ``recharge-{seq}`` row would be found and reported as a new recharge)."""
+    settings = await get_settings(pool, account_id)
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT coalesce(max(substring(request_id FROM '^recharge-([0-9]+)$')::bigint), 0) AS last_seq,"
+            " count(*) FILTER (WHERE created_at >= %s AND created_at < %s + interval '1 day') AS today"
+            " FROM stripe_charges WHERE account_id = %s AND kind = 'auto_recharge'",
+            (day_start, day_start, account_id))).fetchone()
+    assert row is not None
+    return RechargeHistory(settings=settings, last_seq=int(row["last_seq"]), attempts_on_day=int(row["today"]))

@@ -9,7 +9,7 @@ workflow deduplicates by ``dedup_key``.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -55,11 +55,17 @@ async def claim_batch(conn: AsyncConnection[dict[str, Any]], limit: int,
     return [_row(r) for r in await cur.fetchall()]
 
 
-async def mark_dispatched(conn: AsyncConnection[dict[str, Any]], ids: Collection[int]) -> None:
-    """Delivered: counted as an attempt and never claimed again."""
-    if ids:
-        await conn.execute("UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1"
-                           " WHERE id = ANY(%s)", (list(ids),))
+async def mark_dispatched(conn: AsyncConnection[dict[str, Any]], ids: Collection[int] | Mapping[int, str | None]
+                          ) -> None:
+    """Delivered: counted as an attempt and never claimed again. A mapping gives each row the workflow run that
+    accepted its signal (``dispatched_run_id``: a new run rebuilds its dedup window from rows delivered to others)."""
+    if not ids:
+        return
+    runs = ids if isinstance(ids, Mapping) else dict.fromkeys(ids)
+    await conn.execute(
+        "UPDATE outbox o SET dispatched_at = now(), attempts = attempts + 1, dispatched_run_id = d.run_id"
+        " FROM unnest(%s::bigint[], %s::text[]) AS d(id, run_id) WHERE o.id = d.id",
+        (list(runs.keys()), list(runs.values())))
 
 
 async def record_failure(conn: AsyncConnection[dict[str, Any]], row_id: int, error: str) -> int:
@@ -70,6 +76,18 @@ async def record_failure(conn: AsyncConnection[dict[str, Any]], row_id: int, err
     )
     row = await cur.fetchone()
     return int(row["attempts"]) if row is not None else 0
+
+
+async def recent_dispatched_keys(conn: AsyncConnection[dict[str, Any]], account_id: str, limit: int,
+                                 except_run_id: str | None = None) -> list[str]:
+    """The dedup keys of the account's last ``limit`` rows delivered to runs other than ``except_run_id``, oldest
+    first: the dedup window a new run of the account workflow starts from (the database, not the previous run, is
+    the source of truth). Rows delivered to that run itself are not "seen" yet: it has still to apply them."""
+    cur = await conn.execute(
+        "SELECT dedup_key FROM (SELECT id, dedup_key FROM outbox WHERE account_id = %s AND dispatched_at IS NOT NULL"
+        " AND dispatched_run_id IS DISTINCT FROM %s ORDER BY id DESC LIMIT %s) recent ORDER BY id",
+        (account_id, except_run_id, limit))
+    return [r["dedup_key"] for r in await cur.fetchall()]
 
 
 def _row(r: dict[str, Any]) -> OutboxRow:
