@@ -11,9 +11,10 @@ from temporalio import activity
 
 from activities.errors import translating_errors
 from creditflow.errors import CreditflowError
-from creditflow.payments import clawbacks, topups
+from creditflow.payments import clawbacks, late, topups
 from creditflow.payments.clawbacks import ClawbackResult
 from creditflow.payments.gateway import StripeGateway
+from creditflow.payments.late import PAYMENT_SUCCEEDED_LATE, LateSettlement  # noqa: F401 - re-exported for workflows
 from creditflow.payments.refunds import REFUND_METADATA_KEY
 
 
@@ -23,14 +24,8 @@ class PaymentEventInput(BaseModel):
     payload: dict[str, Any] = Field(default_factory=dict)
 
 
-class LateCreditResult(BaseModel):
-    """An auto-recharge paid after its workflow gave up: credited now (or it was already, or Stripe disagrees)."""
-
-    charge_id: str
-    payment_intent_status: str | None = None
-    credited: bool = False
-    transaction_id: str | None = None
-    credits: int = 0
+# A payment that succeeded after its workflow gave up: credited now (or it was already, or Stripe disagrees).
+LateCreditResult = LateSettlement
 
 
 class PaymentEventActivities:
@@ -51,18 +46,23 @@ class PaymentEventActivities:
                       for r in await self._gateway.list_refunds(pi) if r.status == "succeeded"]
         return await clawbacks.apply(self._pool, input.account_id, input.kind, input.payload, listed)
 
+    @activity.defn(name="credit_late_payment")
+    @translating_errors
+    async def credit_late_payment(self, input: PaymentEventInput) -> LateSettlement:
+        """Stripe says a payment succeeded after its workflow recorded failure or gave up (a top-up, an
+        auto-recharge, an invoice payment): check with Stripe (never trust the event alone) and credit it or settle
+        its invoice, once (``creditflow.payments.late``; ledger key ``sys:topup:{payment_intent_id}``)."""
+        pi = input.payload.get("payment_intent_id")
+        return await late.settle_late(self._pool, self._gateway, input.account_id, str(input.payload.get("charge_id")),
+                                      pi if isinstance(pi, str) and pi else None)
+
     @activity.defn(name="credit_late_recharge")
     @translating_errors
     async def credit_late_recharge(self, input: PaymentEventInput) -> LateCreditResult:
-        """Stripe says an auto-recharge succeeded after its workflow recorded it failed: check with Stripe (never
-        trust the event alone) and credit it, once (ledger key ``sys:topup:{payment_intent_id}``)."""
+        """The same for outbox rows written when only auto-recharges took the late path (kept for those rows and
+        for recorded histories)."""
         charge_id = str(input.payload.get("charge_id"))
         record = await topups.get_charge(self._pool, charge_id)
         if record.account_id != input.account_id or record.kind != topups.KIND_AUTO_RECHARGE:
             raise CreditflowError("not_found", f"no auto-recharge charge {charge_id} on this account")
-        pi = await topups.refresh(self._pool, self._gateway, charge_id)
-        if pi.status != "succeeded":
-            return LateCreditResult(charge_id=charge_id, payment_intent_status=pi.status)
-        credit = await topups.credit(self._pool, charge_id)
-        return LateCreditResult(charge_id=charge_id, payment_intent_status=pi.status, credited=not credit.replayed,
-                                transaction_id=credit.transaction_id, credits=credit.credits)
+        return await self.credit_late_payment(input)

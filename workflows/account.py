@@ -43,7 +43,12 @@ with workflow.unsafe.imports_passed_through():
         StartSubscriptionInput,
     )
     from activities.notifications import notify
-    from activities.payment_events import PaymentEventActivities, PaymentEventInput
+    from activities.payment_events import (
+        PAYMENT_SUCCEEDED_LATE,
+        LateCreditResult,
+        PaymentEventActivities,
+        PaymentEventInput,
+    )
     from activities.payments import PERMANENT_CODES, EnsureStripeCustomerInput, PaymentActivities
     from creditflow.domain.money import micros_to_credits
     from creditflow.domain.recharge import Action, Reason, after_attempt, decide, rebase
@@ -135,6 +140,7 @@ class AccountWorkflow:
             STRIPE_DISPUTED: self._on_payment_event,
             STRIPE_DISPUTE_CLOSED: self._on_payment_event,
             RECHARGE_SUCCEEDED_LATE: self._on_payment_event,
+            PAYMENT_SUCCEEDED_LATE: self._on_payment_event,
         }
         self._agents_lock = asyncio.Lock()  # one agent status change at a time, in arrival order
         self._cycle_lock = asyncio.Lock()  # plan changes and renewals, one at a time
@@ -503,8 +509,8 @@ class AccountWorkflow:
     async def _apply_payment_event(self, event: OutboxEvent) -> None:
         """A refund made on Stripe or a dispute: take back the credits that payment bought, then tell the customer
         (a dispute) — once per refund or dispute id, whatever is redelivered."""
-        if event.kind == RECHARGE_SUCCEEDED_LATE:
-            await self._credit_late_recharge(event)
+        if event.kind in (RECHARGE_SUCCEEDED_LATE, PAYMENT_SUCCEEDED_LATE):
+            await self._credit_late_payment(event)
             return
         try:
             result = await workflow.execute_activity_method(
@@ -522,21 +528,33 @@ class AccountWorkflow:
                 "amount_cents": taken.amount_cents, "credits_taken_micros": taken.taken_micros,
                 "reason": event.payload.get("reason")})
 
-    async def _credit_late_recharge(self, event: OutboxEvent) -> None:
-        """An auto-recharge that succeeded after its workflow gave up: credit it (checked with Stripe, once)."""
+    async def _credit_late_payment(self, event: OutboxEvent) -> None:
+        """A payment that succeeded after its workflow recorded failure or gave up (top-up, auto-recharge, invoice):
+        credit it or settle its invoice (checked with Stripe, once), then tell the customer as the normal path would."""
+        pi = event.payload.get("payment_intent_id")
+        recharge = event.kind == RECHARGE_SUCCEEDED_LATE  # rows written when only auto-recharges took this path
         try:
-            late = await workflow.execute_activity_method(
-                PaymentEventActivities.credit_late_recharge,
+            late: LateCreditResult = await workflow.execute_activity_method(
+                PaymentEventActivities.credit_late_recharge if recharge else PaymentEventActivities.credit_late_payment,
                 PaymentEventInput(account_id=self._input.account_id, kind=event.kind, payload=event.payload),
                 start_to_close_timeout=STRIPE_TIMEOUT, retry_policy=LOAD_RETRY,
-                summary=f"Credit the late auto-recharge {event.payload.get('payment_intent_id')}")
+                summary=f"Credit the late auto-recharge {pi}" if recharge else f"Settle the late payment {pi}")
         except ActivityError as err:
             workflow.logger.error("%s not applied: %s", event.dedup_key, error_of(err).message)
             return
-        if late.credited:
+        if not late.credited:
+            return
+        if late.kind == "auto_recharge":
             await self._notify("auto_recharge.succeeded", f"late:{late.charge_id}", {
-                "charge_id": late.charge_id, "payment_intent_id": event.payload.get("payment_intent_id"),
+                "charge_id": late.charge_id, "payment_intent_id": pi,
                 "transaction_id": late.transaction_id, "credits": late.credits, "late": True})
+        elif late.kind == "topup":  # the receipt TopUpWorkflow would have sent (same key: never two)
+            await notify(Notification(
+                account_id=self._input.account_id, kind="receipt", dedup_key=f"receipt:{late.charge_id}",
+                payload={"charge_id": late.charge_id, "request_id": late.request_id, "payment_intent_id": pi,
+                         "transaction_id": late.transaction_id, "amount_cents": late.amount_cents,
+                         "amount": format_usd(late.amount_cents), "credits": late.credits, "late": True}),
+                summary=f"Send the receipt ({format_usd(late.amount_cents)})")
 
     def _on_daily_usage(self, event: OutboxEvent) -> None:
         self._input.pending_alert_events.append(event)
