@@ -5,7 +5,9 @@ and polls every ``outbox_poll_interval_seconds`` as the safety net (a notificati
 relay is listening). A row is marked dispatched only after Temporal accepted the signal, in the
 transaction that holds its lock, so a crash or an unreachable Temporal leaves it pending: delivery is at
 least once and the workflow's dedup key makes it effective once. A row that fails is retried with
-exponential backoff so a poisoned row does not spin. The relay also sweeps expired holds.
+exponential backoff so a poisoned row does not spin; while it fails, its account's later rows wait (each
+account's events arrive in order, ``outbox.claim_batch``), other accounts go on. The relay also sweeps expired
+holds.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class OutboxRelay:
                 ok[row.id] = await self._signal(row)
             except Exception as err:
                 failed.append((row, f"{type(err).__name__}: {err}"))
+                break  # the account's later rows wait for this one: its events are applied in order
         return ok, failed
 
     async def _signal(self, row: outbox.OutboxRow) -> str | None:

@@ -515,10 +515,11 @@ class AccountWorkflow:
         try:
             result = await workflow.execute_activity_method(
                 PaymentEventActivities.apply_payment_event,
-                PaymentEventInput(account_id=self._input.account_id, kind=event.kind, payload=event.payload),
+                PaymentEventInput(account_id=self._input.account_id, kind=event.kind, payload=event.payload,
+                                  dedup_key=event.dedup_key),
                 start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
                 summary=f"Take back credits: {event.kind.removeprefix('stripe.')}")
-        except ActivityError as err:
+        except ActivityError as err:  # kept with its error in payment_event_failures, re-drivable
             workflow.logger.error("%s not applied: %s", event.dedup_key, error_of(err).message)
             return
         if event.kind == STRIPE_DISPUTED and result.applied:
@@ -536,7 +537,8 @@ class AccountWorkflow:
         try:
             late: LateCreditResult = await workflow.execute_activity_method(
                 PaymentEventActivities.credit_late_recharge if recharge else PaymentEventActivities.credit_late_payment,
-                PaymentEventInput(account_id=self._input.account_id, kind=event.kind, payload=event.payload),
+                PaymentEventInput(account_id=self._input.account_id, kind=event.kind, payload=event.payload,
+                                  dedup_key=event.dedup_key),
                 start_to_close_timeout=STRIPE_TIMEOUT, retry_policy=LOAD_RETRY,
                 summary=f"Credit the late auto-recharge {pi}" if recharge else f"Settle the late payment {pi}")
         except ActivityError as err:
