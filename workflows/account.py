@@ -602,7 +602,7 @@ class AccountWorkflow:
             self._publish()
             return
         config = plan.config
-        seq = state.seq + 1
+        seq = max(state.seq, plan.last_seq) + 1  # never a number whose charge row exists (a reset run's is stale)
         i.recharge = state.model_copy(update={"seq": seq})
         child_id = auto_recharge_workflow_id(i.account_id, seq)
         self._recharge_in_flight = child_id

@@ -49,6 +49,9 @@ class RechargeSnapshot(BaseModel):
 
     config: RechargeConfig | None
     available_micros: int
+    # The highest ``recharge-{seq}`` charge row: the next attempt's number is above it whatever a (reset, restarted)
+    # workflow remembers, so an old row is never taken for a new recharge.
+    last_seq: int = 0
 
 
 async def _lock_balance(conn: AsyncConnection[Any], account_id: str) -> int:
@@ -113,14 +116,17 @@ async def snapshot(pool: AsyncConnectionPool, account_id: str) -> RechargeSnapsh
     """The settings and the available balance, read together (for the workflow's decision)."""
     async with pool.connection() as conn:
         row = await (await conn.execute(
-            "SELECT b.balance_micros - b.held_micros AS available, s.* FROM balances b"
+            "SELECT b.balance_micros - b.held_micros AS available, (SELECT coalesce(max(substring(c.request_id"
+            " FROM '^recharge-([0-9]+)$')::bigint), 0) FROM stripe_charges c WHERE c.account_id = b.account_id"
+            " AND c.kind = 'auto_recharge') AS last_seq, s.* FROM balances b"
             " LEFT JOIN auto_recharge_settings s ON s.account_id = b.account_id WHERE b.account_id = %s",
             (account_id,))).fetchone()
     if row is None:
         raise CreditflowError("unknown_account", f"no account {account_id}")
     available = int(row.pop("available"))
+    last_seq = int(row.pop("last_seq"))
     config = AutoRechargeRow(**row).config() if row["account_id"] is not None else None
-    return RechargeSnapshot(config=config, available_micros=available)
+    return RechargeSnapshot(config=config, available_micros=available, last_seq=last_seq)
 
 
 async def record_attempt(pool: AsyncConnectionPool, account_id: str, *, generation: int, status: str,
