@@ -9,6 +9,7 @@ real PostgreSQL and localstripe, the production worker.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +19,9 @@ import stripe
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
 
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
@@ -31,7 +34,9 @@ from tests.test_auto_recharge import SETTINGS, recharge_charges, recharge_rows
 from tests.test_billing_cycle import invoices, journal, ts_env  # noqa: F401 - fixture
 from tests.test_ledger_invariants import assert_invariants
 from tests.test_topups import customer_of, intents_of
+from tests.test_workflow_replay import HISTORIES
 from workers.main import build_worker
+from workflows.account import AccountWorkflow
 from workflows.contract import (
     ACCOUNT_WORKFLOW,
     QUERY_STATE,
@@ -116,6 +121,7 @@ async def test_restarted_account_workflow_rebuilds_its_state_from_the_database(
         used = await track(api, account, "chat_message", 1500, "use-1")
         assert used.status_code == 200 and used.json()["balance"] == 5500
         [second_below] = await relay_pending(pool, client, queue, account)
+        rebuilt_run = (await client.get_workflow_handle(account_workflow_id(account)).describe()).run_id
         handle = client.get_workflow_handle(account_workflow_id(account))
         # Events the first run applied are still known: redelivered, they are ignored.
         for old in (*created, first_below):
@@ -147,6 +153,14 @@ async def test_restarted_account_workflow_rebuilds_its_state_from_the_database(
         assert (renewed.subscription.plan_id, renewed.subscription.pending_plan_id) == ("growth", None)
         [invoice] = await eventually(lambda: invoices(pool, account),
                                      lambda rows: len(rows) == 1 and rows[0]["status"] == "paid", timeout=30)
+        # The rebuilt run (closed by its continue-as-new at the renewal) replays, and is kept as a recorded history.
+        history = await client.get_workflow_handle(account_workflow_id(account), run_id=rebuilt_run).fetch_history()
+        replayed = await Replayer(workflows=[AccountWorkflow], data_converter=pydantic_data_converter
+                                  ).replay_workflow(history)
+        assert replayed.replay_failure is None
+        recorded = HISTORIES / "account_workflow_v4_rebuilt_run.json"
+        if not recorded.exists() or os.environ.get("CREDITFLOW_RECORD_HISTORIES") == "1":
+            recorded.write_text(history.to_json())
 
     assert invoice["amount_due_cents"] == 4_900
     grants = [g["amount_micros"] // MICROS_PER_CREDIT for g in await journal(pool, account, "plan_grant")]

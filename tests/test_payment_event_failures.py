@@ -11,11 +11,15 @@ operator checks that the recorded PaymentIntent was canceled, clears it, and re-
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
 import stripe
 from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
 from typer.testing import CliRunner
 
 from creditflow import payment_events_cli
@@ -31,6 +35,9 @@ from tests.test_late_payments import journal_rows, lost_answer_charge
 from tests.test_ledger_invariants import assert_invariants
 from tests.test_stripe_webhooks import Clients, cf, event, settings, sign  # noqa: F401 - fixtures
 from tests.test_topups import save_card
+from tests.test_workflow_replay import HISTORIES
+from workflows.account import AccountWorkflow
+from workflows.contract import account_workflow_id
 
 pytestmark = pytest.mark.temporal
 
@@ -49,7 +56,8 @@ async def cli(database_url: str, *args: str) -> Any:
 
 async def test_payment_event_refused_is_kept_and_can_be_redriven(
         cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, database_url: str,  # noqa: F811
-        temporal_settings: Settings, relay: Any, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        temporal_client: Client, temporal_settings: Settings, relay: Any,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(payment_events_cli.console, "width", 300)
     account = await new_account(cf.admin)  # 5,000 welcome credits
     await save_card(cf.admin, sdk, account)
@@ -92,3 +100,11 @@ async def test_payment_event_refused_is_kept_and_can_be_redriven(
     balance = (await cf.admin.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"]
     assert balance == 6000
     await assert_invariants(pool)
+    # The account workflow's history (a refused late payment, then its re-drive credited) replays and is kept.
+    history = await temporal_client.get_workflow_handle(account_workflow_id(account)).fetch_history()
+    replayed = await Replayer(workflows=[AccountWorkflow], data_converter=pydantic_data_converter
+                              ).replay_workflow(history)
+    assert replayed.replay_failure is None
+    recorded = HISTORIES / "account_workflow_v4_late_payment_redriven.json"
+    if not recorded.exists() or os.environ.get("CREDITFLOW_RECORD_HISTORIES") == "1":
+        recorded.write_text(history.to_json())
