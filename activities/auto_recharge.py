@@ -28,6 +28,7 @@ class RechargePlan(BaseModel):
     available_micros: int
     policy: RechargePolicy
     last_seq: int = 0  # the highest recharge sequence number with a charge row (0 in results recorded before it)
+    in_flight_seq: int | None = None  # a recharge an earlier run started that may still be charging
 
 
 class RecordRechargeAttemptInput(BaseModel):
@@ -51,7 +52,7 @@ class AutoRechargeActivities:
         """What the workflow needs to decide whether to recharge now."""
         snap = await auto_recharge.snapshot(self._pool, input.account_id)
         return RechargePlan(config=snap.config, available_micros=snap.available_micros, policy=self._policy,
-                            last_seq=snap.last_seq)
+                            last_seq=snap.last_seq, in_flight_seq=snap.in_flight_seq)
 
     @activity.defn(name="record_auto_recharge_attempt")
     @translating_errors

@@ -74,3 +74,27 @@ async def test_reset_account_workflow_never_reuses_a_recharge_sequence_number(
     assert (await balance(api, account))["balance"] == 7500
     described = await temporal_client.get_workflow_handle(account_workflow_id(account)).describe()
     assert described.run_id == run_id  # the reset run did it
+
+
+async def test_recharge_left_running_by_an_earlier_run_is_not_doubled(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient,  # noqa: F811
+        temporal_client: Client, temporal_settings: Any, relay: OutboxRelay) -> None:  # noqa: F811
+    """An operator terminated the account workflow while its recharge child was charging (the child is abandoned,
+    not killed): the next run must not start a second recharge while that one may still charge and credit."""
+    from creditflow.payments import topups
+    from creditflow.payments.gateway import StripeGateway
+
+    account = await new_account(api)  # 5,000 welcome credits
+    await save_card(api, sdk, account)
+    gateway = StripeGateway.from_settings(temporal_settings)
+    await topups.record_charge(pool, gateway, account_id=account, request_id="recharge-1", amount_cents=2000,
+                               credits=2000, package_id=None, description="Auto-recharge: 2,000 credits",
+                               payment_method_id=None, kind=topups.KIND_AUTO_RECHARGE, require_card=True)
+    await api.put(SETTINGS, json={"account_id": account, "enabled": True, "threshold": 6000, "recharge_amount": 2000})
+    state = await eventually(lambda: state_of(temporal_client, account),
+                             lambda s: s.recharge_reason == "recharge_in_flight", timeout=30)
+    assert state.recharge_wake_at is not None and state.recharge_in_flight is None
+    assert [(c["request_id"], c["status"]) for c in await recharge_charges(pool, account)] == [
+        ("recharge-1", "pending")]
+    assert intents_of(sdk, await customer_of(pool, account)) == []
+    assert (await balance(api, account))["balance"] == 5000

@@ -97,6 +97,8 @@ CYCLE_RETRY = db_retry(["unknown_plan", "unknown_account", "validation_error"])
 # Reading the recharge settings: a failure is retried by the next decision (a minute later), not forever here.
 RECHARGE_LOAD_RETRY = db_retry(["unknown_account"])
 RECHARGE_RELOAD_AFTER = timedelta(minutes=1)
+# ``recharge_reason`` while a recharge started by an earlier run may still be charging.
+RECHARGE_IN_FLIGHT = "recharge_in_flight"
 # The outbox kinds written by the hot path: the balance watch, limits reached, limits saved.
 BELOW_THRESHOLD = "balance.below_threshold"
 LIMIT_REACHED = "limit.reached"
@@ -598,6 +600,13 @@ class AccountWorkflow:
                 i.recharge = state.model_copy(update={"cap_notified_day": now.date()})
                 await self._notify("auto_recharge.daily_cap_reached", f"{now.date().isoformat()}", {
                     "max_per_day": plan.policy.max_per_day, "next_attempt_at": str(decision.wake_at)})
+        if decision.action == Action.CHARGE and plan.in_flight_seq is not None:
+            # Started by an earlier run (terminated or reset while its child ran) and maybe still charging: no second
+            # recharge meanwhile; look again shortly (the row is final, or abandoned, within minutes).
+            i.recharge_wake_at = now + RECHARGE_RELOAD_AFTER
+            self._recharge_reason = RECHARGE_IN_FLIGHT
+            self._publish()
+            return
         if decision.action != Action.CHARGE or plan.config is None:
             self._publish()
             return

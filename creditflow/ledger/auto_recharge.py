@@ -52,6 +52,14 @@ class RechargeSnapshot(BaseModel):
     # The highest ``recharge-{seq}`` charge row: the next attempt's number is above it whatever a (reset, restarted)
     # workflow remembers, so an old row is never taken for a new recharge.
     last_seq: int = 0
+    # A recharge whose charge row is still open (recorded or charging, touched in the last ``IN_FLIGHT_WINDOW``):
+    # started by an earlier run of the account workflow (terminated or reset while its child ran), it may still
+    # charge and credit, so no second one starts meanwhile.
+    in_flight_seq: int | None = None
+
+
+# A recharge child charges within minutes (its Stripe retries last about ten); a row open longer is abandoned.
+IN_FLIGHT_WINDOW = "15 minutes"
 
 
 async def _lock_balance(conn: AsyncConnection[Any], account_id: str) -> int:
@@ -118,15 +126,20 @@ async def snapshot(pool: AsyncConnectionPool, account_id: str) -> RechargeSnapsh
         row = await (await conn.execute(
             "SELECT b.balance_micros - b.held_micros AS available, (SELECT coalesce(max(substring(c.request_id"
             " FROM '^recharge-([0-9]+)$')::bigint), 0) FROM stripe_charges c WHERE c.account_id = b.account_id"
-            " AND c.kind = 'auto_recharge') AS last_seq, s.* FROM balances b"
+            " AND c.kind = 'auto_recharge') AS last_seq, (SELECT max(substring(c.request_id"
+            " FROM '^recharge-([0-9]+)$')::bigint) FROM stripe_charges c WHERE c.account_id = b.account_id"
+            " AND c.kind = 'auto_recharge' AND c.status IN ('pending', 'requires_action')"
+            f" AND c.updated_at > now() - interval '{IN_FLIGHT_WINDOW}') AS in_flight_seq, s.* FROM balances b"
             " LEFT JOIN auto_recharge_settings s ON s.account_id = b.account_id WHERE b.account_id = %s",
             (account_id,))).fetchone()
     if row is None:
         raise CreditflowError("unknown_account", f"no account {account_id}")
     available = int(row.pop("available"))
     last_seq = int(row.pop("last_seq"))
+    in_flight = row.pop("in_flight_seq")
     config = AutoRechargeRow(**row).config() if row["account_id"] is not None else None
-    return RechargeSnapshot(config=config, available_micros=available, last_seq=last_seq)
+    return RechargeSnapshot(config=config, available_micros=available, last_seq=last_seq,
+                            in_flight_seq=None if in_flight is None else int(in_flight))
 
 
 async def record_attempt(pool: AsyncConnectionPool, account_id: str, *, generation: int, status: str,
