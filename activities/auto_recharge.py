@@ -27,6 +27,8 @@ class RechargePlan(BaseModel):
     config: RechargeConfig | None
     available_micros: int
     policy: RechargePolicy
+    last_seq: int = 0  # the highest recharge sequence number with a charge row (0 in results recorded before it)
+    in_flight_seq: int | None = None  # a recharge an earlier run started that may still be charging
 
 
 class RecordRechargeAttemptInput(BaseModel):
@@ -49,7 +51,8 @@ class AutoRechargeActivities:
     async def load_auto_recharge(self, input: RechargeAccountInput) -> RechargePlan:
         """What the workflow needs to decide whether to recharge now."""
         snap = await auto_recharge.snapshot(self._pool, input.account_id)
-        return RechargePlan(config=snap.config, available_micros=snap.available_micros, policy=self._policy)
+        return RechargePlan(config=snap.config, available_micros=snap.available_micros, policy=self._policy,
+                            last_seq=snap.last_seq, in_flight_seq=snap.in_flight_seq)
 
     @activity.defn(name="record_auto_recharge_attempt")
     @translating_errors

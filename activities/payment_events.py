@@ -3,34 +3,35 @@ back the credits the payment bought (``creditflow.payments.clawbacks``; once per
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 from temporalio import activity
 
-from activities.errors import translating_errors
+from activities.errors import RETRYABLE_CODES, translating_errors
 from creditflow.errors import CreditflowError
-from creditflow.payments import clawbacks, topups
+from creditflow.ledger import payment_event_failures
+from creditflow.payments import clawbacks, late, topups
 from creditflow.payments.clawbacks import ClawbackResult
 from creditflow.payments.gateway import StripeGateway
+from creditflow.payments.late import PAYMENT_SUCCEEDED_LATE, LateSettlement  # noqa: F401 - re-exported for workflows
 from creditflow.payments.refunds import REFUND_METADATA_KEY
+
+T = TypeVar("T")
 
 
 class PaymentEventInput(BaseModel):
     account_id: str
     kind: str
     payload: dict[str, Any] = Field(default_factory=dict)
+    # The outbox row's key: a refusal is kept under it (``payment_event_failures``), a success resolves it.
+    dedup_key: str | None = None
 
 
-class LateCreditResult(BaseModel):
-    """An auto-recharge paid after its workflow gave up: credited now (or it was already, or Stripe disagrees)."""
-
-    charge_id: str
-    payment_intent_status: str | None = None
-    credited: bool = False
-    transaction_id: str | None = None
-    credits: int = 0
+# A payment that succeeded after its workflow gave up: credited now (or it was already, or Stripe disagrees).
+LateCreditResult = LateSettlement
 
 
 class PaymentEventActivities:
@@ -38,11 +39,28 @@ class PaymentEventActivities:
         self._pool = pool
         self._gateway = gateway
 
+    async def _keeping_failures(self, input: PaymentEventInput, step: Awaitable[T]) -> T:
+        """Run ``step``; a refusal a retry cannot fix is kept with its error before it fails the activity (the
+        workflow then goes on with its next event, nothing is lost), a success resolves an earlier failure."""
+        try:
+            result = await step
+        except CreditflowError as exc:
+            if input.dedup_key and exc.code not in RETRYABLE_CODES:
+                await payment_event_failures.record(self._pool, input.account_id, input.dedup_key, input.kind,
+                                                    input.payload, exc.code, exc.message)
+            raise
+        if input.dedup_key:
+            await payment_event_failures.resolve(self._pool, input.account_id, input.dedup_key)
+        return result
+
     @activity.defn(name="apply_payment_event")
     @translating_errors
     async def apply_payment_event(self, input: PaymentEventInput) -> ClawbackResult:
         """Take back the credits of a refund made on Stripe or a disputed payment. For refunds, Stripe is asked for
         the PaymentIntent's refunds (the event may not list them)."""
+        return await self._keeping_failures(input, self._apply(input))
+
+    async def _apply(self, input: PaymentEventInput) -> ClawbackResult:
         listed = None
         pi = input.payload.get("payment_intent_id")
         if input.kind == clawbacks.REFUNDED and isinstance(pi, str) and pi.startswith("pi_"):
@@ -51,18 +69,27 @@ class PaymentEventActivities:
                       for r in await self._gateway.list_refunds(pi) if r.status == "succeeded"]
         return await clawbacks.apply(self._pool, input.account_id, input.kind, input.payload, listed)
 
+    @activity.defn(name="credit_late_payment")
+    @translating_errors
+    async def credit_late_payment(self, input: PaymentEventInput) -> LateSettlement:
+        """Stripe says a payment succeeded after its workflow recorded failure or gave up (a top-up, an
+        auto-recharge, an invoice payment): check with Stripe (never trust the event alone) and credit it or settle
+        its invoice, once (``creditflow.payments.late``; ledger key ``sys:topup:{payment_intent_id}``)."""
+        return await self._keeping_failures(input, self._settle_late(input))
+
+    async def _settle_late(self, input: PaymentEventInput, *, kind: str | None = None) -> LateSettlement:
+        charge_id = str(input.payload.get("charge_id"))
+        if kind is not None:
+            record = await topups.get_charge(self._pool, charge_id)
+            if record.account_id != input.account_id or record.kind != kind:
+                raise CreditflowError("not_found", f"no {kind} charge {charge_id} on this account")
+        pi = input.payload.get("payment_intent_id")
+        return await late.settle_late(self._pool, self._gateway, input.account_id, charge_id,
+                                      pi if isinstance(pi, str) and pi else None)
+
     @activity.defn(name="credit_late_recharge")
     @translating_errors
     async def credit_late_recharge(self, input: PaymentEventInput) -> LateCreditResult:
-        """Stripe says an auto-recharge succeeded after its workflow recorded it failed: check with Stripe (never
-        trust the event alone) and credit it, once (ledger key ``sys:topup:{payment_intent_id}``)."""
-        charge_id = str(input.payload.get("charge_id"))
-        record = await topups.get_charge(self._pool, charge_id)
-        if record.account_id != input.account_id or record.kind != topups.KIND_AUTO_RECHARGE:
-            raise CreditflowError("not_found", f"no auto-recharge charge {charge_id} on this account")
-        pi = await topups.refresh(self._pool, self._gateway, charge_id)
-        if pi.status != "succeeded":
-            return LateCreditResult(charge_id=charge_id, payment_intent_status=pi.status)
-        credit = await topups.credit(self._pool, charge_id)
-        return LateCreditResult(charge_id=charge_id, payment_intent_status=pi.status, credited=not credit.replayed,
-                                transaction_id=credit.transaction_id, credits=credit.credits)
+        """The same for outbox rows written when only auto-recharges took the late path (kept for those rows and
+        for recorded histories)."""
+        return await self._keeping_failures(input, self._settle_late(input, kind=topups.KIND_AUTO_RECHARGE))

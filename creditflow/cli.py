@@ -14,6 +14,7 @@ from rich.table import Table
 from creditflow.agents_cli import agents_app
 from creditflow.config import Settings, get_settings
 from creditflow.ops_cli import accounts_app, keys_app, wallet_app
+from creditflow.payment_events_cli import payment_events_app
 from creditflow.reconcile_cli import reconcile
 from creditflow.refund_cli import refund
 from creditflow.simulate_cli import simulate
@@ -31,6 +32,7 @@ app.add_typer(accounts_app, name="accounts")
 app.add_typer(keys_app, name="keys")
 app.add_typer(wallet_app, name="wallet")
 app.add_typer(agents_app, name="agents")
+app.add_typer(payment_events_app, name="payment-events")
 app.command("topup")(topup)
 app.command("refund")(refund)
 app.command("simulate")(simulate)

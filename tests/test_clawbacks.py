@@ -69,14 +69,13 @@ async def test_stripe_side_refunds_and_disputes_take_back_credits_once(
     assert (taken["amount_micros"], taken["counter_book"]) == (-1000 * MICROS_PER_CREDIT, "system:disputes")
     balance = (await cf.admin.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"]
     assert balance == 5000  # the welcome bonus is untouched
-    async def disputed_notices() -> list[dict[str, Any]]:
+    async def disputed_notices() -> list[dict[str, Any]]:  # sent after the clawback commits: wait for it
         async with pool.connection() as conn:
             return await (await conn.execute(
                 "SELECT kind, payload FROM notifications_log WHERE account_id = %s AND kind = 'payment.disputed'",
                 (account,))).fetchall()
 
-    # The workflow notifies after the clawback's activity has committed: wait for it.
-    notices = await eventually(disputed_notices, lambda n: len(n) >= 1, timeout=20)
+    notices = await eventually(disputed_notices, lambda rows: len(rows) >= 1)
     assert [(n["payload"]["dispute_id"], n["payload"]["amount_cents"]) for n in notices] == [("dp_1", 2500)]
 
     # The dispute is won: the credits taken come back, once (a lost one would keep them taken).

@@ -57,7 +57,7 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings,
                        gateway: StripeGateway | None = None) -> list[Callable[..., Any]]:
     """Activities bound to this process's resources (database pool, Stripe gateway from ``settings``; tests may
     pass a gateway of their own, e.g. one reporting Stripe answers the emulator cannot give)."""
-    accounts = AccountActivities(pool)
+    accounts = AccountActivities(pool, settings.recharge_policy())
     gateway = gateway or StripeGateway.from_settings(settings)
     payments = PaymentActivities(pool, gateway)
     topups = TopUpActivities(pool, gateway)
@@ -70,10 +70,10 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings,
     payment_events = PaymentEventActivities(pool, gateway)
     cycle = BillingCycleActivities(pool, settings.plan_catalog())
     reconciliation = ReconcileActivities(pool, gateway, settings)
-    return [accounts.load_account, payments.ensure_stripe_customer,
+    return [accounts.load_account, accounts.rebuild_account_state, payments.ensure_stripe_customer,
             recharge.load_auto_recharge, recharge.record_auto_recharge_attempt,
             cycle.start_subscription, cycle.set_pending_plan, cycle.renew_subscription, cycle.change_plan_now,
-            payment_events.apply_payment_event, payment_events.credit_late_recharge,
+            payment_events.apply_payment_event, payment_events.credit_late_recharge, payment_events.credit_late_payment,
             agent_activities.set_agent_status, agent_activities.pause_for_limit, agent_activities.resume_system_paused,
             topups.record_topup_charge, topups.charge_topup, topups.poll_topup_payment, topups.cancel_topup_payment,
             topups.credit_topup, topups.mark_topup_charge, notifications.send_notification,

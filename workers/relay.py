@@ -5,7 +5,9 @@ and polls every ``outbox_poll_interval_seconds`` as the safety net (a notificati
 relay is listening). A row is marked dispatched only after Temporal accepted the signal, in the
 transaction that holds its lock, so a crash or an unreachable Temporal leaves it pending: delivery is at
 least once and the workflow's dedup key makes it effective once. A row that fails is retried with
-exponential backoff so a poisoned row does not spin. The relay also sweeps expired holds.
+exponential backoff so a poisoned row does not spin; while it fails, its account's later rows wait (each
+account's events arrive in order, ``outbox.claim_batch``), other accounts go on. The relay also sweeps expired
+holds.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ class OutboxRelay:
                 by_account[row.account_id].append(row)
             # Accounts in parallel, each account's rows in order.
             results = await asyncio.gather(*(self._deliver(group) for group in by_account.values()))
-            done = [row_id for ok, _ in results for row_id in ok]
+            done = {row_id: run for ok, _ in results for row_id, run in ok.items()}
             failed = [failure for _, bad in results for failure in bad]
             await outbox.mark_dispatched(conn, done)
             for row, error in failed:
@@ -125,23 +127,24 @@ class OutboxRelay:
                         failed[0][1])
         return len(rows), len(done)
 
-    async def _deliver(self, rows: list[outbox.OutboxRow]) -> tuple[list[int], list[Failure]]:
-        """Signal one account's rows in order; returns (delivered ids, failures)."""
-        ok: list[int] = []
+    async def _deliver(self, rows: list[outbox.OutboxRow]) -> tuple[dict[int, str | None], list[Failure]]:
+        """Signal one account's rows in order; returns (delivered ids with the run that accepted each, failures)."""
+        ok: dict[int, str | None] = {}
         failed: list[Failure] = []
         for row in rows:
             try:  # any failure, a malformed row included, leaves the row pending for a later attempt
-                await self._signal(row)
+                ok[row.id] = await self._signal(row)
             except Exception as err:
                 failed.append((row, f"{type(err).__name__}: {err}"))
-            else:
-                ok.append(row.id)
+                break  # the account's later rows wait for this one: its events are applied in order
         return ok, failed
 
-    async def _signal(self, row: outbox.OutboxRow) -> None:
+    async def _signal(self, row: outbox.OutboxRow) -> str | None:
+        """Deliver one row; returns the id of the workflow run that accepted it."""
         event = OutboxEvent(dedup_key=row.dedup_key, kind=row.kind, payload=row.payload,
                             created_at=row.created_at)
         name = event.payload.get("name") if event.kind == "account.created" else None
-        await signal_with_start_account(self._client, self._task_queue, row.account_id, event,
-                                        name=name if isinstance(name, str) else None,
-                                        rpc_timeout=DELIVERY_RPC_TIMEOUT)
+        handle = await signal_with_start_account(self._client, self._task_queue, row.account_id, event,
+                                                 name=name if isinstance(name, str) else None,
+                                                 rpc_timeout=DELIVERY_RPC_TIMEOUT)
+        return handle.result_run_id

@@ -25,7 +25,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.accounts import AccountActivities, AccountSnapshot, LoadAccountInput
+    from activities.accounts import AccountActivities, AccountRebuild, AccountSnapshot, LoadAccountInput, RebuildInput
     from activities.agents import AgentActivities, LimitReachedInput, ResumeInput, SetAgentStatusInput
     from activities.alerts import (
         BalanceAlertInput,
@@ -43,7 +43,12 @@ with workflow.unsafe.imports_passed_through():
         StartSubscriptionInput,
     )
     from activities.notifications import notify
-    from activities.payment_events import PaymentEventActivities, PaymentEventInput
+    from activities.payment_events import (
+        PAYMENT_SUCCEEDED_LATE,
+        LateCreditResult,
+        PaymentEventActivities,
+        PaymentEventInput,
+    )
     from activities.payments import PERMANENT_CODES, EnsureStripeCustomerInput, PaymentActivities
     from creditflow.domain.money import micros_to_credits
     from creditflow.domain.recharge import Action, Reason, after_attempt, decide, rebase
@@ -92,6 +97,8 @@ CYCLE_RETRY = db_retry(["unknown_plan", "unknown_account", "validation_error"])
 # Reading the recharge settings: a failure is retried by the next decision (a minute later), not forever here.
 RECHARGE_LOAD_RETRY = db_retry(["unknown_account"])
 RECHARGE_RELOAD_AFTER = timedelta(minutes=1)
+# ``recharge_reason`` while a recharge started by an earlier run may still be charging.
+RECHARGE_IN_FLIGHT = "recharge_in_flight"
 # The outbox kinds written by the hot path: the balance watch, limits reached, limits saved.
 BELOW_THRESHOLD = "balance.below_threshold"
 LIMIT_REACHED = "limit.reached"
@@ -105,6 +112,9 @@ RECHARGE_SUCCEEDED_LATE = "stripe.recharge.succeeded_late"
 PATCH_PLAN_ATTRIBUTE = "plan-search-attribute"
 # Histories recorded before alerts existed crossed thresholds without sending any: on replay none are sent.
 PATCH_ALERTS = "balance-alerts"
+# A new run (terminated, reset, started again by the relay) rebuilds its state from the database instead of
+# reading only the name; histories recorded before it read the name only.
+PATCH_REBUILD_STATE = "rebuild-state-from-db"
 # Agent status writes: our database, retried for minutes; refusals (a pause of a paused agent) never.
 AGENT_RETRY = db_retry(["invalid_transition", "unknown_agent", "unknown_account", "validation_error"])
 
@@ -132,6 +142,7 @@ class AccountWorkflow:
             STRIPE_DISPUTED: self._on_payment_event,
             STRIPE_DISPUTE_CLOSED: self._on_payment_event,
             RECHARGE_SUCCEEDED_LATE: self._on_payment_event,
+            PAYMENT_SUCCEEDED_LATE: self._on_payment_event,
         }
         self._agents_lock = asyncio.Lock()  # one agent status change at a time, in arrival order
         self._cycle_lock = asyncio.Lock()  # plan changes and renewals, one at a time
@@ -140,21 +151,28 @@ class AccountWorkflow:
         self._rearm = False  # a wake-up time changed outside the loop (a new cycle): recompute the timer
         self._recharge_in_flight: str | None = None
         self._recharge_reason: str | None = None
+        self._early_events: list[OutboxEvent] = []  # arrived before a new run rebuilt its state
 
     @workflow.run
     async def run(self, input: AccountWorkflowInput) -> None:
         if not self._input.loaded:
-            snapshot: AccountSnapshot | None = await workflow.execute_activity_method(
-                AccountActivities.load_account,
-                LoadAccountInput(account_id=input.account_id),
-                start_to_close_timeout=timedelta(seconds=10),
-                retry_policy=LOAD_RETRY,
-                summary="Read the account from the ledger",
-            )
-            if snapshot is not None:
-                self._input.name = snapshot.name
-                self._input.status = snapshot.status
+            if workflow.patched(PATCH_REBUILD_STATE):
+                await self._rebuild_state()
+            else:
+                snapshot: AccountSnapshot | None = await workflow.execute_activity_method(
+                    AccountActivities.load_account,
+                    LoadAccountInput(account_id=input.account_id),
+                    start_to_close_timeout=timedelta(seconds=10),
+                    retry_policy=LOAD_RETRY,
+                    summary="Read the account from the ledger",
+                )
+                if snapshot is not None:
+                    self._input.name = snapshot.name
+                    self._input.status = snapshot.status
             self._input.loaded = True
+            early, self._early_events = self._early_events, []
+            for event in early:  # delivered while the state was being rebuilt: deduplicated against it now
+                self.outbox_event(event)
         self._publish()
         while True:
             self._wake_if_due()
@@ -187,9 +205,41 @@ class AccountWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(self._carry_over())
 
+    async def _rebuild_state(self) -> None:
+        """A new run (not a continue-as-new): the database is the source of truth, this run's state a cache of it.
+
+        Reload the subscription (renewals, invoices and expiry go on; subscribing again is a plan change), the
+        auto-recharge sequence and policy state (a sequence number is never reused), agents' next resume, the Stripe
+        customer and the dedup window. Events that arrived with the start are kept (they are newer)."""
+        i = self._input
+        got: AccountRebuild = await workflow.execute_activity_method(
+            AccountActivities.rebuild_account_state,
+            RebuildInput(account_id=i.account_id, now=workflow.now(), dedup_capacity=i.dedup_capacity,
+                         run_id=workflow.info().run_id),
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=LOAD_RETRY,
+            summary="Rebuild the account's state from the ledger")
+        if got.account is not None:
+            i.name, i.status = got.account.name, got.account.status
+        if i.subscription is None:
+            i.subscription = got.subscription
+        i.recharge = got.recharge.model_copy(update={"seq": max(got.recharge.seq, i.recharge.seq)})
+        i.recharge_wake_at = i.recharge_wake_at or got.recharge_wake_at
+        i.recharge_requested = i.recharge_requested or got.recharge_enabled
+        i.agents_wake_at = i.agents_wake_at or got.agents_wake_at
+        i.stripe_customer_id = i.stripe_customer_id or got.stripe_customer_id
+        if i.stripe_customer_id is not None:
+            i.stripe_customer_pending = False
+        # Older keys first, then the ones this run has seen already; at most ``dedup_capacity``.
+        known = [k for k in got.recent_dedup_keys if k not in self._seen]
+        self._recent = deque([*known, *self._recent][-i.dedup_capacity:])
+        self._seen = set(self._recent)
+
     @workflow.signal(name=SIGNAL_OUTBOX_EVENT)
     def outbox_event(self, event: OutboxEvent) -> None:
         """Apply an outbox event once: a dedup key seen before is counted and ignored."""
+        if not self._input.loaded and workflow.patched(PATCH_REBUILD_STATE):
+            self._early_events.append(event)  # applied once the dedup window is rebuilt from the database
+            return
         if event.dedup_key in self._seen:
             self._input.duplicates_ignored += 1
             return
@@ -218,6 +268,8 @@ class AccountWorkflow:
     @workflow.update(name=UPDATE_CHANGE_PLAN)
     async def change_plan(self, change: PlanChange) -> SubscriptionState:
         """Subscribe (starts now, with the plan's credits), or change plan / cancel at the next renewal."""
+        if workflow.patched(PATCH_REBUILD_STATE):  # a new run first learns whether there is a subscription
+            await workflow.wait_condition(lambda: self._input.loaded)
         async with self._cycle_lock:
             i = self._input
             if i.subscription is None or i.subscription.status != "active":
@@ -459,16 +511,17 @@ class AccountWorkflow:
     async def _apply_payment_event(self, event: OutboxEvent) -> None:
         """A refund made on Stripe or a dispute: take back the credits that payment bought, then tell the customer
         (a dispute) — once per refund or dispute id, whatever is redelivered."""
-        if event.kind == RECHARGE_SUCCEEDED_LATE:
-            await self._credit_late_recharge(event)
+        if event.kind in (RECHARGE_SUCCEEDED_LATE, PAYMENT_SUCCEEDED_LATE):
+            await self._credit_late_payment(event)
             return
         try:
             result = await workflow.execute_activity_method(
                 PaymentEventActivities.apply_payment_event,
-                PaymentEventInput(account_id=self._input.account_id, kind=event.kind, payload=event.payload),
+                PaymentEventInput(account_id=self._input.account_id, kind=event.kind, payload=event.payload,
+                                  dedup_key=event.dedup_key),
                 start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
                 summary=f"Take back credits: {event.kind.removeprefix('stripe.')}")
-        except ActivityError as err:
+        except ActivityError as err:  # kept with its error in payment_event_failures, re-drivable
             workflow.logger.error("%s not applied: %s", event.dedup_key, error_of(err).message)
             return
         if event.kind == STRIPE_DISPUTED and result.applied:
@@ -478,21 +531,34 @@ class AccountWorkflow:
                 "amount_cents": taken.amount_cents, "credits_taken_micros": taken.taken_micros,
                 "reason": event.payload.get("reason")})
 
-    async def _credit_late_recharge(self, event: OutboxEvent) -> None:
-        """An auto-recharge that succeeded after its workflow gave up: credit it (checked with Stripe, once)."""
+    async def _credit_late_payment(self, event: OutboxEvent) -> None:
+        """A payment that succeeded after its workflow recorded failure or gave up (top-up, auto-recharge, invoice):
+        credit it or settle its invoice (checked with Stripe, once), then tell the customer as the normal path would."""
+        pi = event.payload.get("payment_intent_id")
+        recharge = event.kind == RECHARGE_SUCCEEDED_LATE  # rows written when only auto-recharges took this path
         try:
-            late = await workflow.execute_activity_method(
-                PaymentEventActivities.credit_late_recharge,
-                PaymentEventInput(account_id=self._input.account_id, kind=event.kind, payload=event.payload),
+            late: LateCreditResult = await workflow.execute_activity_method(
+                PaymentEventActivities.credit_late_recharge if recharge else PaymentEventActivities.credit_late_payment,
+                PaymentEventInput(account_id=self._input.account_id, kind=event.kind, payload=event.payload,
+                                  dedup_key=event.dedup_key),
                 start_to_close_timeout=STRIPE_TIMEOUT, retry_policy=LOAD_RETRY,
-                summary=f"Credit the late auto-recharge {event.payload.get('payment_intent_id')}")
+                summary=f"Credit the late auto-recharge {pi}" if recharge else f"Settle the late payment {pi}")
         except ActivityError as err:
             workflow.logger.error("%s not applied: %s", event.dedup_key, error_of(err).message)
             return
-        if late.credited:
+        if not late.credited:
+            return
+        if late.kind == "auto_recharge":
             await self._notify("auto_recharge.succeeded", f"late:{late.charge_id}", {
-                "charge_id": late.charge_id, "payment_intent_id": event.payload.get("payment_intent_id"),
+                "charge_id": late.charge_id, "payment_intent_id": pi,
                 "transaction_id": late.transaction_id, "credits": late.credits, "late": True})
+        elif late.kind == "topup":  # the receipt TopUpWorkflow would have sent (same key: never two)
+            await notify(Notification(
+                account_id=self._input.account_id, kind="receipt", dedup_key=f"receipt:{late.charge_id}",
+                payload={"charge_id": late.charge_id, "request_id": late.request_id, "payment_intent_id": pi,
+                         "transaction_id": late.transaction_id, "amount_cents": late.amount_cents,
+                         "amount": format_usd(late.amount_cents), "credits": late.credits, "late": True}),
+                summary=f"Send the receipt ({format_usd(late.amount_cents)})")
 
     def _on_daily_usage(self, event: OutboxEvent) -> None:
         self._input.pending_alert_events.append(event)
@@ -534,11 +600,18 @@ class AccountWorkflow:
                 i.recharge = state.model_copy(update={"cap_notified_day": now.date()})
                 await self._notify("auto_recharge.daily_cap_reached", f"{now.date().isoformat()}", {
                     "max_per_day": plan.policy.max_per_day, "next_attempt_at": str(decision.wake_at)})
+        if decision.action == Action.CHARGE and plan.in_flight_seq is not None:
+            # Started by an earlier run (terminated or reset while its child ran) and maybe still charging: no second
+            # recharge meanwhile; look again shortly (the row is final, or abandoned, within minutes).
+            i.recharge_wake_at = now + RECHARGE_RELOAD_AFTER
+            self._recharge_reason = RECHARGE_IN_FLIGHT
+            self._publish()
+            return
         if decision.action != Action.CHARGE or plan.config is None:
             self._publish()
             return
         config = plan.config
-        seq = state.seq + 1
+        seq = max(state.seq, plan.last_seq) + 1  # never a number whose charge row exists (a reset run's is stale)
         i.recharge = state.model_copy(update={"seq": seq})
         child_id = auto_recharge_workflow_id(i.account_id, seq)
         self._recharge_in_flight = child_id

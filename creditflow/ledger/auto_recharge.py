@@ -49,6 +49,17 @@ class RechargeSnapshot(BaseModel):
 
     config: RechargeConfig | None
     available_micros: int
+    # The highest ``recharge-{seq}`` charge row: the next attempt's number is above it whatever a (reset, restarted)
+    # workflow remembers, so an old row is never taken for a new recharge.
+    last_seq: int = 0
+    # A recharge whose charge row is still open (recorded or charging, touched in the last ``IN_FLIGHT_WINDOW``):
+    # started by an earlier run of the account workflow (terminated or reset while its child ran), it may still
+    # charge and credit, so no second one starts meanwhile.
+    in_flight_seq: int | None = None
+
+
+# A recharge child charges within minutes (its Stripe retries last about ten); a row open longer is abandoned.
+IN_FLIGHT_WINDOW = "15 minutes"
 
 
 async def _lock_balance(conn: AsyncConnection[Any], account_id: str) -> int:
@@ -113,14 +124,22 @@ async def snapshot(pool: AsyncConnectionPool, account_id: str) -> RechargeSnapsh
     """The settings and the available balance, read together (for the workflow's decision)."""
     async with pool.connection() as conn:
         row = await (await conn.execute(
-            "SELECT b.balance_micros - b.held_micros AS available, s.* FROM balances b"
+            "SELECT b.balance_micros - b.held_micros AS available, (SELECT coalesce(max(substring(c.request_id"
+            " FROM '^recharge-([0-9]+)$')::bigint), 0) FROM stripe_charges c WHERE c.account_id = b.account_id"
+            " AND c.kind = 'auto_recharge') AS last_seq, (SELECT max(substring(c.request_id"
+            " FROM '^recharge-([0-9]+)$')::bigint) FROM stripe_charges c WHERE c.account_id = b.account_id"
+            " AND c.kind = 'auto_recharge' AND c.status IN ('pending', 'requires_action')"
+            f" AND c.updated_at > now() - interval '{IN_FLIGHT_WINDOW}') AS in_flight_seq, s.* FROM balances b"
             " LEFT JOIN auto_recharge_settings s ON s.account_id = b.account_id WHERE b.account_id = %s",
             (account_id,))).fetchone()
     if row is None:
         raise CreditflowError("unknown_account", f"no account {account_id}")
     available = int(row.pop("available"))
+    last_seq = int(row.pop("last_seq"))
+    in_flight = row.pop("in_flight_seq")
     config = AutoRechargeRow(**row).config() if row["account_id"] is not None else None
-    return RechargeSnapshot(config=config, available_micros=available)
+    return RechargeSnapshot(config=config, available_micros=available, last_seq=last_seq,
+                            in_flight_seq=None if in_flight is None else int(in_flight))
 
 
 async def record_attempt(pool: AsyncConnectionPool, account_id: str, *, generation: int, status: str,
@@ -143,3 +162,26 @@ async def record_attempt(pool: AsyncConnectionPool, account_id: str, *, generati
         if row is not None and disable_reason is not None:
             await conn.execute("SELECT cf_refresh_watch(%s)", (account_id,))
     return row is not None
+
+
+class RechargeHistory(BaseModel):
+    """What the database remembers of auto-recharge attempts: what a new account workflow run starts from."""
+
+    settings: AutoRechargeRow | None
+    last_seq: int  # the highest ``recharge-{seq}`` charge row (0: none)
+    attempts_on_day: int  # charge rows created on the UTC day asked for
+
+
+async def history(pool: AsyncConnectionPool, account_id: str, day_start: datetime) -> RechargeHistory:
+    """The settings with the policy state mirrored by ``record_attempt``, the last recharge sequence number used
+    and the attempts of the UTC day starting at ``day_start`` (a new run must never reuse a sequence number: its
+    ``recharge-{seq}`` row would be found and reported as a new recharge)."""
+    settings = await get_settings(pool, account_id)
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT coalesce(max(substring(request_id FROM '^recharge-([0-9]+)$')::bigint), 0) AS last_seq,"
+            " count(*) FILTER (WHERE created_at >= %s AND created_at < %s + interval '1 day') AS today"
+            " FROM stripe_charges WHERE account_id = %s AND kind = 'auto_recharge'",
+            (day_start, day_start, account_id))).fetchone()
+    assert row is not None
+    return RechargeHistory(settings=settings, last_seq=int(row["last_seq"]), attempts_on_day=int(row["today"]))

@@ -9,7 +9,7 @@ workflow deduplicates by ``dedup_key``.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,21 +45,51 @@ def retry_delay(attempts: int) -> float:
 async def claim_batch(conn: AsyncConnection[dict[str, Any]], limit: int,
                       exclude_ids: Collection[int] = ()) -> list[OutboxRow]:
     """Lock up to ``limit`` pending rows, oldest first, skipping rows locked by another relay and
-    ``exclude_ids`` (rows backing off). Call inside a transaction; the locks last until it ends."""
+    ``exclude_ids`` (rows backing off). Call inside a transaction; the locks last until it ends.
+
+    Each account's rows are delivered in order: a row is returned only if every earlier pending row of its
+    account is returned too. An earlier row that is backing off (it failed) or locked by another relay holds back
+    the account's later rows (e.g. a ``dispute.closed`` never overtakes its ``dispute.created``); other accounts
+    are not held back."""
+    excluded = list(exclude_ids)
     cur = await conn.execute(
-        "SELECT id, account_id, kind, dedup_key, payload, created_at, attempts FROM outbox"
-        " WHERE dispatched_at IS NULL AND NOT (id = ANY(%s))"
-        " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-        (list(exclude_ids), limit),
+        "SELECT id, account_id, kind, dedup_key, payload, created_at, attempts FROM outbox o"
+        " WHERE dispatched_at IS NULL AND NOT (id = ANY(%(ex)s))"
+        " AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.account_id = o.account_id AND e.dispatched_at IS NULL"
+        "   AND e.id < o.id AND e.id = ANY(%(ex)s))"
+        " ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED",
+        {"ex": excluded, "n": limit},
     )
-    return [_row(r) for r in await cur.fetchall()]
+    rows = [_row(r) for r in await cur.fetchall()]
+    if not rows:
+        return rows
+    # Rows of these accounts still pending up to the last one claimed: an account's claimed rows count only up to
+    # its first pending row that is not among them (locked by another relay, or backing off).
+    pending = await (await conn.execute(
+        "SELECT account_id, id FROM outbox WHERE dispatched_at IS NULL AND account_id = ANY(%s) AND id <= %s"
+        " ORDER BY account_id, id", (list({r.account_id for r in rows}), max(r.id for r in rows)))).fetchall()
+    claimed = {r.id for r in rows}
+    blocked: set[str] = set()
+    held_back: set[int] = set()
+    for p in pending:
+        if p["account_id"] in blocked:
+            held_back.add(p["id"])
+        elif p["id"] not in claimed:
+            blocked.add(p["account_id"])
+    return [r for r in rows if r.id not in held_back]
 
 
-async def mark_dispatched(conn: AsyncConnection[dict[str, Any]], ids: Collection[int]) -> None:
-    """Delivered: counted as an attempt and never claimed again."""
-    if ids:
-        await conn.execute("UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1"
-                           " WHERE id = ANY(%s)", (list(ids),))
+async def mark_dispatched(conn: AsyncConnection[dict[str, Any]], ids: Collection[int] | Mapping[int, str | None]
+                          ) -> None:
+    """Delivered: counted as an attempt and never claimed again. A mapping gives each row the workflow run that
+    accepted its signal (``dispatched_run_id``: a new run rebuilds its dedup window from rows delivered to others)."""
+    if not ids:
+        return
+    runs = ids if isinstance(ids, Mapping) else dict.fromkeys(ids)
+    await conn.execute(
+        "UPDATE outbox o SET dispatched_at = now(), attempts = attempts + 1, dispatched_run_id = d.run_id"
+        " FROM unnest(%s::bigint[], %s::text[]) AS d(id, run_id) WHERE o.id = d.id",
+        (list(runs.keys()), list(runs.values())))
 
 
 async def record_failure(conn: AsyncConnection[dict[str, Any]], row_id: int, error: str) -> int:
@@ -70,6 +100,18 @@ async def record_failure(conn: AsyncConnection[dict[str, Any]], row_id: int, err
     )
     row = await cur.fetchone()
     return int(row["attempts"]) if row is not None else 0
+
+
+async def recent_dispatched_keys(conn: AsyncConnection[dict[str, Any]], account_id: str, limit: int,
+                                 except_run_id: str | None = None) -> list[str]:
+    """The dedup keys of the account's last ``limit`` rows delivered to runs other than ``except_run_id``, oldest
+    first: the dedup window a new run of the account workflow starts from (the database, not the previous run, is
+    the source of truth). Rows delivered to that run itself are not "seen" yet: it has still to apply them."""
+    cur = await conn.execute(
+        "SELECT dedup_key FROM (SELECT id, dedup_key FROM outbox WHERE account_id = %s AND dispatched_at IS NOT NULL"
+        " AND dispatched_run_id IS DISTINCT FROM %s ORDER BY id DESC LIMIT %s) recent ORDER BY id",
+        (account_id, except_run_id, limit))
+    return [r["dedup_key"] for r in await cur.fetchall()]
 
 
 def _row(r: dict[str, Any]) -> OutboxRow:

@@ -36,8 +36,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from creditflow.domain.reconciliation import Difference, ReconcileResult, RunReport, RunWindow
 from creditflow.errors import CreditflowError
-from creditflow.invoicing import payment as invoice_payment
-from creditflow.payments import clawbacks, refunds, topups
+from creditflow.payments import clawbacks, late, refunds, topups
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, ListedResource, StripeGateway
 from creditflow.payments.refunds import REFUND_METADATA_KEY
 
@@ -262,26 +261,26 @@ class Reconciler:
         await self._settle_late(charge, pi["id"])
 
     async def _settle_late(self, charge: dict[str, Any], payment_intent_id: str) -> None:
-        """A PaymentIntent that succeeded after its workflow gave up (or whose success was never recorded)."""
+        """A PaymentIntent that succeeded after its workflow gave up (or whose success was never recorded): the one
+        late path the webhook uses too (``creditflow.payments.late``)."""
         account = charge["account_id"]
-        async with self.pool.connection() as conn:  # a crash between the create and its record left no PI id
-            await conn.execute("UPDATE stripe_charges SET payment_intent_id = %s, updated_at = now()"
-                               " WHERE id = %s AND payment_intent_id IS NULL", (payment_intent_id, charge["id"]))
         try:
-            if charge["kind"] == invoice_payment.KIND_INVOICE:
-                invoice_id = charge["request_id"].split(":", 1)[0]
-                await invoice_payment.settle(self.pool, self.gateway, invoice_id, charge_id=charge["id"])
-                kind, detail = "invoice_paid_late", f"invoice {invoice_id} marked paid"
-            else:
-                credited = await topups.credit(self.pool, charge["id"])
-                kind, detail = "payment_credited_late", f"{credited.credits} credits credited once"
+            settled = await late.settle_late(self.pool, self.gateway, account, charge["id"], payment_intent_id)
         except CreditflowError as exc:
             self._difference("payment_not_credited", "reported",
                              f"the PaymentIntent succeeded but the repair was refused: {exc.code}: {exc.message}",
                              account_id=account, stripe_id=payment_intent_id, charge_id=charge["id"])
             return
-        self._difference(kind, "repaired", detail, account_id=account, stripe_id=payment_intent_id,
-                         charge_id=charge["id"])
+        if settled.note == "invoice_already_paid":
+            self._difference("duplicate_payment", "reported",
+                             f"invoice {settled.invoice_id} was already paid by another charge: refund one",
+                             account_id=account, stripe_id=payment_intent_id, charge_id=charge["id"])
+        elif settled.invoice_id:
+            self._difference("invoice_paid_late", "repaired", f"invoice {settled.invoice_id} marked paid",
+                             account_id=account, stripe_id=payment_intent_id, charge_id=charge["id"])
+        else:
+            self._difference("payment_credited_late", "repaired", f"{settled.credits} credits credited once",
+                             account_id=account, stripe_id=payment_intent_id, charge_id=charge["id"])
 
     # --- refunds ---
 

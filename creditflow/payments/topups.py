@@ -44,6 +44,10 @@ KIND_TOPUP = "topup"
 KIND_AUTO_RECHARGE = "auto_recharge"
 # An invoice payment (creditflow/invoicing/payment.py): buys no credits (``credits`` 0), settled by the invoice.
 KIND_INVOICE = "invoice"
+# The outbox kind of a PaymentIntent that succeeded after its charge's workflow recorded failure or gave up, for
+# every kind above (``creditflow/payments/late.py``). ``stripe.recharge.succeeded_late``, written for auto-recharges
+# before, is applied the same way.
+PAYMENT_SUCCEEDED_LATE = "stripe.payment.succeeded_late"
 
 
 class ChargeRecord(BaseModel):
@@ -157,7 +161,10 @@ async def charge(pool: AsyncConnectionPool, gateway: StripeGateway, charge_id: s
         record = await _load(conn, charge_id, lock=True)
         if record.payment_intent_id is not None:
             return await gateway.retrieve_payment_intent(record.payment_intent_id)
-        if record.status == "failed":  # declined before Stripe named a PaymentIntent: the same answer again
+        if record.status == "failed" and record.failure_code == "card_declined":
+            # Declined before Stripe named a PaymentIntent: the same answer again. Any other failure without a
+            # PaymentIntent (Stripe unreachable for a whole retry budget) is not a decline: the charge is tried
+            # again under the same Stripe idempotency key (Stripe returns the PaymentIntent it may have created).
             raise CreditflowError("card_declined", record.failure_message,
                                   details={"decline_code": record.decline_code})
         metadata = {ACCOUNT_METADATA_KEY: record.account_id, CHARGE_METADATA_KEY: record.id,

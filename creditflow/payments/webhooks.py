@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from creditflow.errors import CreditflowError
 from creditflow.payments import clawbacks, refunds
-from creditflow.payments.topups import CHARGE_METADATA_KEY, KIND_AUTO_RECHARGE, KIND_INVOICE
+from creditflow.payments.topups import CHARGE_METADATA_KEY, KIND_AUTO_RECHARGE, KIND_INVOICE, PAYMENT_SUCCEEDED_LATE
 from workflows.contract import PaymentEvent
 
 log = logging.getLogger(__name__)
@@ -152,27 +152,30 @@ async def _route(conn: Any, event: StripeEvent, signal: Signal,
             log.info("stripe event %s (%s): PaymentIntent %s is not a creditflow top-up; ignored",
                      event.id, event.type, obj.get("id"))
             return OUTCOME_IGNORED, None
-        if charge["kind"] == KIND_AUTO_RECHARGE and event.type == "payment_intent.succeeded" \
-                and charge["status"] != "succeeded":
-            # Its workflow gave up on an unclear outcome (e.g. Stripe answered only after the retries ran out) and
-            # the payment went through after all: the account workflow checks Stripe and credits it, once.
-            await conn.execute(
-                "INSERT INTO outbox (account_id, kind, dedup_key, payload) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (dedup_key) DO NOTHING",
-                (charge["account_id"], clawbacks.RECHARGE_SUCCEEDED_LATE, f"stripe:{event.id}",
-                 Jsonb({"charge_id": charge["id"], "payment_intent_id": obj.get("id")})))
-            return OUTCOME_ROUTED, charge["id"]
+        late = event.type == "payment_intent.succeeded" and charge["status"] != "succeeded"
         if charge["kind"] in (KIND_AUTO_RECHARGE, KIND_INVOICE):
-            # Charged off-session: its AutoRechargeWorkflow / InvoiceWorkflow read the outcome synchronously.
-            return OUTCOME_RECORDED, charge["id"]
-        running = await signal(charge["account_id"], charge["request_id"],
-                               PaymentEvent(payment_intent_id=obj.get("id"), event_type=event.type))
-        if not running:
-            level = logging.WARNING if (event.type == "payment_intent.succeeded"
-                                        and charge["status"] != "succeeded") else logging.INFO
-            log.log(level, "stripe event %s (%s): the workflow of charge %s has finished (charge %s)",
-                    event.id, event.type, charge["id"], charge["status"])
-        return (OUTCOME_SIGNALED if running else OUTCOME_WORKFLOW_CLOSED), charge["id"]
+            # Charged off-session: its AutoRechargeWorkflow / InvoiceWorkflow read the outcome synchronously; a
+            # success it did not see (it gave up on an unclear outcome) takes the late path below.
+            if not late:
+                return OUTCOME_RECORDED, charge["id"]
+        else:
+            running = await signal(charge["account_id"], charge["request_id"],
+                                   PaymentEvent(payment_intent_id=obj.get("id"), event_type=event.type))
+            if running or not late:
+                if not running:
+                    log.info("stripe event %s (%s): the workflow of charge %s has finished (charge %s)",
+                             event.id, event.type, charge["id"], charge["status"])
+                return (OUTCOME_SIGNALED if running else OUTCOME_WORKFLOW_CLOSED), charge["id"]
+        # The payment went through after its workflow recorded failure or gave up (Stripe unreachable for the whole
+        # retry budget, still processing when the payment window closed): one late path for every kind
+        # (creditflow/payments/late.py), through the outbox to the account workflow, which checks it with Stripe and
+        # credits (or settles the invoice) once, with the normal path's ledger key.
+        await conn.execute(
+            "INSERT INTO outbox (account_id, kind, dedup_key, payload) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (dedup_key) DO NOTHING",
+            (charge["account_id"], PAYMENT_SUCCEEDED_LATE, f"stripe:{event.id}",
+             Jsonb({"charge_id": charge["id"], "payment_intent_id": obj.get("id")})))
+        return OUTCOME_ROUTED, charge["id"]
     if event.type in LATER_EVENTS:
         # charge.refunded carries a Charge, charge.dispute.created a Dispute; both name the PaymentIntent. The
         # account workflow takes the credits back (creditflow/payments/clawbacks.py): an outbox row written in

@@ -1,0 +1,42 @@
+"""``creditflow payment-events``: payment events the account workflow could not apply, and re-driving one.
+
+A refund or dispute made on Stripe, or a payment that succeeded late, that hit a refusal (not an outage: outages are
+retried by themselves) is kept in ``payment_event_failures`` with its error instead of being dropped. Fix the cause
+(e.g. a charge row naming the wrong PaymentIntent), then ``redrive`` it: it goes back through the outbox to the
+account workflow; every effect is keyed by its Stripe object, so nothing is applied twice.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from creditflow.ledger import payment_event_failures
+from creditflow.ops_cli import run
+
+console = Console()
+payment_events_app = typer.Typer(help="Payment events that could not be applied; re-drive one.", no_args_is_help=True)
+
+
+@payment_events_app.command("failed")
+def failed(account_id: Annotated[str | None, typer.Option(help="Only this account (acc_...).")] = None,
+           all_: Annotated[bool, typer.Option("--all", help="Include resolved ones.")] = False) -> None:
+    """Failed payment events, oldest first, with their error."""
+    rows = run(lambda pool: payment_event_failures.list_failures(pool, account_id=account_id,
+                                                                 include_resolved=all_))
+    table = Table("id", "account", "event", "kind", "error", "failures", "re-drives", "last failed", "resolved")
+    for f in rows:
+        table.add_row(str(f.id), f.account_id, f.dedup_key, f.kind, f"{f.error_code}: {f.error_message}",
+                      str(f.failures), str(f.redrives), f.last_failed_at.isoformat(timespec="seconds"),
+                      f.resolved_at.isoformat(timespec="seconds") if f.resolved_at else "")
+    console.print(table)
+
+
+@payment_events_app.command("redrive")
+def redrive(failure_id: Annotated[int, typer.Argument(help="The id shown by `failed`.")]) -> None:
+    """Deliver the event to its account workflow again (through the outbox)."""
+    key = run(lambda pool: payment_event_failures.redrive(pool, failure_id))
+    console.print(f"re-driven as outbox event [bold]{key}[/bold]")
