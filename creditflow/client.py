@@ -176,6 +176,7 @@ class CreditflowClient:
         workflow keeps going). A request id reused with other terms is ``idempotency_conflict``; Temporal
         unreachable is ``workflow_unavailable``."""
         label = f"{input.account_id} / {input.request_id}"
+        input = input.model_copy(update={"publish_search_attributes": self.search_attributes})
         start = WithStartWorkflowOperation(
             TOPUP_WORKFLOW, input, id=topup_workflow_id(input.account_id, input.request_id),
             task_queue=self.task_queue, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
@@ -192,6 +193,7 @@ class CreditflowClient:
         going). A request id reused with other terms is ``idempotency_conflict``; Temporal unreachable is
         ``workflow_unavailable``."""
         purchase = input.terms.purchase_transaction_id or input.terms.payment_intent_id
+        input = input.model_copy(update={"publish_search_attributes": self.search_attributes})
         start = WithStartWorkflowOperation(
             REFUND_WORKFLOW, input, id=refund_workflow_id(input.account_id, input.request_id),
             task_queue=self.task_queue, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

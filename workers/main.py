@@ -87,9 +87,10 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings,
 
 
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,
-                 task_queue: str | None = None, gateway: StripeGateway | None = None) -> Worker:
+                 task_queue: str | None = None, gateway: StripeGateway | None = None, **options: Any) -> Worker:
+    """The worker with every workflow and activity; ``options`` go to ``Worker`` (e.g. ``max_cached_workflows``)."""
     return Worker(client, task_queue=task_queue or settings.temporal_task_queue,
-                  workflows=workflow_classes(), activities=activity_functions(pool, settings, gateway))
+                  workflows=workflow_classes(), activities=activity_functions(pool, settings, gateway), **options)
 
 
 async def connect_with_retry(settings: Settings) -> Client:

@@ -45,6 +45,7 @@ class OutboxRelay:
         self._pool = pool
         self._client = client
         self._task_queue = settings.temporal_task_queue
+        self._search_attributes = settings.temporal_search_attributes
         self._batch_size = settings.outbox_batch_size
         self._poll_interval = settings.outbox_poll_interval_seconds
         self._hold_sweep_interval = hold_sweep_interval or settings.hold_sweep_interval_seconds
@@ -146,5 +147,6 @@ class OutboxRelay:
         name = event.payload.get("name") if event.kind == "account.created" else None
         handle = await signal_with_start_account(self._client, self._task_queue, row.account_id, event,
                                                  name=name if isinstance(name, str) else None,
-                                                 rpc_timeout=DELIVERY_RPC_TIMEOUT)
+                                                 rpc_timeout=DELIVERY_RPC_TIMEOUT,
+                                                 search_attributes=self._search_attributes)
         return handle.result_run_id

@@ -244,6 +244,7 @@ class TopUpInput(BaseModel):
     # How long a client-secret payment may stay unpaid, and how often it is polled meanwhile.
     payment_expiry_seconds: int = 3600
     poll_interval_seconds: float = 5.0
+    publish_search_attributes: bool = True  # False on servers without creditflow's search attributes
 
 
 class PaymentEvent(BaseModel):
@@ -310,6 +311,7 @@ class RefundInput(BaseModel):
     request_id: str
     terms: RefundTerms
     requested_by: str = "customer"
+    publish_search_attributes: bool = True  # False on servers without creditflow's search attributes
 
 
 class RefundOutcome(BaseModel):

@@ -40,15 +40,13 @@ with workflow.unsafe.imports_passed_through():
         ReleaseRefundInput,
     )
     from creditflow.domain.topups import format_usd
-    from workflows.common import DB_TIMEOUT, STRIPE_TIMEOUT, db_retry, error_of, until_done_retry
+    from workflows.common import DB_TIMEOUT, STRIPE_TIMEOUT, db_retry, error_of, publish_status, until_done_retry
     from workflows.contract import (
         QUERY_REFUND_STATUS,
         REFUND_FAILED,
         REFUND_PENDING,
         REFUND_SUCCEEDED,
         REFUND_WORKFLOW,
-        SA_ACCOUNT_ID,
-        SA_STATUS,
         SIGNAL_REFUND_EVENT,
         UPDATE_REFUND_ANSWER,
         RefundInput,
@@ -214,7 +212,7 @@ class RefundWorkflow:
     def _publish(self) -> None:
         o = self._outcome
         if self._published != o.status:
-            workflow.upsert_search_attributes([SA_ACCOUNT_ID.value_set(o.account_id), SA_STATUS.value_set(o.status)])
+            publish_status(o.account_id, o.status, enabled=self._input.publish_search_attributes)
             self._published = o.status
         what = "all unused credits" if not o.credits else f"{o.credits:,} credits" + (
             f" ({format_usd(o.amount_cents)})" if o.amount_cents is not None else "")

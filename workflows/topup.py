@@ -30,11 +30,17 @@ with workflow.unsafe.imports_passed_through():
     from creditflow.domain.topups import format_usd
     from creditflow.notify.log import Notification
     from creditflow.payments.gateway import PaymentIntentState
-    from workflows.common import DB_TIMEOUT, STRIPE_TIMEOUT, db_retry, error_details, error_of, until_done_retry
+    from workflows.common import (
+        DB_TIMEOUT,
+        STRIPE_TIMEOUT,
+        db_retry,
+        error_details,
+        error_of,
+        publish_status,
+        until_done_retry,
+    )
     from workflows.contract import (
         QUERY_TOPUP_STATUS,
-        SA_ACCOUNT_ID,
-        SA_STATUS,
         SIGNAL_PAYMENT_EVENT,
         TOPUP_CANCELED,
         TOPUP_FAILED,
@@ -239,8 +245,7 @@ class TopUpWorkflow:
     def _publish(self) -> None:
         o = self._outcome
         if self._published != o.status:
-            workflow.upsert_search_attributes([SA_ACCOUNT_ID.value_set(o.account_id),
-                                               SA_STATUS.value_set(o.status)])
+            publish_status(o.account_id, o.status, enabled=self._input.publish_search_attributes)
             self._published = o.status
         what = f"{format_usd(o.amount_cents)} for {o.credits:,} credits"
         if o.package_id:
