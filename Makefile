@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test test-fast bench bench-cycle lint install clean
+.PHONY: dev test test-fast soak bench bench-cycle lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,17 @@ test: $(STAMP)
 # Local loop: skip the slow end-to-end / fault-injection tests.
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The money-lifecycle model test at length: at least 10,000 rule steps on the real stack (about half an hour here);
+# prints how many steps ran, how many invariant checks passed and how often each rule ran (also in .data/soak.json).
+SOAK_EXAMPLES ?= 500
+SOAK_STEPS ?= 40
+soak: $(STAMP)
+	mkdir -p .data
+	CREDITFLOW_MODEL_EXAMPLES=$(SOAK_EXAMPLES) CREDITFLOW_MODEL_STEPS=$(SOAK_STEPS) \
+	CREDITFLOW_MODEL_REPORT=.data/soak.json $(BIN)/pytest -p no:cacheprovider -o timeout=0 -s -q \
+		tests/test_money_model.py $(PYTEST_ARGS)
+	cat .data/soak.json; echo
 
 bench: $(STAMP)
 	$(BIN)/python bench/metering.py $(ARGS)
