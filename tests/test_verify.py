@@ -240,3 +240,60 @@ async def test_an_invoice_paid_twice_is_reported(pool: AsyncConnectionPool) -> N
     [violation] = by_check(await verify(pool, account))["invoice_charged_once"]
     assert (violation.ids["invoice_id"], violation.ids["charges"]) == (invoice_id, "2")
     assert violation.ids["payment_intents"] == "pi_first0001 pi_second002"
+
+
+async def _invoice(pool: AsyncConnectionPool, account: str, overage_micros: int, key: str = "2026-10-01") -> str:
+    invoice_id = new_id("inv")
+    now = datetime(2026, 11, 1, tzinfo=UTC)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO invoices (id, account_id, number, period_key, period_start, period_end, status,"
+            " subtotal_cents, amount_due_cents, overage_micros, draft, html, pdf, issued_at, due_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, 'open', 0, 0, %s, '{}', '', '', %s, %s)",
+            (invoice_id, account, f"CF-{invoice_id[-8:]}", key, now - timedelta(days=31), now, overage_micros,
+             now, now))
+    return invoice_id
+
+
+async def test_overage_billed_twice_or_in_fractions_is_reported(pool: AsyncConnectionPool) -> None:
+    """Unpaid overage billed again at the next close (7,000 drawn, 9,000 billed); a fraction of a credit billed."""
+    account = (await accounts.create_account(pool, name="Over", billing_email="o@verify.test",
+                                             welcome_bonus_credits=0, overage_credit_line=10_000)).id
+    async with pool.connection() as conn:
+        await conn.execute("SELECT cf_post(%s, 'adjustment', %s, 'system:adjustments', 'use', NULL, 'adjustment', 10,"
+                           " NULL, 'sys:test:use', NULL)", (account, -7_000 * M))
+    await _invoice(pool, account, 7_000 * M)
+    assert (await verify(pool, account)).ok
+    await _invoice(pool, account, 2_000 * M, key="2026-11-01")
+    [billed] = by_check(await verify(pool, account))["overage_billed_at_most_drawn"]
+    assert (billed.ids["drawn_micros"], billed.ids["billed_micros"]) == (str(7_000 * M), str(9_000 * M))
+    fraction = await _invoice(pool, account, 400_000, key="2026-12-01")
+    [whole] = by_check(await verify(pool, account))["overage_billed_in_whole_credits"]
+    assert whole.ids["invoice_id"] == fraction
+
+
+async def test_a_repayment_that_creates_credits_is_reported(pool: AsyncConnectionPool) -> None:
+    """Paid overage credited again as a permanent lot while the next grant had already repaid the line."""
+    account = await new_account(pool, bonus=4_400)
+    async with pool.connection() as conn:
+        await conn.execute("SELECT cf_post(%s, 'overage_repayment', %s, 'system:payments_clearing', 'Overage paid',"
+                           " NULL, 'adjustment', 10, NULL, 'sys:invoice:inv_x', NULL)", (account, 600 * M))
+    [violation] = by_check(await verify(pool, account))["overage_repayment_creates_no_credits"]
+    assert violation.ids["balance_after_micros"] == str(5_000 * M)
+
+
+async def test_credits_taken_beyond_the_money_returned_are_reported(pool: AsyncConnectionPool) -> None:
+    """A dispute closed as an inquiry (the merchant kept the money) that kept the credits it took."""
+    account = await new_account(pool)
+    purchase = await paid_purchase(pool, account, cents=1000, credits=1000)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "SELECT cf_clawback_lot(%s, %s, %s, 'dispute', 'system:disputes', 'sys:dispute:dp_inq', 'Disputed', %s)",
+            (account, purchase["lot_id"], 1000 * M, '{"payment_intent_id": "%s", "amount_cents": 1000}'
+             % purchase["payment_intent_id"]))
+        await conn.execute(
+            "INSERT INTO disputes (id, account_id, charge_id, payment_intent_id, lot_id, amount_cents, claimed_micros,"
+            " taken_micros, status, closed_at) VALUES ('dp_inq', %s, %s, %s, %s, 1000, %s, %s, 'warning_closed', now())",
+            (account, purchase["charge_id"], purchase["payment_intent_id"], purchase["lot_id"], 1000 * M, 1000 * M))
+    [violation] = by_check(await verify(pool, account))["credits_taken_back_at_most_their_money"]
+    assert (violation.ids["returned_cents"], violation.ids["taken_micros"]) == ("0", str(1000 * M))

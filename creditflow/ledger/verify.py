@@ -84,7 +84,7 @@ _RETURNED = (
     "  SELECT payment_intent_id, CASE WHEN status IN ('won', 'warning_closed') THEN 0 ELSE amount_cents END AS cents,"
     "   taken_micros - returned_micros AS taken_micros, 0::bigint AS refunded_cents FROM disputes)"
     " SELECT payment_intent_id, sum(cents)::bigint AS cents, sum(taken_micros)::bigint AS taken_micros,"
-    "  sum(refunded_cents)::bigint AS refunded_cents"
+    "  sum(refunded_cents)::bigint AS refunded_cents, count(*) AS items"
     " FROM (SELECT * FROM ours UNION ALL SELECT * FROM on_stripe UNION ALL SELECT * FROM disputed) x"
     " WHERE payment_intent_id IS NOT NULL GROUP BY payment_intent_id) "
 )
@@ -204,6 +204,21 @@ CHECKS: tuple[Check, ...] = (
         "only {taken_micros} micros were taken (owed {owed_micros}) while {remaining_micros} remain",
     ),
     Check(
+        "credits_taken_back_at_most_their_money",
+        "A purchase's refunds and disputes never take back more credits than the money that went back bought (a "
+        "won or inquiry-closed dispute gives its credits back), allowing each refund its rounding of under a cent.",
+        _RETURNED + "SELECT c.account_id, c.id AS charge_id, c.payment_intent_id, l.id AS lot_id,"
+        " c.amount_cents AS paid_cents, l.original_micros, r.cents AS returned_cents, r.taken_micros,"
+        " ceil(r.cents::numeric * l.original_micros / c.amount_cents)::bigint AS owed_micros"
+        " FROM stripe_charges c JOIN returned r ON r.payment_intent_id = c.payment_intent_id"
+        " JOIN credit_lots l ON l.account_id = c.account_id AND l.txn_id = " + _UUID.format(col="c.ledger_txn_id") +
+        " WHERE c.status = 'succeeded' AND c.kind IN ('topup', 'auto_recharge')"
+        " AND r.taken_micros > ceil((r.cents + r.items)::numeric * l.original_micros / c.amount_cents)"
+        " AND " + _ACCOUNT.format(col="c.account_id"),
+        "lot {lot_id} bought {original_micros} micros for {paid_cents} cents; {returned_cents} cents went back but "
+        "{taken_micros} micros were taken (owed {owed_micros})",
+    ),
+    Check(
         "stripe_refund_one_effect",
         "A Stripe refund is either creditflow's own refund or a clawback, never both.",
         "SELECT r.account_id, r.id AS refund_id, r.stripe_refund_id FROM refunds r JOIN journal j"
@@ -240,6 +255,34 @@ CHECKS: tuple[Check, ...] = (
         " WHERE l.source = 'plan' AND l.remaining_micros > 0 AND l.expires_at IS NOT NULL"
         " AND " + _ACCOUNT.format(col="l.account_id"),
         "plan lot {lot_id} of period {period_key} (expiring {expires_at}) still holds {remaining_micros} micros",
+    ),
+    Check(
+        "overage_billed_at_most_drawn",
+        "Invoices never bill more overage than the account ever drew on its credit line (each unit billed once).",
+        "SELECT d.account_id, d.drawn_micros, coalesce(i.billed, 0) AS billed_micros FROM ("
+        " SELECT account_id,"
+        "  sum(greatest(0, -balance_after_micros) - greatest(0, amount_micros - balance_after_micros)) AS drawn_micros"
+        " FROM journal WHERE amount_micros < 0 AND " + _ACCOUNT.format(col="account_id") +
+        "  GROUP BY account_id) d"
+        " LEFT JOIN (SELECT account_id, sum(overage_micros) AS billed FROM invoices WHERE status <> 'void'"
+        "  GROUP BY account_id) i USING (account_id) WHERE coalesce(i.billed, 0) > d.drawn_micros",
+        "invoices billed {billed_micros} micros of overage; the account only ever drew {drawn_micros}",
+    ),
+    Check(
+        "overage_billed_in_whole_credits",
+        "Overage is billed in whole credits (rounded down), so what a payment restores is what was billed.",
+        "SELECT account_id, id AS invoice_id, overage_micros FROM invoices"
+        " WHERE overage_micros %% 1000000 <> 0 AND " + _ACCOUNT.format(col="account_id"),
+        "invoice {invoice_id} bills {overage_micros} micros of overage, not a whole number of credits",
+    ),
+    Check(
+        "overage_repayment_creates_no_credits",
+        "A paid invoice only repays the credit line: its restoration never leaves spendable credits behind.",
+        "SELECT account_id, id::text AS transaction_id, amount_micros, balance_after_micros FROM journal"
+        " WHERE type = 'overage_repayment' AND least(amount_micros, balance_after_micros) > 0"
+        " AND " + _ACCOUNT.format(col="account_id"),
+        "overage repayment {transaction_id} of {amount_micros} micros left the balance at {balance_after_micros}: "
+        "credits created, not the line repaid",
     ),
     Check(
         "invoice_repaid_at_most_its_overage",
