@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from typer.testing import CliRunner
 
@@ -70,6 +71,19 @@ async def refund_credits(pool: AsyncConnectionPool, account_id: str, purchase: d
         assert row is not None
         await conn.execute("UPDATE refunds SET reserve_txn_id = %s WHERE id = %s", (row["txn_id"], refund_id))
     return refund_id
+
+
+async def _invoice(pool: AsyncConnectionPool, account: str, overage_micros: int, key: str = "2026-10-01") -> str:
+    invoice_id = new_id("inv")
+    now = datetime(2026, 11, 1, tzinfo=UTC)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO invoices (id, account_id, number, period_key, period_start, period_end, status,"
+            " subtotal_cents, amount_due_cents, overage_micros, draft, html, pdf, issued_at, due_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, 'open', 0, 0, %s, '{}', '', '', %s, %s)",
+            (invoice_id, account, f"CF-{invoice_id[-8:]}", key, now - timedelta(days=31), now, overage_micros,
+             now, now))
+    return invoice_id
 
 
 def by_check(report: Any) -> dict[str, list[Any]]:
@@ -135,14 +149,8 @@ async def test_plan_credits_of_a_closed_period_are_reported(pool: AsyncConnectio
 
 async def test_overage_repaid_twice_is_reported(pool: AsyncConnectionPool) -> None:
     account = await new_account(pool)
-    invoice_id = new_id("inv")
-    now = datetime(2026, 11, 1, tzinfo=UTC)
+    invoice_id = await _invoice(pool, account, 600 * M)
     async with pool.connection() as conn:
-        await conn.execute(
-            "INSERT INTO invoices (id, account_id, number, period_key, period_start, period_end, status,"
-            " subtotal_cents, amount_due_cents, overage_micros, draft, html, pdf, issued_at, due_at)"
-            " VALUES (%s, %s, %s, '2026-10-01', %s, %s, 'open', 600, 600, %s, '{}', '', '', %s, %s)",
-            (invoice_id, account, f"CF-{invoice_id[-8:]}", now - timedelta(days=31), now, 600 * M, now, now))
         for key in (f"sys:invoice:{invoice_id}", f"sys:invoice:{invoice_id}:again"):
             await conn.execute(
                 "SELECT cf_post(%s, 'overage_repayment', %s, 'system:payments_clearing', 'Overage repaid', NULL,"
@@ -224,14 +232,8 @@ async def test_a_refund_marked_succeeded_while_stripe_says_pending_is_reported(p
 
 async def test_an_invoice_paid_twice_is_reported(pool: AsyncConnectionPool) -> None:
     account = await new_account(pool)
-    invoice_id = new_id("inv")
-    now = datetime(2026, 11, 1, tzinfo=UTC)
+    invoice_id = await _invoice(pool, account, 0)
     async with pool.connection() as conn:
-        await conn.execute(
-            "INSERT INTO invoices (id, account_id, number, period_key, period_start, period_end, status,"
-            " subtotal_cents, amount_due_cents, draft, html, pdf, issued_at, due_at)"
-            " VALUES (%s, %s, %s, '2026-10-01', %s, %s, 'open', 4900, 4900, '{}', '', '', %s, %s)",
-            (invoice_id, account, f"CF-{invoice_id[-8:]}", now - timedelta(days=31), now, now, now))
         for request_id, pi in ((invoice_id, "pi_first0001"), (f"{invoice_id}:2", "pi_second002")):
             await conn.execute(
                 "INSERT INTO stripe_charges (id, account_id, request_id, kind, amount_cents, credits, description,"
@@ -240,19 +242,6 @@ async def test_an_invoice_paid_twice_is_reported(pool: AsyncConnectionPool) -> N
     [violation] = by_check(await verify(pool, account))["invoice_charged_once"]
     assert (violation.ids["invoice_id"], violation.ids["charges"]) == (invoice_id, "2")
     assert violation.ids["payment_intents"] == "pi_first0001 pi_second002"
-
-
-async def _invoice(pool: AsyncConnectionPool, account: str, overage_micros: int, key: str = "2026-10-01") -> str:
-    invoice_id = new_id("inv")
-    now = datetime(2026, 11, 1, tzinfo=UTC)
-    async with pool.connection() as conn:
-        await conn.execute(
-            "INSERT INTO invoices (id, account_id, number, period_key, period_start, period_end, status,"
-            " subtotal_cents, amount_due_cents, overage_micros, draft, html, pdf, issued_at, due_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, 'open', 0, 0, %s, '{}', '', '', %s, %s)",
-            (invoice_id, account, f"CF-{invoice_id[-8:]}", key, now - timedelta(days=31), now, overage_micros,
-             now, now))
-    return invoice_id
 
 
 async def test_overage_billed_twice_or_in_fractions_is_reported(pool: AsyncConnectionPool) -> None:
@@ -289,11 +278,12 @@ async def test_credits_taken_beyond_the_money_returned_are_reported(pool: AsyncC
     async with pool.connection() as conn:
         await conn.execute(
             "SELECT cf_clawback_lot(%s, %s, %s, 'dispute', 'system:disputes', 'sys:dispute:dp_inq', 'Disputed', %s)",
-            (account, purchase["lot_id"], 1000 * M, '{"payment_intent_id": "%s", "amount_cents": 1000}'
-             % purchase["payment_intent_id"]))
+            (account, purchase["lot_id"], 1000 * M,
+             Jsonb({"payment_intent_id": purchase["payment_intent_id"], "amount_cents": 1000})))
         await conn.execute(
             "INSERT INTO disputes (id, account_id, charge_id, payment_intent_id, lot_id, amount_cents, claimed_micros,"
-            " taken_micros, status, closed_at) VALUES ('dp_inq', %s, %s, %s, %s, 1000, %s, %s, 'warning_closed', now())",
+            " taken_micros, status, closed_at)"
+            " VALUES ('dp_inq', %s, %s, %s, %s, 1000, %s, %s, 'warning_closed', now())",
             (account, purchase["charge_id"], purchase["payment_intent_id"], purchase["lot_id"], 1000 * M, 1000 * M))
     [violation] = by_check(await verify(pool, account))["credits_taken_back_at_most_their_money"]
     assert (violation.ids["returned_cents"], violation.ids["taken_micros"]) == ("0", str(1000 * M))
