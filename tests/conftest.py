@@ -12,6 +12,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -236,3 +237,14 @@ def new_card(sdk: stripe.StripeClient, number: str = "4242424242424242", name: s
         "card": {"number": number, "exp_month": exp_month, "exp_year": exp_year, "cvc": "123"},  # type: ignore[typeddict-item]
     })
     return pm.id
+
+
+async def skip_time(env: WorkflowEnvironment, duration: timedelta) -> None:
+    """``env.sleep`` on the time-skipping server with a generous RPC timeout: the server skips timer by timer and
+    waits for the work each one starts (renewals, invoices, Stripe calls in real time), which on a loaded machine
+    takes longer than the SDK's default RPC timeout."""
+    from temporalio.api.testservice.v1 import SleepRequest
+
+    request = SleepRequest()
+    request.duration.FromTimedelta(duration)
+    await env.client.test_service.unlock_time_skipping_with_sleep(request, timeout=timedelta(minutes=3))

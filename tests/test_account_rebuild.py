@@ -27,7 +27,7 @@ from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ledger import outbox
 from creditflow.ledger.accounts import create_account
-from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
+from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card, skip_time
 from tests.test_account_workflow import eventually
 from tests.test_api_metering import balance, track
 from tests.test_auto_recharge import SETTINGS, recharge_charges, recharge_rows
@@ -145,7 +145,7 @@ async def test_restarted_account_workflow_rebuilds_its_state_from_the_database(
         assert len(await journal(pool, account, "plan_grant")) == 1
 
         # The next period: the renewal happens, the pending plan applies, the old period is invoiced and paid.
-        await ts_env.sleep(sub.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
+        await skip_time(ts_env, sub.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
         renewed = await eventually(lambda: handle.query(QUERY_STATE, result_type=AccountState),
                                    lambda s: s.subscription is not None
                                    and s.subscription.period_index == sub.period_index + 1, timeout=30)

@@ -25,7 +25,7 @@ from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.periods import period_containing
 from creditflow.ledger import subscriptions
 from creditflow.ledger.accounts import create_account
-from tests.conftest import ADMIN_KEY, STRIPE_KEY, _temporal_cli
+from tests.conftest import ADMIN_KEY, STRIPE_KEY, _temporal_cli, skip_time
 from tests.test_account_workflow import eventually
 from tests.test_ledger_invariants import assert_invariants
 from tests.test_workflow_replay import HISTORIES
@@ -113,7 +113,7 @@ async def test_three_cycles(plan: str, included: int, fee_cents: int, ts_env: Wo
         assert state.period_end.day in (28, 29, 30, 31)  # the Jan 31 anchor, clamped in shorter months
 
         for cycle in range(1, 4):
-            await ts_env.sleep(state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
+            await skip_time(ts_env, state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
             state = (await eventually(lambda: handle.query(QUERY_STATE, result_type=AccountState),
                                       lambda s, c=cycle: s.subscription is not None
                                       and s.subscription.period_index == first.index + c, timeout=30)).subscription
@@ -163,7 +163,7 @@ async def test_plan_changes_now_and_at_renewal(ts_env: WorkflowEnvironment, pool
         state: SubscriptionState = await handle.execute_update(
             UPDATE_CHANGE_PLAN, PlanChange(plan_id="starter", anchor=now), result_type=SubscriptionState)
         period = period_containing(now, now)
-        await ts_env.sleep(timedelta(days=10))
+        await skip_time(ts_env, timedelta(days=10))
         changed: SubscriptionState = await handle.execute_update(
             UPDATE_CHANGE_PLAN, PlanChange(plan_id="growth", effective="immediately"), result_type=SubscriptionState)
         p = changed.proration
@@ -177,7 +177,7 @@ async def test_plan_changes_now_and_at_renewal(ts_env: WorkflowEnvironment, pool
             UPDATE_CHANGE_PLAN, PlanChange(plan_id="scale"), result_type=SubscriptionState)
         assert (later.plan_id, later.pending_plan_id) == ("growth", "scale")
 
-        await ts_env.sleep(state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
+        await skip_time(ts_env, state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
         after = (await eventually(lambda: handle.query(QUERY_STATE, result_type=AccountState),
                                   lambda s: s.subscription is not None and s.subscription.period_index == 1,
                                   timeout=30)).subscription
@@ -219,7 +219,7 @@ async def test_overage_is_billed_at_renewal_and_the_pdf_says_so(
             UPDATE_CHANGE_PLAN, PlanChange(plan_id="starter", anchor=now), result_type=SubscriptionState)
         used = await track(api, account, "chat_message", 5_600, "big-day")  # 5,000 plan credits + 600 on the line
         assert used.status_code == 200 and used.json()["balance"] == -600
-        await ts_env.sleep(state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
+        await skip_time(ts_env, state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
         [invoice] = await eventually(lambda: invoices(pool, account),
                                      lambda rows: len(rows) == 1 and rows[0]["status"] == "paid", timeout=30)
     assert invoice["amount_due_cents"] == 4_900 + 150 + 600  # fee + number + 600 overage credits ($6)
@@ -252,7 +252,7 @@ async def test_jan_31_anchor_through_a_leap_february(ts_env: WorkflowEnvironment
         ends = [state.period_end]
         while state.period_end < datetime(2028, 4, 1, tzinfo=UTC):
             index = state.period_index
-            await ts_env.sleep(state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
+            await skip_time(ts_env, state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
             state = (await eventually(lambda: handle.query(QUERY_STATE, result_type=AccountState),
                                       lambda s, i=index: s.subscription is not None
                                       and s.subscription.period_index == i + 1, timeout=30)).subscription

@@ -18,6 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ledger.accounts import create_account
+from tests.conftest import skip_time
 from tests.test_account_workflow import eventually
 from tests.test_billing_cycle import journal, settings, start_account, ts_env  # noqa: F401 (fixtures)
 from tests.test_ledger_invariants import assert_invariants
@@ -36,7 +37,7 @@ async def _balance(api: httpx.AsyncClient, account: str) -> dict[str, Any]:
 async def _renew(ts_env: WorkflowEnvironment, handle: WorkflowHandle[Any, Any],  # noqa: F811
                  state: SubscriptionState) -> SubscriptionState:
     """Let the period end; wait until the workflow opened the next one."""
-    await ts_env.sleep(state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
+    await skip_time(ts_env, state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
     index = state.period_index
     after = (await eventually(lambda: handle.query(QUERY_STATE, result_type=AccountState),
                               lambda s: s.subscription is not None and s.subscription.period_index == index + 1,

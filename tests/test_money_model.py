@@ -51,7 +51,6 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from temporalio.api.testservice.v1 import SleepRequest
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
@@ -63,7 +62,7 @@ from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.topups import DEFAULT_PACKAGES, CreditPackage
 from creditflow.ledger.db import open_pool, with_database
 from creditflow.ledger.verify import verify
-from tests.conftest import ADMIN_KEY, STRIPE_KEY, TEMPLATE, _temporal_cli, new_card
+from tests.conftest import ADMIN_KEY, STRIPE_KEY, TEMPLATE, _temporal_cli, new_card, skip_time
 from tests.test_stripe_webhooks import event, sign
 from workers.main import build_worker
 from workers.relay import OutboxRelay
@@ -467,13 +466,8 @@ class MoneyMachine(RuleBasedStateMachine):
         async def skip() -> None:
             state: AccountState = await handle.query(QUERY_STATE, result_type=AccountState)
             assert state.subscription is not None
-            request = SleepRequest()
-            request.duration.FromTimedelta(state.subscription.period_end - await self.stack.env.get_current_time()
-                                           + timedelta(minutes=1))
-            # The server skips timer by timer and waits for the work each one starts (renewals, invoices, charges
-            # in real time): allow it more than the default RPC timeout.
-            await self.stack.env.client.test_service.unlock_time_skipping_with_sleep(
-                request, timeout=timedelta(minutes=3))
+            await skip_time(self.stack.env, state.subscription.period_end - await self.stack.env.get_current_time()
+                            + timedelta(minutes=1))
 
         self.run(skip(), timeout=240)
         after = self.eventually(next_period, lambda index: index > before, timeout=60)
