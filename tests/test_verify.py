@@ -139,8 +139,8 @@ async def test_plan_credits_of_a_closed_period_are_reported(pool: AsyncConnectio
         assert row is not None
         await conn.execute(
             "INSERT INTO billing_periods (account_id, period_key, period_index, period_start, period_end, plan_id,"
-            " fee_cents, overage_micros, expired_micros) VALUES (%s, '2026-10-01', 0, %s, %s, 'pro', 0, 0, 0)",
-            (account, end - timedelta(days=31), end))
+            " fee_cents, overage_micros, closed_at) VALUES (%s, '2026-10-01', 0, %s, %s, 'pro', 0, 0, %s)",
+            (account, end - timedelta(days=31), end, end))
     [violation] = by_check(await verify(pool, account))["plan_credits_die_with_their_period"]
     assert violation.ids["lot_id"] == row["lot_id"]
     assert violation.ids["remaining_micros"] == str(3000 * M)

@@ -150,10 +150,13 @@ CHECKS: tuple[Check, ...] = (
     ),
     Check(
         "usage_priced_by_its_rate",
-        "Each usage entry debits round(quantity x rate) micro-credits.",
+        "Each usage entry debits round(quantity x rate) micro-credits (less what a cut hold's settlement could not "
+        "cover, recorded as uncovered_micros).",
         "SELECT account_id, idempotency_key, amount_micros, quantity::text AS quantity,"
         " credits_per_unit::text AS credits_per_unit FROM journal WHERE type = 'usage'"
-        " AND amount_micros <> -round(quantity * credits_per_unit * 1000000) AND " + _ACCOUNT.format(col="account_id"),
+        " AND amount_micros <> -round(quantity * credits_per_unit * 1000000)"
+        "  + coalesce((metadata ->> 'uncovered_micros')::bigint, 0)"  # a cut hold settled beyond what was left
+        " AND " + _ACCOUNT.format(col="account_id"),
         "usage {idempotency_key} debits {amount_micros} micros for {quantity} x {credits_per_unit} credits",
     ),
     Check(
@@ -250,7 +253,8 @@ CHECKS: tuple[Check, ...] = (
         "No plan lot of a closed billing period has credits left.",
         "SELECT l.account_id, l.id AS lot_id, l.remaining_micros, l.expires_at::text AS expires_at,"
         " p.period_key FROM credit_lots l JOIN LATERAL (SELECT period_key FROM billing_periods bp"
-        "  WHERE bp.account_id = l.account_id AND bp.period_end >= l.expires_at AND bp.expired_micros IS NOT NULL"
+        "  WHERE bp.account_id = l.account_id AND bp.period_end >= l.expires_at"
+        "   AND bp.closed_at < now() - interval '5 minutes'"  # its renewal (close, grant, expiry) has had time to end
         "  ORDER BY bp.period_end LIMIT 1) p ON true"
         " WHERE l.source = 'plan' AND l.remaining_micros > 0 AND l.expires_at IS NOT NULL"
         " AND " + _ACCOUNT.format(col="l.account_id"),
