@@ -101,3 +101,23 @@ async def test_dispute_of_an_invoice_payment_unpays_the_invoice_until_won(
         await eventually(lambda a=account: _reversals(pool, a), lambda r, w=want: r == w, timeout=20)
         assert await _balance(cf, account) == balance
     await assert_invariants(pool)
+
+
+async def test_dispute_after_a_partial_refund_takes_back_only_the_rest(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, relay: Any,  # noqa: F811
+        temporal_client: Client, temporal_settings: Settings) -> None:
+    """$4 of the $10 invoice payment refunded (400 of the 1,000 restored credits back on the line), then the other $6
+    disputed: the dispute takes back 600, not the whole 1,000 again (found by review)."""
+    account, outcome = await _paid_invoice_with_overage(cf, pool, sdk, temporal_client, temporal_settings)
+    charge = {"id": "ch_inv", "object": "charge", "payment_intent": outcome.payment_intent_id, "amount": 1_000,
+              "amount_refunded": 400, "refunds": {"object": "list", "data": [{"id": "re_part_1", "amount": 400}]}}
+    body = event("charge.refunded", charge, event_id="evt_part_refund")
+    assert (await cf.deliver(body, sign(body))).json()["outcome"] == "routed"
+    await eventually(lambda: _reversals(pool, account), lambda r: r == [1_000, -400], timeout=20)
+    dispute = {"id": "dp_part", "object": "dispute", "payment_intent": outcome.payment_intent_id, "charge": "ch_inv",
+               "amount": 600, "reason": "fraudulent", "status": "needs_response"}
+    body = event("charge.dispute.created", dispute, event_id="evt_part_dispute")
+    assert (await cf.deliver(body, sign(body))).json()["outcome"] == "routed"
+    await eventually(lambda: _reversals(pool, account), lambda r: r == [1_000, -400, -600], timeout=20)
+    assert await _balance(cf, account) == -1_000
+    await assert_invariants(pool)

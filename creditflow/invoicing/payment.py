@@ -151,6 +151,13 @@ async def _restored_micros(conn: Any, invoice: InvoiceRecord) -> int:
     return int(row["amount_micros"]) if row else 0
 
 
+async def _refunds_took(conn: Any, invoice: InvoiceRecord) -> int:
+    """Micro-credits of the restoration the invoice's refunds took back so far."""
+    row = await (await conn.execute("SELECT coalesce(sum(-moved_micros), 0) AS taken FROM invoice_payment_events"
+                                    " WHERE invoice_id = %s AND kind = 'refund'", (invoice.id,))).fetchone()
+    return int(row["taken"]) if row else 0
+
+
 async def _apply_once(conn: Any, invoice: InvoiceRecord, kind: str, stripe_id: str, cents: int, micros: int,
                       key: str, description: str) -> InvoicePaymentEvent | None:
     """Record the event and move the restoration, in the caller's transaction; None if it was applied before."""
@@ -180,7 +187,8 @@ async def apply_stripe_event(pool: AsyncConnectionPool, invoice: InvoiceRecord, 
 
     Rule: refunds add to ``refunded_cents`` (refunded in full: ``refunded``) and take back the credit-line
     restoration the payment made in the refund's proportion (rounded up, at most what was restored); a dispute
-    makes the invoice ``disputed`` and takes the whole restoration back; closed ``won`` / ``warning_closed`` the
+    makes the invoice ``disputed`` and takes back the disputed money's share of the restoration (all of it for the
+    whole payment), less what refunds took already; closed ``won`` / ``warning_closed`` the
     invoice is ``paid`` again and the restoration is made again (at most what is still drawn); closed lost it stays
     ``disputed``. Reversals never go below the floor. Each refund id / dispute outcome applies once."""
     applied: list[InvoicePaymentEvent] = []
@@ -190,12 +198,9 @@ async def apply_stripe_event(pool: AsyncConnectionPool, invoice: InvoiceRecord, 
         restored = await _restored_micros(conn, invoice)
         if kind == "refund":
             for refund_id, cents in refunds:
-                done = await (await conn.execute(
-                    "SELECT coalesce(sum(-moved_micros), 0) AS taken FROM invoice_payment_events"
-                    " WHERE invoice_id = %s AND kind = 'refund'", (invoice.id,))).fetchone()
                 share = -(-restored * min(cents, paid) // paid)  # rounded up: against the refund
                 event = await _apply_once(conn, invoice, "refund", refund_id, cents,
-                                          -min(share, max(0, restored - int(done["taken"]))),
+                                          -min(share, max(0, restored - await _refunds_took(conn, invoice))),
                                           f"sys:invoice_refund:{refund_id}",
                                           f"Refund {refund_id} of invoice {invoice.number}: overage restoration back")
                 if event:
@@ -209,7 +214,10 @@ async def apply_stripe_event(pool: AsyncConnectionPool, invoice: InvoiceRecord, 
         elif dispute is not None:
             dispute_id, cents = str(dispute.get("dispute_id")), int(dispute.get("amount") or 0)
             if kind == "dispute":
-                event = await _apply_once(conn, invoice, "dispute", dispute_id, cents, -restored,
+                # The disputed money's share of the restoration, less what refunds already took back.
+                share = -(-restored * min(cents, paid) // paid)
+                event = await _apply_once(conn, invoice, "dispute", dispute_id, cents,
+                                          -min(share, max(0, restored - await _refunds_took(conn, invoice))),
                                           f"sys:invoice_dispute:{dispute_id}",
                                           f"Dispute {dispute_id} of invoice {invoice.number}: overage restoration back")
                 await conn.execute("UPDATE invoices SET status = 'disputed', updated_at = now() WHERE id = %s"
