@@ -157,7 +157,8 @@ async def _take_back(conn: Any, account_id: str, purchase: dict[str, Any], what:
     if what == "dispute":
         await conn.execute(
             "INSERT INTO disputes (id, account_id, charge_id, payment_intent_id, lot_id, amount_cents, claimed_micros,"
-            " taken_micros) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            " taken_micros) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (id) DO NOTHING",  # applied meanwhile by the other path (workflow / reconciliation)
             (stripe_id, account_id, purchase["id"], payment_intent_id, purchase["lot_id"], cents, wanted, taken))
     return Clawback(key=key, kind=what, stripe_id=stripe_id, amount_cents=cents, wanted_micros=wanted,
                     taken_micros=taken)

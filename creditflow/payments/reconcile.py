@@ -356,6 +356,9 @@ class Reconciler:
         if account is None:
             self.result.foreign += 1
             return
+        if await self._invoice_event(refund["id"], "refund"):  # a refund of an invoice payment, applied
+            self.result.matched += 1
+            return
         if await self._applied(account, f"sys:stripe_refund:{refund['id']}"):
             if refund.get("status") in _FINAL_FAILED and not await self._applied(
                     account, f"sys:stripe_refund_failed:{refund['id']}"):
@@ -394,25 +397,48 @@ class Reconciler:
 
     # --- disputes ---
 
+    async def _invoice_event(self, stripe_id: str, kind: str) -> bool:
+        """A refund or dispute of an invoice payment that the invoice already reflects."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(
+                "SELECT 1 FROM invoice_payment_events WHERE stripe_id = %s AND kind = %s", (stripe_id, kind))
+            ).fetchone()
+        return row is not None
+
+    async def _dispute_row(self, dispute_id: str) -> dict[str, Any] | None:
+        """The dispute as the ledger knows it (opened: a row, even one that could take nothing yet)."""
+        async with self.pool.connection() as conn:
+            return await (await conn.execute("SELECT status, closed_at, taken_micros, returned_micros FROM disputes"
+                                             " WHERE id = %s", (dispute_id,))).fetchone()
+
     async def _dispute(self, dispute: dict[str, Any]) -> None:
         account = await self._purchase_account(dispute.get("payment_intent"))
         if account is None:
             self.result.foreign += 1
             return
+        returning = dispute.get("status") in ("won", "warning_closed")
+        if await self._invoice_event(dispute["id"], "dispute"):  # an invoice payment's dispute, applied
+            if returning and not await self._invoice_event(dispute["id"], "dispute_won"):
+                await self._clawback(account, clawbacks.DISPUTE_CLOSED,
+                                     clawbacks.outbox_payload("charge.dispute.closed", dispute), dispute["id"],
+                                     ("dispute_returned", "dispute_return_not_applied"),
+                                     f"invoice payment dispute closed {dispute.get('status')}")
+            else:
+                self.result.matched += 1
+            return
         payload = clawbacks.outbox_payload("charge.dispute.created", dispute)
-        opened = await self._applied(account, f"sys:dispute:{dispute['id']}")
-        if not opened:
+        row = await self._dispute_row(dispute["id"])
+        if row is None:
             if self._young(dispute.get("created")):
                 self.result.in_flight += 1
                 return
             await self._clawback(account, clawbacks.DISPUTED, payload, dispute["id"],
                                  ("dispute_taken_back", "dispute_not_applied"),
                                  f"dispute of {dispute.get('amount')} cents")
-            opened = await self._applied(account, f"sys:dispute:{dispute['id']}")
-        if dispute.get("status") in ("won", "warning_closed") and opened and not await self._applied(
-                account, f"sys:dispute_won:{dispute['id']}"):
+            row = await self._dispute_row(dispute["id"])
+        if returning and row is not None and row["closed_at"] is None:
             await self._clawback(account, clawbacks.DISPUTE_CLOSED, payload, dispute["id"],
                                  ("dispute_returned", "dispute_return_not_applied"),
                                  f"dispute closed {dispute.get('status')}")
-        elif opened:
+        elif row is not None:
             self.result.matched += 1
