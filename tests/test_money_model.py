@@ -398,8 +398,9 @@ class MoneyMachine(RuleBasedStateMachine):
     def close_hold(self, data: st.DataObject, settle: bool, part: int) -> None:
         hold_id = data.draw(st.sampled_from(sorted(self.model.holds)))
         amount = self.model.holds[hold_id]
+        units = amount * part // 100 // M  # chat messages cost a whole number of credits
+        settle = settle and units > 0  # a settlement of nothing is refused (invalid_quantity): release instead
         if settle:
-            units = amount * part // 100 // M  # chat messages cost a whole number of credits
             resp = self.post(f"/api/v1/billing/holds/{hold_id}/settle", value=units)
         else:
             resp = self.post(f"/api/v1/billing/holds/{hold_id}/release")
