@@ -28,7 +28,7 @@ from creditflow.config import Settings, get_settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.reconciliation import ReconcileResult, RunWindow
 from creditflow.ledger.verify import verify
-from creditflow.payments import refunds, topups
+from creditflow.payments import clawbacks, refunds, topups
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, StripeGateway
 from creditflow.payments.reconcile import Reconciler, get_run, list_runs, open_run, record_result
 from creditflow.temporal_setup import ensure_reconcile_schedule
@@ -315,3 +315,36 @@ async def test_the_schedule_starts_runs_on_the_worker(temporal_settings: Setting
                                            schedule_id=schedule_id) is None
     with pytest.raises(Exception):  # noqa: B017 - deleted: describing it fails (NOT_FOUND)
         await handle.describe()
+
+
+class StripeWithDisputes(StripeGateway):
+    """The emulator has no disputes: this gateway answers ``retrieve_dispute`` from a dict the test fills (what
+    Stripe would return); everything else goes to the emulator."""
+
+    disputes: dict[str, dict[str, Any]] = {}
+
+    async def retrieve_dispute(self, dispute_id: str) -> dict[str, Any]:
+        return self.disputes[dispute_id]
+
+
+async def test_an_open_dispute_whose_close_was_lost_is_given_back(
+        pool: AsyncConnectionPool, api: httpx.AsyncClient, sdk: stripe.StripeClient, settings: Settings) -> None:
+    gateway = StripeWithDisputes.from_settings(settings)
+    account = await new_account(api)
+    await save_card(api, sdk, account)
+    record = await charged(pool, gateway, account)
+    await topups.credit(pool, record.id)
+    dispute = {"id": f"dp_{uuid.uuid4().hex[:12]}", "object": "dispute", "amount": 1000, "status": "needs_response",
+               "payment_intent": record.payment_intent_id, "charge": "ch_x", "reason": "fraudulent",
+               "created": int((datetime.now(UTC) - timedelta(days=20)).timestamp())}
+    await clawbacks.apply(pool, account, clawbacks.DISPUTED, clawbacks.outbox_payload("charge.dispute.created",
+                                                                                      dispute))
+    assert await balance_micros(pool, account) == 0
+    # Weeks later the merchant wins; the charge.dispute.closed webhook is lost. The dispute was created before the
+    # run's window, so only the re-check of the ledger's open disputes can find it.
+    StripeWithDisputes.disputes[dispute["id"]] = {**dispute, "status": "won"}
+    result = await reconcile_now(pool, gateway)
+    assert kinds(result, account) == [("repaired", "dispute_returned")]
+    assert await balance_micros(pool, account) == 1000 * MICROS_PER_CREDIT
+    assert kinds(await reconcile_now(pool, gateway), account) == []
+    assert (await verify(pool, account)).ok

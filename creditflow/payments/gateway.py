@@ -261,6 +261,10 @@ class StripeGateway:
     async def retrieve_refund(self, refund_id: str) -> RefundState:
         return _refund(await self._call(lambda: self._client.v1.refunds.retrieve(refund_id), what="refund"))
 
+    async def retrieve_dispute(self, dispute_id: str) -> dict[str, Any]:
+        """A dispute as Stripe knows it now (reconciliation re-checks the ones still open in the ledger)."""
+        return await self._call(lambda: self._client.v1.disputes.retrieve(dispute_id).to_dict(), what="dispute")
+
     async def list_refunds(self, payment_intent_id: str) -> list[RefundState]:
         """Every refund of a PaymentIntent, as Stripe knows them (whoever made them)."""
 

@@ -154,8 +154,11 @@ class Reconciler:
             await self._refund({"id": state.id, "status": state.status, "amount": state.amount_cents,
                                 "payment_intent": state.payment_intent_id, "metadata": state.metadata,
                                 "created": None})
+        seen_disputes: set[str] = set()
         for dispute in await self._list("disputes", optional=True):
+            seen_disputes.add(dispute["id"])
             await self._dispute(dispute)
+        await self._open_disputes(seen_disputes)
         r = self.result
         log.info("reconciliation %s: listed %s, matched %d, in flight %d, %d repaired, %d reported", r.run_id,
                  r.listed, r.matched, r.in_flight, sum(d.action == "repaired" for d in r.differences),
@@ -285,11 +288,13 @@ class Reconciler:
     # --- refunds ---
 
     async def _open_refunds(self, seen: set[str]) -> list[str]:
+        """creditflow's refunds Stripe may still decide, or may still fail after reporting success (a lost
+        ``refund.failed``), from the last ``RECHECK``."""
         async with self.pool.connection() as conn:
             rows = await (await conn.execute(
                 "SELECT stripe_refund_id FROM refunds WHERE status = ANY(%s) AND stripe_refund_id IS NOT NULL"
-                " AND created_at >= %s ORDER BY created_at", (list(_OPEN_REFUND_STATUSES), self.now - RECHECK))
-            ).fetchall()
+                " AND created_at >= %s ORDER BY created_at",
+                ([*_OPEN_REFUND_STATUSES, "succeeded"], self.now - RECHECK))).fetchall()
         return [r["stripe_refund_id"] for r in rows if r["stripe_refund_id"] not in seen]
 
     async def _refund(self, refund: dict[str, Any]) -> None:
@@ -396,6 +401,24 @@ class Reconciler:
                              account_id=account, stripe_id=stripe_id, payment_intent_id=payload["payment_intent_id"])
 
     # --- disputes ---
+
+    async def _open_disputes(self, seen: set[str]) -> None:
+        """Disputes the ledger still has open (their close may have been lost), retrieved from Stripe one by one."""
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(
+                "SELECT id FROM disputes WHERE closed_at IS NULL AND created_at >= %s ORDER BY created_at",
+                (self.now - RECHECK,))).fetchall()
+        for row in rows:
+            if row["id"] in seen:
+                continue
+            try:
+                dispute = await self.gateway.retrieve_dispute(row["id"])
+            except CreditflowError as exc:
+                if exc.code != "payment_provider_error":
+                    raise
+                self.result.notes.append(f"open disputes: not re-checked ({exc.message})")
+                return
+            await self._dispute(dispute)
 
     async def _invoice_event(self, stripe_id: str, kind: str) -> bool:
         """A refund or dispute of an invoice payment that the invoice already reflects."""
