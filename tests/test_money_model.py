@@ -209,6 +209,9 @@ class Purchase:
     refunded_cents: int = 0
     disputes: dict[str, int] = field(default_factory=dict)  # dispute id -> cents, while not won
     won: set[str] = field(default_factory=set)
+    # Stripe refund / dispute id -> micro-credits its money bought that were no longer in the lot (used already):
+    # by the documented rule a clawback takes only what the purchase's lot still holds, and reports the rest.
+    shortfall: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -510,6 +513,17 @@ class MoneyMachine(RuleBasedStateMachine):
             self.run(asyncio.sleep(0.3))
         self.resync()
 
+    def _lot_remaining(self, purchase: Purchase) -> tuple[int, int]:
+        ledger = self.run(self._ledger())
+        row = next(r for r in ledger["lots"] if r["payment_intent_id"] == purchase.payment_intent_id)
+        return int(row["remaining_micros"]), int(row["original_micros"])
+
+    def _record_shortfall(self, purchase: Purchase, stripe_id: str, cents: int, before: int) -> None:
+        """What the clawback could not take: the credits this money bought beyond what the lot still held."""
+        after, original = self._lot_remaining(purchase)
+        wanted = -(-cents * original // purchase.cents)
+        purchase.shortfall[stripe_id] = max(0, wanted - (before - after))
+
     @precondition(lambda self: any(p.refunded_cents < p.cents and not p.disputes for p in self.model.purchases))
     @rule(data=st.data(), share=st.integers(1, 100))
     @counted
@@ -522,10 +536,12 @@ class MoneyMachine(RuleBasedStateMachine):
         refund = self.stack.sdk.v1.refunds.create(params={"payment_intent": purchase.payment_intent_id,
                                                           "amount": cents})
         purchase.refunded_cents += cents
+        before, _ = self._lot_remaining(purchase)
         self.deliver("charge.refunded", {"id": f"ch_{uuid.uuid4().hex[:10]}", "object": "charge",
                                          "payment_intent": purchase.payment_intent_id, "amount": purchase.cents,
                                          "refunds": {"object": "list", "data": [{"id": refund.id, "amount": cents}]}})
         self.settled()
+        self._record_shortfall(purchase, refund.id, cents, before)
 
     @precondition(lambda self: any(not p.disputes and p.refunded_cents < p.cents for p in self.model.purchases))
     @rule(data=st.data())
@@ -536,8 +552,10 @@ class MoneyMachine(RuleBasedStateMachine):
         dispute_id = f"dp_{uuid.uuid4().hex[:12]}"
         cents = purchase.cents - purchase.refunded_cents
         purchase.disputes[dispute_id] = cents
+        before, _ = self._lot_remaining(purchase)
         self.deliver("charge.dispute.created", self._dispute(purchase, dispute_id, "needs_response"))
         self.settled()
+        self._record_shortfall(purchase, dispute_id, cents, before)
 
     def _dispute(self, purchase: Purchase, dispute_id: str, status: str) -> dict[str, Any]:
         return {"id": dispute_id, "object": "dispute", "payment_intent": purchase.payment_intent_id,
@@ -553,6 +571,7 @@ class MoneyMachine(RuleBasedStateMachine):
         self.deliver("charge.dispute.closed", self._dispute(purchase, dispute_id, status))
         if status in ("won", "warning_closed"):
             purchase.won.add(dispute_id)
+            purchase.shortfall.pop(dispute_id, None)  # the merchant keeps the money: nothing is owed
         else:
             purchase.refunded_cents += purchase.disputes[dispute_id]  # the money is gone for good
         del purchase.disputes[dispute_id]
@@ -637,7 +656,9 @@ class MoneyMachine(RuleBasedStateMachine):
             kept_cents = purchase.cents - refunded - lost - open_disputes
             row = next(r for r in ledger["lots"] if r["payment_intent_id"] == purchase.payment_intent_id)
             returned = self.run(self._returned_micros(purchase.payment_intent_id, row["id"]))
-            credits_kept = row["original_micros"] - returned  # kept in the wallet or used
+            # Kept in the wallet or used, less what was already used when a Stripe-side refund or a dispute came
+            # (not taken back by the documented rule; reported by the clawback).
+            credits_kept = row["original_micros"] - returned - sum(purchase.shortfall.values())
             # kept_cents / cents >= credits_kept / credits, in integers (no rounding in the customer's favour)
             assert kept_cents * row["original_micros"] >= credits_kept * purchase.cents - purchase.cents, (
                 purchase, kept_cents, credits_kept)
@@ -665,6 +686,9 @@ class MoneyMachine(RuleBasedStateMachine):
         assert ours["n"] + clawed["n"] == 1, stripe_refund_id
 
     def teardown(self) -> None:
+        report = os.environ.get("CREDITFLOW_MODEL_REPORT")
+        if report:  # progress of a long soak, example by example
+            Path(report).write_text(json.dumps(COUNTS))
         if self.account:
             handle = self.stack.env.client.get_workflow_handle(account_workflow_id(self.account))
             with contextlib.suppress(Exception):  # already closed
