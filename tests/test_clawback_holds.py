@@ -60,3 +60,26 @@ async def test_a_cut_hold_settles_what_it_can_and_verify_stays_clean(pool: Async
     assert await _balances(pool, account) == (0, 0)
     report = await verify(pool, account)
     assert report.ok, report.violations
+
+
+async def test_a_refund_on_stripe_of_used_credits_is_recorded_once(pool: AsyncConnectionPool) -> None:
+    """Nothing is left to take back (the credits were used): the Stripe refund still gets its one ledger effect, a
+    row of 0 with what it wanted, so a redelivery or the reconciliation does not apply it again (found by the soak:
+    the Stripe refund had no ledger effect at all)."""
+    from creditflow.ledger.verify import verify
+
+    account = await new_account(pool)
+    purchase = await paid_purchase(pool, account, cents=1000, credits=1000)
+    used = await metering.track(pool, metering.UsageEvent.build(account, "chat_message", 1000, "use-all", None, None))
+    assert used.allowed
+    payload = {"payment_intent_id": purchase["payment_intent_id"],
+               "refunds": [{"id": "re_used", "amount": 500, "creditflow_refund_id": None}]}
+    for _ in range(2):
+        result = await clawbacks.apply(pool, account, clawbacks.REFUNDED, payload)
+        assert [(c.key, c.taken_micros) for c in result.applied] == [("sys:stripe_refund:re_used", 0)]
+    async with pool.connection() as conn:
+        rows = await (await conn.execute(
+            "SELECT amount_micros, metadata->>'wanted_micros' AS wanted FROM journal WHERE account_id = %s"
+            " AND idempotency_key = 'sys:stripe_refund:re_used'", (account,))).fetchall()
+    assert [(r["amount_micros"], r["wanted"]) for r in rows] == [(0, str(500 * M))]
+    assert (await verify(pool, account)).ok
