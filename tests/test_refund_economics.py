@@ -389,7 +389,7 @@ async def test_dispute_during_a_refund_is_not_lost(temporal_client: Client, pool
         assert await balance_of(app, account) == 5000
         assert (await lot_of(pool, bought["transaction_id"]))["remaining_micros"] == 0
         moves = [(r["type"], r["amount_micros"] // MICROS_PER_CREDIT) for r in await all_moves(pool, account)]
-        # The dispute opened while the refund held the credits: it took nothing then (a row of 0 records it, 0028)
+        # The dispute opened while the refund held the credits: it took nothing then (a row of 0 records it, 0027)
         # and took the released credits when Stripe refused the refund.
         assert moves == [("welcome_bonus", 5000), ("purchase", 2500), ("refund", -2500), ("dispute", 0),
                          ("refund_reversal", 2500), ("dispute", -2500)]
