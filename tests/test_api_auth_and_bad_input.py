@@ -164,3 +164,18 @@ async def test_openapi_docs_are_served(api: httpx.AsyncClient) -> None:
     assert "/api/v1/billing/track" in spec["paths"] and "/api/v1/billing/check" in spec["paths"]
     assert (await api.get("/docs")).status_code == 200
     assert (await api.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_every_error_carries_the_request_id_of_its_response(api: httpx.AsyncClient) -> None:
+    """An error body names the request it answers, the same id as the X-Request-Id header."""
+    r = await api.get("/api/v1/billing/balance", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401
+    rid = r.headers["x-request-id"]
+    assert rid.startswith("req_") and r.json()["error"]["request_id"] == rid
+    given = await api.get("/api/v1/billing/balance",
+                                 headers={"Authorization": "Bearer nope", "X-Request-Id": "platform-trace.42"})
+    assert given.headers["x-request-id"] == "platform-trace.42"
+    assert given.json()["error"]["request_id"] == "platform-trace.42"
+    bad = await api.get("/api/v1/billing/balance",
+                               headers={"Authorization": "Bearer nope", "X-Request-Id": "x" * 200})
+    assert bad.headers["x-request-id"].startswith("req_")

@@ -20,6 +20,7 @@ from creditflow.api.limits import router as limits_router
 from creditflow.api.notification_channels import router as notification_channels_router
 from creditflow.api.plans import router as plans_router
 from creditflow.api.reconciliation import router as reconciliation_router
+from creditflow.api.request_context import RequestIdMiddleware, current_request_id
 from creditflow.api.subscription import router as subscription_router
 from creditflow.api.verify import router as verify_router
 from creditflow.config import Settings
@@ -42,7 +43,8 @@ Prepaid credit wallet, metering and billing. **1 credit = 1 US cent.**
 
 
 def _error(status: int, code: str, message: str, details: object | None = None) -> ExactJSONResponse:
-    return respond({"error": {"code": code, "message": message, "details": details or {}}}, status)
+    return respond({"error": {"code": code, "message": message, "details": details or {},
+                              "request_id": current_request_id()}}, status)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -63,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="creditflow", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   default_response_class=ExactJSONResponse)
     app.state.settings = settings
+    app.add_middleware(RequestIdMiddleware)
     app.state.gateway = StripeGateway.from_settings(settings)
     app.state.plan_catalog = settings.plan_catalog()  # validated now: a bad catalog file stops start-up
 
