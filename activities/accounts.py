@@ -20,7 +20,7 @@ from creditflow.domain.periods import period_at
 from creditflow.domain.recharge import RechargePolicy, RechargeState
 from creditflow.ledger import agents, auto_recharge, outbox, subscriptions
 from creditflow.payments.customers import stored_customer
-from workflows.contract import DEFAULT_DEDUP_CAPACITY, SubscriptionState
+from workflows.contract import DEFAULT_DEDUP_CAPACITY, OUTBOX_APPLIED_LATER, OutboxEvent, SubscriptionState
 
 
 class LoadAccountInput(BaseModel):
@@ -54,6 +54,8 @@ class AccountRebuild(BaseModel):
     agents_wake_at: datetime | None = None
     stripe_customer_id: str | None = None
     recent_dedup_keys: list[str] = Field(default_factory=list)
+    # Delivered to an earlier run that ended before applying them (``outbox.applied_at`` unset): apply them again.
+    unapplied: list[OutboxEvent] = Field(default_factory=list)
 
 
 class AccountActivities:
@@ -78,18 +80,22 @@ class AccountActivities:
     async def rebuild_account_state(self, input: RebuildInput) -> AccountRebuild:
         """The account's state as the database knows it: subscription (with its pending plan and this period's
         immediate changes), auto-recharge sequence and policy state, system-paused agents' next resume, the Stripe
-        customer and the dedup keys of the last delivered outbox rows."""
+        customer, the dedup keys of the last delivered outbox rows and those of them an earlier run left unapplied."""
         account = await self.load_account(LoadAccountInput(account_id=input.account_id))
         if account is None:
             return AccountRebuild()
         async with self._pool.connection() as conn:
-            keys = await outbox.recent_dispatched_keys(conn, input.account_id, input.dedup_capacity, input.run_id)
+            window = await outbox.recent_dispatched(conn, input.account_id, input.dedup_capacity, input.run_id,
+                                                    OUTBOX_APPLIED_LATER)
         resume = [a.resume_at for a in await agents.system_paused(self._pool, input.account_id) if a.resume_at]
         recharge, wake, enabled = await self._recharge(input.account_id, input.now)
         return AccountRebuild(
             account=account, subscription=await self._subscription(input.account_id), recharge=recharge,
             recharge_enabled=enabled, recharge_wake_at=wake, agents_wake_at=min(resume) if resume else None,
-            stripe_customer_id=await stored_customer(self._pool, input.account_id), recent_dedup_keys=keys)
+            stripe_customer_id=await stored_customer(self._pool, input.account_id),
+            recent_dedup_keys=window.seen_keys, unapplied=[
+                OutboxEvent(dedup_key=r.dedup_key, kind=r.kind, payload=r.payload, created_at=r.created_at)
+                for r in window.unapplied])
 
     async def _subscription(self, account_id: str) -> SubscriptionState | None:
         row = await subscriptions.get_subscription(self._pool, account_id)

@@ -15,7 +15,7 @@ from temporalio import activity
 
 from activities.errors import translating_errors
 from creditflow.errors import CreditflowError
-from creditflow.ledger import agents
+from creditflow.ledger import agents, outbox
 from creditflow.ledger.agents import PAUSED_BY_SYSTEM, Agent
 from workflows.contract import AgentStatus
 
@@ -38,6 +38,7 @@ class LimitReachedInput(BaseModel):
     now: datetime
     # The UTC day ("2026-12-01") or month ("2026-12-01", its first day) the limit was reached in; None: ``now``'s.
     period: str | None = None
+    dedup_key: str | None = None  # the outbox row: marked applied once its agents are paused
 
 
 class ResumeInput(BaseModel):
@@ -93,6 +94,11 @@ class AgentActivities:
     async def pause_for_limit(self, input: LimitReachedInput) -> AgentChanges:
         """A limit with action ``pause`` was reached: pause its agent (agent limit) or every active agent of the
         account (account limit) until the next period. Agents already paused are left as they are."""
+        changes = await self._pause_for_limit(input)
+        await outbox.mark_applied(self._pool, input.account_id, input.dedup_key)
+        return changes
+
+    async def _pause_for_limit(self, input: LimitReachedInput) -> AgentChanges:
         reason = REASON_BY_SCOPE.get(input.scope, input.scope)
         until = resume_time("daily" if input.scope == "daily" else "monthly", input.now, input.period)
         if until <= input.now:  # the period of that limit is already over: nothing to stop now

@@ -24,7 +24,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 from activities.errors import translating_errors
 from activities.notifications import NOTIFY_RETRY_POLICY, NOTIFY_TIMEOUT, PENDING
 from creditflow.config import Settings, get_settings
-from creditflow.ledger import alerts
+from creditflow.ledger import alerts, outbox
 from creditflow.notify.log import ChannelDelivery, Notification, NotificationRecord
 from creditflow.notify.service import NotificationPending, NotificationService
 
@@ -104,6 +104,7 @@ class AlertActivities:
     async def fire_balance_alerts(self, input: BalanceAlertInput) -> BalanceAlertsResult:
         """Send ``balance.low`` for the alerts of the crossed threshold, once per event and channel."""
         if input.source == "settings":  # auto-recharge enabled below its threshold: nothing was crossed
+            await outbox.mark_applied(self._pool, input.account_id, input.dedup_key)
             return BalanceAlertsResult()
         fired = []
         for alert in await alerts.alerts_crossed(self._pool, input.account_id, input.threshold_micros):
@@ -115,6 +116,7 @@ class AlertActivities:
                                                    payload=payload, channels=list(alert.channels)))
             fired.append(FiredAlert(threshold_micros=alert.threshold_micros, channels=list(alert.channels),
                                     dedup_key=key, deliveries=record.deliveries))
+        await outbox.mark_applied(self._pool, input.account_id, input.dedup_key)
         return BalanceAlertsResult(fired=fired)
 
     @activity.defn(name="send_daily_usage_alert")
@@ -122,11 +124,13 @@ class AlertActivities:
     async def send_daily_usage_alert(self, input: DailyUsageAlertInput) -> DailyUsageAlertResult:
         """Send ``usage.daily_threshold`` once per event and channel, unless the threshold was turned off."""
         if await alerts.daily_usage_alert(self._pool, input.account_id) is None:
+            await outbox.mark_applied(self._pool, input.account_id, input.dedup_key)
             return DailyUsageAlertResult(fired=False)
         key = alert_dedup_key(input.dedup_key)
         record = await self._send(Notification(
             account_id=input.account_id, kind=DAILY_USAGE, dedup_key=key,
             payload={"limit_micros": input.limit_micros, "spent_micros": input.spent_micros, "period": input.period}))
+        await outbox.mark_applied(self._pool, input.account_id, input.dedup_key)
         return DailyUsageAlertResult(fired=True, dedup_key=key, deliveries=record.deliveries)
 
 

@@ -21,6 +21,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 from activities.errors import translating_errors
 from creditflow.config import Settings, get_settings
+from creditflow.ledger import outbox
 from creditflow.notify.log import Notification, NotificationRecord
 from creditflow.notify.service import NotificationPending, NotificationService
 
@@ -35,6 +36,7 @@ PENDING = "notification_pending"
 
 class NotificationActivities:
     def __init__(self, pool: AsyncConnectionPool, settings: Settings | None = None) -> None:
+        self._pool = pool
         self._service = NotificationService(pool, settings or get_settings())
 
     @activity.defn(name="send_notification")
@@ -45,10 +47,12 @@ class NotificationActivities:
         limit = info.retry_policy.maximum_attempts if info.retry_policy else 0
         final = limit > 0 and info.attempt >= limit
         try:
-            return await self._service.send(input, final_attempt=final)
+            record = await self._service.send(input, final_attempt=final)
         except NotificationPending as pending:
             raise ApplicationError(f"channels pending: {pending}", pending.record.model_dump(mode="json"),
                                    type=PENDING, non_retryable=False) from pending
+        await outbox.mark_applied(self._pool, input.account_id, input.outbox_key)
+        return record
 
 
 async def notify(notification: Notification, *, summary: str | None = None) -> NotificationRecord | None:

@@ -12,7 +12,7 @@ from temporalio import activity
 
 from activities.errors import RETRYABLE_CODES, translating_errors
 from creditflow.errors import CreditflowError
-from creditflow.ledger import payment_event_failures
+from creditflow.ledger import outbox, payment_event_failures
 from creditflow.payments import clawbacks, late, topups
 from creditflow.payments.clawbacks import ClawbackResult
 from creditflow.payments.gateway import StripeGateway
@@ -48,9 +48,11 @@ class PaymentEventActivities:
             if input.dedup_key and exc.code not in RETRYABLE_CODES:
                 await payment_event_failures.record(self._pool, input.account_id, input.dedup_key, input.kind,
                                                     input.payload, exc.code, exc.message)
+                await outbox.mark_applied(self._pool, input.account_id, input.dedup_key)  # kept for an operator
             raise
         if input.dedup_key:
             await payment_event_failures.resolve(self._pool, input.account_id, input.dedup_key)
+            await outbox.mark_applied(self._pool, input.account_id, input.dedup_key)
         return result
 
     @activity.defn(name="apply_payment_event")

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import stripe
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
@@ -175,4 +176,51 @@ async def test_restarted_account_workflow_rebuilds_its_state_from_the_database(
     assert second["idempotency_key"] == f"sys:topup:{charges[1]['payment_intent_id']}"
     assert charges[0]["payment_intent_id"] != charges[1]["payment_intent_id"]
     assert (await balance(api, account))["balance"] == 7_500 - 3_500 + 22_000
+    await assert_invariants(pool)
+
+
+async def test_an_event_accepted_but_not_applied_by_a_terminated_run_is_applied_by_the_next(
+        ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings) -> None:  # noqa: F811
+    """A run accepts a dispute's signal, and is terminated before its main loop takes the credits back (here: no
+    worker is running). Delivered is not applied: the next run applies it, once, whatever is redelivered."""
+    from creditflow.payments import clawbacks
+    from tests.test_verify import paid_purchase
+
+    client = ts_env.client
+    account = (await create_account(pool, name="Acme", billing_email="billing@acme.test",
+                                    welcome_bonus_credits=0)).id
+    purchase = await paid_purchase(pool, account, cents=1000, credits=1000)
+    queue = f"unapplied-{account[-8:]}"
+    handle = client.get_workflow_handle(account_workflow_id(account))
+    async with build_worker(client, pool, settings, task_queue=queue):
+        created = await relay_pending(pool, client, queue, account)
+        await eventually(lambda: handle.query(QUERY_STATE, result_type=AccountState),
+                         lambda s: s.events_processed == 1 and s.stripe_customer_id is not None)
+
+    # The worker is down: the relay delivers the dispute, the run accepts it (it is in its history) and applies
+    # nothing; then an operator terminates the run.
+    dispute = {"id": "dp_unapplied", "object": "dispute", "payment_intent": purchase["payment_intent_id"],
+               "charge": "ch_x", "amount": 1000, "reason": "fraudulent", "status": "needs_response"}
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO outbox (account_id, kind, dedup_key, payload) VALUES (%s, %s, %s, %s)",
+            (account, clawbacks.EVENT_KINDS["charge.dispute.created"], "stripe:evt_unapplied",
+             Jsonb(clawbacks.outbox_payload("charge.dispute.created", dispute))))
+    [disputed] = await relay_pending(pool, client, queue, account)
+    await handle.terminate("operator: stuck workflow")
+    assert await journal(pool, account, "dispute") == []
+
+    async with build_worker(client, pool, settings, task_queue=queue):
+        # Any delivery starts the next run (here the relay redelivering old rows): it takes the credits back once.
+        for old in (*created, disputed, disputed):
+            await signal_with_start(client, queue, account, old)
+        new_handle = client.get_workflow_handle(account_workflow_id(account))
+        await eventually(lambda: new_handle.query(QUERY_STATE, result_type=AccountState),
+                         lambda s: s.events_processed == 1 and s.duplicates_ignored == 3, timeout=30)
+        [taken] = await eventually(lambda: journal(pool, account, "dispute"), lambda r: len(r) == 1, timeout=30)
+    assert taken["amount_micros"] == -1000 * MICROS_PER_CREDIT
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT applied_at FROM outbox WHERE dedup_key = 'stripe:evt_unapplied'"
+                                        )).fetchone()
+    assert row is not None and row["applied_at"] is not None
     await assert_invariants(pool)

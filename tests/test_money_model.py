@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
@@ -79,18 +79,32 @@ OVERAGE_LINE = 2_000  # credits
 PLAN = "starter"
 FEATURE = "chat_message"  # 1 credit per message on the rate card; the plan's own rate applies on a plan
 COUNTS: dict[str, Any] = {"examples": 0, "steps": 0, "invariant_checks": 0, "rules": {}}
+TRACE: list[str] = []  # the rules of the running example, in order
 
 
 def counted(fn: Callable[..., None]) -> Callable[..., None]:
-    """Count each rule's runs (the soak prints them: every feature must have been crossed)."""
+    """Count each rule's runs (the soak prints them: every feature must have been crossed) and trace them."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         COUNTS["rules"][fn.__name__] = COUNTS["rules"].get(fn.__name__, 0) + 1
-        fn(*args, **kwargs)
+        TRACE.append(fn.__name__ + "(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "data") + ")")
+        with failure_recorded():
+            fn(*args, **kwargs)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def failure_recorded() -> Iterator[None]:
+    """The first failure's rule sequence, kept in the report as it happened (hypothesis's own replay of a failing
+    example is not the same run here: time on the test server only moves forward)."""
+    try:
+        yield
+    except BaseException as exc:
+        COUNTS.setdefault("failure", {"error": f"{type(exc).__name__}: {exc}"[:2000], "steps": list(TRACE)})
+        raise
 
 
 # --- the stack, in a thread of its own (hypothesis drives it synchronously) -------------------------------------
@@ -267,6 +281,7 @@ class MoneyMachine(RuleBasedStateMachine):
         self.account = ""
         self.webhooks: list[bytes] = []
         COUNTS["examples"] += 1
+        TRACE.clear()
 
     # helpers
 
@@ -494,23 +509,17 @@ class MoneyMachine(RuleBasedStateMachine):
         assert resp.status_code == 200, resp.text
 
     def settled(self) -> None:
-        """Wait until the relay and the account workflow applied every routed event, then take the ledger."""
+        """Wait until the relay delivered every routed event and the account workflow applied it (the activity that
+        applies a payment event marks its outbox row applied after its effect committed), then take the ledger."""
         async def pending() -> int:
             async with self.stack.pool.connection() as conn:
                 row = await (await conn.execute(
-                    "SELECT count(*) AS n FROM outbox WHERE account_id = %s AND dispatched_at IS NULL",
-                    (self.account,))).fetchone()
+                    "SELECT count(*) AS n FROM outbox WHERE account_id = %s AND kind LIKE 'stripe.%%'"
+                    " AND (dispatched_at IS NULL OR applied_at IS NULL)", (self.account,))).fetchone()
             return int(row["n"]) if row else 0
 
-        assert self.eventually(pending, lambda n: n == 0, timeout=30) == 0
-        # The account workflow applies routed payment events in an activity after the signal: give it time to land.
-        ledger_before = None
-        for _ in range(50):
-            ledger = self.run(self._ledger())
-            if ledger == ledger_before:
-                break
-            ledger_before = ledger
-            self.run(asyncio.sleep(0.3))
+        # A restarted worker retries an activity it lost only after its timeout: allow for that.
+        assert self.eventually(pending, lambda n: n == 0, timeout=90) == 0
         self.resync()
 
     def _lot_remaining(self, purchase: Purchase) -> tuple[int, int]:
@@ -616,6 +625,10 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @invariant()
     def ledger_matches_the_model(self) -> None:
+        with failure_recorded():
+            self._ledger_matches_the_model()
+
+    def _ledger_matches_the_model(self) -> None:
         if not self.account:
             return
         COUNTS["steps"] += 1
@@ -632,6 +645,10 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @invariant()
     def verify_is_clean(self) -> None:
+        with failure_recorded():
+            self._verify_is_clean()
+
+    def _verify_is_clean(self) -> None:
         if not self.account:
             return
         report = self.run(verify(self.stack.pool, self.account))
@@ -640,6 +657,10 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @invariant()
     def money_is_conserved_against_stripe(self) -> None:
+        with failure_recorded():
+            self._money_is_conserved_against_stripe()
+
+    def _money_is_conserved_against_stripe(self) -> None:
         """Each purchase: the money Stripe kept is worth at least the credits kept or used, at its own price; each
         Stripe refund has exactly one ledger effect."""
         if not self.account:
@@ -715,3 +736,6 @@ def test_money_lifecycle_model(stack: Stack) -> None:
         print(f"\nmoney model: {COUNTS['examples']} examples, {COUNTS['steps']} steps, "
               f"{COUNTS['invariant_checks']} invariant checks passed, {COUNTS['seconds']} s; rules: "
               + ", ".join(f"{k} {v}" for k, v in sorted(COUNTS["rules"].items())))
+        if "failure" in COUNTS:
+            print("first failure, after these steps of its example:\n  " + "\n  ".join(COUNTS["failure"]["steps"])
+                  + "\n" + COUNTS["failure"]["error"])

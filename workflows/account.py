@@ -43,12 +43,7 @@ with workflow.unsafe.imports_passed_through():
         StartSubscriptionInput,
     )
     from activities.notifications import notify
-    from activities.payment_events import (
-        PAYMENT_SUCCEEDED_LATE,
-        LateCreditResult,
-        PaymentEventActivities,
-        PaymentEventInput,
-    )
+    from activities.payment_events import LateCreditResult, PaymentEventActivities, PaymentEventInput
     from activities.payments import PERMANENT_CODES, EnsureStripeCustomerInput, PaymentActivities
     from creditflow.domain.money import micros_to_credits
     from creditflow.domain.recharge import Action, Reason, after_attempt, decide, rebase
@@ -59,6 +54,14 @@ with workflow.unsafe.imports_passed_through():
     from workflows.contract import (
         ACCOUNT_WORKFLOW,
         INVOICE_WORKFLOW,
+        OUTBOX_BELOW_THRESHOLD,
+        OUTBOX_DAILY_USAGE_THRESHOLD,
+        OUTBOX_LIMIT_REACHED,
+        OUTBOX_PAYMENT_SUCCEEDED_LATE,
+        OUTBOX_RECHARGE_SUCCEEDED_LATE,
+        OUTBOX_STRIPE_DISPUTE_CLOSED,
+        OUTBOX_STRIPE_DISPUTED,
+        OUTBOX_STRIPE_REFUNDED,
         QUERY_STATE,
         RECHARGE_SUCCEEDED,
         SA_PLAN,
@@ -100,14 +103,15 @@ RECHARGE_RELOAD_AFTER = timedelta(minutes=1)
 # ``recharge_reason`` while a recharge started by an earlier run may still be charging.
 RECHARGE_IN_FLIGHT = "recharge_in_flight"
 # The outbox kinds written by the hot path: the balance watch, limits reached, limits saved.
-BELOW_THRESHOLD = "balance.below_threshold"
-LIMIT_REACHED = "limit.reached"
+BELOW_THRESHOLD = OUTBOX_BELOW_THRESHOLD
+LIMIT_REACHED = OUTBOX_LIMIT_REACHED
 LIMITS_CHANGED = "limits.changed"
-DAILY_USAGE_THRESHOLD = "usage.daily_threshold"
-STRIPE_REFUNDED = "stripe.charge.refunded"
-STRIPE_DISPUTED = "stripe.charge.dispute.created"
-STRIPE_DISPUTE_CLOSED = "stripe.charge.dispute.closed"
-RECHARGE_SUCCEEDED_LATE = "stripe.recharge.succeeded_late"
+DAILY_USAGE_THRESHOLD = OUTBOX_DAILY_USAGE_THRESHOLD
+STRIPE_REFUNDED = OUTBOX_STRIPE_REFUNDED
+STRIPE_DISPUTED = OUTBOX_STRIPE_DISPUTED
+STRIPE_DISPUTE_CLOSED = OUTBOX_STRIPE_DISPUTE_CLOSED
+RECHARGE_SUCCEEDED_LATE = OUTBOX_RECHARGE_SUCCEEDED_LATE
+PAYMENT_SUCCEEDED_LATE = OUTBOX_PAYMENT_SUCCEEDED_LATE
 # Histories recorded before the plan search attribute was upserted never upserted it.
 PATCH_PLAN_ATTRIBUTE = "plan-search-attribute"
 # Histories recorded before alerts existed crossed thresholds without sending any: on replay none are sent.
@@ -171,7 +175,7 @@ class AccountWorkflow:
                     self._input.status = snapshot.status
             self._input.loaded = True
             early, self._early_events = self._early_events, []
-            for event in early:  # delivered while the state was being rebuilt: deduplicated against it now
+            for event in early:  # left unapplied by an earlier run, or delivered while the state was being rebuilt
                 self.outbox_event(event)
         self._publish()
         while True:
@@ -233,6 +237,8 @@ class AccountWorkflow:
         known = [k for k in got.recent_dedup_keys if k not in self._seen]
         self._recent = deque([*known, *self._recent][-i.dedup_capacity:])
         self._seen = set(self._recent)
+        # Accepted by an earlier run that ended before applying them: applied now, before newer events.
+        self._early_events[:0] = [e for e in got.unapplied if e.dedup_key not in self._seen]
 
     @workflow.signal(name=SIGNAL_OUTBOX_EVENT)
     def outbox_event(self, event: OutboxEvent) -> None:
@@ -458,10 +464,12 @@ class AccountWorkflow:
     async def _apply_limit(self, event: OutboxEvent) -> None:
         """Notify that a limit was reached (once per event) and, for action ``pause``, pause its agents."""
         payload = event.payload
+        pause = payload.get("action") == "pause"
         await notify(Notification(account_id=self._input.account_id, kind=LIMIT_REACHED,
-                                  dedup_key=f"notify:{event.dedup_key}", payload=dict(payload)),
+                                  dedup_key=f"notify:{event.dedup_key}", payload=dict(payload),
+                                  outbox_key=None if pause else event.dedup_key),
                      summary=f"Tell the customer: {payload.get('scope')} limit reached")
-        if payload.get("action") != "pause":
+        if not pause:
             return
         async with self._agents_lock:
             try:
@@ -469,7 +477,7 @@ class AccountWorkflow:
                     AgentActivities.pause_for_limit,
                     LimitReachedInput(account_id=self._input.account_id, scope=str(payload.get("scope")),
                                       agent_id=payload.get("agent_id"), now=workflow.now(),
-                                      period=payload.get("period")),
+                                      period=payload.get("period"), dedup_key=event.dedup_key),
                     start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
                     summary=f"Pause agents: {payload.get('scope')} limit reached")
             except ActivityError as err:

@@ -36,6 +36,23 @@ UPDATE_CHANGE_PLAN = "change_plan"
 # Dedup keys the account workflow remembers (and carries across continue-as-new).
 DEFAULT_DEDUP_CAPACITY = 1000
 
+# Outbox kinds the account workflow applies after accepting their signal (in its main loop, through activities). A
+# run terminated in between has accepted them without applying them: the next run re-applies those the database
+# does not mark applied (``outbox.applied_at``, set by the activities that apply them; their effects are idempotent
+# by key: a Stripe refund or dispute id, a notification key, an agent's status).
+OUTBOX_BELOW_THRESHOLD = "balance.below_threshold"
+OUTBOX_LIMIT_REACHED = "limit.reached"
+OUTBOX_DAILY_USAGE_THRESHOLD = "usage.daily_threshold"
+OUTBOX_STRIPE_REFUNDED = "stripe.charge.refunded"
+OUTBOX_STRIPE_DISPUTED = "stripe.charge.dispute.created"
+OUTBOX_STRIPE_DISPUTE_CLOSED = "stripe.charge.dispute.closed"
+OUTBOX_RECHARGE_SUCCEEDED_LATE = "stripe.recharge.succeeded_late"
+OUTBOX_PAYMENT_SUCCEEDED_LATE = "stripe.payment.succeeded_late"
+OUTBOX_APPLIED_LATER = frozenset({
+    OUTBOX_BELOW_THRESHOLD, OUTBOX_LIMIT_REACHED, OUTBOX_DAILY_USAGE_THRESHOLD, OUTBOX_STRIPE_REFUNDED,
+    OUTBOX_STRIPE_DISPUTED, OUTBOX_STRIPE_DISPUTE_CLOSED, OUTBOX_RECHARGE_SUCCEEDED_LATE, OUTBOX_PAYMENT_SUCCEEDED_LATE,
+})
+
 # Account status as seen by the workflow; "unknown" until the ledger has been read.
 STATUS_UNKNOWN = "unknown"
 

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 
 CHANNEL = "creditflow_outbox"  # NOTIFYed by the insert trigger with the account id as payload
 
@@ -102,16 +103,44 @@ async def record_failure(conn: AsyncConnection[dict[str, Any]], row_id: int, err
     return int(row["attempts"]) if row is not None else 0
 
 
-async def recent_dispatched_keys(conn: AsyncConnection[dict[str, Any]], account_id: str, limit: int,
-                                 except_run_id: str | None = None) -> list[str]:
-    """The dedup keys of the account's last ``limit`` rows delivered to runs other than ``except_run_id``, oldest
-    first: the dedup window a new run of the account workflow starts from (the database, not the previous run, is
-    the source of truth). Rows delivered to that run itself are not "seen" yet: it has still to apply them."""
+@dataclass(frozen=True, slots=True)
+class DedupWindow:
+    """What a new run of the account workflow starts from: the keys it has seen, and the rows an earlier run accepted
+    but never applied (of the kinds applied after their signal), oldest first."""
+
+    seen_keys: list[str]
+    unapplied: list[OutboxRow]
+
+
+async def recent_dispatched(conn: AsyncConnection[dict[str, Any]], account_id: str, limit: int,
+                            except_run_id: str | None, applied_later: Collection[str]) -> DedupWindow:
+    """The account's last ``limit`` rows delivered to runs other than ``except_run_id``, oldest first: the dedup
+    window a new run of the account workflow starts from (the database, not the previous run, is the source of
+    truth). Rows delivered to that run itself are not "seen" yet: it has still to apply them. Rows of the
+    ``applied_later`` kinds that no activity marked applied were accepted by a run that ended first: not seen."""
     cur = await conn.execute(
-        "SELECT dedup_key FROM (SELECT id, dedup_key FROM outbox WHERE account_id = %s AND dispatched_at IS NOT NULL"
-        " AND dispatched_run_id IS DISTINCT FROM %s ORDER BY id DESC LIMIT %s) recent ORDER BY id",
+        "SELECT * FROM (SELECT id, account_id, kind, dedup_key, payload, created_at, attempts, applied_at FROM outbox"
+        " WHERE account_id = %s AND dispatched_at IS NOT NULL AND dispatched_run_id IS DISTINCT FROM %s"
+        " ORDER BY id DESC LIMIT %s) recent ORDER BY id",
         (account_id, except_run_id, limit))
-    return [r["dedup_key"] for r in await cur.fetchall()]
+    seen: list[str] = []
+    unapplied: list[OutboxRow] = []
+    for r in await cur.fetchall():
+        if r["applied_at"] is None and r["kind"] in applied_later:
+            unapplied.append(_row(r))
+        else:
+            seen.append(r["dedup_key"])
+    return DedupWindow(seen_keys=seen, unapplied=unapplied)
+
+
+async def mark_applied(pool: AsyncConnectionPool[Any], account_id: str, dedup_key: str | None) -> None:
+    """The row's effect is done (or kept for an operator, e.g. a refused payment event): a new run of the account
+    workflow does not apply it again. Called by the activity that applied it, after its effect committed."""
+    if not dedup_key:
+        return
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE outbox SET applied_at = now() WHERE dedup_key = %s AND account_id = %s"
+                           " AND applied_at IS NULL", (dedup_key, account_id))
 
 
 def _row(r: dict[str, Any]) -> OutboxRow:

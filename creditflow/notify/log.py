@@ -44,6 +44,8 @@ class Notification(BaseModel):
     # Email only (other channels ignore them); resolved by the service at send time. An attachment that cannot
     # be found fails the email channel (``attachment_missing``) rather than sending a message without it.
     attachments: list[Attachment] = Field(default_factory=list)
+    # The outbox row this notification is the whole effect of (an ``alert_only`` limit): marked applied once sent.
+    outbox_key: str | None = None
 
 
 class ChannelDelivery(BaseModel):
