@@ -39,6 +39,8 @@ class RecordRechargeAttemptInput(BaseModel):
     consecutive_failures: int = 0
     attempted_at: datetime
     disable_reason: str | None = None
+    seq: int | None = None  # the attempt's sequence number and the charge it went through (kept in the history)
+    charge_id: str | None = None
 
 
 class AutoRechargeActivities:
@@ -62,4 +64,4 @@ class AutoRechargeActivities:
         return await auto_recharge.record_attempt(
             self._pool, input.account_id, generation=input.generation, status=input.status, error=input.error,
             consecutive_failures=input.consecutive_failures, attempted_at=input.attempted_at,
-            disable_reason=input.disable_reason)
+            disable_reason=input.disable_reason, seq=input.seq, charge_id=input.charge_id)

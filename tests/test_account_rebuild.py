@@ -28,6 +28,7 @@ from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ledger import outbox
 from creditflow.ledger.accounts import create_account
+from creditflow.ledger.verify import verify
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card, skip_time
 from tests.test_account_workflow import eventually
 from tests.test_api_metering import balance, track
@@ -177,6 +178,8 @@ async def test_restarted_account_workflow_rebuilds_its_state_from_the_database(
     assert charges[0]["payment_intent_id"] != charges[1]["payment_intent_id"]
     assert (await balance(api, account))["balance"] == 7_500 - 3_500 + 22_000
     await assert_invariants(pool)
+    report = await verify(pool, account)  # two recorded recharge successes, each its own credited charge
+    assert report.ok, report.violations
 
 
 async def test_an_event_accepted_but_not_applied_by_a_terminated_run_is_applied_by_the_next(

@@ -15,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from creditflow.config import Settings
+from creditflow.ledger.verify import verify
 from tests.test_api_metering import new_account
 from tests.test_invoices import (  # noqa: F401 - fixtures
     invoice_charges,
@@ -63,6 +64,8 @@ async def test_credit_carried_forward_is_applied_to_the_next_invoices(
     assert (charge["amount_cents"], charge["status"]) == (4_700, "succeeded")
     assert [pi.amount for pi in intents_of(sdk, await customer_of(pool, account)) if pi.status == "succeeded"] == [
         4_700]
+    report = await verify(pool, account)  # the credit balance carried and applied as the rule says
+    assert report.ok, report.violations
 
 
 def _label(start: Any, end: Any) -> str:

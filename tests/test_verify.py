@@ -287,3 +287,61 @@ async def test_credits_taken_beyond_the_money_returned_are_reported(pool: AsyncC
             (account, purchase["charge_id"], purchase["payment_intent_id"], purchase["lot_id"], 1000 * M, 1000 * M))
     [violation] = by_check(await verify(pool, account))["credits_taken_back_at_most_their_money"]
     assert (violation.ids["returned_cents"], violation.ids["taken_micros"]) == ("0", str(1000 * M))
+
+
+async def test_a_recharge_success_that_is_not_a_charge_of_its_own_is_reported(pool: AsyncConnectionPool) -> None:
+    """A new account workflow run that reused sequence 1 took recharge-1's old success for its own (defect 5):
+    two recorded successes, one charge."""
+    from creditflow.ledger import auto_recharge
+
+    account = await new_account(pool)
+    purchase = await paid_purchase(pool, account, cents=2000, credits=2000)
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE stripe_charges SET kind = 'auto_recharge', request_id = 'recharge-1' WHERE id = %s",
+                           (purchase["charge_id"],))
+    first = datetime(2026, 11, 1, 12, tzinfo=UTC)
+    for attempted_at in (first, first, first + timedelta(days=3)):  # a retried activity writes its row once
+        await auto_recharge.record_attempt(pool, account, generation=1, status="succeeded", error=None,
+                                           consecutive_failures=0, attempted_at=attempted_at, seq=1,
+                                           charge_id=purchase["charge_id"])
+        if attempted_at == first:
+            assert "recharge_success_is_its_own_charge" not in by_check(await verify(pool, account))
+    [violation] = by_check(await verify(pool, account))["recharge_success_is_its_own_charge"]
+    assert (violation.ids["charge_id"], violation.ids["attempts"], violation.ids["seqs"]) == (
+        purchase["charge_id"], "2", "1, 1")
+
+
+async def test_a_credit_balance_not_applied_to_the_next_invoice_is_reported(pool: AsyncConnectionPool) -> None:
+    """An invoice that carries a credit forward, and the next one that does not apply it (defect 11)."""
+    account = await new_account(pool)
+    credit = await _invoice(pool, account, 0, key="2026-09-01")
+    later = await _invoice(pool, account, 0, key="2026-10-01")
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE invoices SET subtotal_cents = -10000, credit_added_cents = 10000,"
+                           " created_at = created_at - interval '1 month' WHERE id = %s", (credit,))
+        await conn.execute("UPDATE invoices SET subtotal_cents = 0, credit_applied_cents = 4900 WHERE id = %s",
+                           (later,))
+    assert "credit_balance_carried_and_applied" not in by_check(await verify(pool, account))
+    async with pool.connection() as conn:  # the next invoice billed the plan fee in full instead
+        await conn.execute("UPDATE invoices SET subtotal_cents = 4900, amount_due_cents = 4900,"
+                           " credit_applied_cents = 0 WHERE id = %s", (later,))
+    [violation] = by_check(await verify(pool, account))["credit_balance_carried_and_applied"]
+    assert (violation.ids["invoice_id"], violation.ids["available_cents"], violation.ids["credit_applied_cents"]) == (
+        later, "10000", "0")
+
+
+async def test_an_outbox_row_delivered_before_an_earlier_one_is_reported(pool: AsyncConnectionPool) -> None:
+    """A dispute's close delivered while its opening was still failing (defect 11, relay order)."""
+    account = await new_account(pool)
+    async with pool.connection() as conn:
+        rows = [(await (await conn.execute(
+            "INSERT INTO outbox (account_id, kind, dedup_key) VALUES (%s, %s, %s) RETURNING id",
+            (account, kind, f"{kind}:{account}"))).fetchone())["id"]  # type: ignore[index]
+            for kind in ("stripe.charge.dispute.created", "stripe.charge.dispute.closed")]
+        await conn.execute("UPDATE outbox SET dispatched_at = now() WHERE id = %s", (rows[1],))
+    [violation] = by_check(await verify(pool, account))["outbox_delivered_in_order"]
+    assert (violation.ids["row_id"], violation.ids["kind"], violation.ids["earlier_delivered_at"]) == (
+        str(rows[1]), "stripe.charge.dispute.closed", "infinity")
+    async with pool.connection() as conn:  # delivered in order: nothing to report
+        await conn.execute("UPDATE outbox SET dispatched_at = now() WHERE account_id = %s", (account,))
+    assert "outbox_delivered_in_order" not in by_check(await verify(pool, account))

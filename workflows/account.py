@@ -669,7 +669,8 @@ class AccountWorkflow:
                 RecordRechargeAttemptInput(account_id=self._input.account_id, generation=generation,
                                            status=outcome.status, error=outcome.error_code,
                                            consecutive_failures=self._input.recharge.consecutive_failures,
-                                           attempted_at=workflow.now(), disable_reason=disable_reason),
+                                           attempted_at=workflow.now(), disable_reason=disable_reason,
+                                           seq=outcome.seq, charge_id=outcome.charge_id),
                 start_to_close_timeout=DB_TIMEOUT, retry_policy=LOAD_RETRY,
                 summary="Disable auto-recharge" if disable_reason else f"Record auto-recharge {outcome.status}")
         except ActivityError as err:  # unknown account: nothing to mirror

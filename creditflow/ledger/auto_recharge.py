@@ -144,13 +144,20 @@ async def snapshot(pool: AsyncConnectionPool, account_id: str) -> RechargeSnapsh
 
 async def record_attempt(pool: AsyncConnectionPool, account_id: str, *, generation: int, status: str,
                          error: str | None, consecutive_failures: int, attempted_at: datetime,
-                         disable_reason: str | None = None) -> bool:
-    """Mirror an attempt's outcome for GET; with ``disable_reason``, turn auto-recharge off (and its watch).
+                         disable_reason: str | None = None, seq: int | None = None,
+                         charge_id: str | None = None) -> bool:
+    """Mirror an attempt's outcome for GET and keep it in the attempts history; with ``disable_reason``, turn
+    auto-recharge off (and its watch).
 
     Only the generation the workflow judged is touched: settings saved meanwhile win. Returns whether a
     row was updated."""
     async with pool.connection() as conn, conn.transaction():
         await _lock_balance(conn, account_id)
+        if seq is not None:
+            await conn.execute(
+                "INSERT INTO auto_recharge_attempts (account_id, seq, attempted_at, generation, status, charge_id,"
+                " error) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (account_id, seq, attempted_at, generation, status, charge_id, error))
         row = await (await conn.execute(
             "UPDATE auto_recharge_settings SET last_attempt_at = %s, last_status = %s, last_error = %s,"
             " consecutive_failures = %s,"

@@ -172,6 +172,20 @@ CHECKS: tuple[Check, ...] = (
         "{credited_micros} micros",
     ),
     Check(
+        "recharge_success_is_its_own_charge",
+        "Each auto-recharge attempt recorded as succeeded went through a charge of its own, succeeded and credited "
+        "(a success is never an earlier attempt's charge taken again: nothing charged, nothing credited).",
+        "SELECT a.account_id, a.charge_id, count(*) AS attempts, string_agg(a.seq::text, ', ' ORDER BY a.seq) AS seqs,"
+        " max(c.status) AS charge_status, max(c.ledger_txn_id) AS ledger_txn_id FROM auto_recharge_attempts a"
+        " LEFT JOIN stripe_charges c ON c.id = a.charge_id AND c.account_id = a.account_id"
+        " WHERE a.status = 'succeeded' AND " + _ACCOUNT.format(col="a.account_id") +
+        " GROUP BY a.account_id, a.charge_id"
+        " HAVING count(*) > 1 OR a.charge_id IS NULL OR max(c.status) IS DISTINCT FROM 'succeeded'"
+        "  OR max(c.ledger_txn_id) IS NULL",
+        "{attempts} auto-recharge attempt(s) (seq {seqs}) succeeded with charge {charge_id} (status "
+        "{charge_status}, entry {ledger_txn_id}): a success needs a succeeded, credited charge of its own",
+    ),
+    Check(
         "purchase_traces_to_a_charge",
         "Each purchase or auto-recharge credit in the journal traces to exactly one succeeded Stripe charge.",
         "SELECT j.account_id, j.id::text AS transaction_id, j.type, count(c.id) AS charges FROM journal j"
@@ -299,6 +313,34 @@ CHECKS: tuple[Check, ...] = (
         " HAVING sum(j.amount_micros) > i.overage_micros OR count(*) > 1",
         "invoice {invoice_id} billed {overage_micros} micros of overage and {entries} entries gave back "
         "{repaid_micros}",
+    ),
+    Check(
+        "credit_balance_carried_and_applied",
+        "An invoice whose lines come to less than zero adds the difference to the account's credit balance, and "
+        "each later invoice applies what it can of it (min(balance, billed)), in the order they were issued.",
+        "SELECT account_id, invoice_id, billed_cents, credit_applied_cents, credit_added_cents, available_cents FROM ("
+        " SELECT i.account_id, i.id AS invoice_id, i.subtotal_cents + i.credit_applied_cents AS billed_cents,"
+        "  i.credit_applied_cents, i.credit_added_cents, coalesce(sum(i.credit_added_cents - i.credit_applied_cents)"
+        "  OVER (PARTITION BY i.account_id ORDER BY i.created_at, i.id"
+        "   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS available_cents"
+        " FROM invoices i WHERE " + _ACCOUNT.format(col="i.account_id") + ") x"
+        " WHERE credit_applied_cents <> least(available_cents, greatest(0, billed_cents))"
+        "  OR credit_added_cents <> greatest(0, -billed_cents)",
+        "invoice {invoice_id} billed {billed_cents} cents with a credit balance of {available_cents}: it applied "
+        "{credit_applied_cents} and added {credit_added_cents}",
+    ),
+    Check(
+        "outbox_delivered_in_order",
+        "An account's outbox rows reach its workflow in the order they were written: a row is never delivered "
+        "while an earlier row of the account is still undelivered (a dispute's close before its opening).",
+        "SELECT account_id, row_id, kind, dispatched_at, earlier_delivered_at::text AS earlier_delivered_at FROM ("
+        " SELECT o.account_id, o.id AS row_id, o.kind, o.dispatched_at,"
+        "  max(coalesce(o.dispatched_at, 'infinity'::timestamptz)) OVER (PARTITION BY o.account_id ORDER BY o.id"
+        "   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier_delivered_at"
+        " FROM outbox o WHERE o.account_id IS NOT NULL AND " + _ACCOUNT.format(col="o.account_id") + ") x"
+        " WHERE dispatched_at < earlier_delivered_at",
+        "outbox row {row_id} ({kind}) was delivered at {dispatched_at}, before an earlier row of its account "
+        "(delivered: {earlier_delivered_at})",
     ),
 )
 
