@@ -345,3 +345,27 @@ async def test_an_outbox_row_delivered_before_an_earlier_one_is_reported(pool: A
     async with pool.connection() as conn:  # delivered in order: nothing to report
         await conn.execute("UPDATE outbox SET dispatched_at = now() WHERE account_id = %s", (account,))
     assert "outbox_delivered_in_order" not in by_check(await verify(pool, account))
+
+
+async def test_a_purchase_entry_commits_with_its_charge_or_not_at_all(pool: AsyncConnectionPool) -> None:
+    """The entry crediting a charge and the charge naming it are one transaction: verify never sees a purchase
+    without its charge (``purchase_traces_to_a_charge``), even for a moment or after a crash between them."""
+    from creditflow.domain.lots import LotSource
+    from creditflow.ledger import postings
+
+    account = await new_account(pool)
+
+    async def crash(conn: Any, transaction_id: str) -> None:
+        raise RuntimeError("worker killed after the entry, before the charge row")
+
+    with pytest.raises(RuntimeError):
+        await postings.post(pool, account_id=account, type="purchase", amount_micros=1000 * M,
+                            counter_book="system:payments_clearing", description="Credits",
+                            idempotency_key="sys:topup:pi_crash",
+                            lot_source=LotSource.PURCHASE, lot_paid_cents=1000, with_entry=crash)
+    async with pool.connection() as conn:
+        found = await (await conn.execute("SELECT count(*) AS n FROM journal WHERE account_id = %s"
+                                          " AND idempotency_key = 'sys:topup:pi_crash'", (account,))).fetchone()
+    assert found is not None and found["n"] == 0
+    await paid_purchase(pool, account, cents=1000, credits=1000)
+    assert (await verify(pool, account)).ok

@@ -116,10 +116,7 @@ async def settle(pool: AsyncConnectionPool, gateway: StripeGateway, invoice_id: 
         repayment = await restore_overage(pool, invoice, payment_intent_id)
     if charge_id is not None:
         async with pool.connection() as conn:
-            await conn.execute(
-                "UPDATE stripe_charges SET status = 'succeeded', ledger_txn_id = %s, failure_code = NULL,"
-                " decline_code = NULL, failure_message = NULL, updated_at = now() WHERE id = %s",
-                (repayment, charge_id))
+            await topups.mark_succeeded(conn, charge_id, repayment)
     return await store.mark_paid(pool, invoice_id, charge_id=charge_id, payment_intent_id=payment_intent_id,
                                  repayment_txn_id=repayment, attempts=attempts)
 

@@ -3,10 +3,12 @@ one journal row each against a system book, idempotent by key in the same transa
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from creditflow.domain.lots import LotSource, lot_priority
@@ -36,6 +38,7 @@ async def post(
     lot_source: LotSource = LotSource.ADJUSTMENT,
     lot_expires_at: datetime | None = None,
     lot_paid_cents: int | None = None,
+    with_entry: Callable[[AsyncConnection[Any], str], Awaitable[None]] | None = None,
 ) -> PostingResult:
     """Move ``amount_micros`` into (positive: a new credit lot) or out of (negative: burns lots,
     never below the floor) the wallet, against ``counter_book`` (``system:...``).
@@ -45,7 +48,10 @@ async def post(
 
     ``lot_paid_cents``: the money paid for a purchased grant, stored on its lot in the same transaction (the
     lot's price: refunds and disputes move its credits and money in that proportion). Not part of the
-    request's fingerprint: the caller's metadata carries the amount."""
+    request's fingerprint: the caller's metadata carries the amount.
+
+    ``with_entry``: writes that must commit with the entry (or with its replay), given the connection and the
+    transaction id, e.g. the charge row that names the entry: never one without the other."""
     check_token(idempotency_key, "idempotency_key")
     if metadata:
         check_metadata(metadata)
@@ -62,6 +68,8 @@ async def post(
                 if lot_paid_cents is not None and row is not None and row["lot_id"] is not None:
                     await conn.execute("UPDATE credit_lots SET paid_cents = %s WHERE id = %s AND paid_cents IS NULL",
                                        (lot_paid_cents, row["lot_id"]))
+                if with_entry is not None and row is not None:
+                    await with_entry(conn, txn_id(row["txn_id"]) or "")
         except psycopg.Error as exc:
             code = _SQLSTATE_CODES.get(exc.diag.sqlstate or "")
             if code is None:

@@ -225,6 +225,15 @@ async def set_status(pool: AsyncConnectionPool, charge_id: str, status: str, *, 
             (status, failure_code, decline_code, failure_message, charge_id))
 
 
+async def mark_succeeded(conn: Any, charge_id: str, transaction_id: str | None) -> None:
+    """The charge succeeded and names its ledger entry; called in the entry's transaction (a purchase never exists
+    without its charge)."""
+    await conn.execute(
+        "UPDATE stripe_charges SET status = 'succeeded', ledger_txn_id = %s, failure_code = NULL,"
+        " decline_code = NULL, failure_message = NULL, updated_at = now() WHERE id = %s",
+        (transaction_id, charge_id))
+
+
 async def credit(pool: AsyncConnectionPool, charge_id: str) -> CreditResult:
     """Credit the wallet for a succeeded charge, once (the ledger key is the PaymentIntent id)."""
     record = await get_charge(pool, charge_id)
@@ -241,12 +250,8 @@ async def credit(pool: AsyncConnectionPool, charge_id: str) -> CreditResult:
         description=(f"Stripe Payment Intent {record.payment_intent_id} via Auto Recharge call" if recharge
                      else record.description),
         idempotency_key=f"sys:topup:{record.payment_intent_id}", metadata=metadata,
-        lot_source=LotSource.AUTO_RECHARGE if recharge else LotSource.PURCHASE, lot_paid_cents=record.amount_cents)
-    async with pool.connection() as conn:
-        await conn.execute(
-            "UPDATE stripe_charges SET status = 'succeeded', ledger_txn_id = %s, failure_code = NULL,"
-            " decline_code = NULL, failure_message = NULL, updated_at = now() WHERE id = %s",
-            (result.transaction_id, charge_id))
+        lot_source=LotSource.AUTO_RECHARGE if recharge else LotSource.PURCHASE, lot_paid_cents=record.amount_cents,
+        with_entry=lambda conn, transaction_id: mark_succeeded(conn, charge_id, transaction_id))
     return CreditResult(transaction_id=result.transaction_id, credits=record.credits,
                         balance=result.balances.balance, replayed=result.replayed)
 
