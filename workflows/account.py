@@ -46,9 +46,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.payment_events import LateCreditResult, PaymentEventActivities, PaymentEventInput
     from activities.payments import PERMANENT_CODES, EnsureStripeCustomerInput, PaymentActivities
     from creditflow.domain.money import micros_to_credits
+    from creditflow.domain.notifications import Notification
     from creditflow.domain.recharge import Action, Reason, after_attempt, decide, rebase
     from creditflow.domain.topups import format_usd
-    from creditflow.notify.log import Notification
     from workflows.auto_recharge import AutoRechargeWorkflow
     from workflows.common import DB_TIMEOUT, STRIPE_TIMEOUT, db_retry, error_of, publish_status
     from workflows.contract import (

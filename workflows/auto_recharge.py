@@ -19,10 +19,9 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.notifications import notify
     from activities.topups import ChargeRef, RecordTopUpInput, TopUpActivities
+    from creditflow.domain.charges import KIND_AUTO_RECHARGE, PaymentIntentState
+    from creditflow.domain.notifications import Notification
     from creditflow.domain.topups import format_usd
-    from creditflow.notify.log import Notification
-    from creditflow.payments.gateway import PaymentIntentState
-    from creditflow.payments.topups import KIND_AUTO_RECHARGE
     from workflows.common import DB_TIMEOUT, STRIPE_TIMEOUT, error_details, error_of, publish_status
     from workflows.contract import (
         AUTO_RECHARGE_WORKFLOW,

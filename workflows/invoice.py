@@ -42,9 +42,9 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.notifications import notify
     from activities.topups import ChargeRef, RecordTopUpInput, TopUpActivities
+    from creditflow.domain.charges import KIND_INVOICE, charge_request_id
+    from creditflow.domain.notifications import Attachment, Notification
     from creditflow.domain.topups import format_usd
-    from creditflow.invoicing.payment import KIND_INVOICE, charge_request_id
-    from creditflow.notify.log import Attachment, Notification
     from workflows.common import DB_TIMEOUT, STRIPE_TIMEOUT, db_retry, error_of, publish_status, until_done_retry
     from workflows.contract import (
         INVOICE_OPEN,

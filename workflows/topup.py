@@ -27,9 +27,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.notifications import notify
     from activities.payments import PERMANENT_CODES
     from activities.topups import ChargeRef, MarkChargeInput, RecordTopUpInput, TopUpActivities
+    from creditflow.domain.charges import PaymentIntentState
+    from creditflow.domain.notifications import Notification
     from creditflow.domain.topups import format_usd
-    from creditflow.notify.log import Notification
-    from creditflow.payments.gateway import PaymentIntentState
     from workflows.common import (
         DB_TIMEOUT,
         STRIPE_TIMEOUT,

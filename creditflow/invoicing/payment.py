@@ -24,6 +24,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
+from creditflow.domain.charges import charge_request_id  # noqa: F401 - re-exported
 from creditflow.errors import CreditflowError
 from creditflow.invoicing import store
 from creditflow.invoicing.store import InvoiceRecord
@@ -83,11 +84,6 @@ async def earlier_charges(pool: AsyncConnectionPool, gateway: StripeGateway, inv
         if pi.status not in ("canceled", "succeeded"):
             result.in_flight = True
     return result
-
-
-def charge_request_id(invoice_id: str, attempt: int) -> str:
-    """``stripe_charges.request_id`` of charge attempt ``attempt`` (1-based) of an invoice."""
-    return invoice_id if attempt <= 1 else f"{invoice_id}:{attempt}"
 
 
 async def settle(pool: AsyncConnectionPool, gateway: StripeGateway, invoice_id: str, *, charge_id: str | None,

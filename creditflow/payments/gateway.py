@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from creditflow.config import Settings
+from creditflow.domain.charges import PaymentIntentState  # noqa: F401 - re-exported (the model is pure)
 from creditflow.errors import CreditflowError
 
 log = logging.getLogger(__name__)
@@ -51,23 +52,6 @@ class CardDetails(BaseModel):
     exp_month: int
     exp_year: int
     name_on_card: str | None
-
-
-class PaymentIntentState(BaseModel):
-    """What creditflow needs to know about a PaymentIntent. ``status`` is Stripe's (``succeeded``,
-    ``processing``, ``requires_action``, ``requires_payment_method``, ``requires_confirmation``, ``canceled``...)."""
-
-    id: str
-    status: str
-    amount_cents: int
-    currency: str
-    customer_id: str | None = None
-    payment_method_id: str | None = None
-    client_secret: str | None = None
-    failure_code: str | None = None
-    decline_code: str | None = None
-    failure_message: str | None = None
-    metadata: dict[str, str] = {}
 
 
 class RefundState(BaseModel):

@@ -26,6 +26,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
+from creditflow.domain.charges import KIND_AUTO_RECHARGE, KIND_INVOICE, KIND_TOPUP  # noqa: F401 - re-exported
 from creditflow.domain.lots import LotSource
 from creditflow.domain.money import credits_to_micros
 from creditflow.domain.topups import cents_to_usd
@@ -39,13 +40,8 @@ from creditflow.payments.methods import PAYMENT_METHOD_ID
 CHARGE_METADATA_KEY = "creditflow_charge_id"
 REQUEST_METADATA_KEY = "creditflow_request_id"
 PURCHASE_BOOK = "system:payments_clearing"
-# ``stripe_charges.kind``: a top-up asked for by the customer, or one started by auto-recharge.
-KIND_TOPUP = "topup"
-KIND_AUTO_RECHARGE = "auto_recharge"
-# An invoice payment (creditflow/invoicing/payment.py): buys no credits (``credits`` 0), settled by the invoice.
-KIND_INVOICE = "invoice"
 # The outbox kind of a PaymentIntent that succeeded after its charge's workflow recorded failure or gave up, for
-# every kind above (``creditflow/payments/late.py``). ``stripe.recharge.succeeded_late``, written for auto-recharges
+# every kind (``creditflow/payments/late.py``). ``stripe.recharge.succeeded_late``, written for auto-recharges
 # before, is applied the same way.
 PAYMENT_SUCCEEDED_LATE = "stripe.payment.succeeded_late"
 
