@@ -488,7 +488,7 @@ class MoneyMachine(RuleBasedStateMachine):
             await skip_time(self.stack.env, state.subscription.period_end - await self.stack.env.get_current_time()
                             + timedelta(minutes=1))
 
-        self.run(skip(), timeout=240)
+        self.run(skip(), timeout=660)
         after = self.eventually(next_period, lambda index: index > before, timeout=60)
         assert after == before + 1
         self.eventually(self._invoice_settled, bool, timeout=60)
