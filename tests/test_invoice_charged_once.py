@@ -37,7 +37,7 @@ NEEDS_3DS = "4000002500003155"  # localstripe: attaches; an off-session charge n
 async def cancel_refusing_stripe(stripe_base: str) -> AsyncIterator[tuple[str, dict[str, bool]]]:
     """localstripe behind a pass-through proxy that refuses ``POST /v1/payment_intents/{id}/cancel`` while
     ``state["refuse_cancel"]`` is set (Stripe's answer for a PaymentIntent that is processing)."""
-    state = {"refuse_cancel": True}
+    state = {"refuse_cancel": True, "answer_processing": False}
     session = ClientSession()
 
     async def forward(request: web.Request) -> web.StreamResponse:
@@ -50,7 +50,13 @@ async def cancel_refusing_stripe(stripe_base: str) -> AsyncIterator[tuple[str, d
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         async with session.request(request.method, stripe_base + request.path_qs, data=await request.read(),
                                    headers=headers) as resp:
-            return web.Response(body=await resp.read(), status=resp.status, content_type=resp.content_type)
+            body = await resp.read()
+            if state["answer_processing"] and resp.status == 200 \
+                    and request.path.startswith("/v1/payment_intents") and not request.path.endswith("/cancel"):
+                # The bank takes its time: Stripe says ``processing`` for as long as the flag is set (the emulator
+                # has no such state; reading the PaymentIntent back afterwards shows what really happened).
+                body = body.replace(b'"status": "succeeded"', b'"status": "processing"')
+            return web.Response(body=body, status=resp.status, content_type=resp.content_type)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", forward)
@@ -116,4 +122,36 @@ async def test_invoice_is_not_charged_twice_when_an_unclear_attempt_succeeds_lat
     [row] = await rows(pool, "SELECT status, charge_id, payment_intent_id FROM invoices WHERE account_id = %s",
                        account)
     assert (row["status"], row["charge_id"], row["payment_intent_id"]) == ("paid", first["id"], pi.id)
+    await assert_invariants(pool)
+
+
+async def test_an_invoice_payment_stripe_answers_processing_is_not_a_failure(
+        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient,
+        cancel_refusing_stripe: tuple[str, dict[str, bool]], temporal_client: Client,
+        temporal_settings: Settings) -> None:
+    """Stripe answers the off-session charge ``processing``: the invoice is not past due, no notice goes out, the
+    charge is not marked failed; the next attempt reads the PaymentIntent back (it succeeded) and settles with it."""
+    api = wf_api
+    cancel_refusing_stripe[1]["answer_processing"] = True
+    account = (await api.post("/api/v1/accounts", json={"name": "Slow Bank", "billing_email": "ap@slow.test"})
+               ).json()["id"]
+    await save_card(api, sdk, account)
+    begin, end = period_around_now()
+    input = workflow_input(account, begin, end, plan_id="starter", charge_attempts=3, retry_interval_seconds=3600)
+    handle = await start(temporal_client, temporal_settings, input)
+    status = await eventually(lambda: handle.query(InvoiceWorkflow.status),
+                              lambda s: s.next_attempt_at is not None, timeout=30)
+    assert (status.status, status.attempts, status.error_code) == ("open", 1, "payment_processing")
+    [first] = await invoice_charges(pool, account)
+    assert first["status"] != "failed" and first["payment_intent_id"]
+
+    cancel_refusing_stripe[1]["answer_processing"] = False
+    await handle.signal(InvoiceWorkflow.retry_payment)
+    outcome = await asyncio.wait_for(handle.result(), 60)
+    assert (outcome.status, outcome.amount_due_cents, outcome.payment_intent_id) == (
+        "paid", 4_900, first["payment_intent_id"])
+    succeeded = [p.id for p in intents_of(sdk, await customer_of(pool, account)) if p.status == "succeeded"]
+    assert succeeded == [first["payment_intent_id"]]  # charged once
+    notices = await rows(pool, "SELECT kind FROM notifications_log WHERE account_id = %s ORDER BY id", account)
+    assert "invoice.past_due" not in [n["kind"] for n in notices]
     await assert_invariants(pool)

@@ -17,7 +17,9 @@ safe to repeat:
    ``past_due`` and, on the first failure, an ``invoice.past_due`` notification; the charge is tried again after
    a durable timer (``invoice_retry_interval_seconds``, default 3 days, or at once on the ``retry_payment``
    signal), up to ``invoice_charge_attempts`` attempts in all (default 4). After the last one it stays
-   ``past_due`` for an operator (dunning beyond that is not automated).
+   ``past_due`` for an operator (dunning beyond that is not automated). A PaymentIntent Stripe answers
+   ``processing`` is not a failure: the invoice stays as it is (not past due, no notice, the charge not marked
+   failed) and the next attempt reads it back first; the webhook's late path settles it if it succeeds meanwhile.
 4. **Email**: ``invoice.paid`` to the billing email with the PDF attached. The notification names the invoice
    (``attachments``) and the notification service reads the PDF from the ``invoices`` row, so the document never
    enters this workflow's history.
@@ -70,6 +72,9 @@ SETTLE_RETRY = until_done_retry(_REFUSALS)
 PDF_CONTENT_TYPE = "application/pdf"
 # Issue 11, defect 10: attempt 2+ first reads the earlier attempts' PaymentIntents back (one payment per invoice).
 ONE_PAYMENT_PATCH = "invoice-one-payment-per-invoice"
+# Histories recorded before it took a ``processing`` PaymentIntent for a decline (past due, notice, charge failed).
+PROCESSING_PATCH = "invoice-processing-is-not-a-failure"
+PAYMENT_PROCESSING = "payment_processing"
 
 
 @workflow.defn(name=INVOICE_WORKFLOW)
@@ -130,6 +135,11 @@ class InvoiceWorkflow:
             if paid is not None:
                 return paid
             error = self._outcome.error_code or "payment_failed"
+            if error == PAYMENT_PROCESSING and workflow.patched(PROCESSING_PATCH):
+                # Nothing failed: Stripe is still deciding. Look again after the interval; the invoice stays as it is.
+                if attempt < allowed:
+                    await self._wait_for_retry(inv, interval)
+                continue
             inv = await workflow.execute_activity_method(
                 InvoiceActivities.record_invoice_payment_failure,
                 InvoiceFailureInput(invoice_id=inv.invoice_id, attempts=attempt,
@@ -142,15 +152,18 @@ class InvoiceWorkflow:
             if attempt == 1:
                 await self._notify_past_due(inv)
             if attempt < allowed:
-                self._outcome.next_attempt_at = workflow.now() + interval
-                self._publish()
-                self._retry_now = False
-                with contextlib.suppress(TimeoutError):  # the retry interval passed without a signal
-                    await workflow.wait_condition(lambda: self._retry_now, timeout=interval,
-                                                  timeout_summary=f"Retry the charge of {inv.number}")
+                await self._wait_for_retry(inv, interval)
         self._outcome.next_attempt_at = None
         self._publish()
         return inv
+
+    async def _wait_for_retry(self, inv: InvoiceSummary, interval: timedelta) -> None:
+        self._outcome.next_attempt_at = workflow.now() + interval
+        self._publish()
+        self._retry_now = False
+        with contextlib.suppress(TimeoutError):  # the retry interval passed without a signal
+            await workflow.wait_condition(lambda: self._retry_now, timeout=interval,
+                                          timeout_summary=f"Retry the charge of {inv.number}")
 
     async def _attempt(self, inv: InvoiceSummary, attempt: int) -> InvoiceSummary | None:
         """One off-session charge of the amount due; the paid invoice, or None (the error is on the outcome)."""
@@ -168,7 +181,7 @@ class InvoiceWorkflow:
                 return await self._settle(inv, earlier.paid_charge_id, attempt)
             if earlier.in_flight:
                 return self._failed(ApplicationError("an earlier charge of this invoice is still processing",
-                                                     type="payment_processing"))
+                                                     type=PAYMENT_PROCESSING))
         try:
             record = await workflow.execute_activity_method(
                 TopUpActivities.record_topup_charge,
@@ -193,6 +206,8 @@ class InvoiceWorkflow:
         self._outcome.payment_intent_id = pi.id
         if pi.status == "succeeded":
             return await self._settle(inv, record.charge_id, attempt)
+        if pi.status == "processing" and workflow.patched(PROCESSING_PATCH):
+            return self._failed(ApplicationError(f"PaymentIntent {pi.id} is processing", type=PAYMENT_PROCESSING))
         if pi.status in WAITING_STATUSES and not pi.failure_code:
             # Off-session and the bank wants the customer (3-D Secure): nobody is there to confirm it now.
             try:
