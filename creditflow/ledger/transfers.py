@@ -114,7 +114,7 @@ async def transfer(pool: AsyncConnectionPool, *, organization_id: str, from_acco
                 "SELECT * FROM cf_transfer(%s, %s, %s, %s, %s, %s, %s, %s)",
                 (organization_id, from_account_id, to_account_id, amount, idempotency_key, fingerprint,
                  description, requested_by))).fetchone()
-    except psycopg.errors.RaiseException as exc:
+    except psycopg.Error as exc:
         code = str(exc.diag.message_primary or "")
         if code not in _SQL_CODES:
             raise

@@ -143,12 +143,14 @@ BEGIN
     INSERT INTO journal (id, account_id, type, amount_micros, counter_book, balance_after_micros, description,
                          metadata, idempotency_key, request_hash)
         VALUES (v_out, p_from, 'transfer_out', -p_amount, 'system:transfers', r.from_balance_micros,
-                p_description, jsonb_build_object('transfer_id', v_id, 'to_account_id', p_to, 'organization_id', p_org),
+                'Transfer to ' || p_to || coalesce(': ' || nullif(p_description, ''), ''),
+                jsonb_build_object('transfer_id', v_id, 'to_account_id', p_to, 'organization_id', p_org),
                 'sys:transfer:' || v_id, p_hash);
     INSERT INTO journal (id, account_id, type, amount_micros, counter_book, balance_after_micros, description,
                          metadata, idempotency_key, request_hash)
         VALUES (v_in, p_to, 'transfer_in', p_amount, 'system:transfers', r.to_balance_micros,
-                p_description, jsonb_build_object('transfer_id', v_id, 'from_account_id', p_from,
+                'Transfer from ' || p_from || coalesce(': ' || nullif(p_description, ''), ''),
+                jsonb_build_object('transfer_id', v_id, 'from_account_id', p_from,
                                                   'organization_id', p_org),
                 'sys:transfer:' || v_id, p_hash);
     INSERT INTO transfers (id, organization_id, from_account_id, to_account_id, amount_micros, idempotency_key,
