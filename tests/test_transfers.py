@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
+import stripe
 from psycopg_pool import AsyncConnectionPool
 
 from creditflow.domain.lots import LotSource
@@ -14,8 +16,12 @@ from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ledger import postings
 from creditflow.ledger.verify import verify
 from tests.conftest import ledger_snapshot
+from tests.test_account_workflow import eventually
 from tests.test_api_auth_and_bad_input import bearer, key_for
 from tests.test_api_metering import new_account
+from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
+from tests.test_stripe_webhooks import Clients, clients_for, event, settings, sign  # noqa: F401 - fixtures
+from tests.test_topups import TOPUP, save_card
 
 ORGS = "/api/v1/organizations"
 M = MICROS_PER_CREDIT
@@ -171,3 +177,170 @@ async def test_plan_credits_do_not_move(api: httpx.AsyncClient, pool: AsyncConne
                           json={"from_account_id": a, "to_account_id": b, "amount": 1, "idempotency_key": "p-1"})
     assert (resp.status_code, resp.json()["error"]["code"]) == (402, "insufficient_credits")
     assert (await balance(api, a), await balance(api, b)) == (5000, 5000)
+
+
+# --- a purchase's credits moved, then refunded or disputed ------------------------------------------------------
+
+
+@pytest.fixture
+async def cf0(temporal_settings: Any, temporal_worker: Any) -> Any:
+    """The real app on Temporal and localstripe, accounts created without a welcome bonus (round numbers)."""
+    async with clients_for(temporal_settings.model_copy(update={"welcome_bonus_credits": 0})) as clients:
+        yield clients
+
+
+async def buy(cf: Clients, sdk: stripe.StripeClient, account: str, usd: int) -> dict[str, Any]:
+    await save_card(cf.admin, sdk, account)
+    paid = await cf.admin.post(TOPUP, json={"account_id": account, "amount_usd": usd, "request_id": f"buy-{usd}"})
+    assert paid.status_code == 200 and paid.json()["status"] == "succeeded", paid.text
+    return paid.json()
+
+
+async def move(cf: Clients, org: str, key: dict[str, str], src: str, dst: str, amount: int, idem: str) -> Any:
+    resp = await cf.admin.post(f"{ORGS}/{org}/transfers", headers=key, json={
+        "from_account_id": src, "to_account_id": dst, "amount": amount, "idempotency_key": idem})
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+async def rows_of(pool: AsyncConnectionPool, account: str, type_: str) -> list[tuple[int, str]]:
+    async with pool.connection() as conn:
+        found = await (await conn.execute(
+            "SELECT amount_micros, idempotency_key FROM journal WHERE account_id = %s AND type = %s ORDER BY seq",
+            (account, type_))).fetchall()
+    return [(r["amount_micros"] // M, r["idempotency_key"]) for r in found]
+
+
+@pytest.mark.temporal
+async def test_a_refund_of_the_purchase_takes_back_from_where_its_credits_went(
+        cf0: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient) -> None:
+    a, b = await new_account(cf0.admin), await new_account(cf0.admin)
+    org, key = await organization(cf0.admin, a, b)
+    bought = await buy(cf0, sdk, a, 25)  # 2,500 credits for $25
+    moved = await move(cf0, org, key, a, b, 2000, "m-1")
+    [part] = moved["lots"]
+    assert (part["source"], part["credits"]) == ("purchase", 2000)
+    used = await cf0.admin.post("/api/v1/billing/track", json={"account_id": b, "feature_id": "chat_message",
+                                                               "value": 300, "idempotency_key": "u-1"})
+    assert used.status_code == 200 and used.json()["balance"] == 1700
+    assert (await balance(cf0.admin, a), await balance(cf0.admin, b)) == (500, 1700)
+
+    # B holds the credits but did not buy them: it cannot refund them (not its purchase).
+    b_payer = bearer(await key_for(cf0.admin, b, "payments:write"))
+    resp = await cf0.admin.post("/api/v1/billing/refunds", headers=b_payer,
+                                json={"payment_intent_id": bought["payment_intent_id"], "request_id": "r-b"})
+    assert (resp.status_code, resp.json()["error"]["code"]) == (404, "unknown_purchase")
+
+    # A refunds 2,000 of the 2,200 credits left of its purchase: 500 from its own lot, 1,500 from B's moved lot.
+    a_payer = bearer(await key_for(cf0.admin, a, "payments:write"))
+    resp = await cf0.admin.post("/api/v1/billing/refunds", headers=a_payer, json={
+        "payment_intent_id": bought["payment_intent_id"], "credits": 2000, "request_id": "r-1"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["status"], body["credits"], body["amount_usd"], body["balance"]) == ("succeeded", 2000, 20, 0)
+    assert (await balance(cf0.admin, a), await balance(cf0.admin, b)) == (0, 200)
+    assert await rows_of(pool, a, "refund") == [(-500, f"sys:refund:{body['refund_id']}")]
+    assert await rows_of(pool, b, "refund") == [(-1500, f"sys:refund:{body['refund_id']}:{part['lot_id']}")]
+    # Listed in B's history too, naming the purchase's workspace.
+    [seen] = await history(cf0.admin, b, "refund")
+    assert (seen["amount"], seen["balance_after"], seen["metadata"]["origin_account_id"]) == (-1500, 200, a)
+    # The same request again refunds nothing more; more than what is left (200) is refused.
+    again = await cf0.admin.post("/api/v1/billing/refunds", headers=a_payer, json={
+        "payment_intent_id": bought["payment_intent_id"], "credits": 2000, "request_id": "r-1"})
+    assert again.status_code == 200 and again.json()["refund_id"] == body["refund_id"]
+    more = await cf0.admin.post("/api/v1/billing/refunds", headers=a_payer, json={
+        "payment_intent_id": bought["payment_intent_id"], "credits": 201, "request_id": "r-2"})
+    assert (more.status_code, more.json()["error"]["code"]) == (422, "refund_exceeds_remaining")
+    assert (await balance(cf0.admin, a), await balance(cf0.admin, b)) == (0, 200)
+    assert (await verify(pool)).violations == []
+
+
+@pytest.mark.temporal
+async def test_a_dispute_of_the_purchase_takes_back_from_every_workspace_and_a_win_gives_it_back(
+        cf0: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, relay: Any) -> None:  # noqa: F811
+    a, b, c = [await new_account(cf0.admin) for _ in range(3)]
+    org, key = await organization(cf0.admin, a, b, c)
+    bought = await buy(cf0, sdk, a, 25)  # 2,500 credits for $25
+    to_b = await move(cf0, org, key, a, b, 1000, "m-1")
+    to_c = await move(cf0, org, key, b, c, 400, "m-2")  # moved on again: still the same purchase's credits
+    [b_lot], [c_lot] = to_b["lots"], to_c["lots"]
+    assert (c_lot["from_lot_id"], c_lot["origin_lot_id"]) == (b_lot["lot_id"], b_lot["origin_lot_id"])
+    used = await cf0.admin.post("/api/v1/billing/track", json={"account_id": b, "feature_id": "chat_message",
+                                                               "value": 100, "idempotency_key": "u-1"})
+    assert used.status_code == 200
+    assert [await balance(cf0.admin, x) for x in (a, b, c)] == [1500, 500, 400]
+
+    # The whole $25 is disputed: it claims 2,500 credits; 2,400 are left (100 were used) wherever they went.
+    dispute = {"id": "dp_moved", "object": "dispute", "payment_intent": bought["payment_intent_id"],
+               "charge": "ch_x", "amount": 2500, "reason": "fraudulent", "status": "needs_response"}
+    body = event("charge.dispute.created", dispute, event_id="evt_dp_moved")
+    for _ in range(2):  # delivered twice: applied once
+        assert (await cf0.deliver(body, sign(body))).status_code == 200
+    await eventually(lambda: rows_of(pool, c, "dispute"), lambda r: len(r) == 1, timeout=30)
+    assert await rows_of(pool, a, "dispute") == [(-1500, "sys:dispute:dp_moved")]
+    assert await rows_of(pool, b, "dispute") == [(-500, f"sys:dispute:dp_moved:{b_lot['lot_id']}")]
+    assert await rows_of(pool, c, "dispute") == [(-400, f"sys:dispute:dp_moved:{c_lot['lot_id']}")]
+    assert [await balance(cf0.admin, x) for x in (a, b, c)] == [0, 0, 0]
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT claimed_micros, taken_micros FROM disputes WHERE id = 'dp_moved'"
+                                        )).fetchone()
+    assert (row["claimed_micros"] // M, row["taken_micros"] // M) == (2500, 2400)
+    assert (await verify(pool)).violations == []
+
+    # Won: each workspace gets back exactly what was taken from it, into the lot it was taken from.
+    won = event("charge.dispute.closed", {**dispute, "status": "won"}, event_id="evt_dp_moved_won")
+    for _ in range(2):
+        assert (await cf0.deliver(won, sign(won))).status_code == 200
+    await eventually(lambda: rows_of(pool, c, "dispute_reversal"), lambda r: len(r) == 1, timeout=30)
+    assert await rows_of(pool, a, "dispute_reversal") == [(1500, "sys:dispute_won:dp_moved")]
+    assert await rows_of(pool, b, "dispute_reversal") == [(500, f"sys:dispute_won:dp_moved:{b_lot['lot_id']}")]
+    assert await rows_of(pool, c, "dispute_reversal") == [(400, f"sys:dispute_won:dp_moved:{c_lot['lot_id']}")]
+    assert [await balance(cf0.admin, x) for x in (a, b, c)] == [1500, 500, 400]
+    assert [lot["remaining_micros"] // M for lot in await lots(pool, c)] == [400]
+    assert (await verify(pool)).violations == []
+
+
+@pytest.mark.temporal
+async def test_a_stripe_refund_after_everything_moved_takes_from_the_destination_and_a_failure_restores_it(
+        cf0: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, relay: Any) -> None:  # noqa: F811
+    a, b = await new_account(cf0.admin), await new_account(cf0.admin)
+    org, key = await organization(cf0.admin, a, b)
+    bought = await buy(cf0, sdk, a, 25)
+    [part] = (await move(cf0, org, key, a, b, 2500, "all"))["lots"]
+    # $10 refunded in the Stripe dashboard: 1,000 credits; A's lot is empty, so they come from B.
+    charge = {"id": "ch_moved", "object": "charge", "payment_intent": bought["payment_intent_id"], "amount": 2500,
+              "amount_refunded": 1000, "refunds": {"object": "list", "data": [{"id": "re_moved", "amount": 1000}]}}
+    body = event("charge.refunded", charge, event_id="evt_re_moved")
+    assert (await cf0.deliver(body, sign(body))).json()["outcome"] == "routed"
+    await eventually(lambda: rows_of(pool, b, "refund"), lambda r: len(r) == 1, timeout=30)
+    assert await rows_of(pool, a, "refund") == [(0, "sys:stripe_refund:re_moved")]
+    assert await rows_of(pool, b, "refund") == [(-1000, f"sys:stripe_refund:re_moved:{part['lot_id']}")]
+    assert (await balance(cf0.admin, a), await balance(cf0.admin, b)) == (0, 1500)
+    assert (await verify(pool)).violations == []
+    # Stripe then reports that refund failed: the credits go back to B's lot, once.
+    failed = {"id": "re_moved", "object": "refund", "payment_intent": bought["payment_intent_id"], "amount": 1000,
+              "status": "failed", "failure_reason": "lost_or_stolen_card"}
+    for n in range(2):
+        body = event("charge.refund.updated", failed, event_id=f"evt_re_moved_failed_{n}")
+        assert (await cf0.deliver(body, sign(body))).status_code == 200
+    assert await rows_of(pool, b, "refund_reversal") == [
+        (1000, f"sys:stripe_refund_failed:re_moved:{part['lot_id']}")]
+    assert await rows_of(pool, a, "refund_reversal") == [(0, "sys:stripe_refund_failed:re_moved")]
+    assert (await balance(cf0.admin, a), await balance(cf0.admin, b)) == (0, 2500)
+    assert (await verify(pool)).violations == []
+
+
+async def test_verify_reports_a_transfer_that_lost_its_balance_or_provenance(api: httpx.AsyncClient,
+                                                                            pool: AsyncConnectionPool) -> None:
+    a, b = await new_account(api), await new_account(api)
+    org, key = await organization(api, a, b)
+    transfer = (await api.post(f"{ORGS}/{org}/transfers", headers=key, json={
+        "from_account_id": a, "to_account_id": b, "amount": 700, "idempotency_key": "v-1"})).json()
+    [part] = transfer["lots"]
+    assert (await verify(pool)).violations == []
+    async with pool.connection() as conn:  # corruptions no API can make: a source relabelled, an amount changed
+        await conn.execute("UPDATE credit_lots SET source = 'purchase', priority = 20 WHERE id = %s", (part["lot_id"],))
+        await conn.execute("UPDATE transfers SET amount_micros = amount_micros + 1 WHERE id = %s", (transfer["id"],))
+    found = {(v.check, v.ids["lot_id"] if "lot_id" in v.ids else v.ids["transfer_id"])
+             for v in (await verify(pool)).violations}
+    assert found == {("transfer_keeps_provenance", part["lot_id"]), ("transfer_balanced", transfer["id"])}

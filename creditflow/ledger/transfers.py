@@ -161,3 +161,18 @@ async def _load(pool: AsyncConnectionPool, where: str, params: tuple[Any, ...], 
         lots=[MovedLot(lot_id=m["lot_id"], from_lot_id=m["from_lot_id"], origin_lot_id=m["origin_lot_id"],
                        source=m["source"], credits=micros_to_credits(int(m["micros"])),
                        expires_at=m["expires_at"]) for m in r["lots"]]) for r in rows]
+
+
+async def moved_remaining_micros(pool: AsyncConnectionPool, lot_id: str) -> int:
+    """What remains, exact as of now, of the credits transfers moved out of ``lot_id`` (wherever they went): a
+    refund of the purchase may take them back (cf_refund_reserve, 0031_3)."""
+    async with pool.connection() as conn, conn.transaction():
+        holders = await (await conn.execute(
+            "SELECT DISTINCT account_id FROM credit_lots WHERE origin_lot_id = %s ORDER BY account_id",
+            (lot_id,))).fetchall()
+        for holder in holders:  # deferred burns applied, so the lots are exact
+            await conn.execute("SELECT cf_settle_account_burns(%s)", (holder["account_id"],))
+        row = await (await conn.execute(
+            "SELECT coalesce(sum(remaining_micros), 0)::bigint AS micros FROM credit_lots WHERE origin_lot_id = %s",
+            (lot_id,))).fetchone()
+    return int(row["micros"]) if row else 0
