@@ -161,6 +161,12 @@ async def test_transfers_are_refused_across_organizations_and_beyond_what_is_ava
     assert (resp.status_code, resp.json()["error"]["code"]) == (403, "forbidden")
     assert (await api.get(f"{ORGS}/{org}", headers=key)).json()["account_ids"] == [a, b]
     assert (await api.get(f"{ORGS}/{other_org}", headers=key)).status_code == 403
+    # The platform lists and revokes organization keys; a revoked key stops at once.
+    [listed] = (await api.get(f"{ORGS}/{org}/api-keys")).json()["items"]
+    assert (listed["organization_id"], listed["account_id"], "secret" in listed) == (org, None, False)
+    assert (await api.delete(f"{ORGS}/{org}/api-keys/{listed['id']}")).json()["revoked_at"] is not None
+    resp = await api.get(f"{ORGS}/{org}", headers=key)
+    assert (resp.status_code, resp.json()["error"]["code"]) == (401, "unauthorized")
     # A workspace belongs to one organization.
     resp = await api.post(f"{ORGS}/{other_org}/accounts", json={"account_id": a})
     assert (resp.status_code, resp.json()["error"]["code"]) == (409, "account_in_other_organization")

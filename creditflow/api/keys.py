@@ -108,6 +108,23 @@ async def revoke_key(pool: AsyncConnectionPool, account_id: str, key_id: str) ->
     return ApiKey(**_key_fields(row))
 
 
+async def list_organization_keys(pool: AsyncConnectionPool, organization_id: str) -> list[ApiKey]:
+    async with pool.connection() as conn:
+        rows = await (await conn.execute("SELECT * FROM api_keys WHERE organization_id = %s ORDER BY created_at",
+                                         (organization_id,))).fetchall()
+    return [ApiKey(**_key_fields(r)) for r in rows]
+
+
+async def revoke_organization_key(pool: AsyncConnectionPool, organization_id: str, key_id: str) -> ApiKey:
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s AND organization_id = %s"
+            " RETURNING *", (key_id, organization_id))).fetchone()
+    if row is None:
+        raise CreditflowError("unknown_api_key", f"no API key {key_id} on this organization")
+    return ApiKey(**_key_fields(row))
+
+
 async def authenticate(pool: AsyncConnectionPool, secret: str, admin_secret: str | None) -> Principal:
     """Resolve a bearer secret to a principal, or raise ``unauthorized``."""
     if admin_secret and hmac.compare_digest(secret.encode(), admin_secret.encode()):

@@ -16,7 +16,15 @@ from pydantic import Field, StringConstraints
 
 from creditflow.api.deps import get_pool, require
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
-from creditflow.api.keys import CreatedApiKey, Principal, Scope, create_key
+from creditflow.api.keys import (
+    ApiKey,
+    CreatedApiKey,
+    Principal,
+    Scope,
+    create_key,
+    list_organization_keys,
+    revoke_organization_key,
+)
 from creditflow.api.schemas import Amount, Strict, Text, Token
 from creditflow.api.scopes import ORGANIZATION_KEY_SCOPES
 from creditflow.domain.money import AmountError, validate_whole_credits
@@ -98,6 +106,22 @@ async def create_organization_key(organization_id: str, req: OrganizationKeyCrea
                               "take billing:read and transfers:write")
     return respond(await create_key(pool, account_id=None, organization_id=organization_id, scopes=req.scopes,
                                     name=req.name), 201)
+
+
+@router.get("/{organization_id}/api-keys", response_model=list[ApiKey], response_class=ExactJSONResponse)
+async def get_organization_keys(organization_id: str, principal: Admin, pool: Pool) -> ExactJSONResponse:
+    organization_id = _own(principal, organization_id)
+    await transfers.get_organization(pool, organization_id)
+    return respond({"items": await list_organization_keys(pool, organization_id)})
+
+
+@router.delete("/{organization_id}/api-keys/{key_id}", response_model=ApiKey, response_class=ExactJSONResponse)
+async def delete_organization_key(organization_id: str, key_id: str, principal: Admin, pool: Pool
+                                  ) -> ExactJSONResponse:
+    """Revoke an organization key; it stops working immediately."""
+    organization_id = _own(principal, organization_id)
+    check_id(key_id, "key", "key_id")
+    return respond(await revoke_organization_key(pool, organization_id, key_id))
 
 
 @router.post("/{organization_id}/transfers", response_model=Transfer, status_code=201,

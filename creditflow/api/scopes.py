@@ -23,9 +23,11 @@ CREDIT = frozenset({Scope.WALLET_CREDIT})
 TRANSFERS = frozenset({Scope.TRANSFERS_WRITE})
 ADMIN = frozenset({Scope.ADMIN})
 
-# Routes anyone may call: liveness, Stripe's signed webhooks (verified by signature), the API docs.
+# Routes anyone may call: liveness and readiness, metrics, Stripe's signed webhooks (verified by signature).
 PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
     ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
     ("POST", "/api/v1/stripe/webhook"),
 })
 
@@ -117,6 +119,8 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[Scope]] = {
     ("GET", "/api/v1/organizations/{organization_id}"): READ,
     ("POST", "/api/v1/organizations/{organization_id}/accounts"): ADMIN,
     ("POST", "/api/v1/organizations/{organization_id}/api-keys"): ADMIN,
+    ("GET", "/api/v1/organizations/{organization_id}/api-keys"): ADMIN,
+    ("DELETE", "/api/v1/organizations/{organization_id}/api-keys/{key_id}"): ADMIN,
     ("POST", "/api/v1/organizations/{organization_id}/transfers"): TRANSFERS,
     ("GET", "/api/v1/organizations/{organization_id}/transfers"): READ,
 }
