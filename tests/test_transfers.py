@@ -3,6 +3,7 @@ the refund and dispute crossings real Temporal and localstripe), exact numbers."
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -183,6 +184,30 @@ async def test_plan_credits_do_not_move(api: httpx.AsyncClient, pool: AsyncConne
                           json={"from_account_id": a, "to_account_id": b, "amount": 1, "idempotency_key": "p-1"})
     assert (resp.status_code, resp.json()["error"]["code"]) == (402, "insufficient_credits")
     assert (await balance(api, a), await balance(api, b)) == (5000, 5000)
+
+
+async def test_concurrent_duplicates_move_once_and_crossing_transfers_do_not_deadlock(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
+    a, b = await new_account(api), await new_account(api)
+    org, key = await organization(api, a, b)
+    body = {"from_account_id": a, "to_account_id": b, "amount": 250, "idempotency_key": "same"}
+    answers = await asyncio.gather(*(api.post(f"{ORGS}/{org}/transfers", headers=key, json=body) for _ in range(6)))
+    assert sorted(r.status_code for r in answers) == [200] * 5 + [201]
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert (await balance(api, a), await balance(api, b)) == (4750, 5250)
+
+    def crossing(i: int) -> dict[str, Any]:
+        src, dst = (a, b) if i % 2 else (b, a)
+        return {"from_account_id": src, "to_account_id": dst, "amount": 10 + i, "idempotency_key": f"x-{i}"}
+
+    answers = await asyncio.gather(*(api.post(f"{ORGS}/{org}/transfers", headers=key, json=crossing(i))
+                                     for i in range(20)))
+    assert [r.status_code for r in answers] == [201] * 20
+    a_to_b = sum(10 + i for i in range(20) if i % 2)
+    b_to_a = sum(10 + i for i in range(20) if not i % 2)
+    assert (await balance(api, a), await balance(api, b)) == (4750 - a_to_b + b_to_a, 5250 + a_to_b - b_to_a)
+    assert len(await history(api, a, "transfer_out")) == 11 and len(await history(api, b, "transfer_in")) == 11
+    assert (await verify(pool)).violations == []
 
 
 # --- a purchase's credits moved, then refunded or disputed ------------------------------------------------------
