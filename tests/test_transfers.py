@@ -375,3 +375,31 @@ async def test_verify_reports_a_transfer_that_lost_its_balance_or_provenance(api
     found = {(v.check, v.ids["lot_id"] if "lot_id" in v.ids else v.ids["transfer_id"])
              for v in (await verify(pool)).violations}
     assert found == {("transfer_keeps_provenance", part["lot_id"]), ("transfer_balanced", transfer["id"])}
+
+
+@pytest.mark.temporal
+async def test_a_refused_refund_gives_each_part_back_to_its_own_lot(
+        cf0: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient) -> None:
+    a, b = await new_account(cf0.admin), await new_account(cf0.admin)
+    org, key = await organization(cf0.admin, a, b)
+    bought = await buy(cf0, sdk, a, 25)
+    [part] = (await move(cf0, org, key, a, b, 2000, "m-1"))["lots"]
+    # As in test_refunds: the charge row pointed at an unpaid PaymentIntent, which localstripe refuses to refund.
+    unpaid = sdk.v1.payment_intents.create(params={"amount": 2500, "currency": "usd", "payment_method_types": ["card"]})
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE stripe_charges SET payment_intent_id = %s WHERE account_id = %s", (unpaid.id, a))
+    lots_before = (await lots(pool, a), await lots(pool, b))
+    resp = await cf0.admin.post("/api/v1/billing/refunds", json={
+        "account_id": a, "payment_intent_id": unpaid.id, "credits": 2500, "request_id": "refused"})
+    assert (resp.status_code, resp.json()["error"]["code"]) == (422, "payment_request_invalid"), resp.text
+    refund_id = resp.json()["error"]["details"]["refund_id"]
+    assert (await balance(cf0.admin, a), await balance(cf0.admin, b)) == (500, 2000)
+    assert (await lots(pool, a), await lots(pool, b)) == lots_before
+    assert await rows_of(pool, a, "refund") == [(-500, f"sys:refund:{refund_id}")]
+    assert await rows_of(pool, a, "refund_reversal") == [(500, f"sys:refund_release:{refund_id}")]
+    assert await rows_of(pool, b, "refund") == [(-2000, f"sys:refund:{refund_id}:{part['lot_id']}")]
+    assert await rows_of(pool, b, "refund_reversal") == [(2000, f"sys:refund_release:{refund_id}:{part['lot_id']}")]
+    async with pool.connection() as conn:  # the real PaymentIntent back, for verify's charge checks
+        await conn.execute("UPDATE stripe_charges SET payment_intent_id = %s WHERE account_id = %s",
+                           (bought["payment_intent_id"], a))
+    assert (await verify(pool)).violations == []
