@@ -178,8 +178,9 @@ async def _close_dispute(conn: Any, account_id: str, purchase: dict[str, Any], p
     dispute_id = str(payload.get("dispute_id"))
     status = str(payload.get("status") or "closed")
     async with conn.transaction():
-        # The balance row first, as every ledger write (a refund's release locks it before the disputes rows).
-        await conn.execute("SELECT 1 FROM balances WHERE account_id = %s FOR UPDATE", (account_id,))
+        # The balance rows first, as every ledger write (a refund's release locks it before the disputes rows): the
+        # purchase's workspace's and those its credits were moved to, in id order (0031_3).
+        await conn.execute("SELECT cf_lock_lot_family(%s, %s)", (account_id, purchase["lot_id"]))
         dispute = await (await conn.execute("SELECT * FROM disputes WHERE id = %s AND account_id = %s FOR UPDATE",
                                             (dispute_id, account_id))).fetchone()
         if dispute is None:

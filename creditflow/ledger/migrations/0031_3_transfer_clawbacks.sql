@@ -12,11 +12,12 @@
 
 -- Lock the balance rows of the workspaces holding a purchase lot's credits (the lot's and its transfers'), in id
 -- order.
-CREATE FUNCTION cf_lock_lot_family(p_account text, p_lot text) RETURNS void LANGUAGE sql AS $$
-    SELECT 1 FROM balances WHERE account_id = p_account
+CREATE FUNCTION cf_lock_lot_family(p_account text, p_lot text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM balances WHERE account_id = p_account
         OR account_id IN (SELECT account_id FROM credit_lots WHERE origin_lot_id = p_lot)
-    ORDER BY account_id FOR UPDATE
-$$;
+    ORDER BY account_id FOR UPDATE;
+END $$;
 
 -- What the parts of a clawback under p_key took from the lots p_lot's credits were moved to.
 CREATE FUNCTION cf_clawback_moved_taken(p_lot text, p_key text) RETURNS bigint LANGUAGE sql STABLE AS $$
