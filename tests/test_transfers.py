@@ -174,6 +174,25 @@ async def test_transfers_are_refused_across_organizations_and_beyond_what_is_ava
     assert (await verify(pool)).violations == []
 
 
+async def test_a_destination_drawing_on_its_overage_line_is_refused(api: httpx.AsyncClient,
+                                                                      database_url: str) -> None:
+    """Credits arriving on a negative balance would repay the line and lose their lot (and provenance)."""
+    a, b = await new_account(api), await new_account(api, overage_credit_line=1000)
+    org, key = await organization(api, a, b)
+    used = await api.post("/api/v1/billing/track", json={"account_id": b, "feature_id": "chat_message",
+                                                         "value": 5500, "idempotency_key": "u-1"})
+    assert used.status_code == 200 and used.json()["balance"] == -500
+    before = await ledger_snapshot(database_url)
+    resp = await api.post(f"{ORGS}/{org}/transfers", headers=key, json={
+        "from_account_id": a, "to_account_id": b, "amount": 800, "idempotency_key": "d-1"})
+    assert (resp.status_code, resp.json()["error"]["code"]) == (409, "destination_in_overage")
+    assert await ledger_snapshot(database_url) == before
+    # Nor can B send any: its lots are empty (it is drawing on its line).
+    resp = await api.post(f"{ORGS}/{org}/transfers", headers=key, json={
+        "from_account_id": b, "to_account_id": a, "amount": 1, "idempotency_key": "d-2"})
+    assert (resp.status_code, resp.json()["error"]["code"]) == (402, "insufficient_credits")
+
+
 async def test_plan_credits_do_not_move(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
     """Plan credits die with their workspace's period: only the other lots are transferable."""
     a, b = await new_account(api), await new_account(api)
