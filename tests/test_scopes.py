@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from creditflow.api.app import create_app
 from creditflow.api.keys import Scope
-from creditflow.api.scopes import PUBLIC_ROUTES, ROUTE_SCOPES
+from creditflow.api.scopes import PENDING_ROUTES, PUBLIC_ROUTES, ROUTE_SCOPES
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot
 from tests.test_api_auth_and_bad_input import bearer, key_for
@@ -70,7 +70,7 @@ def test_every_route_has_a_declared_scope_in_the_one_table() -> None:
     assert len(routes) >= 80
     missing = [(m, p) for m, p, _ in routes if (m, p) not in ROUTE_SCOPES and (m, p) not in PUBLIC_ROUTES]
     assert missing == [], f"add these routes to creditflow/api/scopes.py ROUTE_SCOPES: {missing}"
-    stale = sorted(set(ROUTE_SCOPES) - {(m, p) for m, p, _ in routes})
+    stale = sorted(set(ROUTE_SCOPES) - {(m, p) for m, p, _ in routes} - set(PENDING_ROUTES))
     assert stale == [], f"ROUTE_SCOPES names routes that do not exist: {stale}"
     for method, path, route in routes:
         declared = declared_scopes(route)
@@ -121,7 +121,7 @@ async def test_a_usage_key_meters_but_reaches_no_money_moving_route(api: httpx.A
     assert (await api.put("/api/v1/billing/limits", headers=meter, json={"daily_limit": 10})).status_code == 403
 
     before = await ledger_snapshot(database_url)
-    ids = {"payment_method_id": "pm_1", "organization_id": org, "account_id": account}
+    ids = {"payment_method_id": "pm_1", "organization_id": org, "account_id": account, "invoice_id": "inv_" + "0" * 32}
     bodies: dict[str, dict[str, Any]] = {
         "/api/v1/billing/wallet/topup": {"amount_usd": 25, "request_id": "r-1"},
         "/api/v1/billing/auto-recharge": {"enabled": True, "threshold": 100, "recharge_amount": 1000},
@@ -134,8 +134,9 @@ async def test_a_usage_key_meters_but_reaches_no_money_moving_route(api: httpx.A
         "/api/v1/organizations/{organization_id}/transfers": {"from_account_id": account, "to_account_id": account,
                                                               "amount": 1, "idempotency_key": "t-1"},
     }
-    money = sorted((m, p) for (m, p), scopes in ROUTE_SCOPES.items() if scopes & MONEY)
-    assert len(money) == 11
+    existing = {(m, p) for m, p, _ in app_routes()}
+    money = sorted(route for route, scopes in ROUTE_SCOPES.items() if scopes & MONEY and route in existing)
+    assert len(money) >= 11  # 12 with the invoice payment route (PENDING_ROUTES) merged
     for method, path in money:
         resp = await api.request(method, _fill(path, ids), headers=meter, json=bodies.get(path))
         assert resp.status_code == 403, (method, path, resp.text)
