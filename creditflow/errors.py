@@ -7,6 +7,11 @@ STATUS_BY_CODE: dict[str, int] = {
     "unauthorized": 401,
     "forbidden": 403,
     "insufficient_scope": 403,
+    # Organizations and transfers between their workspaces.
+    "unknown_organization": 404,
+    "organization_exists": 409,
+    "account_in_other_organization": 409,
+    "destination_in_overage": 409,
     "not_found": 404,
     "unknown_account": 404,
     "unknown_feature": 404,

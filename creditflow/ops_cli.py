@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from creditflow.api.keys import Scope, create_key, list_keys, revoke_key
+from creditflow.api.scopes import ACCOUNT_KEY_SCOPES
 from creditflow.config import get_settings
 from creditflow.errors import CreditflowError
 from creditflow.ledger import accounts, postings, queries
@@ -94,12 +95,14 @@ def accounts_list(limit: Annotated[int, typer.Option(min=1, max=1000)] = 50) -> 
 @keys_app.command("create")
 def keys_create(
     account_id: str,
-    scope: Annotated[list[Scope], typer.Option(help="billing:read and/or billing:write (repeat).")],
+    scope: Annotated[list[Scope], typer.Option(
+        help="billing:read, usage:write, billing:write, payments:write, wallet:credit (repeat).")],
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
 ) -> None:
     """Issue an API key for an account; the secret is printed once."""
-    if Scope.ADMIN in scope:
-        console.print("[red]account keys take billing:read and/or billing:write[/red]")
+    if not set(scope) <= ACCOUNT_KEY_SCOPES:
+        console.print("[red]account keys take billing:read, usage:write, billing:write, payments:write, "
+                      "wallet:credit[/red]")
         raise typer.Exit(2)
     key = run(lambda pool: create_key(pool, account_id=account_id, scopes=scope, name=name))
     console.print(f"key [bold]{key.id}[/bold] scopes {', '.join(key.scopes)}\nsecret (shown once): {key.secret}")

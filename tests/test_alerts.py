@@ -111,7 +111,7 @@ def stamps_of(body: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 async def test_alert_settings_round_trip(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
     account = await new_account(api)
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     reader = bearer(await key_for(api, account, "billing:read"))
     empty = await api.get(ALERTS, headers=reader)
     assert empty.status_code == 200
@@ -175,7 +175,7 @@ async def test_alert_settings_round_trip(api: httpx.AsyncClient, pool: AsyncConn
 async def test_bad_alert_settings_change_nothing(api: httpx.AsyncClient, database_url: str) -> None:
     account = await new_account(api)
     other = await new_account(api)
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     reader = bearer(await key_for(api, account, "billing:read"))
     ok = {"alerts": [{"threshold": 3000, "channels": ["email"]}]}
     assert (await api.put(ALERTS, headers=writer, json={**ok, "daily_usage_threshold": 100})).status_code == 200

@@ -23,7 +23,7 @@ def bearer(secret: str) -> dict[str, str]:
 async def test_account_keys_are_scoped_to_their_account(api: httpx.AsyncClient, database_url: str) -> None:
     mine, theirs = await new_account(api), await new_account(api)
     reader = await key_for(api, mine, "billing:read")
-    writer = await key_for(api, mine, "billing:write")
+    writer = await key_for(api, mine, "billing:write", "usage:write", "payments:write")
 
     balance = await api.get("/api/v1/billing/balance", headers=bearer(reader))
     assert balance.status_code == 200 and balance.json()["account_id"] == mine
@@ -150,7 +150,7 @@ async def test_another_accounts_hold_is_invisible(api: httpx.AsyncClient, databa
     mine, theirs = await new_account(api), await new_account(api)
     hold = (await api.post("/api/v1/billing/holds", json={"account_id": theirs, "feature_id": "voice_minute",
                                                           "value": 1, "idempotency_key": "h"})).json()
-    writer = await key_for(api, mine, "billing:write")
+    writer = await key_for(api, mine, "billing:write", "usage:write", "payments:write")
     snapshot = await ledger_snapshot(database_url)
     for action, body in (("settle", {"value": 1}), ("release", {})):
         resp = await api.post(f"/api/v1/billing/holds/{hold['hold_id']}/{action}", json=body,

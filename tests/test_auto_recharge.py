@@ -175,7 +175,7 @@ async def test_enabling_below_the_threshold_asks_at_once(api: httpx.AsyncClient,
 
 async def test_settings_in_credits_and_in_usd(api: httpx.AsyncClient, sdk: stripe.StripeClient) -> None:
     account = await new_account(api)
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     empty = await api.get(SETTINGS, headers=writer)
     assert empty.status_code == 200
     nulls = dict.fromkeys(("threshold", "recharge_amount", "threshold_usd", "amount_usd", "payment_method_id",
@@ -207,7 +207,7 @@ async def test_bad_settings_change_nothing(api: httpx.AsyncClient, database_url:
     other = await new_account(api)
     others_card = await save_card(api, sdk, other)
     await save_card(api, sdk, account)
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     reader = bearer(await key_for(api, account, "billing:read"))
     ok = {"enabled": True, "threshold": 1000, "recharge_amount": 1000}
     await api.put(SETTINGS, headers=writer, json=ok)

@@ -130,7 +130,7 @@ def period_around_now() -> tuple[datetime, datetime]:
 
 async def test_profile_endpoints_and_scopes(api: httpx.AsyncClient) -> None:
     account = await new_account(api)
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     reader = bearer(await key_for(api, account, "billing:read"))
     empty = await api.get(ADDRESS, headers=reader)
     assert empty.status_code == 200
@@ -189,7 +189,7 @@ async def test_profile_endpoints_and_scopes(api: httpx.AsyncClient) -> None:
 async def test_profile_bad_input_and_other_tenants_change_nothing(api: httpx.AsyncClient, database_url: str,
                                                                   pool: AsyncConnectionPool) -> None:
     account, other = await new_account(api), await new_account(api)
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     reader = bearer(await key_for(api, account, "billing:read"))
     others_reg = (await api.post(TAXES, json={"account_id": other, "country": "FR", "description": "VAT",
                                               "value": "FR1"})).json()["id"]
@@ -255,7 +255,7 @@ async def test_invoice_api_tenancy_and_bad_ids(api: httpx.AsyncClient, pool: Asy
         catalog=settings.plan_catalog(), seller_name="Creditflow Inc.", issued_at=end, due_days=14)
     assert created and record.status == "draft" and record.amount_due_cents == 4900
     reader = bearer(await key_for(api, account, "billing:read"))
-    others = bearer(await key_for(api, other, "billing:write"))
+    others = bearer(await key_for(api, other, "billing:write", "usage:write", "payments:write"))
     assert (await api.get(INVOICES, headers=reader)).json()["items"] == []  # a draft is not issued yet
     await store.mark_open(pool, record.id)
     listed = (await api.get(INVOICES, headers=reader)).json()

@@ -58,7 +58,7 @@ def stripe_customers_of(sdk: stripe.StripeClient, account_id: str) -> list[Any]:
 async def test_attach_list_default_detach(api: httpx.AsyncClient, pool: AsyncConnectionPool,
                                           sdk: stripe.StripeClient) -> None:
     account = await new_account(api)
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     reader = bearer(await key_for(api, account, "billing:read"))
     assert (await api.get(BASE, headers=reader)).json() == {"items": []}
     assert await customer_rows(pool) == []  # listing never creates a customer
@@ -128,7 +128,7 @@ async def test_cards_of_another_account_are_unknown(api: httpx.AsyncClient, sdk:
     my_card = new_card(sdk)
     assert (await api.post(BASE, json={"account_id": mine, "payment_method_id": my_card})).status_code == 201
     my_customer = sdk.v1.payment_methods.retrieve(my_card).customer
-    intruder = bearer(await key_for(api, theirs, "billing:write"))
+    intruder = bearer(await key_for(api, theirs, "billing:write", "usage:write", "payments:write"))
     # The other account has its own customer, so every call below reaches the ownership check.
     assert (await api.post(BASE, headers=intruder, json={"payment_method_id": new_card(sdk)})).status_code == 201
 

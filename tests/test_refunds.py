@@ -85,7 +85,7 @@ async def test_refund_part_of_a_topup(api: httpx.AsyncClient, pool: AsyncConnect
     await save_card(api, sdk, account)
     bought = await topup(api, sdk, account)
     assert bought["balance"] == 7500
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     resp = await api.post(REFUNDS, headers=writer, json={
         "purchase_transaction_id": bought["transaction_id"], "credits": 1000, "request_id": "r-1"})
     assert resp.status_code == 200, resp.text
@@ -141,7 +141,7 @@ async def test_refusals_change_nothing(api: httpx.AsyncClient, pool: AsyncConnec
     await save_card(api, sdk, account)
     bought = await topup(api, sdk, account)
     [bonus] = await rows(pool, "SELECT id FROM journal WHERE account_id = %s AND type = 'welcome_bonus'", account)
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     before = await ledger_snapshot(database_url)
     cases: list[tuple[dict[str, Any], int, str]] = [
         ({"purchase_transaction_id": bought["transaction_id"], "credits": 2501}, 422, "refund_exceeds_remaining"),

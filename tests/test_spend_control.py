@@ -149,7 +149,7 @@ async def test_batch_and_hold_settlement_under_limits(api: httpx.AsyncClient, po
 async def test_limits_and_agents_bad_input_change_nothing(api: httpx.AsyncClient, database_url: str) -> None:
     account = await new_account(api)
     other = await new_account(api)
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     reader = bearer(await key_for(api, account, "billing:read"))
     await api.post(AGENTS, headers=writer, json={"id": "bot-1", "monthly_limit": 10})
     before = await ledger_snapshot(database_url)
@@ -209,7 +209,7 @@ async def test_credit_system_entitled_and_event(api: httpx.AsyncClient) -> None:
     assert (too_much.status_code, too_much.json()["code"]) == (402, "insufficient_credits")
     nobody = await api.post("/api/v1/entitled", json={"customer_id": "ghost", "feature_id": "voice_minute"})
     assert (nobody.status_code, nobody.json()["error"]["code"]) == (404, "unknown_account")
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     other = await new_account(api, external_id="user-456")
     foreign = await api.post("/api/v1/event", headers=writer, json={"customer_id": "user-456",
                                                                     "feature_id": "voice_minute", "value": 1})

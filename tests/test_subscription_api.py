@@ -24,7 +24,7 @@ SUB = "/api/v1/billing/subscription"
 async def test_subscribe_change_and_cancel(api: httpx.AsyncClient, pool: AsyncConnectionPool,  # noqa: F811
                                            temporal_client: Client) -> None:
     account = await new_account(api)  # 5,000 welcome credits
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     none = (await api.get(SUB, headers=writer)).json()
     assert (none["plan_id"], none["status"]) == (None, "none")
 
@@ -56,7 +56,7 @@ async def test_subscribe_change_and_cancel(api: httpx.AsyncClient, pool: AsyncCo
 
 async def test_subscription_refusals_change_nothing(api: httpx.AsyncClient, database_url: str) -> None:  # noqa: F811
     account = await new_account(api)
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     reader = bearer(await key_for(api, account, "billing:read"))
     before = await ledger_snapshot(database_url)
     cases: list[tuple[dict[str, str], dict[str, Any], int, str]] = [

@@ -129,7 +129,7 @@ async def reconcile(pool: AsyncConnectionPool, sdk: stripe.StripeClient, account
 async def test_saved_card_topup(api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient) -> None:
     account = await new_account(api)
     card = await save_card(api, sdk, account)
-    writer = bearer(await key_for(api, account, "billing:write"))
+    writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
 
     resp = await api.post(TOPUP, headers=writer, json={"amount_usd": 25, "request_id": "order-1"})
     assert resp.status_code == 200, resp.text

@@ -11,6 +11,7 @@ from creditflow.api.deps import get_app_settings, get_pool, require, target_acco
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import ApiKey, CreatedApiKey, Principal, Scope, create_key, list_keys, revoke_key
 from creditflow.api.schemas import AccountCreate, ApiKeyCreate
+from creditflow.api.scopes import ACCOUNT_KEY_SCOPES
 from creditflow.config import Settings
 from creditflow.domain.money import AmountError, validate_whole_credits
 from creditflow.errors import CreditflowError
@@ -60,8 +61,10 @@ async def _existing(pool: AsyncConnectionPool, principal: Principal, account_id:
 async def create_api_key(account_id: str, req: ApiKeyCreate, principal: Admin, pool: Pool) -> ExactJSONResponse:
     """Issue a key for the account. The ``secret`` is shown once; only its hash is stored."""
     account_id = await _existing(pool, principal, account_id)
-    if Scope.ADMIN in req.scopes:
-        raise CreditflowError("validation_error", "account keys take billing:read and/or billing:write")
+    not_allowed = sorted(s.value for s in set(req.scopes) - ACCOUNT_KEY_SCOPES)
+    if not_allowed:
+        raise CreditflowError("validation_error", f"account keys do not take {', '.join(not_allowed)}; they take "
+                              + ", ".join(sorted(s.value for s in ACCOUNT_KEY_SCOPES)))
     return respond(await create_key(pool, account_id=account_id, scopes=req.scopes, name=req.name), 201)
 
 

@@ -18,6 +18,7 @@ from creditflow.api.exact_json import ExactJSONResponse, respond
 from creditflow.api.invoices import router as invoices_router
 from creditflow.api.limits import router as limits_router
 from creditflow.api.notification_channels import router as notification_channels_router
+from creditflow.api.organizations import router as organizations_router
 from creditflow.api.plans import router as plans_router
 from creditflow.api.reconciliation import router as reconciliation_router
 from creditflow.api.request_context import RequestIdMiddleware, current_request_id
@@ -33,9 +34,10 @@ from creditflow.payments.gateway import StripeGateway
 DESCRIPTION = """
 Prepaid credit wallet, metering and billing. **1 credit = 1 US cent.**
 
-* Authenticate with `Authorization: Bearer <API key>`. Account keys carry `billing:read` and/or
-  `billing:write` and act on their own account; admin keys act on any account and name it
-  (`account_id` in the body or query).
+* Authenticate with `Authorization: Bearer <API key>`. Account keys carry scopes (`billing:read`,
+  `usage:write`, `billing:write`, `payments:write`, `wallet:credit`: docs/scopes.md) and act on their own
+  account; organization keys act on their organization's workspaces; admin keys act on any account and
+  name it (`account_id` in the body or query).
 * **Amounts are exact JSON numbers**: whole credits as integers (`45230`), sub-credit amounts with
   their exact decimal digits (`0.5`). Requests may send numbers or decimal strings (`"2.5"`).
 * Errors: `{"error": {"code": "<stable machine-readable code>", "message": "...", "details": {}}}`.
@@ -109,4 +111,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(invoices_router)
     app.include_router(verify_router)
     app.include_router(reconciliation_router)
+    app.include_router(organizations_router)
     return app

@@ -36,7 +36,7 @@ from creditflow.payments.topups import resolve_card
 router = APIRouter(prefix="/api/v1/billing", tags=["auto-recharge"], route_class=ExactRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
-Writer = Annotated[Principal, Depends(require(Scope.BILLING_WRITE))]
+Writer = Annotated[Principal, Depends(require(Scope.PAYMENTS_WRITE))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 Gateway = Annotated[StripeGateway, Depends(get_gateway)]
 AppSettings = Annotated[Settings, Depends(get_app_settings)]

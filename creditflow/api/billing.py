@@ -41,8 +41,8 @@ from creditflow.ledger.models import (
 router = APIRouter(prefix="/api/v1/billing", tags=["billing"], route_class=ExactRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
-Writer = Annotated[Principal, Depends(require(Scope.BILLING_WRITE))]
-Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
+Writer = Annotated[Principal, Depends(require(Scope.USAGE_WRITE))]
+Crediter = Annotated[Principal, Depends(require(Scope.WALLET_CREDIT))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 
 
@@ -207,8 +207,9 @@ async def usage(principal: Reader, pool: Pool, start: datetime | None = None, en
 
 
 @router.post("/wallet/credit", response_model=PostingResult, response_class=ExactJSONResponse)
-async def wallet_credit(req: WalletCredit, principal: Admin, pool: Pool) -> ExactJSONResponse:
-    """Manual credit (positive ``amount``) or debit (negative) with a reason (admin only)."""
+async def wallet_credit(req: WalletCredit, principal: Crediter, pool: Pool) -> ExactJSONResponse:
+    """Manual credit (positive ``amount``) or debit (negative) with a reason (admin, or a key the platform gave
+    ``wallet:credit``)."""
     account_id = target_account(principal, req.account_id)
     try:
         amount = validate_whole_credits(req.amount, allow_negative=True)

@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import AsyncConnectionPool
 
 from creditflow.api.keys import Principal, Scope, authenticate
+from creditflow.api.scopes import granted, required_scopes
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id
@@ -40,31 +41,44 @@ async def get_principal(request: Request,
 
 
 def require(scope: Scope) -> Callable[..., Coroutine[Any, Any, Principal]]:
-    """A dependency that admits admin keys and account keys holding ``scope``.
+    """A dependency that admits admin keys and keys holding a scope the route table requires.
 
-    ``billing:write`` implies ``billing:read``."""
+    The table (``creditflow.api.scopes.ROUTE_SCOPES``) decides, not ``scope``: ``scope`` documents the route at its
+    definition, and tests/test_scopes.py checks that it is one of the table's. A route missing from the table is
+    admin-only (fail closed)."""
 
-    async def dependency(principal: Principal = Depends(get_principal)) -> Principal:
+    async def dependency(request: Request, principal: Principal = Depends(get_principal)) -> Principal:
         if principal.is_admin:
             return principal
-        granted = set(principal.scopes)
-        if Scope.BILLING_WRITE in granted:
-            granted.add(Scope.BILLING_READ)
-        if scope == Scope.ADMIN or scope not in granted:
-            raise CreditflowError("insufficient_scope", f"this API key lacks the {scope.value} scope")
+        route = request.scope.get("route")
+        method = "GET" if request.method == "HEAD" else request.method
+        needed = required_scopes(method, getattr(route, "path_format", request.url.path))
+        if Scope.ADMIN in needed or not needed & granted(principal.scopes):
+            names = " or ".join(sorted(s.value for s in needed))
+            raise CreditflowError("insufficient_scope", f"this API key lacks the {names} scope",
+                                  details={"required_scopes": sorted(s.value for s in needed)})
         return principal
 
+    dependency.declared_scope = scope  # type: ignore[attr-defined]  # read by tests/test_scopes.py
     return dependency
 
 
 def target_account(principal: Principal, account_id: str | None) -> str:
-    """The account a call acts on: an account key's own, or the one an admin key names.
+    """The account a call acts on: an account key's own, one of an organization key's workspaces (named), or the
+    one an admin key names.
 
-    An account key naming another account is refused (tenants never see each other)."""
+    An account key naming another account, or an organization key naming an account outside its organization,
+    is refused (tenants never see each other)."""
     if principal.is_admin:
         if not account_id:
             raise CreditflowError("validation_error", "admin keys must name the account (account_id)")
         return check_id(account_id, "acc", "account_id")
+    if principal.organization_id is not None:
+        if not account_id:
+            raise CreditflowError("validation_error", "organization keys must name the workspace (account_id)")
+        if account_id not in principal.organization_accounts:
+            raise CreditflowError("forbidden", "this account is not a workspace of this API key's organization")
+        return account_id
     assert principal.account_id is not None
     if account_id is not None and account_id != principal.account_id:
         raise CreditflowError("forbidden", "this API key belongs to another account")

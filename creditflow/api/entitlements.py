@@ -26,7 +26,7 @@ from creditflow.ledger import metering
 router = APIRouter(prefix="/api/v1", tags=["entitlements"], route_class=ExactRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
-Writer = Annotated[Principal, Depends(require(Scope.BILLING_WRITE))]
+Writer = Annotated[Principal, Depends(require(Scope.USAGE_WRITE))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 
 CREDITS_FEATURE = "credits"  # the shared balance every feature draws on

@@ -1,4 +1,9 @@
-"""API keys: bearer secrets stored as SHA-256 hashes, scoped to one account (or admin)."""
+"""API keys: bearer secrets stored as SHA-256 hashes, scoped to one account, one organization, or admin.
+
+Scopes (docs/scopes.md; the route table is ``creditflow.api.scopes``): ``billing:read``; ``usage:write`` (track,
+check, holds, events); ``billing:write`` (settings that charge nothing); ``payments:write`` (anything that charges
+or refunds a card); ``wallet:credit`` (manual credits); ``transfers:write`` (organization keys: move credits
+between the organization's workspaces); ``admin`` (the platform)."""
 
 from __future__ import annotations
 
@@ -17,17 +22,23 @@ from creditflow.ids import new_id
 
 class Scope(StrEnum):
     BILLING_READ = "billing:read"
+    USAGE_WRITE = "usage:write"
     BILLING_WRITE = "billing:write"
+    PAYMENTS_WRITE = "payments:write"
+    WALLET_CREDIT = "wallet:credit"
+    TRANSFERS_WRITE = "transfers:write"
     ADMIN = "admin"
 
 
 SECRET_PREFIX = "cf_sk_"
+ORG_SECRET_PREFIX = "cf_org_"
 ADMIN_SECRET_PREFIX = "cf_admin_"
 
 
 class ApiKey(BaseModel):
     id: str
     account_id: str | None
+    organization_id: str | None = None
     name: str
     prefix: str
     scopes: list[str]
@@ -40,11 +51,14 @@ class CreatedApiKey(ApiKey):
 
 
 class Principal(BaseModel):
-    """Who is calling: an account's key (acts on that account only) or an admin key."""
+    """Who is calling: an account's key (acts on that account only), an organization's key (acts on the
+    organization's workspaces, ``organization_accounts`` as loaded when the key was checked) or an admin key."""
 
     key_id: str
     account_id: str | None
     scopes: frozenset[str]
+    organization_id: str | None = None
+    organization_accounts: frozenset[str] = frozenset()
 
     @property
     def is_admin(self) -> bool:
@@ -57,20 +71,24 @@ def hash_secret(secret: str) -> str:
 
 
 async def create_key(pool: AsyncConnectionPool, *, account_id: str | None, scopes: list[Scope],
-                     name: str = "") -> CreatedApiKey:
-    secret = (ADMIN_SECRET_PREFIX if account_id is None else SECRET_PREFIX) + secrets.token_urlsafe(32)
+                     name: str = "", organization_id: str | None = None) -> CreatedApiKey:
+    prefix = (ORG_SECRET_PREFIX if organization_id is not None
+              else ADMIN_SECRET_PREFIX if account_id is None else SECRET_PREFIX)
+    secret = prefix + secrets.token_urlsafe(32)
     key_id = new_id("key")
     async with pool.connection() as conn:
         row = await (await conn.execute(
-            "INSERT INTO api_keys (id, account_id, name, prefix, secret_hash, scopes)"
-            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING *",
-            (key_id, account_id, name, secret[:12], hash_secret(secret), sorted(s.value for s in scopes)),
+            "INSERT INTO api_keys (id, account_id, organization_id, name, prefix, secret_hash, scopes)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING *",
+            (key_id, account_id, organization_id, name, secret[:12], hash_secret(secret),
+             sorted({Scope(s).value for s in scopes})),
         )).fetchone()
     return CreatedApiKey(secret=secret, **_key_fields(row))
 
 
 def _key_fields(row: dict[str, object]) -> dict[str, object]:
-    return {k: row[k] for k in ("id", "account_id", "name", "prefix", "scopes", "created_at", "revoked_at")}
+    return {k: row[k] for k in ("id", "account_id", "organization_id", "name", "prefix", "scopes", "created_at",
+                                "revoked_at")}
 
 
 async def list_keys(pool: AsyncConnectionPool, account_id: str) -> list[ApiKey]:
@@ -90,14 +108,36 @@ async def revoke_key(pool: AsyncConnectionPool, account_id: str, key_id: str) ->
     return ApiKey(**_key_fields(row))
 
 
+async def list_organization_keys(pool: AsyncConnectionPool, organization_id: str) -> list[ApiKey]:
+    async with pool.connection() as conn:
+        rows = await (await conn.execute("SELECT * FROM api_keys WHERE organization_id = %s ORDER BY created_at",
+                                         (organization_id,))).fetchall()
+    return [ApiKey(**_key_fields(r)) for r in rows]
+
+
+async def revoke_organization_key(pool: AsyncConnectionPool, organization_id: str, key_id: str) -> ApiKey:
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s AND organization_id = %s"
+            " RETURNING *", (key_id, organization_id))).fetchone()
+    if row is None:
+        raise CreditflowError("unknown_api_key", f"no API key {key_id} on this organization")
+    return ApiKey(**_key_fields(row))
+
+
 async def authenticate(pool: AsyncConnectionPool, secret: str, admin_secret: str | None) -> Principal:
     """Resolve a bearer secret to a principal, or raise ``unauthorized``."""
     if admin_secret and hmac.compare_digest(secret.encode(), admin_secret.encode()):
         return Principal(key_id="settings:admin", account_id=None, scopes=frozenset({Scope.ADMIN.value}))
     async with pool.connection() as conn:
         row = await (await conn.execute(
-            "SELECT id, account_id, scopes FROM api_keys WHERE secret_hash = %s AND revoked_at IS NULL",
+            "SELECT k.id, k.account_id, k.organization_id, k.scopes,"
+            " (SELECT coalesce(array_agg(a.id), '{}') FROM accounts a WHERE k.organization_id IS NOT NULL"
+            "   AND a.organization_id = k.organization_id) AS organization_accounts"
+            " FROM api_keys k WHERE k.secret_hash = %s AND k.revoked_at IS NULL",
             (hash_secret(secret),))).fetchone()
     if row is None:
         raise CreditflowError("unauthorized", "invalid or revoked API key")
-    return Principal(key_id=row["id"], account_id=row["account_id"], scopes=frozenset(row["scopes"]))
+    return Principal(key_id=row["id"], account_id=row["account_id"], scopes=frozenset(row["scopes"]),
+                     organization_id=row["organization_id"],
+                     organization_accounts=frozenset(row["organization_accounts"]))

@@ -19,7 +19,7 @@ from creditflow.payments.methods import PaymentMethod
 router = APIRouter(prefix="/api/v1/billing/payment-methods", tags=["payment methods"], route_class=ExactRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
-Writer = Annotated[Principal, Depends(require(Scope.BILLING_WRITE))]
+Writer = Annotated[Principal, Depends(require(Scope.PAYMENTS_WRITE))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 Gateway = Annotated[StripeGateway, Depends(get_gateway)]
 AccountQuery = Annotated[str | None, Query(description="Admin keys only.")]

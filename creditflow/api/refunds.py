@@ -33,7 +33,7 @@ from workflows.contract import REFUND_FAILED, REFUND_PENDING, RefundInput, Refun
 router = APIRouter(prefix="/api/v1/billing", tags=["refunds"], route_class=ExactRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
-Writer = Annotated[Principal, Depends(require(Scope.BILLING_WRITE))]
+Writer = Annotated[Principal, Depends(require(Scope.PAYMENTS_WRITE))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 AppSettings = Annotated[Settings, Depends(get_app_settings)]
 

@@ -62,7 +62,8 @@ class AccountCreate(Strict):
 
 class ApiKeyCreate(Strict):
     name: Annotated[Text, StringConstraints(max_length=100)] = ""
-    scopes: list[Scope] = Field(min_length=1, description="billing:read and/or billing:write")
+    scopes: list[Scope] = Field(min_length=1, description="any of billing:read, usage:write, billing:write, "
+                                "payments:write, wallet:credit (docs/scopes.md)")
 
 
 class TrackRequest(Strict):

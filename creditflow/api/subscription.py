@@ -30,7 +30,7 @@ from workflows.contract import PlanChange, PlanProration
 router = APIRouter(prefix="/api/v1/billing", tags=["subscription"], route_class=ExactRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
-Writer = Annotated[Principal, Depends(require(Scope.BILLING_WRITE))]
+Writer = Annotated[Principal, Depends(require(Scope.PAYMENTS_WRITE))]
 Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 Catalog = Annotated[PlanCatalog, Depends(get_plan_catalog)]

@@ -32,7 +32,7 @@ from workflows.contract import TOPUP_FAILED, TOPUP_PENDING, TopUpOutcome
 router = APIRouter(prefix="/api/v1/billing/wallet", tags=["top-ups"], route_class=ExactRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
-Writer = Annotated[Principal, Depends(require(Scope.BILLING_WRITE))]
+Writer = Annotated[Principal, Depends(require(Scope.PAYMENTS_WRITE))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 AppSettings = Annotated[Settings, Depends(get_app_settings)]
 

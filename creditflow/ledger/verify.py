@@ -70,8 +70,11 @@ _UUID = "(CASE WHEN {col} ~ '^txn_[0-9a-f]{{32}}$' THEN substr({col}, 5)::uuid E
 _RETURNED = (
     "WITH returned AS ("
     " WITH ours AS ("
-    "  SELECT r.payment_intent_id, r.amount_cents AS cents, -coalesce(j.amount_micros, 0) AS taken_micros,"
-    "   r.amount_cents AS refunded_cents"
+    "  SELECT r.payment_intent_id, r.amount_cents AS cents, -coalesce(j.amount_micros, 0)"
+    # the parts reserved from workspaces a transfer moved the purchase's credits to (0031_3)
+    "   - coalesce((SELECT sum(jm.amount_micros) FROM credit_lots lm JOIN journal jm ON jm.account_id = lm.account_id"
+    "     AND jm.idempotency_key = j.idempotency_key || ':' || lm.id WHERE lm.origin_lot_id = r.lot_id), 0)"
+    "   AS taken_micros, r.amount_cents AS refunded_cents"
     "  FROM refunds r LEFT JOIN journal j ON j.id = r.reserve_txn_id AND j.account_id = r.account_id"
     "  WHERE r.status <> 'failed'),"
     " on_stripe AS ("
@@ -84,7 +87,7 @@ _RETURNED = (
     "  SELECT payment_intent_id, CASE WHEN status IN ('won', 'warning_closed') THEN 0 ELSE amount_cents END AS cents,"
     "   taken_micros - returned_micros AS taken_micros, 0::bigint AS refunded_cents FROM disputes)"
     " SELECT payment_intent_id, sum(cents)::bigint AS cents, sum(taken_micros)::bigint AS taken_micros,"
-    "  sum(refunded_cents)::bigint AS refunded_cents, count(*) AS items"
+    "  sum(refunded_cents)::bigint AS refunded_cents, count(cents) AS items"  # a moved part carries no cents
     " FROM (SELECT * FROM ours UNION ALL SELECT * FROM on_stripe UNION ALL SELECT * FROM disputed) x"
     " WHERE payment_intent_id IS NOT NULL GROUP BY payment_intent_id) "
 )
@@ -214,7 +217,9 @@ CHECKS: tuple[Check, ...] = (
         " ceil(r.cents::numeric * l.original_micros / c.amount_cents)::bigint AS owed_micros"
         " FROM stripe_charges c JOIN returned r ON r.payment_intent_id = c.payment_intent_id"
         " JOIN credit_lots l ON l.account_id = c.account_id AND l.txn_id = " + _UUID.format(col="c.ledger_txn_id") + ""
-        " WHERE c.status = 'succeeded' AND c.kind IN ('topup', 'auto_recharge') AND l.remaining_micros > 0"
+        " WHERE c.status = 'succeeded' AND c.kind IN ('topup', 'auto_recharge')"
+        " AND l.remaining_micros + coalesce((SELECT sum(lm.remaining_micros) FROM credit_lots lm"
+        "  WHERE lm.origin_lot_id = l.id), 0) > 0"
         " AND r.taken_micros < ceil(r.cents::numeric * l.original_micros / c.amount_cents)"
         " AND " + _ACCOUNT.format(col="c.account_id"),
         "lot {lot_id} bought {original_micros} micros for {paid_cents} cents; {returned_cents} cents went back but "
@@ -343,6 +348,72 @@ CHECKS: tuple[Check, ...] = (
         "(delivered: {earlier_delivered_at})",
     ),
 )
+
+# Transfers between workspaces (0031_2): both legs, the lots they created, and the credits' provenance.
+TRANSFER_CHECKS: tuple[Check, ...] = (
+    Check(
+        "transfer_balanced",
+        "Each transfer has its two legs (out of the source, into the destination, for its amount) and the lots it "
+        "created on the destination hold exactly that amount when created.",
+        "SELECT t.from_account_id AS account_id, t.id AS transfer_id, t.amount_micros,"
+        " coalesce(o.amount_micros, 0) AS out_micros, coalesce(i.amount_micros, 0) AS in_micros,"
+        " coalesce((SELECT sum(l.original_micros) FROM credit_lots l WHERE l.transfer_id = t.id), 0) AS lots_micros"
+        " FROM transfers t"
+        " LEFT JOIN journal o ON o.account_id = t.from_account_id AND o.id = t.out_txn_id AND o.type = 'transfer_out'"
+        " LEFT JOIN journal i ON i.account_id = t.to_account_id AND i.id = t.in_txn_id AND i.type = 'transfer_in'"
+        " WHERE (%(account)s::text IS NULL OR %(account)s IN (t.from_account_id, t.to_account_id))"
+        " AND (coalesce(o.amount_micros, 0) <> -t.amount_micros OR coalesce(i.amount_micros, 0) <> t.amount_micros"
+        "  OR coalesce((SELECT sum(l.original_micros) FROM credit_lots l WHERE l.transfer_id = t.id), 0)"
+        "   <> t.amount_micros)",
+        "transfer {transfer_id} of {amount_micros} micros: out leg {out_micros}, in leg {in_micros}, lots created "
+        "{lots_micros}",
+    ),
+    Check(
+        "transfer_within_organization",
+        "Both workspaces of a transfer belong to the transfer's organization.",
+        "SELECT t.from_account_id AS account_id, t.id AS transfer_id, t.organization_id,"
+        " f.organization_id AS from_organization, d.organization_id AS to_organization FROM transfers t"
+        " JOIN accounts f ON f.id = t.from_account_id JOIN accounts d ON d.id = t.to_account_id"
+        " WHERE (f.organization_id IS DISTINCT FROM t.organization_id"
+        "  OR d.organization_id IS DISTINCT FROM t.organization_id)"
+        " AND (%(account)s::text IS NULL OR %(account)s IN (t.from_account_id, t.to_account_id))",
+        "transfer {transfer_id} of organization {organization_id} moved credits from a workspace of "
+        "{from_organization} to one of {to_organization}",
+    ),
+    Check(
+        "transfer_keeps_provenance",
+        "A lot a transfer created has its parent's source, priority and expiry, lives on the transfer's destination "
+        "while its parent lives on the source, links to the parent's origin (a lot no transfer created), and has no "
+        "price of its own (its price is its origin's), so no transfer makes credits refundable, longer-lived or "
+        "priced differently.",
+        "SELECT l.account_id, l.id AS lot_id, l.transfer_id, p.id AS parent_lot_id, l.source,"
+        " p.source AS parent_source, l.expires_at::text AS expires_at, p.expires_at::text AS parent_expires_at"
+        " FROM credit_lots l"
+        " LEFT JOIN credit_lots p ON p.id = l.parent_lot_id"
+        " LEFT JOIN credit_lots o ON o.id = l.origin_lot_id"
+        " LEFT JOIN transfers t ON t.id = l.transfer_id"
+        " WHERE (l.transfer_id IS NOT NULL OR l.parent_lot_id IS NOT NULL OR l.origin_lot_id IS NOT NULL)"
+        " AND (p.id IS NULL OR o.id IS NULL OR t.id IS NULL OR o.origin_lot_id IS NOT NULL"
+        "  OR l.source <> p.source OR l.priority <> p.priority OR l.expires_at IS DISTINCT FROM p.expires_at"
+        "  OR l.origin_lot_id <> coalesce(p.origin_lot_id, p.id) OR l.paid_cents IS NOT NULL"
+        "  OR l.account_id <> t.to_account_id OR p.account_id <> t.from_account_id)"
+        " AND " + _ACCOUNT.format(col="l.account_id"),
+        "lot {lot_id} (transfer {transfer_id}, {source}, expires {expires_at}) does not carry the provenance of its "
+        "parent {parent_lot_id} ({parent_source}, expires {parent_expires_at})",
+    ),
+    Check(
+        "transfer_conserves_lot_credits",
+        "No lot's credits are multiplied by transfers: what the lots a transfer split off a lot received never "
+        "exceeds that lot's original credits.",
+        "SELECT p.account_id, p.id AS lot_id, p.original_micros, sum(l.original_micros) AS moved_micros"
+        " FROM credit_lots p JOIN credit_lots l ON l.parent_lot_id = p.id"
+        " WHERE " + _ACCOUNT.format(col="p.account_id") +
+        " GROUP BY p.account_id, p.id, p.original_micros HAVING sum(l.original_micros) > p.original_micros",
+        "lot {lot_id} had {original_micros} micros but transfers moved {moved_micros} out of it",
+    ),
+)
+CHECKS = CHECKS + TRANSFER_CHECKS
+
 
 def _violation(check: Check, row: dict[str, Any]) -> Violation:
     ids = {k: str(v) for k, v in row.items() if k != "account_id" and v is not None}

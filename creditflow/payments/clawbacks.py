@@ -178,8 +178,9 @@ async def _close_dispute(conn: Any, account_id: str, purchase: dict[str, Any], p
     dispute_id = str(payload.get("dispute_id"))
     status = str(payload.get("status") or "closed")
     async with conn.transaction():
-        # The balance row first, as every ledger write (a refund's release locks it before the disputes rows).
-        await conn.execute("SELECT 1 FROM balances WHERE account_id = %s FOR UPDATE", (account_id,))
+        # The balance rows first, as every ledger write (a refund's release locks it before the disputes rows): the
+        # purchase's workspace's and those its credits were moved to, in id order (0031_3).
+        await conn.execute("SELECT cf_lock_lot_family(%s, %s)", (account_id, purchase["lot_id"]))
         dispute = await (await conn.execute("SELECT * FROM disputes WHERE id = %s AND account_id = %s FOR UPDATE",
                                             (dispute_id, account_id))).fetchone()
         if dispute is None:
@@ -202,12 +203,18 @@ async def _close_dispute(conn: Any, account_id: str, purchase: dict[str, Any], p
             result.ignored.append(f"{dispute_id}: nothing was taken")
             return
         key = f"sys:dispute_won:{dispute_id}"
-        # Back into the purchase's own lot (cf_lot_return, 0023_4): its price keeps describing what it holds.
-        row = await (await conn.execute(
-            "SELECT * FROM cf_lot_return(%s, %s, %s, 'dispute_reversal', 'system:disputes', %s, %s, %s)",
-            (account_id, dispute["lot_id"], back, key, f"Dispute {dispute_id} {status}: credits given back",
-             to_jsonb({"dispute_id": dispute_id, "payment_intent_id": result.payment_intent_id})))).fetchone()
-        assert row is not None
+        description = f"Dispute {dispute_id} {status}: credits given back"
+        metadata = {"dispute_id": dispute_id, "payment_intent_id": result.payment_intent_id}
+        # What it took from workspaces the purchase's credits were moved to goes back to those lots (0031_3).
+        moved = await return_moved_parts(conn, account_id, dispute["lot_id"], f"sys:dispute:{dispute_id}", key,
+                                         "dispute", "dispute_reversal", "system:disputes", description, metadata)
+        if back - moved > 0:
+            # Back into the purchase's own lot (cf_lot_return, 0023_4): its price keeps describing what it holds.
+            row = await (await conn.execute(
+                "SELECT * FROM cf_lot_return(%s, %s, %s, 'dispute_reversal', 'system:disputes', %s, %s, %s)",
+                (account_id, dispute["lot_id"], back - moved, key, description, to_jsonb(metadata))
+            )).fetchone()
+            assert row is not None
         await conn.execute("UPDATE disputes SET returned_micros = returned_micros + %s, updated_at = now()"
                            " WHERE id = %s", (back, dispute_id))
     result.applied.append(Clawback(key=key, kind="dispute_reversal", stripe_id=dispute_id,
@@ -232,18 +239,53 @@ async def restore_failed_refund(conn: Any, obj: dict[str, Any]) -> str | None:
     taken = await (await conn.execute(
         "SELECT -amount_micros AS micros FROM journal WHERE account_id = %s AND idempotency_key = %s",
         (account_id, f"sys:stripe_refund:{refund_id}"))).fetchone()
-    if taken is None or taken["micros"] <= 0:
+    if taken is None:
         return None
     purchase = await _purchase(conn, account_id, pi)
+    key = f"sys:stripe_refund_failed:{refund_id}"
+    description = f"Refund {refund_id} made on Stripe {status}: credits back"
+    metadata = {"payment_intent_id": pi, "stripe_id": refund_id, "status": status}
     try:
-        await conn.execute(
-            "SELECT * FROM cf_lot_return(%s, %s, %s, 'refund_reversal', 'system:refund_reserve', %s, %s, %s)",
-            (account_id, purchase["lot_id"], taken["micros"], f"sys:stripe_refund_failed:{refund_id}",
-             f"Refund {refund_id} made on Stripe {status}: credits back",
-             to_jsonb({"payment_intent_id": pi, "stripe_id": refund_id, "status": status})))
-    except psycopg.errors.RaiseException as exc:
+        # What it took from workspaces the purchase's credits were moved to goes back to those lots (0031_3).
+        moved = await return_moved_parts(conn, account_id, purchase["lot_id"], f"sys:stripe_refund:{refund_id}", key,
+                                         "refund", "refund_reversal", "system:refund_reserve", description, metadata)
+        if taken["micros"] > 0:
+            await conn.execute(
+                "SELECT * FROM cf_lot_return(%s, %s, %s, 'refund_reversal', 'system:refund_reserve', %s, %s, %s)",
+                (account_id, purchase["lot_id"], taken["micros"], key, description, to_jsonb(metadata)))
+        elif moved > 0:  # the purchase's workspace gave nothing: a row of 0 records the restoration once
+            await conn.execute(
+                "INSERT INTO journal (account_id, type, amount_micros, counter_book, balance_after_micros,"
+                " description, metadata, idempotency_key) SELECT account_id, 'refund_reversal', 0,"
+                " 'system:refund_reserve', balance_micros, %s, %s, %s FROM balances WHERE account_id = %s"
+                " ON CONFLICT DO NOTHING", (description, to_jsonb(metadata), key, account_id))
+        else:
+            return None
+    except psycopg.Error as exc:
         raise CreditflowError(str(exc.diag.message_primary or "clawback_failed")) from exc
     return str(purchase["id"])
+
+
+async def return_moved_parts(conn: Any, account_id: str, lot_id: str, taken_key: str, return_key: str,
+                             taken_type: str, return_type: str, book: str, description: str,
+                             metadata: dict[str, Any]) -> int:
+    """Give back what a clawback under ``taken_key`` (and the parts a released refund later gave it,
+    ``taken_key:refund:...``) took from the lots the purchase's credits were moved to by transfers: each to its own
+    lot (cf_lot_return), once (key ``return_key:<lot id>``). Returns the micros given back (or given back before)."""
+    await conn.execute("SELECT cf_lock_lot_family(%s, %s)", (account_id, lot_id))
+    parts = await (await conn.execute(
+        "SELECT l.id, l.account_id, sum(-j.amount_micros)::bigint AS taken FROM credit_lots l"
+        " JOIN journal j ON j.account_id = l.account_id AND j.type = %s"
+        "  AND (j.idempotency_key = %s || ':' || l.id OR j.idempotency_key LIKE %s || ':refund:%%:' || l.id)"
+        " WHERE l.origin_lot_id = %s GROUP BY l.id, l.account_id HAVING sum(-j.amount_micros) > 0"
+        " ORDER BY l.id", (taken_type, taken_key, taken_key, lot_id))).fetchall()
+    for part in parts:
+        await conn.execute(
+            "SELECT * FROM cf_lot_return(%s, %s, %s, %s, %s, %s, %s, %s)",
+            (part["account_id"], part["id"], part["taken"], return_type, book, f"{return_key}:{part['id']}",
+             description + " (credits moved here by a transfer)",
+             to_jsonb({**metadata, "origin_lot_id": lot_id, "origin_account_id": account_id})))
+    return sum(int(p["taken"]) for p in parts)
 
 
 def _refunds_not_ours(payload: dict[str, Any], stripe_refunds: list[dict[str, Any]] | None,

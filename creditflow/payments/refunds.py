@@ -45,6 +45,7 @@ from creditflow.ledger.db import to_jsonb
 from creditflow.ledger.idempotency import request_hash
 from creditflow.ledger.lots import account_lots
 from creditflow.ledger.models import txn_id
+from creditflow.ledger.transfers import moved_remaining_micros
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, RefundState, StripeGateway
 
 REFUND_METADATA_KEY = "creditflow_refund_id"
@@ -182,7 +183,9 @@ async def plan(pool: AsyncConnectionPool, *, account_id: str, request_id: str, p
     # The lot's price (migration 0023_1); a lot written before it without a backfilled price has its charge's.
     facts = PurchaseFacts(source=lot.source, purchased_at=lot.created_at,
                           paid_cents=lot.paid_cents if lot.paid_cents is not None else charge["amount_cents"],
-                          remaining_micros=int(lot.remaining * MICROS_PER_CREDIT),
+                          # What remains of the purchase wherever transfers moved it (0031_3).
+                          remaining_micros=int(lot.remaining * MICROS_PER_CREDIT)
+                          + await moved_remaining_micros(pool, lot.id),
                           original_micros=int(lot.original * MICROS_PER_CREDIT), refunded_cents=int(row["cents"]))
     try:
         quote = quote_refund(facts, credits=credits, now=now)
