@@ -403,7 +403,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "auto_recharge.disabled": {"consecutive_failures": 3, "reason": "too_many_failures", "balance": "7.25"},
     "auto_recharge.daily_cap_reached": {"max_per_day": 5, "next_attempt_at": "2026-11-23T00:00:00+00:00"},
     "balance.low": {"balance_micros": 999_999, "threshold_micros": 1_000_000},
-    "limit.reached": {"limit_type": "agent_monthly", "limit": "500", "spent_micros": 500_100_000,
+    "limit.reached": {"scope": "agent_monthly", "limit": "500", "spent_micros": 500_100_000,
                       "action": "alert_only", "agent_id": "a1"},
     "usage.daily_threshold": {"limit_micros": 5_000_000_000, "spent_micros": 5_000_500_000, "period": "2026-11-22"},
     "invoice.issued": {"number": "CF-0002", "period": "2026-11", "total_cents": 4_900, "due_date": "2026-12-01"},
