@@ -20,7 +20,8 @@ from creditflow.ledger.agents import PAUSED_BY_SYSTEM, Agent
 from workflows.contract import AgentStatus
 
 # Why the system paused an agent (``agents.pause_reason``), by the scope of the limit reached.
-REASON_BY_SCOPE = {"agent_monthly": "agent_monthly_limit", "daily": "daily_limit", "monthly": "monthly_limit"}
+REASON_BY_SCOPE = {"agent_monthly": "agent_monthly_limit", "daily": "daily_limit", "monthly": "monthly_limit",
+                   "plan_credits": agents.PLAN_CREDITS_EXHAUSTED}
 
 
 class SetAgentStatusInput(BaseModel):
@@ -94,7 +95,11 @@ class AgentActivities:
         """A limit with action ``pause`` was reached: pause its agent (agent limit) or every active agent of the
         account (account limit) until the next period. Agents already paused are left as they are."""
         reason = REASON_BY_SCOPE.get(input.scope, input.scope)
-        until = resume_time("daily" if input.scope == "daily" else "monthly", input.now, input.period)
+        if input.scope == "plan_credits":  # a stop agent out of plan credits: until the cycle renews (or a top-up)
+            renewal = await agents.plan_period_end(self._pool, input.account_id)
+            until = renewal if renewal is not None else input.now
+        else:
+            until = resume_time("daily" if input.scope == "daily" else "monthly", input.now, input.period)
         if until <= input.now:  # the period of that limit is already over: nothing to stop now
             return AgentChanges(changes=[], next_resume_at=await self._next_resume(input.account_id))
         if input.agent_id is not None:
@@ -122,12 +127,15 @@ class AgentActivities:
         changes = []
         for agent in await agents.system_paused(self._pool, input.account_id):
             due = agent.resume_at is not None and agent.resume_at <= input.now
-            if not (due or (input.why == "limits" and not _still_limited(agent, limits_state))):
+            topped_up = (agent.pause_reason == agents.PLAN_CREDITS_EXHAUSTED and not due
+                         and await agents.purchased_since(self._pool, input.account_id, agent.paused_at))
+            if not (due or topped_up or (input.why == "limits" and not _still_limited(agent, limits_state))):
                 continue
             try:
+                why = "new period" if due else "top-up" if topped_up else "limit raised"
                 resumed, event_id = await agents.set_status(self._pool, input.account_id, agent.id, paused=False,
-                                                            actor=PAUSED_BY_SYSTEM,
-                                                            reason="new period" if due else "limit raised")
+                                                            actor=PAUSED_BY_SYSTEM, reason=why,
+                                                            wallet_until_renewal=topped_up)
             except CreditflowError as exc:
                 if exc.code == "invalid_transition":
                     continue
