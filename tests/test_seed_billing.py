@@ -57,3 +57,48 @@ async def test_check_and_entitled_without_value_ask_for_one_unit(api: httpx.Asyn
     assert (minute["allowed"], minute["code"]) == (False, "agent_limit_reached")
     message = await checked(api, CHECK, {"account_id": other, "feature_id": "chat_message", "agent_id": "bot"})
     assert (message["allowed"], message["code"]) == (True, "ok")
+
+
+# --- item 5: the console's credit balance figures -----------------------------------------------------------------
+
+
+async def test_balance_reports_total_usage_and_remaining_for_the_period(api: httpx.AsyncClient,
+                                                                       pool: AsyncConnectionPool) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tests.test_plan_pricing import subscribe
+
+    # Wallet-only: the calendar month (UTC). 5,000 welcome + 300 granted by hand; 245 + 10 used; a debit is no usage.
+    account = await new_account(api)
+    grant = await api.post("/api/v1/billing/wallet/credit", json={
+        "account_id": account, "amount": 300, "reason": "goodwill", "idempotency_key": "g-1"})
+    assert grant.status_code in (200, 201), grant.text
+    await debit(api, account, 5, "d-1")
+    assert (await track(api, account, "llm_tokens", 2450, "t-1")).status_code == 200
+    assert (await track(api, account, "voice_minute", 1, "t-2")).status_code == 200
+    got = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
+    now = datetime.now(UTC)
+    month = datetime(now.year, now.month, 1, tzinfo=UTC)
+    following = (month + timedelta(days=32)).replace(day=1)
+    assert {k: got[k] for k in ("total_credits", "usage_this_period", "remaining_credits", "balance",
+                                "period_start", "period_end")} == {
+        "total_credits": 5300, "usage_this_period": 255, "remaining_credits": 5040, "balance": 5040,
+        "period_start": month.isoformat().replace("+00:00", "Z"),
+        "period_end": following.isoformat().replace("+00:00", "Z")}
+    # Usage of an earlier month is not this period's; nor are the credits granted then.
+    async with pool.connection() as conn, conn.transaction():  # the simulator's clock, for this transaction only
+        await conn.execute("SELECT set_config('creditflow.now', %s, true)", ((month - timedelta(days=3)).isoformat(),))
+        await conn.execute("SELECT * FROM cf_track(%s, 'chat_message', 7, NULL, 'old-1', NULL, NULL)", (account,))
+    again = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
+    assert (again["total_credits"], again["usage_this_period"], again["balance"]) == (5300, 255, 5033)
+
+    # A plan account: the billing period, plan credits granted in it count as granted.
+    planned = await new_account(api)
+    period = await subscribe(pool, planned, credits=100)
+    assert (await track(api, planned, "voice_minute", 2, "p-1")).status_code == 200  # Growth: 8 a minute
+    got = (await api.get("/api/v1/billing/balance", params={"account_id": planned})).json()
+    assert {k: got[k] for k in ("total_credits", "usage_this_period", "remaining_credits", "plan_credits_remaining",
+                                "period_start", "period_end")} == {
+        "total_credits": 5100, "usage_this_period": 16, "remaining_credits": 5084, "plan_credits_remaining": 84,
+        "period_start": period.start.isoformat().replace("+00:00", "Z"),
+        "period_end": period.end.isoformat().replace("+00:00", "Z")}
