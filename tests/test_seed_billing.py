@@ -3,14 +3,27 @@ through the HTTP API on the real stack (PostgreSQL; Temporal and localstripe whe
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
+import stripe
 from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
 
+from creditflow.config import Settings
+from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
+from tests.test_account_workflow import eventually
 from tests.test_api_metering import new_account, track
+from tests.test_topups import CARDS, DECLINED_AT_CHARGE, _client, customer_of, intents_of, save_card
+from workflows.contract import InvoiceAdjustmentLine, InvoiceWorkflowInput, invoice_workflow_id
+from workflows.invoice import InvoiceWorkflow
 
 CHECK = "/api/v1/billing/check"
+INVOICES = "/api/v1/billing/invoices"
 ENTITLED = "/api/v1/entitled"
 
 
@@ -64,8 +77,6 @@ async def test_check_and_entitled_without_value_ask_for_one_unit(api: httpx.Asyn
 
 async def test_balance_reports_total_usage_and_remaining_for_the_period(api: httpx.AsyncClient,
                                                                        pool: AsyncConnectionPool) -> None:
-    from datetime import UTC, datetime, timedelta
-
     from tests.test_plan_pricing import subscribe
 
     # Wallet-only: the calendar month (UTC). 5,000 welcome + 300 granted by hand; 245 + 10 used; a debit is no usage.
@@ -102,3 +113,114 @@ async def test_balance_reports_total_usage_and_remaining_for_the_period(api: htt
         "total_credits": 5100, "usage_this_period": 16, "remaining_credits": 5084, "plan_credits_remaining": 84,
         "period_start": period.start.isoformat().replace("+00:00", "Z"),
         "period_end": period.end.isoformat().replace("+00:00", "Z")}
+
+
+# --- item 10: pay a past-due invoice now; a new card retries; the credit balance ------------------------------------
+
+
+@pytest.fixture
+def settings(database_url: str, stripe_base: str) -> Settings:
+    return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
+                    welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
+                    stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1, topup_poll_interval_seconds=0.3)
+
+
+@pytest.fixture
+async def wf_api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in _client(temporal_settings):
+        yield client
+
+
+async def past_due_invoice(api: httpx.AsyncClient, client: Client, settings: Settings, account: str) -> str:
+    """A Starter invoice ($49) whose only charge attempt failed: past due, its workflow closed."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    input = InvoiceWorkflowInput(account_id=account, period_start=now - timedelta(hours=1),
+                                 period_end=now + timedelta(hours=1), plan_id="starter", charge_attempts=1)
+    outcome = await asyncio.wait_for(client.execute_workflow(
+        InvoiceWorkflow.run, input, id=invoice_workflow_id(account, input.key()),
+        task_queue=settings.temporal_task_queue), 60)
+    assert (outcome.status, outcome.amount_due_cents) == ("past_due", 4900)
+    assert outcome.invoice_id is not None
+    return outcome.invoice_id
+
+
+async def succeeded_intents(sdk: stripe.StripeClient, pool: AsyncConnectionPool, account: str) -> list[Any]:
+    return [pi for pi in intents_of(sdk, await customer_of(pool, account)) if pi.status == "succeeded"]
+
+
+@pytest.mark.temporal
+async def test_pay_a_past_due_invoice_now_once_with_the_chosen_card(
+        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient, temporal_client: Client,
+        temporal_settings: Settings) -> None:
+    api = wf_api
+    account = await new_account(api)
+    await save_card(api, sdk, account, DECLINED_AT_CHARGE)
+    invoice = await past_due_invoice(api, temporal_client, temporal_settings, account)
+    path = f"{INVOICES}/{invoice}/pay"
+    # The default card is still declined: the attempt is recorded and the decline answered.
+    declined = await api.post(path, json={"account_id": account})
+    assert (declined.status_code, declined.json()["error"]["code"]) == (402, "card_declined")
+    # Another account's card, or one that is not a card of this account: unknown, nothing charged.
+    other = await api.post(path, json={"account_id": account, "payment_method_id": new_card(sdk)})
+    assert (other.status_code, other.json()["error"]["code"]) == (404, "unknown_payment_method")
+    good = await api.post(CARDS, json={"account_id": account, "payment_method_id": new_card(sdk),
+                                       "set_default": False})
+    assert good.status_code == 201, good.text
+    # Adding a card retried the past-due invoice with it (no request needed), once.
+    paid = await eventually(lambda: api.get(f"{INVOICES}/{invoice}", params={"account_id": account}),
+                            lambda r: r.json()["status"] == "paid", timeout=30)
+    assert paid.json()["attempts"] == 3
+    [pi] = await succeeded_intents(sdk, pool, account)
+    assert (pi.amount, pi.payment_method, paid.json()["payment_intent_id"]) == (4900, good.json()["id"], pi.id)
+    # Paying again: the paid invoice as it is, no second PaymentIntent.
+    again = await api.post(path, json={"account_id": account, "payment_method_id": good.json()["id"]})
+    assert (again.status_code, again.json()["status"], again.json()["attempts"]) == (200, "paid", 3)
+    assert len(await succeeded_intents(sdk, pool, account)) == 1
+    listed = (await api.get(INVOICES, params={"account_id": account})).json()
+    assert listed["payments_due"] == {"count": 0, "amount_usd": 0}
+
+
+@pytest.mark.temporal
+async def test_pay_now_with_a_chosen_card_and_without_any(
+        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient, temporal_client: Client,
+        temporal_settings: Settings) -> None:
+    api = wf_api
+    account = await new_account(api)
+    invoice = await past_due_invoice(api, temporal_client, temporal_settings, account)  # no card at all
+    path = f"{INVOICES}/{invoice}/pay"
+    none = await api.post(path, json={"account_id": account})
+    assert (none.status_code, none.json()["error"]["code"]) == (402, "no_payment_method")
+    await save_card(api, sdk, account, DECLINED_AT_CHARGE)  # the default; retried at once, declined
+    chosen = await api.post(CARDS, json={"account_id": account, "payment_method_id": new_card(sdk),
+                                         "set_default": False})
+    await eventually(lambda: api.get(f"{INVOICES}/{invoice}", params={"account_id": account}),
+                     lambda r: r.json()["status"] == "paid", timeout=30)
+    [pi] = await succeeded_intents(sdk, pool, account)
+    assert pi.payment_method == chosen.json()["id"]
+    unknown = await api.post(f"{INVOICES}/inv_{'0' * 32}/pay", json={"account_id": account})
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "unknown_invoice")
+
+
+@pytest.mark.temporal
+async def test_invoices_show_the_credit_balance_they_add_and_apply(
+        wf_api: httpx.AsyncClient, temporal_client: Client, temporal_settings: Settings) -> None:
+    api = wf_api
+    account = await new_account(api)
+    now = datetime.now(UTC).replace(microsecond=0)
+    # A period whose lines come to -$60 (a downgrade's proration credit): nothing due, $60 carried; the next period's
+    # Starter fee ($49) applies $49 of it ("Applied credit balance"), leaving $11.
+    for n, extra in enumerate(({"adjustments": [InvoiceAdjustmentLine(description="Proration credit",
+                                                                      amount_cents=-6000)]},
+                               {"plan_id": "starter"})):
+        input = InvoiceWorkflowInput(account_id=account, period_start=now + timedelta(days=n),
+                                     period_end=now + timedelta(days=n, hours=1), charge=False, **extra)
+        await asyncio.wait_for(temporal_client.execute_workflow(
+            InvoiceWorkflow.run, input, id=invoice_workflow_id(account, input.key()),
+            task_queue=temporal_settings.temporal_task_queue), 60)
+    listed = (await api.get(INVOICES, params={"account_id": account})).json()
+    assert listed["credit_balance_usd"] == 11
+    assert [(i["amount_usd"], i["credit_added_usd"], i["credit_applied_usd"]) for i in listed["items"]] == [
+        (0, 0, 49), (0, 60, 0)]
+    newest = (await api.get(f"{INVOICES}/{listed['items'][0]['id']}", params={"account_id": account})).json()
+    assert [(line["description"], line["amount_usd"]) for line in newest["lines"]][-1] == (
+        "Applied credit balance", -49)

@@ -389,6 +389,8 @@ INVOICE_WORKFLOW_ID_PREFIX = "invoice:"
 QUERY_INVOICE_STATUS = "status"
 # Signal: "try the charge again now" (e.g. the customer saved a new card) instead of waiting for the next retry.
 SIGNAL_RETRY_INVOICE_PAYMENT = "retry_payment"
+# Charge the invoice now (``POST /billing/invoices/{id}/pay``, a card added): ``InvoicePayNow``.
+SIGNAL_PAY_INVOICE_NOW = "pay_now"
 
 INVOICE_PENDING = "pending"
 INVOICE_OPEN = "open"
@@ -444,6 +446,12 @@ class InvoiceWorkflowInput(BaseModel):
 
     def key(self) -> str:
         return self.period_key or self.period_start.date().isoformat()
+
+
+class InvoicePayNow(BaseModel):
+    """Signal ``pay_now``: try the charge now, with this saved card (None: the default card)."""
+
+    payment_method_id: str | None = None
 
 
 class InvoiceOutcome(BaseModel):
