@@ -12,13 +12,14 @@ import httpx
 import pytest
 import stripe
 from psycopg_pool import AsyncConnectionPool
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
 from tests.test_account_workflow import eventually
 from tests.test_api_metering import new_account, track
 from tests.test_topups import CARDS, DECLINED_AT_CHARGE, _client, customer_of, intents_of, save_card
+from tests.test_workflow_replay import record_and_replay
 from workflows.contract import InvoiceAdjustmentLine, InvoiceWorkflowInput, invoice_workflow_id
 from workflows.invoice import InvoiceWorkflow
 
@@ -178,6 +179,11 @@ async def test_pay_a_past_due_invoice_now_once_with_the_chosen_card(
     assert len(await succeeded_intents(sdk, pool, account)) == 1
     listed = (await api.get(INVOICES, params={"account_id": account})).json()
     assert listed["payments_due"] == {"count": 0, "amount_usd": 0}
+    # The run that paid it (started again by the new card) replays, and is kept for the replay tests.
+    workflow_id = invoice_workflow_id(account, paid.json()["period_start"][:10])
+    await eventually(lambda: temporal_client.get_workflow_handle(workflow_id).describe(),
+                     lambda d: d.status == WorkflowExecutionStatus.COMPLETED, timeout=30)
+    await record_and_replay(temporal_client, workflow_id, "invoice_v2_paid_now")
 
 
 @pytest.mark.temporal
