@@ -32,6 +32,7 @@ from workflows.contract import (
     QUERY_STATE,
     RECONCILIATION_WORKFLOW,
     REFUND_WORKFLOW,
+    RENTAL_WORKFLOW,
     SA_ACCOUNT_ID,
     SA_PLAN,
     SA_STATUS,
@@ -59,6 +60,7 @@ from workflows.contract import (
     ReconcileSummary,
     RefundInput,
     RefundOutcome,
+    RentalInput,
     SubscriptionState,
     TopUpInput,
     TopUpOutcome,
@@ -66,6 +68,7 @@ from workflows.contract import (
     account_workflow_id,
     invoice_workflow_id,
     refund_workflow_id,
+    rental_workflow_id,
     topup_workflow_id,
 )
 
@@ -264,6 +267,20 @@ class CreditflowClient:
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                 search_attributes=account_search_attributes(input.account_id, self.search_attributes),
                 static_summary=f"Pay invoice {input.key()} now ({input.account_id})")
+        except RPCError as err:
+            raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
+                                  details={"reason": err.message}) from err
+
+    async def start_rental(self, account_id: str, charge_id: str, anchor: datetime) -> None:
+        """Start the monthly schedule of a recurring charge, ``rental:{account_id}:{charge_id}`` (one running is
+        kept). Temporal unreachable is ``workflow_unavailable``."""
+        try:
+            await self.temporal.start_workflow(
+                RENTAL_WORKFLOW, RentalInput(account_id=account_id, charge_id=charge_id, anchor=anchor),
+                id=rental_workflow_id(account_id, charge_id), task_queue=self.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                search_attributes=account_search_attributes(account_id, self.search_attributes),
+                static_summary=f"Monthly rental {charge_id} ({account_id})")
         except RPCError as err:
             raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
                                   details={"reason": err.message}) from err

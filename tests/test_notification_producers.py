@@ -104,6 +104,14 @@ async def test_every_template_renders_on_every_channel_from_its_producers_payloa
     await ok(await api.put("/api/v1/billing/auto-recharge", json={
         "account_id": declined, "enabled": True, "threshold": 6000, "recharge_amount": 1000}))
 
+    # A number rental the wallet cannot cover (RentalWorkflow): unpaid, the customer told.
+    poor = await new_account(api)
+    await ok(await api.post("/api/v1/billing/wallet/credit", json={
+        "account_id": poor, "amount": -4990, "reason": "t", "idempotency_key": "d"}))
+    await ok(await api.post("/api/v1/billing/recurring-charges", json={
+        "account_id": poor, "description": "Phone number rental", "quantity": 2, "unit": "number",
+        "unit_price": 150}), 201)
+
     # Invoices: paid with the card, past due on the declined card, issued without charging.
     now = datetime.now(UTC).replace(microsecond=0)
     for account, extra in ((buyer, {"plan_id": "starter"}),

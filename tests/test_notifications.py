@@ -410,6 +410,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "invoice.past_due": {"number": "CF-0001", "amount_due_cents": 100, "due_date": "2026-11-01", "days_past_due": 3},
     "agent.paused": {"agent_id": "a1"},
     "agent.resumed": {"agent_id": "a1"},
+    "recurring_charge.failed": {"charge_id": "rc_1", "description": "Phone number rental", "quantity": 3,
+                                "amount_micros": 450_000_000, "period": "2026-12-05"},
 }
 
 

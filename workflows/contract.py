@@ -501,3 +501,22 @@ class ReconcileSummary(BaseModel):
     reported: int = 0
     violations: int | None = None
     notes: list[str] = Field(default_factory=list)
+
+
+# --- number rental in the wallet (issue 13, item 8) ---------------------------------------------------------------
+
+RENTAL_WORKFLOW = "RentalWorkflow"
+
+
+def rental_workflow_id(account_id: str, charge_id: str) -> str:
+    """``rental:{account_id}:{charge_id}``: one durable monthly schedule per recurring charge."""
+    return f"rental:{account_id}:{charge_id}"
+
+
+class RentalInput(BaseModel):
+    """Month ``index`` (0: the month starting at ``anchor``, the charge's creation) of one recurring charge."""
+
+    account_id: str
+    charge_id: str
+    anchor: datetime
+    index: int = 0
