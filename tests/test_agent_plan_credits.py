@@ -178,3 +178,61 @@ async def test_stop_agent_is_paused_by_the_system_and_a_top_up_resumes_it_on_the
     assert [(n["kind"], n["payload"].get("scope") or n["payload"].get("reason")) for n in notes] == [
         ("limit.reached", "plan_credits"), ("agent.paused", "plan_credits_exhausted")]
     await assert_invariants(pool)
+
+
+async def test_stop_agent_paused_for_plan_credits_resumes_at_the_renewal(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool, temporal_settings: Settings) -> None:
+    """Time-skipping: the pause written by the hot path (its real outbox row) lasts until the cycle renews."""
+    from datetime import UTC, datetime, timedelta
+    from pathlib import Path
+
+    from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.testing import WorkflowEnvironment
+
+    from creditflow.domain.periods import period_containing
+    from tests.conftest import _temporal_cli
+    from workers.main import build_worker
+    from workflows.contract import (
+        ACCOUNT_WORKFLOW,
+        SIGNAL_OUTBOX_EVENT,
+        AccountWorkflowInput,
+        OutboxEvent,
+        account_workflow_id,
+    )
+
+    account = await new_account(api)
+    await register(api, account, "stopper", on_plan_exhausted="stop")
+    now = datetime.now(UTC)
+    period = period_containing(now - timedelta(days=30) + timedelta(hours=2), now)
+    assert now < period.end <= now + timedelta(hours=3)
+    await subscribe(pool, account, credits=10, period=period)
+    assert (await track(api, account, "voice_minute", 2, "s-1", agent_id="stopper")).json()["code"] == (
+        "plan_credits_exhausted")
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT dedup_key, kind, payload, created_at FROM outbox WHERE account_id = %s"
+                                        " AND kind = 'limit.reached'", (account,))).fetchone()
+    event = OutboxEvent(dedup_key=row["dedup_key"], kind=row["kind"], payload=row["payload"],
+                        created_at=row["created_at"])
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(Path(_temporal_cli()).parent / "temporal-test-server"),
+        data_converter=pydantic_data_converter)
+    try:
+        queue = temporal_settings.temporal_task_queue + "-ts"
+        async with build_worker(env.client, pool, temporal_settings, task_queue=queue):
+            handle = await env.client.start_workflow(
+                ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account, publish_search_attributes=False),
+                id=account_workflow_id(account), task_queue=queue, start_signal=SIGNAL_OUTBOX_EVENT,
+                start_signal_args=[event])
+            paused = await eventually(lambda: agent(api, account, "stopper"), lambda a: a["status"] == "paused",
+                                      timeout=20)
+            assert paused["pause_reason"] == "plan_credits_exhausted"
+            await env.sleep(timedelta(hours=4))
+            resumed = await eventually(lambda: agent(api, account, "stopper"), lambda a: a["status"] == "active",
+                                       timeout=30)
+            assert resumed["wallet_until"] is None  # a new cycle: stop again, on the new plan credits
+            trail = (await api.get(f"{AGENTS}/stopper/events", params={"account_id": account})).json()["items"]
+            assert [(e["action"], e["reason"]) for e in trail] == [("paused", "plan_credits_exhausted"),
+                                                                  ("resumed", "new period")]
+            await handle.terminate("test over")
+    finally:
+        await env.shutdown()
