@@ -83,6 +83,9 @@ async def test_use_balance_agent_at_its_plan_credit_limit_goes_on_from_the_walle
     third = await track(api, account, "voice_minute", 1, "c-3", agent_id="capped")
     assert (third.json()["credits_charged"], third.json()["credits_per_unit"]) == (9, 9)
     assert await plan_left(pool, account) == 90 * MICROS_PER_CREDIT
+    seen_rate = (await api.post("/api/v1/billing/check", json={"account_id": account, "feature_id": "voice_minute",
+                                                               "agent_id": "capped"})).json()
+    assert (seen_rate["allowed"], seen_rate["credits_per_unit"]) == (True, 9)
     other = await track(api, account, "voice_minute", 1, "f-1", agent_id="free")
     assert (other.json()["credits_charged"], other.json()["credits_per_unit"]) == (8, 8)
     assert await plan_left(pool, account) == 82 * MICROS_PER_CREDIT

@@ -206,12 +206,14 @@ WHERE b.account_id = %(account)s
 """
 
 # Controlled accounts only (a second statement, as the gate always was): the rate this account pays (migration 0013:
-# the plan rate while plan credits are left, the overage rate once they are spent, else the card's, as
+# the plan rate while plan credits are left, to this agent too (its plan_credit_limit, 0030_1), the overage rate once
+# they are spent, else the card's, as
 # cf_plan_price) and the spend-control verdict for the amount at that rate, read only (nothing is emitted).
 _CONTROLLED_CHECK_SQL = """
 SELECT r.rate, cf_spend_gate(%(account)s, %(agent)s, cf_charge_micros(%(quantity)s::numeric, r.rate), false) AS code
-FROM (SELECT coalesce((SELECT CASE WHEN b.plan_left_micros > 0 THEN x.credits_per_unit
-                                   ELSE x.overage_credits_per_unit END
+FROM (SELECT coalesce((SELECT CASE WHEN b.plan_left_micros > 0
+                                        AND coalesce((cf_agent_plan(b.account_id, %(agent)s)).room, 1) > 0
+                                   THEN x.credits_per_unit ELSE x.overage_credits_per_unit END
                        FROM plan_rates x WHERE x.plan_id = b.plan_id AND x.feature_id = %(feature)s),
                       %(card)s::numeric) AS rate
       FROM balances b WHERE b.account_id = %(account)s) r
