@@ -127,9 +127,14 @@ class AgentActivities:
         changes = []
         for agent in await agents.system_paused(self._pool, input.account_id):
             due = agent.resume_at is not None and agent.resume_at <= input.now
-            topped_up = (agent.pause_reason == agents.PLAN_CREDITS_EXHAUSTED and not due
-                         and await agents.purchased_since(self._pool, input.account_id, agent.paused_at))
-            if not (due or topped_up or (input.why == "limits" and not _still_limited(agent, limits_state))):
+            plan_pause = agent.pause_reason == agents.PLAN_CREDITS_EXHAUSTED and not due
+            topped_up = plan_pause and await agents.purchased_since(self._pool, input.account_id, agent.paused_at)
+            if plan_pause and not topped_up:  # its settings changed (limit raised, use_balance): plan credits again?
+                lifted = input.why == "limits" and not await agents.stopped_for_plan_credits(
+                    self._pool, input.account_id, agent.id)
+            else:
+                lifted = input.why == "limits" and not _still_limited(agent, limits_state)
+            if not (due or topped_up or lifted):
                 continue
             try:
                 why = "new period" if due else "top-up" if topped_up else "limit raised"

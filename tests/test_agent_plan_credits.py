@@ -183,6 +183,28 @@ async def test_stop_agent_is_paused_by_the_system_and_a_top_up_resumes_it_on_the
     await assert_invariants(pool)
 
 
+@pytest.mark.temporal
+async def test_raising_the_plan_credit_limit_resumes_a_stopped_agent(
+        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, relay: Any) -> None:  # noqa: F811
+    api = wf_api
+    account = await new_account(api)
+    await register(api, account, "stopper", on_plan_exhausted="stop", plan_credit_limit=8)
+    await subscribe(pool, account, credits=100)
+    assert (await track(api, account, "voice_minute", 1, "s-1", agent_id="stopper")).json()["credits_charged"] == 8
+    refused = await track(api, account, "voice_minute", 1, "s-2", agent_id="stopper")
+    assert refused.json()["code"] == "plan_credits_exhausted"
+    await eventually(lambda: agent(api, account, "stopper"), lambda a: a["status"] == "paused", timeout=30)
+    raised = await api.patch(f"{AGENTS}/stopper", json={"account_id": account, "plan_credit_limit": 50})
+    assert raised.status_code == 200, raised.text
+    await eventually(lambda: agent(api, account, "stopper"), lambda a: a["status"] == "active", timeout=30)
+    trail = (await api.get(f"{AGENTS}/stopper/events", params={"account_id": account})).json()["items"]
+    assert [(e["action"], e["reason"]) for e in trail] == [("paused", "plan_credits_exhausted"),
+                                                          ("resumed", "limit raised")]
+    ok = await track(api, account, "voice_minute", 1, "s-3", agent_id="stopper")
+    assert (ok.status_code, ok.json()["credits_charged"]) == (200, 8)
+    assert (await balance(api, account))["balance"] == 5084  # all from plan credits: 5,100 - 16
+
+
 async def test_stop_agent_paused_for_plan_credits_resumes_at_the_renewal(
         api: httpx.AsyncClient, pool: AsyncConnectionPool, temporal_settings: Settings) -> None:
     """Time-skipping: the pause written by the hot path (its real outbox row) lasts until the cycle renews."""

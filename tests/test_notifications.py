@@ -229,7 +229,7 @@ async def test_failing_channel_is_reported_after_n_attempts_and_others_deliver(
                          sms_account_sid=SMS_SID, sms_auth_token=SecretStr(SMS_TOKEN), sms_from_number=SMS_FROM)
         service = NotificationService(pool, cfg)
         note = Notification(account_id=account, kind="limit.reached", dedup_key="limit:daily:2026-11-22",
-                            payload={"limit_type": "daily", "limit_micros": 10_000_000_000,
+                            payload={"scope": "daily", "limit_micros": 10_000_000_000,
                                      "spent_micros": 10_000_000_000, "action": "pause"})
 
         with pytest.raises(NotificationPending) as first:  # Temporal would retry the activity

@@ -217,3 +217,19 @@ async def purchased_since(pool: AsyncConnectionPool, account_id: str, since: dat
             "SELECT 1 FROM journal WHERE account_id = %s AND type IN ('purchase', 'auto_recharge')"
             " AND amount_micros > 0 AND created_at > %s LIMIT 1", (account_id, since))).fetchone()
     return row is not None
+
+
+async def stopped_for_plan_credits(pool: AsyncConnectionPool, account_id: str, agent_id: str) -> bool:
+    """Does the stop rule still stop this agent: ``stop``, on an active plan, with no plan credits available to it
+    (left minus held, within its plan_credit_limit)? False once it is use_balance, the limit is raised, or no plan."""
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT b.plan_id, b.plan_left_micros, b.held_micros, (s).stop, (s).room"
+            " FROM balances b, LATERAL (SELECT cf_agent_plan(b.account_id, %s) AS s) x WHERE b.account_id = %s",
+            (agent_id, account_id))).fetchone()
+    if row is None or row["plan_id"] is None or not row["stop"]:
+        return False
+    available = max(0, row["plan_left_micros"] - row["held_micros"])
+    if row["room"] is not None:
+        available = min(available, row["room"])
+    return available == 0
