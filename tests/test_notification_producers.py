@@ -29,6 +29,7 @@ from tests.conftest import ADMIN_KEY, STRIPE_KEY
 from tests.test_account_workflow import eventually
 from tests.test_api_metering import new_account, track
 from tests.test_auto_recharge import relay  # noqa: F401 - the worker's outbox relay, on this module's settings
+from tests.test_plan_pricing import subscribe
 from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, _client, save_card
 from workflows.contract import InvoiceWorkflowInput, invoice_workflow_id
 from workflows.invoice import InvoiceWorkflow
@@ -86,6 +87,18 @@ async def test_every_template_renders_on_every_channel_from_its_producers_payloa
                      lambda r: r.json()["status"] == "paused", timeout=30)
     await ok(await api.post("/api/v1/agents/voice-7/resume", json={"account_id": limits, "reason": "raised"}))
 
+    # Plan credits and agents (0030_1): a stop agent refused for want of plan credits (paused), a use_balance agent
+    # reaching its plan-credit limit (notified only).
+    planned = await new_account(api)
+    await ok(await api.post("/api/v1/agents", json={"account_id": planned, "id": "stopper",
+                                                   "on_plan_exhausted": "stop"}), 201)
+    await ok(await api.post("/api/v1/agents", json={"account_id": planned, "id": "capped",
+                                                   "plan_credit_limit": 8}), 201)
+    await subscribe(pool, planned, credits=20)
+    await ok(await track(api, planned, "voice_minute", 1, "p-1", agent_id="capped"))
+    refused = await track(api, planned, "voice_minute", 2, "p-2", agent_id="stopper")
+    assert refused.json()["code"] == "plan_credits_exhausted"
+
     # A top-up with a saved card (TopUpWorkflow's receipt); auto-recharge that succeeds, then hits its daily cap of 1.
     buyer = await new_account(api)
     await save_card(api, sdk, buyer)
@@ -131,7 +144,7 @@ async def test_every_template_renders_on_every_channel_from_its_producers_payloa
     produced = {canonical_kind(r["kind"]) for r in rows}
     assert not (produced & NO_PRODUCER), "a producer exists now: take it out of NO_PRODUCER"
     scopes = sorted(r["payload"]["scope"] for r in rows if r["kind"] == "limit.reached")
-    assert scopes == ["agent_monthly", "daily", "monthly"]
+    assert scopes == ["agent_monthly", "agent_plan_credits", "daily", "monthly", "plan_credits"]
 
     for row in rows:
         kind, payload = canonical_kind(row["kind"]), row["payload"]
@@ -150,6 +163,10 @@ async def test_every_template_renders_on_every_channel_from_its_producers_payloa
     text = render("limit.reached", agent_limit["payload"], account_id=limits, account_name="Acme")
     assert text.email_subject == "Spending limit reached: agent monthly (voice-7)"
     assert text.sms == "creditflow: agent monthly limit reached (voice-7) (30/30 credits), usage paused."
+    stop = next(r for r in rows if r["kind"] == "limit.reached" and r["payload"]["scope"] == "plan_credits")
+    assert render("limit.reached", stop["payload"], account_id=planned, account_name="Acme").slack == (
+        ":octagonal_sign: *Acme*: agent stopper is out of plan credits (12 left, 16 needed) and paused until a "
+        "top-up or the renewal.")
     daily = next(r for r in rows if r["kind"] == "limit.reached" and r["payload"]["scope"] == "daily")
     assert render("limit.reached", daily["payload"], account_id=limits, account_name="Acme").slack == (
         ":octagonal_sign: *Acme* reached its daily limit: 50 of 50 credits.")
