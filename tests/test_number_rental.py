@@ -137,3 +137,23 @@ async def test_a_rental_is_charged_every_month_until_removed(pool: AsyncConnecti
         await assert_invariants(pool)
     finally:
         await env.shutdown()
+
+
+async def test_a_month_paid_from_the_wallet_is_not_invoiced_again(pool: AsyncConnectionPool,
+                                                                   api: httpx.AsyncClient) -> None:
+    """A wallet-only account that paid this month's rental and then subscribes: the first plan period's invoice
+    does not bill that charge again (the next periods do, and the wallet no longer pays it)."""
+    from creditflow.domain.periods import next_period
+    from creditflow.ledger import rentals, subscriptions
+    from tests.test_plan_pricing import CATALOG
+
+    account = await new_account(api)
+    rental = await subscriptions.add_recurring(pool, account, description="Phone number rental", quantity=2,
+                                               unit="number", unit_price_credits=Decimal(150))
+    month = await rentals.charge(pool, account, rental.id, rental.created_at)
+    assert (month.status, month.amount_micros) == ("paid", 300 * MICROS_PER_CREDIT)
+    period = await subscribe(pool, account, credits=100)  # started 3 days ago: overlaps the paid month
+    closed = await subscriptions.close_period(pool, account, period, CATALOG.get("growth"))
+    assert closed.recurring == []
+    later = await subscriptions.close_period(pool, account, next_period(next_period(period)), CATALOG.get("growth"))
+    assert [r["id"] for r in later.recurring] == [rental.id]
