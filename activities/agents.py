@@ -20,7 +20,8 @@ from creditflow.ledger.agents import PAUSED_BY_SYSTEM, Agent
 from workflows.contract import AgentStatus
 
 # Why the system paused an agent (``agents.pause_reason``), by the scope of the limit reached.
-REASON_BY_SCOPE = {"agent_monthly": "agent_monthly_limit", "daily": "daily_limit", "monthly": "monthly_limit"}
+REASON_BY_SCOPE = {"agent_monthly": "agent_monthly_limit", "daily": "daily_limit", "monthly": "monthly_limit",
+                   "plan_credits": agents.PLAN_CREDITS_EXHAUSTED}
 
 
 class SetAgentStatusInput(BaseModel):
@@ -100,7 +101,11 @@ class AgentActivities:
 
     async def _pause_for_limit(self, input: LimitReachedInput) -> AgentChanges:
         reason = REASON_BY_SCOPE.get(input.scope, input.scope)
-        until = resume_time("daily" if input.scope == "daily" else "monthly", input.now, input.period)
+        if input.scope == "plan_credits":  # a stop agent out of plan credits: until the cycle renews (or a top-up)
+            renewal = await agents.plan_period_end(self._pool, input.account_id)
+            until = renewal if renewal is not None else input.now
+        else:
+            until = resume_time("daily" if input.scope == "daily" else "monthly", input.now, input.period)
         if until <= input.now:  # the period of that limit is already over: nothing to stop now
             return AgentChanges(changes=[], next_resume_at=await self._next_resume(input.account_id))
         if input.agent_id is not None:
@@ -128,12 +133,20 @@ class AgentActivities:
         changes = []
         for agent in await agents.system_paused(self._pool, input.account_id):
             due = agent.resume_at is not None and agent.resume_at <= input.now
-            if not (due or (input.why == "limits" and not _still_limited(agent, limits_state))):
+            plan_pause = agent.pause_reason == agents.PLAN_CREDITS_EXHAUSTED and not due
+            topped_up = plan_pause and await agents.purchased_since(self._pool, input.account_id, agent.paused_at)
+            if plan_pause and not topped_up:  # its settings changed (limit raised, use_balance): plan credits again?
+                lifted = input.why == "limits" and not await agents.stopped_for_plan_credits(
+                    self._pool, input.account_id, agent.id)
+            else:
+                lifted = input.why == "limits" and not _still_limited(agent, limits_state)
+            if not (due or topped_up or lifted):
                 continue
             try:
+                why = "new period" if due else "top-up" if topped_up else "limit raised"
                 resumed, event_id = await agents.set_status(self._pool, input.account_id, agent.id, paused=False,
-                                                            actor=PAUSED_BY_SYSTEM,
-                                                            reason="new period" if due else "limit raised")
+                                                            actor=PAUSED_BY_SYSTEM, reason=why,
+                                                            wallet_until_renewal=topped_up)
             except CreditflowError as exc:
                 if exc.code == "invalid_transition":
                     continue

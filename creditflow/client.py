@@ -28,14 +28,17 @@ from creditflow.errors import CreditflowError
 from workflows.contract import (
     ACCOUNT_WORKFLOW,
     ACCOUNT_WORKFLOW_ID_PREFIX,
+    INVOICE_WORKFLOW,
     QUERY_STATE,
     RECONCILIATION_WORKFLOW,
     REFUND_WORKFLOW,
+    RENTAL_WORKFLOW,
     SA_ACCOUNT_ID,
     SA_PLAN,
     SA_STATUS,
     SEARCH_ATTRIBUTES,
     SIGNAL_OUTBOX_EVENT,
+    SIGNAL_PAY_INVOICE_NOW,
     SIGNAL_PAYMENT_EVENT,
     SIGNAL_REFUND_EVENT,
     TOPUP_WORKFLOW,
@@ -48,6 +51,8 @@ from workflows.contract import (
     AccountWorkflowInput,
     AgentCommand,
     AgentStatus,
+    InvoicePayNow,
+    InvoiceWorkflowInput,
     OutboxEvent,
     PaymentEvent,
     PlanChange,
@@ -55,12 +60,15 @@ from workflows.contract import (
     ReconcileSummary,
     RefundInput,
     RefundOutcome,
+    RentalInput,
     SubscriptionState,
     TopUpInput,
     TopUpOutcome,
     TopUpTerms,
     account_workflow_id,
+    invoice_workflow_id,
     refund_workflow_id,
+    rental_workflow_id,
     topup_workflow_id,
 )
 
@@ -242,6 +250,37 @@ class CreditflowClient:
             if isinstance(cause, ApplicationError) and cause.type:
                 raise CreditflowError(cause.type, cause.message) from err
             raise
+        except RPCError as err:
+            raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
+                                  details={"reason": err.message}) from err
+
+    async def pay_invoice_now(self, input: InvoiceWorkflowInput, payment_method_id: str | None = None) -> None:
+        """Charge an issued invoice now: signal ``pay_now`` to ``invoice:{account_id}:{period_key}``, starting a run
+        if none is running (signal-with-start). A new run finds the stored invoice and makes ``input.charge_attempts``
+        attempts numbered after the earlier ones, which it first reads back from Stripe (one payment per invoice).
+        Temporal unreachable is ``workflow_unavailable``."""
+        try:
+            await self.temporal.start_workflow(
+                INVOICE_WORKFLOW, input, id=invoice_workflow_id(input.account_id, input.key()),
+                task_queue=self.task_queue, start_signal=SIGNAL_PAY_INVOICE_NOW,
+                start_signal_args=[InvoicePayNow(payment_method_id=payment_method_id)],
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                search_attributes=account_search_attributes(input.account_id, self.search_attributes),
+                static_summary=f"Pay invoice {input.key()} now ({input.account_id})")
+        except RPCError as err:
+            raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
+                                  details={"reason": err.message}) from err
+
+    async def start_rental(self, account_id: str, charge_id: str, anchor: datetime) -> None:
+        """Start the monthly schedule of a recurring charge, ``rental:{account_id}:{charge_id}`` (one running is
+        kept). Temporal unreachable is ``workflow_unavailable``."""
+        try:
+            await self.temporal.start_workflow(
+                RENTAL_WORKFLOW, RentalInput(account_id=account_id, charge_id=charge_id, anchor=anchor),
+                id=rental_workflow_id(account_id, charge_id), task_queue=self.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                search_attributes=account_search_attributes(account_id, self.search_attributes),
+                static_summary=f"Monthly rental {charge_id} ({account_id})")
         except RPCError as err:
             raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
                                   details={"reason": err.message}) from err

@@ -47,6 +47,9 @@ STATUS_BY_CODE: dict[str, int] = {
     # Payments (Stripe).
     "unknown_payment_method": 404,
     "card_declined": 402,
+    "no_payment_method": 402,
+    "authentication_required": 402,
+    "invoice_not_payable": 409,
     "payment_method_invalid": 422,
     "payment_request_invalid": 422,
     "payment_provider_error": 502,

@@ -229,7 +229,7 @@ async def test_failing_channel_is_reported_after_n_attempts_and_others_deliver(
                          sms_account_sid=SMS_SID, sms_auth_token=SecretStr(SMS_TOKEN), sms_from_number=SMS_FROM)
         service = NotificationService(pool, cfg)
         note = Notification(account_id=account, kind="limit.reached", dedup_key="limit:daily:2026-11-22",
-                            payload={"limit_type": "daily", "limit_micros": 10_000_000_000,
+                            payload={"scope": "daily", "limit_micros": 10_000_000_000,
                                      "spent_micros": 10_000_000_000, "action": "pause"})
 
         with pytest.raises(NotificationPending) as first:  # Temporal would retry the activity
@@ -403,13 +403,15 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "auto_recharge.disabled": {"consecutive_failures": 3, "reason": "too_many_failures", "balance": "7.25"},
     "auto_recharge.daily_cap_reached": {"max_per_day": 5, "next_attempt_at": "2026-11-23T00:00:00+00:00"},
     "balance.low": {"balance_micros": 999_999, "threshold_micros": 1_000_000},
-    "limit.reached": {"limit_type": "agent_monthly", "limit": "500", "spent_micros": 500_100_000,
+    "limit.reached": {"scope": "agent_monthly", "limit": "500", "spent_micros": 500_100_000,
                       "action": "alert_only", "agent_id": "a1"},
     "usage.daily_threshold": {"limit_micros": 5_000_000_000, "spent_micros": 5_000_500_000, "period": "2026-11-22"},
     "invoice.issued": {"number": "CF-0002", "period": "2026-11", "total_cents": 4_900, "due_date": "2026-12-01"},
     "invoice.past_due": {"number": "CF-0001", "amount_due_cents": 100, "due_date": "2026-11-01", "days_past_due": 3},
     "agent.paused": {"agent_id": "a1"},
     "agent.resumed": {"agent_id": "a1"},
+    "recurring_charge.failed": {"charge_id": "rc_1", "description": "Phone number rental", "quantity": 3,
+                                "amount_micros": 450_000_000, "period": "2026-12-05"},
 }
 
 

@@ -175,20 +175,28 @@ async def test_stop_agents_are_refused_when_plan_credits_run_out(api: httpx.Asyn
         assert created.status_code == 201, created.text
     period = await subscribe(pool, account, credits=10)
     assert (await track(api, account, "voice_minute", 1, "s-1", agent_id="stopper")).json()["credits_charged"] == 8
-    # 2 credits left: the event starts inside the plan, so it goes ahead (at the plan rate).
-    straddle = await track(api, account, "voice_minute", 1, "s-2", agent_id="stopper")
-    assert (straddle.status_code, straddle.json()["credits_charged"]) == (200, 8)
-    assert await plan_left(pool, account) == 0
-
-    denied = await track(api, account, "voice_minute", 1, "s-3", agent_id="stopper")
+    # 2 credits left: a stop agent's event that costs more (8) is refused, never paid from the wallet (0030_1).
+    denied = await track(api, account, "voice_minute", 1, "s-2", agent_id="stopper")
     assert denied.status_code == 402
     assert {k: denied.json()[k] for k in ("allowed", "code", "credits_charged", "balance")} == {
-        "allowed": False, "code": "plan_credits_exhausted", "credits_charged": 0, "balance": 4994}
+        "allowed": False, "code": "plan_credits_exhausted", "credits_charged": 0, "balance": 5002}
+    assert await plan_left(pool, account) == 2 * MICROS_PER_CREDIT
     seen = await check(api, account, "voice_minute", 1, agent_id="stopper")
-    assert (seen["allowed"], seen["code"], seen["credits_per_unit"]) == (False, "plan_credits_exhausted", 9)
+    assert (seen["allowed"], seen["code"], seen["credits_per_unit"]) == (False, "plan_credits_exhausted", 8)
+    # A hold is capped at what is left to it: 2 credits reserved of the 8 a minute costs.
     hold = await api.post("/api/v1/billing/holds", json={"account_id": account, "feature_id": "voice_minute",
                                                          "value": 1, "agent_id": "stopper", "idempotency_key": "h-s"})
-    assert (hold.status_code, hold.json()["code"]) == (402, "plan_credits_exhausted")
+    assert hold.status_code == 201, hold.text
+    assert (hold.json()["held_amount"], hold.json()["credits_required"]) == (2, 8)
+    released = await api.post(f"/api/v1/billing/holds/{hold.json()['hold_id']}/release", json={"account_id": account})
+    assert released.status_code == 200, released.text
+    # What fits in the plan credits left still goes: a chat message at Growth's 0.8.
+    fits = await track(api, account, "chat_message", 1, "s-3", agent_id="stopper")
+    assert (fits.status_code, fits.json()["credits_charged"]) == (200, 0.8)
+    # use_balance goes past the plan credits into the wallet: 1.2 plan credits + 6.8 from the wallet, at the plan rate.
+    straddle = await track(api, account, "voice_minute", 1, "s-4", agent_id="spender")
+    assert (straddle.status_code, straddle.json()["credits_charged"]) == (200, 8)
+    assert await plan_left(pool, account) == 0
     # use_balance, no agent and an agent not registered continue on the wallet, at the overage rate.
     for key, agent in (("b-1", "spender"), ("b-2", None), ("b-3", "someone-new")):
         extra = {"agent_id": agent} if agent else {}
@@ -202,11 +210,11 @@ async def test_stop_agents_are_refused_when_plan_credits_run_out(api: httpx.Asyn
          "agent_id": "spender"}]})
     assert [(r["code"], r["credits_charged"]) for r in batch.json()["results"]] == [
         ("plan_credits_exhausted", 0), ("ok", 1)]
-    assert (await balance(api, account))["balance"] == 4966  # 5010 - 8 - 8 - 27 - 1
+    assert (await balance(api, account))["balance"] == 4965.2  # 5010 - 8 - 0.8 - 8 - 27 - 1
 
     # The next cycle's plan credits let the stop agent work again, at the plan rate.
     await subscribe(pool, account, credits=10, period=next_period(period))
-    again = await track(api, account, "voice_minute", 1, "s-4", agent_id="stopper")
+    again = await track(api, account, "voice_minute", 1, "s-5", agent_id="stopper")
     assert (again.status_code, again.json()["credits_per_unit"]) == (200, 8)
     await assert_invariants(pool)
 
@@ -334,7 +342,7 @@ async def test_plan_left_and_prices_follow_the_domain(api: httpx.AsyncClient, po
             rate = GROWTH.rate_for(feature, CARD, plan_credits_left=left > 0) if active else card_rate(feature)
             charge = usage_charge_micros(value, rate)
             result = await metering.track(pool, UsageEvent.build(acc, feature, value, f"u{n}", agent_id=agent))
-            if agent == "stopper" and active and left == 0:
+            if agent == "stopper" and active and charge > left:  # never the wallet (0030_1)
                 assert (result.allowed, result.code) == (False, "plan_credits_exhausted")
             elif balance_ - charge < floor:
                 assert (result.allowed, result.code) == (False, "insufficient_credits")

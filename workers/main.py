@@ -27,6 +27,7 @@ from activities.payment_events import PaymentEventActivities
 from activities.payments import PaymentActivities
 from activities.reconcile import ReconcileActivities
 from activities.refunds import RefundActivities
+from activities.rentals import RentalActivities
 from activities.topups import TopUpActivities
 from creditflow.client import connect_temporal
 from creditflow.config import Settings
@@ -40,6 +41,7 @@ from workflows.auto_recharge import AutoRechargeWorkflow
 from workflows.invoice import InvoiceWorkflow
 from workflows.reconcile import ReconciliationWorkflow
 from workflows.refund import RefundWorkflow
+from workflows.rental import RentalWorkflow
 from workflows.topup import TopUpWorkflow
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ CONNECT_RETRY_MAX_SECONDS = 30.0
 
 def workflow_classes() -> list[type]:
     return [AccountWorkflow, TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow, InvoiceWorkflow,
-            ReconciliationWorkflow]
+            ReconciliationWorkflow, RentalWorkflow]
 
 
 def activity_functions(pool: AsyncConnectionPool, settings: Settings,
@@ -70,6 +72,7 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings,
     payment_events = PaymentEventActivities(pool, gateway)
     cycle = BillingCycleActivities(pool, settings.plan_catalog())
     reconciliation = ReconcileActivities(pool, gateway, settings)
+    rentals = RentalActivities(pool)
     return [accounts.load_account, accounts.rebuild_account_state, payments.ensure_stripe_customer,
             recharge.load_auto_recharge, recharge.record_auto_recharge_attempt,
             cycle.start_subscription, cycle.set_pending_plan, cycle.renew_subscription, cycle.change_plan_now,
@@ -83,7 +86,8 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings,
             invoices.prepare_invoice, invoices.open_invoice, invoices.settle_invoice,
             invoices.record_invoice_payment_failure, invoices.check_earlier_invoice_charges,
             reconciliation.open_reconciliation, reconciliation.reconcile_with_stripe,
-            reconciliation.verify_and_complete, reconciliation.fail_reconciliation, reconciliation.notify_operators]
+            reconciliation.verify_and_complete, reconciliation.fail_reconciliation, reconciliation.notify_operators,
+            rentals.charge_rental]
 
 
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,

@@ -406,6 +406,8 @@ INVOICE_WORKFLOW_ID_PREFIX = "invoice:"
 QUERY_INVOICE_STATUS = "status"
 # Signal: "try the charge again now" (e.g. the customer saved a new card) instead of waiting for the next retry.
 SIGNAL_RETRY_INVOICE_PAYMENT = "retry_payment"
+# Charge the invoice now (``POST /billing/invoices/{id}/pay``, a card added): ``InvoicePayNow``.
+SIGNAL_PAY_INVOICE_NOW = "pay_now"
 
 INVOICE_PENDING = "pending"
 INVOICE_OPEN = "open"
@@ -463,6 +465,12 @@ class InvoiceWorkflowInput(BaseModel):
         return self.period_key or self.period_start.date().isoformat()
 
 
+class InvoicePayNow(BaseModel):
+    """Signal ``pay_now``: try the charge now, with this saved card (None: the default card)."""
+
+    payment_method_id: str | None = None
+
+
 class InvoiceOutcome(BaseModel):
     """The ``status`` query and the workflow's result. Never carries the HTML or PDF (fetch them by ``invoice_id``)."""
 
@@ -510,3 +518,22 @@ class ReconcileSummary(BaseModel):
     reported: int = 0
     violations: int | None = None
     notes: list[str] = Field(default_factory=list)
+
+
+# --- number rental in the wallet (issue 13, item 8) ---------------------------------------------------------------
+
+RENTAL_WORKFLOW = "RentalWorkflow"
+
+
+def rental_workflow_id(account_id: str, charge_id: str) -> str:
+    """``rental:{account_id}:{charge_id}``: one durable monthly schedule per recurring charge."""
+    return f"rental:{account_id}:{charge_id}"
+
+
+class RentalInput(BaseModel):
+    """Month ``index`` (0: the month starting at ``anchor``, the charge's creation) of one recurring charge."""
+
+    account_id: str
+    charge_id: str
+    anchor: datetime
+    index: int = 0

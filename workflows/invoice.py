@@ -54,8 +54,10 @@ with workflow.unsafe.imports_passed_through():
         INVOICE_PAST_DUE,
         INVOICE_WORKFLOW,
         QUERY_INVOICE_STATUS,
+        SIGNAL_PAY_INVOICE_NOW,
         SIGNAL_RETRY_INVOICE_PAYMENT,
         InvoiceOutcome,
+        InvoicePayNow,
         InvoiceWorkflowInput,
     )
     from workflows.topup import STRIPE_RETRY, WAITING_STATUSES, mark_charge_failed
@@ -75,6 +77,9 @@ ONE_PAYMENT_PATCH = "invoice-one-payment-per-invoice"
 # Histories recorded before it took a ``processing`` PaymentIntent for a decline (past due, notice, charge failed).
 PROCESSING_PATCH = "invoice-processing-is-not-a-failure"
 PAYMENT_PROCESSING = "payment_processing"
+# Attempts are numbered after the stored invoice's earlier ones, so a run started again to pay it now
+# (signal ``pay_now``) records attempt n+1 (charge ``{invoice id}:{n+1}``) after reading the earlier ones back.
+PAY_NOW_PATCH = "invoice-pay-now"
 
 
 @workflow.defn(name=INVOICE_WORKFLOW)
@@ -84,6 +89,7 @@ class InvoiceWorkflow:
         self._input = input
         self._outcome = InvoiceOutcome(account_id=input.account_id, period_key=input.key())
         self._retry_now = False
+        self._card: str | None = None  # a card chosen with ``pay_now`` (None: the default card)
         self._attempts_allowed, self._retry_interval = 1, timedelta(0)
 
     @workflow.run
@@ -124,10 +130,23 @@ class InvoiceWorkflow:
         """Try the charge again now rather than at the next scheduled retry (e.g. a new card was saved)."""
         self._retry_now = True
 
+    @workflow.signal(name=SIGNAL_PAY_INVOICE_NOW)
+    def pay_now(self, command: InvoicePayNow) -> None:
+        """Charge now (the customer asked, or saved a card), with the card named (None: the default card)."""
+        self._card = command.payment_method_id
+        self._retry_now = True
+
     async def _collect(self, inv: InvoiceSummary) -> InvoiceSummary:
-        """Charge attempts 1..N with a durable timer between them; returns the invoice as it ended."""
+        """Charge attempts 1..N with a durable timer between them; returns the invoice as it ended. With the pay-now
+        patch, attempts are numbered after the stored ones, and a ``pay_now`` (or ``retry_payment``) that arrives
+        during an attempt asks for another one at once, even after the last scheduled attempt."""
         allowed, interval = self._attempts_allowed, self._retry_interval
-        for attempt in range(1, allowed + 1):
+        pay_now = workflow.patched(PAY_NOW_PATCH)
+        first = inv.attempts + 1 if pay_now else 1
+        attempt = first
+        while True:
+            if pay_now:
+                self._retry_now = False  # a request arriving from here on asks for one more attempt
             self._outcome.attempts = attempt
             self._outcome.next_attempt_at = None
             self._publish()
@@ -135,32 +154,34 @@ class InvoiceWorkflow:
             if paid is not None:
                 return paid
             error = self._outcome.error_code or "payment_failed"
-            if error == PAYMENT_PROCESSING and workflow.patched(PROCESSING_PATCH):
-                # Nothing failed: Stripe is still deciding. Look again after the interval; the invoice stays as it is.
-                if attempt < allowed:
-                    await self._wait_for_retry(inv, interval)
-                continue
-            inv = await workflow.execute_activity_method(
-                InvoiceActivities.record_invoice_payment_failure,
-                InvoiceFailureInput(invoice_id=inv.invoice_id, attempts=attempt,
-                                    error=f"{error}: {self._outcome.error_message or ''}".rstrip(": ")),
-                start_to_close_timeout=DB_TIMEOUT, retry_policy=INVOICE_DB_RETRY,
-                summary=f"Mark {inv.number} past due (attempt {attempt} failed: {error})")
-            self._track(inv)
-            if inv.status == INVOICE_PAID:  # paid by other means meanwhile (an operator, another run)
-                return inv
-            if attempt == 1:
-                await self._notify_past_due(inv)
-            if attempt < allowed:
-                await self._wait_for_retry(inv, interval)
+            # Stripe still deciding (processing) is not a failure: the invoice stays as it is; look again later.
+            if not (error == PAYMENT_PROCESSING and workflow.patched(PROCESSING_PATCH)):
+                inv = await workflow.execute_activity_method(
+                    InvoiceActivities.record_invoice_payment_failure,
+                    InvoiceFailureInput(invoice_id=inv.invoice_id, attempts=attempt,
+                                        error=f"{error}: {self._outcome.error_message or ''}".rstrip(": ")),
+                    start_to_close_timeout=DB_TIMEOUT, retry_policy=INVOICE_DB_RETRY,
+                    summary=f"Mark {inv.number} past due (attempt {attempt} failed: {error})")
+                self._track(inv)
+                if inv.status == INVOICE_PAID:  # paid by other means meanwhile (an operator, another run)
+                    return inv
+                if attempt == 1:
+                    await self._notify_past_due(inv)
+            if attempt < first + allowed - 1:
+                await self._wait_for_retry(inv, interval, forget_requests=not pay_now)
+            elif not (pay_now and self._retry_now):
+                break
+            attempt += 1
         self._outcome.next_attempt_at = None
         self._publish()
         return inv
 
-    async def _wait_for_retry(self, inv: InvoiceSummary, interval: timedelta) -> None:
+    async def _wait_for_retry(self, inv: InvoiceSummary, interval: timedelta, *, forget_requests: bool) -> None:
+        """The retry interval, cut short by ``retry_payment`` / ``pay_now``."""
         self._outcome.next_attempt_at = workflow.now() + interval
         self._publish()
-        self._retry_now = False
+        if forget_requests:
+            self._retry_now = False
         with contextlib.suppress(TimeoutError):  # the retry interval passed without a signal
             await workflow.wait_condition(lambda: self._retry_now, timeout=interval,
                                           timeout_summary=f"Retry the charge of {inv.number}")
@@ -187,7 +208,7 @@ class InvoiceWorkflow:
                 TopUpActivities.record_topup_charge,
                 RecordTopUpInput(account_id=inv.account_id, request_id=charge_request_id(inv.invoice_id, attempt),
                                  amount_cents=inv.amount_due_cents, credits=0, description=f"Invoice {inv.number}",
-                                 kind=KIND_INVOICE, require_card=True),
+                                 kind=KIND_INVOICE, require_card=True, payment_method_id=self._card),
                 start_to_close_timeout=STRIPE_TIMEOUT, retry_policy=STRIPE_RETRY,
                 summary=f"Record charge {attempt} of {amount} for {inv.number}")
         except ActivityError as err:

@@ -48,6 +48,12 @@ class AgentView(BaseModel):
     limit_action: str | None = Field(default=None, description="pause / alert_only; null: the account's")
     on_plan_exhausted: str
     spent_this_month: Decimal
+    plan_credit_limit: Decimal | None = Field(default=None, description=(
+        "plan credits it may take per billing period (seed 001's monthly limit); at it a stop agent stops, a "
+        "use_balance agent goes on from the wallet only. Not monthly_limit (a cap on all its spending)"))
+    plan_credits_used: Decimal = Field(default=Decimal(0), description="plan credits it took this billing period")
+    wallet_until: datetime | None = Field(default=None, description=(
+        "a stop agent resumed by a top-up uses the wallet until then (the cycle's renewal)"))
     metadata: dict[str, Any] | None = None
     created_at: datetime
     updated_at: datetime
@@ -64,6 +70,7 @@ class AgentCreate(Strict):
     monthly_limit: Amount | None = Field(default=None, description="Credits per UTC month; null: none.")
     limit_action: LimitAction | None = None
     on_plan_exhausted: PlanExhausted = "use_balance"
+    plan_credit_limit: Amount | None = Field(default=None, description="Plan credits per billing period; null: none.")
     metadata: Metadata
 
 
@@ -73,6 +80,7 @@ class AgentPatch(Strict):
     monthly_limit: Amount | None = None
     limit_action: LimitAction | None = None
     on_plan_exhausted: PlanExhausted | None = None
+    plan_credit_limit: Amount | None = None
     metadata: dict[str, Any] | None = None
     status: Literal["active", "paused"] | None = Field(default=None, description="pause or resume (the workflow)")
     reason: Text | None = Field(default=None, max_length=500)
@@ -89,7 +97,10 @@ def view(agent: Agent) -> AgentView:
         pause_reason=agent.pause_reason, paused_at=agent.paused_at, resume_at=agent.resume_at,
         monthly_limit=None if agent.monthly_limit_micros is None else micros_to_credits(agent.monthly_limit_micros),
         limit_action=agent.limit_action, on_plan_exhausted=agent.on_plan_exhausted,
-        spent_this_month=micros_to_credits(agent.month_spent_micros), metadata=agent.metadata,
+        spent_this_month=micros_to_credits(agent.month_spent_micros),
+        plan_credit_limit=None if agent.plan_limit_micros is None else micros_to_credits(agent.plan_limit_micros),
+        plan_credits_used=micros_to_credits(agent.plan_spent_micros), wallet_until=agent.wallet_until,
+        metadata=agent.metadata,
         created_at=agent.created_at, updated_at=agent.updated_at)
 
 
@@ -142,7 +153,8 @@ async def create_agent(req: AgentCreate, principal: Writer, pool: Pool) -> Exact
     account_id = target_account(principal, req.account_id)
     agent = await agents.create_agent(
         pool, account_id, req.id, name=req.name, monthly_limit_micros=limit_micros(req.monthly_limit, "monthly_limit"),
-        limit_action=req.limit_action, on_plan_exhausted=req.on_plan_exhausted, metadata=req.metadata or None)
+        limit_action=req.limit_action, on_plan_exhausted=req.on_plan_exhausted, metadata=req.metadata or None,
+        plan_limit_micros=limit_micros(req.plan_credit_limit, "plan_credit_limit"))
     return respond(view(agent), 201)
 
 
@@ -181,6 +193,8 @@ async def patch_agent(agent_id: str, req: AgentPatch, principal: Writer, request
         if req.on_plan_exhausted is None:
             raise CreditflowError("validation_error", "on_plan_exhausted is stop or use_balance")
         changes["on_plan_exhausted"] = req.on_plan_exhausted
+    if "plan_credit_limit" in fields:
+        changes["plan_limit_micros"] = limit_micros(req.plan_credit_limit, "plan_credit_limit")
     if "metadata" in fields:
         changes["metadata"] = req.metadata
     agent = await agents.update_agent(pool, account_id, agent_id, changes)

@@ -14,21 +14,23 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from psycopg_pool import AsyncConnectionPool
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from creditflow.api.deps import get_pool, require, target_account
+from creditflow.api.deps import get_gateway, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
 from creditflow.api.schemas import Email, Strict
+from creditflow.api.topups import get_temporal
 from creditflow.domain.invoices import InvoiceDraft
 from creditflow.domain.topups import cents_to_usd
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id
-from creditflow.invoicing import profile, store
+from creditflow.invoicing import pay_now, profile, store
 from creditflow.invoicing.profile import InvoiceAddress, TaxRegistrationRecord, check_country
 from creditflow.invoicing.store import InvoiceRecord
+from creditflow.payments.gateway import StripeGateway
 
 router = APIRouter(prefix="/api/v1/billing", tags=["invoices"], route_class=ExactRoute)
 
@@ -138,6 +140,10 @@ class InvoiceOut(BaseModel):
     attempts: int = Field(description="Charge attempts so far.")
     payment_intent_id: str | None
     pdf_url: str
+    credit_applied_usd: Decimal = Field(default=Decimal(0), description=(
+        "the account's credit balance applied to this invoice (its 'Applied credit balance' line)"))
+    credit_added_usd: Decimal = Field(default=Decimal(0), description=(
+        "what this invoice added to the credit balance (its lines came to less than zero)"))
 
 
 class PaymentsDue(BaseModel):
@@ -148,6 +154,13 @@ class PaymentsDue(BaseModel):
 class InvoiceList(BaseModel):
     items: list[InvoiceOut]
     payments_due: PaymentsDue
+    credit_balance_usd: Decimal = Field(default=Decimal(0), description=(
+        "money credit carried to the next invoices (each applies it as an 'Applied credit balance' line)"))
+
+
+class PayInvoiceRequest(Strict):
+    account_id: str | None = Field(default=None, description="Required with an admin key.")
+    payment_method_id: str | None = Field(default=None, description="A saved card; default: the default card.")
 
 
 class InvoiceDetail(InvoiceOut):
@@ -169,7 +182,8 @@ def _invoice_out(record: InvoiceRecord, admin: bool) -> InvoiceOut:
                       subtotal_usd=cents_to_usd(record.subtotal_cents), period_start=record.period_start,
                       period_end=record.period_end, issued_at=record.issued_at, due_at=record.due_at,
                       paid_at=record.paid_at, attempts=record.attempts, payment_intent_id=record.payment_intent_id,
-                      pdf_url=pdf_url)
+                      pdf_url=pdf_url, credit_applied_usd=cents_to_usd(record.credit_applied_cents),
+                      credit_added_usd=cents_to_usd(record.credit_added_cents))
 
 
 def _invoice_id(invoice_id: str) -> str:
@@ -281,9 +295,33 @@ async def list_invoices(principal: Reader, pool: Pool, account_id: AccountQuery 
     account = target_account(principal, account_id)
     records = await store.list_for(pool, account, status=status, limit=limit)
     due = [r for r in await store.list_for(pool, account, limit=10_000) if r.payment_due]
+    async with pool.connection() as conn:
+        carried = await store.credit_balance(conn, account)
     return respond(InvoiceList(items=[_invoice_out(r, principal.is_admin) for r in records],
                                payments_due=PaymentsDue(count=len(due), amount_usd=cents_to_usd(
-                                   sum(r.amount_due_cents for r in due)))))
+                                   sum(r.amount_due_cents for r in due))),
+                               credit_balance_usd=cents_to_usd(carried)))
+
+
+@router.post("/invoices/{invoice_id}/pay", response_model=InvoiceOut, response_class=ExactJSONResponse,
+             responses={**_ERRORS, 202: {"description": "not decided yet: the charge goes on; read the invoice later"},
+                        402: {"description": "card_declined / authentication_required / no_payment_method"},
+                        409: {"description": "invoice_not_payable (void, refunded or disputed)"}})
+async def pay_invoice(invoice_id: str, req: PayInvoiceRequest, principal: Writer, pool: Pool, request: Request,
+                      gateway: Annotated[StripeGateway, Depends(get_gateway)]) -> ExactJSONResponse:
+    """Pay an open or past-due invoice now with the default card or ``payment_method_id`` (seed 002, *Payments Due*).
+    One payment per invoice: a paid invoice is answered as it is, and the attempt goes through the invoice's
+    workflow, which checks its earlier charges with Stripe first (``creditflow.invoicing.pay_now``)."""
+    account = target_account(principal, req.account_id)
+    record = await store.get(pool, _invoice_id(invoice_id), account)
+    if record.status == "paid":
+        return respond(_invoice_out(record, principal.is_admin))
+    pay_now.check_payable(record)
+    paid = await pay_now.pay_now(pool, gateway, await get_temporal(request), record, req.payment_method_id,
+                                 wait=request.app.state.settings.topup_answer_timeout_seconds)
+    if paid is None:
+        return respond(_invoice_out(await store.get(pool, record.id, account), principal.is_admin), 202)
+    return respond(_invoice_out(paid, principal.is_admin))
 
 
 @router.get("/invoices/{invoice_id}", response_model=InvoiceDetail, response_class=ExactJSONResponse,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
@@ -12,10 +13,15 @@ from creditflow.api.deps import get_gateway, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
 from creditflow.api.schemas import PaymentMethodAttach
+from creditflow.api.topups import get_temporal
+from creditflow.errors import CreditflowError
+from creditflow.invoicing import pay_now
+from creditflow.invoicing import store as invoice_store
 from creditflow.payments import methods
 from creditflow.payments.gateway import StripeGateway
 from creditflow.payments.methods import PaymentMethod
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/billing/payment-methods", tags=["payment methods"], route_class=ExactRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
@@ -50,11 +56,16 @@ async def list_payment_methods(principal: Reader, pool: Pool, gateway: Gateway,
 @router.post("", response_model=PaymentMethod, response_class=ExactJSONResponse, status_code=201,
              responses={**_ERRORS, 402: {"description": "card_declined (`details.decline_code`)"}})
 async def attach_payment_method(req: PaymentMethodAttach, principal: Writer, pool: Pool,
-                                gateway: Gateway) -> ExactJSONResponse:
+                                gateway: Gateway, request: Request) -> ExactJSONResponse:
     """Save a card created client-side. The account's Stripe customer is created on first use. Attaching
     a card the account already has changes nothing (safe to retry)."""
     account_id = target_account(principal, req.account_id)
     card = await methods.attach_method(pool, gateway, account_id, req.payment_method_id, req.set_default)
+    if await invoice_store.list_for(pool, account_id, status="past_due", limit=1):  # seed 002: a new card pays them
+        try:
+            await pay_now.retry_past_due(pool, gateway, await get_temporal(request), account_id, card.id)
+        except CreditflowError as exc:  # the card is saved; the invoices' scheduled retries still run
+            log.warning("past-due invoices of %s not retried: %s", account_id, exc.code)
     return respond(card, 201)
 
 

@@ -141,8 +141,10 @@ async def list_recurring_charges(principal: Reader, pool: Pool, account_id: Acco
 
 @router.post("/recurring-charges", response_model=RecurringChargeView, response_class=ExactJSONResponse,
              status_code=201)
-async def add_recurring_charge(req: RecurringChargeCreate, principal: Admin, pool: Pool) -> ExactJSONResponse:
-    """Admin: bill this on every invoice from the next renewal on."""
+async def add_recurring_charge(req: RecurringChargeCreate, principal: Admin, pool: Pool,
+                               request: Request) -> ExactJSONResponse:
+    """Admin: bill this on every invoice from the next renewal on (plan accounts); a wallet-only account pays it from
+    the wallet now and every month (``RentalWorkflow``, seed 004's number rental; docs/seed-promises.md)."""
     account_id = target_account(principal, req.account_id)
     try:
         charge = await subscriptions.add_recurring(pool, account_id, description=req.description,
@@ -150,6 +152,11 @@ async def add_recurring_charge(req: RecurringChargeCreate, principal: Admin, poo
                                                    unit_price_credits=req.unit_price)
     except AmountError as exc:
         raise CreditflowError(exc.code, str(exc)) from exc
+    try:
+        await (await get_temporal(request)).start_rental(account_id, charge.id, charge.created_at)
+    except CreditflowError:  # no schedule, no charge: nothing changed (503, try again)
+        await subscriptions.remove_recurring(pool, account_id, charge.id)
+        raise
     return respond(_charge_view(charge), 201)
 
 

@@ -47,7 +47,7 @@ TOPUP_TYPES = ("purchase", "auto_recharge")
 
 _COLUMNS = ("id, account_id, number, period_key, period_start, period_end, status, currency, subtotal_cents,"
             " amount_due_cents, overage_micros, plan_id, issued_at, due_at, paid_at, charge_id, payment_intent_id,"
-            " repayment_txn_id, attempts, last_error, created_at, updated_at")
+            " repayment_txn_id, attempts, last_error, created_at, updated_at, credit_applied_cents, credit_added_cents")
 
 
 class InvoiceRecord(BaseModel):
@@ -75,6 +75,8 @@ class InvoiceRecord(BaseModel):
     last_error: str | None
     created_at: datetime
     updated_at: datetime
+    credit_applied_cents: int = 0
+    credit_added_cents: int = 0
 
     @property
     def payment_due(self) -> bool:

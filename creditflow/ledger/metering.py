@@ -195,6 +195,9 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
         return await with_retry(run, retry_on=TRACK_RETRY_ON)
 
 
+# A check without a value asks about one unit of the feature.
+ONE_UNIT = Decimal(1)
+
 _CHECK_SQL = """
 SELECT b.balance_micros, b.floor_micros, cf_live_held(b.account_id, b.held_micros) AS held_micros, b.controlled,
        p.id AS feature_id, p.integer_only, p.credits_per_unit AS rate
@@ -203,13 +206,14 @@ WHERE b.account_id = %(account)s
 """
 
 # Controlled accounts only (a second statement, as the gate always was): the rate this account pays (migration 0013:
-# the plan rate while plan credits are left, the overage rate once they are spent, else the card's, as
+# the plan rate while plan credits are left, to this agent too (its plan_credit_limit, 0030_1), the overage rate once
+# they are spent, else the card's, as
 # cf_plan_price) and the spend-control verdict for the amount at that rate, read only (nothing is emitted).
 _CONTROLLED_CHECK_SQL = """
-SELECT r.rate, cf_spend_gate(%(account)s, %(agent)s, CASE WHEN %(quantity)s::numeric IS NULL THEN 1
-                             ELSE cf_charge_micros(%(quantity)s::numeric, r.rate) END, false) AS code
-FROM (SELECT coalesce((SELECT CASE WHEN b.plan_left_micros > 0 THEN x.credits_per_unit
-                                   ELSE x.overage_credits_per_unit END
+SELECT r.rate, cf_spend_gate(%(account)s, %(agent)s, cf_charge_micros(%(quantity)s::numeric, r.rate), false) AS code
+FROM (SELECT coalesce((SELECT CASE WHEN b.plan_left_micros > 0
+                                        AND coalesce((cf_agent_plan(b.account_id, %(agent)s)).room, 1) > 0
+                                   THEN x.credits_per_unit ELSE x.overage_credits_per_unit END
                        FROM plan_rates x WHERE x.plan_id = b.plan_id AND x.feature_id = %(feature)s),
                       %(card)s::numeric) AS rate
       FROM balances b WHERE b.account_id = %(account)s) r
@@ -220,9 +224,11 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
                 value: object | None = None, agent_id: str | None = None) -> CheckResult:
     """May this account (agent) use this feature now, and what is left? Writes nothing.
 
-    With ``value``, allowed means the whole quantity is affordable; without, that something is
-    left to spend. A feature that is unknown or has no rate is ``allowed: false``."""
-    quantity = None if value is None else _quantity(value)
+    With ``value``, allowed means the whole quantity is affordable now; without, one unit (seed 003: "may I use it
+    at all?" means "may I use one unit"; ``credits_required`` is then not reported). A feature that is unknown or
+    has no rate is ``allowed: false``."""
+    implicit = value is None
+    quantity = ONE_UNIT if implicit else _quantity(value)
     async with pool.connection() as conn:
         row = await (await conn.execute(_CHECK_SQL, {"account": account_id, "feature": feature_id})).fetchone()
     if row is None:
@@ -236,7 +242,7 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
         result.code = "feature_not_priced"
         return result
     rate = Decimal(row["rate"])
-    if row["integer_only"] and quantity is not None and quantity != quantity.to_integral_value():
+    if row["integer_only"] and quantity != quantity.to_integral_value():
         result.credits_per_unit = exact(rate)
         result.code = "invalid_quantity"
         return result
@@ -253,12 +259,10 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
         rate, gate = Decimal(controlled["rate"]), controlled["code"]
     result.credits_per_unit = exact(rate)
     spendable = row["balance_micros"] - row["held_micros"] - row["floor_micros"]
-    if quantity is not None:
-        required = usage_charge_micros(quantity, rate)
+    required = usage_charge_micros(quantity, rate)
+    if not implicit:
         result.credits_required = micros_to_credits(required)
-        result.allowed = spendable >= required
-    else:
-        result.allowed = spendable > 0  # "is anything left to spend?"
+    result.allowed = spendable >= required
     if gate != "ok":
         result.allowed, result.code = False, gate
     elif not result.allowed:

@@ -57,6 +57,13 @@ class Balance(Balances):
     plan_id: str | None = None
     plan_credits_remaining: Decimal | None = None
     next_renewal_at: datetime | None = None
+    # Seed 002's console ("Your Credit Balance") for the account's period (the billing period with a plan, else the
+    # UTC calendar month): credits bought or granted in it (gross), usage in it, and what remains (the balance).
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    total_credits: Decimal | None = None
+    usage_this_period: Decimal | None = None
+    remaining_credits: Decimal | None = None
 
 
 class Account(BaseModel):

@@ -21,8 +21,15 @@ from creditflow.ledger.models import (
     txn_id,
 )
 
+# Journal types that add credits someone bought or was granted ("Total Credits" of seed 002's console): not the
+# returns of credits (refund or dispute reversals) nor the restoration of overage an invoice payment makes.
+GRANTED_TYPES = ("purchase", "auto_recharge", "welcome_bonus", "plan_grant", "grant", "adjustment", "transfer_in")
+
 
 async def balance(pool: AsyncConnectionPool, account_id: str) -> Balance:
+    """The wallet, the plan's credits and the console's figures for the account's period: its billing period with a
+    plan, else the UTC calendar month (``total_credits`` bought or granted in it, gross; ``usage_this_period``;
+    ``remaining_credits`` = the balance after that usage)."""
     async with pool.connection() as conn:
         # Plan credits left, read only: usage not yet burned from the lots is owed to the plan lots first (they
         # come first in the burn order), so it is subtracted from them.
@@ -30,16 +37,31 @@ async def balance(pool: AsyncConnectionPool, account_id: str) -> Balance:
             "SELECT b.balance_micros, cf_live_held(b.account_id, b.held_micros) AS held_micros, b.floor_micros,"
             " b.updated_at, s.plan_id, s.period_end, s.status,"
             " greatest(0, (SELECT coalesce(sum(l.remaining_micros), 0) FROM credit_lots l WHERE l.account_id ="
-            "  b.account_id AND l.source = 'plan' AND NOT l.depleted) - b.unburned_micros) AS plan_left"
+            "  b.account_id AND l.source = 'plan' AND NOT l.depleted) - b.unburned_micros) AS plan_left,"
+            " CASE WHEN s.status = 'active' THEN s.period_start"
+            "  ELSE date_trunc('month', cf_now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' END AS figures_start,"
+            " CASE WHEN s.status = 'active' THEN s.period_end"
+            "  ELSE (date_trunc('month', cf_now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC' END"
+            "  AS figures_end"
             " FROM balances b LEFT JOIN subscriptions s ON s.account_id = b.account_id WHERE b.account_id = %s",
             (account_id,))).fetchone()
-    if row is None:
-        raise CreditflowError("unknown_account", f"no account {account_id}")
+        if row is None:
+            raise CreditflowError("unknown_account", f"no account {account_id}")
+        figures = await (await conn.execute(
+            "SELECT coalesce(sum(amount_micros) FILTER (WHERE amount_micros > 0 AND type = ANY(%s)), 0) AS granted,"
+            " coalesce(-sum(amount_micros) FILTER (WHERE type = 'usage'), 0) AS used"
+            " FROM journal WHERE account_id = %s AND created_at >= %s AND created_at < %s",
+            (list(GRANTED_TYPES), account_id, row["figures_start"], row["figures_end"]))).fetchone()
+    assert figures is not None
     subscribed = row["plan_id"] is not None and row["status"] == "active"
     return Balance(account_id=account_id, last_updated=row["updated_at"],
                    plan_id=row["plan_id"] if subscribed else None,
                    plan_credits_remaining=micros_to_credits(int(row["plan_left"])) if subscribed else None,
                    next_renewal_at=row["period_end"] if subscribed else None,
+                   period_start=row["figures_start"], period_end=row["figures_end"],
+                   total_credits=micros_to_credits(int(figures["granted"])),
+                   usage_this_period=micros_to_credits(int(figures["used"])),
+                   remaining_credits=micros_to_credits(row["balance_micros"]),
                    **Balances.from_micros(row["balance_micros"], row["held_micros"],
                                           row["floor_micros"]).model_dump())
 

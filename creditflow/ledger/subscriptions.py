@@ -175,8 +175,12 @@ async def close_period(pool: AsyncConnectionPool, account_id: str, period: Perio
             {"id": r["id"], "description": r["description"], "quantity": r["quantity"], "unit": r["unit"],
              "unit_price_micros": r["unit_price_micros"]}
             for r in await (await conn.execute(
-                "SELECT * FROM recurring_charges WHERE account_id = %s AND active ORDER BY created_at, id",
-                (account_id,))).fetchall()]
+                # A charge whose month overlapping this period was paid from the wallet (before the plan began:
+                # number rental in the wallet, migration 0030_2) is not billed again: never both.
+                "SELECT * FROM recurring_charges c WHERE account_id = %s AND active AND NOT EXISTS ("
+                " SELECT 1 FROM rental_charges x WHERE x.charge_id = c.id AND x.status = 'paid'"
+                " AND x.period_key::date < %s::date AND x.period_key::date + interval '1 month' > %s::date)"
+                " ORDER BY created_at, id", (account_id, period.end, period.start))).fetchall()]
         adjustments = [
             {"description": r["description"], "amount_cents": r["amount_cents"]}
             for r in await (await conn.execute(

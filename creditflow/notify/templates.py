@@ -50,6 +50,7 @@ DEFAULT_CHANNELS: dict[str, tuple[str, ...]] = {
     "invoice.past_due": ALERT,
     "agent.paused": ("slack", "webhook"),
     "agent.resumed": ("slack", "webhook"),
+    "recurring_charge.failed": ("email", "slack", "webhook"),
 }
 GENERIC_CHANNELS = ("email", "webhook")
 PARTS = ("email_subject", "email_body", "slack", "sms")
