@@ -37,6 +37,7 @@ router = APIRouter(prefix="/api/v1/billing", tags=["invoices"], route_class=Exac
 Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
 Writer = Annotated[Principal, Depends(require(Scope.BILLING_WRITE))]
 Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
+Payer = Annotated[Principal, Depends(require(Scope.PAYMENTS_WRITE))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 AccountQuery = Annotated[str | None, Query(description="Admin keys only.")]
 
@@ -307,7 +308,7 @@ async def list_invoices(principal: Reader, pool: Pool, account_id: AccountQuery 
              responses={**_ERRORS, 202: {"description": "not decided yet: the charge goes on; read the invoice later"},
                         402: {"description": "card_declined / authentication_required / no_payment_method"},
                         409: {"description": "invoice_not_payable (void, refunded or disputed)"}})
-async def pay_invoice(invoice_id: str, req: PayInvoiceRequest, principal: Writer, pool: Pool, request: Request,
+async def pay_invoice(invoice_id: str, req: PayInvoiceRequest, principal: Payer, pool: Pool, request: Request,
                       gateway: Annotated[StripeGateway, Depends(get_gateway)]) -> ExactJSONResponse:
     """Pay an open or past-due invoice now with the default card or ``payment_method_id`` (seed 002, *Payments Due*).
     One payment per invoice: a paid invoice is answered as it is, and the attempt goes through the invoice's
