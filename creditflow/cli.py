@@ -13,6 +13,7 @@ from rich.table import Table
 
 from creditflow.agents_cli import agents_app
 from creditflow.config import Settings, get_settings
+from creditflow.observability.logs import configure_logging
 from creditflow.ops_cli import accounts_app, keys_app, wallet_app
 from creditflow.payment_events_cli import payment_events_app
 from creditflow.reconcile_cli import reconcile
@@ -105,8 +106,9 @@ def api(
 
     settings = get_settings()
     _require_database(settings)
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port,
-                log_level="info")
+                log_config=None, access_log=False)
 
 
 @app.command()
@@ -116,6 +118,7 @@ def worker() -> None:
 
     settings = get_settings()
     _require_database(settings)
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(run_worker(settings))
 
 

@@ -133,6 +133,17 @@ class Settings(BaseSettings):
     outbox_poll_interval_seconds: float = Field(default=2.0, gt=0)
     outbox_batch_size: int = Field(default=100, ge=1)
 
+    # Observability (docs/operations.md). Logs: ``text`` (readable) or ``json`` (one object per line).
+    log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error)$")
+    log_format: str = Field(default="text", pattern=r"^(text|json)$")
+    # The worker's metrics and health endpoint (/metrics, /healthz): 0 picks a free port (several workers on one
+    # host never fight; the port is logged and written to ``worker_metrics_port_file`` when set); -1: none.
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(default=0, ge=-1, le=65535)
+    worker_metrics_port_file: Path | None = None
+    # How often the worker reads the business figures (outbox lag, charges by outcome, ...) from the database.
+    metrics_refresh_seconds: float = Field(default=15.0, gt=0, le=3600)
+
     # Embedded stack (creditflow dev).
     data_dir: Path = Path(".data")
 

@@ -1,0 +1,245 @@
+"""Metrics, structured logs and health of the API and the worker, on the real app, database and Temporal."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+from pydantic import SecretStr
+from temporalio.testing import WorkflowEnvironment
+
+from creditflow.api.app import create_app
+from creditflow.config import Settings
+from creditflow.observability.logs import configure_logging, scrub
+from creditflow.observability.metrics import MetricsServer, sample
+from tests.conftest import ADMIN_KEY, STRIPE_KEY, _temporal_cli, free_port, new_card
+from tests.test_api_metering import new_account, track
+
+TOPUP = "/api/v1/billing/wallet/topup"
+CARDS = "/api/v1/billing/payment-methods"
+DECLINED_AT_CHARGE = "4000000000000341"
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """creditflow's JSON logging into a buffer, as ``CREDITFLOW_LOG_FORMAT=json`` sets it up; restored after."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    buffer = io.StringIO()
+    configure_logging("INFO", "json", buffer)
+    yield buffer
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
+
+
+def parsed(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+
+
+async def _client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://creditflow.test",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as client:
+        yield client
+
+
+# --- secrets ---------------------------------------------------------------------------------------------
+
+
+def test_scrub_removes_every_kind_of_secret() -> None:
+    line = ("key cf_sk_AbCdEfGh12345678xyz admin cf_admin_0123456789abcdef stripe sk_live_51HxYzAbCdEf "
+            "sk_test_creditflow_tests whsec_abcDEF123456 Authorization: Bearer cf_sk_zzzzzzzzzzzz "
+            "postgresql://creditflow:s3cr3t-pw@db:5432/creditflow card 4242 4242 4242 4242 and 4000000000000341 "
+            "smtp_password=hunter22 auth_token: tw-123456")
+    out = scrub(line)
+    for secret in ("AbCdEfGh12345678xyz", "0123456789abcdef", "51HxYzAbCdEf", "creditflow_tests", "abcDEF123456",
+                   "zzzzzzzzzzzz", "s3cr3t-pw", "4242 4242 4242 4242", "4000000000000341", "hunter22", "tw-123456"):
+        assert secret not in out, (secret, out)
+    assert "postgresql://creditflow:***@db:5432/creditflow" in out
+    assert "424242***4242" in out and "400000***0341" in out
+    # Numbers that are not card numbers (fail the Luhn check) stay: balances in micro-credits are logged.
+    assert scrub("balance_micros=5000000000001") == "balance_micros=5000000000001"
+
+
+# --- API: one line per request, ids, refusals at INFO, metrics ---------------------------------------------
+
+
+async def test_one_json_line_per_request_with_request_and_account_ids(api: httpx.AsyncClient,
+                                                                   log_lines: io.StringIO) -> None:
+    account = await new_account(api)
+    ok = await track(api, account, "llm_tokens", 1000, "k-1")
+    assert ok.status_code == 200, ok.text
+    refused = await track(api, account, "llm_tokens", 10**9, "k-2")
+    assert refused.status_code == 402 and refused.json()["code"] == "insufficient_credits"
+    bad = await api.post("/api/v1/billing/track", json={"account_id": account, "feature_id": "nope", "value": 1,
+                                                        "idempotency_key": "k-3"})
+    assert bad.status_code == 404
+
+    lines = [r for r in parsed(log_lines) if r["logger"] == "creditflow.access"]
+    assert [(r["route"], r["status"]) for r in lines] == [
+        ("/api/v1/accounts", 201), ("/api/v1/billing/track", 200), ("/api/v1/billing/track", 402),
+        ("/api/v1/billing/track", 404)]
+    assert [r["request_id"] for r in lines[1:]] == [ok.headers["x-request-id"], refused.headers["x-request-id"],
+                                                   bad.headers["x-request-id"]]
+    assert all(r["account_id"] == account for r in lines[1:])
+    assert all(r["level"] == "info" and "exception" not in r for r in lines)  # refusals: INFO, no traceback
+    assert ADMIN_KEY not in log_lines.getvalue()
+
+
+async def test_api_metrics_count_requests_events_and_debits(api: httpx.AsyncClient) -> None:
+    def value(text: str, name: str, **labels: str) -> float:
+        return sample(text, name, labels) or 0.0
+
+    before = (await api.get("/metrics")).text
+    account = await new_account(api)
+    for i in range(3):
+        assert (await track(api, account, "llm_tokens", 1000, f"t-{i}")).status_code == 200
+    assert (await track(api, account, "llm_tokens", 1000, "t-0")).json()["replayed"] is True
+    assert (await track(api, account, "llm_tokens", 10**9, "t-big")).status_code == 402
+    after = await api.get("/metrics")
+    assert after.status_code == 200 and after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    events = "creditflow_usage_events_total"
+    assert value(text, events, outcome="tracked", code="ok") - value(before, events, outcome="tracked", code="ok") == 3
+    assert value(text, events, outcome="replayed", code="ok") - value(before, events, outcome="replayed",
+                                                                      code="ok") == 1
+    assert value(text, events, outcome="denied", code="insufficient_credits") - value(
+        before, events, outcome="denied", code="insufficient_credits") == 1
+    charged = (await api.get("/api/v1/billing/transactions", params={"account_id": account, "type": "usage"})).json()
+    debited = -sum(t["amount"] for t in charged["items"]) * 1_000_000
+    assert debited > 0
+    assert value(text, "creditflow_debited_micros_total") - value(before, "creditflow_debited_micros_total") == debited
+    route = {"method": "POST", "route": "/api/v1/billing/track"}
+    assert value(text, "creditflow_http_requests_total", **route, status="200") - value(
+        before, "creditflow_http_requests_total", **route, status="200") == 4  # 3 tracked + 1 replay
+    assert value(text, "creditflow_http_request_duration_seconds_count", **route) > 0
+
+
+def test_multiprocess_mode_sums_every_api_process(tmp_path: Path) -> None:
+    """Several API processes (uvicorn --workers N, gunicorn) write to PROMETHEUS_MULTIPROC_DIR; /metrics sums."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": os.getcwd()}
+    record = ("from creditflow.observability.metrics import record_usage\n"
+              "for _ in range(3): record_usage(True, 'ok', 5, False)")
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", record], env=env, check=True, timeout=60)
+    read = textwrap.dedent("""
+        from creditflow.observability.metrics import api_registry, exposition, sample
+        text = exposition(api_registry()).decode()
+        print(sample(text, "creditflow_usage_events_total", {"outcome": "tracked"}),
+              sample(text, "creditflow_debited_micros_total"))
+    """)
+    out = subprocess.run([sys.executable, "-c", read], env=env, check=True, timeout=60, capture_output=True, text=True)
+    assert out.stdout.split() == ["6.0", "30.0"]
+
+
+# --- health -----------------------------------------------------------------------------------------------
+
+
+async def test_readyz_fails_when_temporal_is_unreachable(settings: Settings) -> None:
+    down = settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
+    async for client in _client(down):
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        resp = await client.get("/readyz")
+        assert resp.status_code == 503
+        body = resp.json()
+        assert body["status"] == "unavailable" and body["checks"]["database"] == "ok"
+        assert body["checks"]["temporal"].startswith("unavailable")
+
+
+@pytest.mark.slow
+async def test_readyz_follows_temporal_going_down(settings: Settings) -> None:
+    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    env = await WorkflowEnvironment.start_local(dev_server_existing_path=_temporal_cli(),
+                                                data_converter=pydantic_data_converter, dev_server_log_level="error")
+    stopped = False
+    try:
+        up = settings.model_copy(update={"temporal_address": env.client.service_client.config.target_host})
+        async for client in _client(up):
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            assert ready.json() == {"status": "ok", "checks": {"database": "ok", "temporal": "ok"}}
+            await env.shutdown()
+            stopped = True
+            resp = await client.get("/readyz")
+            assert resp.status_code == 503 and resp.json()["checks"]["temporal"].startswith("unavailable")
+            assert resp.json()["checks"]["database"] == "ok"
+    finally:
+        if not stopped:
+            await env.shutdown()
+
+
+def test_worker_metrics_ports_never_fight() -> None:
+    """Port 0 picks a free port: two workers on one host each get their own endpoint."""
+    first, second = MetricsServer("127.0.0.1", 0).start(), MetricsServer("127.0.0.1", 0).start()
+    try:
+        assert first.port != second.port and first.port > 0
+        for server in (first, second):
+            assert httpx.get(server.url, timeout=5).status_code == 200
+            assert httpx.get(server.url.replace("/metrics", "/healthz"), timeout=5).json() == {"status": "ok"}
+    finally:
+        first.stop()
+        second.stop()
+
+
+# --- worker: one line per activity attempt ----------------------------------------------------------------
+
+
+@pytest.fixture
+def stripe_settings(temporal_settings: Settings, stripe_base: str) -> Settings:
+    return temporal_settings.model_copy(update={
+        "stripe_api_key": SecretStr(STRIPE_KEY),
+        "stripe_api_base": stripe_base, "stripe_retry_max_wait_seconds": 0.1, "topup_poll_interval_seconds": 0.3})
+
+
+@pytest.mark.slow
+async def test_activity_attempts_logged_once_with_ids_and_refusals_quiet(
+        stripe_settings: Settings, temporal_client: Any, pool: Any, sdk: stripe.StripeClient,
+        log_lines: io.StringIO) -> None:
+    from workers.main import build_worker
+
+    async with build_worker(temporal_client, pool, stripe_settings):
+        async for api in _client(stripe_settings):
+            account = await new_account(api)
+            card = await api.post(CARDS, json={"account_id": account,
+                                               "payment_method_id": new_card(sdk, DECLINED_AT_CHARGE)})
+            assert card.status_code == 201, card.text
+            resp = await api.post(TOPUP, json={"account_id": account, "amount_usd": 40, "request_id": "obs-1"})
+            assert resp.status_code == 402 and resp.json()["error"]["code"] == "card_declined"
+    records = parsed(log_lines)
+    attempts = [r for r in records if r["logger"] == "creditflow.activity"]
+    workflow = f"topup:{account}:obs-1"
+    charge = [r for r in attempts if r["activity"] == "charge_topup"]
+    assert len(charge) == 1, attempts
+    assert charge[0]["level"] == "info" and charge[0]["outcome"] == "refused" and charge[0]["code"] == "card_declined"
+    assert (charge[0]["workflow_id"], charge[0]["account_id"], charge[0]["attempt"]) == (workflow, account, 1)
+    assert any(r["outcome"] == "completed" and r["workflow_id"] == workflow for r in attempts)
+    assert not any("exception" in r or r["level"] in ("warning", "error") for r in records
+                   if r.get("workflow_id") == workflow or "Completing activity" in r["message"]), records
+    assert STRIPE_KEY not in log_lines.getvalue() and ADMIN_KEY not in log_lines.getvalue()
+
+
+async def test_startup_line_says_what_the_api_connected_to(settings: Settings, log_lines: io.StringIO) -> None:
+    secret_url = settings.database_url + ("&" if "?" in settings.database_url else "?") + "password=pg-s3cret"
+    async for client in _client(settings.model_copy(update={"stripe_api_key": SecretStr("sk_live_abcdef123456")})):
+        assert (await client.get("/healthz")).status_code == 200
+    [line] = [r for r in parsed(log_lines) if r.get("event") == "startup"]
+    assert line["service"] == "api" and settings.temporal_address in line["message"]
+    assert "database" in line["message"]
+    assert scrub(secret_url).endswith("password=***")
+    assert "abcdef123456" not in log_lines.getvalue() and ADMIN_KEY not in log_lines.getvalue()
