@@ -122,6 +122,23 @@ def worker() -> None:
     asyncio.run(run_worker(settings))
 
 
+@app.command("worker-health")
+def worker_health(
+    url: Annotated[str | None, typer.Option(help="The worker's health URL (default: from its port settings).")] = None,
+    port: Annotated[int | None, typer.Option(help="The worker's metrics port.")] = None,
+) -> None:
+    """Exit 0 when the local worker is healthy, 1 otherwise (a compose/Kubernetes health check)."""
+    from creditflow.observability.probe import check_worker, worker_health_url
+
+    target = worker_health_url(get_settings(), url, port)
+    if target is None:
+        console.print("no worker port: pass --port, or set CREDITFLOW_WORKER_METRICS_PORT (or _PORT_FILE)")
+        raise typer.Exit(2)
+    ok, detail = check_worker(target)
+    console.print(detail, soft_wrap=True, highlight=False)
+    raise typer.Exit(0 if ok else 1)
+
+
 @ratecard_app.command("show")
 def ratecard_show() -> None:
     """List features and the rate in force now."""

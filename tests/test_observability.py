@@ -243,3 +243,85 @@ async def test_startup_line_says_what_the_api_connected_to(settings: Settings, l
     assert "database" in line["message"]
     assert scrub(secret_url).endswith("password=***")
     assert "abcdef123456" not in log_lines.getvalue() and ADMIN_KEY not in log_lines.getvalue()
+
+
+# --- the real stack: `creditflow dev`, its API and worker processes ----------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_dev_stack_metrics_health_and_logs_after_usage(tmp_path: Path) -> None:
+    """Usage, top-ups (one succeeded, one declined) through the real stack; then both /metrics show them, the
+    worker's health check passes, and no service log holds a secret."""
+    from creditflow.embedded import ADMIN_KEY_FILE, STATE_FILE, WEBHOOK_SECRET_FILE
+    from tests.test_dev_stack import CREDITFLOW, Dev, clean_env, start
+
+    runs: list[Dev] = []
+    data_dir = tmp_path / "data"
+    try:
+        run = start(runs, data_dir, tmp_path / "dev.log")
+        state = json.loads((data_dir / STATE_FILE).read_text())
+        assert state["api_metrics_url"] == f"{run.api}/metrics"
+        key = (data_dir / ADMIN_KEY_FILE).read_text().strip()
+        api = httpx.Client(base_url=run.api, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        sdk = stripe.StripeClient("sk_test_creditflow_localstripe", base_addresses={"api": state["stripe_url"]})
+
+        accounts = []
+        for card_number, name in (("4242424242424242", "Paying"), (DECLINED_AT_CHARGE, "Declined")):
+            created = api.post("/api/v1/accounts", json={"name": name, "billing_email": "ops@example.com"})
+            assert created.status_code == 201, created.text
+            account = created.json()["id"]
+            accounts.append(account)
+            saved = api.post(CARDS, json={"account_id": account, "payment_method_id": new_card(sdk, card_number)})
+            assert saved.status_code == 201, saved.text
+        paying, declined = accounts
+        for i in range(3):
+            resp = api.post("/api/v1/billing/track", json={"account_id": paying, "feature_id": "chat_message",
+                                                           "value": 1, "idempotency_key": f"m-{i}"})
+            assert resp.status_code == 200, resp.text
+        denied = api.post("/api/v1/billing/track", json={"account_id": paying, "feature_id": "llm_tokens",
+                                                         "value": 10**9, "idempotency_key": "huge"})
+        assert denied.status_code == 402
+        assert api.post(TOPUP, json={"account_id": paying, "amount_usd": 25, "request_id": "r1"}).status_code == 200
+        assert api.post(TOPUP, json={"account_id": declined, "amount_usd": 25,
+                                     "request_id": "r1"}).json()["error"]["code"] == "card_declined"
+
+        ready = httpx.get(f"{run.api}/readyz", timeout=10)
+        assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "temporal": "ok"}
+
+        text = httpx.get(state["api_metrics_url"], timeout=10).text
+        assert sample(text, "creditflow_usage_events_total", {"outcome": "tracked"}) == 3
+        assert sample(text, "creditflow_usage_events_total", {"outcome": "denied", "code": "insufficient_credits"}) == 1
+        assert sample(text, "creditflow_debited_micros_total") == 3_000_000  # 3 chat messages at 1 credit
+        assert sample(text, "creditflow_http_requests_total", {"route": "/api/v1/billing/wallet/topup",
+                                                               "status": "200"}) == 1
+
+        worker_url = state["worker_metrics_url"]
+
+        def worker_text() -> str:
+            return httpx.get(worker_url, timeout=10).text
+
+        run.wait_for("the worker's figures", lambda: sample(worker_text(), "creditflow_topups_total",
+                                                            {"outcome": "failed"}) == 1, timeout=60)
+        text = worker_text()
+        assert sample(text, "creditflow_topups_total", {"outcome": "succeeded"}) == 1
+        assert sample(text, "creditflow_outbox_lag_seconds") is not None
+        assert sample(text, "creditflow_webhook_lag_seconds") is not None
+        assert sample(text, "creditflow_reconciliation_differences", {"resolution": "reported"}) is not None
+        sdk_metrics = [line for line in text.splitlines() if line.startswith("temporal_") and not line.endswith(" 0")]
+        assert any(line.startswith("temporal_activity_execution_latency") for line in sdk_metrics), text[-3000:]
+
+        health = subprocess.run([str(CREDITFLOW), "worker-health", "--url", worker_url.replace("/metrics", "/healthz")],
+                                capture_output=True, text=True, timeout=60, env=clean_env())
+        assert health.returncode == 0, health.stdout + health.stderr
+        assert '"worker": "running"' in health.stdout and '"relay": "running"' in health.stdout
+
+        logs_text = "".join(p.read_text(errors="replace") for p in (data_dir / "logs").glob("*.log"))
+        assert "creditflow api" in logs_text and "creditflow worker" in logs_text  # the start-up lines
+        secret = (data_dir / WEBHOOK_SECRET_FILE).read_text().strip()
+        for value in (key, secret, "sk_test_creditflow_localstripe"):
+            assert value not in logs_text
+        run.stop()
+    finally:
+        for r in runs:
+            r.kill()

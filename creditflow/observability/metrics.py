@@ -104,7 +104,7 @@ CHARGE_OUTCOMES = {"succeeded": "succeeded", "failed": "failed", "canceled": "ca
                    "requires_action": "pending"}
 
 
-@dataclass
+@dataclass(eq=False)  # registered by identity in the registry
 class DatabaseStats(Collector):
     """The durable path's business figures, read from the database by :meth:`refresh` and served from memory
     (a scrape never waits for the database)."""
