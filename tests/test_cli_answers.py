@@ -1,0 +1,134 @@
+"""On-call answers from the CLI: one transaction in full, filtered history, an agent's audit trail, --json."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from typer.testing import CliRunner, Result
+
+from creditflow import agents_cli, ops_cli
+from creditflow.agents_cli import agents_app
+from creditflow.config import get_settings
+from creditflow.ledger import agents
+from creditflow.ops_cli import wallet_app
+from tests.test_api_metering import new_account, track
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cli_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("CREDITFLOW_DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    monkeypatch.setattr(ops_cli.console, "width", 250)
+    monkeypatch.setattr(agents_cli.console, "width", 250)
+    yield
+    get_settings.cache_clear()
+
+
+async def invoke(app: object, *args: str) -> Result:
+    """The command in a thread: it runs its own event loop (asyncio.run), as from a shell."""
+    return await asyncio.to_thread(runner.invoke, app, list(args))  # type: ignore[arg-type]
+
+
+async def cli_json(app: object, *args: str, code: int = 0) -> Any:
+    result = await invoke(app, *args, "--json")
+    assert result.exit_code == code, result.output
+    return json.loads(result.stdout)
+
+
+async def usage_account(api: httpx.AsyncClient) -> tuple[str, str]:
+    """An account with agent bot-1, two chat messages and 1,500 LLM tokens by it; returns (account, txn id)."""
+    account = await new_account(api)
+    resp = await api.post("/api/v1/agents", json={"account_id": account, "id": "bot-1", "name": "Support bot"})
+    assert resp.status_code == 201, resp.text
+    for i in range(2):
+        assert (await track(api, account, "chat_message", 1, f"chat-{i}", agent_id="bot-1")).status_code == 200
+    tokens = await track(api, account, "llm_tokens", 1500, "conv-42-turn-3", agent_id="bot-1",
+                         metadata={"conversation_id": "conv-42", "model": "small"})
+    assert tokens.status_code == 200, tokens.text
+    return account, tokens.json()["transaction_id"]
+
+
+async def test_wallet_show_answers_why_charged(api: httpx.AsyncClient, cli_env: None) -> None:
+    account, txn = await usage_account(api)
+    view = await cli_json(wallet_app, "show", txn, "--account", account)
+    assert view["id"] == txn and view["type"] == "usage" and view["amount"] == -150  # 1,500 tokens x 0.1
+    assert (view["feature_id"], view["quantity"], view["credits_per_unit"]) == ("llm_tokens", 1500, 0.1)
+    assert (view["agent_id"], view["idempotency_key"]) == ("bot-1", "conv-42-turn-3")
+    assert view["metadata"] == {"conversation_id": "conv-42", "model": "small"}
+    [rate] = view["rate_version"]["rate_card"]
+    assert rate["feature_id"] == "llm_tokens" and rate["credits_per_unit"] == 0.1 and isinstance(rate["rate_id"], int)
+    assert view["caused_by"] == {"kind": "usage", "workflow_id": None,
+                                 "via": "metering call (POST /api/v1/billing/track)"}
+    # The readable view has the same facts.
+    table = await invoke(wallet_app, *["show", txn, "--account", account])
+    assert table.exit_code == 0 and "conv-42-turn-3" in table.output and "llm_tokens" in table.output
+
+    # A usage row is found through its account: without it, a clear refusal.
+    refused = await cli_json(wallet_app, "show", txn, code=1)
+    assert refused["error"]["code"] == "not_found" and "--account" in refused["error"]["message"]
+    assert (await cli_json(wallet_app, "show", "txn_123", code=1))["error"]["code"] == "invalid_id"
+
+    # A money movement needs no account: the welcome bonus.
+    history = await cli_json(wallet_app, "history", account, "--type", "welcome_bonus")
+    [bonus] = history["items"]
+    shown = await cli_json(wallet_app, "show", bonus["id"])
+    assert (shown["amount"], shown["caused_by"]["kind"]) == (5000, "account_created")
+
+
+async def test_history_filters_and_unknown_values_refused(api: httpx.AsyncClient, pool: AsyncConnectionPool,
+                                                          cli_env: None) -> None:
+    account, _ = await usage_account(api)
+    assert (await track(api, account, "chat_message", 1, "no-agent")).status_code == 200
+    everything = await cli_json(wallet_app, "history", account)
+    assert everything["total"] == 5 and everything["sum"] == 5000 - 2 - 150 - 1
+    by_agent = await cli_json(wallet_app, "history", account, "--agent", "bot-1")
+    assert by_agent["total"] == 3 and by_agent["sum"] == -152
+    chats = await cli_json(wallet_app, "history", account, "--agent", "bot-1", "--feature", "chat_message", "--type",
+                     "usage")
+    assert [i["idempotency_key"] for i in chats["items"]] == ["chat-1", "chat-0"] and chats["sum"] == -2
+    future = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert (await cli_json(wallet_app, "history", account, "--since", future))["total"] == 0
+    assert (await cli_json(wallet_app, "history", account, "--until", future))["total"] == 5
+    assert (await cli_json(wallet_app, "history", account, "--type", "refund"))["total"] == 0  # a type, none yet
+
+    typo = await cli_json(wallet_app, "history", account, "--type", "usge", code=1)
+    assert typo["error"]["code"] == "validation_error" and "usage" in typo["error"]["message"]
+    wrong_feature = await cli_json(wallet_app, "history", account, "--feature", "chat_mesage", code=1)
+    assert wrong_feature["error"]["code"] == "unknown_feature"
+    wrong_agent = await cli_json(wallet_app, "history", account, "--agent", "bot-2", code=1)
+    assert wrong_agent["error"]["code"] == "unknown_agent"
+    human = await invoke(wallet_app, *["history", account, "--type", "usge"])
+    assert human.exit_code == 1 and "validation_error" in human.output and "0 of 0" not in human.output
+
+
+async def test_agents_list_and_events_say_when_paused_and_until_when(api: httpx.AsyncClient,
+                                                                     pool: AsyncConnectionPool,
+                                                                     cli_env: None) -> None:
+    account, _ = await usage_account(api)
+    resume_at = datetime(2031, 1, 2, tzinfo=UTC)
+    # The account workflow's writer (what its pause activities call): a system pause for the daily limit.
+    await agents.set_status(pool, account, "bot-1", paused=True, actor="system", reason="daily limit reached",
+                            resume_at=resume_at)
+    [listed] = await cli_json(agents_app, "list", account)
+    assert (listed["status"], listed["paused_by"], listed["pause_reason"]) == ("paused", "system",
+                                                                              "daily limit reached")
+    assert listed["resume_at"] == "2031-01-02T00:00:00Z" and listed["paused_at"]
+    assert listed["month_spent"] == 152
+    table = await invoke(agents_app, *["list", account])
+    assert table.exit_code == 0 and "2031-01-02" in table.output
+
+    await agents.set_status(pool, account, "bot-1", paused=False, actor="operator ada (CLI)", reason="raised")
+    trail = await cli_json(agents_app, "events", account, "bot-1")
+    assert [(e["action"], e["actor"], e["reason"]) for e in trail["events"]] == [
+        ("paused", "system", "daily limit reached"), ("resumed", "operator ada (CLI)", "raised")]
+    assert all(e["created_at"] for e in trail["events"]) and trail["agent"]["status"] == "active"
+    assert (await cli_json(agents_app, "events", account, "ghost", code=1))["error"]["code"] == "unknown_agent"
