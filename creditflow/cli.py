@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from creditflow.agents_cli import agents_app
+from creditflow.charges_cli import charges
 from creditflow.config import Settings, get_settings
 from creditflow.observability.logs import configure_logging
 from creditflow.ops_cli import accounts_app, keys_app, wallet_app
@@ -39,6 +40,7 @@ app.command("refund")(refund)
 app.command("simulate")(simulate)
 app.command("verify")(verify_command)
 app.command("reconcile")(reconcile)
+app.command("charges")(charges)
 
 console = Console()
 
