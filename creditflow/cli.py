@@ -19,6 +19,7 @@ from creditflow.ops_cli import accounts_app, keys_app, wallet_app
 from creditflow.payment_events_cli import payment_events_app
 from creditflow.reconcile_cli import reconcile
 from creditflow.refund_cli import refund
+from creditflow.replay_cli import replay
 from creditflow.simulate_cli import simulate
 from creditflow.topup_cli import topup
 from creditflow.verify_cli import verify_command
@@ -41,6 +42,7 @@ app.command("simulate")(simulate)
 app.command("verify")(verify_command)
 app.command("reconcile")(reconcile)
 app.command("charges")(charges)
+app.command("replay")(replay)
 
 console = Console()
 
