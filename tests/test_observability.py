@@ -311,6 +311,11 @@ def test_dev_stack_metrics_health_and_logs_after_usage(tmp_path: Path) -> None:
         sdk_metrics = [line for line in text.splitlines() if line.startswith("temporal_") and not line.endswith(" 0")]
         assert any(line.startswith("temporal_activity_execution_latency") for line in sdk_metrics), text[-3000:]
 
+        # Every metric the dashboard and the alert rules use is one the API or a worker exports.
+        exported = _metric_names(httpx.get(state["api_metrics_url"], timeout=10).text + worker_text())
+        used = _deploy_metric_names()
+        assert used - exported == set() and len(used) > 15
+
         health = subprocess.run([str(CREDITFLOW), "worker-health", "--url", worker_url.replace("/metrics", "/healthz")],
                                 capture_output=True, text=True, timeout=60, env=clean_env())
         assert health.returncode == 0, health.stdout + health.stderr
@@ -325,3 +330,35 @@ def test_dev_stack_metrics_health_and_logs_after_usage(tmp_path: Path) -> None:
     finally:
         for r in runs:
             r.kill()
+
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def _metric_names(exposition_text: str) -> set[str]:
+    """Family names (``# TYPE`` lines) and sample names of an exposition."""
+    names = set()
+    for line in exposition_text.splitlines():
+        if line.startswith("# TYPE "):
+            names.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            names.add(line.split("{")[0].split(" ")[0])
+    return names
+
+
+def _deploy_metric_names() -> set[str]:
+    import re
+
+    import yaml
+
+    exprs = [rule["expr"] for group in yaml.safe_load((DEPLOY / "prometheus-alerts.yml").read_text())["groups"]
+             for rule in group["rules"]]
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs += [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return {m for e in exprs for m in re.findall(r"\b((?:creditflow|temporal)_[a-z_]+)", e)}
+
+
+def test_deploy_files_parse_and_use_creditflow_metrics() -> None:
+    used = _deploy_metric_names()
+    assert {"creditflow_outbox_lag_seconds", "creditflow_usage_events_total", "creditflow_auto_recharges_total",
+            "creditflow_reconciliation_differences", "temporal_activity_execution_failed"} <= used
