@@ -144,7 +144,7 @@ def worker_health(
 
 
 @ratecard_app.command("show")
-def ratecard_show() -> None:
+def ratecard_show(as_json: Annotated[bool, typer.Option("--json", help="Print JSON (exact numbers).")] = False) -> None:
     """List features and the rate in force now."""
     from creditflow.ledger.db import open_pool
     from creditflow.ledger.ratecard import list_features
@@ -158,6 +158,11 @@ def ratecard_show() -> None:
             features = await list_features(pool)
         finally:
             await pool.close()
+        if as_json:
+            from creditflow.ops_cli import dumps
+
+            print(dumps(features))
+            return
         table = Table("feature", "channel", "unit", "credits/unit", "base", "since")
         for f in features:
             table.add_row(f.id, f.channel, f.unit, str(f.credits_per_unit), f.base_feature_id or "",

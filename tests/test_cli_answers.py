@@ -132,3 +132,20 @@ async def test_agents_list_and_events_say_when_paused_and_until_when(api: httpx.
         ("paused", "system", "daily limit reached"), ("resumed", "operator ada (CLI)", "raised")]
     assert all(e["created_at"] for e in trail["events"]) and trail["agent"]["status"] == "active"
     assert (await cli_json(agents_app, "events", account, "ghost", code=1))["error"]["code"] == "unknown_agent"
+
+
+async def test_json_on_the_other_operator_commands(api: httpx.AsyncClient, cli_env: None) -> None:
+    from creditflow.cli import app
+
+    features = await cli_json(app, "ratecard", "show")
+    tokens = next(f for f in features if f["id"] == "llm_tokens")
+    assert tokens["credits_per_unit"] == 0.1 and tokens["unit"]
+    assert await cli_json(app, "payment-events", "failed") == []
+    account = await new_account(api)
+    found = await cli_json(app, "charges", account)
+    assert found == {"auto_recharge": None, "charges": []}
+    assert (await cli_json(app, "charges", account, "--kind", "recharge", code=1))["error"]["code"] == \
+        "validation_error"
+    shown = await cli_json(app, "accounts", "show", account)
+    assert shown["id"] == account and shown["balance"]["balance"] == 5000
+    assert (await cli_json(app, "wallet", "balance", account))["balance"] == 5000
