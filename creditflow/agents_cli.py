@@ -16,11 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from creditflow.config import get_settings
-from creditflow.domain.money import micros_to_credits
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id, check_token
-from creditflow.ledger import agents
-from creditflow.ops_cli import JsonFlag, emit, run
+from creditflow.ledger import lookup
+from creditflow.ops_cli import JsonFlag, answer, emit
 from creditflow.workflow_cli import ask_workflow, refuse
 from workflows.contract import AgentCommand
 
@@ -39,22 +38,19 @@ def agents_list(account_id: Annotated[str, typer.Argument(help="The account (acc
     """The account's agents with their status, when they were paused and when they resume (a system pause
     ends by itself at the next UTC day or month; an operator's or customer's pause only when resumed), and
     spend this month in credits."""
-    rows = run(lambda pool: agents.list_agents(pool, account_id), as_json)
+    rows = answer(lambda pool: lookup.agents_of(pool, account_id), f"/api/v1/operator/accounts/{account_id}/agents",
+                  None, as_json)
 
     def render() -> None:
         table = Table("agent", "name", "status", "paused by", "reason", "paused at", "resumes at",
                       "spent this month (credits)", "monthly limit (credits)")
         for a in rows:
-            resumes = _when(a.resume_at) if a.resume_at else ("when resumed" if a.status == "paused" else "")
-            table.add_row(a.id, a.name, a.status, a.paused_by or "", a.pause_reason or "", _when(a.paused_at),
-                          resumes, str(micros_to_credits(a.month_spent_micros)),
-                          "" if a.monthly_limit_micros is None else str(micros_to_credits(a.monthly_limit_micros)))
+            resumes = _when(a["resume_at"]) if a["resume_at"] else ("when resumed" if a["status"] == "paused" else "")
+            table.add_row(a["id"], a["name"], a["status"], a["paused_by"] or "", a["pause_reason"] or "",
+                          _when(a["paused_at"]), resumes, str(a["month_spent"]), _when(a["monthly_limit"]))
         console.print(table)
 
-    emit([a.model_dump() | {
-        "month_spent": micros_to_credits(a.month_spent_micros),
-        "monthly_limit": None if a.monthly_limit_micros is None else micros_to_credits(a.monthly_limit_micros)}
-        for a in rows], as_json, render)
+    emit(rows, as_json, render)
 
 
 @agents_app.command("events")
@@ -65,24 +61,23 @@ def agents_events(
     as_json: JsonFlag = False,
 ) -> None:
     """The agent's audit trail: every pause and resume with its time, who asked and why."""
-
-    async def fetch(pool: object) -> tuple[agents.Agent, list[agents.AgentEvent]]:
-        agent = await agents.get_agent(pool, account_id, agent_id)  # unknown_account / unknown_agent
-        return agent, await agents.agent_events(pool, account_id, agent_id, limit)
-
-    agent, events = run(fetch, as_json)  # type: ignore[arg-type]
+    trail = answer(lambda pool: lookup.agent_trail(pool, account_id, agent_id, limit),
+                   f"/api/v1/operator/accounts/{account_id}/agents/{agent_id}/events", {"limit": limit}, as_json)
+    agent, events = trail["agent"], trail["events"]
 
     def render() -> None:
         table = Table("time", "action", "actor", "reason")
         for e in events:
-            table.add_row(str(e.created_at), e.action, e.actor, e.reason or "")
+            table.add_row(str(e["created_at"]), e["action"], e["actor"], e["reason"] or "")
         console.print(table)
-        now = f"now {agent.status}" + (f" since {agent.paused_at} by {agent.paused_by}" if agent.paused_at else "")
-        if agent.status == "paused":
-            now += f", resumes {agent.resume_at}" if agent.resume_at else ", until resumed"
+        now = f"now {agent['status']}"
+        if agent["paused_at"]:
+            now += f" since {agent['paused_at']} by {agent['paused_by']}"
+        if agent["status"] == "paused":
+            now += f", resumes {agent['resume_at']}" if agent["resume_at"] else ", until resumed"
         console.print(f"{len(events)} events; {now}")
 
-    emit({"agent": agent, "events": events}, as_json, render)
+    emit(trail, as_json, render)
 
 
 def _change(account_id: str, agent_id: str, reason: str | None, actor: str | None, *, paused: bool,

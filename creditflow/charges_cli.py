@@ -3,38 +3,17 @@ outcome and failure, and the auto-recharge state: the answer to "why does this r
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from decimal import Decimal
+from typing import Annotated
 
 import typer
-from psycopg_pool import AsyncConnectionPool
 from rich.console import Console
 from rich.table import Table
 
-from creditflow.errors import CreditflowError
-from creditflow.ops_cli import JsonFlag, emit, run
+from creditflow.ledger import lookup
+from creditflow.ops_cli import JsonFlag, answer, emit
 
 console = Console()
-KINDS = ("topup", "auto_recharge", "invoice")
-
-
-async def charges_of(pool: AsyncConnectionPool, account_id: str, kind: str | None, limit: int) -> dict[str, Any]:
-    if kind is not None and kind not in KINDS:
-        raise CreditflowError("validation_error", f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
-    async with pool.connection() as conn:
-        if await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone() is None:
-            raise CreditflowError("unknown_account", f"no account {account_id}")
-        rows = await (await conn.execute(
-            "SELECT id, kind, request_id, amount_cents, credits, status, failure_code, decline_code, failure_message,"
-            " payment_method_id, payment_intent_id, ledger_txn_id, created_at, updated_at FROM stripe_charges"
-            " WHERE account_id = %s AND (%s::text IS NULL OR kind = %s) ORDER BY created_at DESC LIMIT %s",
-            (account_id, kind, kind, limit))).fetchall()
-        recharge = await (await conn.execute(
-            "SELECT enabled, threshold_micros / 1000000 AS threshold_credits, amount_credits, payment_method_id,"
-            " disabled_reason, consecutive_failures, last_attempt_at, last_status, last_error"
-            " FROM auto_recharge_settings WHERE account_id = %s", (account_id,))).fetchone()
-    return {"auto_recharge": recharge, "charges": rows}
-
-
 def charges(
     account_id: Annotated[str, typer.Argument(help="The account (acc_...).")],
     kind: Annotated[str | None, typer.Option(help="topup, auto_recharge or invoice.")] = None,
@@ -43,7 +22,8 @@ def charges(
 ) -> None:
     """The account's Stripe charges, newest first, with their outcome and decline, and the auto-recharge state
     (enabled, consecutive failures, why it was disabled)."""
-    found = run(lambda pool: charges_of(pool, account_id, kind, limit), as_json)
+    found = answer(lambda pool: lookup.charges(pool, account_id, kind, limit),
+                   f"/api/v1/operator/accounts/{account_id}/charges", {"kind": kind, "limit": limit}, as_json)
 
     def render() -> None:
         state = found["auto_recharge"]
@@ -59,7 +39,7 @@ def charges(
         table = Table("created", "kind", "request", "USD", "credits", "status", "failure", "decline", "message",
                       "payment intent", "ledger txn")
         for c in found["charges"]:
-            table.add_row(str(c["created_at"]), c["kind"], c["request_id"], f"{c['amount_cents'] / 100:.2f}",
+            table.add_row(str(c["created_at"]), c["kind"], c["request_id"], f"{Decimal(c['amount_cents']) / 100:.2f}",
                           str(c["credits"]), c["status"], c["failure_code"] or "", c["decline_code"] or "",
                           c["failure_message"] or "", c["payment_intent_id"] or "", c["ledger_txn_id"] or "")
         console.print(table)

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     admin_api_key: SecretStr | None = None
+    # Operator commands: with no database URL, read-only answers (wallet history/show, agents list/events, charges)
+    # come from this API with the admin key, so on-call needs no database credentials.
+    api_url: str = ""
 
     # Ledger policy.
     welcome_bonus_credits: int = Field(default=5000, ge=0, le=10_000_000)

@@ -67,11 +67,44 @@ def run(action: Callable[[AsyncConnectionPool], Awaitable[T]], as_json: bool = F
     try:
         return asyncio.run(main())
     except CreditflowError as exc:
-        if as_json:
-            print(dumps({"error": {"code": exc.code, "message": exc.message, "details": exc.details or {}}}))
-        else:
-            console.print(f"[red]{exc.code}[/red]: {exc.message}", soft_wrap=True)
-        raise typer.Exit(1) from exc
+        raise_refusal(exc, as_json)
+        raise  # unreachable: raise_refusal exits
+
+
+def answer(action: Callable[[AsyncConnectionPool], Awaitable[Any]], path: str, params: dict[str, Any] | None,
+           as_json: bool) -> Any:
+    """A read-only answer, from the database (CREDITFLOW_DATABASE_URL) or, without one, from the API
+    (CREDITFLOW_API_URL with CREDITFLOW_ADMIN_API_KEY: on-call needs no database credentials). Either way it
+    comes back as JSON values (exact decimals), the same for both."""
+    settings = get_settings()
+    if settings.database_url or not settings.api_url:
+        return simplejson.loads(dumps(run(action, as_json)), use_decimal=True)
+    if settings.admin_api_key is None:
+        console.print("[red]CREDITFLOW_API_URL needs CREDITFLOW_ADMIN_API_KEY[/red] (an admin API key).")
+        raise typer.Exit(2)
+    import httpx
+
+    query = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in (params or {}).items() if v is not None}
+    try:
+        resp = httpx.get(settings.api_url.rstrip("/") + path, params=query, timeout=30.0,
+                         headers={"Authorization": f"Bearer {settings.admin_api_key.get_secret_value()}"})
+    except httpx.HTTPError as exc:
+        console.print(f"[red]the API at {settings.api_url} is not reachable[/red]: {type(exc).__name__}")
+        raise typer.Exit(2) from exc
+    body = simplejson.loads(resp.text, use_decimal=True) if resp.text else {}
+    if resp.status_code >= 400:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        raise_refusal(CreditflowError(error.get("code", f"http_{resp.status_code}"), error.get("message") or None,
+                                      details=error.get("details")), as_json)
+    return body
+
+
+def raise_refusal(exc: CreditflowError, as_json: bool) -> None:
+    if as_json:
+        print(dumps({"error": {"code": exc.code, "message": exc.message, "details": exc.details or {}}}))
+    else:
+        console.print(f"[red]{exc.code}[/red]: {exc.message}", soft_wrap=True)
+    raise typer.Exit(1) from exc
 
 
 @accounts_app.command("create")
@@ -191,8 +224,11 @@ def wallet_history(
     """The balance history (newest first) with quantity, rate, agent and key; filters that match nothing by
     construction (an unknown type, feature or agent) are refused."""
     since, until = _utc(since), _utc(until)
-    page = run(lambda pool: lookup.history(pool, account_id, type=type, feature=feature, agent=agent, since=since,
-                                            until=until, limit=limit), as_json)
+    page = answer(lambda pool: lookup.history(pool, account_id, type=type, feature=feature, agent=agent, since=since,
+                                              until=until, limit=limit),
+                  f"/api/v1/operator/accounts/{account_id}/transactions",
+                  {"type": type, "feature": feature, "agent": agent, "since": since, "until": until, "limit": limit},
+                  as_json)
 
     def render() -> None:
         table = Table("id", "type", "amount", "balance after", "feature", "quantity", "rate", "agent",
@@ -222,7 +258,8 @@ def wallet_show(
 ) -> None:
     """One transaction in full: amount, quantity, rate and the rate version in force, feature, agent,
     idempotency key, metadata, and what caused it (workflow id, Stripe charge or refund)."""
-    view = run(lambda pool: lookup.transaction(pool, txn, account), as_json)
+    view = answer(lambda pool: lookup.transaction(pool, txn, account), f"/api/v1/operator/transactions/{txn}",
+                  {"account_id": account}, as_json)
 
     def render() -> None:
         table = Table("field", "value", show_header=False)

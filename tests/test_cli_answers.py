@@ -41,6 +41,7 @@ async def invoke(app: object, *args: str) -> Result:
 async def cli_json(app: object, *args: str, code: int = 0) -> Any:
     result = await invoke(app, *args, "--json")
     assert result.exit_code == code, result.output
+    assert result.stdout.strip(), (args, result.output, result.exception)
     return json.loads(result.stdout)
 
 
@@ -149,3 +150,57 @@ async def test_json_on_the_other_operator_commands(api: httpx.AsyncClient, cli_e
     shown = await cli_json(app, "accounts", "show", account)
     assert shown["id"] == account and shown["balance"]["balance"] == 5000
     assert (await cli_json(app, "wallet", "balance", account))["balance"] == 5000
+
+
+@pytest.fixture
+def api_server(settings: Any) -> Iterator[str]:
+    """The real app served over HTTP in a thread (the CLI is a separate client, as on an on-call laptop)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from creditflow.api.app import create_app
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the API did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+async def test_operator_answers_through_the_api_with_an_admin_key(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool, cli_env: None, api_server: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from creditflow.cli import app
+    from tests.conftest import ADMIN_KEY
+
+    account, txn = await usage_account(api)
+    await agents.set_status(pool, account, "bot-1", paused=True, actor="system", reason="daily limit reached",
+                            resume_at=datetime(2031, 1, 2, tzinfo=UTC))
+    commands = [("wallet", "history", account, "--agent", "bot-1"), ("wallet", "show", txn, "--account", account),
+                ("agents", "list", account), ("agents", "events", account, "bot-1"), ("charges", account)]
+    from_database = [await cli_json(app, *c) for c in commands]
+
+    monkeypatch.delenv("CREDITFLOW_DATABASE_URL")
+    monkeypatch.setenv("CREDITFLOW_API_URL", api_server)
+    monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", ADMIN_KEY)
+    get_settings.cache_clear()
+    from_api = [await cli_json(app, *c) for c in commands]
+    assert from_api == from_database
+    assert from_api[0]["total"] == 3 and from_api[2][0]["status"] == "paused"
+    typo = await cli_json(app, "wallet", "history", account, "--type", "usge", code=1)
+    assert typo["error"]["code"] == "validation_error"
+    table = await invoke(app, "agents", "list", account)
+    assert table.exit_code == 0 and "2031-01-02" in table.output
+
+    monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", "cf_admin_wrong_key_123")
+    get_settings.cache_clear()
+    assert (await cli_json(app, "charges", account, code=1))["error"]["code"] == "unauthorized"

@@ -10,7 +10,17 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from creditflow import __version__
-from creditflow.api import accounts, auto_recharge, billing, features, payment_methods, refunds, stripe_webhooks, topups
+from creditflow.api import (
+    accounts,
+    auto_recharge,
+    billing,
+    features,
+    operator,
+    payment_methods,
+    refunds,
+    stripe_webhooks,
+    topups,
+)
 from creditflow.api.agents import router as agents_router
 from creditflow.api.alerts import router as alerts_router
 from creditflow.api.entitlements import router as entitlements_router
@@ -108,4 +118,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(invoices_router)
     app.include_router(verify_router)
     app.include_router(reconciliation_router)
+    app.include_router(operator.router)  # the operator CLI's answers for an admin key (no database URL needed)
     return app

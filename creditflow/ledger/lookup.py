@@ -159,3 +159,53 @@ async def history(pool: AsyncConnectionPool, account_id: str, *, type: str | Non
             params)).fetchone()
     assert total is not None
     return {"items": [_row_view(r) for r in rows], "total": total["n"], "sum": micros_to_credits(total["s"])}
+
+
+CHARGE_KINDS = ("topup", "auto_recharge", "invoice")
+
+
+async def _account_exists(conn: Any, account_id: str) -> None:
+    if await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone() is None:
+        raise CreditflowError("unknown_account", f"no account {account_id}")
+
+
+async def charges(pool: AsyncConnectionPool, account_id: str, kind: str | None = None,
+                  limit: int = 20) -> dict[str, Any]:
+    """The account's Stripe charges (newest first) with their failure and decline codes, and the auto-recharge
+    state: why a recharge keeps failing."""
+    if kind is not None and kind not in CHARGE_KINDS:
+        raise CreditflowError("validation_error", f"unknown kind {kind!r}; kinds: {', '.join(CHARGE_KINDS)}")
+    async with pool.connection() as conn:
+        await _account_exists(conn, account_id)
+        rows = await (await conn.execute(
+            "SELECT id, kind, request_id, amount_cents, credits, status, failure_code, decline_code, failure_message,"
+            " payment_method_id, payment_intent_id, ledger_txn_id, created_at, updated_at FROM stripe_charges"
+            " WHERE account_id = %s AND (%s::text IS NULL OR kind = %s) ORDER BY created_at DESC LIMIT %s",
+            (account_id, kind, kind, limit))).fetchall()
+        recharge = await (await conn.execute(
+            "SELECT enabled, threshold_micros / 1000000 AS threshold_credits, amount_credits, payment_method_id,"
+            " disabled_reason, consecutive_failures, last_attempt_at, last_status, last_error"
+            " FROM auto_recharge_settings WHERE account_id = %s", (account_id,))).fetchone()
+    return {"auto_recharge": recharge, "charges": rows}
+
+
+def _agent_view(agent: Any) -> dict[str, Any]:
+    return agent.model_dump() | {
+        "month_spent": micros_to_credits(agent.month_spent_micros),
+        "monthly_limit": None if agent.monthly_limit_micros is None else micros_to_credits(agent.monthly_limit_micros)}
+
+
+async def agents_of(pool: AsyncConnectionPool, account_id: str) -> list[dict[str, Any]]:
+    """The account's agents: status, who paused them, when, and when they resume; spend in credits."""
+    from creditflow.ledger import agents
+
+    return [_agent_view(a) for a in await agents.list_agents(pool, account_id)]
+
+
+async def agent_trail(pool: AsyncConnectionPool, account_id: str, agent_id: str, limit: int = 100) -> dict[str, Any]:
+    """The agent now and its audit trail (every pause and resume with time, actor and reason), oldest first."""
+    from creditflow.ledger import agents
+
+    agent = await agents.get_agent(pool, account_id, agent_id)
+    events = await agents.agent_events(pool, account_id, agent_id, limit)
+    return {"agent": _agent_view(agent), "events": [e.model_dump() for e in events]}
