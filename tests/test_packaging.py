@@ -77,3 +77,14 @@ def test_every_third_party_import_is_declared() -> None:
         if not names & declared:
             missing.add(f"{module} ({', '.join(sorted(names))})")
     assert missing == set()
+
+
+def test_lock_file_pins_the_production_closure_and_is_current() -> None:
+    lock = (ROOT / "requirements.lock").read_text()
+    pins = dict(line.split("==") for line in lock.splitlines() if line and not line.startswith("#"))
+    assert set(pins) & DEV_ONLY == set()
+    assert {_name(r) for r in PYPROJECT["project"]["dependencies"]} <= set(pins)
+    out = subprocess.run([sys.executable, str(ROOT / "deploy" / "lock.py"), "--check"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install -c requirements.lock ." in (ROOT / "Dockerfile").read_text()
