@@ -10,17 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from creditflow import __version__
-from creditflow.api import (
-    accounts,
-    auto_recharge,
-    billing,
-    features,
-    operator,
-    payment_methods,
-    refunds,
-    stripe_webhooks,
-    topups,
-)
+from creditflow.api import accounts, auto_recharge, billing, features, payment_methods, refunds, stripe_webhooks, topups
 from creditflow.api.agents import router as agents_router
 from creditflow.api.alerts import router as alerts_router
 from creditflow.api.entitlements import router as entitlements_router
@@ -28,6 +18,7 @@ from creditflow.api.exact_json import ExactJSONResponse, respond
 from creditflow.api.invoices import router as invoices_router
 from creditflow.api.limits import router as limits_router
 from creditflow.api.notification_channels import router as notification_channels_router
+from creditflow.api.operator import router as operator_router
 from creditflow.api.plans import router as plans_router
 from creditflow.api.reconciliation import router as reconciliation_router
 from creditflow.api.request_context import RequestIdMiddleware, current_request_id
@@ -118,5 +109,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(invoices_router)
     app.include_router(verify_router)
     app.include_router(reconciliation_router)
-    app.include_router(operator.router)  # the operator CLI's answers for an admin key (no database URL needed)
+    app.include_router(operator_router)  # the operator CLI's answers for an admin key (no database URL needed)
     return app
