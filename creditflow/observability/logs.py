@@ -20,7 +20,6 @@ import re
 import sys
 import time
 from contextvars import ContextVar
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from creditflow.api.request_context import current_request_id
@@ -110,7 +109,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
         }
         line.update(_record_fields(record))
@@ -147,6 +146,12 @@ class RefusalFilter(logging.Filter):
 
 def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> logging.Handler:
     """Install creditflow's handler on the root logger (replacing earlier ones: uvicorn's, a previous call's)."""
+    # The logging docs' optimisations: no caller lookup (a stack walk per record) nor thread/process names,
+    # which no creditflow line prints; the per-request access line runs on the metering path.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
