@@ -36,6 +36,7 @@ def log_lines() -> Iterator[io.StringIO]:
     """creditflow's JSON logging into a buffer, as ``CREDITFLOW_LOG_FORMAT=json`` sets it up; restored after."""
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    flags = {name: getattr(logging, name) for name in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")}
     buffer = io.StringIO()
     configure_logging("INFO", "json", buffer)
     yield buffer
@@ -44,6 +45,8 @@ def log_lines() -> Iterator[io.StringIO]:
     for handler in saved[0]:
         root.addHandler(handler)
     root.setLevel(saved[1])
+    for name, value in flags.items():
+        setattr(logging, name, value)
 
 
 def parsed(buffer: io.StringIO) -> list[dict[str, Any]]:
