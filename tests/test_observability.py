@@ -365,3 +365,22 @@ def test_deploy_files_parse_and_use_creditflow_metrics() -> None:
     used = _deploy_metric_names()
     assert {"creditflow_outbox_lag_seconds", "creditflow_usage_events_total", "creditflow_auto_recharges_total",
             "creditflow_reconciliation_differences", "temporal_activity_execution_failed"} <= used
+
+
+def test_worker_health_finds_the_port_a_worker_picked(tmp_path: Path, settings: Settings) -> None:
+    """With port 0 the worker writes the port it bound to CREDITFLOW_WORKER_METRICS_PORT_FILE; the probe reads it."""
+    from creditflow.observability.probe import check_worker, worker_health_url
+
+    server = MetricsServer("127.0.0.1", 0, health=lambda: (False, {"status": "unavailable"})).start()
+    try:
+        port_file = tmp_path / "worker.port"
+        port_file.write_text(f"{server.port}\n")
+        configured = settings.model_copy(update={"worker_metrics_port_file": port_file})
+        url = worker_health_url(configured)
+        assert url == f"http://127.0.0.1:{server.port}/healthz"
+        assert check_worker(url) == (False, '{"status": "unavailable"}')
+        assert worker_health_url(settings.model_copy(update={"worker_metrics_port": 9464})) == \
+            "http://127.0.0.1:9464/healthz"
+        assert worker_health_url(settings) is None  # port 0 and no file: nothing to ask
+    finally:
+        server.stop()
