@@ -9,12 +9,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 # Only what the package needs: a change to tests or docs does not invalidate the install layer.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY creditflow/ creditflow/
 COPY workflows/ workflows/
 COPY activities/ activities/
 COPY workers/ workers/
-RUN pip install . \
+# requirements.lock pins every production distribution to the versions the tests ran against (deploy/lock.py);
+# the dev extra (embedded PostgreSQL, Temporal dev/test servers, localstripe) is not installed.
+RUN pip install -c requirements.lock . \
     && useradd --system --no-create-home --uid 10001 creditflow
 
 USER creditflow

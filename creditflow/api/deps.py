@@ -14,6 +14,7 @@ from creditflow.api.scopes import granted, required_scopes
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id
+from creditflow.observability.logs import bind
 from creditflow.payments.gateway import StripeGateway
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer cf_sk_...`")
@@ -72,14 +73,18 @@ def target_account(principal: Principal, account_id: str | None) -> str:
     if principal.is_admin:
         if not account_id:
             raise CreditflowError("validation_error", "admin keys must name the account (account_id)")
-        return check_id(account_id, "acc", "account_id")
+        account = check_id(account_id, "acc", "account_id")
+        bind(account_id=account)  # the access log line names the account
+        return account
     if principal.organization_id is not None:
         if not account_id:
             raise CreditflowError("validation_error", "organization keys must name the workspace (account_id)")
         if account_id not in principal.organization_accounts:
             raise CreditflowError("forbidden", "this account is not a workspace of this API key's organization")
+        bind(account_id=account_id)
         return account_id
     assert principal.account_id is not None
     if account_id is not None and account_id != principal.account_id:
         raise CreditflowError("forbidden", "this API key belongs to another account")
+    bind(account_id=principal.account_id)
     return principal.account_id

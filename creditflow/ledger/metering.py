@@ -25,6 +25,7 @@ from creditflow.ledger.db import RETRYABLE, to_jsonb, with_retry
 from creditflow.ledger.idempotency import request_hash
 from creditflow.ledger.models import Balances, CheckResult, HoldResult, TrackResult, balances_from, credits, exact
 from creditflow.metadata import check_metadata
+from creditflow.observability.metrics import record_usage
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,11 @@ async def track(pool: AsyncConnectionPool, event: UsageEvent, *, coalesce: bool 
     Concurrent calls on the same pool share transactions (group commit, see ``coalescer``);
     ``coalesce=False`` forces one transaction for this event alone."""
     if coalesce:
-        return await coalescer_for(pool, track_one, track_grouped).track(event)  # type: ignore[arg-type]
-    return await track_alone(pool, event)
+        result = await coalescer_for(pool, track_one, track_grouped).track(event)  # type: ignore[arg-type]
+    else:
+        result = await track_alone(pool, event)
+    record_usage(result.allowed, result.code, result.charged_micros, result.replayed)
+    return result
 
 
 def configure_track(pool: AsyncConnectionPool, *, writers: int) -> None:
@@ -190,9 +194,12 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
         return [TrackResult.from_db(row) for row in rows]
 
     try:
-        return await run()
+        results = await run()
     except TRACK_RETRY_ON:
-        return await with_retry(run, retry_on=TRACK_RETRY_ON)
+        results = await with_retry(run, retry_on=TRACK_RETRY_ON)
+    for r in results:
+        record_usage(r.allowed, r.code, r.charged_micros, r.replayed)
+    return results
 
 
 # A check without a value asks about one unit of the feature.
@@ -292,7 +299,9 @@ async def settle_hold(pool: AsyncConnectionPool, account_id: str, hold_id: str, 
     """Charge the actual quantity and release the rest of the hold, atomically (idempotent)."""
     row = await _fetch_one(pool, "SELECT * FROM cf_hold_settle(%s, %s, %s, %s)",
                            (account_id, hold_id, _quantity(value), to_jsonb(metadata)), TRACK_RETRY_ON)
-    return TrackResult.from_db(row)
+    result = TrackResult.from_db(row)
+    record_usage(result.allowed, result.code, result.charged_micros, result.replayed)
+    return result
 
 
 async def release_hold(pool: AsyncConnectionPool, account_id: str, hold_id: str) -> HoldResult:

@@ -1,0 +1,63 @@
+"""/api/v1/operator: the operator CLI's answers over HTTP (admin keys only), so on-call needs an admin API key
+and no database credentials: ``CREDITFLOW_API_URL`` + ``CREDITFLOW_ADMIN_API_KEY`` for ``creditflow wallet
+history|show``, ``agents list|events`` and ``charges``. Each answer is exactly what the command prints with
+``--json`` (creditflow/ledger/lookup.py computes both)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from psycopg_pool import AsyncConnectionPool
+
+from creditflow.api.deps import get_pool, require
+from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
+from creditflow.api.keys import Principal, Scope
+from creditflow.ids import check_id, check_token
+from creditflow.ledger import lookup
+
+router = APIRouter(prefix="/api/v1/operator", tags=["operations"], route_class=ExactRoute)
+
+Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
+Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
+
+
+@router.get("/accounts/{account_id}/transactions", response_class=ExactJSONResponse)
+async def history(account_id: str, principal: Admin, pool: Pool, type: str | None = None,
+                  feature: str | None = None, agent: str | None = None, since: datetime | None = None,
+                  until: datetime | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 20
+                  ) -> ExactJSONResponse:
+    """The history with quantity, rate, agent and key; unknown filter values are refused."""
+    check_id(account_id, "acc", "account_id")
+    return respond(await lookup.history(pool, account_id, type=type, feature=feature, agent=agent, since=since,
+                                        until=until, limit=limit))
+
+
+@router.get("/transactions/{txn}", response_class=ExactJSONResponse)
+async def transaction(txn: str, principal: Admin, pool: Pool, account_id: str | None = None) -> ExactJSONResponse:
+    """One transaction in full, with its rate version and cause (usage rows need ``account_id``)."""
+    if account_id is not None:
+        check_id(account_id, "acc", "account_id")
+    return respond(await lookup.transaction(pool, txn, account_id))
+
+
+@router.get("/accounts/{account_id}/charges", response_class=ExactJSONResponse)
+async def charges(account_id: str, principal: Admin, pool: Pool, kind: str | None = None,
+                  limit: Annotated[int, Query(ge=1, le=500)] = 20) -> ExactJSONResponse:
+    check_id(account_id, "acc", "account_id")
+    return respond(await lookup.charges(pool, account_id, kind, limit))
+
+
+@router.get("/accounts/{account_id}/agents", response_class=ExactJSONResponse)
+async def agents(account_id: str, principal: Admin, pool: Pool) -> ExactJSONResponse:
+    check_id(account_id, "acc", "account_id")
+    return respond(await lookup.agents_of(pool, account_id))
+
+
+@router.get("/accounts/{account_id}/agents/{agent_id}/events", response_class=ExactJSONResponse)
+async def agent_events(account_id: str, agent_id: str, principal: Admin, pool: Pool,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ExactJSONResponse:
+    check_id(account_id, "acc", "account_id")
+    check_token(agent_id, "agent id")
+    return respond(await lookup.agent_trail(pool, account_id, agent_id, limit))

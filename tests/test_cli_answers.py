@@ -1,0 +1,206 @@
+"""On-call answers from the CLI: one transaction in full, filtered history, an agent's audit trail, --json."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from typer.testing import CliRunner, Result
+
+from creditflow import agents_cli, ops_cli
+from creditflow.agents_cli import agents_app
+from creditflow.config import get_settings
+from creditflow.ledger import agents
+from creditflow.ops_cli import wallet_app
+from tests.test_api_metering import new_account, track
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cli_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("CREDITFLOW_DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    monkeypatch.setattr(ops_cli.console, "width", 250)
+    monkeypatch.setattr(agents_cli.console, "width", 250)
+    yield
+    get_settings.cache_clear()
+
+
+async def invoke(app: object, *args: str) -> Result:
+    """The command in a thread: it runs its own event loop (asyncio.run), as from a shell."""
+    return await asyncio.to_thread(runner.invoke, app, list(args))  # type: ignore[arg-type]
+
+
+async def cli_json(app: object, *args: str, code: int = 0) -> Any:
+    result = await invoke(app, *args, "--json")
+    assert result.exit_code == code, result.output
+    assert result.stdout.strip(), (args, result.output, result.exception)
+    return json.loads(result.stdout)
+
+
+async def usage_account(api: httpx.AsyncClient) -> tuple[str, str]:
+    """An account with agent bot-1, two chat messages and 1,500 LLM tokens by it; returns (account, txn id)."""
+    account = await new_account(api)
+    resp = await api.post("/api/v1/agents", json={"account_id": account, "id": "bot-1", "name": "Support bot"})
+    assert resp.status_code == 201, resp.text
+    for i in range(2):
+        assert (await track(api, account, "chat_message", 1, f"chat-{i}", agent_id="bot-1")).status_code == 200
+    tokens = await track(api, account, "llm_tokens", 1500, "conv-42-turn-3", agent_id="bot-1",
+                         metadata={"conversation_id": "conv-42", "model": "small"})
+    assert tokens.status_code == 200, tokens.text
+    return account, tokens.json()["transaction_id"]
+
+
+async def test_wallet_show_answers_why_charged(api: httpx.AsyncClient, cli_env: None) -> None:
+    account, txn = await usage_account(api)
+    view = await cli_json(wallet_app, "show", txn, "--account", account)
+    assert view["id"] == txn and view["type"] == "usage" and view["amount"] == -150  # 1,500 tokens x 0.1
+    assert (view["feature_id"], view["quantity"], view["credits_per_unit"]) == ("llm_tokens", 1500, 0.1)
+    assert (view["agent_id"], view["idempotency_key"]) == ("bot-1", "conv-42-turn-3")
+    assert view["metadata"] == {"conversation_id": "conv-42", "model": "small"}
+    [rate] = view["rate_version"]["rate_card"]
+    assert rate["feature_id"] == "llm_tokens" and rate["credits_per_unit"] == 0.1 and isinstance(rate["rate_id"], int)
+    assert view["caused_by"] == {"kind": "usage", "workflow_id": None,
+                                 "via": "metering call (POST /api/v1/billing/track)"}
+    # The readable view has the same facts.
+    table = await invoke(wallet_app, *["show", txn, "--account", account])
+    assert table.exit_code == 0 and "conv-42-turn-3" in table.output and "llm_tokens" in table.output
+
+    # A usage row is found through its account: without it, a clear refusal.
+    refused = await cli_json(wallet_app, "show", txn, code=1)
+    assert refused["error"]["code"] == "not_found" and "--account" in refused["error"]["message"]
+    assert (await cli_json(wallet_app, "show", "txn_123", code=1))["error"]["code"] == "invalid_id"
+
+    # A money movement needs no account: the welcome bonus.
+    history = await cli_json(wallet_app, "history", account, "--type", "welcome_bonus")
+    [bonus] = history["items"]
+    shown = await cli_json(wallet_app, "show", bonus["id"])
+    assert (shown["amount"], shown["caused_by"]["kind"]) == (5000, "account_created")
+
+
+async def test_history_filters_and_unknown_values_refused(api: httpx.AsyncClient, pool: AsyncConnectionPool,
+                                                          cli_env: None) -> None:
+    account, _ = await usage_account(api)
+    assert (await track(api, account, "chat_message", 1, "no-agent")).status_code == 200
+    everything = await cli_json(wallet_app, "history", account)
+    assert everything["total"] == 5 and everything["sum"] == 5000 - 2 - 150 - 1
+    by_agent = await cli_json(wallet_app, "history", account, "--agent", "bot-1")
+    assert by_agent["total"] == 3 and by_agent["sum"] == -152
+    chats = await cli_json(wallet_app, "history", account, "--agent", "bot-1", "--feature", "chat_message", "--type",
+                     "usage")
+    assert [i["idempotency_key"] for i in chats["items"]] == ["chat-1", "chat-0"] and chats["sum"] == -2
+    future = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert (await cli_json(wallet_app, "history", account, "--since", future))["total"] == 0
+    assert (await cli_json(wallet_app, "history", account, "--until", future))["total"] == 5
+    assert (await cli_json(wallet_app, "history", account, "--type", "refund"))["total"] == 0  # a type, none yet
+
+    typo = await cli_json(wallet_app, "history", account, "--type", "usge", code=1)
+    assert typo["error"]["code"] == "validation_error" and "usage" in typo["error"]["message"]
+    wrong_feature = await cli_json(wallet_app, "history", account, "--feature", "chat_mesage", code=1)
+    assert wrong_feature["error"]["code"] == "unknown_feature"
+    wrong_agent = await cli_json(wallet_app, "history", account, "--agent", "bot-2", code=1)
+    assert wrong_agent["error"]["code"] == "unknown_agent"
+    human = await invoke(wallet_app, *["history", account, "--type", "usge"])
+    assert human.exit_code == 1 and "validation_error" in human.output and "0 of 0" not in human.output
+
+
+async def test_agents_list_and_events_say_when_paused_and_until_when(api: httpx.AsyncClient,
+                                                                     pool: AsyncConnectionPool,
+                                                                     cli_env: None) -> None:
+    account, _ = await usage_account(api)
+    resume_at = datetime(2031, 1, 2, tzinfo=UTC)
+    # The account workflow's writer (what its pause activities call): a system pause for the daily limit.
+    await agents.set_status(pool, account, "bot-1", paused=True, actor="system", reason="daily limit reached",
+                            resume_at=resume_at)
+    [listed] = await cli_json(agents_app, "list", account)
+    assert (listed["status"], listed["paused_by"], listed["pause_reason"]) == ("paused", "system",
+                                                                              "daily limit reached")
+    assert listed["resume_at"] == "2031-01-02T00:00:00Z" and listed["paused_at"]
+    assert listed["month_spent"] == 152
+    table = await invoke(agents_app, *["list", account])
+    assert table.exit_code == 0 and "2031-01-02" in table.output
+
+    await agents.set_status(pool, account, "bot-1", paused=False, actor="operator ada (CLI)", reason="raised")
+    trail = await cli_json(agents_app, "events", account, "bot-1")
+    assert [(e["action"], e["actor"], e["reason"]) for e in trail["events"]] == [
+        ("paused", "system", "daily limit reached"), ("resumed", "operator ada (CLI)", "raised")]
+    assert all(e["created_at"] for e in trail["events"]) and trail["agent"]["status"] == "active"
+    assert (await cli_json(agents_app, "events", account, "ghost", code=1))["error"]["code"] == "unknown_agent"
+
+
+async def test_json_on_the_other_operator_commands(api: httpx.AsyncClient, cli_env: None) -> None:
+    from creditflow.cli import app
+
+    features = await cli_json(app, "ratecard", "show")
+    tokens = next(f for f in features if f["id"] == "llm_tokens")
+    assert tokens["credits_per_unit"] == 0.1 and tokens["unit"]
+    assert await cli_json(app, "payment-events", "failed") == []
+    account = await new_account(api)
+    found = await cli_json(app, "charges", account)
+    assert found == {"auto_recharge": None, "charges": []}
+    assert (await cli_json(app, "charges", account, "--kind", "recharge", code=1))["error"]["code"] == \
+        "validation_error"
+    shown = await cli_json(app, "accounts", "show", account)
+    assert shown["id"] == account and shown["balance"]["balance"] == 5000
+    assert (await cli_json(app, "wallet", "balance", account))["balance"] == 5000
+
+
+@pytest.fixture
+def api_server(settings: Any) -> Iterator[str]:
+    """The real app served over HTTP in a thread (the CLI is a separate client, as on an on-call laptop)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from creditflow.api.app import create_app
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the API did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+async def test_operator_answers_through_the_api_with_an_admin_key(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool, cli_env: None, api_server: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from creditflow.cli import app
+    from tests.conftest import ADMIN_KEY
+
+    account, txn = await usage_account(api)
+    await agents.set_status(pool, account, "bot-1", paused=True, actor="system", reason="daily limit reached",
+                            resume_at=datetime(2031, 1, 2, tzinfo=UTC))
+    commands = [("wallet", "history", account, "--agent", "bot-1"), ("wallet", "show", txn, "--account", account),
+                ("agents", "list", account), ("agents", "events", account, "bot-1"), ("charges", account)]
+    from_database = [await cli_json(app, *c) for c in commands]
+
+    monkeypatch.delenv("CREDITFLOW_DATABASE_URL")
+    monkeypatch.setenv("CREDITFLOW_API_URL", api_server)
+    monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", ADMIN_KEY)
+    get_settings.cache_clear()
+    from_api = [await cli_json(app, *c) for c in commands]
+    assert from_api == from_database
+    assert from_api[0]["total"] == 3 and from_api[2][0]["status"] == "paused"
+    typo = await cli_json(app, "wallet", "history", account, "--type", "usge", code=1)
+    assert typo["error"]["code"] == "validation_error"
+    table = await invoke(app, "agents", "list", account)
+    assert table.exit_code == 0 and "2031-01-02" in table.output
+
+    monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", "cf_admin_wrong_key_123")
+    get_settings.cache_clear()
+    assert (await cli_json(app, "charges", account, code=1))["error"]["code"] == "unauthorized"
