@@ -13,7 +13,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from activities.notifications import notify
     from activities.rentals import RentalActivities, RentalResult
-    from creditflow.notify.log import Notification
+    from creditflow.domain.notifications import Notification
     from workflows.common import DB_TIMEOUT, db_retry
     from workflows.contract import RENTAL_WORKFLOW, RentalInput
 
