@@ -7,7 +7,7 @@ its audit trail, tells the customer's service (``agent.paused`` / ``agent.resume
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -117,7 +117,8 @@ async def _status_change(request: Request, principal: Principal, account_id: str
     await agents.get_agent(pool, account_id, agent_id)  # unknown_agent / unknown_account before Temporal
     client = await get_temporal(request)
     await client.set_agent_status(account_id, AgentCommand(agent_id=agent_id, actor=actor_of(principal),
-                                                           reason=reason), paused=paused)
+                                                           reason=reason), paused=paused,
+                                  wait=timedelta(seconds=request.app.state.settings.topup_answer_timeout_seconds))
     return respond(view(await agents.get_agent(pool, account_id, agent_id)))
 
 

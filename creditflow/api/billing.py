@@ -11,6 +11,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
+from creditflow.api.error_handling import error_object
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
 from creditflow.api.schemas import (
@@ -72,7 +73,7 @@ def _track_body(result: TrackResult) -> dict[str, Any]:
         released=result.released,
     ).model_dump(exclude_none=True)
     if not result.allowed:
-        body["error"] = {"code": result.code, "message": result.code.replace("_", " ")}
+        body["error"] = error_object(result.code, result.code.replace("_", " "))
     return body
 
 
@@ -124,7 +125,7 @@ async def create_hold(req: HoldCreate, principal: Writer, pool: Pool,
     result = await metering.create_hold(pool, event, req.ttl_seconds or settings.hold_ttl_seconds)
     body = result.model_dump(exclude_none=True)
     if not result.allowed:
-        body["error"] = {"code": result.code, "message": result.code.replace("_", " ")}
+        body["error"] = error_object(result.code, result.code.replace("_", " "))
     return respond(body, 201 if result.allowed and not result.replayed else _status(result.allowed, result.code))
 
 

@@ -63,9 +63,10 @@ def target_account(principal: Principal, account_id: str | None) -> str:
     An account key naming another account is refused (tenants never see each other)."""
     if principal.is_admin:
         if not account_id:
-            raise CreditflowError("validation_error", "admin keys must name the account (account_id)")
+            raise CreditflowError("validation_error", "admin keys must name the account (account_id)",
+                                  param="account_id")
         return check_id(account_id, "acc", "account_id")
     assert principal.account_id is not None
     if account_id is not None and account_id != principal.account_id:
-        raise CreditflowError("forbidden", "this API key belongs to another account")
+        raise CreditflowError("forbidden", "this API key belongs to another account", param="account_id")
     return principal.account_id

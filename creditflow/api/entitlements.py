@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
 from creditflow.api.deps import get_pool, require, target_account
+from creditflow.api.error_handling import error_object
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
 from creditflow.api.schemas import Amount, Metadata, Strict, Token
@@ -33,14 +34,15 @@ CREDITS_FEATURE = "credits"  # the shared balance every feature draws on
 
 
 class EntitledRequest(Strict):
-    customer_id: str | None = Field(default=None, description="Account id or external id; implied by an account key.")
+    customer_id: Token | None = Field(default=None,
+                                      description="Account id or external id; implied by an account key.")
     feature_id: Token
     value: Amount | None = None
     agent_id: Token | None = None
 
 
 class EventRequest(Strict):
-    customer_id: str | None = None
+    customer_id: Token | None = None
     feature_id: Token
     value: Amount = Field(default=Decimal(1))
     agent_id: Token | None = None
@@ -110,5 +112,5 @@ async def event(req: EventRequest, principal: Writer, pool: Pool) -> ExactJSONRe
     if result.allowed:
         body.update(message="Event recorded successfully", event_id=result.transaction_id)
         return respond(body)
-    body["error"] = {"code": result.code, "message": result.code.replace("_", " ")}
+    body["error"] = error_object(result.code, result.code.replace("_", " "))
     return respond(body, STATUS_BY_CODE.get(result.code, 400))

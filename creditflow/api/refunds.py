@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
-from creditflow.api.schemas import Amount, Strict, Token
+from creditflow.api.schemas import Amount, PaymentIntentId, Strict, Token
 from creditflow.api.topups import get_temporal
 from creditflow.client import refund_workflow_id
 from creditflow.config import Settings
@@ -41,9 +41,10 @@ AppSettings = Annotated[Settings, Depends(get_app_settings)]
 class RefundRequest(Strict):
     account_id: str | None = Field(default=None, description="Required with an admin key; implied by an account key.")
     purchase_transaction_id: str | None = Field(default=None, description="The purchase (txn_...) to refund.")
-    payment_intent_id: str | None = Field(default=None, description="Or the top-up's PaymentIntent (pi_...).")
+    payment_intent_id: PaymentIntentId | None = Field(default=None,
+                                                      description="Or the top-up's PaymentIntent (pi_...).")
     credits: Amount | None = Field(default=None, description="Whole credits; default: all that remains of it.")
-    reason: str | None = Field(default=None, description="requested_by_customer (default); duplicate_charge and "
+    reason: Token | None = Field(default=None, description="requested_by_customer (default); duplicate_charge and "
                                                          "billing_error are for admin keys.")
     request_id: Token = Field(description="Idempotency: the same request id never refunds twice.")
 

@@ -1,0 +1,240 @@
+"""No 500, ever: malformed numbers, NUL bytes, oversized and ambiguous bodies are 4xx with a code and change
+nothing; a worker that is down gives 202 pending or a retryable 503; a lost database connection is a structured
+503 with Retry-After; anything unexpected is the same error object, with the request id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from creditflow.api.app import create_app
+from creditflow.config import Settings
+from tests.conftest import ADMIN_KEY, ledger_snapshot
+from tests.test_api_metering import new_account
+
+ERROR_KEYS = {"code", "type", "message", "param", "details", "request_id"}
+
+
+def assert_error(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    error = resp.json()["error"]
+    assert set(error) == ERROR_KEYS, error
+    assert error["code"] == code, error
+    assert error["request_id"] == resp.headers["x-request-id"]
+    return error
+
+
+@pytest.mark.parametrize("value", ["1e-999999999", "1E+999999999", "-1e-999999999", "1e-31", "1e31"])
+async def test_numbers_no_amount_can_be_are_refused_on_every_metering_route(
+        api: httpx.AsyncClient, database_url: str, value: str) -> None:
+    acc = await new_account(api)
+    before = await ledger_snapshot(database_url)
+    for as_number in (False, True):
+        raw = value if as_number else json.dumps(value)
+        body = f'{{"account_id": "{acc}", "feature_id": "llm_tokens", "value": {raw}, "idempotency_key": "k"}}'
+        for path in ("/api/v1/billing/track", "/api/v1/billing/holds"):
+            resp = await api.post(path, content=body, headers={"Content-Type": "application/json"})
+            error = assert_error(resp, 422, "validation_error")
+            assert error["param"] == "value" and error["type"] == "invalid_request_error"
+        check = await api.post("/api/v1/billing/check", content=body.replace(', "idempotency_key": "k"', ""),
+                               headers={"Content-Type": "application/json"})
+        assert_error(check, 422, "validation_error")
+        event = body.replace('"account_id"', '"customer_id"')
+        assert_error(await api.post("/api/v1/event", content=event, headers={"Content-Type": "application/json"}),
+                     422, "validation_error")
+    assert await ledger_snapshot(database_url) == before
+
+
+async def test_nul_bytes_anywhere_are_refused_before_anything_runs(api: httpx.AsyncClient,
+                                                                   database_url: str) -> None:
+    acc = await new_account(api)
+    ok = await api.post("/api/v1/agents", json={"account_id": acc, "id": "bot"})
+    assert ok.status_code == 201, ok.text
+    before = await ledger_snapshot(database_url)
+    nul = "a\x00b"
+    cases = [
+        ("POST", "/api/v1/agents", {"account_id": acc, "id": "bot2", "metadata": {"k": nul}}),
+        ("POST", "/api/v1/agents", {"account_id": acc, "id": "bot3", "metadata": {nul: 1}}),
+        ("PATCH", "/api/v1/agents/bot", {"account_id": acc, "metadata": {"k": nul}}),
+        ("PATCH", "/api/v1/agents/bot", {"account_id": acc, "name": nul}),
+        ("POST", "/api/v1/event", {"customer_id": nul, "feature_id": "chat_message"}),
+        ("POST", "/api/v1/entitled", {"customer_id": nul, "feature_id": "chat_message"}),
+        ("POST", "/api/v1/accounts", {"name": "Acme", "billing_email": f"bill{nul}@acme.test"}),
+        ("PUT", "/api/v1/billing/notification-channels", {"account_id": acc, "email": f"x{nul}@acme.test"}),
+        ("PUT", "/api/v1/billing/billing-email", {"account_id": acc, "billing_email": f"x{nul}@acme.test"}),
+        ("POST", "/api/v1/billing/refunds", {"account_id": acc, "payment_intent_id": f"pi_{nul}", "request_id": "r"}),
+        ("POST", "/api/v1/billing/track", {"account_id": acc, "feature_id": "chat_message", "value": 1,
+                                           "idempotency_key": "k", "metadata": {"note": nul}}),
+    ]
+    for method, path, body in cases:
+        resp = await api.request(method, path, json=body)
+        assert_error(resp, 422, "validation_error")
+    for method, path in [("GET", "/api/v1/agents/a%00b"), ("POST", "/api/v1/agents/a%00b/pause"),
+                         ("GET", f"/api/v1/agents/bot?account_id={acc}%00"),
+                         ("GET", "/api/v1/billing/balance?account_id=%00")]:
+        resp = await api.request(method, path, params=None, json={"account_id": acc} if method == "POST" else None)
+        error = assert_error(resp, 422, "validation_error")
+        assert error["param"] in ("path", "query")
+    assert await ledger_snapshot(database_url) == before
+
+
+async def test_bodies_that_are_ambiguous_huge_or_deep_are_4xx(api: httpx.AsyncClient, database_url: str) -> None:
+    acc = await new_account(api)
+    before = await ledger_snapshot(database_url)
+    json_headers = {"Content-Type": "application/json"}
+    track = "/api/v1/billing/track"
+    dup = f'{{"account_id": "{acc}", "feature_id": "chat_message", "value": 1, "value": 1000, "idempotency_key": "d"}}'
+    error = assert_error(await api.post(track, content=dup, headers=json_headers), 422, "validation_error")
+    assert "twice" in error["details"]["problems"][0]["message"] and error["param"] == "body"
+    deep = '{"metadata": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert_error(await api.post(track, content=deep, headers=json_headers), 422, "validation_error")
+    digits = f'{{"account_id": "{acc}", "feature_id": "chat_message", "value": {"9" * 5000}, "idempotency_key": "n"}}'
+    assert_error(await api.post(track, content=digits, headers=json_headers), 422, "validation_error")
+    nan = f'{{"account_id": "{acc}", "feature_id": "chat_message", "value": NaN, "idempotency_key": "n"}}'
+    assert_error(await api.post(track, content=nan, headers=json_headers), 422, "validation_error")
+    malformed = await api.post(track, content=b"{not json", headers=json_headers)
+    assert_error(malformed, 422, "validation_error")
+    not_utf8 = await api.post(track, content=b'{"feature_id": "\xff"}', headers=json_headers)
+    assert_error(not_utf8, 422, "validation_error")
+    huge = await api.post("/api/v1/billing/subscription", json={"account_id": acc, "plan_id": "p" * 10_000_000})
+    assert_error(huge, 413, "request_too_large")
+    long_plan = await api.post("/api/v1/billing/subscription", json={"account_id": acc, "plan_id": "p" * 100_000})
+    assert_error(long_plan, 422, "validation_error")
+    assert len(long_plan.content) < 2000  # the input is not echoed back
+    long_pi = await api.post("/api/v1/billing/refunds", json={
+        "account_id": acc, "payment_intent_id": "pi_" + "x" * 3_000_000, "request_id": "r"})
+    assert_error(long_pi, 422, "validation_error")  # a 4xx: a retry cannot help (was 503 workflow_unavailable)
+    assert len(long_pi.content) < 2000
+    assert await ledger_snapshot(database_url) == before
+
+
+async def test_small_refusals_say_what_is_wrong(api: httpx.AsyncClient) -> None:
+    for name in ("   ", "\t\n", "\u3000", "\u200b"):
+        resp = await api.post("/api/v1/accounts", json={"name": name, "billing_email": "a@acme.test"})
+        error = assert_error(resp, 422, "validation_error")
+        assert error["param"] == "name"
+    negative = await api.put("/api/v1/features/voice_minute_x", json={
+        "channel": "voice", "unit": "minute", "credits_per_unit": -1})
+    error = assert_error(negative, 422, "invalid_rate")
+    assert "negative" in error["message"] and "pydantic" not in error["message"]
+    unknown = await api.get("/api/v1/accounts/acc_nope")
+    error = assert_error(unknown, 422, "invalid_id")
+    assert error["param"] == "account_id"
+
+
+async def test_track_denials_carry_the_same_error_object(api: httpx.AsyncClient) -> None:
+    acc = await new_account(api)
+    resp = await api.post("/api/v1/billing/track", json={
+        "account_id": acc, "feature_id": "chat_message", "value": 1_000_000, "idempotency_key": "big"})
+    error = assert_error(resp, 402, "insufficient_credits")
+    assert error["type"] == "usage_denied" and resp.json()["allowed"] is False
+
+
+async def test_unexpected_errors_are_the_error_object_logged_once(settings: Settings,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(settings)
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/api/v1/test-broken", broken)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://creditflow.test",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+        resp = await client.get("/api/v1/test-broken", headers={"X-Request-Id": "trace-42"})
+    error = assert_error(resp, 500, "internal_error")
+    assert error["type"] == "api_error" and error["request_id"] == "trace-42"
+    logged = [r for r in caplog.records if r.name == "creditflow.api"]
+    assert len(logged) == 1 and logged[0].exc_info is not None and logged[0].request_id == "trace-42"  # type: ignore[attr-defined]
+
+
+# --- faults: the database connection terminated; the worker down -----------------------------------------------
+
+
+@pytest.fixture
+async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://creditflow.test",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as client:
+        yield client
+
+
+async def test_terminated_database_connections_give_a_retryable_503(api_client: httpx.AsyncClient,
+                                                                    database_url: str) -> None:
+    api = api_client
+    acc = await new_account(api)
+    stop = asyncio.Event()
+
+    async def terminator() -> None:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            while not stop.is_set():
+                await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                   " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                await asyncio.sleep(0.02)
+
+    async def one(i: int) -> httpx.Response:
+        return await api.post("/api/v1/billing/track", json={
+            "account_id": acc, "feature_id": "chat_message", "value": 1, "idempotency_key": f"t{i}"})
+
+    task = asyncio.create_task(terminator())
+    try:
+        responses = [r for batch in range(10) for r in await asyncio.gather(*(one(batch * 20 + i) for i in range(20)))]
+    finally:
+        stop.set()
+        await task
+    statuses = {r.status_code for r in responses}
+    assert statuses <= {200, 503}, statuses
+    unavailable = [r for r in responses if r.status_code == 503]
+    for r in unavailable:
+        error = assert_error(r, 503, "database_unavailable")
+        assert error["type"] == "api_error" and r.headers["retry-after"] == "1"
+    assert unavailable, "the terminator should have hit some requests"
+    # Retrying the refused ones with the same keys (as Retry-After says; the pool drops the dead connections it
+    # still holds as it meets them) charges each event exactly once.
+    charged = sum(r.status_code == 200 for r in responses)
+    for i, r in enumerate(responses):
+        if r.status_code == 503:
+            for _ in range(30):
+                again = await one(i)
+                if again.status_code != 503:
+                    break
+            assert again.status_code == 200, again.text
+            charged += 1
+    balance = (await api.get("/api/v1/billing/balance", params={"account_id": acc})).json()["balance"]
+    assert charged == 200 and balance == 5000 - 200
+
+
+async def test_worker_down_gives_202_pending_or_a_retryable_503(temporal_settings: Settings,
+                                                                database_url: str) -> None:
+    """Temporal is up but no worker polls the queue: nothing decides within the wait. Top-ups and refunds answer
+    202 pending (the same request later gets the answer); pause/resume and plan changes 503 with Retry-After."""
+    no_worker = temporal_settings.model_copy(update={"topup_answer_timeout_seconds": 1.0})
+    app = create_app(no_worker)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://creditflow.test",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as api:
+        acc = await new_account(api)
+        assert (await api.post("/api/v1/agents", json={"account_id": acc, "id": "bot"})).status_code == 201
+        before = await ledger_snapshot(database_url)
+        for _ in range(2):  # the repeat joins the same workflow: still pending, never a second charge
+            topup = await api.post("/api/v1/billing/wallet/topup",
+                                   json={"account_id": acc, "amount_usd": 25, "request_id": "r-1"})
+            assert topup.status_code == 202, topup.text
+            assert topup.json()["status"] == "pending" and topup.json()["request_id"] == "r-1"
+        refund = await api.post("/api/v1/billing/refunds", json={
+            "account_id": acc, "payment_intent_id": "pi_123", "request_id": "rf-1"})
+        assert refund.status_code == 202 and refund.json()["status"] == "pending", refund.text
+        pause = await api.post("/api/v1/agents/bot/pause", json={"account_id": acc})
+        error = assert_error(pause, 503, "workflow_unavailable")
+        assert pause.headers["retry-after"] == "1" and error["type"] == "api_error"
+        plan = await api.post("/api/v1/billing/subscription", json={"account_id": acc, "plan_id": "starter"})
+        assert_error(plan, 503, "workflow_unavailable")
+        assert await ledger_snapshot(database_url) == before
