@@ -66,6 +66,7 @@ STATUS_BY_CODE: dict[str, int] = {
     # Bad request bodies and the catch-all (creditflow/api/error_handling.py).
     "request_too_large": 413,
     "idempotency_key_mismatch": 400,
+    "unsupported_version": 400,
     "database_unavailable": 503,
     "service_unavailable": 503,
     "internal_error": 500,

@@ -238,3 +238,55 @@ async def test_worker_down_gives_202_pending_or_a_retryable_503(temporal_setting
         plan = await api.post("/api/v1/billing/subscription", json={"account_id": acc, "plan_id": "starter"})
         assert_error(plan, 503, "workflow_unavailable")
         assert await ledger_snapshot(database_url) == before
+
+
+# --- conventions: Idempotency-Key, Creditflow-Version ---------------------------------------------------------------
+
+
+async def test_idempotency_key_header_with_stripe_semantics(api: httpx.AsyncClient, database_url: str) -> None:
+    acc = await new_account(api)
+    event = {"account_id": acc, "feature_id": "chat_message", "value": 1}
+    first = await api.post("/api/v1/billing/track", json=event, headers={"Idempotency-Key": "evt-1"})
+    assert first.status_code == 200 and first.json()["replayed"] is False and first.json()["balance"] == 4999
+    again = await api.post("/api/v1/billing/track", json=event, headers={"Idempotency-Key": "evt-1"})
+    assert again.status_code == 200 and again.json()["replayed"] is True
+    assert again.json()["transaction_id"] == first.json()["transaction_id"]
+    # The body field is an alias of the header: the same key, the same event.
+    alias = await api.post("/api/v1/billing/track", json={**event, "idempotency_key": "evt-1"})
+    assert alias.json()["replayed"] is True and alias.json()["transaction_id"] == first.json()["transaction_id"]
+    before = await ledger_snapshot(database_url)
+    other = await api.post("/api/v1/billing/track", json={**event, "value": 2}, headers={"Idempotency-Key": "evt-1"})
+    error = assert_error(other, 409, "idempotency_conflict")
+    assert error["type"] == "idempotency_error"
+    mismatch = await api.post("/api/v1/billing/track", json={**event, "idempotency_key": "evt-2"},
+                              headers={"Idempotency-Key": "evt-1"})
+    error = assert_error(mismatch, 400, "idempotency_key_mismatch")
+    assert error["type"] == "idempotency_error" and error["param"] == "idempotency_key"
+    missing = await api.post("/api/v1/billing/track", json=event)
+    assert assert_error(missing, 422, "validation_error")["param"] == "idempotency_key"
+    bad = await api.post("/api/v1/billing/track", json=event, headers={"Idempotency-Key": "x" * 300})
+    assert assert_error(bad, 422, "validation_error")["param"] == "Idempotency-Key"
+    assert await ledger_snapshot(database_url) == before
+    hold = await api.post("/api/v1/billing/holds", json={**event, "feature_id": "voice_minute", "value": 2},
+                          headers={"Idempotency-Key": "call-1"})
+    assert hold.status_code == 201, hold.text
+    credit = {"account_id": acc, "amount": 100, "reason": "goodwill"}
+    made = await api.post("/api/v1/billing/wallet/credit", json=credit, headers={"Idempotency-Key": "adj-1"})
+    replay = await api.post("/api/v1/billing/wallet/credit", json=credit, headers={"Idempotency-Key": "adj-1"})
+    assert made.status_code == replay.status_code == 200, made.text
+    assert replay.json()["transaction_id"] == made.json()["transaction_id"]
+    ev = await api.post("/api/v1/event", json={"customer_id": acc, "feature_id": "chat_message"},
+                        headers={"Idempotency-Key": "ev-1"})
+    ev2 = await api.post("/api/v1/event", json={"customer_id": acc, "feature_id": "chat_message"},
+                         headers={"Idempotency-Key": "ev-1"})
+    assert ev.json()["idempotency_key"] == "ev-1" and ev2.json()["replayed"] is True
+
+
+async def test_creditflow_version_is_echoed_and_unknown_versions_refused(api: httpx.AsyncClient) -> None:
+    plain = await api.get("/healthz")
+    assert plain.headers["creditflow-version"] == "2026-12-01"
+    pinned = await api.get("/healthz", headers={"Creditflow-Version": "2026-12-01"})
+    assert pinned.status_code == 200 and pinned.headers["creditflow-version"] == "2026-12-01"
+    unknown = await api.get("/api/v1/billing/plans", headers={"Creditflow-Version": "1999-01-01"})
+    error = assert_error(unknown, 400, "unsupported_version")
+    assert error["param"] == "Creditflow-Version" and unknown.headers["creditflow-version"] == "2026-12-01"

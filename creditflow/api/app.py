@@ -11,12 +11,14 @@ from creditflow import __version__
 from creditflow.api import accounts, auto_recharge, billing, features, payment_methods, refunds, stripe_webhooks, topups
 from creditflow.api.agents import router as agents_router
 from creditflow.api.alerts import router as alerts_router
+from creditflow.api.conventions import VersionMiddleware
 from creditflow.api.entitlements import router as entitlements_router
 from creditflow.api.error_handling import InputGuardMiddleware, UnexpectedErrorMiddleware, install_error_handlers
 from creditflow.api.exact_json import ExactJSONResponse
 from creditflow.api.invoices import router as invoices_router
 from creditflow.api.limits import router as limits_router
 from creditflow.api.notification_channels import router as notification_channels_router
+from creditflow.api.openapi import install_openapi
 from creditflow.api.plans import router as plans_router
 from creditflow.api.reconciliation import router as reconciliation_router
 from creditflow.api.request_context import RequestIdMiddleware
@@ -62,11 +64,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(UnexpectedErrorMiddleware)  # inside RequestIdMiddleware: its answers carry the request id
     app.add_middleware(InputGuardMiddleware)
+    app.add_middleware(VersionMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.state.gateway = StripeGateway.from_settings(settings)
     app.state.plan_catalog = settings.plan_catalog()  # validated now: a bad catalog file stops start-up
 
     install_error_handlers(app)
+    install_openapi(app)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

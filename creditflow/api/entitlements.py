@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
+from creditflow.api.conventions import IdempotencyKey, idempotency_key
 from creditflow.api.deps import get_pool, require, target_account
 from creditflow.api.error_handling import error_object
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
@@ -96,10 +97,12 @@ async def entitled(req: EntitledRequest, principal: Reader, pool: Pool) -> Exact
 @router.post("/event", response_class=ExactJSONResponse,
              responses={402: {"description": "insufficient_credits (nothing recorded)"},
                         404: {"description": "unknown_feature / unknown_account"}})
-async def event(req: EventRequest, principal: Writer, pool: Pool) -> ExactJSONResponse:
+async def event(req: EventRequest, principal: Writer, pool: Pool,
+                header_key: IdempotencyKey = None) -> ExactJSONResponse:
     """Record a usage event against the shared credit balance."""
     account_id = await _account(pool, principal, req.customer_id)
-    key = req.idempotency_key or f"event:{uuid.uuid4().hex}"
+    given = header_key is not None or req.idempotency_key is not None
+    key = idempotency_key(header_key, req.idempotency_key) if given else f"event:{uuid.uuid4().hex}"
     result = await metering.track(pool, metering.UsageEvent.build(account_id, req.feature_id, req.value, key,
                                                                   req.agent_id, req.metadata))
     body: dict[str, object] = {

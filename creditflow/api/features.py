@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from psycopg_pool import AsyncConnectionPool
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from creditflow.api.deps import get_pool, require
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
@@ -22,7 +22,11 @@ router = APIRouter(prefix="/api/v1/features", tags=["features"], route_class=Exa
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 
 
-@router.get("", response_model=list[Feature], response_class=ExactJSONResponse)
+class FeatureList(BaseModel):
+    items: list[Feature]
+
+
+@router.get("", response_model=FeatureList, response_class=ExactJSONResponse)
 async def list_features(principal: Annotated[Principal, Depends(require(Scope.BILLING_READ))],
                         pool: Pool) -> ExactJSONResponse:
     """Every feature with the rate in force now and any scheduled rate versions."""

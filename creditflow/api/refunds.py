@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
+from creditflow.api.conventions import IdempotencyKey, idempotency_key
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
@@ -46,7 +47,8 @@ class RefundRequest(Strict):
     credits: Amount | None = Field(default=None, description="Whole credits; default: all that remains of it.")
     reason: Token | None = Field(default=None, description="requested_by_customer (default); duplicate_charge and "
                                                          "billing_error are for admin keys.")
-    request_id: Token = Field(description="Idempotency: the same request id never refunds twice.")
+    request_id: Token | None = Field(default=None, description="Idempotency: the same request id never refunds "
+                                                               "twice. Or the Idempotency-Key header.")
 
 
 class RefundResponse(BaseModel):
@@ -108,10 +110,11 @@ def _body(outcome: RefundOutcome) -> dict[str, object]:
                                              "invalid_amount / payment_request_invalid (Stripe refused; released)"},
                         503: {"description": "workflow_unavailable"}})
 async def create_refund(req: RefundRequest, principal: Writer, pool: Pool, settings: AppSettings,
-                        request: Request) -> ExactJSONResponse:
+                        request: Request, key: IdempotencyKey = None) -> ExactJSONResponse:
     """Refund unused credits of one top-up (within 30 days; never bonus or plan credits, never more than what
     remains of that purchase or was paid). 1 credit = 1 cent is refunded to the card through Stripe."""
     account_id = target_account(principal, req.account_id)
+    request_id = idempotency_key(key, req.request_id, "request_id")
     try:
         reason = parse_reason(req.reason, is_admin=principal.is_admin)
         credits = None
@@ -126,15 +129,15 @@ async def create_refund(req: RefundRequest, principal: Writer, pool: Pool, setti
     if req.purchase_transaction_id is not None:
         check_id(req.purchase_transaction_id, "txn", "purchase_transaction_id")
     await stored_customer(pool, account_id)  # unknown_account before any workflow starts
-    input = RefundInput(account_id=account_id, request_id=req.request_id, requested_by=(
+    input = RefundInput(account_id=account_id, request_id=request_id, requested_by=(
         "admin" if principal.is_admin else "customer"), terms=RefundTerms(
         purchase_transaction_id=req.purchase_transaction_id, payment_intent_id=req.payment_intent_id,
         credits=credits, reason=reason.value))
     client = await get_temporal(request)
     outcome = await client.refund(input, wait=timedelta(seconds=settings.topup_answer_timeout_seconds))
     if outcome is None:
-        return respond({"status": REFUND_PENDING, "request_id": req.request_id,
-                        "workflow_id": refund_workflow_id(account_id, req.request_id)}, 202)
+        return respond({"status": REFUND_PENDING, "request_id": request_id,
+                        "workflow_id": refund_workflow_id(account_id, request_id)}, 202)
     # Stripe accepted the refund without settling it: pending (202) until Stripe's final word.
     return respond(_body(outcome), 202 if outcome.status == REFUND_PENDING else 200)
 

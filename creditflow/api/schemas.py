@@ -89,7 +89,7 @@ class TrackRequest(Strict):
     feature_id: Token
     value: Amount = Field(description="Units used (messages, minutes, tokens). Exact; up to 6 decimals.")
     agent_id: Token | None = None
-    idempotency_key: Token
+    idempotency_key: Token | None = Field(default=None, description="Or the Idempotency-Key header (one of them).")
     metadata: Metadata
 
 
@@ -110,7 +110,7 @@ class HoldCreate(Strict):
     value: Amount = Field(description="Expected units to reserve (e.g. the expected call minutes).")
     agent_id: Token | None = None
     ttl_seconds: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
-    idempotency_key: Token
+    idempotency_key: Token | None = Field(default=None, description="Or the Idempotency-Key header (one of them).")
     metadata: Metadata
 
 
@@ -128,7 +128,7 @@ class WalletCredit(Strict):
     account_id: str
     amount: Amount = Field(description="Whole credits; positive credits the wallet, negative debits it.")
     reason: Annotated[Text, StringConstraints(min_length=1, max_length=500, strip_whitespace=True)]
-    idempotency_key: Token
+    idempotency_key: Token | None = Field(default=None, description="Or the Idempotency-Key header (one of them).")
 
 
 class FeaturePut(Strict):

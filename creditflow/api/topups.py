@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
+from creditflow.api.conventions import IdempotencyKey, idempotency_key
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
@@ -69,7 +70,8 @@ class TopUpRequest(Strict):
     package_id: Token | None = Field(default=None, description="A credit package (starter, growth, ...).")
     payment_method_id: str | None = Field(default=None, description="A saved card; default: the account's default "
                                                                      "card, else a client secret is returned.")
-    request_id: Token = Field(description="Idempotency: the same request id never charges twice.")
+    request_id: Token | None = Field(default=None, description="Idempotency: the same request id never charges "
+                                                               "twice. Or the Idempotency-Key header.")
 
 
 class TopUpResponse(BaseModel):
@@ -130,21 +132,22 @@ def _body(outcome: TopUpOutcome) -> dict[str, object]:
                         422: {"description": "amount_out_of_range / unknown_package / invalid_amount"},
                         503: {"description": "workflow_unavailable / payment_provider_unavailable"}})
 async def topup(req: TopUpRequest, principal: Writer, pool: Pool, settings: AppSettings,
-                request: Request) -> ExactJSONResponse:
+                request: Request, key: IdempotencyKey = None) -> ExactJSONResponse:
     """Buy credits: ``amount_usd`` (1 credit per cent) or a ``package_id``. With a saved card the charge is
     made off-session and the answer is the ledger transaction; without one the answer is a Stripe
     ``client_secret`` to confirm in the browser, and the credits land once the payment settles."""
     account_id = target_account(principal, req.account_id)
+    request_id = idempotency_key(key, req.request_id, "request_id")
     if req.payment_method_id is not None and not PAYMENT_METHOD_ID.match(req.payment_method_id):
         raise CreditflowError("unknown_payment_method", "no such payment method")
-    input = topup_input(settings, account_id, req.request_id, amount_usd=req.amount_usd, package_id=req.package_id,
+    input = topup_input(settings, account_id, request_id, amount_usd=req.amount_usd, package_id=req.package_id,
                         payment_method_id=req.payment_method_id)
     await stored_customer(pool, account_id)  # unknown_account before any workflow starts
     client = await get_temporal(request)
     outcome = await client.topup(input, wait=timedelta(seconds=settings.topup_answer_timeout_seconds))
     if outcome is None:
-        return respond({"status": TOPUP_PENDING, "request_id": req.request_id,
-                        "workflow_id": topup_workflow_id(account_id, req.request_id)}, 202)
+        return respond({"status": TOPUP_PENDING, "request_id": request_id,
+                        "workflow_id": topup_workflow_id(account_id, request_id)}, 202)
     return respond(_body(outcome))
 
 
