@@ -290,3 +290,39 @@ async def test_creditflow_version_is_echoed_and_unknown_versions_refused(api: ht
     unknown = await api.get("/api/v1/billing/plans", headers={"Creditflow-Version": "1999-01-01"})
     error = assert_error(unknown, 400, "unsupported_version")
     assert error["param"] == "Creditflow-Version" and unknown.headers["creditflow-version"] == "2026-12-01"
+
+
+@pytest.mark.slow
+async def test_docs_api_examples_run_as_written(settings: Settings, tmp_path: Any) -> None:
+    """The curl examples of docs/api.md, run by bash against the app served by uvicorn (only the port differs)."""
+    import re
+    import socket
+    from pathlib import Path
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    try:
+        doc = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+        script = "\n".join(re.findall(r"```sh\n(.*?)```", doc, re.S))
+        script = "set -euo pipefail\n" + script.replace("http://127.0.0.1:8000", f"http://127.0.0.1:{port}")
+        (tmp_path / ".data").mkdir()
+        (tmp_path / ".data" / "admin_api_key").write_text(ADMIN_KEY)
+        proc = await asyncio.create_subprocess_exec("bash", "-c", script, cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        server.should_exit = True
+        await serving
+    text = out.decode()
+    assert proc.returncode == 0, (text, err.decode())
+    for expected in ('"invalid_id"', '"param": "value"', '"usage_denied"', '"replayed": true',
+                     '"idempotency_conflict"', '"idempotency_key_mismatch"', "creditflow-version: 2026-12-01",
+                     '"unsupported_version"'):
+        assert expected in text.lower() if expected.startswith("creditflow") else expected in text, (expected, text)
