@@ -5,8 +5,13 @@ nothing; a worker that is down gives 202 pending or a retryable 503; a lost data
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +20,7 @@ import pytest
 
 from creditflow.api.app import create_app
 from creditflow.config import Settings
+from creditflow.sdk import OPERATIONS, ApiError, AsyncCreditflow, Balance, CheckResult, Creditflow, TopUp, TrackResult
 from tests.conftest import ADMIN_KEY, ledger_snapshot
 from tests.test_api_metering import new_account
 
@@ -292,37 +298,96 @@ async def test_creditflow_version_is_echoed_and_unknown_versions_refused(api: ht
     assert error["param"] == "Creditflow-Version" and unknown.headers["creditflow-version"] == "2026-12-01"
 
 
-@pytest.mark.slow
-async def test_docs_api_examples_run_as_written(settings: Settings, tmp_path: Any) -> None:
-    """The curl examples of docs/api.md, run by bash against the app served by uvicorn (only the port differs)."""
-    import re
+@asynccontextmanager
+async def served(app: Any) -> AsyncIterator[str]:
+    """The app under uvicorn on a free port of this test's loop; yields its base URL."""
     import socket
-    from pathlib import Path
 
     import uvicorn
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.05)
     try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@pytest.mark.slow
+async def test_docs_api_examples_run_as_written(settings: Settings, tmp_path: Path) -> None:
+    """The curl examples of docs/api.md, run by bash against the app served by uvicorn (only the port differs)."""
+    async with served(create_app(settings)) as base:
         doc = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
         script = "\n".join(re.findall(r"```sh\n(.*?)```", doc, re.S))
-        script = "set -euo pipefail\n" + script.replace("http://127.0.0.1:8000", f"http://127.0.0.1:{port}")
+        script = "set -euo pipefail\n" + script.replace("http://127.0.0.1:8000", base)
         (tmp_path / ".data").mkdir()
         (tmp_path / ".data" / "admin_api_key").write_text(ADMIN_KEY)
         proc = await asyncio.create_subprocess_exec("bash", "-c", script, cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 120)
-    finally:
-        server.should_exit = True
-        await serving
     text = out.decode()
     assert proc.returncode == 0, (text, err.decode())
     for expected in ('"invalid_id"', '"param": "value"', '"usage_denied"', '"replayed": true',
-                     '"idempotency_conflict"', '"idempotency_key_mismatch"', "creditflow-version: 2026-12-01",
-                     '"unsupported_version"'):
-        assert expected in text.lower() if expected.startswith("creditflow") else expected in text, (expected, text)
+                     '"idempotency_conflict"', '"idempotency_key_mismatch"', '"unsupported_version"'):
+        assert expected in text, (expected, text)
+    assert "creditflow-version: 2026-12-01" in text.lower()
+
+
+# --- the typed Python client ---------------------------------------------------------------------------------------
+
+
+async def test_sdk_operations_match_the_openapi(api: httpx.AsyncClient) -> None:
+    schema = (await api.get("/openapi.json")).json()
+    results = {"track": TrackResult, "check": CheckResult, "balance": Balance, "topup": TopUp}
+    for name, (method, path, operation_id) in OPERATIONS.items():
+        operation = schema["paths"][path][method.lower()]
+        assert operation["operationId"] == operation_id
+        ok = next(code for code in operation["responses"] if code.startswith("2"))
+        ref = operation["responses"][ok]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        declared = set(schema["components"]["schemas"][ref]["properties"])
+        known = {f.name for f in dataclasses.fields(results[name])} - {"extra", "error"}
+        assert known <= declared, (name, known - declared)
+
+
+async def test_sdk_tracks_checks_reads_balances_and_parses_errors(settings: Settings) -> None:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with AsyncCreditflow(ADMIN_KEY, "http://creditflow.test", transport=transport) as admin:
+            async with httpx.AsyncClient(transport=transport, base_url="http://creditflow.test",
+                                         headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as raw:
+                acc = await new_account(raw)
+                key = (await raw.post(f"/api/v1/accounts/{acc}/api-keys",
+                                      json={"scopes": ["billing:write"]})).json()["secret"]
+            assert (await admin.balance(acc)).balance == 5000
+        async with AsyncCreditflow(key, "http://creditflow.test", transport=transport, max_retries=0) as cf:
+            first = await cf.track("llm_tokens", 15, idempotency_key="k1")
+            assert first.allowed and first.credits_charged == Decimal("1.5") and first.balance == Decimal("4998.5")
+            again = await cf.track("llm_tokens", 15, idempotency_key="k1")
+            assert again.replayed and again.transaction_id == first.transaction_id
+            denied = await cf.track("chat_message", 1_000_000, idempotency_key="k2")
+            assert not denied.allowed and denied.error is not None and denied.error["type"] == "usage_denied"
+            check = await cf.check("chat_message", 10)
+            assert check.allowed and check.credits_required == 10
+            balance = await cf.balance()
+            assert balance.account_id == acc and balance.available == Decimal("4998.5")
+            with pytest.raises(ApiError) as conflict:
+                await cf.track("llm_tokens", 1, idempotency_key="k1")
+            assert (conflict.value.status, conflict.value.code, conflict.value.type) == (
+                409, "idempotency_conflict", "idempotency_error")
+            with pytest.raises(ApiError) as down:  # no Temporal in this stack: 503, with Retry-After
+                await cf.topup(package_id="starter", idempotency_key="order-1")
+            assert down.value.code == "workflow_unavailable" and down.value.retry_after == 1
+            assert down.value.request_id and down.value.request_id.startswith("req_")
+        async with served(app) as base:  # the synchronous client, over a real socket
+            def sync_calls() -> tuple[Decimal, bool]:
+                with Creditflow(key, base) as client:
+                    tracked = client.track("chat_message", 1, idempotency_key="sync-1")
+                    return client.balance().balance, tracked.allowed
+            assert await asyncio.to_thread(sync_calls) == (Decimal("4997.5"), True)
