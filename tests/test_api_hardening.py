@@ -391,3 +391,49 @@ async def test_sdk_tracks_checks_reads_balances_and_parses_errors(settings: Sett
                     tracked = client.track("chat_message", 1, idempotency_key="sync-1")
                     return client.balance().balance, tracked.allowed
             assert await asyncio.to_thread(sync_calls) == (Decimal("4997.5"), True)
+
+
+# --- cursor pagination ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_topups_page_with_cursors(temporal_settings: Settings, temporal_client: Any, pool: Any,
+                                        stripe_base: str, sdk: Any) -> None:
+    from pydantic import SecretStr
+
+    from tests.conftest import STRIPE_KEY, new_card
+    from workers.main import build_worker
+
+    stack = temporal_settings.model_copy(update={"stripe_api_key": SecretStr(STRIPE_KEY),
+                                                  "stripe_api_base": stripe_base, "stripe_retry_max_wait_seconds": 0.1})
+    app = create_app(stack)
+    async with build_worker(temporal_client, pool, stack), app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://creditflow.test", timeout=60,
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as api:
+        acc = await new_account(api)
+        card = await api.post("/api/v1/billing/payment-methods", json={"account_id": acc,
+                                                                        "payment_method_id": new_card(sdk)})
+        assert card.status_code == 201, card.text
+        for i in range(5):
+            done = await api.post("/api/v1/billing/wallet/topup", json={"account_id": acc, "amount_usd": 10 + i},
+                                  headers={"Idempotency-Key": f"order-{i}"})
+            assert done.status_code == 200 and done.json()["status"] == "succeeded", done.text
+        path = "/api/v1/billing/wallet/topups"
+        everything = (await api.get(path, params={"account_id": acc})).json()
+        assert [t["request_id"] for t in everything["items"]] == [f"order-{i}" for i in (4, 3, 2, 1, 0)]
+        assert everything["has_more"] is False
+        seen, after = [], None
+        for expected_more in (True, True, False):
+            page = (await api.get(path, params={"account_id": acc, "limit": 2,
+                                                **({"starting_after": after} if after else {})})).json()
+            seen += [t["request_id"] for t in page["items"]]
+            assert page["has_more"] is expected_more
+            after = page["items"][-1]["id"]
+        assert seen == [f"order-{i}" for i in (4, 3, 2, 1, 0)]
+        oldest = everything["items"][-1]["id"]
+        back = (await api.get(path, params={"account_id": acc, "limit": 2, "ending_before": oldest})).json()
+        assert [t["request_id"] for t in back["items"]] == ["order-2", "order-1"] and back["has_more"] is True
+        unknown = await api.get(path, params={"account_id": acc, "starting_after": "chg_" + "0" * 32})
+        assert assert_error(unknown, 422, "validation_error")["param"] == "starting_after"
+        both = await api.get(path, params={"account_id": acc, "starting_after": oldest, "ending_before": oldest})
+        assert_error(both, 422, "validation_error")

@@ -89,9 +89,11 @@ def _event(principal: Principal, req: TrackRequest, header_key: str | None = Non
 
 
 @router.post("/track", response_model=TrackResponse, response_class=ExactJSONResponse,
-             responses={402: {"description": "insufficient_credits (nothing written)"},
+             responses={402: {"description": "insufficient_credits / plan_credits_exhausted (nothing written)"},
+                        403: {"description": "agent_paused (a denial), insufficient_scope / forbidden (the key)"},
                         404: {"description": "unknown_feature / unknown_account"},
-                        409: {"description": "idempotency_conflict"}})
+                        409: {"description": "idempotency_conflict"},
+                        429: {"description": "daily_limit_reached / monthly_limit_reached / agent_limit_reached"}})
 async def track(req: TrackRequest, principal: Writer, pool: Pool,
                 key: IdempotencyKey = None) -> ExactJSONResponse:
     """Record a usage event exactly once (per ``Idempotency-Key`` / ``idempotency_key``). Replays return the original
@@ -159,7 +161,7 @@ async def balance(principal: Reader, pool: Pool,
     return respond(await queries.balance(pool, target_account(principal, account_id)))
 
 
-@router.get("/wallet", response_model=Balance, response_class=ExactJSONResponse)
+@router.get("/wallet", response_model=Balance, response_class=ExactJSONResponse, deprecated=True)
 async def wallet(principal: Reader, pool: Pool, account_id: str | None = None) -> ExactJSONResponse:
     """Alias of ``/balance``."""
     return respond(await queries.balance(pool, target_account(principal, account_id)))

@@ -13,14 +13,17 @@ version it was answered in.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
-from fastapi import Header
+from fastapi import Header, Query
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from creditflow.api.error_handling import error_response
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_token
+from creditflow.ledger.pagination import Cursor
+
+T = TypeVar("T")
 
 CURRENT_VERSION = "2026-12-01"
 SUPPORTED_VERSIONS = (CURRENT_VERSION,)
@@ -77,3 +80,17 @@ class VersionMiddleware:
             await send({"type": "http.response.body", "body": response.body})
             return
         await self.app(scope, receive, send_with_version)
+
+
+_ITEM_ID = r"^[a-z]+_[0-9a-f]{32}$"
+StartingAfter = Annotated[str | None, Query(pattern=_ITEM_ID, description="Cursor: the page after (older than) "
+                                            "this item id, newest first.")]
+EndingBefore = Annotated[str | None, Query(pattern=_ITEM_ID, description="Cursor: the page before (newer than) "
+                                           "this item id.")]
+
+
+def page_of(rows: list[T], limit: int, cursor: Cursor) -> tuple[list[T], bool]:
+    """The page of ``rows`` (fetched with ``limit + 1``, newest first) and ``has_more`` (more in that direction)."""
+    if len(rows) <= limit:
+        return rows, False
+    return (rows[-limit:] if cursor.ending_before is not None else rows[:limit]), True

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic_core import core_schema
 
+from creditflow.api.conventions import SUPPORTED_VERSIONS
 from creditflow.errors import ERROR_TYPES
 
 ERROR_OBJECT: dict[str, Any] = {
@@ -38,6 +39,11 @@ ERROR_BODY: dict[str, Any] = {
                    "beside its result fields.",
 }
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+_VERSION_PARAMETER = {"name": "Creditflow-Version", "in": "header", "required": False,
+                      "description": "The dated API version the client was written against (default: the current).",
+                      "schema": {"type": "string", "enum": list(SUPPORTED_VERSIONS)}}
+_VERSION_HEADER = {"Creditflow-Version": {"description": "The API version this answer was given in.",
+                                          "schema": {"type": "string"}}}
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying the same request.",
                                 "schema": {"type": "integer"}}}
 
@@ -80,12 +86,15 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                 if status[0] in "45":
                     response["content"] = _ERROR_CONTENT
                     if status == "503":
-                        response["headers"] = _RETRY_AFTER
+                        response["headers"] = dict(_RETRY_AFTER)
             responses.setdefault("4XX", {"description": "A refusal: nothing was changed.", "content": _ERROR_CONTENT})
             responses.setdefault("5XX", {"description": "503: the database or Temporal is unreachable (retry the "
                                                         "same request after Retry-After); 500: a bug, logged with "
                                                         "the request_id.",
-                                         "content": _ERROR_CONTENT, "headers": _RETRY_AFTER})
+                                         "content": _ERROR_CONTENT, "headers": dict(_RETRY_AFTER)})
+            operation.setdefault("parameters", []).append(_VERSION_PARAMETER)
+            for response in responses.values():
+                response["headers"] = {**response.get("headers", {}), **_VERSION_HEADER}
             tag = (operation.get("tags") or ["ops"])[0]
             operation_id = _operation_id(tag, operation)
             if operation_id in seen:

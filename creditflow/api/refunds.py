@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
-from creditflow.api.conventions import IdempotencyKey, idempotency_key
+from creditflow.api.conventions import EndingBefore, IdempotencyKey, StartingAfter, idempotency_key, page_of
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
@@ -27,6 +27,7 @@ from creditflow.domain.refunds import RefundError, check_credits, parse_reason
 from creditflow.domain.topups import cents_to_usd
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id
+from creditflow.ledger.pagination import Cursor
 from creditflow.payments import refunds
 from creditflow.payments.customers import stored_customer
 from workflows.contract import REFUND_FAILED, REFUND_PENDING, RefundInput, RefundOutcome, RefundTerms
@@ -83,6 +84,7 @@ class RefundItem(BaseModel):
 
 class RefundList(BaseModel):
     items: list[RefundItem]
+    has_more: bool = Field(default=False, description="More items beyond this page in the paging direction.")
 
 
 def _body(outcome: RefundOutcome) -> dict[str, object]:
@@ -144,13 +146,17 @@ async def create_refund(req: RefundRequest, principal: Writer, pool: Pool, setti
 
 @router.get("/refunds", response_model=RefundList, response_class=ExactJSONResponse)
 async def list_refunds(principal: Reader, pool: Pool, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                       account_id: Annotated[str | None, Query(description="Admin keys only.")] = None
+                       account_id: Annotated[str | None, Query(description="Admin keys only.")] = None,
+                       starting_after: StartingAfter = None, ending_before: EndingBefore = None
                        ) -> ExactJSONResponse:
-    """The account's refunds, newest first, with their status (reserved, refunding, pending, succeeded, failed)."""
-    rows = await refunds.list_refunds(pool, target_account(principal, account_id), limit)
+    """The account's refunds, newest first, with their status (reserved, refunding, pending, succeeded, failed).
+    Pages with ``limit`` and ``starting_after`` / ``ending_before`` (an item id); ``has_more``."""
+    cursor = Cursor(starting_after, ending_before)
+    rows, has_more = page_of(await refunds.list_refunds(pool, target_account(principal, account_id), limit + 1,
+                                                        cursor), limit, cursor)
     items = [RefundItem(id=r.id, request_id=r.request_id, status=r.status, reason=r.reason, credits=r.credits,
                         amount_usd=r.amount_usd, purchase_transaction_id=f"txn_{r.purchase_txn_id.hex}",
                         payment_intent_id=r.payment_intent_id, transaction_id=r.transaction_id,
                         stripe_refund_id=r.stripe_refund_id, failure_code=r.failure_code, created_at=r.created_at,
                         updated_at=r.updated_at) for r in rows]
-    return respond(RefundList(items=items))
+    return respond(RefundList(items=items, has_more=has_more))

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
-from creditflow.api.conventions import IdempotencyKey, idempotency_key
+from creditflow.api.conventions import EndingBefore, IdempotencyKey, StartingAfter, idempotency_key, page_of
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
@@ -25,6 +25,7 @@ from creditflow.client import CreditflowClient, topup_input, topup_workflow_id
 from creditflow.config import Settings
 from creditflow.domain.topups import cents_to_usd
 from creditflow.errors import CreditflowError
+from creditflow.ledger.pagination import Cursor
 from creditflow.payments import topups
 from creditflow.payments.customers import stored_customer
 from creditflow.payments.methods import PAYMENT_METHOD_ID
@@ -106,6 +107,7 @@ class TopUpItem(BaseModel):
 
 class TopUpList(BaseModel):
     items: list[TopUpItem]
+    has_more: bool = Field(default=False, description="More items beyond this page in the paging direction.")
 
 
 def _body(outcome: TopUpOutcome) -> dict[str, object]:
@@ -153,14 +155,17 @@ async def topup(req: TopUpRequest, principal: Writer, pool: Pool, settings: AppS
 
 @router.get("/topups", response_model=TopUpList, response_class=ExactJSONResponse)
 async def list_topups(principal: Reader, pool: Pool, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                      account_id: Annotated[str | None, Query(description="Admin keys only.")] = None
+                      account_id: Annotated[str | None, Query(description="Admin keys only.")] = None,
+                      starting_after: StartingAfter = None, ending_before: EndingBefore = None
                       ) -> ExactJSONResponse:
     """The account's top-ups, newest first, with their status (pending, requires_action, succeeded, failed,
-    canceled)."""
-    charges = await topups.list_charges(pool, target_account(principal, account_id), limit)
+    canceled). Pages with ``limit`` and ``starting_after`` / ``ending_before`` (an item id); ``has_more``."""
+    cursor = Cursor(starting_after, ending_before)
+    charges, has_more = page_of(await topups.list_charges(pool, target_account(principal, account_id), limit + 1,
+                                                          cursor), limit, cursor)
     items = [TopUpItem(id=c.id, request_id=c.request_id, status=c.status, amount_usd=c.amount_usd, credits=c.credits,
                        package_id=c.package_id, payment_method_id=c.payment_method_id,
                        payment_intent_id=c.payment_intent_id, transaction_id=c.ledger_txn_id,
                        failure_code=c.failure_code, decline_code=c.decline_code, created_at=c.created_at,
                        updated_at=c.updated_at) for c in charges]
-    return respond(TopUpList(items=items))
+    return respond(TopUpList(items=items, has_more=has_more))
