@@ -8,6 +8,7 @@ channel. Retrying, attempt counting and the sent-log are the service's job (``se
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -114,11 +115,11 @@ async def _post(url: str, *, timeout: float, retry_any: bool, customer: Customer
     if customer is not None:
         try:
             check_url(url, allow_http=customer.allow_http, allow_private=customer.allow_private)
-            address = await resolve_destination(url, allow_private=customer.allow_private)
+            address = await asyncio.wait_for(resolve_destination(url, allow_private=customer.allow_private), timeout)
         except (ValueError, DestinationRefused) as exc:
             raise DeliveryError(f"destination refused: {exc}", transient=False) from exc
-        except OSError as exc:
-            raise DeliveryError(f"cannot resolve the destination: {exc}", transient=True) from exc
+        except OSError as exc:  # includes TimeoutError: the resolver did not answer in time
+            raise DeliveryError(f"cannot resolve the destination: {exc or type(exc).__name__}", transient=True) from exc
         transport = _pinned_transport(address)
     try:
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, transport=transport,
