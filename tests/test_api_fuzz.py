@@ -38,8 +38,8 @@ from tests.conftest import ADMIN_KEY, STRIPE_KEY
 
 EXAMPLES = int(os.environ.get("CREDITFLOW_FUZZ_EXAMPLES", "6"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-# Operations only an admin key may use: fuzzed with the admin key (the rest with an account key of one account,
-# so account-scoped reads and writes reach their 2xx paths, not just "name the account").
+# Operations only an admin key may use: fuzzed with the admin key; the rest with an account key of one account for
+# valid requests (account-scoped reads and writes reach their 2xx paths, not just "name the account").
 ADMIN_PATHS = ("/api/v1/accounts", "/api/v1/features", "/api/v1/reconciliation", "/api/v1/verify",
                "/api/v1/billing/wallet/credit")
 LEDGER_SQL = ("SELECT (SELECT count(*) FROM journal), (SELECT coalesce(sum(abs(amount_micros)), 0) FROM journal),"
@@ -108,7 +108,10 @@ async def test_schemathesis_whole_api(stack: tuple[httpx.AsyncClient, str, str],
     operations = [result.ok() for result in schema.get_all_operations()]
 
     def fuzz_operation(operation: Any, mode: GenerationMode) -> None:
-        key = admin if operation.path.startswith(ADMIN_PATHS) else account_key
+        # Valid requests with the account key reach the account-scoped 2xx paths; invalid ones also go out with the
+        # admin key (which names accounts and reaches the admin-only code paths).
+        admin_only = operation.path.startswith(ADMIN_PATHS)
+        key = admin if admin_only or mode == GenerationMode.NEGATIVE else account_key
 
         @seed(20261205)
         @hsettings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
