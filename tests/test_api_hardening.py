@@ -437,3 +437,17 @@ async def test_topups_page_with_cursors(temporal_settings: Settings, temporal_cl
         assert assert_error(unknown, 422, "validation_error")["param"] == "starting_after"
         both = await api.get(path, params={"account_id": acc, "starting_after": oldest, "ending_before": oldest})
         assert_error(both, 422, "validation_error")
+
+
+async def test_agents_page_with_cursors(api: httpx.AsyncClient) -> None:
+    acc = await new_account(api)
+    for agent in ("e", "a", "d", "b", "c"):
+        assert (await api.post("/api/v1/agents", json={"account_id": acc, "id": agent})).status_code == 201
+    everything = (await api.get("/api/v1/agents", params={"account_id": acc})).json()
+    assert [a["id"] for a in everything["items"]] == ["a", "b", "c", "d", "e"] and everything["has_more"] is False
+    first = (await api.get("/api/v1/agents", params={"account_id": acc, "limit": 2})).json()
+    assert [a["id"] for a in first["items"]] == ["a", "b"] and first["has_more"] is True
+    rest = (await api.get("/api/v1/agents", params={"account_id": acc, "limit": 3, "starting_after": "b"})).json()
+    assert [a["id"] for a in rest["items"]] == ["c", "d", "e"] and rest["has_more"] is False
+    back = (await api.get("/api/v1/agents", params={"account_id": acc, "limit": 2, "ending_before": "e"})).json()
+    assert [a["id"] for a in back["items"]] == ["c", "d"] and back["has_more"] is True
