@@ -69,7 +69,7 @@ def _message(error: dict[str, Any]) -> str:
     """Pydantic's message, without its docs link; a JSON decode error says where and what."""
     if error.get("type") == "json_invalid":
         return f"not valid JSON: {error.get('ctx', {}).get('error', 'decode error')} at character {error['loc'][-1]}"
-    return str(error["msg"])[:MAX_MESSAGE_CHARS]
+    return str(error["msg"]).removeprefix("Value error, ")[:MAX_MESSAGE_CHARS]
 
 
 def install_error_handlers(app: FastAPI) -> None:
