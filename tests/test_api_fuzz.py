@@ -4,7 +4,8 @@ the schema declared for its status; a refused request changes nothing in the led
 no malformed body or path, however broken, gets a 5xx.
 
 Each operation gets ``CREDITFLOW_FUZZ_EXAMPLES`` positive and as many negative cases (default 6): the run fits CI
-(about a minute); raise it locally for a deeper search.
+(884 cases in 1.5-3 minutes on 2 busy cores, under the 300 s test timeout); raise it locally for a deeper search
+(with ``-o timeout=1800``: 15 examples take several minutes).
 """
 
 from __future__ import annotations
