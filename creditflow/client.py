@@ -11,7 +11,13 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from temporalio.client import Client, WithStartWorkflowOperation, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -245,7 +251,9 @@ class CreditflowClient:
         try:
             return await asyncio.wait_for(self.temporal.execute_update_with_start_workflow(
                 update, arg, start_workflow_operation=start, result_type=result_type), wait.total_seconds())
-        except TimeoutError:
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            # On our timeout the SDK turns the cancellation into WorkflowUpdateRPCTimeoutOrCancelledError (no worker
+            # took the update yet, or it is still running): not decided, the workflow keeps going.
             return None
         except WorkflowUpdateFailedError as err:
             cause = err.cause

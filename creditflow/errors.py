@@ -71,16 +71,46 @@ STATUS_BY_CODE: dict[str, int] = {
     "webhook_payload_invalid": 400,
     "webhook_not_configured": 503,
     "webhook_in_progress": 503,
+    # Bad request bodies and the catch-all (creditflow/api/error_handling.py).
+    "request_too_large": 413,
+    "idempotency_key_mismatch": 400,
+    "unsupported_version": 400,
+    "database_unavailable": 503,
+    "service_unavailable": 503,
+    "internal_error": 500,
 }
+
+# ``type`` of the error object: the family a client branches on (Stripe's idea), ``code`` the exact reason.
+USAGE_DENIALS = frozenset({"insufficient_credits", "agent_paused", "daily_limit_reached", "monthly_limit_reached",
+                           "agent_limit_reached", "plan_credits_exhausted"})
+TYPE_BY_CODE: dict[str, str] = {
+    "idempotency_conflict": "idempotency_error",
+    "idempotency_key_mismatch": "idempotency_error",
+    "card_declined": "card_error",
+    "payment_method_invalid": "card_error",
+    **{code: "usage_denied" for code in USAGE_DENIALS},
+}
+ERROR_TYPES = ("invalid_request_error", "authentication_error", "permission_error", "usage_denied", "card_error",
+               "idempotency_error", "api_error")
+
+
+def error_type(code: str, status: int) -> str:
+    """The ``type`` of an error: ``api_error`` for 5xx (retry later), else the code's family."""
+    if status >= 500:
+        return "api_error"
+    if code in TYPE_BY_CODE:
+        return TYPE_BY_CODE[code]
+    return {401: "authentication_error", 403: "permission_error"}.get(status, "invalid_request_error")
 
 
 class CreditflowError(Exception):
     """A refusal with a stable ``code`` (e.g. ``insufficient_credits``) and a human message."""
 
     def __init__(self, code: str, message: str | None = None, *, status: int | None = None,
-                 details: dict[str, object] | None = None) -> None:
+                 details: dict[str, object] | None = None, param: str | None = None) -> None:
         super().__init__(message or code.replace("_", " "))
         self.code = code
         self.message = message or code.replace("_", " ")
         self.status = status or STATUS_BY_CODE.get(code, 400)
         self.details = details or {}
+        self.param = param  # the request field at fault, when one is

@@ -19,7 +19,7 @@ def new_id(prefix: str) -> str:
 def check_id(value: str, prefix: str, what: str = "id") -> str:
     match = _ID.match(value or "")
     if not match or match["prefix"] != prefix:
-        raise CreditflowError("invalid_id", f"malformed {what}: expected {prefix}_<32 hex digits>")
+        raise CreditflowError("invalid_id", f"malformed {what}: expected {prefix}_<32 hex digits>", param=what)
     return value
 
 

@@ -41,8 +41,9 @@ async def test_new_account_gets_welcome_bonus(api: httpx.AsyncClient) -> None:
     again = await api.post("/api/v1/accounts", json={"name": "Acme", "billing_email": "b@acme.test",
                                                      "external_id": "cust-1"})
     assert again.status_code == 409
-    assert again.json()["error"] == {"code": "account_exists", "message": again.json()["error"]["message"],
-                                     "details": {"account_id": acc}}
+    error = again.json()["error"]
+    assert {k: error[k] for k in ("code", "details", "type")} == {
+        "code": "account_exists", "details": {"account_id": acc}, "type": "invalid_request_error"}
 
 
 async def test_tokens_are_charged_exactly(api: httpx.AsyncClient) -> None:

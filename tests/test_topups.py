@@ -331,7 +331,7 @@ async def test_temporal_down_is_503(settings: Settings, pool: AsyncConnectionPoo
         before = await ledger_snapshot(database_url)
         resp = await api.post(TOPUP, json={"account_id": account, "amount_usd": 25, "request_id": "r-1"})
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "workflow_unavailable"
-        assert (await api.get(TOPUPS, params={"account_id": account})).json() == {"items": []}
+        assert (await api.get(TOPUPS, params={"account_id": account})).json() == {"items": [], "has_more": False}
         assert await ledger_snapshot(database_url) == before
 
 

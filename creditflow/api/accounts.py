@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
 
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
@@ -68,7 +69,11 @@ async def create_api_key(account_id: str, req: ApiKeyCreate, principal: Admin, p
     return respond(await create_key(pool, account_id=account_id, scopes=req.scopes, name=req.name), 201)
 
 
-@router.get("/{account_id}/api-keys", response_model=list[ApiKey], response_class=ExactJSONResponse)
+class ApiKeyList(BaseModel):
+    items: list[ApiKey]
+
+
+@router.get("/{account_id}/api-keys", response_model=ApiKeyList, response_class=ExactJSONResponse)
 async def get_api_keys(account_id: str, principal: Admin, pool: Pool) -> ExactJSONResponse:
     account_id = await _existing(pool, principal, account_id)
     return respond({"items": await list_keys(pool, account_id)})

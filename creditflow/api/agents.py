@@ -7,7 +7,7 @@ its audit trail, tells the customer's service (``agent.paused`` / ``agent.resume
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
+from creditflow.api.conventions import page_of
 from creditflow.api.deps import get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
@@ -24,6 +25,7 @@ from creditflow.domain.money import AmountError, credits_to_micros, micros_to_cr
 from creditflow.errors import CreditflowError
 from creditflow.ledger import agents
 from creditflow.ledger.agents import Agent
+from creditflow.ledger.pagination import Cursor
 from workflows.contract import AgentCommand
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"], route_class=ExactRoute)
@@ -61,6 +63,10 @@ class AgentView(BaseModel):
 
 class AgentList(BaseModel):
     items: list[AgentView]
+    has_more: bool = False
+
+
+AgentCursor = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._:\-/]{1,200}$", description="An agent id.")]
 
 
 class AgentCreate(Strict):
@@ -128,7 +134,8 @@ async def _status_change(request: Request, principal: Principal, account_id: str
     await agents.get_agent(pool, account_id, agent_id)  # unknown_agent / unknown_account before Temporal
     client = await get_temporal(request)
     await client.set_agent_status(account_id, AgentCommand(agent_id=agent_id, actor=actor_of(principal),
-                                                           reason=reason), paused=paused)
+                                                           reason=reason), paused=paused,
+                                  wait=timedelta(seconds=request.app.state.settings.topup_answer_timeout_seconds))
     return respond(view(await agents.get_agent(pool, account_id, agent_id)))
 
 
@@ -140,10 +147,16 @@ _STATUS_ERRORS: dict[int | str, dict[str, str]] = {
 
 
 @router.get("", response_model=AgentList, response_class=ExactJSONResponse)
-async def list_agents(principal: Reader, pool: Pool, account_id: AccountQuery = None) -> ExactJSONResponse:
-    """The account's agents (registered, or seen in usage while the account has spend controls)."""
-    items = await agents.list_agents(pool, target_account(principal, account_id))
-    return respond(AgentList(items=[view(a) for a in items]))
+async def list_agents(principal: Reader, pool: Pool, account_id: AccountQuery = None,
+                      limit: Annotated[int | None, Query(ge=1, le=1000, description="Default: all.")] = None,
+                      starting_after: AgentCursor = None, ending_before: AgentCursor = None) -> ExactJSONResponse:
+    """The account's agents (registered, or seen in usage while the account has spend controls), by id. Pages with
+    ``limit`` and ``starting_after`` / ``ending_before`` (an agent id); ``has_more``."""
+    cursor = Cursor(starting_after, ending_before)
+    rows = await agents.list_agents(pool, target_account(principal, account_id),
+                                    None if limit is None else limit + 1, starting_after, ending_before)
+    items, has_more = page_of(rows, limit, cursor) if limit is not None else (rows, False)
+    return respond(AgentList(items=[view(a) for a in items], has_more=has_more))
 
 
 @router.post("", response_model=AgentView, response_class=ExactJSONResponse, status_code=201,

@@ -115,7 +115,8 @@ async def put_alerts(req: AlertsRequest, principal: Writer, pool: Pool) -> Exact
     return await _save(req, principal, pool)
 
 
-@router.post("/alerts", response_model=AlertsView, response_class=ExactJSONResponse, responses=_ERRORS)
+@router.post("/alerts", response_model=AlertsView, response_class=ExactJSONResponse, responses=_ERRORS,
+             deprecated=True)
 async def post_alerts(req: AlertsRequest, principal: Writer, pool: Pool) -> ExactJSONResponse:
     """Same as PUT (the documented ``POST /billing/alerts``)."""
     return await _save(req, principal, pool)

@@ -5,28 +5,28 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
 from creditflow import __version__
 from creditflow.api import accounts, auto_recharge, billing, features, payment_methods, refunds, stripe_webhooks, topups
 from creditflow.api.agents import router as agents_router
 from creditflow.api.alerts import router as alerts_router
+from creditflow.api.conventions import VersionMiddleware
 from creditflow.api.entitlements import router as entitlements_router
-from creditflow.api.exact_json import ExactJSONResponse, respond
+from creditflow.api.error_handling import InputGuardMiddleware, UnexpectedErrorMiddleware, install_error_handlers
+from creditflow.api.exact_json import ExactJSONResponse
 from creditflow.api.invoices import router as invoices_router
 from creditflow.api.limits import router as limits_router
 from creditflow.api.notification_channels import router as notification_channels_router
+from creditflow.api.openapi import install_openapi
 from creditflow.api.operator import router as operator_router
 from creditflow.api.organizations import router as organizations_router
 from creditflow.api.plans import router as plans_router
 from creditflow.api.reconciliation import router as reconciliation_router
-from creditflow.api.request_context import RequestIdMiddleware, current_request_id
+from creditflow.api.request_context import RequestIdMiddleware
 from creditflow.api.subscription import router as subscription_router
 from creditflow.api.verify import router as verify_router
 from creditflow.config import Settings
-from creditflow.errors import CreditflowError
 from creditflow.ledger import metering
 from creditflow.ledger.db import open_pool
 from creditflow.ledger.plan_pricing import sync_plan_rates
@@ -44,13 +44,10 @@ Prepaid credit wallet, metering and billing. **1 credit = 1 US cent.**
   name it (`account_id` in the body or query).
 * **Amounts are exact JSON numbers**: whole credits as integers (`45230`), sub-credit amounts with
   their exact decimal digits (`0.5`). Requests may send numbers or decimal strings (`"2.5"`).
-* Errors: `{"error": {"code": "<stable machine-readable code>", "message": "...", "details": {}}}`.
+* Errors: `{"error": {"code": "<stable machine-readable code>", "type": "<family>", "message": "...",
+  "param": "<field or null>", "details": {}, "request_id": "req_..."}}`; a 503 carries `Retry-After`
+  (see docs/api.md).
 """
-
-
-def _error(status: int, code: str, message: str, details: object | None = None) -> ExactJSONResponse:
-    return respond({"error": {"code": code, "message": message, "details": details or {},
-                              "request_id": current_request_id()}}, status)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -72,25 +69,16 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="creditflow", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   default_response_class=ExactJSONResponse)
     app.state.settings = settings
+    app.add_middleware(UnexpectedErrorMiddleware)  # inside RequestIdMiddleware: its answers carry the request id
+    app.add_middleware(InputGuardMiddleware)
+    app.add_middleware(VersionMiddleware)
     app.add_middleware(AccessLogMiddleware)  # inside the request id: its lines and metrics carry it
     app.add_middleware(RequestIdMiddleware)
     app.state.gateway = StripeGateway.from_settings(settings)
     app.state.plan_catalog = settings.plan_catalog()  # validated now: a bad catalog file stops start-up
 
-    @app.exception_handler(CreditflowError)
-    async def creditflow_error(request: Request, exc: CreditflowError) -> ExactJSONResponse:
-        return _error(exc.status, exc.code, exc.message, exc.details)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> ExactJSONResponse:
-        problems = [{"field": ".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]), "message": e["msg"]}
-                    for e in exc.errors()]
-        return _error(422, "validation_error", "the request is not valid", {"problems": problems})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> ExactJSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
+    install_error_handlers(app)
+    install_openapi(app)
 
     app.include_router(health.router)  # /healthz, /readyz, /metrics
     app.include_router(accounts.router)

@@ -157,7 +157,7 @@ async def put_auto_recharge(req: AutoRechargeRequest, principal: Writer, pool: P
     return await _save(req, principal, pool, gateway, settings)
 
 
-@router.post("/auto-recharge", response_model=AutoRechargeSettings, response_class=ExactJSONResponse,
+@router.post("/auto-recharge", response_model=AutoRechargeSettings, response_class=ExactJSONResponse, deprecated=True,
              responses=_ERRORS)
 async def post_auto_recharge(req: AutoRechargeRequest, principal: Writer, pool: Pool, gateway: Gateway,
                              settings: AppSettings) -> ExactJSONResponse:
@@ -165,7 +165,8 @@ async def post_auto_recharge(req: AutoRechargeRequest, principal: Writer, pool: 
     return await _save(req, principal, pool, gateway, settings)
 
 
-@router.get("/wallet/auto-reload", response_model=AutoRechargeSettings, response_class=ExactJSONResponse)
+@router.get("/wallet/auto-reload", response_model=AutoRechargeSettings, response_class=ExactJSONResponse,
+            deprecated=True)
 async def get_auto_reload(principal: Reader, pool: Pool, settings: AppSettings,
                           account_id: AccountQuery = None) -> ExactJSONResponse:
     """Alias of ``GET /billing/auto-recharge``."""
@@ -173,7 +174,7 @@ async def get_auto_reload(principal: Reader, pool: Pool, settings: AppSettings,
 
 
 @router.put("/wallet/auto-reload", response_model=AutoRechargeSettings, response_class=ExactJSONResponse,
-            responses=_ERRORS)
+            responses=_ERRORS, deprecated=True)
 async def put_auto_reload(req: AutoRechargeRequest, principal: Writer, pool: Pool, gateway: Gateway,
                           settings: AppSettings) -> ExactJSONResponse:
     """Alias of ``PUT /billing/auto-recharge`` (``{"enabled": true, "thresholdUsd": 20, "amountUsd": 50}``)."""

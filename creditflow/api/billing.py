@@ -10,7 +10,9 @@ from fastapi import APIRouter, Depends, Query
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
+from creditflow.api.conventions import IdempotencyKey, idempotency_key
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
+from creditflow.api.error_handling import error_object
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
 from creditflow.api.schemas import (
@@ -72,7 +74,7 @@ def _track_body(result: TrackResult) -> dict[str, Any]:
         released=result.released,
     ).model_dump(exclude_none=True)
     if not result.allowed:
-        body["error"] = {"code": result.code, "message": result.code.replace("_", " ")}
+        body["error"] = error_object(result.code, result.code.replace("_", " "))
     return body
 
 
@@ -80,20 +82,23 @@ def _status(allowed: bool, code: str) -> int:
     return 200 if allowed else STATUS_BY_CODE.get(code, 400)
 
 
-def _event(principal: Principal, req: TrackRequest) -> metering.UsageEvent:
+def _event(principal: Principal, req: TrackRequest, header_key: str | None = None) -> metering.UsageEvent:
     account_id = target_account(principal, req.account_id)
-    return metering.UsageEvent.build(account_id, req.feature_id, req.value, req.idempotency_key,
-                                     req.agent_id, req.metadata)
+    return metering.UsageEvent.build(account_id, req.feature_id, req.value,
+                                     idempotency_key(header_key, req.idempotency_key), req.agent_id, req.metadata)
 
 
 @router.post("/track", response_model=TrackResponse, response_class=ExactJSONResponse,
-             responses={402: {"description": "insufficient_credits (nothing written)"},
+             responses={402: {"description": "insufficient_credits / plan_credits_exhausted (nothing written)"},
+                        403: {"description": "agent_paused (a denial), insufficient_scope / forbidden (the key)"},
                         404: {"description": "unknown_feature / unknown_account"},
-                        409: {"description": "idempotency_conflict"}})
-async def track(req: TrackRequest, principal: Writer, pool: Pool) -> ExactJSONResponse:
-    """Record a usage event exactly once (per ``idempotency_key``). Replays return the original
+                        409: {"description": "idempotency_conflict"},
+                        429: {"description": "daily_limit_reached / monthly_limit_reached / agent_limit_reached"}})
+async def track(req: TrackRequest, principal: Writer, pool: Pool,
+                key: IdempotencyKey = None) -> ExactJSONResponse:
+    """Record a usage event exactly once (per ``Idempotency-Key`` / ``idempotency_key``). Replays return the original
     result with ``replayed: true``; a denial writes nothing and carries a ``code``."""
-    result = await metering.track(pool, _event(principal, req))
+    result = await metering.track(pool, _event(principal, req, key))
     return respond(_track_body(result), _status(result.allowed, result.code))
 
 
@@ -116,15 +121,16 @@ async def check(req: CheckRequest, principal: Reader, pool: Pool) -> ExactJSONRe
 
 @router.post("/holds", response_model=HoldResult, response_class=ExactJSONResponse, status_code=201)
 async def create_hold(req: HoldCreate, principal: Writer, pool: Pool,
-                      settings: Annotated[Settings, Depends(get_app_settings)]) -> ExactJSONResponse:
+                      settings: Annotated[Settings, Depends(get_app_settings)],
+                      key: IdempotencyKey = None) -> ExactJSONResponse:
     """Reserve credits for long-running usage (a call). Held credits are ``pending_charges``."""
     account_id = target_account(principal, req.account_id)
-    event = metering.UsageEvent.build(account_id, req.feature_id, req.value, req.idempotency_key,
+    event = metering.UsageEvent.build(account_id, req.feature_id, req.value, idempotency_key(key, req.idempotency_key),
                                       req.agent_id, req.metadata)
     result = await metering.create_hold(pool, event, req.ttl_seconds or settings.hold_ttl_seconds)
     body = result.model_dump(exclude_none=True)
     if not result.allowed:
-        body["error"] = {"code": result.code, "message": result.code.replace("_", " ")}
+        body["error"] = error_object(result.code, result.code.replace("_", " "))
     return respond(body, 201 if result.allowed and not result.replayed else _status(result.allowed, result.code))
 
 
@@ -155,7 +161,7 @@ async def balance(principal: Reader, pool: Pool,
     return respond(await queries.balance(pool, target_account(principal, account_id)))
 
 
-@router.get("/wallet", response_model=Balance, response_class=ExactJSONResponse)
+@router.get("/wallet", response_model=Balance, response_class=ExactJSONResponse, deprecated=True)
 async def wallet(principal: Reader, pool: Pool, account_id: str | None = None) -> ExactJSONResponse:
     """Alias of ``/balance``."""
     return respond(await queries.balance(pool, target_account(principal, account_id)))
@@ -184,7 +190,15 @@ def utc(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 
-@router.get("/usage/items", response_model=list[UsageItem], response_class=ExactJSONResponse)
+class UsageItemList(BaseModel):
+    items: list[UsageItem]
+
+
+class UsageRollupList(BaseModel):
+    items: list[UsageRollup]
+
+
+@router.get("/usage/items", response_model=UsageItemList, response_class=ExactJSONResponse)
 async def usage_items(
     principal: Reader, pool: Pool,
     start: datetime | None = None, end: datetime | None = None, agent_id: AgentQuery = None,
@@ -197,7 +211,7 @@ async def usage_items(
     return respond({"items": items})
 
 
-@router.get("/usage", response_model=list[UsageRollup], response_class=ExactJSONResponse)
+@router.get("/usage", response_model=UsageRollupList, response_class=ExactJSONResponse)
 async def usage(principal: Reader, pool: Pool, start: datetime | None = None, end: datetime | None = None,
                 account_id: str | None = None) -> ExactJSONResponse:
     """Daily (UTC) usage per channel."""
@@ -207,7 +221,8 @@ async def usage(principal: Reader, pool: Pool, start: datetime | None = None, en
 
 
 @router.post("/wallet/credit", response_model=PostingResult, response_class=ExactJSONResponse)
-async def wallet_credit(req: WalletCredit, principal: Crediter, pool: Pool) -> ExactJSONResponse:
+async def wallet_credit(req: WalletCredit, principal: Crediter, pool: Pool,
+                        key: IdempotencyKey = None) -> ExactJSONResponse:
     """Manual credit (positive ``amount``) or debit (negative) with a reason (admin, or a key the platform gave
     ``wallet:credit``)."""
     account_id = target_account(principal, req.account_id)
@@ -216,5 +231,5 @@ async def wallet_credit(req: WalletCredit, principal: Crediter, pool: Pool) -> E
     except AmountError as exc:
         raise CreditflowError(exc.code, str(exc)) from exc
     result = await postings.adjust(pool, account_id=account_id, amount_credits=amount, reason=req.reason,
-                                   idempotency_key=req.idempotency_key, actor=principal.key_id)
+                                   idempotency_key=idempotency_key(key, req.idempotency_key), actor=principal.key_id)
     return respond(result)

@@ -72,19 +72,22 @@ def target_account(principal: Principal, account_id: str | None) -> str:
     is refused (tenants never see each other)."""
     if principal.is_admin:
         if not account_id:
-            raise CreditflowError("validation_error", "admin keys must name the account (account_id)")
+            raise CreditflowError("validation_error", "admin keys must name the account (account_id)",
+                                  param="account_id")
         account = check_id(account_id, "acc", "account_id")
         bind(account_id=account)  # the access log line names the account
         return account
     if principal.organization_id is not None:
         if not account_id:
-            raise CreditflowError("validation_error", "organization keys must name the workspace (account_id)")
+            raise CreditflowError("validation_error", "organization keys must name the workspace (account_id)",
+                                  param="account_id")
         if account_id not in principal.organization_accounts:
-            raise CreditflowError("forbidden", "this account is not a workspace of this API key's organization")
+            raise CreditflowError("forbidden", "this account is not a workspace of this API key's organization",
+                                  param="account_id")
         bind(account_id=account_id)
         return account_id
     assert principal.account_id is not None
     if account_id is not None and account_id != principal.account_id:
-        raise CreditflowError("forbidden", "this API key belongs to another account")
+        raise CreditflowError("forbidden", "this API key belongs to another account", param="account_id")
     bind(account_id=principal.account_id)
     return principal.account_id

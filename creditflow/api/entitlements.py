@@ -16,7 +16,9 @@ from fastapi import APIRouter, Depends
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
+from creditflow.api.conventions import IdempotencyKey, idempotency_key
 from creditflow.api.deps import get_pool, require, target_account
+from creditflow.api.error_handling import error_object
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
 from creditflow.api.schemas import Amount, Metadata, Strict, Token
@@ -33,14 +35,15 @@ CREDITS_FEATURE = "credits"  # the shared balance every feature draws on
 
 
 class EntitledRequest(Strict):
-    customer_id: str | None = Field(default=None, description="Account id or external id; implied by an account key.")
+    customer_id: Token | None = Field(default=None,
+                                      description="Account id or external id; implied by an account key.")
     feature_id: Token
     value: Amount | None = None
     agent_id: Token | None = None
 
 
 class EventRequest(Strict):
-    customer_id: str | None = None
+    customer_id: Token | None = None
     feature_id: Token
     value: Amount = Field(default=Decimal(1))
     agent_id: Token | None = None
@@ -94,10 +97,12 @@ async def entitled(req: EntitledRequest, principal: Reader, pool: Pool) -> Exact
 @router.post("/event", response_class=ExactJSONResponse,
              responses={402: {"description": "insufficient_credits (nothing recorded)"},
                         404: {"description": "unknown_feature / unknown_account"}})
-async def event(req: EventRequest, principal: Writer, pool: Pool) -> ExactJSONResponse:
+async def event(req: EventRequest, principal: Writer, pool: Pool,
+                header_key: IdempotencyKey = None) -> ExactJSONResponse:
     """Record a usage event against the shared credit balance."""
     account_id = await _account(pool, principal, req.customer_id)
-    key = req.idempotency_key or f"event:{uuid.uuid4().hex}"
+    given = header_key is not None or req.idempotency_key is not None
+    key = idempotency_key(header_key, req.idempotency_key) if given else f"event:{uuid.uuid4().hex}"
     result = await metering.track(pool, metering.UsageEvent.build(account_id, req.feature_id, req.value, key,
                                                                   req.agent_id, req.metadata))
     body: dict[str, object] = {
@@ -110,5 +115,5 @@ async def event(req: EventRequest, principal: Writer, pool: Pool) -> ExactJSONRe
     if result.allowed:
         body.update(message="Event recorded successfully", event_id=result.transaction_id)
         return respond(body)
-    body["error"] = {"code": result.code, "message": result.code.replace("_", " ")}
+    body["error"] = error_object(result.code, result.code.replace("_", " "))
     return respond(body, STATUS_BY_CODE.get(result.code, 400))

@@ -16,7 +16,7 @@ from enum import Enum
 from typing import Any
 
 import simplejson
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
@@ -52,13 +52,81 @@ def respond(content: Any, status_code: int = 200) -> ExactJSONResponse:
     return ExactJSONResponse(content=content, status_code=status_code)
 
 
+class BodyError(HTTPException):
+    """A request body that is not usable (raised while reading or parsing it, before validation): like malformed
+    JSON, a ``validation_error`` naming the body; or ``request_too_large``."""
+
+    def __init__(self, message: str, code: str = "validation_error", status: int = 422) -> None:
+        super().__init__(status, message)
+        self.code = code
+
+
+MAX_NUMBER_CHARS = 60  # no amount, quantity or id needs more; Python refuses ints over 4,300 digits anyway
+MAX_DEPTH = 32
+
+
+def _number(text: str) -> Decimal:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise BodyError(f"a number in the body has more than {MAX_NUMBER_CHARS} characters")
+    return Decimal(text)
+
+
+def _integer(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise BodyError(f"a number in the body has more than {MAX_NUMBER_CHARS} characters")
+    return int(text)
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Duplicate keys are refused: which one wins is parser-dependent, so the request is ambiguous."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise BodyError(f"the key {key[:100]!r} appears twice in one object")
+        result[key] = value
+    return result
+
+
+def _check_strings(value: Any, depth: int = 0) -> None:
+    """No NUL characters (PostgreSQL text cannot hold them) or lone surrogates anywhere; bounded nesting."""
+    if depth > MAX_DEPTH:
+        raise BodyError(f"the body is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise BodyError("a string in the body contains a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BodyError("a string in the body is not valid Unicode (a lone surrogate)") from exc
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key, depth + 1)
+            _check_strings(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item, depth + 1)
+
+
 class ExactRequest(Request):
-    """Parses JSON bodies with Decimal numbers so ``0.1`` stays exactly 0.1."""
+    """Parses JSON bodies with Decimal numbers so ``0.1`` stays exactly 0.1, refusing what no route can use:
+    duplicate keys, numbers longer than any amount, deep nesting, NUL characters and lone surrogates."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = json.loads(await self.body(), parse_float=Decimal)
+            try:
+                parsed = json.loads(await self.body(), parse_float=_number, parse_int=_integer,
+                                    parse_constant=_constant, object_pairs_hook=_object)
+            except RecursionError as exc:
+                raise BodyError(f"the body is nested deeper than {MAX_DEPTH} levels") from exc
+            except UnicodeDecodeError as exc:
+                raise BodyError("the body is not UTF-8") from exc
+            _check_strings(parsed)
+            self._json = parsed
         return self._json
+
+
+def _constant(name: str) -> Any:
+    raise BodyError(f"{name} is not a JSON number")
 
 
 class ExactRoute(APIRoute):

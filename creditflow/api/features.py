@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, ValidationError
 
 from creditflow.api.deps import get_pool, require
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
@@ -21,7 +22,11 @@ router = APIRouter(prefix="/api/v1/features", tags=["features"], route_class=Exa
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 
 
-@router.get("", response_model=list[Feature], response_class=ExactJSONResponse)
+class FeatureList(BaseModel):
+    items: list[Feature]
+
+
+@router.get("", response_model=FeatureList, response_class=ExactJSONResponse)
 async def list_features(principal: Annotated[Principal, Depends(require(Scope.BILLING_READ))],
                         pool: Pool) -> ExactJSONResponse:
     """Every feature with the rate in force now and any scheduled rate versions."""
@@ -36,8 +41,13 @@ async def put_feature(feature_id: Token, req: FeaturePut, request: Request,
     Usage already recorded keeps the rate it was charged at."""
     try:
         spec = ratecard.FeatureSpec(id=feature_id, **req.model_dump(exclude={"effective_at"}))
+    except ValidationError as exc:  # the rate (or another field) the domain refused: say which and why
+        first = exc.errors()[0]
+        messages = "; ".join(f"{'.'.join(map(str, e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        raise CreditflowError("invalid_rate", messages, param=".".join(map(str, first["loc"])) or None) from exc
     except ValueError as exc:
-        raise CreditflowError("invalid_rate", str(exc).splitlines()[-1].strip()) from exc
+        raise CreditflowError("invalid_rate", str(exc).splitlines()[0].strip()) from exc
     feature = await ratecard.put_feature(pool, spec, req.effective_at)
     # Plan rates that follow the card (unlisted features, the toll-free surcharge) move with it.
     await sync_plan_rates(pool, request.app.state.plan_catalog)

@@ -100,7 +100,7 @@ async def put_limits(req: LimitsRequest, principal: Writer, pool: Pool) -> Exact
     return await _save(req, principal, pool)
 
 
-@router.post("/limits", response_model=LimitsView, response_class=ExactJSONResponse,
+@router.post("/limits", response_model=LimitsView, response_class=ExactJSONResponse, deprecated=True,
              responses={422: {"description": "invalid_amount / validation_error; nothing changed"}})
 async def post_limits(req: LimitsRequest, principal: Writer, pool: Pool) -> ExactJSONResponse:
     """Same as PUT (the documented ``POST /billing/limits``)."""

@@ -15,10 +15,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
+from creditflow.api.conventions import EndingBefore, IdempotencyKey, StartingAfter, idempotency_key, page_of
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
-from creditflow.api.schemas import Amount, Strict, Token
+from creditflow.api.schemas import Amount, PaymentIntentId, Strict, Token
 from creditflow.api.topups import get_temporal
 from creditflow.client import refund_workflow_id
 from creditflow.config import Settings
@@ -26,6 +27,7 @@ from creditflow.domain.refunds import RefundError, check_credits, parse_reason
 from creditflow.domain.topups import cents_to_usd
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id
+from creditflow.ledger.pagination import Cursor
 from creditflow.payments import refunds
 from creditflow.payments.customers import stored_customer
 from workflows.contract import REFUND_FAILED, REFUND_PENDING, RefundInput, RefundOutcome, RefundTerms
@@ -41,11 +43,13 @@ AppSettings = Annotated[Settings, Depends(get_app_settings)]
 class RefundRequest(Strict):
     account_id: str | None = Field(default=None, description="Required with an admin key; implied by an account key.")
     purchase_transaction_id: str | None = Field(default=None, description="The purchase (txn_...) to refund.")
-    payment_intent_id: str | None = Field(default=None, description="Or the top-up's PaymentIntent (pi_...).")
+    payment_intent_id: PaymentIntentId | None = Field(default=None,
+                                                      description="Or the top-up's PaymentIntent (pi_...).")
     credits: Amount | None = Field(default=None, description="Whole credits; default: all that remains of it.")
-    reason: str | None = Field(default=None, description="requested_by_customer (default); duplicate_charge and "
+    reason: Token | None = Field(default=None, description="requested_by_customer (default); duplicate_charge and "
                                                          "billing_error are for admin keys.")
-    request_id: Token = Field(description="Idempotency: the same request id never refunds twice.")
+    request_id: Token | None = Field(default=None, description="Idempotency: the same request id never refunds "
+                                                               "twice. Or the Idempotency-Key header.")
 
 
 class RefundResponse(BaseModel):
@@ -80,6 +84,7 @@ class RefundItem(BaseModel):
 
 class RefundList(BaseModel):
     items: list[RefundItem]
+    has_more: bool = Field(default=False, description="More items beyond this page in the paging direction.")
 
 
 def _body(outcome: RefundOutcome) -> dict[str, object]:
@@ -107,10 +112,11 @@ def _body(outcome: RefundOutcome) -> dict[str, object]:
                                              "invalid_amount / payment_request_invalid (Stripe refused; released)"},
                         503: {"description": "workflow_unavailable"}})
 async def create_refund(req: RefundRequest, principal: Writer, pool: Pool, settings: AppSettings,
-                        request: Request) -> ExactJSONResponse:
+                        request: Request, key: IdempotencyKey = None) -> ExactJSONResponse:
     """Refund unused credits of one top-up (within 30 days; never bonus or plan credits, never more than what
     remains of that purchase or was paid). 1 credit = 1 cent is refunded to the card through Stripe."""
     account_id = target_account(principal, req.account_id)
+    request_id = idempotency_key(key, req.request_id, "request_id")
     try:
         reason = parse_reason(req.reason, is_admin=principal.is_admin)
         credits = None
@@ -125,28 +131,32 @@ async def create_refund(req: RefundRequest, principal: Writer, pool: Pool, setti
     if req.purchase_transaction_id is not None:
         check_id(req.purchase_transaction_id, "txn", "purchase_transaction_id")
     await stored_customer(pool, account_id)  # unknown_account before any workflow starts
-    input = RefundInput(account_id=account_id, request_id=req.request_id, requested_by=(
+    input = RefundInput(account_id=account_id, request_id=request_id, requested_by=(
         "admin" if principal.is_admin else "customer"), terms=RefundTerms(
         purchase_transaction_id=req.purchase_transaction_id, payment_intent_id=req.payment_intent_id,
         credits=credits, reason=reason.value))
     client = await get_temporal(request)
     outcome = await client.refund(input, wait=timedelta(seconds=settings.topup_answer_timeout_seconds))
     if outcome is None:
-        return respond({"status": REFUND_PENDING, "request_id": req.request_id,
-                        "workflow_id": refund_workflow_id(account_id, req.request_id)}, 202)
+        return respond({"status": REFUND_PENDING, "request_id": request_id,
+                        "workflow_id": refund_workflow_id(account_id, request_id)}, 202)
     # Stripe accepted the refund without settling it: pending (202) until Stripe's final word.
     return respond(_body(outcome), 202 if outcome.status == REFUND_PENDING else 200)
 
 
 @router.get("/refunds", response_model=RefundList, response_class=ExactJSONResponse)
 async def list_refunds(principal: Reader, pool: Pool, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                       account_id: Annotated[str | None, Query(description="Admin keys only.")] = None
+                       account_id: Annotated[str | None, Query(description="Admin keys only.")] = None,
+                       starting_after: StartingAfter = None, ending_before: EndingBefore = None
                        ) -> ExactJSONResponse:
-    """The account's refunds, newest first, with their status (reserved, refunding, pending, succeeded, failed)."""
-    rows = await refunds.list_refunds(pool, target_account(principal, account_id), limit)
+    """The account's refunds, newest first, with their status (reserved, refunding, pending, succeeded, failed).
+    Pages with ``limit`` and ``starting_after`` / ``ending_before`` (an item id); ``has_more``."""
+    cursor = Cursor(starting_after, ending_before)
+    rows, has_more = page_of(await refunds.list_refunds(pool, target_account(principal, account_id), limit + 1,
+                                                        cursor), limit, cursor)
     items = [RefundItem(id=r.id, request_id=r.request_id, status=r.status, reason=r.reason, credits=r.credits,
                         amount_usd=r.amount_usd, purchase_transaction_id=f"txn_{r.purchase_txn_id.hex}",
                         payment_intent_id=r.payment_intent_id, transaction_id=r.transaction_id,
                         stripe_refund_id=r.stripe_refund_id, failure_code=r.failure_code, created_at=r.created_at,
                         updated_at=r.updated_at) for r in rows]
-    return respond(RefundList(items=items))
+    return respond(RefundList(items=items, has_more=has_more))

@@ -28,6 +28,23 @@ def _exact_amount(value: Any) -> Any:
     return value
 
 
+MAX_AMOUNT_EXPONENT = 30  # |adjusted exponent|: 1e-30 .. 1e30 is wider than any amount or quantity
+
+
+def _sane_amount(value: Decimal) -> Decimal:
+    """Refuse what is a number but no amount: ``1e-999999999`` (the database cannot hold it, and rounded it
+    would be free usage), ``1e999999``, NaN."""
+    if not value.is_finite() or (value != 0 and abs(value.adjusted()) > MAX_AMOUNT_EXPONENT):
+        raise ValueError(f"amounts must be finite, between 1e-{MAX_AMOUNT_EXPONENT} and 1e{MAX_AMOUNT_EXPONENT}")
+    return value
+
+
+def _name(value: str) -> str:
+    if not value.strip() or not any(c.isprintable() and not c.isspace() for c in value):
+        raise ValueError("must contain a visible character")
+    return value
+
+
 def _metadata(value: dict[str, Any]) -> dict[str, Any]:
     try:
         return check_metadata(value)
@@ -42,10 +59,11 @@ def _text(value: str) -> str:
         raise ValueError(exc.message) from exc
 
 
-Amount = Annotated[Decimal, BeforeValidator(_exact_amount)]
+Amount = Annotated[Decimal, BeforeValidator(_exact_amount), AfterValidator(_sane_amount)]
 Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:\-/]{1,200}$")]
 Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$", max_length=254)]
 Text = Annotated[str, AfterValidator(_text)]
+PaymentIntentId = Annotated[str, StringConstraints(pattern=r"^pi_[A-Za-z0-9_]{1,250}$")]
 Metadata = Annotated[dict[str, Any], Field(default_factory=dict, max_length=50), AfterValidator(_metadata)]
 
 
@@ -54,7 +72,8 @@ class Strict(BaseModel):
 
 
 class AccountCreate(Strict):
-    name: Annotated[Text, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+    name: Annotated[Text, StringConstraints(min_length=1, max_length=200, strip_whitespace=True),
+                    AfterValidator(_name)]
     billing_email: Email
     external_id: Token | None = None
     overage_credit_line: Amount = Field(default=Decimal(0), description="Whole credits the account may go negative.")
@@ -71,7 +90,7 @@ class TrackRequest(Strict):
     feature_id: Token
     value: Amount = Field(description="Units used (messages, minutes, tokens). Exact; up to 6 decimals.")
     agent_id: Token | None = None
-    idempotency_key: Token
+    idempotency_key: Token | None = Field(default=None, description="Or the Idempotency-Key header (one of them).")
     metadata: Metadata
 
 
@@ -92,7 +111,7 @@ class HoldCreate(Strict):
     value: Amount = Field(description="Expected units to reserve (e.g. the expected call minutes).")
     agent_id: Token | None = None
     ttl_seconds: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
-    idempotency_key: Token
+    idempotency_key: Token | None = Field(default=None, description="Or the Idempotency-Key header (one of them).")
     metadata: Metadata
 
 
@@ -110,7 +129,7 @@ class WalletCredit(Strict):
     account_id: str
     amount: Amount = Field(description="Whole credits; positive credits the wallet, negative debits it.")
     reason: Annotated[Text, StringConstraints(min_length=1, max_length=500, strip_whitespace=True)]
-    idempotency_key: Token
+    idempotency_key: Token | None = Field(default=None, description="Or the Idempotency-Key header (one of them).")
 
 
 class FeaturePut(Strict):

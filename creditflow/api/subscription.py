@@ -7,7 +7,7 @@ Recurring charges (e.g. a monthly phone-number rental) are operator settings bil
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -19,7 +19,7 @@ from creditflow.api.deps import get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
 from creditflow.api.plans import get_plan_catalog
-from creditflow.api.schemas import Amount, Strict, Text
+from creditflow.api.schemas import Amount, Strict, Text, Token
 from creditflow.api.topups import get_temporal
 from creditflow.domain.money import AmountError, micros_to_credits
 from creditflow.domain.plans import PlanCatalog, UnknownPlanError
@@ -56,7 +56,7 @@ class SubscriptionView(BaseModel):
 
 class SubscriptionRequest(Strict):
     account_id: str | None = None
-    plan_id: str | None = Field(description="A plan of GET /billing/plans; null cancels at the next renewal.")
+    plan_id: Token | None = Field(description="A plan of GET /billing/plans; null cancels at the next renewal.")
     effective: Literal["next_renewal", "immediately"] = "next_renewal"
     anchor: datetime | None = Field(default=None, description="Admin only: backdate the cycle anchor (imports).")
 
@@ -118,7 +118,8 @@ async def change_subscription(req: SubscriptionRequest, principal: Writer, pool:
     await subscriptions.get_subscription(pool, account_id)  # unknown_account before Temporal
     client = await get_temporal(request)
     state = await client.change_plan(account_id, PlanChange(plan_id=req.plan_id, effective=req.effective,
-                                                             anchor=req.anchor))
+                                                             anchor=req.anchor),
+                                     wait=timedelta(seconds=request.app.state.settings.topup_answer_timeout_seconds))
     view = await _view(pool, catalog, account_id)
     if req.effective == "immediately":
         view.proration = state.proration

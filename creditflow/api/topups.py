@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
+from creditflow.api.conventions import EndingBefore, IdempotencyKey, StartingAfter, idempotency_key, page_of
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
@@ -24,6 +25,7 @@ from creditflow.client import CreditflowClient, topup_input, topup_workflow_id
 from creditflow.config import Settings
 from creditflow.domain.topups import cents_to_usd
 from creditflow.errors import CreditflowError
+from creditflow.ledger.pagination import Cursor
 from creditflow.payments import topups
 from creditflow.payments.customers import stored_customer
 from creditflow.payments.methods import PAYMENT_METHOD_ID
@@ -69,7 +71,8 @@ class TopUpRequest(Strict):
     package_id: Token | None = Field(default=None, description="A credit package (starter, growth, ...).")
     payment_method_id: str | None = Field(default=None, description="A saved card; default: the account's default "
                                                                      "card, else a client secret is returned.")
-    request_id: Token = Field(description="Idempotency: the same request id never charges twice.")
+    request_id: Token | None = Field(default=None, description="Idempotency: the same request id never charges "
+                                                               "twice. Or the Idempotency-Key header.")
 
 
 class TopUpResponse(BaseModel):
@@ -104,6 +107,7 @@ class TopUpItem(BaseModel):
 
 class TopUpList(BaseModel):
     items: list[TopUpItem]
+    has_more: bool = Field(default=False, description="More items beyond this page in the paging direction.")
 
 
 def _body(outcome: TopUpOutcome) -> dict[str, object]:
@@ -130,34 +134,38 @@ def _body(outcome: TopUpOutcome) -> dict[str, object]:
                         422: {"description": "amount_out_of_range / unknown_package / invalid_amount"},
                         503: {"description": "workflow_unavailable / payment_provider_unavailable"}})
 async def topup(req: TopUpRequest, principal: Writer, pool: Pool, settings: AppSettings,
-                request: Request) -> ExactJSONResponse:
+                request: Request, key: IdempotencyKey = None) -> ExactJSONResponse:
     """Buy credits: ``amount_usd`` (1 credit per cent) or a ``package_id``. With a saved card the charge is
     made off-session and the answer is the ledger transaction; without one the answer is a Stripe
     ``client_secret`` to confirm in the browser, and the credits land once the payment settles."""
     account_id = target_account(principal, req.account_id)
+    request_id = idempotency_key(key, req.request_id, "request_id")
     if req.payment_method_id is not None and not PAYMENT_METHOD_ID.match(req.payment_method_id):
         raise CreditflowError("unknown_payment_method", "no such payment method")
-    input = topup_input(settings, account_id, req.request_id, amount_usd=req.amount_usd, package_id=req.package_id,
+    input = topup_input(settings, account_id, request_id, amount_usd=req.amount_usd, package_id=req.package_id,
                         payment_method_id=req.payment_method_id)
     await stored_customer(pool, account_id)  # unknown_account before any workflow starts
     client = await get_temporal(request)
     outcome = await client.topup(input, wait=timedelta(seconds=settings.topup_answer_timeout_seconds))
     if outcome is None:
-        return respond({"status": TOPUP_PENDING, "request_id": req.request_id,
-                        "workflow_id": topup_workflow_id(account_id, req.request_id)}, 202)
+        return respond({"status": TOPUP_PENDING, "request_id": request_id,
+                        "workflow_id": topup_workflow_id(account_id, request_id)}, 202)
     return respond(_body(outcome))
 
 
 @router.get("/topups", response_model=TopUpList, response_class=ExactJSONResponse)
 async def list_topups(principal: Reader, pool: Pool, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                      account_id: Annotated[str | None, Query(description="Admin keys only.")] = None
+                      account_id: Annotated[str | None, Query(description="Admin keys only.")] = None,
+                      starting_after: StartingAfter = None, ending_before: EndingBefore = None
                       ) -> ExactJSONResponse:
     """The account's top-ups, newest first, with their status (pending, requires_action, succeeded, failed,
-    canceled)."""
-    charges = await topups.list_charges(pool, target_account(principal, account_id), limit)
+    canceled). Pages with ``limit`` and ``starting_after`` / ``ending_before`` (an item id); ``has_more``."""
+    cursor = Cursor(starting_after, ending_before)
+    charges, has_more = page_of(await topups.list_charges(pool, target_account(principal, account_id), limit + 1,
+                                                          cursor), limit, cursor)
     items = [TopUpItem(id=c.id, request_id=c.request_id, status=c.status, amount_usd=c.amount_usd, credits=c.credits,
                        package_id=c.package_id, payment_method_id=c.payment_method_id,
                        payment_intent_id=c.payment_intent_id, transaction_id=c.ledger_txn_id,
                        failure_code=c.failure_code, decline_code=c.decline_code, created_at=c.created_at,
                        updated_at=c.updated_at) for c in charges]
-    return respond(TopUpList(items=items))
+    return respond(TopUpList(items=items, has_more=has_more))

@@ -81,11 +81,22 @@ async def get_agent(pool: AsyncConnectionPool, account_id: str, agent_id: str) -
     return Agent(**row)
 
 
-async def list_agents(pool: AsyncConnectionPool, account_id: str) -> list[Agent]:
+async def list_agents(pool: AsyncConnectionPool, account_id: str, limit: int | None = None,
+                      starting_after: str | None = None, ending_before: str | None = None) -> list[Agent]:
+    """The account's agents by id; ``limit`` and the cursors (agent ids) page through them (None: all)."""
+    where, params, order = "", (), "id"
+    if starting_after is not None:
+        where, params = " AND id > %s", (starting_after,)
+    elif ending_before is not None:
+        where, params, order = " AND id < %s", (ending_before,), "id DESC"
     async with pool.connection() as conn:
         await _exists(conn, account_id)
-        rows = await (await conn.execute(f"SELECT {_COLUMNS} FROM agents WHERE account_id = %s ORDER BY id",
-                                         (account_id,))).fetchall()
+        rows = await (await conn.execute(
+            f"SELECT {_COLUMNS} FROM agents WHERE account_id = %s{where} ORDER BY {order}"
+            + (" LIMIT %s" if limit is not None else ""),
+            (account_id, *params, *((limit,) if limit is not None else ())))).fetchall()
+    if order == "id DESC":
+        rows.reverse()
     return [Agent(**row) for row in rows]
 
 

@@ -8,19 +8,22 @@ channel. Retrying, attempt counting and the sent-log are the service's job (``se
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
 
 import aiosmtplib
+import httpcore
 import httpx
 import simplejson
 
 from creditflow import __version__
 from creditflow.config import Settings
-from creditflow.notify.destinations import Destinations
+from creditflow.notify.destinations import DestinationRefused, Destinations, check_url, resolve_destination
 from creditflow.notify.signing import SIGNATURE_HEADER, signature_header
 from creditflow.notify.templates import Rendered
 
@@ -64,10 +67,62 @@ def _http_error(response: httpx.Response, *, retry_any: bool) -> DeliveryError:
     return DeliveryError(f"HTTP {response.status_code}" + (f": {excerpt}" if excerpt else ""), transient=transient)
 
 
-async def _post(url: str, *, timeout: float, retry_any: bool, **kwargs: Any) -> httpx.Response:
-    """POST without following redirects; transport failures are transient."""
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Opens every connection to one checked address, whatever host name the URL carries: TLS still verifies
+    the certificate against the URL's name (SNI), but the name is never resolved again (no DNS rebinding)."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        return await self._inner.connect_tcp(self._address, port, timeout=timeout, local_address=local_address,
+                                             socket_options=socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def _pinned_transport(address: str) -> httpx.AsyncHTTPTransport:
+    """A transport (no proxies from the environment: a proxy would resolve the name itself) whose connections
+    all go to ``address``."""
+    transport = httpx.AsyncHTTPTransport(trust_env=False)
+    ssl_context = transport._pool._ssl_context  # noqa: SLF001 - the context httpx built (certifi, verification on)
+    transport._pool = httpcore.AsyncConnectionPool(ssl_context=ssl_context, max_connections=1,  # noqa: SLF001
+                                                   network_backend=_PinnedBackend(address))
+    return transport
+
+
+@dataclass(frozen=True)
+class CustomerUrl:
+    """A URL a customer chose: checked again at send time (:func:`resolve_destination`)."""
+
+    allow_http: bool
+    allow_private: bool
+
+    @classmethod
+    def of(cls, settings: Settings) -> CustomerUrl:
+        return cls(allow_http=settings.notify_allow_http_urls, allow_private=settings.notify_allow_private_urls)
+
+
+async def _post(url: str, *, timeout: float, retry_any: bool, customer: CustomerUrl | None = None,
+                **kwargs: Any) -> httpx.Response:
+    """POST without following redirects; transport failures are transient. A ``customer`` URL is resolved here,
+    refused (permanently) if it is or resolves to a loopback, private, link-local, multicast or reserved address,
+    and the connection goes to the address that was checked."""
+    transport: httpx.AsyncHTTPTransport | None = None
+    if customer is not None:
+        try:
+            check_url(url, allow_http=customer.allow_http, allow_private=customer.allow_private)
+            address = await asyncio.wait_for(resolve_destination(url, allow_private=customer.allow_private), timeout)
+        except (ValueError, DestinationRefused) as exc:
+            raise DeliveryError(f"destination refused: {exc}", transient=False) from exc
+        except OSError as exc:  # includes TimeoutError: the resolver did not answer in time
+            raise DeliveryError(f"cannot resolve the destination: {exc or type(exc).__name__}", transient=True) from exc
+        transport = _pinned_transport(address)
     try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False,
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, transport=transport,
                                      headers={"User-Agent": USER_AGENT}) as client:
             response = await client.post(url, **kwargs)
     except httpx.HTTPError as exc:
@@ -120,7 +175,8 @@ async def send_slack(settings: Settings, out: Outgoing) -> None:
     """Slack incoming webhook: ``{"text": ...}``. Slack answers 4xx for a revoked or invalid hook: final."""
     url = out.destinations.slack_webhook_url
     assert url is not None
-    await _post(url, json={"text": out.text.slack}, timeout=settings.slack_timeout_seconds, retry_any=False)
+    await _post(url, json={"text": out.text.slack}, timeout=settings.slack_timeout_seconds, retry_any=False,
+                customer=CustomerUrl.of(settings))
 
 
 def sms_configured(settings: Settings) -> bool:
@@ -159,4 +215,5 @@ async def send_webhook(settings: Settings, out: Outgoing, *, now: float | None =
     timestamp = int(time.time() if now is None else now)
     headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, timestamp, body),
                "Creditflow-Event-Id": out.event_id, "Creditflow-Event-Type": out.kind}
-    await _post(url, content=body, headers=headers, timeout=settings.webhook_timeout_seconds, retry_any=True)
+    await _post(url, content=body, headers=headers, timeout=settings.webhook_timeout_seconds, retry_any=True,
+                customer=CustomerUrl.of(settings))

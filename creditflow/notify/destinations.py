@@ -7,13 +7,16 @@ and is returned only by the update that created or rotated it (like an API key's
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import secrets
+import socket
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
@@ -23,6 +26,7 @@ EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 PHONE_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")  # E.164
 SECRET_PREFIX = "whsec_"
 CHANNELS = ("log", "email", "slack", "sms", "webhook")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def check_email(value: str) -> str:
@@ -40,8 +44,10 @@ def check_phone(value: str) -> str:
 def check_url(value: str, *, allow_http: bool, allow_private: bool) -> str:
     """An absolute https URL with no credentials in it. Customers choose these URLs and the worker POSTs to
     them, so plain http (``allow_http``) and hosts that are loopback or private IP addresses (``allow_private``)
-    are refused unless the deployment allows them (tests and private networks)."""
-    if len(value) > 2048 or any(c.isspace() for c in value):
+    are refused unless the deployment allows them (tests and private networks). A host given as an address is
+    checked in every notation the resolver accepts (``2130706433``, ``0x7f000001``, ``127.1``, ``[::ffff:7f00:1]``);
+    a host name is resolved and checked again when the worker sends (:func:`resolve_destination`)."""
+    if len(value) > 2048 or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError("not a URL")
     parts = urlsplit(value)
     if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -50,23 +56,111 @@ def check_url(value: str, *, allow_http: bool, allow_private: bool) -> str:
         raise ValueError("must not carry credentials")
     try:
         _ = parts.port
+        host = url_host(value)
     except ValueError as exc:
-        raise ValueError("has an invalid port") from exc
+        raise ValueError(f"has an invalid host or port: {exc}") from exc
     if parts.scheme == "http" and not allow_http:
         raise ValueError("must use https")
-    if not allow_private and _is_internal(parts.hostname):
-        raise ValueError("must not point at a loopback or private address")
+    if not allow_private:
+        reason = refused_host(host)
+        if reason:
+            raise ValueError(f"must not point at {reason}")
     return value
 
 
-def _is_internal(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
+def url_host(url: str) -> str:
+    """The host the HTTP client will connect to (IDNA-encoded, lower case, no trailing dot)."""
     try:
-        address = ipaddress.ip_address(host)
+        host = httpx.URL(url).host
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ValueError(str(exc)) from exc
+    host = host.rstrip(".")
+    if not host or "%" in host:  # an empty host, or an IPv6 zone id (``fe80::1%eth0``): link-local by nature
+        raise ValueError("not a usable host")
+    return host
+
+
+_NUMERIC_HOST = re.compile(r"^[0-9a-fx.]+$")
+
+
+def host_address(host: str) -> IPAddress | None:
+    """The address a host denotes by itself (None for a name to resolve), in every notation the C resolver
+    takes: dotted quads, but also ``127.1``, ``0x7f000001``, ``017700000001``, ``2130706433``, and IPv6."""
+    try:
+        return ipaddress.ip_address(host)
     except ValueError:
-        return False
-    return address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified
+        pass
+    if _NUMERIC_HOST.match(host) and not host.startswith(("x", ".")) and any(c.isdigit() for c in host[:1]):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None  # not an address after all (``08.1``): a name, resolved and checked at send time
+    return None
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def refused_address(address: IPAddress) -> str | None:
+    """Why a customer URL may not reach ``address`` (None: a public unicast address). IPv6 forms that carry an
+    IPv4 address (mapped, NAT64, 6to4) are judged by that address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (
+            ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if address in _NAT64 else None)
+        if embedded is not None:
+            return refused_address(embedded)
+    for label, flag in (("a loopback address", address.is_loopback), ("an unspecified address", address.is_unspecified),
+                        ("a link-local address", address.is_link_local), ("a multicast address", address.is_multicast),
+                        ("a private address", address.is_private), ("a reserved address", address.is_reserved)):
+        if flag:
+            return f"{label} ({address})"
+    if not address.is_global:  # shared address space (100.64.0.0/10) and the like
+        return f"a non-public address ({address})"
+    return None
+
+
+def refused_host(host: str) -> str | None:
+    """Why a URL's host is refused without resolving it (None: an allowed address, or a name)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return "a loopback host"
+    address = host_address(host)
+    return refused_address(address) if address is not None else None
+
+
+class DestinationRefused(Exception):  # noqa: N818 - a verdict on the destination
+    """The URL's host is or resolves to an address customers may not reach: retrying cannot help."""
+
+
+async def resolve_destination(url: str, *, allow_private: bool) -> str:
+    """The one address to connect to for ``url``, checked: an address host as is, a name resolved once here.
+    Every address the name resolves to must be allowed (a name that also points inside is refused, whatever
+    order the resolver returns). The caller connects to the returned address, so no second DNS lookup can
+    rebind it. DNS failures raise ``OSError`` (transient); refusals ``DestinationRefused``."""
+    try:
+        host = url_host(url)
+        address = host_address(host)
+    except ValueError as exc:
+        raise DestinationRefused(str(exc)) from exc
+    if address is None:
+        if not allow_private and (reason := refused_host(host)):
+            raise DestinationRefused(f"{host} is {reason}")
+        port = httpx.URL(url).port or (443 if url.lower().startswith("https") else 80)
+        infos = await getaddrinfo(host, port)
+        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+        if not addresses:
+            raise OSError(f"{host} has no address")
+    else:
+        addresses = [address]
+    if not allow_private:
+        for found in addresses:
+            if reason := refused_address(found):
+                raise DestinationRefused(f"{host} resolves to {reason}")
+    return str(addresses[0])
+
+
+async def getaddrinfo(host: str, port: int) -> list[Any]:
+    """The system resolver, off the event loop (a seam for tests that need a name to resolve somewhere)."""
+    return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
 def redact_url(url: str) -> str:

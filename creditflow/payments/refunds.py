@@ -33,6 +33,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
@@ -45,6 +46,7 @@ from creditflow.ledger.db import to_jsonb
 from creditflow.ledger.idempotency import request_hash
 from creditflow.ledger.lots import account_lots
 from creditflow.ledger.models import txn_id
+from creditflow.ledger.pagination import Cursor, keyset
 from creditflow.ledger.transfers import moved_remaining_micros
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, RefundState, StripeGateway
 
@@ -460,15 +462,19 @@ async def get_refund(pool: AsyncConnectionPool, refund_id: str) -> RefundRecord:
         return await _load(conn, refund_id)
 
 
-async def list_refunds(pool: AsyncConnectionPool, account_id: str, limit: int = 50) -> list[RefundRecord]:
-    """The account's refunds, newest first."""
+async def list_refunds(pool: AsyncConnectionPool, account_id: str, limit: int = 50,
+                       cursor: Cursor | None = None) -> list[RefundRecord]:
+    """The account's refunds, newest first; ``cursor``: the page after or before an item."""
     async with pool.connection() as conn:
         exists = await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone()
         if exists is None:
             raise CreditflowError("unknown_account", f"no account {account_id}")
-        rows = await (await conn.execute(
-            "SELECT * FROM refunds WHERE account_id = %s ORDER BY created_at DESC, id LIMIT %s",
-            (account_id, limit))).fetchall()
+        where, params, order, reverse = await keyset(conn, "refunds", account_id, cursor)
+        rows = await (await conn.execute(sql.SQL(
+            "SELECT * FROM refunds WHERE account_id = %s AND {} ORDER BY {} LIMIT %s").format(where, order),
+            (account_id, *params, limit))).fetchall()
+    if reverse:
+        rows.reverse()
     return [RefundRecord(**row) for row in rows]
 
 

@@ -23,6 +23,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
@@ -33,6 +34,7 @@ from creditflow.domain.topups import cents_to_usd
 from creditflow.errors import CreditflowError
 from creditflow.ids import new_id
 from creditflow.ledger import postings
+from creditflow.ledger.pagination import Cursor, keyset
 from creditflow.payments.customers import ensure_customer
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, PaymentIntentState, StripeGateway
 from creditflow.payments.methods import PAYMENT_METHOD_ID
@@ -252,13 +254,18 @@ async def credit(pool: AsyncConnectionPool, charge_id: str) -> CreditResult:
                         balance=result.balances.balance, replayed=result.replayed)
 
 
-async def list_charges(pool: AsyncConnectionPool, account_id: str, limit: int = 50) -> list[ChargeRecord]:
-    """The account's top-ups (and auto-recharges), newest first; invoice payments are listed with their invoices."""
+async def list_charges(pool: AsyncConnectionPool, account_id: str, limit: int = 50,
+                       cursor: Cursor | None = None) -> list[ChargeRecord]:
+    """The account's top-ups (and auto-recharges), newest first; invoice payments are listed with their invoices.
+    ``cursor``: the page after or before an item (``creditflow.ledger.pagination``)."""
     async with pool.connection() as conn:
         exists = await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone()
         if exists is None:
             raise CreditflowError("unknown_account", f"no account {account_id}")
-        rows = await (await conn.execute(
-            "SELECT * FROM stripe_charges WHERE account_id = %s AND kind <> %s ORDER BY created_at DESC, id LIMIT %s",
-            (account_id, KIND_INVOICE, limit))).fetchall()
+        where, params, order, reverse = await keyset(conn, "stripe_charges", account_id, cursor)
+        rows = await (await conn.execute(sql.SQL(
+            "SELECT * FROM stripe_charges WHERE account_id = %s AND kind <> %s AND {} ORDER BY {} LIMIT %s"
+        ).format(where, order), (account_id, KIND_INVOICE, *params, limit))).fetchall()
+    if reverse:
+        rows.reverse()
     return [ChargeRecord(**row) for row in rows]

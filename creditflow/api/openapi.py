@@ -1,0 +1,115 @@
+"""The OpenAPI document, made to tell the truth about errors and to name operations for generated clients.
+
+FastAPI documents its own 422 shape (``detail``), which creditflow never sends, and nothing for the other error
+statuses. Here every operation declares ``4XX`` and ``5XX`` with the one error object (plus its specific codes
+where a route lists them), each 503 its ``Retry-After`` header, and each operation a stable ``operationId``
+(``<tag>.<function>``, e.g. ``billing.track``) instead of FastAPI's ``track_api_v1_billing_track_post``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import fastapi._compat.v2 as fastapi_pydantic
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic_core import core_schema
+
+from creditflow.api.conventions import SUPPORTED_VERSIONS
+from creditflow.errors import ERROR_TYPES
+
+ERROR_OBJECT: dict[str, Any] = {
+    "type": "object",
+    "title": "ErrorObject",
+    "required": ["code", "type", "message", "param", "details", "request_id"],
+    "properties": {
+        "code": {"type": "string", "description": "Stable, machine-readable reason (e.g. insufficient_credits)."},
+        "type": {"type": "string", "enum": list(ERROR_TYPES), "description": "The family a client branches on."},
+        "message": {"type": "string", "description": "For humans; may change."},
+        "param": {"type": ["string", "null"], "description": "The request field at fault, when one is."},
+        "details": {"type": "object", "description": "Code-specific data (e.g. problems, decline_code)."},
+        "request_id": {"type": ["string", "null"], "description": "Also in the X-Request-Id header."},
+    },
+}
+ERROR_BODY: dict[str, Any] = {
+    "type": "object", "title": "ErrorBody", "required": ["error"],
+    "properties": {"error": {"$ref": "#/components/schemas/ErrorObject"}},
+    "description": "Every 4xx/5xx answer. A denied usage event (track, holds, event) carries the same `error` "
+                   "beside its result fields.",
+}
+_ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+_VERSION_PARAMETER = {"name": "Creditflow-Version", "in": "header", "required": False,
+                      "description": "The dated API version the client was written against (default: the current).",
+                      "schema": {"type": "string", "enum": list(SUPPORTED_VERSIONS)}}
+_VERSION_HEADER = {"Creditflow-Version": {"description": "The API version this answer was given in.",
+                                          "schema": {"type": "string"}}}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying the same request.",
+                                "schema": {"type": "integer"}}}
+
+
+def _operation_id(tag: str, operation: dict[str, Any]) -> str:
+    """``<tag>.<function name>``: FastAPI's id starts with the function name, followed by the path and method."""
+    function = operation["operationId"].split("_api_v1_")[0].split("_stripe_")[0].split("_healthz")[0]
+    tag = re.sub(r"[^a-z0-9]+", "_", tag.lower()).strip("_")
+    return f"{tag}.{function}"
+
+
+class _ExactJsonSchema(fastapi_pydantic.GenerateJsonSchema):
+    """Amounts are answered as exact JSON numbers (exact_json.py), so a response's Decimal is ``number``, not
+    pydantic's ``string``; requests keep ``number | string`` (both are accepted)."""
+
+    def decimal_schema(self, schema: core_schema.DecimalSchema) -> dict[str, Any]:
+        if self.mode == "serialization":
+            return {"type": "number"}
+        return super().decimal_schema(schema)
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    original = fastapi_pydantic.GenerateJsonSchema
+    fastapi_pydantic.GenerateJsonSchema = _ExactJsonSchema  # type: ignore[misc]
+    try:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                             webhooks=app.webhooks.routes)
+    finally:
+        fastapi_pydantic.GenerateJsonSchema = original  # type: ignore[misc]
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["ErrorObject"] = ERROR_OBJECT
+    components["ErrorBody"] = ERROR_BODY
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    seen: set[str] = set()
+    for methods in schema.get("paths", {}).values():
+        for method, operation in methods.items():
+            responses = operation.setdefault("responses", {})
+            for status, response in list(responses.items()):
+                if status[0] in "45":
+                    response["content"] = _ERROR_CONTENT
+                    if status == "503":
+                        response["headers"] = dict(_RETRY_AFTER)
+            responses.setdefault("4XX", {"description": "A refusal: nothing was changed.", "content": _ERROR_CONTENT})
+            responses.setdefault("5XX", {"description": "503: the database or Temporal is unreachable (retry the "
+                                                        "same request after Retry-After); 500: a bug, logged with "
+                                                        "the request_id.",
+                                         "content": _ERROR_CONTENT, "headers": dict(_RETRY_AFTER)})
+            operation.setdefault("parameters", []).append(_VERSION_PARAMETER)
+            for response in responses.values():
+                response["headers"] = {**response.get("headers", {}), **_VERSION_HEADER}
+            tag = (operation.get("tags") or ["ops"])[0]
+            operation_id = _operation_id(tag, operation)
+            if operation_id in seen:
+                operation_id = f"{operation_id}_{method}"
+            seen.add(operation_id)
+            operation["operationId"] = operation_id
+    return schema
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Serve ``build_openapi``'s document at /openapi.json (built once)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
