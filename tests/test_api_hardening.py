@@ -364,7 +364,7 @@ async def test_sdk_tracks_checks_reads_balances_and_parses_errors(settings: Sett
                                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as raw:
                 acc = await new_account(raw)
                 key = (await raw.post(f"/api/v1/accounts/{acc}/api-keys",
-                                      json={"scopes": ["billing:write"]})).json()["secret"]
+                                      json={"scopes": ["billing:write", "usage:write", "payments:write"]})).json()["secret"]
             assert (await admin.balance(acc)).balance == 5000
         async with AsyncCreditflow(key, "http://creditflow.test", transport=transport, max_retries=0) as cf:
             first = await cf.track("llm_tokens", 15, idempotency_key="k1")
