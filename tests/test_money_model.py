@@ -485,8 +485,14 @@ class MoneyMachine(RuleBasedStateMachine):
         async def skip() -> None:
             state: AccountState = await handle.query(QUERY_STATE, result_type=AccountState)
             assert state.subscription is not None
-            await skip_time(self.stack.env, state.subscription.period_end - await self.stack.env.get_current_time()
-                            + timedelta(minutes=1))
+            skipping = asyncio.ensure_future(skip_time(
+                self.stack.env, state.subscription.period_end - await self.stack.env.get_current_time()
+                + timedelta(minutes=1)))
+            while not skipping.done():  # a slow skip says what the account's workflow is waiting for
+                await asyncio.wait({skipping}, timeout=60)
+                if not skipping.done():
+                    print(f"renew: still skipping after a minute: {await self._describe(handle)}", flush=True)
+            await skipping
 
         self.run(skip(), timeout=660)
         after = self.eventually(next_period, lambda index: index > before, timeout=60)
@@ -494,6 +500,18 @@ class MoneyMachine(RuleBasedStateMachine):
         self.eventually(self._invoice_settled, bool, timeout=60)
         self.model.renewals += 1
         self.resync()
+
+    async def _describe(self, handle: Any) -> str:
+        try:
+            d = await handle.describe()
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            return f"describe failed: {exc}"
+        raw = d.raw_description
+        pending = [(a.activity_type.name, a.attempt, a.last_failure.message[:200] if a.last_failure else None)
+                   for a in raw.pending_activities]
+        children = [(c.workflow_id, c.workflow_type_name) for c in raw.pending_children]
+        return (f"{d.id} {d.status} now={await self.stack.env.get_current_time()} pending activities={pending} "
+                f"children={children} task={raw.pending_workflow_task}")
 
     async def _invoice_settled(self) -> bool:
         async with self.stack.pool.connection() as conn:
