@@ -363,8 +363,8 @@ async def test_sdk_tracks_checks_reads_balances_and_parses_errors(settings: Sett
             async with httpx.AsyncClient(transport=transport, base_url="http://creditflow.test",
                                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as raw:
                 acc = await new_account(raw)
-                key = (await raw.post(f"/api/v1/accounts/{acc}/api-keys",
-                                      json={"scopes": ["billing:write", "usage:write", "payments:write"]})).json()["secret"]
+                scopes = ["billing:write", "usage:write", "payments:write"]
+                key = (await raw.post(f"/api/v1/accounts/{acc}/api-keys", json={"scopes": scopes})).json()["secret"]
             assert (await admin.balance(acc)).balance == 5000
         async with AsyncCreditflow(key, "http://creditflow.test", transport=transport, max_retries=0) as cf:
             first = await cf.track("llm_tokens", 15, idempotency_key="k1")
