@@ -11,6 +11,7 @@ from creditflow import __version__
 from creditflow.api import accounts, auto_recharge, billing, features, payment_methods, refunds, stripe_webhooks, topups
 from creditflow.api.agents import router as agents_router
 from creditflow.api.alerts import router as alerts_router
+from creditflow.api.autumn import router as autumn_router
 from creditflow.api.conventions import VersionMiddleware
 from creditflow.api.entitlements import router as entitlements_router
 from creditflow.api.error_handling import InputGuardMiddleware, UnexpectedErrorMiddleware, install_error_handlers
@@ -90,6 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(limits_router)
     app.include_router(agents_router)
     app.include_router(entitlements_router)
+    app.include_router(autumn_router)  # Autumn SDK drop-in (docs/autumn-compatibility.md)
     app.include_router(subscription_router)
     app.include_router(refunds.router)
     app.include_router(stripe_webhooks.router)

@@ -48,6 +48,12 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[Scope]] = {
     ("POST", f"{B}/check"): CHECK,
     ("POST", "/api/v1/entitled"): CHECK,
     ("POST", "/api/v1/event"): USAGE,
+    # Autumn SDK drop-in (creditflow/api/autumn.py): creating a customer creates an account (admin); a check with
+    # send_event also needs usage:write (checked in the handler).
+    ("POST", "/api/v1/customers"): ADMIN,
+    ("GET", "/api/v1/customers/{customer_id}"): READ,
+    ("POST", "/api/v1/check"): CHECK,
+    ("POST", "/api/v1/track"): USAGE,
     ("POST", f"{B}/holds"): USAGE,
     ("POST", f"{B}/holds/{{hold_id}}/settle"): USAGE,
     ("POST", f"{B}/holds/{{hold_id}}/release"): USAGE,
