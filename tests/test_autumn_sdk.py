@@ -124,6 +124,12 @@ async def test_sdk_errors_are_parsed_and_final_refusals_are_not_retried(autumn: 
     with pytest.raises(UnprocessableEntityError) as entity:
         await sdk.track(customer_id="user-2", feature_id="chat_message", entity_id="seat-1")
     assert entity.value.body["error"]["param"] == "entity_id"  # type: ignore[index]
+    with pytest.raises(UnprocessableEntityError) as email:  # creating needs creditflow's billing email
+        await sdk.customers.create(id="user-x")
+    assert email.value.body["error"]["param"] == "email"  # type: ignore[index]
+    with pytest.raises(UnprocessableEntityError) as name:  # validated as the native route validates it
+        await sdk.customers.create(id="user-x", email="x@acme.test", name="   ")
+    assert name.value.body["error"]["param"] == "name"  # type: ignore[index]
 
     balance = await autumn.api.get("/api/v1/billing/balance",
                                    params={"account_id": (await sdk.customers.get("user-2")).autumn_id})

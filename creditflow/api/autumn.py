@@ -24,7 +24,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from creditflow.api.conventions import IdempotencyKey, idempotency_key
 from creditflow.api.deps import get_app_settings, get_pool, require
@@ -33,7 +33,7 @@ from creditflow.api.entitlements import _account as account_for_customer
 from creditflow.api.error_handling import error_object, infrastructure_fault
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
-from creditflow.api.schemas import Amount, Email, Metadata, Token
+from creditflow.api.schemas import AccountCreate, Amount, Email, Metadata, Token
 from creditflow.api.scopes import granted
 from creditflow.config import Settings
 from creditflow.errors import STATUS_BY_CODE, CreditflowError
@@ -113,7 +113,7 @@ class Lenient(BaseModel):
 
 class CustomerCreate(Lenient):
     id: Token | None
-    name: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200)  # checked as AccountCreate.name when creating
     email: Email | None = None
 
 
@@ -177,9 +177,15 @@ async def create_customer(req: CustomerCreate, principal: Admin, pool: Pool,
     if req.email is None:
         raise CreditflowError("validation_error", "email is required to create a customer (its billing email)",
                               param="email")
+    try:  # the native route's own validation of name, email and external id
+        new = AccountCreate(name=req.name or req.id, billing_email=req.email, external_id=req.id)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field_name = {"billing_email": "email"}.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise CreditflowError("validation_error", f"{field_name}: {first['msg']}", param=field_name) from exc
     try:
-        account = await accounts.create_account(pool, name=req.name or req.id, billing_email=req.email,
-                                                external_id=req.id,
+        account = await accounts.create_account(pool, name=new.name, billing_email=new.billing_email,
+                                                external_id=new.external_id,
                                                 welcome_bonus_credits=settings.welcome_bonus_credits)
     except CreditflowError as exc:
         if exc.code != "account_exists" or not exc.details.get("account_id"):
