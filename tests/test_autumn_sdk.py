@@ -131,9 +131,18 @@ async def test_sdk_errors_are_parsed_and_final_refusals_are_not_retried(autumn: 
         await sdk.customers.create(id="user-x", email="x@acme.test", name="   ")
     assert name.value.body["error"]["param"] == "name"  # type: ignore[index]
 
+    with pytest.raises(UnprocessableEntityError):  # usage is never negative (Autumn's "give back" value)
+        await sdk.track(customer_id="user-2", feature_id="chat_message", value=-1, idempotency_key="k-neg")
+    unpriced = await sdk.check(customer_id="user-2", feature_id="no_such_feature")
+    assert unpriced.allowed is False and unpriced.model_dump()["code"] == "unknown_feature"
+    for _ in range(2):  # check + send_event with the Idempotency-Key header: recorded once
+        keyed = await sdk.check(customer_id="user-2", feature_id="chat_message", required_balance=1,
+                                send_event=True, extra_headers={"Idempotency-Key": "chk-1"})
+        assert keyed.allowed is True and keyed.balance is not None and keyed.balance.current_balance == 4996
+
     balance = await autumn.api.get("/api/v1/billing/balance",
                                    params={"account_id": (await sdk.customers.get("user-2")).autumn_id})
-    assert balance.json()["balance"] == 4997  # only the first track charged
+    assert balance.json()["balance"] == 4996  # the first track and the keyed check, once each
 
 
 async def test_account_key_reads_its_own_customer_and_cannot_create(autumn: Harness) -> None:
