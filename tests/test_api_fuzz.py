@@ -161,7 +161,8 @@ async def test_no_malformed_body_or_path_gets_a_5xx(api: httpx.AsyncClient) -> N
     paths = ["/api/v1/billing/track", "/api/v1/billing/track/batch", "/api/v1/billing/check",
              "/api/v1/billing/holds", "/api/v1/event", "/api/v1/entitled", "/api/v1/accounts", "/api/v1/agents",
              "/api/v1/billing/limits", "/api/v1/billing/alerts", "/api/v1/billing/notification-channels",
-             "/api/v1/billing/wallet/credit", "/api/v1/billing/auto-recharge", "/api/v1/billing/invoice-address"]
+             "/api/v1/billing/wallet/credit", "/api/v1/billing/auto-recharge", "/api/v1/billing/invoice-address",
+             "/api/v1/customers", "/api/v1/check", "/api/v1/track"]
     loop = asyncio.get_running_loop()
     seen: Counter[int] = Counter()
 

@@ -25,6 +25,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from creditflow.api.conventions import IdempotencyKey, idempotency_key
 from creditflow.api.deps import get_app_settings, get_pool, require
@@ -73,8 +74,8 @@ class AutumnRoute(ExactRoute):
                 # A refusal is final: retrying it changes nothing (and a 409 would otherwise be retried).
                 return _autumn_error(exc.status, exc.code, exc.message, retry=False, details=exc.details,
                                      param=exc.param)
-            except RequestValidationError:
-                raise  # 422 with creditflow's error object; the SDK does not retry a 422
+            except (RequestValidationError, StarletteHTTPException):
+                raise  # an unusable body: creditflow's 422 error object; the SDK does not retry a 422
             except Exception as exc:  # noqa: BLE001 - a fault: answer it here so the retry header is ours
                 log.exception("autumn route failed")
                 fault = infrastructure_fault(exc)
