@@ -25,16 +25,18 @@ class Cursor:
                                   param="ending_before")
 
 
-async def keyset(conn: AsyncConnection, table: str, account_id: str,
+async def keyset(conn: AsyncConnection, table: str, account_id: str | None,
                  cursor: Cursor | None) -> tuple[sql.Composable, tuple[object, ...], sql.Composable, bool]:
-    """(condition to AND into the WHERE clause, its parameters, ORDER BY, whether to reverse the fetched rows)."""
+    """(condition to AND into the WHERE clause, its parameters, ORDER BY, whether to reverse the fetched rows).
+    ``account_id`` None: a list that is not one account's (the admin's list of accounts), any row is a cursor."""
     newest_first = sql.SQL("created_at DESC, id DESC")
     if cursor is None or (cursor.starting_after is None and cursor.ending_before is None):
         return sql.SQL("TRUE"), (), newest_first, False
     name, given = (("starting_after", cursor.starting_after) if cursor.starting_after is not None
                    else ("ending_before", cursor.ending_before))
-    row = await (await conn.execute(sql.SQL("SELECT created_at, id FROM {} WHERE account_id = %s AND id = %s")
-                                    .format(sql.Identifier(table)), (account_id, given))).fetchone()
+    owner = sql.SQL("account_id = %s" if account_id is not None else "%s::text IS NULL")
+    row = await (await conn.execute(sql.SQL("SELECT created_at, id FROM {} WHERE {} AND id = %s")
+                                    .format(sql.Identifier(table), owner), (account_id, given))).fetchone()
     if row is None:
         raise CreditflowError("validation_error", f"{name} is not an item of this list", param=name)
     created_at, item_id = (row["created_at"], row["id"]) if isinstance(row, dict) else row
