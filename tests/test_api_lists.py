@@ -48,3 +48,58 @@ async def test_accounts_list_is_admin_only(api: httpx.AsyncClient) -> None:
     resp = await api.get("/api/v1/accounts", headers={"Authorization": f"Bearer {key}"})
     assert resp.status_code == 403, resp.text
     assert resp.json()["error"]["type"] == "permission_error"
+
+
+async def _track(api: httpx.AsyncClient, acc: str, n: int) -> list[str]:
+    """``n`` usage events, oldest first; their transaction ids."""
+    ids = []
+    for i in range(n):
+        resp = await api.post("/api/v1/billing/track", json={"account_id": acc, "feature_id": "chat_message",
+                                                             "value": 1}, headers={"Idempotency-Key": f"msg-{i}"})
+        assert resp.status_code == 200, resp.text
+        ids.append(resp.json()["transaction_id"])
+    return ids
+
+
+async def _pages(api: httpx.AsyncClient, path: str, params: dict[str, object],
+                 limit: int) -> list[tuple[list[str], bool]]:
+    """Every page of ``path`` forward with ``starting_after``: (ids, has_more) per page."""
+    pages, after = [], None
+    while True:
+        resp = await api.get(path, params={**params, "limit": limit, **({"starting_after": after} if after else {})})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        pages.append(([item["id"] for item in body["items"]], body["has_more"]))
+        if not body["has_more"]:
+            return pages
+        after = body["items"][-1]["id"]
+
+
+async def test_usage_items_and_transactions_page_with_cursors(api: httpx.AsyncClient) -> None:
+    acc = await new_account(api)
+    tracked = await _track(api, acc, 5)
+    newest = tracked[::-1]
+    usage = "/api/v1/billing/usage/items"
+    assert await _pages(api, usage, {"account_id": acc}, 2) == [(newest[:2], True), (newest[2:4], True),
+                                                                 (newest[4:], False)]
+    back = (await api.get(usage, params={"account_id": acc, "limit": 2, "ending_before": tracked[1]})).json()
+    assert [i["id"] for i in back["items"]] == [tracked[3], tracked[2]] and back["has_more"] is True
+    txns = "/api/v1/billing/transactions"
+    everything = (await api.get(txns, params={"account_id": acc})).json()
+    assert [t["id"] for t in everything["items"]][:5] == newest and everything["total"] == 6  # + welcome bonus
+    assert everything["has_more"] is False
+    welcome = everything["items"][5]["id"]
+    assert await _pages(api, txns, {"account_id": acc}, 4) == [(newest[:4], True), ([newest[4], welcome], False)]
+    first = (await api.get(txns, params={"account_id": acc, "limit": 4})).json()
+    old_style = (await api.get(txns, params={"account_id": acc, "limit": 4, "cursor": first["next_cursor"]})).json()
+    assert [t["id"] for t in old_style["items"]] == [newest[4], welcome]  # next_cursor still works
+    back = (await api.get(txns, params={"account_id": acc, "limit": 2, "ending_before": welcome})).json()
+    assert [t["id"] for t in back["items"]] == [newest[3], newest[4]] and back["has_more"] is True
+    other = await new_account(api)
+    for path in (usage, txns):
+        foreign = await api.get(path, params={"account_id": other, "starting_after": tracked[0]})
+        assert assert_error(foreign, 422, "validation_error")["param"] == "starting_after"
+        unknown = await api.get(path, params={"account_id": acc, "ending_before": "txn_" + "0" * 32})
+        assert assert_error(unknown, 422, "validation_error")["param"] == "ending_before"
+        wrong_kind = await api.get(path, params={"account_id": acc, "starting_after": "acc_" + "0" * 32})
+        assert_error(wrong_kind, 422, "validation_error")
