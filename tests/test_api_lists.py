@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import httpx
+from psycopg_pool import AsyncConnectionPool
 
+from creditflow.config import Settings
+from creditflow.invoicing import store
+from creditflow.invoicing.store import InvoiceRequest
 from tests.test_api_hardening import assert_error
 from tests.test_api_metering import new_account
 
@@ -103,3 +108,29 @@ async def test_usage_items_and_transactions_page_with_cursors(api: httpx.AsyncCl
         assert assert_error(unknown, 422, "validation_error")["param"] == "ending_before"
         wrong_kind = await api.get(path, params={"account_id": acc, "starting_after": "acc_" + "0" * 32})
         assert_error(wrong_kind, 422, "validation_error")
+
+
+async def test_invoices_page_with_cursors(api: httpx.AsyncClient, pool: AsyncConnectionPool,
+                                          settings: Settings) -> None:
+    """Invoices stored directly (as tests/test_invoices.py does), issued a day apart, newest first."""
+    acc = await new_account(api)
+    begin = datetime(2026, 1, 1, tzinfo=UTC)
+    ids = []
+    for i in range(5):
+        start = begin + timedelta(days=i)
+        record, _ = await store.prepare(
+            pool, InvoiceRequest(account_id=acc, period_start=start, period_end=start + timedelta(days=1),
+                                 period_key=f"day-{i}", plan_id="starter"),
+            catalog=settings.plan_catalog(), seller_name="Creditflow Inc.", issued_at=start + timedelta(days=1),
+            due_days=14)
+        await store.mark_open(pool, record.id)
+        ids.append(record.id)
+    newest = ids[::-1]
+    path = "/api/v1/billing/invoices"
+    assert await _pages(api, path, {"account_id": acc}, 2) == [(newest[:2], True), (newest[2:4], True),
+                                                                (newest[4:], False)]
+    back = (await api.get(path, params={"account_id": acc, "limit": 2, "ending_before": ids[0]})).json()
+    assert [i["id"] for i in back["items"]] == [ids[2], ids[1]] and back["has_more"] is True
+    assert back["payments_due"] == {"count": 5, "amount_usd": 245}  # the sum is over all, not the page
+    unknown = await api.get(path, params={"account_id": acc, "starting_after": "inv_" + "0" * 32})
+    assert assert_error(unknown, 422, "validation_error")["param"] == "starting_after"
