@@ -134,3 +134,22 @@ async def test_invoices_page_with_cursors(api: httpx.AsyncClient, pool: AsyncCon
     assert back["payments_due"] == {"count": 5, "amount_usd": 245}  # the sum is over all, not the page
     unknown = await api.get(path, params={"account_id": acc, "starting_after": "inv_" + "0" * 32})
     assert assert_error(unknown, 422, "validation_error")["param"] == "starting_after"
+
+
+async def test_api_keys_page_with_cursors(api: httpx.AsyncClient) -> None:
+    acc = await new_account(api)
+    ids = []
+    for i in range(5):
+        created = await api.post(f"/api/v1/accounts/{acc}/api-keys", json={"name": f"k{i}", "scopes": ["billing:read"]})
+        assert created.status_code == 201, created.text
+        ids.append(created.json()["id"])
+    path = f"/api/v1/accounts/{acc}/api-keys"
+    newest = ids[::-1]
+    assert await _pages(api, path, {}, 2) == [(newest[:2], True), (newest[2:4], True), (newest[4:], False)]
+    everything = (await api.get(path)).json()
+    assert [k["name"] for k in everything["items"]] == ["k4", "k3", "k2", "k1", "k0"] and not everything["has_more"]
+    back = (await api.get(path, params={"limit": 2, "ending_before": ids[0]})).json()
+    assert [k["id"] for k in back["items"]] == [ids[2], ids[1]] and back["has_more"] is True
+    other = await new_account(api)
+    foreign = await api.get(f"/api/v1/accounts/{other}/api-keys", params={"starting_after": ids[0]})
+    assert assert_error(foreign, 422, "validation_error")["param"] == "starting_after"

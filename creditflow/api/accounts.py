@@ -95,12 +95,17 @@ async def create_api_key(account_id: str, req: ApiKeyCreate, principal: Admin, p
 
 class ApiKeyList(BaseModel):
     items: list[ApiKey]
+    has_more: bool = Field(default=False, description="More items beyond this page in the paging direction.")
 
 
 @router.get("/{account_id}/api-keys", response_model=ApiKeyList, response_class=ExactJSONResponse)
-async def get_api_keys(account_id: str, principal: Admin, pool: Pool) -> ExactJSONResponse:
+async def get_api_keys(account_id: str, principal: Admin, pool: Pool, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                       starting_after: StartingAfter = None, ending_before: EndingBefore = None) -> ExactJSONResponse:
+    """The account's keys (revoked ones too), newest first; pages with ``starting_after`` / ``ending_before``."""
     account_id = await _existing(pool, principal, account_id)
-    return respond({"items": await list_keys(pool, account_id)})
+    cursor = Cursor(starting_after, ending_before)
+    keys, has_more = page_of(await list_keys(pool, account_id, limit=limit + 1, cursor=cursor), limit, cursor)
+    return respond({"items": keys, "has_more": has_more})
 
 
 @router.delete("/{account_id}/api-keys/{key_id}", response_model=ApiKey, response_class=ExactJSONResponse)
