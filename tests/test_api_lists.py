@@ -11,6 +11,7 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.config import Settings
 from creditflow.invoicing import store
 from creditflow.invoicing.store import InvoiceRequest
+from creditflow.payments.reconcile import open_run
 from tests.test_api_hardening import assert_error
 from tests.test_api_metering import new_account
 
@@ -153,3 +154,20 @@ async def test_api_keys_page_with_cursors(api: httpx.AsyncClient) -> None:
     other = await new_account(api)
     foreign = await api.get(f"/api/v1/accounts/{other}/api-keys", params={"starting_after": ids[0]})
     assert assert_error(foreign, 422, "validation_error")["param"] == "starting_after"
+
+
+async def test_reconciliation_runs_page_with_cursors(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
+    """Runs opened directly (the workflow is tests/test_reconcile.py's); other tests' runs may share the list."""
+    now = datetime.now(UTC)
+    mine = [f"reconcile:manual:{uuid.uuid4().hex}" for _ in range(5)]
+    for run_id in mine:
+        await open_run(pool, run_id, trigger="manual", since=now - timedelta(hours=1), now=now)
+    path = "/api/v1/reconciliation/runs"
+    pages = await _pages(api, path, {}, 2)
+    listed = [run_id for ids, _ in pages for run_id in ids]
+    assert len(listed) == len(set(listed)) and all(len(ids) == 2 for ids, _ in pages[:-1])
+    assert [run_id for run_id in listed if run_id in mine] == mine[::-1]
+    back = (await api.get(path, params={"limit": 2, "ending_before": mine[0]})).json()
+    assert [r["id"] for r in back["items"]] == listed[listed.index(mine[0]) - 2:listed.index(mine[0])]
+    unknown = await api.get(path, params={"starting_after": "reconcile:manual:nope"})
+    assert assert_error(unknown, 422, "validation_error")["param"] == "starting_after"
