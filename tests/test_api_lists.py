@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
 
 import httpx
 from psycopg_pool import AsyncConnectionPool
@@ -11,6 +15,10 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.config import Settings
 from creditflow.invoicing import store
 from creditflow.invoicing.store import InvoiceRequest
+from creditflow.notify.channels import Outgoing, webhook_body
+from creditflow.notify.destinations import Destinations
+from creditflow.notify.events import WEBHOOK_EVENTS, envelopes
+from creditflow.notify.templates import DEFAULT_CHANNELS, TEMPLATES_DIR, canonical_kind
 from creditflow.payments.reconcile import open_run
 from tests.test_api_hardening import assert_error
 from tests.test_api_metering import new_account
@@ -171,3 +179,83 @@ async def test_reconciliation_runs_page_with_cursors(api: httpx.AsyncClient, poo
     assert [r["id"] for r in back["items"]] == listed[listed.index(mine[0]) - 2:listed.index(mine[0])]
     unknown = await api.get(path, params={"starting_after": "reconcile:manual:nope"})
     assert assert_error(unknown, 422, "validation_error")["param"] == "starting_after"
+
+
+# --- the OpenAPI webhooks section ----------------------------------------------------------------------------------
+
+ROOT = Path(__file__).parent.parent
+_CONSTANT = re.compile(r'^([A-Z_]+) = (?:"([a-z_.]+)"|([A-Z_]+))', re.M)
+# Producers whose kind is a variable: the literals it is set from are matched by the patterns below.
+VARIABLE_KINDS = {("workflows/account.py", "kind"), ("workflows/invoice.py", "kind")}
+
+
+def sent_kinds() -> set[str]:
+    """Every notification kind the source can send: ``Notification(kind=...)`` literals and constants, the helpers'
+    literal kinds (``_notify("...")``, ``_email(inv, "...")``) and ``kind = "a" if ... else "b"``."""
+    files = [p for d in ("workflows", "activities", "creditflow") for p in (ROOT / d).rglob("*.py")]
+    sources = {str(p.relative_to(ROOT)): p.read_text() for p in files}
+    constants: dict[str, str] = {}
+    for text in sources.values():
+        for name, literal, _alias in _CONSTANT.findall(text):
+            if literal:
+                constants[name] = literal
+    for text in sources.values():  # NAME = OTHER_NAME
+        for name, _literal, alias in _CONSTANT.findall(text):
+            if alias and alias in constants:
+                constants[name] = constants[alias]
+    kinds, variables = set(), set()
+    for path, text in sources.items():
+        for call in re.finditer(r"Notification\((.{0,300}?)\bkind=([A-Za-z_]+|\"[a-z_.]+\")", text, re.S):
+            arg = call.group(2)
+            if arg.startswith('"'):
+                kinds.add(arg.strip('"'))
+            elif arg in constants:
+                kinds.add(constants[arg])
+            else:
+                variables.add((path, arg))
+        kinds.update(re.findall(r'_notify\(\s*"([a-z_.]+)"', text))
+        kinds.update(re.findall(r'_email\(\s*\w+,\s*"([a-z_.]+)"', text))
+        for a, b in re.findall(r'kind = "([a-z_.]+)" if .+ else "([a-z_.]+)"', text):
+            kinds.update((a, b))
+    assert variables == VARIABLE_KINDS, variables
+    return {canonical_kind(kind) for kind in kinds}
+
+
+def test_every_webhook_event_kind_is_declared() -> None:
+    sent = sent_kinds()
+    assert {"topup.receipt", "balance.low", "limit.reached", "payment.disputed", "agent.resumed", "invoice.paid",
+            "recurring_charge.failed", "auto_recharge.daily_cap_reached", "usage.daily_threshold"} <= sent
+    templated = {p.name.removesuffix(".j2") for p in TEMPLATES_DIR.glob("*.j2") if not p.name.startswith("_")}
+    assert sent | templated | set(DEFAULT_CHANNELS) == set(WEBHOOK_EVENTS)
+
+
+async def test_openapi_declares_a_typed_webhook_per_event_kind(api: httpx.AsyncClient) -> None:
+    schema = (await api.get("/openapi.json")).json()
+    assert schema["openapi"].startswith("3.1")
+    assert set(schema["webhooks"]) == set(WEBHOOK_EVENTS)
+    components = schema["components"]["schemas"]
+    for kind, hook in schema["webhooks"].items():
+        ref = hook["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        body = components[ref]
+        assert set(body["required"]) == {"id", "type", "created", "account_id", "data"}
+        assert body["properties"]["type"]["const"] == kind
+        assert "$ref" in body["properties"]["data"]
+    low = components["BalanceLow"]
+    assert low["properties"]["threshold"] == {"title": "Threshold", "type": "number"}
+    assert low["properties"]["threshold_micros"]["type"] == "integer"
+
+
+def test_webhook_bodies_carry_amounts_in_credits_and_match_their_kind() -> None:
+    dest = Destinations(account_id="acc_1", account_name="A", billing_email="a@b.co")
+    out = Outgoing(kind="balance.low", event_id="ntf_1", created=1, rendered=None, destinations=dest,
+                   payload={"threshold_micros": 4_990_000_000, "available_micros": 4_989_500_000})
+    body = json.loads(webhook_body(out), parse_float=Decimal)
+    assert body["data"] == {"threshold_micros": 4_990_000_000, "threshold": 4990,
+                            "available_micros": 4_989_500_000, "available": Decimal("4989.5")}
+    envelopes()["balance.low"].model_validate(body)
+    receipt = Outgoing(kind="topup.receipt", event_id="ntf_2", created=1, rendered=None, destinations=dest,
+                       payload={"charge_id": "chg_1", "amount_cents": 2550, "amount": "$25.50", "credits": 2550})
+    data = json.loads(webhook_body(receipt), parse_float=Decimal)["data"]
+    assert data["amount_usd"] == Decimal("25.5") and data["amount"] == "$25.50" and data["credits"] == 2550
+    envelopes()["topup.receipt"].model_validate({"id": "ntf_2", "type": "topup.receipt", "created": 1,
+                                                 "account_id": "acc_1", "data": data})
