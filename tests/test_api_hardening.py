@@ -334,7 +334,9 @@ async def test_docs_api_examples_run_as_written(settings: Settings, tmp_path: Pa
     text = out.decode()
     assert proc.returncode == 0, (text, err.decode())
     for expected in ('"invalid_id"', '"param": "value"', '"usage_denied"', '"replayed": true',
-                     '"idempotency_conflict"', '"idempotency_key_mismatch"', '"unsupported_version"'):
+                     '"idempotency_conflict"', '"idempotency_key_mismatch"', '"unsupported_version"',
+                     '"cust-', '"Initech"', '"starting_after"',
+                     '"kinds":17', '{"title":"Threshold","type":"number"}'):
         assert expected in text, (expected, text)
     assert "creditflow-version: 2026-12-01" in text.lower()
 

@@ -11,8 +11,10 @@ producer does not write fails here (``limit.reached`` once read ``limit_type``, 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -24,6 +26,7 @@ from temporalio.client import Client
 from creditflow.config import Settings
 from creditflow.notify.channels import Outgoing, webhook_body
 from creditflow.notify.destinations import Destinations
+from creditflow.notify.events import envelopes
 from creditflow.notify.templates import DEFAULT_CHANNELS, TEMPLATES_DIR, canonical_kind, render
 from tests.conftest import ADMIN_KEY, STRIPE_KEY
 from tests.test_account_workflow import eventually
@@ -158,6 +161,8 @@ async def test_every_template_renders_on_every_channel_from_its_producers_payloa
                        destinations=Destinations(account_id=row["account_id"], account_name="Acme",
                                                  billing_email="billing@acme.test"))
         assert webhook_body(out).startswith(b'{"account_id":"'), kind
+        # The body sent matches the kind's declared webhook schema (the OpenAPI ``webhooks``).
+        envelopes()[kind].model_validate(json.loads(webhook_body(out), parse_float=Decimal))
 
     agent_limit = next(r for r in rows if r["kind"] == "limit.reached" and r["payload"]["scope"] == "agent_monthly")
     text = render("limit.reached", agent_limit["payload"], account_id=limits, account_name="Acme")

@@ -176,9 +176,10 @@ async def test_every_channel_delivers_exact_bodies(api: httpx.AsyncClient, pool:
         body = event.json()
         assert before - 5 <= body["created"] <= int(time.time())
         assert body == {"id": event_id("balance.low:1"), "type": "balance.low", "created": body["created"],
-                        "account_id": account, "data": payload}
+                        "account_id": account, "data": {**payload, "balance": 1234.5, "threshold": 5000}}
         assert event.body == (f'{{"account_id":"{account}","created":{body["created"]},"data":'
-                              f'{{"balance_micros":1234500000,"threshold_micros":5000000000}},'
+                              f'{{"balance":1234.5,"balance_micros":1234500000,"threshold":5000,'
+                              f'"threshold_micros":5000000000}},'
                               f'"id":"{event_id("balance.low:1")}","type":"balance.low"}}').encode()
         assert readme_verifier()(event.body, event.headers["creditflow-signature"], config["webhook_secret"])
 

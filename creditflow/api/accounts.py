@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from creditflow.api.conventions import EndingBefore, StartingAfter, page_of
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import ApiKey, CreatedApiKey, Principal, Scope, create_key, list_keys, revoke_key
@@ -19,6 +20,7 @@ from creditflow.errors import CreditflowError
 from creditflow.ids import check_id
 from creditflow.ledger import accounts
 from creditflow.ledger.models import Account
+from creditflow.ledger.pagination import Cursor
 
 router = APIRouter(prefix="/api/v1/accounts", tags=["accounts"], route_class=ExactRoute)
 
@@ -43,6 +45,28 @@ async def create_account(req: AccountCreate, principal: Admin, pool: Pool,
         pool, name=req.name, billing_email=req.billing_email, external_id=req.external_id,
         welcome_bonus_credits=settings.welcome_bonus_credits, overage_credit_line=line)
     return respond(account, 201)
+
+
+class AccountList(BaseModel):
+    items: list[Account]
+    has_more: bool = Field(default=False, description="More items beyond this page in the paging direction.")
+
+
+@router.get("", response_model=AccountList, response_class=ExactJSONResponse)
+async def list_accounts(
+        principal: Admin, pool: Pool, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        q: Annotated[str | None, Query(min_length=1, max_length=200, description="A case-insensitive substring of "
+                                       "the name, billing email or external id.")] = None,
+        status: Annotated[str | None, Query(min_length=1, max_length=40, pattern=r"^[a-z_]+$")] = None,
+        external_id: Annotated[str | None, Query(min_length=1, max_length=200, description="Exactly this external "
+                                                 "id: the lookup by your own id (zero or one item).")] = None,
+        starting_after: StartingAfter = None, ending_before: EndingBefore = None) -> ExactJSONResponse:
+    """List and search accounts (admin), newest first; ``external_id`` looks one up by the platform's own id.
+    Pages with ``limit`` and ``starting_after`` / ``ending_before`` (an account id); ``has_more``."""
+    cursor = Cursor(starting_after, ending_before)
+    rows, has_more = page_of(await accounts.list_accounts(pool, limit=limit + 1, cursor=cursor, q=q, status=status,
+                                                          external_id=external_id), limit, cursor)
+    return respond(AccountList(items=rows, has_more=has_more))
 
 
 @router.get("/{account_id}", response_model=Account, response_class=ExactJSONResponse)
@@ -71,12 +95,17 @@ async def create_api_key(account_id: str, req: ApiKeyCreate, principal: Admin, p
 
 class ApiKeyList(BaseModel):
     items: list[ApiKey]
+    has_more: bool = Field(default=False, description="More items beyond this page in the paging direction.")
 
 
 @router.get("/{account_id}/api-keys", response_model=ApiKeyList, response_class=ExactJSONResponse)
-async def get_api_keys(account_id: str, principal: Admin, pool: Pool) -> ExactJSONResponse:
+async def get_api_keys(account_id: str, principal: Admin, pool: Pool, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                       starting_after: StartingAfter = None, ending_before: EndingBefore = None) -> ExactJSONResponse:
+    """The account's keys (revoked ones too), newest first; pages with ``starting_after`` / ``ending_before``."""
     account_id = await _existing(pool, principal, account_id)
-    return respond({"items": await list_keys(pool, account_id)})
+    cursor = Cursor(starting_after, ending_before)
+    keys, has_more = page_of(await list_keys(pool, account_id, limit=limit + 1, cursor=cursor), limit, cursor)
+    return respond({"items": keys, "has_more": has_more})
 
 
 @router.delete("/{account_id}/api-keys/{key_id}", response_model=ApiKey, response_class=ExactJSONResponse)

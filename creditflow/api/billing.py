@@ -8,9 +8,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from creditflow.api.conventions import IdempotencyKey, idempotency_key
+from creditflow.api.conventions import EndingBefore, IdempotencyKey, StartingAfter, idempotency_key, page_of
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
 from creditflow.api.error_handling import error_object
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
@@ -39,6 +39,7 @@ from creditflow.ledger.models import (
     UsageItem,
     UsageRollup,
 )
+from creditflow.ledger.pagination import Cursor
 
 router = APIRouter(prefix="/api/v1/billing", tags=["billing"], route_class=ExactRoute)
 
@@ -174,11 +175,12 @@ async def transactions(
     cursor: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_\-]{1,200}$")] = None,
     type: Annotated[str | None, Query(pattern=r"^[a-z_]{1,40}$",
                                       description="purchase, usage, welcome_bonus, adjustment, ...")] = None,
-    account_id: str | None = None,
+    account_id: str | None = None, starting_after: StartingAfter = None, ending_before: EndingBefore = None,
 ) -> ExactJSONResponse:
-    """Balance history, newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+    """Balance history, newest first. Pages with ``starting_after`` / ``ending_before`` (a transaction id) and
+    ``has_more`` as the other lists do; ``cursor`` (the answer's ``next_cursor``) keeps working."""
     page = await queries.transactions(pool, target_account(principal, account_id), limit=limit, cursor=cursor,
-                                      type=type)
+                                      type=type, page=Cursor(starting_after, ending_before))
     return respond(page)
 
 
@@ -192,6 +194,7 @@ def utc(moment: datetime | None) -> datetime | None:
 
 class UsageItemList(BaseModel):
     items: list[UsageItem]
+    has_more: bool = Field(default=False, description="More items beyond this page in the paging direction.")
 
 
 class UsageRollupList(BaseModel):
@@ -203,12 +206,16 @@ async def usage_items(
     principal: Reader, pool: Pool,
     start: datetime | None = None, end: datetime | None = None, agent_id: AgentQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100, account_id: str | None = None,
+    starting_after: StartingAfter = None, ending_before: EndingBefore = None,
 ) -> ExactJSONResponse:
     """Itemized charges in a window (``start`` inclusive, ``end`` exclusive, UTC): channel,
-    feature, quantity, credits, agent."""
-    items = await queries.usage_items(pool, target_account(principal, account_id), start=utc(start), end=utc(end),
-                                      agent_id=agent_id, limit=limit)
-    return respond({"items": items})
+    feature, quantity, credits, agent. Newest first; pages with ``starting_after`` / ``ending_before`` (an item
+    id) and ``has_more``."""
+    cursor = Cursor(starting_after, ending_before)
+    items, has_more = page_of(await queries.usage_items(pool, target_account(principal, account_id), start=utc(start),
+                                                        end=utc(end), agent_id=agent_id, limit=limit + 1, page=cursor),
+                              limit, cursor)
+    return respond({"items": items, "has_more": has_more})
 
 
 @router.get("/usage", response_model=UsageRollupList, response_class=ExactJSONResponse)

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from psycopg_pool import AsyncConnectionPool
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
+from creditflow.api.conventions import EndingBefore, StartingAfter, page_of
 from creditflow.api.deps import get_gateway, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
@@ -30,6 +31,7 @@ from creditflow.ids import check_id
 from creditflow.invoicing import pay_now, profile, store
 from creditflow.invoicing.profile import InvoiceAddress, TaxRegistrationRecord, check_country
 from creditflow.invoicing.store import InvoiceRecord
+from creditflow.ledger.pagination import Cursor
 from creditflow.payments.gateway import StripeGateway
 
 router = APIRouter(prefix="/api/v1/billing", tags=["invoices"], route_class=ExactRoute)
@@ -157,6 +159,7 @@ class InvoiceList(BaseModel):
     payments_due: PaymentsDue
     credit_balance_usd: Decimal = Field(default=Decimal(0), description=(
         "money credit carried to the next invoices (each applies it as an 'Applied credit balance' line)"))
+    has_more: bool = Field(default=False, description="More items beyond this page in the paging direction.")
 
 
 class PayInvoiceRequest(Strict):
@@ -290,15 +293,19 @@ async def delete_tax_registration(registration_id: str, principal: Writer, pool:
 async def list_invoices(principal: Reader, pool: Pool, account_id: AccountQuery = None,
                         status: Annotated[Literal["open", "paid", "past_due", "void", "refunded", "disputed"] | None,
                                           Query()] = None,
-                        limit: Annotated[int, Query(ge=1, le=500)] = 100) -> ExactJSONResponse:
+                        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                        starting_after: StartingAfter = None, ending_before: EndingBefore = None) -> ExactJSONResponse:
     """Issued invoices, newest first, each with its PDF link. ``payments_due`` sums the invoices still to pay
-    (``open`` and ``past_due``: the seed's *Payments Due*); the others are the order and invoice history."""
+    (``open`` and ``past_due``: the seed's *Payments Due*); the others are the order and invoice history.
+    Pages with ``starting_after`` / ``ending_before`` (an invoice id) and ``has_more``."""
     account = target_account(principal, account_id)
-    records = await store.list_for(pool, account, status=status, limit=limit)
+    cursor = Cursor(starting_after, ending_before)
+    records, has_more = page_of(await store.list_for(pool, account, status=status, limit=limit + 1, cursor=cursor),
+                                limit, cursor)
     due = [r for r in await store.list_for(pool, account, limit=10_000) if r.payment_due]
     async with pool.connection() as conn:
         carried = await store.credit_balance(conn, account)
-    return respond(InvoiceList(items=[_invoice_out(r, principal.is_admin) for r in records],
+    return respond(InvoiceList(items=[_invoice_out(r, principal.is_admin) for r in records], has_more=has_more,
                                payments_due=PaymentsDue(count=len(due), amount_usd=cents_to_usd(
                                    sum(r.amount_due_cents for r in due))),
                                credit_balance_usd=cents_to_usd(carried)))

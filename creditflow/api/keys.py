@@ -13,11 +13,13 @@ import secrets
 from datetime import datetime
 from enum import StrEnum
 
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
 from creditflow.errors import CreditflowError
 from creditflow.ids import new_id
+from creditflow.ledger.pagination import Cursor, keyset
 
 
 class Scope(StrEnum):
@@ -91,10 +93,16 @@ def _key_fields(row: dict[str, object]) -> dict[str, object]:
                                 "revoked_at")}
 
 
-async def list_keys(pool: AsyncConnectionPool, account_id: str) -> list[ApiKey]:
+async def list_keys(pool: AsyncConnectionPool, account_id: str, *, limit: int | None = None,
+                    cursor: Cursor | None = None) -> list[ApiKey]:
+    """The account's keys, revoked ones included, newest first; ``limit`` and ``cursor`` page them."""
     async with pool.connection() as conn:
-        rows = await (await conn.execute(
-            "SELECT * FROM api_keys WHERE account_id = %s ORDER BY created_at", (account_id,))).fetchall()
+        where, params, order, reverse = await keyset(conn, "api_keys", account_id, cursor)
+        rows = await (await conn.execute(sql.SQL(
+            "SELECT * FROM api_keys WHERE account_id = %s AND {} ORDER BY {} LIMIT %s").format(where, order),
+            (account_id, *params, limit))).fetchall()
+    if reverse:
+        rows.reverse()
     return [ApiKey(**_key_fields(r)) for r in rows]
 
 

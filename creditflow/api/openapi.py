@@ -14,10 +14,12 @@ from typing import Any
 import fastapi._compat.v2 as fastapi_pydantic
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 from pydantic_core import core_schema
 
 from creditflow.api.conventions import SUPPORTED_VERSIONS
 from creditflow.errors import ERROR_TYPES
+from creditflow.notify.events import envelopes
 
 ERROR_OBJECT: dict[str, Any] = {
     "type": "object",
@@ -78,6 +80,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     components["ErrorBody"] = ERROR_BODY
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
+    _add_webhooks(schema, components)
     seen: set[str] = set()
     for methods in schema.get("paths", {}).values():
         for method, operation in methods.items():
@@ -102,6 +105,25 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             seen.add(operation_id)
             operation["operationId"] = operation_id
     return schema
+
+
+def _add_webhooks(schema: dict[str, Any], components: dict[str, Any]) -> None:
+    """The OpenAPI 3.1 ``webhooks``: one signed POST per customer-webhook event kind (creditflow.notify.events)."""
+    bodies = envelopes()
+    refs, defs = models_json_schema([(model, "serialization") for model in bodies.values()],
+                                    ref_template="#/components/schemas/{model}", schema_generator=_ExactJsonSchema)
+    components.update(defs.get("$defs", {}))
+    webhooks = schema.setdefault("webhooks", {})
+    for kind, model in bodies.items():
+        webhooks[kind] = {"post": {
+            "operationId": f"webhooks.{kind}",
+            "summary": f"{kind} (sent to the account's webhook_url)",
+            "description": "Signed with the account's webhook secret (Creditflow-Signature header); answer 2xx, "
+                           "anything else is retried. Amounts come in their integer units and in the API's.",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": refs[(model, "serialization")]}}},
+            "responses": {"2XX": {"description": "Received."}},
+        }}
 
 
 def install_openapi(app: FastAPI) -> None:

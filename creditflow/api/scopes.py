@@ -36,6 +36,7 @@ B = "/api/v1/billing"
 ROUTE_SCOPES: dict[tuple[str, str], frozenset[Scope]] = {
     # Accounts and keys (the platform's).
     ("POST", "/api/v1/accounts"): ADMIN,
+    ("GET", "/api/v1/accounts"): ADMIN,
     ("GET", "/api/v1/accounts/{account_id}"): READ,
     ("POST", "/api/v1/accounts/{account_id}/api-keys"): ADMIN,
     ("GET", "/api/v1/accounts/{account_id}/api-keys"): ADMIN,

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
@@ -37,6 +38,7 @@ from creditflow.errors import CreditflowError
 from creditflow.ids import new_id
 from creditflow.invoicing import profile
 from creditflow.invoicing.render import render_html, render_pdf
+from creditflow.ledger.pagination import Cursor, keyset
 
 STATUSES = ("draft", "open", "paid", "past_due", "void", "refunded", "disputed")
 # "Payments due" on the invoices page: issued and not paid yet.
@@ -241,16 +243,20 @@ async def get_pdf(pool: AsyncConnectionPool, invoice_id: str, account_id: str) -
 
 
 async def list_for(pool: AsyncConnectionPool, account_id: str, *, status: str | None = None,
-                   limit: int = 100) -> list[InvoiceRecord]:
-    """The account's issued invoices (drafts are internal), newest first."""
+                   limit: int = 100, cursor: Cursor | None = None) -> list[InvoiceRecord]:
+    """The account's issued invoices (drafts are internal), newest first (``issued_at``, then id); ``cursor``: the
+    page after or before an invoice (``creditflow.ledger.pagination``)."""
     async with pool.connection() as conn:
         exists = await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone()
         if exists is None:
             raise CreditflowError("unknown_account", f"no account {account_id}")
-        rows = await (await conn.execute(
+        where, params, order, reverse = await keyset(conn, "invoices", account_id, cursor, time="issued_at")
+        rows = await (await conn.execute(sql.SQL(
             f"SELECT {_COLUMNS} FROM invoices WHERE account_id = %s AND status <> 'draft'"
-            " AND (%s::text IS NULL OR status = %s) ORDER BY issued_at DESC, id LIMIT %s",
-            (account_id, status, status, limit))).fetchall()
+            " AND (%s::text IS NULL OR status = %s) AND {} ORDER BY {} LIMIT %s").format(where, order),
+            (account_id, status, status, *params, limit))).fetchall()
+    if reverse:
+        rows.reverse()
     return [InvoiceRecord(**row) for row in rows]
 
 

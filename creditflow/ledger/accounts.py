@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
+from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -13,6 +15,7 @@ from creditflow.errors import CreditflowError
 from creditflow.ids import new_id
 from creditflow.ledger.idempotency import request_hash
 from creditflow.ledger.models import Account, Balances, credits
+from creditflow.ledger.pagination import Cursor, keyset
 
 WELCOME_DESCRIPTION = "Welcome credits for new account"
 
@@ -67,6 +70,16 @@ async def get_account(pool: AsyncConnectionPool, account_id: str) -> Account:
             " JOIN balances b ON b.account_id = a.id WHERE a.id = %s", (account_id,))).fetchone()
     if row is None:
         raise CreditflowError("unknown_account", f"no account {account_id}")
+    return _account(row)
+
+
+async def account_exists(pool: AsyncConnectionPool, account_id: str) -> bool:
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone()
+    return row is not None
+
+
+def _account(row: dict[str, Any]) -> Account:
     return Account(
         id=row["id"], name=row["name"], billing_email=row["billing_email"], external_id=row["external_id"],
         status=row["status"], overage_credit_line=credits(row["overage_credit_line_micros"]) or Decimal(0),
@@ -75,7 +88,21 @@ async def get_account(pool: AsyncConnectionPool, account_id: str) -> Account:
     )
 
 
-async def account_exists(pool: AsyncConnectionPool, account_id: str) -> bool:
+async def list_accounts(pool: AsyncConnectionPool, *, limit: int, cursor: Cursor | None = None, q: str | None = None,
+                        status: str | None = None, external_id: str | None = None) -> list[Account]:
+    """Accounts newest first (the platform's view), filtered by ``q`` (a case-insensitive substring of name,
+    billing email or external id), ``status`` and an exact ``external_id``; paged by ``cursor``."""
     async with pool.connection() as conn:
-        row = await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone()
-    return row is not None
+        where, params, order, reverse = await keyset(conn, "accounts", None, cursor)
+        pattern = None if q is None else "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = await (await conn.execute(sql.SQL(
+            "SELECT a.*, b.balance_micros, cf_live_held(a.id, b.held_micros) AS held_micros, b.floor_micros"
+            " FROM (SELECT * FROM accounts WHERE {}"
+            "  AND (%s::text IS NULL OR name ILIKE %s OR billing_email ILIKE %s OR external_id ILIKE %s)"
+            "  AND (%s::text IS NULL OR status = %s) AND (%s::text IS NULL OR external_id = %s)"
+            "  ORDER BY {} LIMIT %s) a JOIN balances b ON b.account_id = a.id ORDER BY {}"
+        ).format(where, order, order),
+            (*params, pattern, pattern, pattern, pattern, status, status, external_id, external_id, limit))).fetchall()
+    if reverse:
+        rows.reverse()
+    return [_account(row) for row in rows]

@@ -178,6 +178,7 @@ class TransactionPage(BaseModel):
     items: list[Transaction]
     total: int
     next_cursor: str | None = None
+    has_more: bool = Field(default=False, description="More items beyond this page in the paging direction.")
 
 
 class UsageItem(BaseModel):

@@ -7,6 +7,7 @@ client has) names one position whatever is inserted meanwhile. ``starting_after`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from psycopg import AsyncConnection, sql
@@ -25,19 +26,34 @@ class Cursor:
                                   param="ending_before")
 
 
-async def keyset(conn: AsyncConnection, table: str, account_id: str,
-                 cursor: Cursor | None) -> tuple[sql.Composable, tuple[object, ...], sql.Composable, bool]:
-    """(condition to AND into the WHERE clause, its parameters, ORDER BY, whether to reverse the fetched rows)."""
-    newest_first = sql.SQL("created_at DESC, id DESC")
+async def keyset(conn: AsyncConnection, table: str, account_id: str | None, cursor: Cursor | None, *,
+                 time: str = "created_at", tiebreak: str = "id", key: Callable[[str], object] | None = None,
+                 ) -> tuple[sql.Composable, tuple[object, ...], sql.Composable, bool]:
+    """(condition to AND into the WHERE clause, its parameters, ORDER BY, whether to reverse the fetched rows).
+
+    ``account_id`` None: a list that is not one account's (accounts, reconciliation runs), any row is a cursor.
+    Lists ordered otherwise name their columns: ``time`` (``issued_at``, ``started_at``), ``tiebreak`` (the
+    journal's ``seq``); the cursor is always looked up by the ``id`` column, ``key`` turning the public id into
+    the stored one (``txn_<hex>`` to the journal's uuid); a cursor ``key`` cannot read is not an item either."""
+    t, b = sql.Identifier(time), sql.Identifier(tiebreak)
+    newest_first = sql.SQL("{} DESC, {} DESC").format(t, b)
     if cursor is None or (cursor.starting_after is None and cursor.ending_before is None):
         return sql.SQL("TRUE"), (), newest_first, False
     name, given = (("starting_after", cursor.starting_after) if cursor.starting_after is not None
                    else ("ending_before", cursor.ending_before))
-    row = await (await conn.execute(sql.SQL("SELECT created_at, id FROM {} WHERE account_id = %s AND id = %s")
-                                    .format(sql.Identifier(table)), (account_id, given))).fetchone()
+    stored: object = given
+    if key is not None:
+        try:
+            stored = key(given)
+        except ValueError:
+            stored = None
+    owner = sql.SQL("account_id = %s" if account_id is not None else "%s::text IS NULL")
+    row = None if stored is None else await (await conn.execute(
+        sql.SQL("SELECT {} AS t, {} AS b FROM {} WHERE {} AND id = %s").format(t, b, sql.Identifier(table), owner),
+        (account_id, stored))).fetchone()
     if row is None:
         raise CreditflowError("validation_error", f"{name} is not an item of this list", param=name)
-    created_at, item_id = (row["created_at"], row["id"]) if isinstance(row, dict) else row
+    at, tie = (row["t"], row["b"]) if isinstance(row, dict) else row
     if name == "starting_after":
-        return sql.SQL("(created_at, id) < (%s, %s)"), (created_at, item_id), newest_first, False
-    return sql.SQL("(created_at, id) > (%s, %s)"), (created_at, item_id), sql.SQL("created_at ASC, id ASC"), True
+        return sql.SQL("({}, {}) < (%s, %s)").format(t, b), (at, tie), newest_first, False
+    return sql.SQL("({}, {}) > (%s, %s)").format(t, b), (at, tie), sql.SQL("{} ASC, {} ASC").format(t, b), True

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from creditflow.domain.money import micros_to_credits
@@ -20,6 +22,7 @@ from creditflow.ledger.models import (
     exact,
     txn_id,
 )
+from creditflow.ledger.pagination import Cursor, keyset
 
 # Journal types that add credits someone bought or was granted ("Total Credits" of seed 002's console): not the
 # returns of credits (refund or dispute reversals) nor the restoration of overage an invoice payment makes.
@@ -90,42 +93,61 @@ def _usage_metadata(row: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
+def txn_uuid(public_id: str) -> UUID:
+    """``txn_<hex>`` back to the journal row's uuid (ValueError when it is not one)."""
+    if not public_id.startswith("txn_"):
+        raise ValueError(public_id)
+    return UUID(hex=public_id[4:])
+
+
 async def transactions(pool: AsyncConnectionPool, account_id: str, *, limit: int = 50,
-                       cursor: str | None = None, type: str | None = None) -> TransactionPage:
-    """Newest first; ``cursor`` continues after the last item of the previous page."""
+                       cursor: str | None = None, type: str | None = None,
+                       page: Cursor | None = None) -> TransactionPage:
+    """Newest first; ``cursor`` continues after the last item of the previous page (``next_cursor``), ``page``
+    pages by item id as the other lists do (``starting_after`` / ``ending_before``)."""
     after = _decode_cursor(cursor) if cursor else None
     params = {"a": account_id, "t": type, "c": after[0] if after else None, "s": after[1] if after else None,
               "l": limit + 1}
     async with pool.connection() as conn:
-        rows = await (await conn.execute(
-            "SELECT * FROM journal WHERE account_id = %(a)s AND (%(t)s::text IS NULL OR type = %(t)s)"
-            " AND (%(c)s::timestamptz IS NULL OR (created_at, seq) < (%(c)s, %(s)s))"
-            " ORDER BY created_at DESC, seq DESC LIMIT %(l)s", params)).fetchall()
+        where, keys, order, reverse = await keyset(conn, "journal", account_id, page, tiebreak="seq", key=txn_uuid)
+        rows = await (await conn.execute(sql.SQL(
+            "SELECT * FROM journal WHERE account_id = %s AND (%s::text IS NULL OR type = %s)"
+            " AND (%s::timestamptz IS NULL OR (created_at, seq) < (%s, %s)) AND {}"
+            " ORDER BY {} LIMIT %s").format(where, order),
+            (account_id, type, type, params["c"], params["c"], params["s"], *keys, limit + 1))).fetchall()
         total = await (await conn.execute(
             "SELECT count(*) AS n FROM journal WHERE account_id = %(a)s AND (%(t)s::text IS NULL OR type = %(t)s)",
             params)).fetchone()
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    if reverse:
+        rows.reverse()
     items = [
         Transaction(id=txn_id(r["id"]) or "", type=r["type"], amount=micros_to_credits(r["amount_micros"]),
                     description=r["description"], balance_after=micros_to_credits(r["balance_after_micros"]),
                     created_at=r["created_at"], metadata=_usage_metadata(r))
-        for r in rows[:limit]
+        for r in rows
     ]
-    last = rows[limit - 1] if len(rows) > limit else None
-    return TransactionPage(items=items, total=total["n"] if total else 0,
+    last = rows[-1] if has_more and not reverse else None
+    return TransactionPage(items=items, total=total["n"] if total else 0, has_more=has_more,
                            next_cursor=_encode_cursor(last["created_at"], last["seq"]) if last else None)
 
 
 async def usage_items(pool: AsyncConnectionPool, account_id: str, *, start: datetime | None = None,
                       end: datetime | None = None, agent_id: str | None = None,
-                      limit: int = 100) -> list[UsageItem]:
+                      limit: int = 100, page: Cursor | None = None) -> list[UsageItem]:
+    """Usage rows newest first, ``limit`` of them after or before the ``page`` cursor (a usage item id)."""
     async with pool.connection() as conn:
-        rows = await (await conn.execute(
-            "SELECT * FROM journal WHERE account_id = %(a)s AND type = 'usage'"
-            " AND (%(s)s::timestamptz IS NULL OR created_at >= %(s)s)"
-            " AND (%(e)s::timestamptz IS NULL OR created_at < %(e)s)"
-            " AND (%(g)s::text IS NULL OR agent_id = %(g)s)"
-            " ORDER BY created_at DESC, seq DESC LIMIT %(l)s",
-            {"a": account_id, "s": start, "e": end, "g": agent_id, "l": limit})).fetchall()
+        where, keys, order, reverse = await keyset(conn, "journal", account_id, page, tiebreak="seq", key=txn_uuid)
+        rows = await (await conn.execute(sql.SQL(
+            "SELECT * FROM journal WHERE account_id = %s AND type = 'usage'"
+            " AND (%s::timestamptz IS NULL OR created_at >= %s)"
+            " AND (%s::timestamptz IS NULL OR created_at < %s)"
+            " AND (%s::text IS NULL OR agent_id = %s) AND {}"
+            " ORDER BY {} LIMIT %s").format(where, order),
+            (account_id, start, start, end, end, agent_id, agent_id, *keys, limit))).fetchall()
+    if reverse:
+        rows.reverse()
     return [
         UsageItem(id=txn_id(r["id"]) or "", channel=r["channel"], feature=r["feature_id"],
                   quantity=exact(r["quantity"]), credits_per_unit=exact(r["credits_per_unit"]),

@@ -24,6 +24,7 @@ import simplejson
 from creditflow import __version__
 from creditflow.config import Settings
 from creditflow.notify.destinations import DestinationRefused, Destinations, check_url, resolve_destination
+from creditflow.notify.events import api_units
 from creditflow.notify.signing import SIGNATURE_HEADER, signature_header
 from creditflow.notify.templates import Rendered
 
@@ -201,9 +202,10 @@ async def send_sms(settings: Settings, out: Outgoing) -> str | None:
 
 
 def webhook_body(out: Outgoing) -> bytes:
-    """The event as JSON (exact numbers, compact, keys sorted): the bytes that are signed and sent."""
+    """The event as JSON (exact numbers, compact, keys sorted): the bytes that are signed and sent. ``data`` is the
+    payload with its amounts also in the API's units (``creditflow.notify.events``, the OpenAPI ``webhooks``)."""
     event = {"id": out.event_id, "type": out.kind, "created": out.created,
-             "account_id": out.destinations.account_id, "data": out.payload}
+             "account_id": out.destinations.account_id, "data": api_units(out.payload)}
     return simplejson.dumps(event, use_decimal=True, separators=(",", ":"), sort_keys=True).encode()
 
 

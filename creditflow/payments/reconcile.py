@@ -31,11 +31,13 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from creditflow.domain.reconciliation import Difference, ReconcileResult, RunReport, RunWindow
 from creditflow.errors import CreditflowError
+from creditflow.ledger.pagination import Cursor, keyset
 from creditflow.payments import clawbacks, late, refunds, topups
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, ListedResource, StripeGateway
 from creditflow.payments.refunds import REFUND_METADATA_KEY
@@ -115,10 +117,14 @@ async def get_run(pool: AsyncConnectionPool, run_id: str) -> RunReport:
     return _report(row)
 
 
-async def list_runs(pool: AsyncConnectionPool, limit: int = 20) -> list[RunReport]:
+async def list_runs(pool: AsyncConnectionPool, limit: int = 20, cursor: Cursor | None = None) -> list[RunReport]:
+    """Runs newest first (``started_at``, then id); ``cursor``: the page after or before a run."""
     async with pool.connection() as conn:
-        rows = await (await conn.execute(
-            "SELECT * FROM reconciliation_runs ORDER BY started_at DESC, id LIMIT %s", (limit,))).fetchall()
+        where, params, order, reverse = await keyset(conn, "reconciliation_runs", None, cursor, time="started_at")
+        rows = await (await conn.execute(sql.SQL("SELECT * FROM reconciliation_runs WHERE {} ORDER BY {} LIMIT %s")
+                                         .format(where, order), (*params, limit))).fetchall()
+    if reverse:
+        rows.reverse()
     return [_report(r) for r in rows]
 
 
