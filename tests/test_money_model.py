@@ -505,10 +505,12 @@ class MoneyMachine(RuleBasedStateMachine):
         self.resync()
 
     async def _release_leaked_time_locks(self) -> None:
-        """The Java test server can keep a time-skipping lock after an activity times out (a worker restarted under
-        it): https://github.com/temporalio/sdk-java/issues/2246. Its clock then runs in real time and a month never
-        passes. Nothing is running here, so every lock left is such a leak: release them (an unlock below zero is
-        refused, which ends the loop); the sleep in progress takes the SDK's own lock back when it ends."""
+        """The Java test server keeps the time-skipping lock of a workflow task that never completes (its workflow
+        terminated, or its worker restarted, while the task was out): its lock log showed 294 ``scheduleWorkflowTask``
+        locks and 292 ``completeWorkflowTask`` unlocks, and a stalled skip at count 2 during the sleep (a known class
+        of test-server bug: https://github.com/temporalio/sdk-java/issues/2246). Its clock then runs in real time and a
+        month never passes. Nothing is running here, so every lock left is such a leak: release them (an unlock below
+        zero is refused, which ends the loop); the sleep in progress takes its lock back when it ends."""
         from temporalio.api.testservice.v1 import UnlockTimeSkippingRequest
 
         released = 0
