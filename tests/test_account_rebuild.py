@@ -147,7 +147,7 @@ async def test_restarted_account_workflow_rebuilds_its_state_from_the_database(
         assert len(await journal(pool, account, "plan_grant")) == 1
 
         # The next period: the renewal happens, the pending plan applies, the old period is invoiced and paid.
-        await skip_time(ts_env, sub.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
+        await skip_time(ts_env, sub.period_end - await ts_env.get_current_time() + timedelta(minutes=1), watch=handle)
         renewed = await eventually(lambda: handle.query(QUERY_STATE, result_type=AccountState),
                                    lambda s: s.subscription is not None
                                    and s.subscription.period_index == sub.period_index + 1, timeout=30)

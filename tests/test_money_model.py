@@ -62,7 +62,15 @@ from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.topups import DEFAULT_PACKAGES, CreditPackage
 from creditflow.ledger.db import open_pool, with_database
 from creditflow.ledger.verify import verify
-from tests.conftest import ADMIN_KEY, STRIPE_KEY, TEMPLATE, _temporal_cli, new_card, skip_time
+from tests.conftest import (
+    ADMIN_KEY,
+    STRIPE_KEY,
+    TEMPLATE,
+    TIME_LOCKS_RELEASED,
+    _temporal_cli,
+    new_card,
+    skip_time,
+)
 from tests.test_stripe_webhooks import event, sign
 from workers.main import build_worker
 from workers.relay import OutboxRelay
@@ -485,17 +493,8 @@ class MoneyMachine(RuleBasedStateMachine):
         async def skip() -> None:
             state: AccountState = await handle.query(QUERY_STATE, result_type=AccountState)
             assert state.subscription is not None
-            skipping = asyncio.ensure_future(skip_time(
-                self.stack.env, state.subscription.period_end - await self.stack.env.get_current_time()
-                + timedelta(minutes=1)))
-            while not skipping.done():  # a slow skip says what the account's workflow is waiting for
-                await asyncio.wait({skipping}, timeout=60)
-                if not skipping.done():
-                    described = await self._describe(handle)
-                    print(f"renew: still skipping after a minute: {described}", flush=True)
-                    if "pending activities=[] children=[] task=" in described:
-                        await self._release_leaked_time_locks()
-            await skipping
+            await skip_time(self.stack.env, state.subscription.period_end - await self.stack.env.get_current_time()
+                            + timedelta(minutes=1), watch=handle)
 
         self.run(skip(), timeout=660)
         after = self.eventually(next_period, lambda index: index > before, timeout=60)
@@ -503,37 +502,6 @@ class MoneyMachine(RuleBasedStateMachine):
         self.eventually(self._invoice_settled, bool, timeout=60)
         self.model.renewals += 1
         self.resync()
-
-    async def _release_leaked_time_locks(self) -> None:
-        """The Java test server keeps the time-skipping lock of a workflow task that never completes (its workflow
-        terminated, or its worker restarted, while the task was out): its lock log showed 294 ``scheduleWorkflowTask``
-        locks and 292 ``completeWorkflowTask`` unlocks, and a stalled skip at count 2 during the sleep (a known class
-        of test-server bug: https://github.com/temporalio/sdk-java/issues/2246). Its clock then runs in real time and a
-        month never passes. Nothing is running here, so every lock left is such a leak: release them (an unlock below
-        zero is refused, which ends the loop); the sleep in progress takes its lock back when it ends."""
-        from temporalio.api.testservice.v1 import UnlockTimeSkippingRequest
-
-        released = 0
-        for _ in range(20):
-            try:
-                await self.stack.env.client.test_service.unlock_time_skipping(UnlockTimeSkippingRequest())
-            except Exception:  # noqa: BLE001 - "unbalanced lock and unlock calls": none left
-                break
-            released += 1
-        COUNTS["leaked_time_locks_released"] = COUNTS.get("leaked_time_locks_released", 0) + released
-        print(f"renew: released {released} leaked time-skipping lock(s)", flush=True)
-
-    async def _describe(self, handle: Any) -> str:
-        try:
-            d = await handle.describe()
-        except Exception as exc:  # noqa: BLE001 - diagnostics only
-            return f"describe failed: {exc}"
-        raw = d.raw_description
-        pending = [(a.activity_type.name, a.attempt, a.last_failure.message[:200] if a.last_failure else None)
-                   for a in raw.pending_activities]
-        children = [(c.workflow_id, c.workflow_type_name) for c in raw.pending_children]
-        return (f"{d.id} {d.status} now={await self.stack.env.get_current_time()} pending activities={pending} "
-                f"children={children} task={raw.pending_workflow_task}")
 
     async def _invoice_settled(self) -> bool:
         async with self.stack.pool.connection() as conn:
@@ -770,6 +738,7 @@ def test_money_lifecycle_model(stack: Stack) -> None:
             phases=[Phase.explicit, Phase.reuse, Phase.generate]))
     finally:
         COUNTS["seconds"] = round(time.monotonic() - started)
+        COUNTS["leaked_time_locks_released"] = sum(TIME_LOCKS_RELEASED)
         report = os.environ.get("CREDITFLOW_MODEL_REPORT")
         if report:
             Path(report).write_text(json.dumps(COUNTS))
