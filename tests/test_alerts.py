@@ -353,8 +353,9 @@ async def test_balance_alert_activity_sends_each_channel_once(api: httpx.AsyncCl
         assert failed_try.body == delivered.body  # the same event, byte for byte, on every attempt
         created = delivered.json()["created"]
         assert delivered.body == (
-            f'{{"account_id":"{account}","created":{created},"data":{{"available_micros":{3900 * M},'
-            f'"balance_micros":{4400 * M},"threshold_micros":{4000 * M}}},"id":"{event_id(key)}",'
+            f'{{"account_id":"{account}","created":{created},"data":{{"available":3900,"available_micros":{3900 * M},'
+            f'"balance":4400,"balance_micros":{4400 * M},"threshold":4000,"threshold_micros":{4000 * M}}},'
+            f'"id":"{event_id(key)}",'
             f'"type":"balance.low"}}').encode()
         assert delivered.headers["creditflow-event-type"] == "balance.low"
         assert readme_verifier()(delivered.body, delivered.headers["creditflow-signature"], config["webhook_secret"])
@@ -420,8 +421,8 @@ async def test_daily_usage_alert_activity_sends_once(api: httpx.AsyncClient, poo
         [delivered] = hook.requests
         created = delivered.json()["created"]
         assert delivered.body == (
-            f'{{"account_id":"{account}","created":{created},"data":{{"limit_micros":{400 * M},'
-            f'"period":"2026-11-22","spent_micros":400500000}},"id":"{event_id(key)}",'
+            f'{{"account_id":"{account}","created":{created},"data":{{"limit":400,"limit_micros":{400 * M},'
+            f'"period":"2026-11-22","spent":400.5,"spent_micros":400500000}},"id":"{event_id(key)}",'
             f'"type":"usage.daily_threshold"}}').encode()
         assert readme_verifier()(delivered.body, delivered.headers["creditflow-signature"], config["webhook_secret"])
 
