@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test test-fast soak bench bench-cycle lint install clean
+.PHONY: dev test test-fast soak bench bench-cycle lint install clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,18 @@ install: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/creditflow dev $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The browser tests (hosted pages) drive Debian's chromium through Playwright; Playwright's own browser download is
+# never used. Installed here when missing (as root, as CI runs; otherwise it says what to run).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || [ -n "$$CREDITFLOW_CHROMIUM" ] || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+		else echo "Chromium is missing: run 'sudo apt-get install chromium' (or set CREDITFLOW_CHROMIUM)"; exit 1; fi; }
+
 # Local loop: skip the slow end-to-end / fault-injection tests.
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 # The money-lifecycle model test at length: at least 10,000 rule steps on the real stack (about half an hour here);

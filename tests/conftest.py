@@ -4,6 +4,7 @@ migrated template database per session and a fresh copy of it per test."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -299,3 +300,84 @@ async def describe_pending(env: WorkflowEnvironment, handle: Any) -> str:
     children = [(c.workflow_id, c.workflow_type_name) for c in raw.pending_children]
     return (f"{d.id} {d.status} now={await env.get_current_time()} pending activities={pending} "
             f"children={children} task={raw.HasField('pending_workflow_task')}")
+
+
+# --- A real HTTP server and a real browser (web pages: hosted checkout, the customer portal) -------
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a free port inside the test's event loop; yields its base URL.
+    A browser needs a real socket (the `api` fixture's ASGI transport has none)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if task.done() or time.monotonic() > deadline:
+            server.should_exit = True
+            pytest.fail(f"uvicorn did not start on port {port}: {task.exception() if task.done() else 'timeout'}")
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def live_api(settings: Settings) -> AsyncIterator[str]:
+    """The real app on a real port (admin key: ADMIN_KEY); yields its base URL."""
+    async with serve_app(create_app(settings)) as base:
+        yield base
+
+
+def chromium_executable() -> str:
+    """The Chromium the browser tests drive: $CREDITFLOW_CHROMIUM, else Debian's `chromium` on the PATH.
+    `make test` installs it (`make browser`); a missing browser fails the tests, it never skips them."""
+    import shutil
+
+    path = os.environ.get("CREDITFLOW_CHROMIUM") or next(
+        (p for name in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(name))), None)
+    if not path:
+        pytest.fail("Chromium not found: run `make browser` (installs Debian's chromium) or set CREDITFLOW_CHROMIUM")
+    return path
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Any]:
+    """Headless Chromium (Debian's package) driven by Playwright, one per session."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []  # Chromium refuses its sandbox as root (CI)
+        chromium = await pw.chromium.launch(executable_path=chromium_executable(), args=args)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+ARTIFACTS = Path(os.environ.get("CREDITFLOW_ARTIFACTS", Path(__file__).resolve().parent.parent / ".data" / "artifacts"))
+
+
+@pytest.fixture
+async def page(browser: Any, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A fresh browser context and page per test (its own cookies). `await shot(page, "name")` saves a screenshot."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(15_000)
+    pg = await context.new_page()
+    try:
+        yield pg
+    finally:
+        await context.close()
+
+
+async def shot(page: Any, name: str) -> Path:
+    """Save a full-page screenshot as a test artifact (.data/artifacts/screenshots/, not committed)."""
+    target = ARTIFACTS / "screenshots" / f"{name}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(target), full_page=True)
+    return target
