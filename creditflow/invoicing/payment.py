@@ -13,7 +13,8 @@ the customer's *current* default card.
    against ``system:payments_clearing``, keyed ``sys:invoice:{invoice id}``, so it lands once): what later credits
    (the next plan grant, a top-up) already repaid is not restored again, so the restoration never leaves credits
    above zero (:func:`restore_overage`, migration 0024);
-3. the charge row is marked ``succeeded`` (with the repayment transaction, if any) and the invoice ``paid``.
+3. the charge row is marked ``succeeded`` (with the repayment transaction, if any) and the invoice ``paid``;
+   2 and 3 are one transaction that holds the invoice's row lock.
 """
 
 from __future__ import annotations
@@ -38,20 +39,19 @@ REPAYMENT_TYPE = "overage_repayment"
 _CANCELABLE = frozenset({"requires_payment_method", "requires_confirmation", "requires_action", "requires_capture"})
 
 
-async def restore_overage(pool: AsyncConnectionPool, invoice: InvoiceRecord,
-                          payment_intent_id: str | None) -> str | None:
+async def restore_overage(conn: Any, invoice: InvoiceRecord, payment_intent_id: str | None) -> str | None:
     """Restore to the credit line what this invoice billed and the line still carries (migration 0024: what later
-    credits, e.g. the next plan grant, already repaid is not restored again), once; the journal id, or None."""
+    credits, e.g. the next plan grant, already repaid is not restored again), once; the journal id, or None.
+    Runs on the caller's connection, inside its transaction (see :func:`settle`)."""
     metadata: dict[str, Any] = {"invoice_id": invoice.id, "invoice_number": invoice.number}
     if payment_intent_id:
         metadata["payment_intent_id"] = payment_intent_id
     key = f"sys:invoice:{invoice.id}"
-    async with pool.connection() as conn:
-        await conn.execute("SELECT cf_invoice_overage_restore(%s, %s, %s, %s, %s, %s)",
-                           (invoice.account_id, invoice.period_key, invoice.overage_micros, key,
-                            f"Overage billed on invoice {invoice.number}, paid", Jsonb(metadata)))
-        row = await (await conn.execute("SELECT id FROM journal WHERE account_id = %s AND idempotency_key = %s",
-                                        (invoice.account_id, key))).fetchone()
+    await conn.execute("SELECT cf_invoice_overage_restore(%s, %s, %s, %s, %s, %s)",
+                       (invoice.account_id, invoice.period_key, invoice.overage_micros, key,
+                        f"Overage billed on invoice {invoice.number}, paid", Jsonb(metadata)))
+    row = await (await conn.execute("SELECT id FROM journal WHERE account_id = %s AND idempotency_key = %s",
+                                    (invoice.account_id, key))).fetchone()
     return txn_id(row["id"]) if row else None
 
 
@@ -107,14 +107,20 @@ async def settle(pool: AsyncConnectionPool, gateway: StripeGateway, invoice_id: 
         payment_intent_id = pi.id
     elif invoice.amount_due_cents > 0:
         raise CreditflowError("payment_required", f"invoice {invoice_id} has an amount due and no charge")
-    repayment: str | None = None
-    if invoice.overage_micros > 0:
-        repayment = await restore_overage(pool, invoice, payment_intent_id)
-    if charge_id is not None:
-        async with pool.connection() as conn:
+    # One transaction, the invoice row locked: the restoration, the charge row and the invoice's status are never
+    # seen apart (a reader or `creditflow verify` between them would see a paid-back overage on an open invoice),
+    # and of two concurrent settlements (the collection activity and a late webhook) the second finds it paid.
+    async with pool.connection() as conn, conn.transaction():
+        if not await store.lock_payable(conn, invoice_id):
+            return await store.get(pool, invoice_id)
+        repayment: str | None = None
+        if invoice.overage_micros > 0:
+            repayment = await restore_overage(conn, invoice, payment_intent_id)
+        if charge_id is not None:
             await topups.mark_succeeded(conn, charge_id, repayment)
-    return await store.mark_paid(pool, invoice_id, charge_id=charge_id, payment_intent_id=payment_intent_id,
-                                 repayment_txn_id=repayment, attempts=attempts)
+        await store.mark_paid(conn, invoice_id, charge_id=charge_id, payment_intent_id=payment_intent_id,
+                              repayment_txn_id=repayment, attempts=attempts)
+    return await store.get(pool, invoice_id)
 
 
 # --- refunds and disputes of an invoice payment (issue 11, defect 8; migration 0024_3) ---------------------------

@@ -279,17 +279,20 @@ async def mark_failed_attempt(pool: AsyncConnectionPool, invoice_id: str, *, att
     return await get(pool, invoice_id)
 
 
-async def mark_paid(pool: AsyncConnectionPool, invoice_id: str, *, charge_id: str | None,
-                    payment_intent_id: str | None, repayment_txn_id: str | None,
-                    attempts: int | None = None) -> InvoiceRecord:
-    """open / past_due -> paid, once; a paid invoice is returned as it is."""
-    async with pool.connection() as conn:
-        await conn.execute(
-            "UPDATE invoices SET status = 'paid', paid_at = now(), charge_id = %s, payment_intent_id = %s,"
-            " repayment_txn_id = %s, attempts = greatest(attempts, coalesce(%s, attempts)), last_error = NULL,"
-            " updated_at = now() WHERE id = %s AND status IN ('open', 'past_due')",
-            (charge_id, payment_intent_id, repayment_txn_id, attempts, invoice_id))
-    return await get(pool, invoice_id)
+async def lock_payable(conn: Any, invoice_id: str) -> bool:
+    """Lock the invoice's row for the caller's transaction; whether it can still be paid (open or past due)."""
+    row = await (await conn.execute("SELECT status FROM invoices WHERE id = %s FOR UPDATE", (invoice_id,))).fetchone()
+    return row is not None and row["status"] in ("open", "past_due")
+
+
+async def mark_paid(conn: Any, invoice_id: str, *, charge_id: str | None, payment_intent_id: str | None,
+                    repayment_txn_id: str | None, attempts: int | None = None) -> None:
+    """open / past_due -> paid, once, on the caller's connection (in its transaction)."""
+    await conn.execute(
+        "UPDATE invoices SET status = 'paid', paid_at = now(), charge_id = %s, payment_intent_id = %s,"
+        " repayment_txn_id = %s, attempts = greatest(attempts, coalesce(%s, attempts)), last_error = NULL,"
+        " updated_at = now() WHERE id = %s AND status IN ('open', 'past_due')",
+        (charge_id, payment_intent_id, repayment_txn_id, attempts, invoice_id))
 
 
 async def pdf_attachment(pool: AsyncConnectionPool, account_id: str, invoice_id: str) -> tuple[str, bytes] | None:
