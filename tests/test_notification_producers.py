@@ -33,15 +33,16 @@ from tests.test_account_workflow import eventually
 from tests.test_api_metering import new_account, track
 from tests.test_auto_recharge import relay  # noqa: F401 - the worker's outbox relay, on this module's settings
 from tests.test_plan_pricing import subscribe
+from tests.test_refunds import REFUNDS, topup
 from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, _client, save_card
 from workflows.contract import InvoiceWorkflowInput, invoice_workflow_id
 from workflows.invoice import InvoiceWorkflow
 
 pytestmark = [pytest.mark.temporal, pytest.mark.slow]
 
-# Templates no code sends today (RefundWorkflow answers the API and writes the refunds row, but notifies nobody):
-# kept so the kinds render when a producer is added; this set must shrink, never silently grow.
-NO_PRODUCER = {"refund.succeeded", "refund.failed"}
+# Templates no code sends today: kept so the kinds render when a producer is added; this set must stay empty or
+# shrink, never silently grow.
+NO_PRODUCER: set[str] = set()
 
 
 @pytest.fixture
@@ -114,6 +115,24 @@ async def test_every_template_renders_on_every_channel_from_its_producers_payloa
     await eventually(lambda: logged(pool), lambda rows: any(r["kind"] == "auto_recharge.daily_cap_reached"
                                                              for r in rows), timeout=60)
 
+    # Refunds (RefundWorkflow): part of a top-up refunded; a refund Stripe refuses (localstripe refuses to refund an
+    # unpaid PaymentIntent: the charge row is pointed at one), whose credits go back.
+    refunded = await new_account(api)
+    await save_card(api, sdk, refunded)
+    bought = await topup(api, sdk, refunded)
+    await ok(await api.post(REFUNDS, json={"account_id": refunded, "payment_intent_id": bought["payment_intent_id"],
+                                           "credits": 1000, "request_id": "r-1"}))
+    refused = await new_account(api)
+    await save_card(api, sdk, refused)
+    await topup(api, sdk, refused)
+    unpaid = sdk.v1.payment_intents.create(params={"amount": 2500, "currency": "usd", "payment_method_types": ["card"]})
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE stripe_charges SET payment_intent_id = %s WHERE account_id = %s",
+                           (unpaid.id, refused))
+    resp = await api.post(REFUNDS, json={"account_id": refused, "payment_intent_id": unpaid.id, "credits": 1000,
+                                         "request_id": "r-2"})
+    assert resp.status_code == 422, resp.text
+
     # Auto-recharge on a card declined at charge: one failure disables it (max_consecutive_failures = 1).
     declined = await new_account(api)
     await save_card(api, sdk, declined, DECLINED_AT_CHARGE)
@@ -164,6 +183,13 @@ async def test_every_template_renders_on_every_channel_from_its_producers_payloa
         # The body sent matches the kind's declared webhook schema (the OpenAPI ``webhooks``).
         envelopes()[kind].model_validate(json.loads(webhook_body(out), parse_float=Decimal))
 
+    paid_back = next(r for r in rows if r["kind"] == "refund.succeeded")
+    assert render("refund.succeeded", paid_back["payload"], account_id=refunded, account_name="Acme").sms == (
+        "creditflow: refund of $10.00 issued (1,000 credits).")
+    failed = next(r for r in rows if r["kind"] == "refund.failed")
+    assert failed["account_id"] == refused and failed["payload"]["error_code"] == "payment_request_invalid"
+    assert render("refund.failed", failed["payload"], account_id=refused, account_name="Acme").sms == (
+        "creditflow: refund of $10.00 failed; your credits were restored.")
     agent_limit = next(r for r in rows if r["kind"] == "limit.reached" and r["payload"]["scope"] == "agent_monthly")
     text = render("limit.reached", agent_limit["payload"], account_id=limits, account_name="Acme")
     assert text.email_subject == "Spending limit reached: agent monthly (voice-7)"

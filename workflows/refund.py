@@ -30,6 +30,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.notifications import notify
     from activities.payments import PERMANENT_CODES
     from activities.refunds import (
         FinalizeRefundInput,
@@ -39,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         RefundSnapshot,
         ReleaseRefundInput,
     )
+    from creditflow.domain.notifications import Notification
     from creditflow.domain.topups import format_usd
     from workflows.common import DB_TIMEOUT, STRIPE_TIMEOUT, db_retry, error_of, publish_status, until_done_retry
     from workflows.contract import (
@@ -69,6 +71,7 @@ SETTLE_RETRY = until_done_retry(["idempotency_conflict", "not_found", "refund_no
 # Stripe's final refund statuses; anything else (pending, requires_action) waits for Stripe.
 STRIPE_FINAL = ("succeeded", "failed", "canceled")
 PENDING_PATCH = "refund-pending-waits"
+NOTICE_PATCH = "refund-notices"  # older histories closed without telling the customer
 PENDING_FIRST_POLL = timedelta(minutes=5)
 PENDING_MAX_POLL = timedelta(hours=6)
 
@@ -204,8 +207,24 @@ class RefundWorkflow:
     async def _finish(self, status: str) -> RefundOutcome:
         self._outcome.status = status
         self._publish()
+        if self._outcome.refund_id is not None and workflow.patched(NOTICE_PATCH):
+            await self._notify_customer()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._outcome
+
+    async def _notify_customer(self) -> None:
+        """``refund.succeeded`` / ``refund.failed`` once per refund (the dedup key), after the API has its answer.
+        A refusal before anything was reserved (no refund row) tells the caller only: nothing happened."""
+        o = self._outcome
+        payload: dict[str, object] = {"refund_id": o.refund_id, "request_id": o.request_id, "credits": o.credits,
+                                      "amount_cents": o.amount_cents, "payment_intent_id": o.payment_intent_id,
+                                      "stripe_refund_id": o.stripe_refund_id, "reason": self._input.terms.reason}
+        if o.status == REFUND_FAILED:
+            payload["error_code"], payload["error_message"] = o.error_code, o.error_message
+        kind = "refund.failed" if o.status == REFUND_FAILED else "refund.succeeded"
+        await notify(Notification(account_id=o.account_id, kind=kind, dedup_key=f"{kind}:{o.refund_id}",
+                                  payload=payload),
+                     summary=f"Tell the customer: refund {o.status}")
 
     # --- Temporal UI -----------------------------------------------------------------------------------
 

@@ -172,10 +172,17 @@ class PaymentDisputed(_Data):
 
 
 class RefundNotice(_Data):
-    """Templated, not sent by any producer yet (see tests/test_notification_producers.py ``NO_PRODUCER``)."""
+    """A refund Stripe decided (RefundWorkflow): ``refund.succeeded`` money on its way back, ``refund.failed`` the
+    credits back in the wallet (``error_code`` / ``error_message`` say why)."""
+    refund_id: str
+    request_id: str
     amount_cents: Cents | None = None
-    amount_usd: Decimal | None = None
     credits: Credits | None = None
+    payment_intent_id: str | None = None
+    stripe_refund_id: str | None = None
+    reason: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
 
 
 WEBHOOK_EVENTS: dict[str, type[BaseModel]] = {
