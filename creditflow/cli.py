@@ -102,6 +102,10 @@ def migrate() -> None:
 def api(
     host: Annotated[str | None, typer.Option(help="Interface to bind (default CREDITFLOW_API_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default CREDITFLOW_API_PORT).")] = None,
+    workers: Annotated[int, typer.Option(
+        min=1, help="Processes serving the port (each its own database pool and metering coalescer). With more "
+                    "than one, /metrics sums all of them through PROMETHEUS_MULTIPROC_DIR (a fresh temporary "
+                    "directory if unset).")] = 1,
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     import uvicorn
@@ -111,8 +115,23 @@ def api(
     settings = get_settings()
     _require_database(settings)
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port,
-                log_config=None, access_log=False)
+    bind = {"host": host or settings.api_host, "port": port or settings.api_port, "log_config": None,
+            "access_log": False}
+    if workers == 1:
+        uvicorn.run(create_app(settings), **bind)  # type: ignore[arg-type]
+        return
+    import os
+    import tempfile
+
+    from creditflow.observability.metrics import MULTIPROC_ENV
+
+    # Set before the worker processes start (spawned: they import prometheus_client with it set).
+    os.environ.setdefault(MULTIPROC_ENV, tempfile.mkdtemp(prefix="creditflow-metrics-"))
+    console.print(f"API: {workers} processes on {bind['host']}:{bind['port']}, metrics in {os.environ[MULTIPROC_ENV]}")
+    # A spawned process imports the whole CLI before it can answer the supervisor's health ping: uvicorn's 5 s
+    # default kills and respawns it forever on a loaded machine.
+    uvicorn.run("creditflow.api.app:app_from_environment", factory=True, workers=workers,  # type: ignore[arg-type]
+                timeout_worker_healthcheck=60, **bind)
 
 
 @app.command()

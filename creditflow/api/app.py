@@ -51,6 +51,17 @@ Prepaid credit wallet, metering and billing. **1 credit = 1 US cent.**
 """
 
 
+def app_from_environment() -> FastAPI:
+    """The app of one process of ``creditflow api --workers N`` (uvicorn's factory): settings and logging from
+    the environment, as the parent process read them."""
+    from creditflow.config import get_settings
+    from creditflow.observability.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
