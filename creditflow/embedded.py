@@ -621,10 +621,14 @@ class DevStack:
             "worker_metrics_url": f"http://{HOST}:{self.worker_metrics_port}/metrics",
             "temporal_address": self.temporal_address, "temporal_ui_url": self.temporal_ui_url,
             "stripe_url": self.stripe_url, "database_url": self.database_url,
+            # Scripts (and the README's curl examples) read the key from here; the file is private like the key's.
+            "admin_api_key": self.admin_key,
             "postgres_pid": postgres_pid(self.pgdata) if self._postgres_started else None,
             "children": children,
         }
         tmp = self.data_dir / f".{STATE_FILE}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.touch(mode=0o600)
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.data_dir / STATE_FILE)
 
