@@ -790,6 +790,18 @@ class DemoDriver:
         raise StackError(f"demo: creating account {account.external_id} failed: HTTP {resp.status_code} "
                          f"{resp.text[:300]}")
 
+    def ensure_agents(self, stats: DemoStats) -> None:
+        """Register the agents the demo's usage names, so `creditflow agents list`, limits and pause/resume work
+        on the demo accounts as on real ones (a rerun finds them registered: 409 ``agent_exists``)."""
+        for agent in stats.account.agents:
+            resp = self.client.post("/api/v1/agents", json={
+                "account_id": stats.account_id, "id": agent, "name": agent.replace("-", " ").capitalize()})
+            body = self._json(resp)
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            if resp.status_code != 201 and not (resp.status_code == 409 and error.get("code") == "agent_exists"):
+                raise StackError(f"demo: registering agent {agent} of {stats.account.external_id} failed: "
+                                 f"HTTP {resp.status_code} {resp.text[:300]}")
+
     def track(self, stats: DemoStats) -> None:
         account = stats.account
         features = list(account.mix)
@@ -858,6 +870,7 @@ class DemoDriver:
         try:
             for stats in all_stats:
                 stats.account_id = self.ensure_account(stats.account)
+                self.ensure_agents(stats)
                 self.refresh_balance(stats)
                 self.console.print(f"  {stats.account.name:<17} {stats.account_id}", highlight=False)
                 self.top_up_if_low(stats)
