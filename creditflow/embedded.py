@@ -621,10 +621,14 @@ class DevStack:
             "worker_metrics_url": f"http://{HOST}:{self.worker_metrics_port}/metrics",
             "temporal_address": self.temporal_address, "temporal_ui_url": self.temporal_ui_url,
             "stripe_url": self.stripe_url, "database_url": self.database_url,
+            # Scripts (and the README's curl examples) read the key from here; the file is private like the key's.
+            "admin_api_key": self.admin_key,
             "postgres_pid": postgres_pid(self.pgdata) if self._postgres_started else None,
             "children": children,
         }
         tmp = self.data_dir / f".{STATE_FILE}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.touch(mode=0o600)
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.data_dir / STATE_FILE)
 
@@ -786,6 +790,18 @@ class DemoDriver:
         raise StackError(f"demo: creating account {account.external_id} failed: HTTP {resp.status_code} "
                          f"{resp.text[:300]}")
 
+    def ensure_agents(self, stats: DemoStats) -> None:
+        """Register the agents the demo's usage names, so `creditflow agents list`, limits and pause/resume work
+        on the demo accounts as on real ones (a rerun finds them registered: 409 ``agent_exists``)."""
+        for agent in stats.account.agents:
+            resp = self.client.post("/api/v1/agents", json={
+                "account_id": stats.account_id, "id": agent, "name": agent.replace("-", " ").capitalize()})
+            body = self._json(resp)
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            if resp.status_code != 201 and not (resp.status_code == 409 and error.get("code") == "agent_exists"):
+                raise StackError(f"demo: registering agent {agent} of {stats.account.external_id} failed: "
+                                 f"HTTP {resp.status_code} {resp.text[:300]}")
+
     def track(self, stats: DemoStats) -> None:
         account = stats.account
         features = list(account.mix)
@@ -854,6 +870,7 @@ class DemoDriver:
         try:
             for stats in all_stats:
                 stats.account_id = self.ensure_account(stats.account)
+                self.ensure_agents(stats)
                 self.refresh_balance(stats)
                 self.console.print(f"  {stats.account.name:<17} {stats.account_id}", highlight=False)
                 self.top_up_if_low(stats)

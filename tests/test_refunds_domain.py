@@ -66,7 +66,7 @@ prices = st.tuples(st.integers(min_value=1, max_value=500_000),  # cents paid
 
 
 def test_bonus_package_prices() -> None:
-    """1,200 credits for 1,000 cents: the examples of the README."""
+    """1,200 credits for 1,000 cents: the examples of docs/concepts.md."""
     price = {"paid_cents": 1000, "original_micros": 1200 * MICROS_PER_CREDIT}
     assert [cents_for_micros(c * MICROS_PER_CREDIT, **price) for c in (1200, 600, 7, 1)] == [1000, 500, 5, 0]
     assert micros_for_cents(500, **price) == 600 * MICROS_PER_CREDIT

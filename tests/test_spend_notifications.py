@@ -1,6 +1,7 @@
 """Spend control end to end, through every hop: usage on the hot path -> outbox -> relay -> AccountWorkflow ->
-notification service -> the customer's HTTP endpoint. The received webhooks are signed (verified with the README
-snippet), exact, and each sent once. Real PostgreSQL, Temporal dev server, real HTTP receiver; no mocks."""
+notification service -> the customer's HTTP endpoint. The received webhooks are signed (verified with the
+snippet of docs/concepts.md), exact, and each sent once. Real PostgreSQL, Temporal dev server, real HTTP
+receiver; no mocks."""
 
 from __future__ import annotations
 

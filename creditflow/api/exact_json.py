@@ -1,6 +1,6 @@
 """Exact amounts over JSON, both ways.
 
-Convention (documented in the README): every credit amount is a JSON **number** written exactly
+Convention (documented in docs/concepts.md, "Exact money"): every credit amount is a JSON **number** written exactly
 from a Decimal: whole amounts as integers (``45230``), sub-credit amounts with their exact digits
 (``0.5``, ``4999.9``). Requests are parsed the same way (JSON numbers become Decimals, never
 floats), and decimal strings (``"2.5"``) are accepted too.

@@ -2,7 +2,7 @@
 
 The HMAC key is the account's webhook secret (the whole ``whsec_...`` string, UTF-8) and the message is
 ``"{t}.".encode() + body`` with the exact body bytes sent. Signing the timestamp lets receivers refuse
-replays of old deliveries; the receiver's check is documented in the README (a test runs that snippet).
+replays of old deliveries; the receiver's check is documented in docs/concepts.md (a test runs that snippet).
 """
 
 from __future__ import annotations
