@@ -154,3 +154,26 @@ async def test_the_cancel_link_returns_to_the_shop_and_charges_nothing(
     assert response is not None and response.status == 404
     assert await page.inner_text("h1") == "Checkout not found"
     await shot(page, "checkout-not-found")
+
+
+async def test_a_card_that_asks_for_3d_secure_is_authenticated_on_the_page_and_charged_once(
+        page: Any, live: str, shop: str, api: httpx.AsyncClient, pool: AsyncConnectionPool,
+        sdk: stripe.StripeClient) -> None:
+    """The emulator's 3-D Secure card: confirmCardSetup asks (a confirm box), then the off-session charge asks again
+    (the workflow hands back the PaymentIntent's secret; the page runs confirmCardPayment and pays again)."""
+    account, session = await _session(api, shop, amount="7.77")
+    await page.goto(session["url"])
+    await page.wait_for_selector("#card-element input[placeholder='number']")
+    await _type_card(page, "4000002500003155")
+    await page.click("#pay-button")
+    await page.wait_for_selector("text=Complete authentication")  # the card's setup asks
+    await shot(page, "checkout-3ds-setup")
+    await page.click("text=Complete authentication")
+    await page.wait_for_selector("text=Complete authentication", timeout=60_000)  # the charge asks
+    await shot(page, "checkout-3ds-charge")
+    await page.click("text=Complete authentication")
+    await page.wait_for_url(f"{shop}/billing?success=true&session_id={session['id']}", timeout=60_000)
+    await shot(page, "checkout-3ds-success")
+    assert (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"] == 5777
+    assert [c["status"] for c in await charges(pool, account)] == ["succeeded"]
+    assert await reconcile(pool, sdk, account) == 1
