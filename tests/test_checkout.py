@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.api.app import create_app
 from creditflow.config import Settings
 from creditflow.domain.topups import DEFAULT_PACKAGES, CreditPackage
+from creditflow.payments.checkout import with_session_id
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot
 from tests.test_api_auth_and_bad_input import bearer, key_for
 from tests.test_api_metering import new_account
@@ -125,6 +126,14 @@ def exact(resp: httpx.Response) -> Any:
 
 async def balance(api: httpx.AsyncClient, account: str) -> Any:
     return (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"]
+
+
+def test_the_success_url_names_the_session() -> None:
+    sid = "cs_" + "a" * 32
+    assert with_session_id("https://shop.example/done", sid) == f"https://shop.example/done?session_id={sid}"
+    assert with_session_id("https://shop.example/b?x=1&y=#f", sid) == f"https://shop.example/b?x=1&y=&session_id={sid}#f"
+    assert with_session_id("https://shop.example/ok/{CHECKOUT_SESSION_ID}?a=1", sid) == (
+        f"https://shop.example/ok/{sid}?a=1")
 
 
 # --- packages --------------------------------------------------------------------------------------------------
