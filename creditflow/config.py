@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     topup_answer_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
     topup_payment_expiry_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     topup_poll_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Hosted checkout (docs/checkout.md): Stripe.js and the publishable key the page loads (``creditflow dev`` points
+    # them at the emulator; empty key: the page says payments are not configured), how long a checkout link stays
+    # open, and the public base URL of the page (empty: the base URL the API was called on).
+    stripe_js_url: str = "https://js.stripe.com/v3/"
+    stripe_publishable_key: str = ""
+    checkout_session_expiry_seconds: int = Field(default=24 * 3600, ge=1, le=7 * 24 * 3600)
+    checkout_public_url: str = ""
 
     # Auto-recharge (issue 3): attempts per UTC day (declined or not), consecutive failures before it is
     # disabled, and the back-off after a failure (doubling from the base, capped).

@@ -599,6 +599,10 @@ class DevStack:
             "CREDITFLOW_STRIPE_API_BASE": self.stripe_url,
             "CREDITFLOW_STRIPE_API_KEY": self._stripe_key(),
             "CREDITFLOW_STRIPE_WEBHOOK_SECRET": self.webhook_secret,
+            # The hosted checkout page loads the emulator's test Stripe.js (any pk_ key is accepted there).
+            "CREDITFLOW_STRIPE_JS_URL": f"{self.stripe_url}/js.stripe.com/v3/",
+            "CREDITFLOW_STRIPE_PUBLISHABLE_KEY": (self.settings.stripe_publishable_key
+                                                  or "pk_test_creditflow_localstripe"),
             "CREDITFLOW_ADMIN_API_KEY": self.admin_key,
             "CREDITFLOW_API_HOST": HOST,
             "CREDITFLOW_API_PORT": str(self.ports.api),

@@ -55,6 +55,12 @@ STATUS_BY_CODE: dict[str, int] = {
     "payment_provider_error": 502,
     "payment_provider_unavailable": 503,
     "payment_provider_not_configured": 503,
+    # Hosted checkout (docs/checkout.md): another account's session is unknown too; an expired link is gone.
+    "unknown_checkout_session": 404,
+    "checkout_session_expired": 410,
+    "checkout_session_complete": 409,
+    "checkout_payment_canceled": 409,
+    "csrf_token_invalid": 403,
     # Refunds.
     "unknown_purchase": 404,
     "not_refundable": 422,

@@ -12,6 +12,7 @@ from creditflow.api import accounts, auto_recharge, billing, features, payment_m
 from creditflow.api.agents import router as agents_router
 from creditflow.api.alerts import router as alerts_router
 from creditflow.api.autumn import router as autumn_router
+from creditflow.api.checkout import router as checkout_router
 from creditflow.api.conventions import VersionMiddleware
 from creditflow.api.entitlements import router as entitlements_router
 from creditflow.api.error_handling import InputGuardMiddleware, UnexpectedErrorMiddleware, install_error_handlers
@@ -35,6 +36,7 @@ from creditflow.observability import health
 from creditflow.observability.asgi import AccessLogMiddleware
 from creditflow.observability.logs import log_startup
 from creditflow.payments.gateway import StripeGateway
+from creditflow.web.checkout import router as checkout_page_router
 
 DESCRIPTION = """
 Prepaid credit wallet, metering and billing. **1 credit = 1 US cent.**
@@ -114,4 +116,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(reconciliation_router)
     app.include_router(organizations_router)
     app.include_router(operator_router)  # the operator CLI's answers for an admin key (no database URL needed)
+    app.include_router(checkout_router)  # packages and checkout sessions (docs/checkout.md)
+    app.include_router(checkout_page_router)  # the hosted checkout page, /checkout/{id}
     return app

@@ -29,6 +29,13 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
     ("GET", "/readyz"),
     ("GET", "/metrics"),
     ("POST", "/api/v1/stripe/webhook"),
+    # The hosted checkout page (docs/checkout.md): the unguessable session id is the capability, its POSTs also
+    # carry the session's CSRF token.
+    ("GET", "/checkout/{session_id}"),
+    ("POST", "/checkout/{session_id}/intent"),
+    ("POST", "/checkout/{session_id}/pay"),
+    ("GET", "/checkout/static/checkout.js"),
+    ("GET", "/checkout/static/checkout.css"),
 })
 
 B = "/api/v1/billing"
@@ -100,6 +107,12 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[Scope]] = {
     ("PUT", f"{B}/billing-email"): SETTINGS,
     ("POST", f"{B}/tax-registrations"): SETTINGS,
     ("DELETE", f"{B}/tax-registrations/{{registration_id}}"): SETTINGS,
+    # Packages and hosted checkout links (docs/checkout.md): creating a link charges nothing (the buyer pays on the
+    # page), so it is a setting (issue 13 item 9).
+    ("GET", f"{B}/packages"): READ,
+    ("POST", "/api/v1/checkout/sessions"): SETTINGS,
+    ("POST", f"{B}/checkout"): SETTINGS,
+    ("GET", "/api/v1/checkout/sessions/{session_id}"): READ,
     # Money: charging a saved card (top-up, auto-recharge, plan change), the cards themselves (a card added or
     # made default is what the next charge uses), refunds of purchases.
     ("POST", f"{B}/wallet/topup"): PAYMENTS,

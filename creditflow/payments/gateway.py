@@ -92,6 +92,25 @@ def _refund(obj: Any) -> RefundState:
                        metadata={str(k): str(v) for k, v in (refund.get("metadata") or {}).items()})
 
 
+class SetupIntentState(BaseModel):
+    """A SetupIntent as the hosted checkout needs it: the card the browser confirmed (``payment_method_id``)."""
+
+    id: str
+    status: str
+    client_secret: str | None = None
+    customer_id: str | None = None
+    payment_method_id: str | None = None
+    metadata: dict[str, str] = {}
+
+
+def _setup_intent(obj: Any) -> SetupIntentState:
+    seti: dict[str, Any] = obj.to_dict()
+    return SetupIntentState(id=seti["id"], status=str(seti["status"]), client_secret=seti.get("client_secret"),
+                            customer_id=_id_of(seti.get("customer")),
+                            payment_method_id=_id_of(seti.get("payment_method")),
+                            metadata={str(k): str(v) for k, v in (seti.get("metadata") or {}).items()})
+
+
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, stripe.RateLimitError | stripe.APIConnectionError):
         return True
@@ -228,6 +247,24 @@ class StripeGateway:
             return await self.retrieve_payment_intent(payment_intent_id)
         return _payment_intent(pi)
 
+    # --- setup intents (the hosted checkout's card form) ------------------------------------------------
+
+    async def create_setup_intent(self, *, customer_id: str, metadata: dict[str, str],
+                                  idempotency_key: str) -> SetupIntentState:
+        """A SetupIntent for an off-session card of ``customer_id``: the browser confirms it with Stripe.js
+        (``confirmCardSetup``), which leaves the card on the SetupIntent (and, on Stripe, attached to the customer)."""
+        params: dict[str, Any] = {"customer": customer_id, "usage": "off_session", "payment_method_types": ["card"],
+                                  "metadata": metadata}
+        seti = await self._call(
+            lambda: self._client.v1.setup_intents.create(params=params,  # type: ignore[arg-type]
+                                                         options={"idempotency_key": idempotency_key}),
+            what="setup_intent")
+        return _setup_intent(seti)
+
+    async def retrieve_setup_intent(self, setup_intent_id: str) -> SetupIntentState:
+        return _setup_intent(await self._call(lambda: self._client.v1.setup_intents.retrieve(setup_intent_id),
+                                              what="setup_intent"))
+
     # --- refunds -------------------------------------------------------------------------------------
 
     async def create_refund(self, payment_intent_id: str, amount_cents: int, *, idempotency_key: str,
@@ -319,6 +356,8 @@ def _map_error(exc: stripe.StripeError, what: str) -> CreditflowError:
         if exc.http_status == 404 or stripe_code == "resource_missing":
             if what == "payment_method":
                 return CreditflowError("unknown_payment_method", "no such payment method")
+            if what == "setup_intent":  # named by a browser (the checkout page): its input, not our fault
+                return CreditflowError("payment_method_invalid", "no such setup intent")
             return CreditflowError("payment_provider_error", f"Stripe has no such {what}", details=details)
         if what == "payment_method":
             return CreditflowError("payment_method_invalid", exc.user_message or "the payment method is not valid",
