@@ -150,11 +150,11 @@ async def test_restarted_account_workflow_rebuilds_its_state_from_the_database(
         await skip_time(ts_env, sub.period_end - await ts_env.get_current_time() + timedelta(minutes=1), watch=handle)
         renewed = await eventually(lambda: handle.query(QUERY_STATE, result_type=AccountState),
                                    lambda s: s.subscription is not None
-                                   and s.subscription.period_index == sub.period_index + 1, timeout=30)
+                                   and s.subscription.period_index == sub.period_index + 1, timeout=120)
         assert renewed.subscription is not None
         assert (renewed.subscription.plan_id, renewed.subscription.pending_plan_id) == ("growth", None)
         [invoice] = await eventually(lambda: invoices(pool, account),
-                                     lambda rows: len(rows) == 1 and rows[0]["status"] == "paid", timeout=30)
+                                     lambda rows: len(rows) == 1 and rows[0]["status"] == "paid", timeout=120)
         # The rebuilt run (closed by its continue-as-new at the renewal) replays, and is kept as a recorded history.
         history = await client.get_workflow_handle(account_workflow_id(account), run_id=rebuilt_run).fetch_history()
         replayed = await Replayer(workflows=[AccountWorkflow], data_converter=pydantic_data_converter
