@@ -434,3 +434,39 @@ async def test_a_subscription_renewed_and_changed_grants_once_per_period(pool: A
     assert keys == ["sys:plan_grant:2026-01-31", "sys:plan_grant:2026-01-31:change1", "sys:plan_grant:2026-02-28",
                     "sys:plan_grant:2026-03-31", "sys:plan_grant:2026-04-30"]
     assert "plan_granted_once_per_period" not in by_check(await verify(pool, account))
+
+
+async def test_a_refund_or_dispute_of_an_invoice_payment_not_reflected_is_reported(pool: AsyncConnectionPool) -> None:
+    """Defect 8 (invoices): a refund made on Stripe and a dispute of an invoice payment, applied by the account
+    workflow (outbox rows applied) but not reflected on the invoice; creditflow's own refunds are not counted."""
+    account = await new_account(pool)
+    invoice_id = await _invoice(pool, account, 0)
+    pi = "pi_invoicepaid01"
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE invoices SET status = 'paid', paid_at = now(), payment_intent_id = %s"
+                           " WHERE id = %s", (pi, invoice_id))
+        rows = [(await (await conn.execute(
+            "INSERT INTO outbox (account_id, kind, dedup_key, payload, dispatched_at, applied_at)"
+            " VALUES (%s, %s, %s, %s, now(), now()) RETURNING id", (account, kind, key, Jsonb(payload)))).fetchone()
+        )["id"] for kind, key, payload in (  # type: ignore[index]
+            ("stripe.charge.refunded", "stripe:evt_inv_ref", {
+                "payment_intent_id": pi, "stripe_charge_id": "ch_1", "refunds": [
+                    {"id": "re_stripe_side", "amount": 400, "creditflow_refund_id": None},
+                    {"id": "re_ours", "amount": 100, "creditflow_refund_id": "ref_x"}]}),
+            ("stripe.charge.dispute.created", "stripe:evt_inv_dp", {
+                "payment_intent_id": pi, "stripe_charge_id": "ch_1", "dispute_id": "dp_inv", "amount": 1000,
+                "status": "needs_response"}),
+            ("stripe.charge.refunded", "stripe:evt_inv_pending", {  # not applied yet: not judged
+                "payment_intent_id": pi, "refunds": [{"id": "re_later", "amount": 1, "creditflow_refund_id": None}]}),
+        )]
+        await conn.execute("UPDATE outbox SET applied_at = NULL WHERE id = %s", (rows[2],))
+    found = by_check(await verify(pool, account))["invoice_payment_reversals_reflected"]
+    assert [(v.ids["kind"], v.ids["stripe_id"], v.ids["outbox_row_id"]) for v in found] == [
+        ("refund", "re_stripe_side", str(rows[0])), ("dispute", "dp_inv", str(rows[1]))]
+    assert found[0].message == (f"refund re_stripe_side of the payment {pi} of invoice {invoice_id} was applied "
+                                f"(outbox row {rows[0]}, stripe:evt_inv_ref) but the invoice does not reflect it")
+    async with pool.connection() as conn:  # reflected: nothing to report
+        for stripe_id, kind in (("re_stripe_side", "refund"), ("dp_inv", "dispute")):
+            await conn.execute("INSERT INTO invoice_payment_events (invoice_id, stripe_id, kind, amount_cents,"
+                               " moved_micros) VALUES (%s, %s, %s, 0, 0)", (invoice_id, stripe_id, kind))
+    assert "invoice_payment_reversals_reflected" not in by_check(await verify(pool, account))

@@ -340,6 +340,28 @@ CHECKS: tuple[Check, ...] = (
         "{repaid_micros}",
     ),
     Check(
+        "invoice_payment_reversals_reflected",
+        "Each refund made on Stripe and each dispute of an invoice payment that the account workflow applied (its "
+        "outbox row) is reflected on the invoice once (invoice_payment_events), never taken as a purchase's or "
+        "ignored: the invoice is unpaid and its credit-line restoration taken back.",
+        "SELECT o.account_id, i.id AS invoice_id, o.id AS outbox_row_id, o.dedup_key AS event,"
+        " CASE WHEN o.kind = 'stripe.charge.refunded' THEN 'refund' ELSE 'dispute' END AS kind, x.stripe_id,"
+        " o.payload ->> 'payment_intent_id' AS payment_intent_id"
+        " FROM outbox o JOIN invoices i ON i.account_id = o.account_id"
+        "  AND i.payment_intent_id = o.payload ->> 'payment_intent_id'"
+        " CROSS JOIN LATERAL (SELECT r ->> 'id' AS stripe_id FROM jsonb_array_elements("
+        "   CASE WHEN jsonb_typeof(o.payload -> 'refunds') = 'array' THEN o.payload -> 'refunds' ELSE '[]' END) r"
+        "  WHERE o.kind = 'stripe.charge.refunded' AND r ->> 'creditflow_refund_id' IS NULL"
+        "  UNION ALL SELECT o.payload ->> 'dispute_id' WHERE o.kind = 'stripe.charge.dispute.created') x"
+        " WHERE o.kind IN ('stripe.charge.refunded', 'stripe.charge.dispute.created') AND o.applied_at IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM invoice_payment_events e WHERE e.invoice_id = i.id"
+        "  AND e.stripe_id = x.stripe_id"
+        "  AND e.kind = CASE WHEN o.kind = 'stripe.charge.refunded' THEN 'refund' ELSE 'dispute' END)"
+        " AND " + _ACCOUNT.format(col="o.account_id"),
+        "{kind} {stripe_id} of the payment {payment_intent_id} of invoice {invoice_id} was applied (outbox row "
+        "{outbox_row_id}, {event}) but the invoice does not reflect it",
+    ),
+    Check(
         "credit_balance_carried_and_applied",
         "An invoice whose lines come to less than zero adds the difference to the account's credit balance, and "
         "each later invoice applies what it can of it (min(balance, billed)), in the order they were issued.",
