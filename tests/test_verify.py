@@ -369,3 +369,104 @@ async def test_a_purchase_entry_commits_with_its_charge_or_not_at_all(pool: Asyn
     assert found is not None and found["n"] == 0
     await paid_purchase(pool, account, cents=1000, credits=1000)
     assert (await verify(pool, account)).ok
+
+
+async def test_plan_credits_granted_twice_in_one_month_are_reported(pool: AsyncConnectionPool) -> None:
+    """Defect 5's double grant: a new account workflow run that forgot the subscription subscribes again (anchor:
+    now), so a second period overlapping the first one gets the plan's credits too."""
+    from activities.billing_cycle import BillingCycleActivities, StartSubscriptionInput
+    from creditflow.domain.plans import load_plan_catalog
+
+    cycle = BillingCycleActivities(pool, load_plan_catalog())
+    account = await new_account(pool)
+    first_anchor, again_at = datetime(2026, 10, 1, 10, tzinfo=UTC), datetime(2026, 10, 15, 12, tzinfo=UTC)
+    await cycle.start_subscription(StartSubscriptionInput(account_id=account, plan_id="starter",
+                                                          anchor=first_anchor, now=first_anchor))
+    assert "plan_granted_once_per_period" not in by_check(await verify(pool, account))
+    await cycle.start_subscription(StartSubscriptionInput(account_id=account, plan_id="starter",
+                                                          anchor=again_at, now=again_at))
+    async with pool.connection() as conn:
+        grants = await (await conn.execute(
+            "SELECT j.id::text AS txn, l.id AS lot FROM journal j JOIN credit_lots l ON l.txn_id = j.id"
+            " WHERE j.account_id = %s AND j.type = 'plan_grant' ORDER BY j.seq", (account,))).fetchall()
+    [violation] = by_check(await verify(pool))["plan_granted_once_per_period"]
+    assert violation.account_id == account
+    assert violation.ids == {
+        "transaction_id": grants[0]["txn"], "lot_id": grants[0]["lot"], "period_key": "2026-10-01",
+        "again_transaction_id": grants[1]["txn"], "again_lot_id": grants[1]["lot"], "again_period_key": "2026-10-15"}
+    assert violation.message == (
+        f"plan credits granted twice for one month: period 2026-10-01 (entry {grants[0]['txn']}, lot "
+        f"{grants[0]['lot']}) and the overlapping period 2026-10-15 (entry {grants[1]['txn']}, lot "
+        f"{grants[1]['lot']})")
+
+
+async def test_a_subscription_renewed_and_changed_grants_once_per_period(pool: AsyncConnectionPool) -> None:
+    """Subscribe, change plan now (a top-up keyed by the change), change at the renewal, renew twice, an anchor on
+    the 31st (periods clamped to shorter months) and a renewal retried: one grant per period, nothing reported."""
+    from activities.billing_cycle import (
+        BillingCycleActivities,
+        ChangeNowInput,
+        PendingPlanInput,
+        RenewInput,
+        StartSubscriptionInput,
+    )
+    from creditflow.domain.plans import load_plan_catalog
+
+    cycle = BillingCycleActivities(pool, load_plan_catalog())
+    account = await new_account(pool)
+    anchor = datetime(2026, 1, 31, 9, 30, tzinfo=UTC)
+    state = await cycle.start_subscription(StartSubscriptionInput(account_id=account, plan_id="starter",
+                                                                  anchor=anchor, now=anchor))
+    state = await cycle.change_plan_now(ChangeNowInput(account_id=account, subscription=state,
+                                                       new_plan_id="growth", at=anchor + timedelta(days=10)))
+    state = await cycle.set_pending_plan(PendingPlanInput(
+        account_id=account, subscription=state.model_copy(update={"pending_plan_id": "scale"})))
+    for _ in range(3):
+        renewed = await cycle.renew_subscription(RenewInput(account_id=account, subscription=state))
+        again = await cycle.renew_subscription(RenewInput(account_id=account, subscription=state))  # a retry
+        assert again.subscription == renewed.subscription
+        assert renewed.subscription is not None
+        state = renewed.subscription
+    async with pool.connection() as conn:
+        keys = [r["idempotency_key"] for r in await (await conn.execute(
+            "SELECT idempotency_key FROM journal WHERE account_id = %s AND type = 'plan_grant' ORDER BY seq",
+            (account,))).fetchall()]
+    assert keys == ["sys:plan_grant:2026-01-31", "sys:plan_grant:2026-01-31:change1", "sys:plan_grant:2026-02-28",
+                    "sys:plan_grant:2026-03-31", "sys:plan_grant:2026-04-30"]
+    assert "plan_granted_once_per_period" not in by_check(await verify(pool, account))
+
+
+async def test_a_refund_or_dispute_of_an_invoice_payment_not_reflected_is_reported(pool: AsyncConnectionPool) -> None:
+    """Defect 8 (invoices): a refund made on Stripe and a dispute of an invoice payment, applied by the account
+    workflow (outbox rows applied) but not reflected on the invoice; creditflow's own refunds are not counted."""
+    account = await new_account(pool)
+    invoice_id = await _invoice(pool, account, 0)
+    pi = "pi_invoicepaid01"
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE invoices SET status = 'paid', paid_at = now(), payment_intent_id = %s"
+                           " WHERE id = %s", (pi, invoice_id))
+        rows = [(await (await conn.execute(
+            "INSERT INTO outbox (account_id, kind, dedup_key, payload, dispatched_at, applied_at)"
+            " VALUES (%s, %s, %s, %s, now(), now()) RETURNING id", (account, kind, key, Jsonb(payload)))).fetchone()
+        )["id"] for kind, key, payload in (  # type: ignore[index]
+            ("stripe.charge.refunded", "stripe:evt_inv_ref", {
+                "payment_intent_id": pi, "stripe_charge_id": "ch_1", "refunds": [
+                    {"id": "re_stripe_side", "amount": 400, "creditflow_refund_id": None},
+                    {"id": "re_ours", "amount": 100, "creditflow_refund_id": "ref_x"}]}),
+            ("stripe.charge.dispute.created", "stripe:evt_inv_dp", {
+                "payment_intent_id": pi, "stripe_charge_id": "ch_1", "dispute_id": "dp_inv", "amount": 1000,
+                "status": "needs_response"}),
+            ("stripe.charge.refunded", "stripe:evt_inv_pending", {  # not applied yet: not judged
+                "payment_intent_id": pi, "refunds": [{"id": "re_later", "amount": 1, "creditflow_refund_id": None}]}),
+        )]
+        await conn.execute("UPDATE outbox SET applied_at = NULL WHERE id = %s", (rows[2],))
+    found = by_check(await verify(pool, account))["invoice_payment_reversals_reflected"]
+    assert [(v.ids["kind"], v.ids["stripe_id"], v.ids["outbox_row_id"]) for v in found] == [
+        ("refund", "re_stripe_side", str(rows[0])), ("dispute", "dp_inv", str(rows[1]))]
+    assert found[0].message == (f"refund re_stripe_side of the payment {pi} of invoice {invoice_id} was applied "
+                                f"(outbox row {rows[0]}, stripe:evt_inv_ref) but the invoice does not reflect it")
+    async with pool.connection() as conn:  # reflected: nothing to report
+        for stripe_id, kind in (("re_stripe_side", "refund"), ("dp_inv", "dispute")):
+            await conn.execute("INSERT INTO invoice_payment_events (invoice_id, stripe_id, kind, amount_cents,"
+                               " moved_micros) VALUES (%s, %s, %s, 0, 0)", (invoice_id, stripe_id, kind))
+    assert "invoice_payment_reversals_reflected" not in by_check(await verify(pool, account))

@@ -280,6 +280,26 @@ CHECKS: tuple[Check, ...] = (
         "plan lot {lot_id} of period {period_key} (expiring {expires_at}) still holds {remaining_micros} micros",
     ),
     Check(
+        "plan_granted_once_per_period",
+        "An account gets one plan grant per billing period: no two plan grants (a subscription's or a renewal's; an "
+        "immediate plan change's top-up is keyed by its change and not counted) cover overlapping periods.",
+        # A grant's period: its key's start date at its lot's expiry's time of day (periods start and end at the
+        # anchor's UTC time of day) up to its lot's expiry (the period's end).
+        "WITH g AS (SELECT j.account_id, j.seq, j.id::text AS transaction_id, l.id AS lot_id,"
+        " j.metadata ->> 'period_key' AS period_key, l.expires_at,"
+        " ((j.metadata ->> 'period_key')::date + (l.expires_at AT TIME ZONE 'UTC')::time) AT TIME ZONE 'UTC'"
+        "  AS starts_at"
+        " FROM journal j JOIN credit_lots l ON l.account_id = j.account_id AND l.txn_id = j.id"
+        " WHERE j.type = 'plan_grant' AND j.idempotency_key ~ '^sys:plan_grant:[0-9]{4}-[0-9]{2}-[0-9]{2}$'"
+        "  AND l.expires_at IS NOT NULL AND " + _ACCOUNT.format(col="j.account_id") + ")"
+        " SELECT a.account_id, a.transaction_id, a.lot_id, a.period_key, b.transaction_id AS again_transaction_id,"
+        " b.lot_id AS again_lot_id, b.period_key AS again_period_key FROM g a JOIN g b"
+        " ON b.account_id = a.account_id AND b.seq > a.seq"
+        "  AND b.starts_at < a.expires_at AND a.starts_at < b.expires_at",
+        "plan credits granted twice for one month: period {period_key} (entry {transaction_id}, lot {lot_id}) and "
+        "the overlapping period {again_period_key} (entry {again_transaction_id}, lot {again_lot_id})",
+    ),
+    Check(
         "overage_billed_at_most_drawn",
         "Invoices never bill more overage than the account ever drew on its credit line (each unit billed once).",
         "SELECT d.account_id, d.drawn_micros, coalesce(i.billed, 0) AS billed_micros FROM ("
@@ -318,6 +338,28 @@ CHECKS: tuple[Check, ...] = (
         " HAVING sum(j.amount_micros) > i.overage_micros OR count(*) > 1",
         "invoice {invoice_id} billed {overage_micros} micros of overage and {entries} entries gave back "
         "{repaid_micros}",
+    ),
+    Check(
+        "invoice_payment_reversals_reflected",
+        "Each refund made on Stripe and each dispute of an invoice payment that the account workflow applied (its "
+        "outbox row) is reflected on the invoice once (invoice_payment_events), never taken as a purchase's or "
+        "ignored: the invoice is unpaid and its credit-line restoration taken back.",
+        "SELECT o.account_id, i.id AS invoice_id, o.id AS outbox_row_id, o.dedup_key AS event,"
+        " CASE WHEN o.kind = 'stripe.charge.refunded' THEN 'refund' ELSE 'dispute' END AS kind, x.stripe_id,"
+        " o.payload ->> 'payment_intent_id' AS payment_intent_id"
+        " FROM outbox o JOIN invoices i ON i.account_id = o.account_id"
+        "  AND i.payment_intent_id = o.payload ->> 'payment_intent_id'"
+        " CROSS JOIN LATERAL (SELECT r ->> 'id' AS stripe_id FROM jsonb_array_elements("
+        "   CASE WHEN jsonb_typeof(o.payload -> 'refunds') = 'array' THEN o.payload -> 'refunds' ELSE '[]' END) r"
+        "  WHERE o.kind = 'stripe.charge.refunded' AND r ->> 'creditflow_refund_id' IS NULL"
+        "  UNION ALL SELECT o.payload ->> 'dispute_id' WHERE o.kind = 'stripe.charge.dispute.created') x"
+        " WHERE o.kind IN ('stripe.charge.refunded', 'stripe.charge.dispute.created') AND o.applied_at IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM invoice_payment_events e WHERE e.invoice_id = i.id"
+        "  AND e.stripe_id = x.stripe_id"
+        "  AND e.kind = CASE WHEN o.kind = 'stripe.charge.refunded' THEN 'refund' ELSE 'dispute' END)"
+        " AND " + _ACCOUNT.format(col="o.account_id"),
+        "{kind} {stripe_id} of the payment {payment_intent_id} of invoice {invoice_id} was applied (outbox row "
+        "{outbox_row_id}, {event}) but the invoice does not reflect it",
     ),
     Check(
         "credit_balance_carried_and_applied",
