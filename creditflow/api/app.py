@@ -35,6 +35,7 @@ from creditflow.observability import health
 from creditflow.observability.asgi import AccessLogMiddleware
 from creditflow.observability.logs import log_startup
 from creditflow.payments.gateway import StripeGateway
+from creditflow.web.portal import router as portal_router
 
 DESCRIPTION = """
 Prepaid credit wallet, metering and billing. **1 credit = 1 US cent.**
@@ -103,4 +104,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(reconciliation_router)
     app.include_router(organizations_router)
     app.include_router(operator_router)  # the operator CLI's answers for an admin key (no database URL needed)
+    app.include_router(portal_router)  # the customer billing portal: /portal pages, POST /api/v1/portal/sessions
     return app
