@@ -1,0 +1,217 @@
+"""The customer portal in a real browser (Debian's Chromium through Playwright) against the real stack: the app on
+a real port (uvicorn), the production Temporal worker, localstripe, PostgreSQL. Screenshots of every page are saved
+as artifacts (.data/artifacts/screenshots/portal-*.png)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+
+from creditflow.api.app import create_app
+from creditflow.config import Settings
+from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot, new_card, serve_app, shot
+from tests.test_seed_billing import past_due_invoice, succeeded_intents
+
+pytestmark = [pytest.mark.slow, pytest.mark.temporal]
+
+DECLINED_AT_CHARGE = "4000000000000341"  # localstripe: attaches, then every charge is declined
+RETURN = "https://platform.example/account"
+
+
+@pytest.fixture
+def settings(database_url: str, stripe_base: str) -> Settings:
+    return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
+                    welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
+                    stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1, topup_poll_interval_seconds=0.3,
+                    platform_name="Flowyte")
+
+
+@pytest.fixture
+async def stack(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[tuple[str, httpx.AsyncClient]]:
+    """The app on a real port and an admin client over real HTTP (the platform's backend)."""
+    async with serve_app(create_app(temporal_settings)) as base, httpx.AsyncClient(
+            base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as api:
+        yield base, api
+
+
+async def new_account(api: httpx.AsyncClient) -> str:
+    resp = await api.post("/api/v1/accounts", json={"name": "Acme", "billing_email": "billing@acme.test"})
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+async def session_url(api: httpx.AsyncClient, account: str) -> str:
+    resp = await api.post("/api/v1/portal/sessions", json={"account_id": account, "return_url": RETURN})
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["url"])
+
+
+async def attach(api: httpx.AsyncClient, sdk: stripe.StripeClient, account: str, number: str,
+                 default: bool = True) -> str:
+    resp = await api.post("/api/v1/billing/payment-methods", json={
+        "account_id": account, "payment_method_id": new_card(sdk, number), "set_default": default})
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+async def figure(page: Any, name: str) -> str:
+    return str(await page.inner_text(f"#{name}"))
+
+
+async def test_a_customer_uses_the_portal_end_to_end(
+        page: Any, stack: tuple[str, httpx.AsyncClient], sdk: stripe.StripeClient, pool: AsyncConnectionPool,
+        temporal_client: Client, temporal_settings: Settings, tmp_path: Path) -> None:
+    base, api = stack
+    account = await new_account(api)
+    declined = await attach(api, sdk, account, DECLINED_AT_CHARGE)  # the default card: every charge declined
+    good = await attach(api, sdk, account, "4242424242424242", default=False)
+    invoice = await past_due_invoice(api, temporal_client, temporal_settings, account)  # $49, declined: past due
+    assert (await api.post("/api/v1/agents", json={"account_id": account, "id": "support-bot",
+                                                   "name": "Support bot"})).status_code == 201
+
+    # Open the link: the overview, with the figures exactly.
+    response = await page.goto(await session_url(api, account))
+    assert response.status == 200 and page.url == f"{base}/portal"
+    assert await page.title() == "Overview · Flowyte"
+    assert (await figure(page, "total-credits"), await figure(page, "balance"),
+            await figure(page, "available-to-use"), await figure(page, "usage-this-period")) == (
+        "5,000", "5,000", "5,000", "0")
+    await shot(page, "portal-overview")
+
+    # Set the good card as the default.
+    await page.click("nav >> text=Payment methods")
+    assert "Default card" in await page.inner_text(f"#card-{declined}")
+    await shot(page, "portal-payment-methods")
+    await page.click(f"#card-{good} >> text=Set as default")
+    assert await page.inner_text("[role=status]") == "Default card changed."
+    assert "Default card" in await page.inner_text(f"#card-{good}")
+    assert "Default card" not in await page.inner_text(f"#card-{declined}")
+    cards = (await api.get("/api/v1/billing/payment-methods", params={"account_id": account})).json()["items"]
+    assert {c["id"]: c["is_default"] for c in cards} == {good: True, declined: False}
+
+    # Buy the Starter package (1,000 credits for $10) with the saved default card: the balance changes.
+    await page.click("nav >> text=Buy credits")
+    await shot(page, "portal-buy-credits")
+    await page.check("#pkg-starter")
+    assert await page.input_value("#payment_method_id") == good
+    await page.click("text=Add to my balance")
+    assert page.url == f"{base}/portal?ok=topup"
+    assert await page.inner_text("[role=status]") == "Payment received: your credits were added."
+    assert (await figure(page, "balance"), await figure(page, "total-credits")) == ("6,000", "6,000")
+    await shot(page, "portal-overview-after-top-up")
+    assert [(pi.amount, pi.payment_method) for pi in await succeeded_intents(sdk, pool, account)] == [(1000, good)]
+
+    # Pay the past-due invoice now (with the default card, now the good one), then download its PDF.
+    await page.click("nav >> text=Invoices")
+    assert "$49.00" in await page.inner_text(f"#due-{invoice}")
+    await shot(page, "portal-invoices-due")
+    await page.click(f"#due-{invoice} >> text=Pay now")
+    assert await page.inner_text("[role=status]") == "Invoice paid."
+    assert "paid" in await page.inner_text(f"#inv-{invoice}")
+    paid = (await api.get(f"/api/v1/billing/invoices/{invoice}", params={"account_id": account})).json()
+    assert (paid["status"], paid["amount_usd"]) == ("paid", 49)
+    await shot(page, "portal-invoices")
+    async with page.expect_download() as info:
+        await page.click(f"#inv-{invoice} >> text=Download PDF")
+    download = await info.value
+    target = tmp_path / "invoice.pdf"
+    await download.save_as(str(target))
+    assert target.read_bytes().startswith(b"%PDF") and download.suggested_filename == f"{paid['number']}.pdf"
+
+    # Pause an agent: through the account workflow, as the API does.
+    await page.click("nav >> text=Agents")
+    await page.click("#agent-support-bot >> button")
+    assert await page.inner_text("[role=status]") == "Agent paused."
+    assert (await page.inner_text("#agent-support-bot .status")).startswith("paused")
+    agent = (await api.get("/api/v1/agents/support-bot", params={"account_id": account})).json()
+    assert agent["status"] == "paused"
+    await shot(page, "portal-agents")
+
+    # The other pages render (screenshots for the reviewer); history shows the purchase.
+    await page.click("nav >> text=Balance history")
+    assert "1,000" in await page.inner_text("table")
+    await shot(page, "portal-balance-history")
+    for link, name in (("Usage", "usage"), ("Plan", "plan"), ("Auto-recharge", "auto-recharge"),
+                       ("Spend management", "spend"), ("Billing details", "details")):
+        await page.click(f"nav >> text={link}")
+        assert await page.locator("h1").count() == 1
+        await shot(page, f"portal-{name}")
+
+    # A phone-sized screen: still readable (no horizontal scrolling of the page itself).
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.goto(f"{base}/portal")
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    await shot(page, "portal-overview-phone")
+
+    # Log out: back link to the platform, and the portal is closed.
+    await page.click("text=Log out")
+    assert "signed out" in await page.inner_text("h1")
+    assert await page.get_attribute("main a", "href") == RETURN
+    response = await page.goto(f"{base}/portal")
+    assert response.status == 401
+
+
+async def test_expired_and_reused_links_are_refused(page: Any, stack: tuple[str, httpx.AsyncClient],
+                                                    temporal_settings: Settings) -> None:
+    base, api = stack
+    account = await new_account(api)
+    url = await session_url(api, account)
+    assert (await page.goto(url)).status == 200
+    again = await page.context.new_page()
+    response = await again.goto(url)
+    assert response.status == 410 and await again.inner_text("h1") == "This link was already used"
+    await shot(again, "portal-link-reused")
+    # An expired link: a server with a link lifetime of 0.6 s.
+    short = temporal_settings.model_copy(update={"portal_link_ttl_minutes": 0.01})
+    async with serve_app(create_app(short)) as short_base, httpx.AsyncClient(
+            base_url=short_base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as short_api:
+        link = await session_url(short_api, account)
+        await again.wait_for_timeout(1000)
+        fresh = await page.context.browser.new_context()
+        expired_page = await fresh.new_page()
+        response = await expired_page.goto(link)
+        assert response.status == 410 and await expired_page.inner_text("h1") == "This link has expired"
+        await shot(expired_page, "portal-link-expired")
+        await fresh.close()
+    assert base
+
+
+async def test_forged_forms_are_refused(page: Any, stack: tuple[str, httpx.AsyncClient], sdk: stripe.StripeClient,
+                                        database_url: str) -> None:
+    """Another account's card id in a form, and a form without its CSRF token: refused, nothing changed."""
+    base, api = stack
+    mine, theirs = await new_account(api), await new_account(api)
+    my_card = await attach(api, sdk, mine, "4242424242424242")
+    their_card = await attach(api, sdk, theirs, "5555555555554444")
+    await page.goto(await session_url(api, mine))
+    await page.goto(f"{base}/portal/payment-methods")
+    before = await ledger_snapshot(database_url)
+    # Point the Delete form at the other account's card.
+    await page.evaluate(f"document.querySelector('#card-{my_card} form input[name=payment_method_id]').value = "
+                        f"'{their_card}'")
+    await page.click(f"#card-{my_card} >> text=Delete")
+    assert re.search("no such payment method", await page.inner_text("[role=alert]"), re.I)
+    await shot(page, "portal-forged-card-refused")
+    theirs_listed = (await api.get("/api/v1/billing/payment-methods", params={"account_id": theirs})).json()
+    assert [c["id"] for c in theirs_listed["items"]] == [their_card]
+    # Buy credits with the other account's card.
+    await page.goto(f"{base}/portal/buy")
+    await page.evaluate(f"document.querySelector('#payment_method_id option').value = '{their_card}'")
+    await page.click("text=Add to my balance")
+    assert await page.locator("[role=alert]").count() == 1
+    # A form without the CSRF token.
+    await page.goto(f"{base}/portal/payment-methods")
+    await page.evaluate(f"document.querySelector('#card-{my_card} form input[name=csrf_token]').remove()")
+    await page.click(f"#card-{my_card} >> text=Delete")
+    assert await page.inner_text("h1") == "This form has expired"
+    mine_listed = (await api.get("/api/v1/billing/payment-methods", params={"account_id": mine})).json()
+    assert [c["id"] for c in mine_listed["items"]] == [my_card]
+    assert await ledger_snapshot(database_url) == before
