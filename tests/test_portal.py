@@ -5,6 +5,7 @@ expiry; another account's ids refused; pages show exact figures. tests/test_port
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -283,3 +284,25 @@ async def test_every_page_renders(api: httpx.AsyncClient) -> None:
     assert "<svg" in usage and "chat: 3 credits" in usage
     css = await browser.get("/portal/static/portal.css")
     assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+
+
+async def test_the_dev_demo_prints_a_portal_link_with_a_card_saved(settings: Settings, stripe_base: str) -> None:
+    """`creditflow dev --demo` ends with a portal link for a demo account that has a test card (Buy credits works)."""
+    from rich.console import Console
+
+    from creditflow.embedded import DemoDriver
+    from tests.conftest import serve_app
+
+    out = io.StringIO()
+    async with serve_app(create_app(settings)) as base:
+        driver = DemoDriver(base, ADMIN_KEY, Console(file=out, width=200), lambda: None, 3, "http://ui.test",
+                            stripe=(stripe_base, STRIPE_KEY), max_seconds=30)
+        await asyncio.to_thread(driver.run)
+        text = out.getvalue()
+        found = re.search(r"Customer billing portal of Acme Support \(opens once, within minutes\): (\S+)", text)
+        assert found, text
+        async with httpx.AsyncClient(base_url=base) as browser:
+            opened = await browser.get(found.group(1))
+            assert opened.status_code == 303, opened.text
+            page = await browser.get("/portal/buy")
+            assert page.status_code == 200 and "•••• 4242 (default)" in page.text
