@@ -306,3 +306,34 @@ async def test_the_dev_demo_prints_a_portal_link_with_a_card_saved(settings: Set
             assert opened.status_code == 303, opened.text
             page = await browser.get("/portal/buy")
             assert page.status_code == 200 and "•••• 4242 (default)" in page.text
+
+
+async def test_auto_recharge_and_billing_details_forms_save_through_the_api(api: httpx.AsyncClient,
+                                                                            sdk: stripe.StripeClient) -> None:
+    account = await new_account(api)
+    card = (await api.post("/api/v1/billing/payment-methods", json={
+        "account_id": account, "payment_method_id": new_card(sdk)})).json()["id"]
+    browser = await open_portal(api, account)
+    token = csrf_of((await browser.get("/portal/auto-recharge")).text)
+    saved = await browser.post("/portal/auto-recharge", data={"csrf_token": token, "enabled": "on",
+                                                             "threshold": "500", "recharge_amount": "2000",
+                                                             "payment_method_id": card})
+    assert (saved.status_code, saved.headers["location"]) == (303, "/portal/auto-recharge?ok=recharge")
+    got = (await api.get("/api/v1/billing/auto-recharge", params={"account_id": account})).json()
+    assert (got["enabled"], got["threshold"], got["recharge_amount"], got["payment_method_id"]) == (
+        True, 500, 2000, card)
+    assert '<span id="auto-recharge">Enabled</span>' in (await browser.get("/portal")).text
+    off = await browser.post("/portal/auto-recharge", data={"csrf_token": token})
+    assert off.status_code == 303
+    assert (await api.get("/api/v1/billing/auto-recharge", params={"account_id": account})).json()["enabled"] is False
+    address = await browser.post("/portal/details/address", data={"csrf_token": token, "company": "Acme GmbH",
+                                                                 "city": "Berlin", "country": "DE"})
+    assert address.status_code == 303, address.text
+    email = await browser.post("/portal/details/email", data={"csrf_token": token,
+                                                             "billing_email": "ap@acme.example"})
+    assert email.status_code == 303
+    profile = (await api.get("/api/v1/billing/profile", params={"account_id": account})).json()
+    assert (profile["invoice_address"]["company"], profile["invoice_address"]["country"],
+            profile["billing_email"]) == ("Acme GmbH", "DE", "ap@acme.example")
+    bad = await browser.post("/portal/details/email", data={"csrf_token": token, "billing_email": "nope"})
+    assert bad.status_code == 422

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,51 @@ async def test_forged_forms_are_refused(page: Any, stack: tuple[str, httpx.Async
     mine_listed = (await api.get("/api/v1/billing/payment-methods", params={"account_id": mine})).json()
     assert [c["id"] for c in mine_listed["items"]] == [my_card]
     assert await ledger_snapshot(database_url) == before
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, "no CSRF token in the page"
+    return found.group(1)
+
+
+async def test_a_resubmitted_buy_form_charges_once_and_a_plan_change_shows_its_proration(
+        stack: tuple[str, httpx.AsyncClient], sdk: stripe.StripeClient, pool: AsyncConnectionPool) -> None:
+    """Over HTTP against the live stack (a browser's requests without the browser): the buy form's request id makes
+    a second submission join the first top-up; an immediate plan change shows what it credited and charged."""
+    base, api = stack
+    account = await new_account(api)
+    card = await attach(api, sdk, account, "4242424242424242")
+    async with httpx.AsyncClient(base_url=base, timeout=60) as browser:
+        assert (await browser.get(await session_url(api, account))).status_code == 303
+        form_page = (await browser.get("/portal/buy")).text
+        found = re.search(r'name="request_id" value="(portal-[0-9a-f]{32})"', form_page)
+        assert found
+        form = {"csrf_token": csrf_of(form_page), "request_id": found.group(1), "package_id": "starter",
+                "amount_usd": "", "payment_method_id": card}
+        for _ in range(2):  # a double click, or the form sent again
+            resp = await browser.post("/portal/buy", data=form)
+            assert (resp.status_code, resp.headers["location"]) == (303, "/portal?ok=topup"), resp.text
+        balance = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
+        assert balance["balance"] == 6000
+        assert [pi.amount for pi in await succeeded_intents(sdk, pool, account)] == [1000]
+        # A custom amount below the minimum: the API's refusal on the page, nothing charged.
+        low = await browser.post("/portal/buy", data={**form, "request_id": "portal-low", "package_id": "custom",
+                                                      "amount_usd": "4.99"})
+        assert low.status_code == 422 and 'role="alert"' in low.text
+        assert (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"] == 6000
+
+        # Subscribe now, then change plan now: the page shows the proration the change made.
+        token = form["csrf_token"]
+        subscribed = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "starter",
+                                                              "effective": "immediately"})
+        assert subscribed.status_code == 200, subscribed.text
+        changed = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "growth",
+                                                           "effective": "immediately"})
+        assert changed.status_code == 200 and 'id="proration"' in changed.text, changed.text
+        figures = re.findall(r"<dd[^>]*>(-?\$[0-9,]+\.[0-9]{2})</dd>", changed.text)
+        credited, charged, net = (Decimal(f.replace("$", "").replace(",", "")) for f in figures)
+        assert net == charged - credited and charged > 0
+        current = (await api.get("/api/v1/billing/subscription", params={"account_id": account})).json()
+        assert current["plan_id"] == "growth"
+        assert 'id="current-plan">Growth<' in changed.text
