@@ -337,3 +337,25 @@ async def test_auto_recharge_and_billing_details_forms_save_through_the_api(api:
             profile["billing_email"]) == ("Acme GmbH", "DE", "ap@acme.example")
     bad = await browser.post("/portal/details/email", data={"csrf_token": token, "billing_email": "nope"})
     assert bad.status_code == 422
+
+
+async def test_an_agents_stop_or_use_balance_is_set_on_its_own_account_only(api: httpx.AsyncClient) -> None:
+    mine, theirs = await new_account(api), await new_account(api)
+    for account in (mine, theirs):
+        created = await api.post("/api/v1/agents", json={"account_id": account, "id": "support-bot"})
+        assert created.status_code == 201, created.text
+    browser = await open_portal(api, mine)
+    page = (await browser.get("/portal/agents")).text
+    assert '<option value="use_balance" selected>' in page
+    saved = await browser.post("/portal/agents/settings", data={"csrf_token": csrf_of(page), "agent_id": "support-bot",
+                                                               "on_plan_exhausted": "stop"})
+    assert (saved.status_code, saved.headers["location"]) == (303, "/portal/agents?ok=agent_saved")
+    agent = (await api.get("/api/v1/agents/support-bot", params={"account_id": mine})).json()
+    other = (await api.get("/api/v1/agents/support-bot", params={"account_id": theirs})).json()
+    assert (agent["on_plan_exhausted"], other["on_plan_exhausted"]) == ("stop", "use_balance")
+    bad = await browser.post("/portal/agents/settings", data={"csrf_token": csrf_of(page), "agent_id": "support-bot",
+                                                             "on_plan_exhausted": "maybe"})
+    assert bad.status_code == 422
+    unknown = await browser.post("/portal/agents/pause", data={"csrf_token": csrf_of(page), "agent_id": "nobody"})
+    assert unknown.status_code in (404, 503)  # unknown_agent before Temporal is asked
+    assert (await browser.post("/portal/agents/explode", data={"csrf_token": csrf_of(page)})).status_code == 404

@@ -129,7 +129,7 @@ async def test_a_customer_uses_the_portal_end_to_end(
 
     # Pause an agent: through the account workflow, as the API does.
     await page.click("nav >> text=Agents")
-    await page.click("#agent-support-bot >> button")
+    await page.click("#agent-support-bot form.pause button")
     assert await page.inner_text("[role=status]") == "Agent paused."
     assert (await page.inner_text("#agent-support-bot .status")).startswith("paused")
     agent = (await api.get("/api/v1/agents/support-bot", params={"account_id": account})).json()

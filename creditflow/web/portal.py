@@ -133,7 +133,8 @@ NOTICES = {
     "topup": "Payment received: your credits were added.", "topup_pending": "Payment is processing: the credits "
     "arrive when it settles.", "paid": "Invoice paid.", "pay_pending": "The payment is processing.",
     "default": "Default card changed.", "deleted": "Card removed.", "paused": "Agent paused.",
-    "resumed": "Agent resumed.", "limits": "Spend limits saved.", "recharge": "Auto-recharge saved.",
+    "resumed": "Agent resumed.", "agent_saved": "Agent saved.", "limits": "Spend limits saved.",
+    "recharge": "Auto-recharge saved.",
     "plan": "Plan changed.", "address": "Invoice address saved.", "email": "Billing email saved.",
 }
 
@@ -247,7 +248,11 @@ def page(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
                                "The form did not carry this session's security token. Go back, reload the page "
                                "and try again.", session.return_url)
             ctx.form = form
-        return await handler(ctx)
+        try:
+            return await handler(ctx)
+        except CreditflowError as exc:  # a page's own read refused (Stripe or Temporal unavailable...): say so
+            return message(request, exc.status, "This page is not available right now", exc.message,
+                           session.return_url)
 
     return endpoint
 
@@ -413,6 +418,8 @@ async def agent_list(ctx: Ctx) -> Response:
 
 
 async def agent_action(ctx: Ctx) -> Response:
+    if ctx.request.path_params["action"] == "settings":
+        return await agent_settings(ctx)
     if ctx.request.path_params["action"] not in ("pause", "resume"):
         return message(ctx.request, 404, "Not found", "There is no such page.")
     paused = ctx.request.path_params["action"] == "pause"
@@ -424,6 +431,17 @@ async def agent_action(ctx: Ctx) -> Response:
     except (CreditflowError, ValidationError) as exc:
         return await fail(ctx, agent_list, exc)
     return done("paused" if paused else "resumed", "/portal/agents")
+
+
+async def agent_settings(ctx: Ctx) -> Response:
+    """Seed 001's choice when plan credits run out: Stop, or Use Balance (the API's PATCH /agents/{id})."""
+    try:
+        req = agents_api.AgentPatch(on_plan_exhausted=ctx.form.get("on_plan_exhausted") or None)
+        await ctx.call("PATCH", "/api/v1/agents/{agent_id}", agents_api.patch_agent, ctx.form.get("agent_id", ""),
+                       req, request=ctx.request, pool=ctx.pool)
+    except (CreditflowError, ValidationError) as exc:
+        return await fail(ctx, agent_list, exc)
+    return done("agent_saved", "/portal/agents")
 
 
 async def spend(ctx: Ctx) -> Response:
