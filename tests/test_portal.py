@@ -359,3 +359,25 @@ async def test_an_agents_stop_or_use_balance_is_set_on_its_own_account_only(api:
     unknown = await browser.post("/portal/agents/pause", data={"csrf_token": csrf_of(page), "agent_id": "nobody"})
     assert unknown.status_code in (404, 503)  # unknown_agent before Temporal is asked
     assert (await browser.post("/portal/agents/explode", data={"csrf_token": csrf_of(page)})).status_code == 404
+
+
+async def test_tax_registrations_are_added_and_removed_on_the_details_page(api: httpx.AsyncClient) -> None:
+    account = await new_account(api)
+    browser = await open_portal(api, account)
+    token = csrf_of((await browser.get("/portal/details")).text)
+    added = await browser.post("/portal/details/tax-registrations", data={
+        "csrf_token": token, "tax_country": "de", "tax_description": "European VAT number", "tax_value": "DE123456789"})
+    assert (added.status_code, added.headers["location"]) == (303, "/portal/details?ok=tax_added"), added.text
+    listed = await api.get("/api/v1/billing/tax-registrations", params={"account_id": account})
+    [registration] = listed.json()["items"]
+    assert (registration["country"], registration["value"], registration["status"]) == ("DE", "DE123456789",
+                                                                                       "unverified")
+    page = (await browser.get("/portal/details")).text
+    assert "DE123456789" in page and '<span class="badge unverified">unverified</span>' in page
+    bad = await browser.post("/portal/details/tax-registrations", data={
+        "csrf_token": token, "tax_country": "XX", "tax_description": "x", "tax_value": "1"})
+    assert bad.status_code == 422
+    removed = await browser.post("/portal/details/tax-registrations/delete",
+                                 data={"csrf_token": token, "registration_id": registration["id"]})
+    assert removed.status_code == 303
+    assert (await api.get("/api/v1/billing/tax-registrations", params={"account_id": account})).json()["items"] == []

@@ -135,6 +135,7 @@ NOTICES = {
     "default": "Default card changed.", "deleted": "Card removed.", "paused": "Agent paused.",
     "resumed": "Agent resumed.", "agent_saved": "Agent saved.", "limits": "Spend limits saved.",
     "recharge": "Auto-recharge saved.",
+    "tax_added": "Tax registration added.", "tax_deleted": "Tax registration removed.",
     "plan": "Plan changed.", "address": "Invoice address saved.", "email": "Billing email saved.",
 }
 
@@ -488,6 +489,7 @@ async def usage(ctx: Ctx) -> Response:
     rollups = (await ctx.call("GET", "/api/v1/billing/usage", billing.usage, pool=ctx.pool, start=start))["items"]
     agents = (await ctx.call("GET", "/api/v1/agents", agents_api.list_agents, pool=ctx.pool))["items"]
     return ctx.render("usage.html", "usage", chart=usage_chart(rollups), rollups=rollups, agents=agents,
+                      agent_bars=agent_chart(agents),
                       period_start=balance.get("period_start"), period_end=balance.get("period_end"))
 
 
@@ -528,6 +530,17 @@ def usage_chart(rollups: list[dict[str, Any]]) -> Chart:
                          "w": (step * 8 / 10).quantize(Decimal("0.1")), "h": h, "fill": colours[channel],
                          "label": f"{day} {channel}: {_credits(value)} credits"})
     return Chart(width=width, height=height, bars=bars, legend=list(colours.items()), top=top, days=days)
+
+
+def agent_chart(agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Horizontal bars of credits per agent this month, widest first (350 px for the top one; Decimal geometry)."""
+    spent = [(a["name"] or a["id"], Decimal(a["spent_this_month"])) for a in agents]
+    top = max((v for _, v in spent), default=Decimal(0))
+    bars = []
+    for i, (label, value) in enumerate(sorted(spent, key=lambda x: -x[1])):
+        width = (value * 350 / top).quantize(Decimal("0.1")) if top else Decimal(0)
+        bars.append({"label": label, "value": value, "w": width, "tx": 176 + width, "y": 24 * i})
+    return bars
 
 
 async def plan(ctx: Ctx) -> Response:
@@ -581,8 +594,30 @@ async def buy_credits(ctx: Ctx) -> Response:
 
 
 async def details(ctx: Ctx) -> Response:
+    """Invoice address, billing email and tax registrations (the profile printed on invoices)."""
     profile = await ctx.call("GET", "/api/v1/billing/profile", invoices.get_billing_profile, pool=ctx.pool)
     return ctx.render("details.html", "details", error=error_of(ctx), profile=profile)
+
+
+async def add_tax_registration(ctx: Ctx) -> Response:
+    try:
+        req = invoices.TaxRegistrationCreate(country=ctx.form.get("tax_country", "").upper(),
+                                             description=ctx.form.get("tax_description", ""),
+                                             value=ctx.form.get("tax_value", ""))
+        await ctx.call("POST", "/api/v1/billing/tax-registrations", invoices.add_tax_registration, req,
+                       pool=ctx.pool)
+    except (CreditflowError, ValidationError) as exc:
+        return await fail(ctx, details, exc)
+    return done("tax_added", "/portal/details")
+
+
+async def delete_tax_registration(ctx: Ctx) -> Response:
+    try:
+        await ctx.call("DELETE", "/api/v1/billing/tax-registrations/{registration_id}",
+                       invoices.delete_tax_registration, ctx.form.get("registration_id", ""), pool=ctx.pool)
+    except CreditflowError as exc:
+        return await fail(ctx, details, exc)
+    return done("tax_deleted", "/portal/details")
 
 
 ADDRESS_FIELDS = ("company", "address_line1", "address_line2", "city", "postal_code", "region", "country",
@@ -636,7 +671,10 @@ for path, view, methods in [
     ("/portal/auto-recharge", save_recharge, ["POST"]), ("/portal/usage", usage, ["GET"]),
     ("/portal/plan", plan, ["GET"]), ("/portal/plan", change_plan, ["POST"]), ("/portal/buy", buy, ["GET"]),
     ("/portal/buy", buy_credits, ["POST"]), ("/portal/details", details, ["GET"]),
-    ("/portal/details/address", save_address, ["POST"]), ("/portal/details/email", save_email, ["POST"]),
+    ("/portal/details/address", save_address, ["POST"]),
+    ("/portal/details/tax-registrations", add_tax_registration, ["POST"]),
+    ("/portal/details/tax-registrations/delete", delete_tax_registration, ["POST"]),
+    ("/portal/details/email", save_email, ["POST"]),
     ("/portal/logout", logout, ["POST"]),
 ]:
     router.add_route(path, page(view), methods, include_in_schema=False)
