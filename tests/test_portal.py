@@ -381,3 +381,29 @@ async def test_tax_registrations_are_added_and_removed_on_the_details_page(api: 
                                  data={"csrf_token": token, "registration_id": registration["id"]})
     assert removed.status_code == 303
     assert (await api.get("/api/v1/billing/tax-registrations", params={"account_id": account})).json()["items"] == []
+
+
+async def test_spend_notifications_save_the_daily_threshold_and_show_the_webhook_secret_once(
+        api: httpx.AsyncClient) -> None:
+    account = await new_account(api)
+    browser = await open_portal(api, account)
+    token = csrf_of((await browser.get("/portal/spend")).text)
+    bad = await browser.post("/portal/spend/notifications", data={
+        "csrf_token": token, "daily_usage_threshold": "250", "webhook_url": "http://127.0.0.1/hook"})
+    assert bad.status_code == 422 and 'role="alert"' in bad.text
+    assert (await api.get("/api/v1/billing/alerts", params={"account_id": account})).json()[
+        "daily_usage_threshold"] is None  # nothing saved
+    saved = await browser.post("/portal/spend/notifications", data={
+        "csrf_token": token, "daily_usage_threshold": "250", "webhook_url": "https://hooks.example.com/cf"})
+    assert saved.status_code == 200, saved.text
+    secret = re.search(r'<code id="webhook-secret">([^<]+)</code>', saved.text)
+    assert secret and len(secret.group(1)) >= 20
+    channels = (await api.get("/api/v1/billing/notification-channels", params={"account_id": account})).json()
+    assert (channels["webhook_url"], channels["webhook_secret_set"]) == ("https://hooks.example.com/cf", True)
+    assert (await api.get("/api/v1/billing/alerts", params={"account_id": account})).json()[
+        "daily_usage_threshold"] == 250
+    # Saved again unchanged: no new secret, and none shown.
+    again = await browser.post("/portal/spend/notifications", data={
+        "csrf_token": token, "daily_usage_threshold": "250", "webhook_url": "https://hooks.example.com/cf"})
+    assert (again.status_code, again.headers["location"]) == (303, "/portal/spend?ok=notifications")
+    assert "webhook-secret" not in (await browser.get("/portal/spend")).text

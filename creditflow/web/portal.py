@@ -31,7 +31,18 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from creditflow.api import agents as agents_api
-from creditflow.api import auto_recharge, billing, invoices, limits, payment_methods, plans, subscription, topups
+from creditflow.api import (
+    alerts,
+    auto_recharge,
+    billing,
+    invoices,
+    limits,
+    notification_channels,
+    payment_methods,
+    plans,
+    subscription,
+    topups,
+)
 from creditflow.api.deps import get_app_settings, get_pool, require
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
@@ -135,7 +146,8 @@ NOTICES = {
     "default": "Default card changed.", "deleted": "Card removed.", "paused": "Agent paused.",
     "resumed": "Agent resumed.", "agent_saved": "Agent saved.", "limits": "Spend limits saved.",
     "recharge": "Auto-recharge saved.",
-    "tax_added": "Tax registration added.", "tax_deleted": "Tax registration removed.",
+    "notifications": "Notifications saved.", "tax_added": "Tax registration added.",
+    "tax_deleted": "Tax registration removed.",
     "plan": "Plan changed.", "address": "Invoice address saved.", "email": "Billing email saved.",
 }
 
@@ -448,7 +460,29 @@ async def agent_settings(ctx: Ctx) -> Response:
 async def spend(ctx: Ctx) -> Response:
     current = await ctx.call("GET", "/api/v1/billing/limits", limits.get_limits, pool=ctx.pool)
     used = await ctx.call("GET", "/api/v1/billing/spend", limits.get_spend, pool=ctx.pool)
-    return ctx.render("spend.html", "spend", error=error_of(ctx), limits=current, spend=used)
+    notify = await ctx.call("GET", "/api/v1/billing/alerts", alerts.get_alerts, pool=ctx.pool)
+    channels = await ctx.call("GET", "/api/v1/billing/notification-channels",
+                              notification_channels.get_notification_channels, pool=ctx.pool)
+    return ctx.render("spend.html", "spend", error=error_of(ctx), limits=current, spend=used, alerts=notify,
+                      channels=channels, webhook_secret=getattr(ctx.request.state, "webhook_secret", None))
+
+
+async def save_notifications(ctx: Ctx) -> Response:
+    """Seed 002's daily usage notification threshold and webhook URL (the API's alerts and channels code)."""
+    try:
+        threshold = alerts.AlertsRequest(daily_usage_threshold=_blank_none(ctx.form.get("daily_usage_threshold")))
+        hook = notification_channels.NotificationChannelsUpdate(webhook_url=_blank_none(ctx.form.get("webhook_url")))
+        # The webhook URL first: it is the likelier refusal (https, public host), and then nothing is saved.
+        saved = await ctx.call("PUT", "/api/v1/billing/notification-channels",
+                               notification_channels.put_notification_channels, hook, pool=ctx.pool,
+                               settings=ctx.settings)
+        await ctx.call("PUT", "/api/v1/billing/alerts", alerts.put_alerts, threshold, pool=ctx.pool)
+    except (CreditflowError, ValidationError) as exc:
+        return await fail(ctx, spend, exc)
+    if saved.get("webhook_secret"):  # shown once, by this answer only: no redirect, or it is lost
+        ctx.request.state.webhook_secret = saved["webhook_secret"]
+        return await spend(ctx)
+    return done("notifications", "/portal/spend")
 
 
 async def save_spend(ctx: Ctx) -> Response:
@@ -667,7 +701,8 @@ for path, view, methods in [
     ("/portal/payment-methods", cards, ["GET"]), ("/portal/payment-methods/default", card_default, ["POST"]),
     ("/portal/payment-methods/delete", card_delete, ["POST"]), ("/portal/agents", agent_list, ["GET"]),
     ("/portal/agents/{action:str}", agent_action, ["POST"]), ("/portal/spend", spend, ["GET"]),
-    ("/portal/spend", save_spend, ["POST"]), ("/portal/auto-recharge", recharge, ["GET"]),
+    ("/portal/spend", save_spend, ["POST"]),
+    ("/portal/spend/notifications", save_notifications, ["POST"]), ("/portal/auto-recharge", recharge, ["GET"]),
     ("/portal/auto-recharge", save_recharge, ["POST"]), ("/portal/usage", usage, ["GET"]),
     ("/portal/plan", plan, ["GET"]), ("/portal/plan", change_plan, ["POST"]), ("/portal/buy", buy, ["GET"]),
     ("/portal/buy", buy_credits, ["POST"]), ("/portal/details", details, ["GET"]),
