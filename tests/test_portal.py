@@ -145,7 +145,7 @@ async def test_the_cookie_never_authenticates_the_api(api: httpx.AsyncClient) ->
     token = browser.cookies.get("cf_portal")
     assert token
     for path in ("/api/v1/billing/balance", "/api/v1/billing/invoices"):
-        resp = await browser.get(path, cookies={"cf_portal": token})
+        resp = await browser.get(path, headers={"Cookie": f"cf_portal={token}"})
         assert (resp.status_code, resp.json()["error"]["code"]) == (401, "unauthorized"), path
     # Nor is the cookie's value an API key.
     resp = await browser.get("/api/v1/billing/balance", headers=bearer(token))
@@ -215,7 +215,7 @@ async def test_logout_ends_the_session(api: httpx.AsyncClient) -> None:
     assert out.status_code == 200 and "signed out" in out.text and f'href="{RETURN}"' in out.text
     assert 'cf_portal=""' in out.headers["set-cookie"]
     # The old cookie, replayed, opens nothing.
-    resp = await browser_of(api).get("/portal", cookies={"cf_portal": stolen})
+    resp = await browser_of(api).get("/portal", headers={"Cookie": f"cf_portal={stolen}"})
     assert resp.status_code == 401
 
 

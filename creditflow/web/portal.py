@@ -264,7 +264,7 @@ def page(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         try:
             return await handler(ctx)
         except CreditflowError as exc:  # a page's own read refused (Stripe or Temporal unavailable...): say so
-            return message(request, exc.status, "This page is not available right now", exc.message,
+            return message(request, exc.status, "This page cannot be shown", exc.message,
                            session.return_url)
 
     return endpoint
