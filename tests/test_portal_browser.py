@@ -110,6 +110,20 @@ async def test_a_customer_uses_the_portal_end_to_end(
     await shot(page, "portal-overview-after-top-up")
     assert [(pi.amount, pi.payment_method) for pi in await succeeded_intents(sdk, pool, account)] == [(1000, good)]
 
+    # Usage through the metering API (chat 40, voice 3 minutes at 10, llm 25 tokens at 0.1): the balance follows.
+    for feature, value, agent in (("chat_message", 40, "support-bot"), ("voice_minute", 3, "support-bot"),
+                                  ("llm_tokens", 25, None)):
+        tracked = await api.post("/api/v1/billing/track", json={
+            "account_id": account, "feature_id": feature, "value": value, "agent_id": agent,
+            "idempotency_key": f"use-{feature}"})
+        assert tracked.status_code == 200, tracked.text
+    await page.reload()
+    assert (await figure(page, "balance"), await figure(page, "usage-this-period")) == ("5,927.5", "72.5")
+    await page.click("nav >> text=Usage")
+    assert await page.locator("svg[role=img] rect").count() == 4  # 3 channels on one day, 1 agent
+    assert "chat: 40 credits" in await page.inner_html("svg[role=img] >> nth=0")
+    await shot(page, "portal-usage")
+
     # Pay the past-due invoice now (with the default card, now the good one), then download its PDF.
     await page.click("nav >> text=Invoices")
     assert "$49.00" in await page.inner_text(f"#due-{invoice}")
@@ -140,7 +154,7 @@ async def test_a_customer_uses_the_portal_end_to_end(
     await page.click("nav >> text=Balance history")
     assert "1,000" in await page.inner_text("table")
     await shot(page, "portal-balance-history")
-    for link, name in (("Usage", "usage"), ("Plan", "plan"), ("Auto-recharge", "auto-recharge"),
+    for link, name in (("Plan", "plan"), ("Auto-recharge", "auto-recharge"),
                        ("Spend management", "spend"), ("Billing details", "details")):
         await page.click(f"nav >> text={link}")
         assert await page.locator("h1").count() == 1

@@ -522,7 +522,8 @@ async def usage(ctx: Ctx) -> Response:
         if balance.get("period_start") else None
     rollups = (await ctx.call("GET", "/api/v1/billing/usage", billing.usage, pool=ctx.pool, start=start))["items"]
     agents = (await ctx.call("GET", "/api/v1/agents", agents_api.list_agents, pool=ctx.pool))["items"]
-    return ctx.render("usage.html", "usage", chart=usage_chart(rollups), rollups=rollups, agents=agents,
+    days = _period_days(start, datetime.now(UTC))
+    return ctx.render("usage.html", "usage", chart=usage_chart(rollups, days), rollups=rollups, agents=agents,
                       agent_bars=agent_chart(agents),
                       period_start=balance.get("period_start"), period_end=balance.get("period_end"))
 
@@ -540,11 +541,22 @@ class Chart:
     days: list[str]
 
 
-def usage_chart(rollups: list[dict[str, Any]]) -> Chart:
+def _period_days(start: datetime | None, now: datetime) -> list[str]:
+    """Every UTC day of the period so far (a day without usage is an empty slot, so the axis is time)."""
+    if start is None:
+        return []
+    first, days = start.astimezone(UTC).date(), []
+    while first <= now.date() and len(days) < 400:
+        days.append(first.isoformat())
+        first += timedelta(days=1)
+    return days
+
+
+def usage_chart(rollups: list[dict[str, Any]], period_days: list[str] | None = None) -> Chart:
     """Stacked bars of credits per day by channel; geometry in Decimal (SVG accepts decimal coordinates)."""
     channels = sorted({r["channel"] for r in rollups})
     colours = {c: CHANNEL_COLOURS[i % len(CHANNEL_COLOURS)] for i, c in enumerate(channels)}
-    days = sorted({r["date"] for r in rollups})
+    days = sorted(set(period_days or []) | {r["date"] for r in rollups})
     per_day: dict[str, dict[str, Decimal]] = {d: {} for d in days}
     for r in rollups:
         per_day[r["date"]][r["channel"]] = per_day[r["date"]].get(r["channel"], Decimal(0)) + Decimal(r["credits"])
