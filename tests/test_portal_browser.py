@@ -200,15 +200,28 @@ async def test_expired_and_reused_links_are_refused(page: Any, stack: tuple[str,
 
 
 async def test_forged_forms_are_refused(page: Any, stack: tuple[str, httpx.AsyncClient], sdk: stripe.StripeClient,
-                                        database_url: str) -> None:
-    """Another account's card id in a form, and a form without its CSRF token: refused, nothing changed."""
+                                        database_url: str, temporal_client: Client,
+                                        temporal_settings: Settings) -> None:
+    """Another account's card and invoice ids in a form or a URL, and a form without its CSRF token: refused,
+    nothing changed."""
     base, api = stack
     mine, theirs = await new_account(api), await new_account(api)
+    their_invoice = await past_due_invoice(api, temporal_client, temporal_settings, theirs)  # no card: past due
     my_card = await attach(api, sdk, mine, "4242424242424242")
-    their_card = await attach(api, sdk, theirs, "5555555555554444")
+    their_card = await attach(api, sdk, theirs, DECLINED_AT_CHARGE)  # retries their invoice: declined, still due
     await page.goto(await session_url(api, mine))
     await page.goto(f"{base}/portal/payment-methods")
+    token = await page.get_attribute("input[name=csrf_token] >> nth=0", "value")
     before = await ledger_snapshot(database_url)
+    # Their invoice: no PDF, no payment from this session (as unknown as an invoice that does not exist).
+    response = await page.goto(f"{base}/portal/invoices/{their_invoice}/pdf")
+    assert response.status == 404
+    paid = await page.request.post(f"{base}/portal/invoices/pay", form={"csrf_token": token,
+                                                                          "invoice_id": their_invoice})
+    assert paid.status == 404 and "no such invoice" in await paid.text()
+    listed = (await api.get(f"/api/v1/billing/invoices/{their_invoice}", params={"account_id": theirs})).json()
+    assert listed["status"] == "past_due"
+    await page.goto(f"{base}/portal/payment-methods")
     # Point the Delete form at the other account's card.
     await page.evaluate(f"document.querySelector('#card-{my_card} form input[name=payment_method_id]').value = "
                         f"'{their_card}'")
