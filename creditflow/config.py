@@ -130,6 +130,15 @@ class Settings(BaseSettings):
     invoice_charge_attempts: int = Field(default=4, ge=1, le=20)
     invoice_retry_interval_seconds: int = Field(default=3 * 24 * 3600, ge=1, le=90 * 24 * 3600)
 
+    # Customer portal (issue 14, docs/portal.md): a session link is valid for minutes and opens once; the session
+    # then lasts this long after the last page opened. The platform's name and logo head every page; links go to
+    # ``portal_base_url`` (the public origin of this API; empty: the origin the request came to).
+    portal_link_ttl_minutes: float = Field(default=5, gt=0, le=24 * 60)
+    portal_session_idle_minutes: float = Field(default=60, gt=0, le=24 * 60)
+    portal_base_url: str = Field(default="", max_length=500)
+    platform_name: str = Field(default="creditflow", min_length=1, max_length=100)
+    platform_logo_url: str = Field(default="", max_length=500)
+
     # Reconciliation with Stripe (ReconciliationWorkflow on a Temporal Schedule, created by the worker).
     # 0: no schedule (run `creditflow reconcile` by hand). ``stripe_list_filters``: ask Stripe to filter lists
     # by date (None: yes for Stripe itself, no when ``stripe_api_base`` points elsewhere, e.g. the emulator).

@@ -29,6 +29,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from types import FrameType
@@ -406,7 +407,7 @@ class DevStack:
                 if self.options.demo:
                     DemoDriver(self.api_url, self.admin_key, self.console, self.check_children,
                                self.options.demo_events, self.temporal_ui_url,
-                               self.settings.temporal_namespace).run()
+                               self.settings.temporal_namespace, stripe=(self.stripe_url, self._stripe_key())).run()
                     self.console.print("The stack keeps running: press [bold]Ctrl-C[/] to stop it.")
                 return self._supervise()
             except (KeyboardInterrupt, StopRequested):
@@ -761,7 +762,10 @@ class DemoDriver:
 
     def __init__(self, api_url: str, admin_key: str, console: Console, check: Callable[[], None],
                  events: int, temporal_ui_url: str, namespace: str = "default", max_seconds: float = 120.0,
-                 rate_per_second: float = 20.0, seed: int | None = None) -> None:
+                 rate_per_second: float = 20.0, seed: int | None = None,
+                 stripe: tuple[str, str] | None = None) -> None:
+        self.api_url = api_url
+        self.stripe = stripe  # (the emulator's URL, its key): a test card for the portal's demo account
         self.client = httpx.Client(base_url=api_url, timeout=10.0,
                                    headers={"Authorization": f"Bearer {admin_key}"})
         self.console = console
@@ -805,6 +809,31 @@ class DemoDriver:
             if resp.status_code != 201 and not (resp.status_code == 409 and error.get("code") == "agent_exists"):
                 raise StackError(f"demo: registering agent {agent} of {stats.account.external_id} failed: "
                                  f"HTTP {resp.status_code} {resp.text[:300]}")
+
+    def portal_link(self, stats: DemoStats) -> str | None:
+        """A customer portal link for a demo account (docs/portal.md), with a test card saved (on the emulator) so
+        that Buy credits, Pay now and Auto-recharge work there. None (and a note) if the API refuses."""
+        account = stats.account_id
+        try:
+            cards = self._json(self.client.get("/api/v1/billing/payment-methods", params={"account_id": account}))
+            if self.stripe is not None and not cards.get("items"):
+                url, key = self.stripe
+                pm = httpx.post(f"{url}/v1/payment_methods", auth=(key, ""), timeout=10.0, data={
+                    "type": "card", "card[number]": "4242424242424242", "card[exp_month]": "12",
+                    "card[exp_year]": str(datetime.now(UTC).year + 3), "card[cvc]": "123",
+                    "billing_details[name]": stats.account.name})
+                self.client.post("/api/v1/billing/payment-methods",
+                                 json={"account_id": account, "payment_method_id": pm.json()["id"]})
+            resp = self.client.post("/api/v1/portal/sessions",
+                                    json={"account_id": account, "return_url": f"{self.api_url}/docs"})
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            self.console.print(f"demo: no portal link ({exc})")
+            return None
+        body = self._json(resp)
+        if resp.status_code != 201 or not isinstance(body, dict) or not body.get("url"):
+            self.console.print(f"demo: no portal link (HTTP {resp.status_code})")
+            return None
+        return str(body["url"])
 
     def track(self, stats: DemoStats) -> None:
         account = stats.account
@@ -922,6 +951,14 @@ class DemoDriver:
                            f"in {time.monotonic() - started:.1f}s.")
         self.console.print(f"See the account workflows in the Temporal UI: "
                            f"{self.temporal_ui_url}/namespaces/{self.namespace}/workflows", soft_wrap=True)
+        portal = all_stats[0]
+        link = self.portal_link(portal)
+        if link:
+            self.console.print(f"Customer billing portal of {portal.account.name} (opens once, within minutes): "
+                               f"{link}", soft_wrap=True, highlight=False)
+            self.console.print(f"Another link: POST {self.api_url}/api/v1/portal/sessions with the admin key and "
+                               f'{{"account_id": "{portal.account_id}", "return_url": "..."}} (docs/portal.md).',
+                               soft_wrap=True, highlight=False)
         self.client.close()
 
 

@@ -37,6 +37,7 @@ from creditflow.observability.asgi import AccessLogMiddleware
 from creditflow.observability.logs import log_startup
 from creditflow.payments.gateway import StripeGateway
 from creditflow.web.checkout import router as checkout_page_router
+from creditflow.web.portal import router as portal_router
 
 DESCRIPTION = """
 Prepaid credit wallet, metering and billing. **1 credit = 1 US cent.**
@@ -118,4 +119,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(operator_router)  # the operator CLI's answers for an admin key (no database URL needed)
     app.include_router(checkout_router)  # packages and checkout sessions (docs/checkout.md)
     app.include_router(checkout_page_router)  # the hosted checkout page, /checkout/{id}
+    app.include_router(portal_router)  # the customer billing portal: /portal pages, POST /api/v1/portal/sessions
     return app

@@ -143,6 +143,10 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[Scope]] = {
     ("DELETE", "/api/v1/organizations/{organization_id}/api-keys/{key_id}"): ADMIN,
     ("POST", "/api/v1/organizations/{organization_id}/transfers"): TRANSFERS,
     ("GET", "/api/v1/organizations/{organization_id}/transfers"): READ,
+    # The customer portal (docs/portal.md): the platform opens a session for its customer. The portal's pages
+    # (/portal/*) are not API routes: the session cookie authenticates them, and each reuses an API route's
+    # handler only when this table admits PORTAL_SESSION_SCOPES to that route (creditflow/web/portal.py).
+    ("POST", "/api/v1/portal/sessions"): ADMIN,
 }
 
 # Routes that other branches of this round add (invoice payment, issue 13 item 10; the operator API, issue 15),

@@ -1,0 +1,409 @@
+"""The customer portal's session rules over HTTP (real app, real PostgreSQL, localstripe; no browser): single-use,
+short-lived links; the cookie's flags; the cookie never authenticates /api/v1; CSRF on every form; logout and idle
+expiry; another account's ids refused; pages show exact figures. tests/test_portal_browser.py drives a browser."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+
+from creditflow.api.app import create_app
+from creditflow.config import Settings
+from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot, new_card
+from tests.test_api_auth_and_bad_input import bearer, key_for
+from tests.test_api_metering import new_account, track
+
+SESSIONS = "/api/v1/portal/sessions"
+RETURN = "https://platform.example/account"
+
+
+@pytest.fixture
+def settings(database_url: str, stripe_base: str) -> Settings:
+    return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
+                    welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
+                    stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1, platform_name="Flowyte",
+                    platform_logo_url="https://platform.example/logo.png")
+
+
+async def _app_client(settings: Settings, base_url: str = "http://creditflow.test"
+                      ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url=base_url,
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+        yield app, client
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async for _, client in _app_client(settings):
+        yield client
+
+
+async def portal_link(api: httpx.AsyncClient, account: str) -> str:
+    resp = await api.post(SESSIONS, json={"account_id": account, "return_url": RETURN})
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["url"])
+
+
+def browser_of(api: httpx.AsyncClient) -> httpx.AsyncClient:
+    """A client on the same app without the admin key: what a customer's browser sends (cookies only)."""
+    return httpx.AsyncClient(transport=api._transport, base_url=api.base_url)
+
+
+async def open_portal(api: httpx.AsyncClient, account: str) -> httpx.AsyncClient:
+    browser = browser_of(api)
+    resp = await browser.get(await portal_link(api, account))
+    assert (resp.status_code, resp.headers["location"]) == (303, "/portal"), resp.text
+    return browser
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, "no CSRF token in the page"
+    return found.group(1)
+
+
+async def test_creating_a_session_is_the_platforms_and_checks_its_input(api: httpx.AsyncClient) -> None:
+    account = await new_account(api)
+    resp = await api.post(SESSIONS, json={"account_id": account, "return_url": RETURN})
+    assert resp.status_code == 201, resp.text
+    body = resp.json()
+    assert body["id"].startswith("pses_") and body["account_id"] == account and body["return_url"] == RETURN
+    assert re.fullmatch(r"http://creditflow\.test/portal/start/cf_pl_[A-Za-z0-9_\-]{43}", body["url"])
+    assert body["expires_at"]
+    # Not with an account key, even one holding every account scope.
+    everything = bearer(await key_for(api, account, "billing:read", "billing:write", "payments:write"))
+    denied = await api.post(SESSIONS, headers=everything, json={"account_id": account, "return_url": RETURN})
+    assert (denied.status_code, denied.json()["error"]["code"]) == (403, "insufficient_scope")
+    missing = await api.post(SESSIONS, json={"account_id": "acc_" + "0" * 32, "return_url": RETURN})
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "unknown_account")
+    for bad in ("javascript:alert(1)", "/relative", "ftp://x.example/", "https://", "https://a.example/\r\nx"):
+        resp = await api.post(SESSIONS, json={"account_id": account, "return_url": bad})
+        assert (resp.status_code, resp.json()["error"]["code"]) == (422, "validation_error"), bad
+    bad_id = await api.post(SESSIONS, json={"account_id": "nope", "return_url": RETURN})
+    assert bad_id.status_code == 422
+
+
+async def test_a_link_opens_once_and_sets_a_http_only_same_site_cookie_for_the_portal_only(
+        api: httpx.AsyncClient) -> None:
+    account = await new_account(api)
+    link = await portal_link(api, account)
+    browser = browser_of(api)
+    opened = await browser.get(link)
+    assert (opened.status_code, opened.headers["location"]) == (303, "/portal")
+    cookie = opened.headers["set-cookie"]
+    assert cookie.startswith("cf_portal=cf_ps_")
+    assert all(flag in cookie for flag in ("HttpOnly", "SameSite=lax", "Path=/portal"))
+    assert "Secure" not in cookie  # plain http (tests); https below
+    assert (await browser.get("/portal")).status_code == 200
+    # The same link again (another browser, or a reload of the link): refused, with a page saying why.
+    again = await browser_of(api).get(link)
+    assert again.status_code == 410 and "already used" in again.text
+    unknown = await browser_of(api).get("/portal/start/cf_pl_nothing")
+    assert unknown.status_code == 404 and "not valid" in unknown.text
+    # No cookie, no portal.
+    nobody = await browser_of(api).get("/portal")
+    assert nobody.status_code == 401 and "session has ended" in nobody.text
+
+
+async def test_over_https_the_cookie_is_secure(settings: Settings) -> None:
+    async for _, api in _app_client(settings, "https://billing.example"):
+        account = await new_account(api)
+        link = await portal_link(api, account)
+        assert link.startswith("https://billing.example/portal/start/")
+        opened = await browser_of(api).get(link)
+        assert opened.status_code == 303 and "Secure" in opened.headers["set-cookie"]
+
+
+async def test_an_expired_link_is_refused(settings: Settings) -> None:
+    async for _, api in _app_client(settings.model_copy(update={"portal_link_ttl_minutes": 0.01})):  # 0.6 s
+        account = await new_account(api)
+        link = await portal_link(api, account)
+        await asyncio.sleep(1.0)
+        resp = await browser_of(api).get(link)
+        assert resp.status_code == 410 and "expired" in resp.text
+        assert "set-cookie" not in resp.headers
+
+
+async def test_an_idle_session_ends(settings: Settings) -> None:
+    async for _, api in _app_client(settings.model_copy(update={"portal_session_idle_minutes": 0.01})):
+        browser = await open_portal(api, await new_account(api))
+        await asyncio.sleep(1.0)
+        assert (await browser.get("/portal")).status_code == 401
+
+
+async def test_the_cookie_never_authenticates_the_api(api: httpx.AsyncClient) -> None:
+    browser = await open_portal(api, await new_account(api))
+    token = browser.cookies.get("cf_portal")
+    assert token
+    for path in ("/api/v1/billing/balance", "/api/v1/billing/invoices"):
+        resp = await browser.get(path, headers={"Cookie": f"cf_portal={token}"})
+        assert (resp.status_code, resp.json()["error"]["code"]) == (401, "unauthorized"), path
+    # Nor is the cookie's value an API key.
+    resp = await browser.get("/api/v1/billing/balance", headers=bearer(token))
+    assert resp.status_code == 401
+
+
+async def test_the_overview_shows_the_figures_exactly(api: httpx.AsyncClient) -> None:
+    account = await new_account(api)
+    assert (await api.put("/api/v1/billing/limits", json={"account_id": account, "daily_limit": 300})).status_code \
+        == 200
+    assert (await track(api, account, "chat_message", 7, "u-1")).status_code == 200
+    browser = await open_portal(api, account)
+    page = (await browser.get("/portal")).text
+    balance = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
+    assert balance["balance"] == 4993  # 5,000 welcome credits, 7 chat messages at 1 credit
+    figures = dict(re.findall(r'<dd id="([a-z-]+)">([^<]*)</dd>', page))
+    assert figures["total-credits"] == "5,000"
+    assert figures["usage-this-period"] == "7"
+    assert figures["remaining-credits"] == "4,993"
+    assert figures["balance"] == "4,993"
+    assert figures["available-to-use"] == "4,993"
+    assert figures["daily-used"] == "7 of 300"
+    assert "Flowyte" in page and 'src="https://platform.example/logo.png"' in page
+    assert f'href="{RETURN}"' in page and "Log out" in page
+    assert '<span id="spend-management">Enabled</span>' in page
+    assert '<span id="auto-recharge">Disabled</span>' in page
+
+
+async def test_every_form_needs_the_sessions_csrf_token(api: httpx.AsyncClient, database_url: str) -> None:
+    account = await new_account(api)
+    browser = await open_portal(api, account)
+    token = csrf_of((await browser.get("/portal/spend")).text)
+    before = await ledger_snapshot(database_url)
+    for form in ({"daily_limit": "100"}, {"daily_limit": "100", "csrf_token": "wrong"},
+                 {"daily_limit": "100", "csrf_token": ""}):
+        resp = await browser.post("/portal/spend", data=form)
+        assert resp.status_code == 403 and "security token" in resp.text, form
+    # JSON instead of a form: refused the same way.
+    assert (await browser.post("/portal/spend", json={"daily_limit": "100", "csrf_token": token})).status_code == 403
+    limits = (await api.get("/api/v1/billing/limits", params={"account_id": account})).json()
+    assert limits["daily_limit"] is None
+    # Another session's token does not work in this one.
+    other = await open_portal(api, account)
+    other_token = csrf_of((await other.get("/portal/spend")).text)
+    assert other_token != token
+    assert (await browser.post("/portal/spend", data={"daily_limit": "100", "csrf_token": other_token})
+            ).status_code == 403
+    assert (await browser.post("/portal/logout", data={})).status_code == 403
+    assert await ledger_snapshot(database_url) == before
+    # With it: saved through the API's own code.
+    saved = await browser.post("/portal/spend", data={"daily_limit": "100", "monthly_limit": "", "per_agent_limit": "",
+                                                      "action_on_limit": "pause", "csrf_token": token})
+    assert (saved.status_code, saved.headers["location"]) == (303, "/portal/spend?ok=limits")
+    limits = (await api.get("/api/v1/billing/limits", params={"account_id": account})).json()
+    assert (limits["daily_limit"], limits["monthly_limit"]) == (100, None)
+    # Bad input: the API's refusal on the page, nothing changed.
+    bad = await browser.post("/portal/spend", data={"daily_limit": "-5", "csrf_token": token})
+    assert bad.status_code == 422 and 'role="alert"' in bad.text
+    assert (await api.get("/api/v1/billing/limits", params={"account_id": account})).json()["daily_limit"] == 100
+
+
+async def test_logout_ends_the_session(api: httpx.AsyncClient) -> None:
+    browser = await open_portal(api, await new_account(api))
+    token = csrf_of((await browser.get("/portal")).text)
+    stolen = browser.cookies.get("cf_portal")
+    out = await browser.post("/portal/logout", data={"csrf_token": token})
+    assert out.status_code == 200 and "signed out" in out.text and f'href="{RETURN}"' in out.text
+    assert 'cf_portal=""' in out.headers["set-cookie"]
+    # The old cookie, replayed, opens nothing.
+    resp = await browser_of(api).get("/portal", headers={"Cookie": f"cf_portal={stolen}"})
+    assert resp.status_code == 401
+
+
+async def test_another_accounts_ids_are_refused(api: httpx.AsyncClient, sdk: stripe.StripeClient,
+                                                database_url: str) -> None:
+    mine, theirs = await new_account(api), await new_account(api)
+    their_card = (await api.post("/api/v1/billing/payment-methods", json={
+        "account_id": theirs, "payment_method_id": new_card(sdk)})).json()["id"]
+    my_card = (await api.post("/api/v1/billing/payment-methods", json={
+        "account_id": mine, "payment_method_id": new_card(sdk, "5555555555554444")})).json()["id"]
+    browser = await open_portal(api, mine)
+    token = csrf_of((await browser.get("/portal/payment-methods")).text)
+    before = await ledger_snapshot(database_url)
+    for action in ("default", "delete"):
+        resp = await browser.post(f"/portal/payment-methods/{action}",
+                                  data={"payment_method_id": their_card, "csrf_token": token})
+        assert resp.status_code == 404 and "no such payment method" in resp.text.lower(), action
+    theirs_listed = (await api.get("/api/v1/billing/payment-methods", params={"account_id": theirs})).json()
+    assert [(c["id"], c["is_default"]) for c in theirs_listed["items"]] == [(their_card, True)]
+    # An invoice id of nobody's (or another account's: the same lookup, scoped to the account) is unknown.
+    missing = "inv_" + "1" * 32
+    assert (await browser.get(f"/portal/invoices/{missing}/pdf")).status_code == 404
+    pay = await browser.post("/portal/invoices/pay", data={"invoice_id": missing, "csrf_token": token})
+    assert pay.status_code == 404
+    assert (await browser.post("/portal/invoices/pay", data={"invoice_id": "x';--", "csrf_token": token})
+            ).status_code == 422
+    # Buying with another account's card: refused before any charge.
+    buy = await browser.post("/portal/buy", data={"package_id": "starter", "payment_method_id": their_card,
+                                                  "request_id": "portal-x", "csrf_token": token})
+    assert buy.status_code in (404, 503), buy.text  # 503: no Temporal here; either way nothing charged
+    assert await ledger_snapshot(database_url) == before
+    assert my_card
+
+
+async def test_history_pages_and_exports_csv(api: httpx.AsyncClient) -> None:
+    account = await new_account(api)
+    for i in range(30):
+        assert (await track(api, account, "chat_message", 1, f"h-{i}")).status_code == 200
+    browser = await open_portal(api, account)
+    first = (await browser.get("/portal/history")).text
+    assert first.count("<tr><td>") == 25 and "Older" in first and "Newer" not in first
+    older = re.search(r'href="(/portal/history\?after=[^"]+)"', first)
+    assert older
+    second = (await browser.get(older.group(1))).text
+    assert second.count("<tr><td>") == 6 and "Newer" in second  # 30 usage rows + the welcome bonus
+    csv_text = (await browser.get("/portal/history.csv")).text
+    lines = csv_text.strip().splitlines()
+    assert lines[0] == "id,created_at,type,description,amount_credits,balance_after_credits"
+    assert len(lines) == 32
+    assert lines[1].endswith(",-1,4970") and lines[-1].endswith(",5000,5000")
+
+
+async def test_every_page_renders(api: httpx.AsyncClient) -> None:
+    account = await new_account(api)
+    assert (await track(api, account, "chat_message", 3, "p-1", agent_id="support-bot")).status_code == 200
+    browser = await open_portal(api, account)
+    for path in ("/portal", "/portal/usage", "/portal/buy", "/portal/invoices", "/portal/payment-methods",
+                 "/portal/history", "/portal/plan", "/portal/auto-recharge", "/portal/spend", "/portal/agents",
+                 "/portal/details"):
+        resp = await browser.get(path)
+        assert resp.status_code == 200, (path, resp.text[:2000])
+        assert resp.headers["cache-control"] == "no-store" and "frame-ancestors 'none'" in \
+            resp.headers["content-security-policy"]
+        assert '<html lang="en">' in resp.text and "<h1>" in resp.text
+    usage = (await browser.get("/portal/usage")).text
+    assert "<svg" in usage and "chat: 3 credits" in usage
+    css = await browser.get("/portal/static/portal.css")
+    assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+
+
+async def test_the_dev_demo_prints_a_portal_link_with_a_card_saved(settings: Settings, stripe_base: str) -> None:
+    """`creditflow dev --demo` ends with a portal link for a demo account that has a test card (Buy credits works)."""
+    from rich.console import Console
+
+    from creditflow.embedded import DemoDriver
+    from tests.conftest import serve_app
+
+    out = io.StringIO()
+    async with serve_app(create_app(settings)) as base:
+        driver = DemoDriver(base, ADMIN_KEY, Console(file=out, width=200), lambda: None, 3, "http://ui.test",
+                            stripe=(stripe_base, STRIPE_KEY), max_seconds=30)
+        await asyncio.to_thread(driver.run)
+        text = out.getvalue()
+        found = re.search(r"Customer billing portal of Acme Support \(opens once, within minutes\): (\S+)", text)
+        assert found, text
+        async with httpx.AsyncClient(base_url=base) as browser:
+            opened = await browser.get(found.group(1))
+            assert opened.status_code == 303, opened.text
+            page = await browser.get("/portal/buy")
+            assert page.status_code == 200 and "•••• 4242 (default)" in page.text
+
+
+async def test_auto_recharge_and_billing_details_forms_save_through_the_api(api: httpx.AsyncClient,
+                                                                            sdk: stripe.StripeClient) -> None:
+    account = await new_account(api)
+    card = (await api.post("/api/v1/billing/payment-methods", json={
+        "account_id": account, "payment_method_id": new_card(sdk)})).json()["id"]
+    browser = await open_portal(api, account)
+    token = csrf_of((await browser.get("/portal/auto-recharge")).text)
+    saved = await browser.post("/portal/auto-recharge", data={"csrf_token": token, "enabled": "on",
+                                                             "threshold": "500", "recharge_amount": "2000",
+                                                             "payment_method_id": card})
+    assert (saved.status_code, saved.headers["location"]) == (303, "/portal/auto-recharge?ok=recharge")
+    got = (await api.get("/api/v1/billing/auto-recharge", params={"account_id": account})).json()
+    assert (got["enabled"], got["threshold"], got["recharge_amount"], got["payment_method_id"]) == (
+        True, 500, 2000, card)
+    assert '<span id="auto-recharge">Enabled</span>' in (await browser.get("/portal")).text
+    off = await browser.post("/portal/auto-recharge", data={"csrf_token": token})
+    assert off.status_code == 303
+    assert (await api.get("/api/v1/billing/auto-recharge", params={"account_id": account})).json()["enabled"] is False
+    address = await browser.post("/portal/details/address", data={"csrf_token": token, "company": "Acme GmbH",
+                                                                 "city": "Berlin", "country": "DE"})
+    assert address.status_code == 303, address.text
+    email = await browser.post("/portal/details/email", data={"csrf_token": token,
+                                                             "billing_email": "ap@acme.example"})
+    assert email.status_code == 303
+    profile = (await api.get("/api/v1/billing/profile", params={"account_id": account})).json()
+    assert (profile["invoice_address"]["company"], profile["invoice_address"]["country"],
+            profile["billing_email"]) == ("Acme GmbH", "DE", "ap@acme.example")
+    bad = await browser.post("/portal/details/email", data={"csrf_token": token, "billing_email": "nope"})
+    assert bad.status_code == 422
+
+
+async def test_an_agents_stop_or_use_balance_is_set_on_its_own_account_only(api: httpx.AsyncClient) -> None:
+    mine, theirs = await new_account(api), await new_account(api)
+    for account in (mine, theirs):
+        created = await api.post("/api/v1/agents", json={"account_id": account, "id": "support-bot"})
+        assert created.status_code == 201, created.text
+    browser = await open_portal(api, mine)
+    page = (await browser.get("/portal/agents")).text
+    assert '<option value="use_balance" selected>' in page
+    saved = await browser.post("/portal/agents/settings", data={"csrf_token": csrf_of(page), "agent_id": "support-bot",
+                                                               "on_plan_exhausted": "stop"})
+    assert (saved.status_code, saved.headers["location"]) == (303, "/portal/agents?ok=agent_saved")
+    agent = (await api.get("/api/v1/agents/support-bot", params={"account_id": mine})).json()
+    other = (await api.get("/api/v1/agents/support-bot", params={"account_id": theirs})).json()
+    assert (agent["on_plan_exhausted"], other["on_plan_exhausted"]) == ("stop", "use_balance")
+    bad = await browser.post("/portal/agents/settings", data={"csrf_token": csrf_of(page), "agent_id": "support-bot",
+                                                             "on_plan_exhausted": "maybe"})
+    assert bad.status_code == 422
+    unknown = await browser.post("/portal/agents/pause", data={"csrf_token": csrf_of(page), "agent_id": "nobody"})
+    assert unknown.status_code in (404, 503)  # unknown_agent before Temporal is asked
+    assert (await browser.post("/portal/agents/explode", data={"csrf_token": csrf_of(page)})).status_code == 404
+
+
+async def test_tax_registrations_are_added_and_removed_on_the_details_page(api: httpx.AsyncClient) -> None:
+    account = await new_account(api)
+    browser = await open_portal(api, account)
+    token = csrf_of((await browser.get("/portal/details")).text)
+    added = await browser.post("/portal/details/tax-registrations", data={
+        "csrf_token": token, "tax_country": "de", "tax_description": "European VAT number", "tax_value": "DE123456789"})
+    assert (added.status_code, added.headers["location"]) == (303, "/portal/details?ok=tax_added"), added.text
+    listed = await api.get("/api/v1/billing/tax-registrations", params={"account_id": account})
+    [registration] = listed.json()["items"]
+    assert (registration["country"], registration["value"], registration["status"]) == ("DE", "DE123456789",
+                                                                                       "unverified")
+    page = (await browser.get("/portal/details")).text
+    assert "DE123456789" in page and '<span class="badge unverified">unverified</span>' in page
+    bad = await browser.post("/portal/details/tax-registrations", data={
+        "csrf_token": token, "tax_country": "XX", "tax_description": "x", "tax_value": "1"})
+    assert bad.status_code == 422
+    removed = await browser.post("/portal/details/tax-registrations/delete",
+                                 data={"csrf_token": token, "registration_id": registration["id"]})
+    assert removed.status_code == 303
+    assert (await api.get("/api/v1/billing/tax-registrations", params={"account_id": account})).json()["items"] == []
+
+
+async def test_spend_notifications_save_the_daily_threshold_and_show_the_webhook_secret_once(
+        api: httpx.AsyncClient) -> None:
+    account = await new_account(api)
+    browser = await open_portal(api, account)
+    token = csrf_of((await browser.get("/portal/spend")).text)
+    bad = await browser.post("/portal/spend/notifications", data={
+        "csrf_token": token, "daily_usage_threshold": "250", "webhook_url": "http://127.0.0.1/hook"})
+    assert bad.status_code == 422 and 'role="alert"' in bad.text
+    assert (await api.get("/api/v1/billing/alerts", params={"account_id": account})).json()[
+        "daily_usage_threshold"] is None  # nothing saved
+    saved = await browser.post("/portal/spend/notifications", data={
+        "csrf_token": token, "daily_usage_threshold": "250", "webhook_url": "https://hooks.example.com/cf"})
+    assert saved.status_code == 200, saved.text
+    secret = re.search(r'<code id="webhook-secret">([^<]+)</code>', saved.text)
+    assert secret and len(secret.group(1)) >= 20
+    channels = (await api.get("/api/v1/billing/notification-channels", params={"account_id": account})).json()
+    assert (channels["webhook_url"], channels["webhook_secret_set"]) == ("https://hooks.example.com/cf", True)
+    assert (await api.get("/api/v1/billing/alerts", params={"account_id": account})).json()[
+        "daily_usage_threshold"] == 250
+    # Saved again unchanged: no new secret, and none shown.
+    again = await browser.post("/portal/spend/notifications", data={
+        "csrf_token": token, "daily_usage_threshold": "250", "webhook_url": "https://hooks.example.com/cf"})
+    assert (again.status_code, again.headers["location"]) == (303, "/portal/spend?ok=notifications")
+    assert "webhook-secret" not in (await browser.get("/portal/spend")).text
