@@ -65,11 +65,13 @@ class Settings(BaseSettings):
     topup_poll_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     # Hosted checkout (docs/checkout.md): Stripe.js and the publishable key the page loads (``creditflow dev`` points
     # them at the emulator; empty key: the page says payments are not configured), how long a checkout link stays
-    # open, and the public base URL of the page (empty: the base URL the API was called on).
+    # open.
     stripe_js_url: str = "https://js.stripe.com/v3/"
     stripe_publishable_key: str = ""
     checkout_session_expiry_seconds: int = Field(default=24 * 3600, ge=1, le=7 * 24 * 3600)
-    checkout_public_url: str = ""
+    # The public origin of this API (``https://billing.example.com``) in the links it hands out: checkout and portal
+    # links. Empty: the origin the request came to (right unless a proxy changes the host).
+    public_url: str = Field(default="", max_length=500)
 
     # Auto-recharge (issue 3): attempts per UTC day (declined or not), consecutive failures before it is
     # disabled, and the back-off after a failure (doubling from the base, capped).
@@ -132,10 +134,9 @@ class Settings(BaseSettings):
 
     # Customer portal (issue 14, docs/portal.md): a session link is valid for minutes and opens once; the session
     # then lasts this long after the last page opened. The platform's name and logo head every page; links go to
-    # ``portal_base_url`` (the public origin of this API; empty: the origin the request came to).
+    # ``public_url``.
     portal_link_ttl_minutes: float = Field(default=5, gt=0, le=24 * 60)
     portal_session_idle_minutes: float = Field(default=60, gt=0, le=24 * 60)
-    portal_base_url: str = Field(default="", max_length=500)
     platform_name: str = Field(default="creditflow", min_length=1, max_length=100)
     platform_logo_url: str = Field(default="", max_length=500)
 

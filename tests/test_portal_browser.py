@@ -19,6 +19,7 @@ from temporalio.client import Client
 from creditflow.api.app import create_app
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot, new_card, serve_app, shot
+from tests.test_checkout_browser import _type_card
 from tests.test_seed_billing import past_due_invoice, succeeded_intents
 
 pytestmark = [pytest.mark.slow, pytest.mark.temporal]
@@ -32,7 +33,8 @@ def settings(database_url: str, stripe_base: str) -> Settings:
     return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
                     welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
                     stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1, topup_poll_interval_seconds=0.3,
-                    platform_name="Flowyte")
+                    platform_name="Flowyte", stripe_js_url=f"{stripe_base}/js.stripe.com/v3/",
+                    stripe_publishable_key="pk_test_creditflow_tests")
 
 
 @pytest.fixture
@@ -172,6 +174,33 @@ async def test_a_customer_uses_the_portal_end_to_end(
     assert await page.get_attribute("main a", "href") == RETURN
     response = await page.goto(f"{base}/portal")
     assert response.status == 401
+
+
+async def test_a_new_card_pays_on_the_hosted_checkout_page_and_the_customer_comes_back(
+        page: Any, stack: tuple[str, httpx.AsyncClient], sdk: stripe.StripeClient, pool: AsyncConnectionPool) -> None:
+    """No saved card: Buy credits sends the customer to the hosted checkout page (the one card form, Stripe.js),
+    who pays there and comes back to the portal with the credits, once."""
+    base, api = stack
+    account = await new_account(api)
+    await page.goto(await session_url(api, account))
+    await page.click("nav >> text=Buy credits")
+    await page.check("#pkg-starter")
+    assert await page.input_value("#payment_method_id") == "new"
+    await page.click("text=Add to my balance")
+    await page.wait_for_url(re.compile(re.escape(f"{base}/checkout/cs_")))
+    await page.wait_for_selector("#card-element input[placeholder='number']")
+    assert await page.inner_text("#credits") == "1,000 credits"
+    await shot(page, "portal-buy-with-a-new-card")
+    await page.fill("#card-name", "Ada Lovelace")
+    await _type_card(page, "4242424242424242")
+    await page.click("#pay-button")
+    await page.wait_for_url(re.compile(re.escape(f"{base}/portal?ok=checkout&session_id=cs_")), timeout=60_000)
+    assert await page.inner_text("[role=status]") == "Payment received: your credits were added."
+    assert await figure(page, "balance") == "6,000"
+    assert [pi.amount for pi in await succeeded_intents(sdk, pool, account)] == [1000]
+    # Back to the checkout page (the back button): it is paid, nothing is charged again.
+    await page.go_back()
+    assert (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"] == 6000
 
 
 async def test_expired_and_reused_links_are_refused(page: Any, stack: tuple[str, httpx.AsyncClient],

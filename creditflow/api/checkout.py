@@ -39,7 +39,7 @@ ReturnUrl = Annotated[str, StringConstraints(min_length=1, max_length=checkout.M
 def public_base_url(settings: Settings, request: Request) -> str:
     """Where the hosted pages are served: ``checkout_public_url`` when set (behind a proxy), else the base URL the
     API was called on."""
-    return settings.checkout_public_url or str(request.base_url)
+    return (settings.public_url or str(request.base_url)).rstrip("/") + "/"
 
 
 # --- packages ------------------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ from creditflow.api import (
     subscription,
     topups,
 )
+from creditflow.api import checkout as checkout_api
+from creditflow.api.checkout import public_base_url
 from creditflow.api.deps import get_app_settings, get_pool, require
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
@@ -101,7 +103,7 @@ async def create_portal_session(req: PortalSessionCreate, request: Request,
     account = check_id(req.account_id, "acc", "account_id")
     created = await sessions.create(pool, account, req.return_url,
                                     timedelta(minutes=settings.portal_link_ttl_minutes), principal.key_id)
-    base = (settings.portal_base_url or str(request.base_url)).rstrip("/")
+    base = public_base_url(settings, request).rstrip("/")
     return respond(PortalSessionOut(id=created.id, account_id=account, url=f"{base}/portal/start/{created.token}",
                                     expires_at=created.expires_at, return_url=req.return_url), 201)
 
@@ -141,7 +143,8 @@ ENV.filters.update(credits=_credits, usd=_usd, cents=_cents, when=_when, day=lam
 
 # What a redirect after a successful form says (fixed texts: nothing from the URL is echoed).
 NOTICES = {
-    "topup": "Payment received: your credits were added.", "topup_pending": "Payment is processing: the credits "
+    "topup": "Payment received: your credits were added.", "checkout": "Payment received: your credits were added.",
+    "topup_pending": "Payment is processing: the credits "
     "arrive when it settles.", "paid": "Invoice paid.", "pay_pending": "The payment is processing.",
     "default": "Default card changed.", "deleted": "Card removed.", "paused": "Agent paused.",
     "resumed": "Agent resumed.", "agent_saved": "Agent saved.", "limits": "Spend limits saved.",
@@ -630,13 +633,31 @@ async def buy_credits(ctx: Ctx) -> Response:
             amount_usd=_blank_none(ctx.form.get("amount_usd")) if choice == "custom" else None,
             payment_method_id=ctx.form.get("payment_method_id") or None,
             request_id=ctx.form.get("request_id") or None)
+        if req.payment_method_id == NEW_CARD:
+            return await _pay_with_a_new_card(ctx, req)
         if req.payment_method_id is None:
-            raise CreditflowError("no_payment_method", "choose one of your saved cards")
+            raise CreditflowError("no_payment_method", "choose one of your saved cards or a new card")
         response = await topups.topup(req, principal=ctx.may("POST", "/api/v1/billing/wallet/topup"), pool=ctx.pool,
                                       settings=ctx.settings, request=ctx.request)
     except (CreditflowError, ValidationError) as exc:
         return await fail(ctx, buy, exc)
     return done("topup" if data(response).get("status") == "succeeded" else "topup_pending", "/portal")
+
+
+NEW_CARD = "new"  # the Buy page's "a new card" choice
+
+
+async def _pay_with_a_new_card(ctx: Ctx, req: topups.TopUpRequest) -> Response:
+    """A new card is entered on the hosted checkout page (Stripe.js; docs/checkout.md), never on a second card form:
+    the API's checkout code makes the session (the form's request id is its idempotency key, so a resubmission
+    opens the same one), the browser goes there and comes back to the overview, or to this page on cancel."""
+    base = public_base_url(ctx.settings, ctx.request).rstrip("/")
+    body = checkout_api.CheckoutSessionCreate(package_id=req.package_id, amount_usd=req.amount_usd,
+                                              success_url=f"{base}/portal?ok=checkout",
+                                              cancel_url=f"{base}/portal/buy", idempotency_key=req.request_id)
+    created = await ctx.call("POST", "/api/v1/checkout/sessions", checkout_api.create_checkout_session, body,
+                             pool=ctx.pool, settings=ctx.settings, request=ctx.request)
+    return RedirectResponse(str(created["url"]), 303, headers=SECURITY_HEADERS)
 
 
 async def details(ctx: Ctx) -> Response:
