@@ -7,8 +7,8 @@ one short transaction under the account's row lock: no Temporal on this path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.domain.money import AmountError, micros_to_credits, usage_charge_micros, validate_quantity
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_token
+from creditflow.ledger import credit_systems
 from creditflow.ledger.coalescer import coalescer_for
 from creditflow.ledger.db import RETRYABLE, to_jsonb, with_retry
 from creditflow.ledger.idempotency import request_hash
@@ -99,13 +100,61 @@ async def track(pool: AsyncConnectionPool, event: UsageEvent, *, coalesce: bool 
     """Record one usage event exactly once; a denial writes nothing and carries a reason code.
 
     Concurrent calls on the same pool share transactions (group commit, see ``coalescer``);
-    ``coalesce=False`` forces one transaction for this event alone."""
+    ``coalesce=False`` forces one transaction for this event alone.
+
+    A feature of another credit system than the default is charged to that system's balance (``credit_systems``);
+    for the default system this costs one dict lookup (the feature's system, cached per process)."""
+    if (credit_systems.cached_system(pool, event.feature_id)
+            or await credit_systems.feature_system(pool, event.feature_id)) != credit_systems.DEFAULT_SYSTEM:
+        return await _track_in_system(pool, event, coalesce)
     if coalesce:
         result = await coalescer_for(pool, track_one, track_grouped).track(event)  # type: ignore[arg-type]
     else:
         result = await track_alone(pool, event)
     record_usage(result.allowed, result.code, result.charged_micros, result.replayed)
     return result
+
+
+async def _track_in_system(pool: AsyncConnectionPool, event: UsageEvent, coalesce: bool) -> TrackResult:
+    """``track`` for a feature of a named credit system: the event goes to the account's sub-account there."""
+    routed, system = await _routed(pool, event)
+
+    async def run() -> TrackResult:
+        if coalesce:
+            return await coalescer_for(pool, track_one, track_grouped).track(routed)  # type: ignore[arg-type]
+        return await track_alone(pool, routed)
+
+    result = await run()
+    if result.code == "unknown_account":
+        result = await _without_sub_account(pool, event, system, run)
+    record_usage(result.allowed, result.code, result.charged_micros, result.replayed)
+    return replace(result, credit_system=system)
+
+
+async def _routed(pool: AsyncConnectionPool, event: UsageEvent) -> tuple[UsageEvent, str | None]:
+    """The event as the ledger sees it: on the sub-account of the feature's system (None: the default)."""
+    account, system = await credit_systems.ledger_account(pool, event.account_id, event.feature_id)
+    return (event if system is None else replace(event, account_id=account)), system
+
+
+_PRICE_SQL = "SELECT * FROM cf_price(%s, %s)"
+
+
+async def _without_sub_account(pool: AsyncConnectionPool, event: UsageEvent, system: str | None,
+                               again: Callable[[], Awaitable[TrackResult]]) -> TrackResult:
+    """An account never granted credits in ``system`` has no sub-account there: its balance is zero. The answer is
+    the one an empty balance gives (nothing is created for a refusal); a free event creates it and runs ``again``."""
+    if system is None or not await credit_systems.parent_exists(pool, event.account_id):
+        return TrackResult(False, "unknown_account")
+    price = await _fetch_one(pool, _PRICE_SQL, (event.feature_id, event.value))
+    if price["code"] != "ok":
+        return TrackResult(False, price["code"])
+    if price["charge_micros"] > 0:
+        return TrackResult(False, "insufficient_credits", 0, price["charge_micros"], exact(price["credits_per_unit"]),
+                           balance_micros=0, held_micros=0, floor_micros=0)
+    async with pool.connection() as conn, conn.transaction():
+        await credit_systems.ensure_sub_account(conn, event.account_id, system)
+    return await again()
 
 
 def configure_track(pool: AsyncConnectionPool, *, writers: int) -> None:
@@ -186,7 +235,8 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
     its account (a denied event writes nothing); results come back in input order."""
     if not events:
         return []
-    params = _event_columns(events)
+    routes = [await _routed(pool, e) for e in events]
+    params = _event_columns([routed for routed, _ in routes])
 
     async def run() -> list[TrackResult]:
         async with pool.connection() as conn:
@@ -197,6 +247,12 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
         results = await run()
     except TRACK_RETRY_ON:
         results = await with_retry(run, retry_on=TRACK_RETRY_ON)
+    for i, (routed, system) in enumerate(routes):
+        if system is not None:  # a named credit system's event: say which, and answer for a missing sub-account
+            if results[i].code == "unknown_account":
+                results[i] = await _without_sub_account(pool, events[i], system,
+                                                        lambda routed=routed: track_alone(pool, routed))
+            results[i] = replace(results[i], credit_system=system)
     for r in results:
         record_usage(r.allowed, r.code, r.charged_micros, r.replayed)
     return results
@@ -227,6 +283,13 @@ FROM (SELECT coalesce((SELECT CASE WHEN b.plan_left_micros > 0
 """
 
 
+_EMPTY_CHECK_SQL = """
+SELECT 0::bigint AS balance_micros, 0::bigint AS floor_micros, 0::bigint AS held_micros, false AS controlled,
+       p.id AS feature_id, p.integer_only, p.credits_per_unit AS rate
+FROM feature_prices p WHERE p.id = %(feature)s
+"""
+
+
 async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
                 value: object | None = None, agent_id: str | None = None) -> CheckResult:
     """May this account (agent) use this feature now, and what is left? Writes nothing.
@@ -236,12 +299,18 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
     has no rate is ``allowed: false``."""
     implicit = value is None
     quantity = ONE_UNIT if implicit else _quantity(value)
+    # A feature of a named credit system is checked against that system's balance (its sub-account).
+    parent = account_id
+    account_id, system = await credit_systems.ledger_account(pool, account_id, feature_id)
     async with pool.connection() as conn:
         row = await (await conn.execute(_CHECK_SQL, {"account": account_id, "feature": feature_id})).fetchone()
+        if row is None and system is not None and await credit_systems.parent_exists(pool, parent):
+            # Never granted credits in this system: an empty balance there.
+            row = await (await conn.execute(_EMPTY_CHECK_SQL, {"feature": feature_id})).fetchone()
     if row is None:
-        raise CreditflowError("unknown_account", f"no account {account_id}")
+        raise CreditflowError("unknown_account", f"no account {parent}")
     balances = Balances.from_micros(row["balance_micros"], row["held_micros"], row["floor_micros"])
-    result = CheckResult(allowed=False, code="ok", feature_id=feature_id, balances=balances)
+    result = CheckResult(allowed=False, code="ok", feature_id=feature_id, balances=balances, credit_system=system)
     if row["feature_id"] is None:
         result.code = "unknown_feature"
         return result
@@ -288,25 +357,63 @@ def _hold_result(row: dict[str, Any]) -> HoldResult:
 
 async def create_hold(pool: AsyncConnectionPool, event: UsageEvent, ttl_seconds: int) -> HoldResult:
     """Reserve the price of ``event.value`` units (e.g. the expected call minutes)."""
-    row = await _fetch_one(pool, "SELECT * FROM cf_hold(%s, %s, %s, %s, %s, %s, %s, %s)", (
-        event.account_id, event.feature_id, event.value, event.agent_id, ttl_seconds, event.idempotency_key,
-        event.fingerprint("hold", ttl_seconds), to_jsonb(event.metadata)), TRACK_RETRY_ON)
-    return _hold_result(row)
+    routed, system = await _routed(pool, event)
+
+    async def run() -> HoldResult:
+        row = await _fetch_one(pool, "SELECT * FROM cf_hold(%s, %s, %s, %s, %s, %s, %s, %s)", (
+            routed.account_id, event.feature_id, event.value, event.agent_id, ttl_seconds, event.idempotency_key,
+            event.fingerprint("hold", ttl_seconds), to_jsonb(event.metadata)), TRACK_RETRY_ON)
+        return _hold_result(row)
+
+    result = await run()
+    if system is None:
+        return result
+    if result.code == "unknown_account":
+        empty = await _without_sub_account(pool, event, system, _never_free)
+        if empty.code == "free":
+            result = await run()
+        else:
+            result = HoldResult(allowed=False, code=empty.code, credits_required=empty.credits_required,
+                                balances=empty.balances)
+    result.credit_system = system
+    return result
+
+
+async def _never_free() -> TrackResult:
+    """A free hold on a missing sub-account: the sub-account now exists; the caller runs the hold again."""
+    return TrackResult(False, "free")
+
+
+async def _hold_account(pool: AsyncConnectionPool, account_id: str, hold_id: str) -> str | None:
+    """The sub-account (named credit system) of ``account_id`` holding ``hold_id``, if one does."""
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT h.account_id FROM holds h JOIN accounts a ON a.id = h.account_id"
+            " WHERE h.id = %s AND a.parent_account_id = %s", (hold_id, account_id))).fetchone()
+    return None if row is None else row["account_id"]
 
 
 async def settle_hold(pool: AsyncConnectionPool, account_id: str, hold_id: str, value: object,
                       metadata: dict[str, Any] | None = None) -> TrackResult:
     """Charge the actual quantity and release the rest of the hold, atomically (idempotent)."""
-    row = await _fetch_one(pool, "SELECT * FROM cf_hold_settle(%s, %s, %s, %s)",
-                           (account_id, hold_id, _quantity(value), to_jsonb(metadata)), TRACK_RETRY_ON)
+    params = (account_id, hold_id, _quantity(value), to_jsonb(metadata))
+    row = await _fetch_one(pool, "SELECT * FROM cf_hold_settle(%s, %s, %s, %s)", params, TRACK_RETRY_ON)
     result = TrackResult.from_db(row)
+    if result.code == "unknown_hold" and (sub := await _hold_account(pool, account_id, hold_id)) is not None:
+        row = await _fetch_one(pool, "SELECT * FROM cf_hold_settle(%s, %s, %s, %s)", (sub, *params[1:]),
+                               TRACK_RETRY_ON)
+        result = replace(TrackResult.from_db(row), credit_system=sub.split(".", 1)[1])
     record_usage(result.allowed, result.code, result.charged_micros, result.replayed)
     return result
 
 
 async def release_hold(pool: AsyncConnectionPool, account_id: str, hold_id: str) -> HoldResult:
     row = await _fetch_one(pool, "SELECT * FROM cf_hold_release(%s, %s)", (account_id, hold_id))
-    return _hold_result(row)
+    result = _hold_result(row)
+    if result.code == "unknown_hold" and (sub := await _hold_account(pool, account_id, hold_id)) is not None:
+        result = _hold_result(await _fetch_one(pool, "SELECT * FROM cf_hold_release(%s, %s)", (sub, hold_id)))
+        result.credit_system = sub.split(".", 1)[1]
+    return result
 
 
 async def expire_overdue_holds(pool: AsyncConnectionPool) -> Decimal:
