@@ -302,3 +302,32 @@ async def test_verify_is_clean_with_credit_systems(api: httpx.AsyncClient) -> No
     assert one["ok"] is True and one["violations"] == [] and one["accounts_checked"] == 1
     everything = (await api.get("/api/v1/verify")).json()
     assert everything["ok"] is True and everything["violations"] == [] and everything["accounts_checked"] == 1
+
+
+async def test_each_systems_history_is_listed_apart(api: httpx.AsyncClient) -> None:
+    await transcription_system(api)
+    acc = await new_account(api)
+    await grant(api, acc, 100, "grant-1")
+    await track(api, acc, FEATURE, 10, "minutes-1", agent_id="scribe")
+    await track(api, acc, "llm_tokens", 100, "tokens-1")
+    history = (await api.get("/api/v1/billing/transactions", params={"account_id": acc, "credit_system": SYSTEM}))
+    assert history.status_code == 200, history.text
+    assert [(t["type"], t["amount"], t["balance_after"]) for t in history.json()["items"]] == [
+        ("usage", -30, 70), ("adjustment", 100, 100)]
+    assert history.json()["items"][0]["metadata"]["feature_id"] == FEATURE
+    wallet = (await api.get("/api/v1/billing/transactions", params={"account_id": acc})).json()
+    assert [(t["type"], t["amount"]) for t in wallet["items"]] == [("usage", -10), ("welcome_bonus", 5000)]
+    same = (await api.get("/api/v1/billing/transactions", params={"account_id": acc, "credit_system": "credits"}))
+    assert same.json() == wallet
+    items = (await api.get("/api/v1/billing/usage/items", params={"account_id": acc, "credit_system": SYSTEM})).json()
+    assert [(i["feature"], i["credits"], i["agent_id"]) for i in items["items"]] == [(FEATURE, 30, "scribe")]
+    rollup = (await api.get("/api/v1/billing/usage", params={"account_id": acc, "credit_system": SYSTEM})).json()
+    assert [(r["channel"], r["credits"], r["events"]) for r in rollup["items"]] == [("transcription", 30, 1)]
+    unknown = await api.get("/api/v1/billing/transactions", params={"account_id": acc, "credit_system": "nope"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_credit_system"
+    bad = await api.get("/api/v1/billing/transactions", params={"account_id": acc, "credit_system": "a\u0000b"})
+    assert bad.status_code == 422
+    # A fresh account's balance in the system has no history yet.
+    fresh = await new_account(api)
+    empty = (await api.get("/api/v1/billing/transactions", params={"account_id": fresh, "credit_system": SYSTEM}))
+    assert empty.status_code == 200 and empty.json()["items"] == [] and empty.json()["total"] == 0

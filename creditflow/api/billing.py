@@ -47,6 +47,8 @@ Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
 Writer = Annotated[Principal, Depends(require(Scope.USAGE_WRITE))]
 Crediter = Annotated[Principal, Depends(require(Scope.WALLET_CREDIT))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
+SystemQuery = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._:\-/]{1,200}$",
+                                         description="A named credit system (default: the wallet, `credits`).")]
 
 
 class TrackResponse(BaseModel):
@@ -192,15 +194,26 @@ async def transactions(
     type: Annotated[str | None, Query(pattern=r"^[a-z_]{1,40}$",
                                       description="purchase, usage, welcome_bonus, adjustment, ...")] = None,
     account_id: str | None = None, starting_after: StartingAfter = None, ending_before: EndingBefore = None,
+    credit_system: SystemQuery = None,
 ) -> ExactJSONResponse:
     """Balance history, newest first. Pages with ``starting_after`` / ``ending_before`` (a transaction id) and
-    ``has_more`` as the other lists do; ``cursor`` (the answer's ``next_cursor``) keeps working."""
-    page = await queries.transactions(pool, target_account(principal, account_id), limit=limit, cursor=cursor,
+    ``has_more`` as the other lists do; ``cursor`` (the answer's ``next_cursor``) keeps working. ``credit_system``:
+    the history of that credit system's balance (default: the wallet)."""
+    account = await _system_account(pool, target_account(principal, account_id), credit_system)
+    page = await queries.transactions(pool, account, limit=limit, cursor=cursor,
                                       type=type, page=Cursor(starting_after, ending_before))
     return respond(page)
 
 
 AgentQuery = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._:\-/]{1,200}$")]
+
+
+async def _system_account(pool: AsyncConnectionPool, account_id: str, credit_system: str | None) -> str:
+    """The ledger account whose history a list shows: the account's, or its balance in a named credit system."""
+    if credit_system is None or credit_system == credit_systems.DEFAULT_SYSTEM:
+        return account_id
+    await credit_systems.require_system(pool, credit_system)
+    return credit_systems.sub_account_id(account_id, credit_system)
 
 
 def utc(moment: datetime | None) -> datetime | None:
@@ -222,13 +235,14 @@ async def usage_items(
     principal: Reader, pool: Pool,
     start: datetime | None = None, end: datetime | None = None, agent_id: AgentQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100, account_id: str | None = None,
-    starting_after: StartingAfter = None, ending_before: EndingBefore = None,
+    starting_after: StartingAfter = None, ending_before: EndingBefore = None, credit_system: SystemQuery = None,
 ) -> ExactJSONResponse:
     """Itemized charges in a window (``start`` inclusive, ``end`` exclusive, UTC): channel,
     feature, quantity, credits, agent. Newest first; pages with ``starting_after`` / ``ending_before`` (an item
     id) and ``has_more``."""
     cursor = Cursor(starting_after, ending_before)
-    items, has_more = page_of(await queries.usage_items(pool, target_account(principal, account_id), start=utc(start),
+    account = await _system_account(pool, target_account(principal, account_id), credit_system)
+    items, has_more = page_of(await queries.usage_items(pool, account, start=utc(start),
                                                         end=utc(end), agent_id=agent_id, limit=limit + 1, page=cursor),
                               limit, cursor)
     return respond({"items": items, "has_more": has_more})
@@ -236,9 +250,10 @@ async def usage_items(
 
 @router.get("/usage", response_model=UsageRollupList, response_class=ExactJSONResponse)
 async def usage(principal: Reader, pool: Pool, start: datetime | None = None, end: datetime | None = None,
-                account_id: str | None = None) -> ExactJSONResponse:
-    """Daily (UTC) usage per channel."""
-    rollups = await queries.usage_rollups(pool, target_account(principal, account_id), start=utc(start),
+                account_id: str | None = None, credit_system: SystemQuery = None) -> ExactJSONResponse:
+    """Daily (UTC) usage per channel (``credit_system``: of that system's balance; default: the wallet)."""
+    account = await _system_account(pool, target_account(principal, account_id), credit_system)
+    rollups = await queries.usage_rollups(pool, account, start=utc(start),
                                           end=utc(end))
     return respond({"items": rollups})
 
