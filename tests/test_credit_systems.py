@@ -3,9 +3,23 @@ its own, funded by grants naming it and spent only by the features mapped to it;
 
 from __future__ import annotations
 
-import httpx
+from datetime import timedelta
+from pathlib import Path
 
-from tests.conftest import ledger_snapshot
+import httpx
+import pytest
+import stripe
+from psycopg_pool import AsyncConnectionPool
+from temporalio.testing import WorkflowEnvironment
+
+from creditflow.api.app import create_app
+from creditflow.config import Settings
+from creditflow.domain.periods import period_containing
+from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot, new_card, skip_time
+from tests.test_account_workflow import eventually
+from tests.test_billing_cycle import ANCHOR, start_account, ts_env  # noqa: F401 - ts_env: a fixture
+from workers.main import build_worker
+from workflows.contract import QUERY_STATE, UPDATE_CHANGE_PLAN, AccountState, PlanChange, SubscriptionState
 
 SYSTEM = "transcription-credits"
 FEATURE = "audio-transcription-minutes"
@@ -331,3 +345,77 @@ async def test_each_systems_history_is_listed_apart(api: httpx.AsyncClient) -> N
     fresh = await new_account(api)
     empty = (await api.get("/api/v1/billing/transactions", params={"account_id": fresh, "credit_system": SYSTEM}))
     assert empty.status_code == 200 and empty.json()["items"] == [] and empty.json()["total"] == 0
+
+
+PLANS = """
+currency: USD
+plans:
+  - id: scribe
+    name: Scribe
+    monthly_fee_usd: 10
+    included_credits: 1000
+    included_system_credits:
+      transcription-credits: 500
+"""
+
+
+async def system_journal(pool: AsyncConnectionPool, account: str) -> list[tuple[str, int]]:
+    async with pool.connection() as conn:
+        rows = await (await conn.execute("SELECT type, amount_micros FROM journal WHERE account_id = %s ORDER BY seq",
+                                         (f"{account}.{SYSTEM}",))).fetchall()
+    return [(r["type"], r["amount_micros"] // 1_000_000) for r in rows]
+
+
+@pytest.mark.temporal
+async def test_a_plan_grants_credits_in_its_system_that_expire_with_the_period(
+        ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, database_url: str,  # noqa: F811
+        stripe_base: str, sdk: stripe.StripeClient, tmp_path: Path) -> None:
+    """Seed 003: "add these credits as a product item within a product, such as 50 credits per month"."""
+    (tmp_path / "plans.yaml").write_text(PLANS)
+    settings = Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
+                        welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
+                        stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1,
+                        plans_path=tmp_path / "plans.yaml")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://creditflow.test",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as api:
+        # The catalog's credit system exists from start-up; a feature is mapped to it.
+        assert (await api.get(f"/api/v1/credit-systems/{SYSTEM}")).json()["name"] == "Transcription Credits"
+        plans = (await api.get("/api/v1/billing/plans")).json()["items"]
+        assert plans[0]["included_system_credits"] == {SYSTEM: 500}
+        feature = await api.put(f"/api/v1/features/{FEATURE}", json={
+            "channel": "transcription", "unit": "minute", "credits_per_unit": 3, "credit_system": SYSTEM})
+        assert feature.status_code == 200, feature.text
+        account = await new_account(api)
+        attached = await api.post("/api/v1/billing/payment-methods", json={"account_id": account,
+                                                                          "payment_method_id": new_card(sdk)})
+        assert attached.status_code == 201, attached.text
+        queue = f"cs-{account[-8:]}"
+        async with build_worker(ts_env.client, pool, settings, task_queue=queue):
+            handle = await start_account(ts_env.client, queue, account)
+            state: SubscriptionState = await handle.execute_update(
+                UPDATE_CHANGE_PLAN, PlanChange(plan_id="scribe", anchor=ANCHOR), result_type=SubscriptionState)
+            first = period_containing(ANCHOR, await ts_env.get_current_time())
+            wallet = await balance(api, account)
+            assert (wallet["balance"], wallet["plan_credits_remaining"]) == (6000, 1000)
+            assert wallet["credit_systems"] == [system_balance(500)]
+            used = await track(api, account, FEATURE, 10, "minutes-1")
+            assert used.json()["balance"] == 470 and used.json()["credit_system"] == SYSTEM
+            assert (await balance(api, account))["plan_credits_remaining"] == 1000  # the wallet's plan credits
+
+            await skip_time(ts_env, state.period_end - await ts_env.get_current_time() + timedelta(minutes=1))
+
+            def renewed(s: AccountState) -> bool:
+                return s.subscription is not None and s.subscription.period_index == first.index + 1
+
+            await eventually(lambda: handle.query(QUERY_STATE, result_type=AccountState), renewed, timeout=60)
+            await eventually(lambda: system_journal(pool, account), lambda rows: len(rows) == 4, timeout=30)
+        assert await system_journal(pool, account) == [
+            ("plan_grant", 500), ("usage", -30), ("plan_expiry", -470), ("plan_grant", 500)]
+        wallet = await balance(api, account)
+        assert wallet["credit_systems"] == [system_balance(500)] and wallet["plan_credits_remaining"] == 1000
+        report = (await api.get("/api/v1/verify", params={"account_id": account})).json()
+        assert report["ok"] is True, report["violations"]
+
+
