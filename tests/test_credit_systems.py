@@ -3,6 +3,7 @@ its own, funded by grants naming it and spent only by the features mapped to it;
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 
@@ -162,6 +163,17 @@ async def test_usage_of_a_mapped_feature_moves_only_its_systems_balance(api: htt
                                                   "idempotency_key": "event-1"})
     assert event.status_code == 200 and event.json()["balance"] == 9967
     assert (await balance(api, acc))["balance"] == 4990
+    # The Autumn drop-in reports the balance the feature draws on, under the system's id.
+    autumn = await api.post("/api/v1/check", json={"customer_id": acc, "feature_id": FEATURE, "required_balance": 2})
+    assert autumn.status_code == 200, autumn.text
+    assert (autumn.json()["allowed"], autumn.json()["balance"]["feature_id"],
+            autumn.json()["balance"]["current_balance"]) == (True, SYSTEM, 9967)
+    autumn_plain = (await api.post("/api/v1/check", json={"customer_id": acc, "feature_id": "llm_tokens"})).json()
+    assert (autumn_plain["balance"]["feature_id"], autumn_plain["balance"]["current_balance"]) == ("credits", 4990)
+    fresh = await new_account(api)
+    empty = (await api.post("/api/v1/check", json={"customer_id": fresh, "feature_id": FEATURE})).json()
+    assert (empty["allowed"], empty["balance"]["feature_id"], empty["balance"]["current_balance"]) == (
+        False, SYSTEM, 0)
 
     # An account key sees the same (its own account only).
     headers = await key_for(api, acc, "billing:read", "usage:write")
@@ -172,7 +184,7 @@ async def test_usage_of_a_mapped_feature_moves_only_its_systems_balance(api: htt
     assert own.status_code == 200 and own.json()["balance"] == 9961
     # The account list shows accounts, not their per-system balances.
     listed = (await api.get("/api/v1/accounts", params={"limit": 100})).json()["items"]
-    assert [a["id"] for a in listed] == [acc]
+    assert [a["id"] for a in listed] == [fresh, acc]
 
 
 async def test_an_account_without_a_system_balance_is_refused_even_with_wallet_credits(
@@ -345,6 +357,18 @@ async def test_each_systems_history_is_listed_apart(api: httpx.AsyncClient) -> N
     fresh = await new_account(api)
     empty = (await api.get("/api/v1/billing/transactions", params={"account_id": fresh, "credit_system": SYSTEM}))
     assert empty.status_code == 200 and empty.json()["items"] == [] and empty.json()["total"] == 0
+
+
+async def test_concurrent_usage_never_takes_a_system_below_zero(api: httpx.AsyncClient) -> None:
+    await transcription_system(api)
+    acc = await new_account(api)
+    await grant(api, acc, 30, "grant-1")  # ten minutes' worth
+    answers = await asyncio.gather(*(track(api, acc, FEATURE, 1, f"minute-{i}") for i in range(25)))
+    assert sorted(a.status_code for a in answers) == [200] * 10 + [402] * 15
+    wallet = await balance(api, acc)
+    assert wallet["credit_systems"] == [system_balance(0)] and wallet["balance"] == 5000
+    report = (await api.get("/api/v1/verify", params={"account_id": acc})).json()
+    assert report["ok"] is True, report["violations"]
 
 
 PLANS = """
