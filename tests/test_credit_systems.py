@@ -371,6 +371,42 @@ async def test_concurrent_usage_never_takes_a_system_below_zero(api: httpx.Async
     assert report["ok"] is True, report["violations"]
 
 
+async def test_a_paused_agent_spends_nothing_in_any_system(api: httpx.AsyncClient, pool: AsyncConnectionPool,
+                                                           database_url: str) -> None:
+    from creditflow.ledger import agents
+
+    await transcription_system(api)
+    acc = await new_account(api)
+    await grant(api, acc, 100, "grant-1")
+    created = await api.post("/api/v1/agents", json={"account_id": acc, "id": "scribe"})
+    assert created.status_code == 201, created.text
+    first = await track(api, acc, FEATURE, 1, "minutes-1", agent_id="scribe")
+    assert first.status_code == 200
+    await agents.set_status(pool, acc, "scribe", paused=True, actor="operator", reason="test")
+    before = await ledger_snapshot(database_url)
+    paused = await track(api, acc, FEATURE, 1, "minutes-2", agent_id="scribe")
+    assert (paused.status_code, paused.json()["code"], paused.json()["credit_system"]) == (403, "agent_paused", SYSTEM)
+    check = (await api.post("/api/v1/billing/check", json={"account_id": acc, "feature_id": FEATURE,
+                                                           "agent_id": "scribe"})).json()
+    assert (check["allowed"], check["code"]) == (False, "agent_paused")
+    hold = await api.post("/api/v1/billing/holds", json={"account_id": acc, "feature_id": FEATURE, "value": 1,
+                                                         "agent_id": "scribe", "idempotency_key": "hold-1"})
+    assert (hold.status_code, hold.json()["code"]) == (403, "agent_paused")
+    batch = (await api.post("/api/v1/billing/track/batch", json={"events": [
+        {"account_id": acc, "feature_id": FEATURE, "value": 1, "agent_id": "scribe", "idempotency_key": "minutes-3"},
+        {"account_id": acc, "feature_id": FEATURE, "value": 1, "agent_id": "other", "idempotency_key": "minutes-4"},
+    ]})).json()
+    assert [r["code"] for r in batch["results"]] == ["agent_paused", "ok"]
+    # What it recorded before the pause still replays; the wallet refuses it too, as always.
+    replay = await track(api, acc, FEATURE, 1, "minutes-1", agent_id="scribe")
+    assert replay.status_code == 200 and replay.json()["replayed"] is True
+    wallet = await track(api, acc, "chat_message", 1, "chat-1", agent_id="scribe")
+    assert wallet.json()["code"] == "agent_paused"
+    after = await ledger_snapshot(database_url)
+    assert after["journal"][0] == before["journal"][0] + 1  # only the other agent's event
+    assert (await balance(api, acc))["credit_systems"] == [system_balance(94)]
+
+
 PLANS = """
 currency: USD
 plans:

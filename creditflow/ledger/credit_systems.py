@@ -89,6 +89,17 @@ async def parent_exists(pool: AsyncConnectionPool, account_id: str) -> bool:
     return row is not None
 
 
+async def agent_paused(pool: AsyncConnectionPool, account_id: str, agent_id: str | None) -> bool:
+    """Whether the account's agent is paused: a paused agent spends nothing, in any credit system (spend limits
+    themselves apply to the wallet only)."""
+    if agent_id is None:
+        return False
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT 1 FROM agents WHERE account_id = %s AND id = %s AND status = 'paused'",
+                                        (account_id, agent_id))).fetchone()
+    return row is not None
+
+
 async def ensure_sub_account(conn: AsyncConnection[Any], account_id: str, system_id: str) -> str:
     """The account's sub-account in ``system_id``, created (empty, floor zero) if it is not there yet."""
     sub = sub_account_id(account_id, system_id)

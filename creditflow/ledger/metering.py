@@ -118,6 +118,8 @@ async def track(pool: AsyncConnectionPool, event: UsageEvent, *, coalesce: bool 
 async def _track_in_system(pool: AsyncConnectionPool, event: UsageEvent, coalesce: bool) -> TrackResult:
     """``track`` for a feature of a named credit system: the event goes to the account's sub-account there."""
     routed, system = await _routed(pool, event)
+    if await _paused_new(pool, routed):
+        return TrackResult(False, "agent_paused", credit_system=system)
 
     async def run() -> TrackResult:
         if coalesce:
@@ -236,17 +238,26 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
     if not events:
         return []
     routes = [await _routed(pool, e) for e in events]
-    params = _event_columns([routed for routed, _ in routes])
+    # A paused agent's new events in a named credit system are refused before the batch (the wallet's own are
+    # refused inside it, by cf_track); its replays still replay.
+    refused = {i for i, (routed, system) in enumerate(routes) if system is not None and await _paused_new(pool, routed)}
+    run_idx = [i for i in range(len(events)) if i not in refused]
+    params = _event_columns([routes[i][0] for i in run_idx])
 
     async def run() -> list[TrackResult]:
         async with pool.connection() as conn:
             rows = await (await conn.execute(_BATCH_SQL, params)).fetchall()
         return [TrackResult.from_db(row) for row in rows]
 
-    try:
-        results = await run()
-    except TRACK_RETRY_ON:
-        results = await with_retry(run, retry_on=TRACK_RETRY_ON)
+    ran: list[TrackResult] = []
+    if run_idx:
+        try:
+            ran = await run()
+        except TRACK_RETRY_ON:
+            ran = await with_retry(run, retry_on=TRACK_RETRY_ON)
+    results = [TrackResult(False, "agent_paused")] * len(events)
+    for i, result in zip(run_idx, ran, strict=True):
+        results[i] = result
     for i, (routed, system) in enumerate(routes):
         if system is not None:  # a named credit system's event: say which, and answer for a missing sub-account
             if results[i].code == "unknown_account":
@@ -256,6 +267,20 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
     for r in results:
         record_usage(r.allowed, r.code, r.charged_micros, r.replayed)
     return results
+
+
+async def _paused_new(pool: AsyncConnectionPool, routed: UsageEvent) -> bool:
+    """A named credit system's event (``routed``: on its sub-account) of a paused agent that was not recorded
+    before the pause: refused (``agent_paused``). One query, only for events that name an agent."""
+    if routed.agent_id is None:
+        return False
+    parent = routed.account_id.split(".", 1)[0]
+    if not await credit_systems.agent_paused(pool, parent, routed.agent_id):
+        return False
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT 1 FROM journal WHERE account_id = %s AND idempotency_key = %s",
+                                        (routed.account_id, routed.idempotency_key))).fetchone()
+    return row is None
 
 
 # A check without a value asks about one unit of the feature.
@@ -323,6 +348,8 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
         result.code = "invalid_quantity"
         return result
     gate = "ok"
+    if system is not None and await credit_systems.agent_paused(pool, parent, agent_id):
+        gate = "agent_paused"  # a paused agent spends nothing, in any credit system
     if row["controlled"]:
         # Spend control (a paused agent, plan credits exhausted for a 'stop' agent, a limit this would exceed) and
         # the plan's rate. The verdict comes before affordability, in cf_track's order, so both give one code.
@@ -358,6 +385,12 @@ def _hold_result(row: dict[str, Any]) -> HoldResult:
 async def create_hold(pool: AsyncConnectionPool, event: UsageEvent, ttl_seconds: int) -> HoldResult:
     """Reserve the price of ``event.value`` units (e.g. the expected call minutes)."""
     routed, system = await _routed(pool, event)
+    if system is not None and await credit_systems.agent_paused(pool, event.account_id, event.agent_id):
+        async with pool.connection() as conn:
+            known = await (await conn.execute("SELECT 1 FROM holds WHERE account_id = %s AND idempotency_key = %s",
+                                              (routed.account_id, event.idempotency_key))).fetchone()
+        if known is None:  # a paused agent reserves nothing new (a retry of an earlier hold still replays)
+            return HoldResult(allowed=False, code="agent_paused", credit_system=system)
 
     async def run() -> HoldResult:
         row = await _fetch_one(pool, "SELECT * FROM cf_hold(%s, %s, %s, %s, %s, %s, %s, %s)", (
