@@ -170,6 +170,10 @@ async def test_usage_of_a_mapped_feature_moves_only_its_systems_balance(api: htt
             autumn.json()["balance"]["current_balance"]) == (True, SYSTEM, 9967)
     autumn_plain = (await api.post("/api/v1/check", json={"customer_id": acc, "feature_id": "llm_tokens"})).json()
     assert (autumn_plain["balance"]["feature_id"], autumn_plain["balance"]["current_balance"]) == ("credits", 4990)
+    customer = (await api.get(f"/api/v1/customers/{acc}")).json()
+    assert sorted(customer["balances"]) == ["credits", SYSTEM]
+    assert (customer["balances"][SYSTEM]["current_balance"], customer["balances"][SYSTEM]["usage"],
+            customer["balances"]["credits"]["current_balance"]) == (9967, 33, 4990)
     fresh = await new_account(api)
     empty = (await api.post("/api/v1/check", json={"customer_id": fresh, "feature_id": FEATURE})).json()
     assert (empty["allowed"], empty["balance"]["feature_id"], empty["balance"]["current_balance"]) == (

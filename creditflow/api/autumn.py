@@ -176,7 +176,11 @@ def _customer(account: Account, figures: Balance) -> dict[str, Any]:
 
 
 async def _customer_answer(pool: AsyncConnectionPool, account_id: str) -> dict[str, Any]:
-    return _customer(await accounts.get_account(pool, account_id), await queries.balance(pool, account_id))
+    customer = _customer(await accounts.get_account(pool, account_id), await queries.balance(pool, account_id))
+    for sub in await credit_systems.sub_accounts(pool, account_id):  # named credit systems, under their ids
+        system = sub.split(".", 1)[1]
+        customer["balances"][system] = _balance(await queries.balance(pool, sub)) | {"feature_id": system}
+    return customer
 
 
 @router.post("/customers", response_class=ExactJSONResponse)
