@@ -411,6 +411,26 @@ async def test_a_paused_agent_spends_nothing_in_any_system(api: httpx.AsyncClien
     assert (await balance(api, acc))["credit_systems"] == [system_balance(94)]
 
 
+async def test_free_usage_in_a_system_never_granted_is_recorded(api: httpx.AsyncClient) -> None:
+    await transcription_system(api)
+    free = await api.put("/api/v1/features/transcription-preview", json={
+        "channel": "transcription", "unit": "minute", "credits_per_unit": 0, "credit_system": SYSTEM})
+    assert free.status_code == 200, free.text
+    acc = await new_account(api)
+    used = await track(api, acc, "transcription-preview", 5, "preview-1")
+    assert used.status_code == 200, used.text
+    assert (used.json()["credits_charged"], used.json()["balance"], used.json()["credit_system"]) == (0, 0, SYSTEM)
+    again = await track(api, acc, "transcription-preview", 5, "preview-1")
+    assert again.json()["replayed"] is True
+    hold = await api.post("/api/v1/billing/holds", json={"account_id": acc, "feature_id": "transcription-preview",
+                                                         "value": 3, "idempotency_key": "hold-1"})
+    assert hold.status_code == 201 and hold.json()["held_amount"] == 0
+    assert (await balance(api, acc))["credit_systems"] == [system_balance(0)]
+    history = (await api.get("/api/v1/billing/usage/items", params={"account_id": acc, "credit_system": SYSTEM}))
+    assert [(i["feature"], i["quantity"], i["credits"]) for i in history.json()["items"]] == [
+        ("transcription-preview", 5, 0)]
+
+
 PLANS = """
 currency: USD
 plans:

@@ -7,7 +7,7 @@ one short transaction under the account's row lock: no Temporal on this path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -128,7 +128,7 @@ async def _track_in_system(pool: AsyncConnectionPool, event: UsageEvent, coalesc
 
     result = await run()
     if result.code == "unknown_account":
-        result = await _without_sub_account(pool, event, system, run)
+        result = await _without_sub_account(pool, event, system) or await run()
     record_usage(result.allowed, result.code, result.charged_micros, result.replayed)
     return replace(result, credit_system=system)
 
@@ -142,10 +142,11 @@ async def _routed(pool: AsyncConnectionPool, event: UsageEvent) -> tuple[UsageEv
 _PRICE_SQL = "SELECT * FROM cf_price(%s, %s)"
 
 
-async def _without_sub_account(pool: AsyncConnectionPool, event: UsageEvent, system: str | None,
-                               again: Callable[[], Awaitable[TrackResult]]) -> TrackResult:
+async def _without_sub_account(pool: AsyncConnectionPool, event: UsageEvent, system: str | None
+                               ) -> TrackResult | None:
     """An account never granted credits in ``system`` has no sub-account there: its balance is zero. The answer is
-    the one an empty balance gives (nothing is created for a refusal); a free event creates it and runs ``again``."""
+    the one an empty balance gives (nothing is created for a refusal); for a free event the sub-account is created
+    and None says: run it again."""
     if system is None or not await credit_systems.parent_exists(pool, event.account_id):
         return TrackResult(False, "unknown_account")
     price = await _fetch_one(pool, _PRICE_SQL, (event.feature_id, event.value))
@@ -156,7 +157,7 @@ async def _without_sub_account(pool: AsyncConnectionPool, event: UsageEvent, sys
                            balance_micros=0, held_micros=0, floor_micros=0)
     async with pool.connection() as conn, conn.transaction():
         await credit_systems.ensure_sub_account(conn, event.account_id, system)
-    return await again()
+    return None
 
 
 def configure_track(pool: AsyncConnectionPool, *, writers: int) -> None:
@@ -237,7 +238,8 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
     its account (a denied event writes nothing); results come back in input order."""
     if not events:
         return []
-    routes = [await _routed(pool, e) for e in events]
+    routes = [(e, None) if credit_systems.cached_system(pool, e.feature_id) == credit_systems.DEFAULT_SYSTEM
+              else await _routed(pool, e) for e in events]
     # A paused agent's new events in a named credit system are refused before the batch (the wallet's own are
     # refused inside it, by cf_track); its replays still replay.
     refused = {i for i, (routed, system) in enumerate(routes) if system is not None and await _paused_new(pool, routed)}
@@ -261,8 +263,8 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
     for i, (routed, system) in enumerate(routes):
         if system is not None:  # a named credit system's event: say which, and answer for a missing sub-account
             if results[i].code == "unknown_account":
-                results[i] = await _without_sub_account(pool, events[i], system,
-                                                        lambda routed=routed: track_alone(pool, routed))
+                results[i] = (await _without_sub_account(pool, events[i], system)
+                              or await track_alone(pool, routed))
             results[i] = replace(results[i], credit_system=system)
     for r in results:
         record_usage(r.allowed, r.code, r.charged_micros, r.replayed)
@@ -402,19 +404,11 @@ async def create_hold(pool: AsyncConnectionPool, event: UsageEvent, ttl_seconds:
     if system is None:
         return result
     if result.code == "unknown_account":
-        empty = await _without_sub_account(pool, event, system, _never_free)
-        if empty.code == "free":
-            result = await run()
-        else:
-            result = HoldResult(allowed=False, code=empty.code, credits_required=empty.credits_required,
-                                balances=empty.balances)
+        empty = await _without_sub_account(pool, event, system)
+        result = await run() if empty is None else HoldResult(
+            allowed=False, code=empty.code, credits_required=empty.credits_required, balances=empty.balances)
     result.credit_system = system
     return result
-
-
-async def _never_free() -> TrackResult:
-    """A free hold on a missing sub-account: the sub-account now exists; the caller runs the hold again."""
-    return TrackResult(False, "free")
 
 
 async def _hold_account(pool: AsyncConnectionPool, account_id: str, hold_id: str) -> str | None:
