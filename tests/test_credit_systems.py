@@ -431,6 +431,26 @@ async def test_free_usage_in_a_system_never_granted_is_recorded(api: httpx.Async
         ("transcription-preview", 5, 0)]
 
 
+async def test_a_default_feature_seen_once_costs_no_lookup_on_the_hot_path(
+        pool: AsyncConnectionPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hot path's cost for default-system features is unchanged: once a process has seen a feature, tracking it
+    reads nothing more than before (its system is cached; the lookup below would fail the test if called)."""
+    from creditflow.ledger import credit_systems, metering
+    from creditflow.ledger.accounts import create_account
+
+    acc = (await create_account(pool, name="Acme", billing_email="billing@acme.test")).id
+    first = await metering.track(pool, metering.UsageEvent.build(acc, "llm_tokens", 10, "t-1"))
+    assert first.allowed and first.credit_system is None
+
+    async def no_lookup(*_: object) -> str:
+        raise AssertionError("the feature's credit system was looked up again")
+
+    monkeypatch.setattr(credit_systems, "feature_system", no_lookup)
+    second = await metering.track(pool, metering.UsageEvent.build(acc, "llm_tokens", 10, "t-2"))
+    batch = await metering.track_batch(pool, [metering.UsageEvent.build(acc, "llm_tokens", 10, "t-3")])
+    assert second.allowed and second.charged_micros == 1_000_000 and batch[0].allowed
+
+
 PLANS = """
 currency: USD
 plans:
