@@ -141,7 +141,8 @@ def accounts_list(limit: Annotated[int, typer.Option(min=1, max=1000)] = 50, as_
             return await (await conn.execute(
                 "SELECT a.id, a.name, a.billing_email, a.created_at,"
                 " trim_scale(b.balance_micros::numeric / 1000000) AS balance"
-                " FROM accounts a JOIN balances b ON b.account_id = a.id ORDER BY a.created_at DESC LIMIT %s",
+                " FROM accounts a JOIN balances b ON b.account_id = a.id WHERE a.parent_account_id IS NULL"
+                " ORDER BY a.created_at DESC LIMIT %s",
                 (limit,))).fetchall()
 
     rows = run(fetch, as_json)

@@ -14,6 +14,7 @@ from creditflow.api.alerts import router as alerts_router
 from creditflow.api.autumn import router as autumn_router
 from creditflow.api.checkout import router as checkout_router
 from creditflow.api.conventions import VersionMiddleware
+from creditflow.api.credit_systems import router as credit_systems_router
 from creditflow.api.entitlements import router as entitlements_router
 from creditflow.api.error_handling import InputGuardMiddleware, UnexpectedErrorMiddleware, install_error_handlers
 from creditflow.api.exact_json import ExactJSONResponse
@@ -116,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(verify_router)
     app.include_router(reconciliation_router)
     app.include_router(organizations_router)
+    app.include_router(credit_systems_router)  # named credit systems (docs/credit-systems.md)
     app.include_router(operator_router)  # the operator CLI's answers for an admin key (no database URL needed)
     app.include_router(checkout_router)  # packages and checkout sessions (docs/checkout.md)
     app.include_router(checkout_page_router)  # the hosted checkout page, /checkout/{id}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -38,8 +39,8 @@ from creditflow.api.schemas import AccountCreate, Amount, Email, Metadata, Token
 from creditflow.api.scopes import granted
 from creditflow.config import Settings
 from creditflow.errors import STATUS_BY_CODE, CreditflowError
-from creditflow.ledger import accounts, metering, queries
-from creditflow.ledger.models import Account, Balance
+from creditflow.ledger import accounts, credit_systems, metering, queries
+from creditflow.ledger.models import Account, Balance, Balances
 
 log = logging.getLogger("creditflow.api.autumn")
 
@@ -153,6 +154,20 @@ def _balance(figures: Balance) -> dict[str, Any]:
             "reset": None}
 
 
+async def _feature_balance(pool: AsyncConnectionPool, account_id: str, feature_id: str) -> dict[str, Any]:
+    """The balance the feature draws on: the wallet, or its named credit system's (docs/credit-systems.md), reported
+    under that system's id as seed 003 does."""
+    ledger_account, system = await credit_systems.ledger_account(pool, account_id, feature_id)
+    if system is None:
+        return _balance(await queries.balance(pool, account_id))
+    try:
+        figures = _balance(await queries.balance(pool, ledger_account))
+    except CreditflowError:  # never granted credits in that system: an empty balance there
+        figures = _balance(Balance(account_id=account_id, last_updated=datetime.now(UTC),
+                                   **Balances.from_micros(0, 0, 0).model_dump()))
+    return figures | {"feature_id": system}
+
+
 def _customer(account: Account, figures: Balance) -> dict[str, Any]:
     return {"id": account.external_id or account.id, "autumn_id": account.id, "name": account.name,
             "email": account.billing_email, "created_at": int(account.created_at.timestamp() * 1000),
@@ -161,7 +176,11 @@ def _customer(account: Account, figures: Balance) -> dict[str, Any]:
 
 
 async def _customer_answer(pool: AsyncConnectionPool, account_id: str) -> dict[str, Any]:
-    return _customer(await accounts.get_account(pool, account_id), await queries.balance(pool, account_id))
+    customer = _customer(await accounts.get_account(pool, account_id), await queries.balance(pool, account_id))
+    for sub in await credit_systems.sub_accounts(pool, account_id):  # named credit systems, under their ids
+        system = sub.split(".", 1)[1]
+        customer["balances"][system] = _balance(await queries.balance(pool, sub)) | {"feature_id": system}
+    return customer
 
 
 @router.post("/customers", response_class=ExactJSONResponse)
@@ -233,7 +252,7 @@ async def check(req: CheckBody, principal: Checker, pool: Pool, request: Request
     else:
         verdict = await metering.check(pool, account_id, req.feature_id, req.required_balance)
         body.update(allowed=verdict.allowed, code=verdict.code, credits_required=verdict.credits_required)
-    body["balance"] = _balance(await queries.balance(pool, account_id))
+    body["balance"] = await _feature_balance(pool, account_id, req.feature_id)
     return respond(body)
 
 
@@ -267,4 +286,4 @@ async def track(req: TrackBody, principal: Writer, pool: Pool, request: Request,
     return respond({"id": result.transaction_id, "code": "event_received", "customer_id": req.customer_id,
                     "feature_id": req.feature_id, "event_name": None, "entity_id": None, "value": req.value,
                     "credits_charged": result.credits_charged, "replayed": result.replayed,
-                    "balance": _balance(await queries.balance(pool, account_id))})
+                    "balance": await _feature_balance(pool, account_id, req.feature_id)})

@@ -28,7 +28,7 @@ from creditflow.config import Settings
 from creditflow.domain.money import AmountError, validate_whole_credits
 from creditflow.errors import STATUS_BY_CODE, CreditflowError
 from creditflow.ids import check_id
-from creditflow.ledger import metering, postings, queries
+from creditflow.ledger import credit_systems, metering, postings, queries
 from creditflow.ledger.models import (
     Balance,
     CheckResult,
@@ -47,6 +47,8 @@ Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
 Writer = Annotated[Principal, Depends(require(Scope.USAGE_WRITE))]
 Crediter = Annotated[Principal, Depends(require(Scope.WALLET_CREDIT))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
+SystemQuery = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._:\-/]{1,200}$",
+                                         description="A named credit system (default: the wallet, `credits`).")]
 
 
 class TrackResponse(BaseModel):
@@ -74,6 +76,8 @@ def _track_body(result: TrackResult) -> dict[str, Any]:
         transaction_id=result.transaction_id, replayed=result.replayed, hold_id=result.hold_id,
         released=result.released,
     ).model_dump(exclude_none=True)
+    if result.credit_system is not None:  # a named credit system's event: its balance, not the wallet's
+        body["credit_system"] = result.credit_system
     if not result.allowed:
         body["error"] = error_object(result.code, result.code.replace("_", " "))
     return body
@@ -117,7 +121,11 @@ async def check(req: CheckRequest, principal: Reader, pool: Pool) -> ExactJSONRe
     """May the account use this feature (for ``value`` units), and what is left? Writes nothing.
     A feature that is unknown or has no rate is ``allowed: false``."""
     account_id = target_account(principal, req.account_id)
-    return respond(await metering.check(pool, account_id, req.feature_id, req.value, req.agent_id))
+    result = await metering.check(pool, account_id, req.feature_id, req.value, req.agent_id)
+    body = result.model_dump()
+    if result.credit_system is not None:  # a named credit system's feature: ``balances`` are that system's
+        body["credit_system"] = result.credit_system
+    return respond(body)
 
 
 @router.post("/holds", response_model=HoldResult, response_class=ExactJSONResponse, status_code=201)
@@ -158,14 +166,24 @@ async def release_hold(hold_id: str, req: HoldRelease, principal: Writer, pool: 
 async def balance(principal: Reader, pool: Pool,
                   account_id: Annotated[str | None, Query(description="Admin keys only.")] = None
                   ) -> ExactJSONResponse:
-    """Wallet balance: ``balance``, ``pending_charges`` (holds), ``available`` = balance - pending."""
-    return respond(await queries.balance(pool, target_account(principal, account_id)))
+    """Wallet balance: ``balance``, ``pending_charges`` (holds), ``available`` = balance - pending. An account with
+    credits in named credit systems also gets ``credit_systems``: each one's balance (docs/credit-systems.md)."""
+    return respond(await _balance_body(pool, target_account(principal, account_id)))
+
+
+async def _balance_body(pool: AsyncConnectionPool, account_id: str) -> dict[str, Any]:
+    """The default wallet in today's fields; ``credit_systems`` only when the account has balances in others."""
+    body = (await queries.balance(pool, account_id)).model_dump()
+    systems = await credit_systems.balances(pool, account_id)
+    if systems:
+        body["credit_systems"] = systems
+    return body
 
 
 @router.get("/wallet", response_model=Balance, response_class=ExactJSONResponse, deprecated=True)
 async def wallet(principal: Reader, pool: Pool, account_id: str | None = None) -> ExactJSONResponse:
     """Alias of ``/balance``."""
-    return respond(await queries.balance(pool, target_account(principal, account_id)))
+    return respond(await _balance_body(pool, target_account(principal, account_id)))
 
 
 @router.get("/transactions", response_model=TransactionPage, response_class=ExactJSONResponse)
@@ -176,15 +194,26 @@ async def transactions(
     type: Annotated[str | None, Query(pattern=r"^[a-z_]{1,40}$",
                                       description="purchase, usage, welcome_bonus, adjustment, ...")] = None,
     account_id: str | None = None, starting_after: StartingAfter = None, ending_before: EndingBefore = None,
+    credit_system: SystemQuery = None,
 ) -> ExactJSONResponse:
     """Balance history, newest first. Pages with ``starting_after`` / ``ending_before`` (a transaction id) and
-    ``has_more`` as the other lists do; ``cursor`` (the answer's ``next_cursor``) keeps working."""
-    page = await queries.transactions(pool, target_account(principal, account_id), limit=limit, cursor=cursor,
+    ``has_more`` as the other lists do; ``cursor`` (the answer's ``next_cursor``) keeps working. ``credit_system``:
+    the history of that credit system's balance (default: the wallet)."""
+    account = await _system_account(pool, target_account(principal, account_id), credit_system)
+    page = await queries.transactions(pool, account, limit=limit, cursor=cursor,
                                       type=type, page=Cursor(starting_after, ending_before))
     return respond(page)
 
 
 AgentQuery = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._:\-/]{1,200}$")]
+
+
+async def _system_account(pool: AsyncConnectionPool, account_id: str, credit_system: str | None) -> str:
+    """The ledger account whose history a list shows: the account's, or its balance in a named credit system."""
+    if credit_system is None or credit_system == credit_systems.DEFAULT_SYSTEM:
+        return account_id
+    await credit_systems.require_system(pool, credit_system)
+    return credit_systems.sub_account_id(account_id, credit_system)
 
 
 def utc(moment: datetime | None) -> datetime | None:
@@ -206,13 +235,14 @@ async def usage_items(
     principal: Reader, pool: Pool,
     start: datetime | None = None, end: datetime | None = None, agent_id: AgentQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100, account_id: str | None = None,
-    starting_after: StartingAfter = None, ending_before: EndingBefore = None,
+    starting_after: StartingAfter = None, ending_before: EndingBefore = None, credit_system: SystemQuery = None,
 ) -> ExactJSONResponse:
     """Itemized charges in a window (``start`` inclusive, ``end`` exclusive, UTC): channel,
     feature, quantity, credits, agent. Newest first; pages with ``starting_after`` / ``ending_before`` (an item
     id) and ``has_more``."""
     cursor = Cursor(starting_after, ending_before)
-    items, has_more = page_of(await queries.usage_items(pool, target_account(principal, account_id), start=utc(start),
+    account = await _system_account(pool, target_account(principal, account_id), credit_system)
+    items, has_more = page_of(await queries.usage_items(pool, account, start=utc(start),
                                                         end=utc(end), agent_id=agent_id, limit=limit + 1, page=cursor),
                               limit, cursor)
     return respond({"items": items, "has_more": has_more})
@@ -220,9 +250,10 @@ async def usage_items(
 
 @router.get("/usage", response_model=UsageRollupList, response_class=ExactJSONResponse)
 async def usage(principal: Reader, pool: Pool, start: datetime | None = None, end: datetime | None = None,
-                account_id: str | None = None) -> ExactJSONResponse:
-    """Daily (UTC) usage per channel."""
-    rollups = await queries.usage_rollups(pool, target_account(principal, account_id), start=utc(start),
+                account_id: str | None = None, credit_system: SystemQuery = None) -> ExactJSONResponse:
+    """Daily (UTC) usage per channel (``credit_system``: of that system's balance; default: the wallet)."""
+    account = await _system_account(pool, target_account(principal, account_id), credit_system)
+    rollups = await queries.usage_rollups(pool, account, start=utc(start),
                                           end=utc(end))
     return respond({"items": rollups})
 
@@ -237,6 +268,15 @@ async def wallet_credit(req: WalletCredit, principal: Crediter, pool: Pool,
         amount = validate_whole_credits(req.amount, allow_negative=True)
     except AmountError as exc:
         raise CreditflowError(exc.code, str(exc)) from exc
+    the_key = idempotency_key(key, req.idempotency_key)
+    system = req.credit_system
+    if system is not None and system != credit_systems.DEFAULT_SYSTEM:
+        # A named credit system's balance: its sub-account, created by its first grant (never by a refused request).
+        await credit_systems.require_system(pool, system)
+        account_id = await credit_systems.system_account_for_posting(pool, account_id, system, grant=amount > 0)
     result = await postings.adjust(pool, account_id=account_id, amount_credits=amount, reason=req.reason,
-                                   idempotency_key=idempotency_key(key, req.idempotency_key), actor=principal.key_id)
-    return respond(result)
+                                   idempotency_key=the_key, actor=principal.key_id)
+    body = result.model_dump()
+    if system is not None and system != credit_systems.DEFAULT_SYSTEM:
+        body["credit_system"] = system
+    return respond(body)

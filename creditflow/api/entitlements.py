@@ -89,7 +89,8 @@ async def entitled(req: EntitledRequest, principal: Reader, pool: Pool) -> Exact
     code = "feature_found" if result.allowed else result.code
     return respond(EntitledResponse(
         customer_id=req.customer_id or account_id, feature_id=req.feature_id, code=code, allowed=result.allowed,
-        balances=[CreditBalance(balance=result.balances.available)] if result.balances else [],
+        balances=[CreditBalance(feature_id=result.credit_system or CREDITS_FEATURE, balance=result.balances.available)]
+        if result.balances else [],
         credits_required=result.credits_required,
     ).model_dump(exclude_none=True))
 

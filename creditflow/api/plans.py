@@ -46,6 +46,8 @@ async def list_plans(principal: Reader,
     """The plans on offer: monthly fee, plan credits per cycle, plan rates (while plan credits last) and
     overage rates (once they are spent); features not listed keep the rate card's rate (``GET /features``)."""
     items = [PlanOut(id=p.id, name=p.name, description=p.description, monthly_fee_usd=p.monthly_fee_usd,
-                     included_credits=p.included_credits, rates=p.rates, overage_rates=p.overage_rates)
+                     included_credits=p.included_credits, rates=p.rates, overage_rates=p.overage_rates).model_dump()
+             # credits in named credit systems (docs/credit-systems.md), listed by the plans that include some
+             | ({"included_system_credits": p.included_system_credits} if p.included_system_credits else {})
              for p in catalog.plans]
     return respond({"currency": catalog.currency, "items": items})

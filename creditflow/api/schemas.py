@@ -130,6 +130,8 @@ class WalletCredit(Strict):
     amount: Amount = Field(description="Whole credits; positive credits the wallet, negative debits it.")
     reason: Annotated[Text, StringConstraints(min_length=1, max_length=500, strip_whitespace=True)]
     idempotency_key: Token | None = Field(default=None, description="Or the Idempotency-Key header (one of them).")
+    credit_system: Token | None = Field(default=None, description="A named credit system to credit or debit"
+                                        " (default: the wallet, `credits`).")
 
 
 class FeaturePut(Strict):
@@ -140,6 +142,8 @@ class FeaturePut(Strict):
     base_feature_id: Token | None = None
     credits_per_unit: Amount
     effective_at: datetime | None = Field(default=None, description="Default: now.")
+    credit_system: Token | None = Field(default=None, description="The credit system it draws on, set when the"
+                                        " feature is created (default `credits`); it cannot change afterwards.")
 
 
 class PaymentMethodAttach(Strict):

@@ -50,6 +50,9 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[Scope]] = {
     ("DELETE", "/api/v1/accounts/{account_id}/api-keys/{key_id}"): ADMIN,
     ("GET", "/api/v1/features"): READ,
     ("PUT", "/api/v1/features/{feature_id}"): ADMIN,
+    ("GET", "/api/v1/credit-systems"): READ,
+    ("POST", "/api/v1/credit-systems"): ADMIN,
+    ("GET", "/api/v1/credit-systems/{credit_system_id}"): READ,
     # Metering: track, check, holds, events.
     ("POST", f"{B}/track"): USAGE,
     ("POST", f"{B}/track/batch"): USAGE,

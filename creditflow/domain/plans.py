@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from creditflow.domain.money import MAX_CREDITS, AmountError, to_decimal, usd_to_credits, validate_rate
 
 DEFAULT_PLANS_PATH = Path(__file__).resolve().parent.parent / "plans.default.yaml"
+CREDIT_SYSTEM_ID = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,62}$")
 PLAN_ID = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,49}$")
 FEATURE_ID = re.compile(r"^[a-z0-9][a-z0-9_\-.]{0,99}$")
 
@@ -80,6 +81,9 @@ class Plan(BaseModel):
     description: str = ""
     monthly_fee_usd: Decimal = Field(ge=0)
     included_credits: int = Field(ge=0)
+    # Credits included every cycle in named credit systems (seed 003, "50 credits per month"): system id -> whole
+    # credits, granted into that system's balance with the plan credits and expiring with them.
+    included_system_credits: dict[str, int] = Field(default_factory=dict)
     rates: dict[str, Decimal] = Field(default_factory=dict)
     overage_rates: dict[str, Decimal] = Field(default_factory=dict)
 
@@ -114,6 +118,20 @@ class Plan(BaseModel):
         if amount > MAX_CREDITS:
             raise ValueError("included credits are too many")
         return int(amount)
+
+    @field_validator("included_system_credits", mode="before")
+    @classmethod
+    def _system_credits(cls, value: Any) -> dict[str, int]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ValueError("expected a mapping of credit system id to whole credits")
+        credits: dict[str, int] = {}
+        for system_id, amount in value.items():
+            if not isinstance(system_id, str) or not CREDIT_SYSTEM_ID.match(system_id) or system_id == "credits":
+                raise ValueError(f"{system_id!r} is not a named credit system id (included_credits is the wallet's)")
+            credits[system_id] = cls._credits(amount)
+        return credits
 
     @field_validator("rates", "overage_rates", mode="before")
     @classmethod

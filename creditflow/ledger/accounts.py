@@ -97,7 +97,7 @@ async def list_accounts(pool: AsyncConnectionPool, *, limit: int, cursor: Cursor
         pattern = None if q is None else "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         rows = await (await conn.execute(sql.SQL(
             "SELECT a.*, b.balance_micros, cf_live_held(a.id, b.held_micros) AS held_micros, b.floor_micros"
-            " FROM (SELECT * FROM accounts WHERE {}"
+            " FROM (SELECT * FROM accounts WHERE {} AND parent_account_id IS NULL"
             "  AND (%s::text IS NULL OR name ILIKE %s OR billing_email ILIKE %s OR external_id ILIKE %s)"
             "  AND (%s::text IS NULL OR status = %s) AND (%s::text IS NULL OR external_id = %s)"
             "  ORDER BY {} LIMIT %s) a JOIN balances b ON b.account_id = a.id ORDER BY {}"

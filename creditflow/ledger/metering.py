@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.domain.money import AmountError, micros_to_credits, usage_charge_micros, validate_quantity
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_token
+from creditflow.ledger import credit_systems
 from creditflow.ledger.coalescer import coalescer_for
 from creditflow.ledger.db import RETRYABLE, to_jsonb, with_retry
 from creditflow.ledger.idempotency import request_hash
@@ -99,13 +100,64 @@ async def track(pool: AsyncConnectionPool, event: UsageEvent, *, coalesce: bool 
     """Record one usage event exactly once; a denial writes nothing and carries a reason code.
 
     Concurrent calls on the same pool share transactions (group commit, see ``coalescer``);
-    ``coalesce=False`` forces one transaction for this event alone."""
+    ``coalesce=False`` forces one transaction for this event alone.
+
+    A feature of another credit system than the default is charged to that system's balance (``credit_systems``);
+    for the default system this costs one dict lookup (the feature's system, cached per process)."""
+    if (credit_systems.cached_system(pool, event.feature_id)
+            or await credit_systems.feature_system(pool, event.feature_id)) != credit_systems.DEFAULT_SYSTEM:
+        return await _track_in_system(pool, event, coalesce)
     if coalesce:
         result = await coalescer_for(pool, track_one, track_grouped).track(event)  # type: ignore[arg-type]
     else:
         result = await track_alone(pool, event)
     record_usage(result.allowed, result.code, result.charged_micros, result.replayed)
     return result
+
+
+async def _track_in_system(pool: AsyncConnectionPool, event: UsageEvent, coalesce: bool) -> TrackResult:
+    """``track`` for a feature of a named credit system: the event goes to the account's sub-account there."""
+    routed, system = await _routed(pool, event)
+    if await _paused_new(pool, routed):
+        return TrackResult(False, "agent_paused", credit_system=system)
+
+    async def run() -> TrackResult:
+        if coalesce:
+            return await coalescer_for(pool, track_one, track_grouped).track(routed)  # type: ignore[arg-type]
+        return await track_alone(pool, routed)
+
+    result = await run()
+    if result.code == "unknown_account":
+        result = await _without_sub_account(pool, event, system) or await run()
+    record_usage(result.allowed, result.code, result.charged_micros, result.replayed)
+    return replace(result, credit_system=system)
+
+
+async def _routed(pool: AsyncConnectionPool, event: UsageEvent) -> tuple[UsageEvent, str | None]:
+    """The event as the ledger sees it: on the sub-account of the feature's system (None: the default)."""
+    account, system = await credit_systems.ledger_account(pool, event.account_id, event.feature_id)
+    return (event if system is None else replace(event, account_id=account)), system
+
+
+_PRICE_SQL = "SELECT * FROM cf_price(%s, %s)"
+
+
+async def _without_sub_account(pool: AsyncConnectionPool, event: UsageEvent, system: str | None
+                               ) -> TrackResult | None:
+    """An account never granted credits in ``system`` has no sub-account there: its balance is zero. The answer is
+    the one an empty balance gives (nothing is created for a refusal); for a free event the sub-account is created
+    and None says: run it again."""
+    if system is None or not await credit_systems.parent_exists(pool, event.account_id):
+        return TrackResult(False, "unknown_account")
+    price = await _fetch_one(pool, _PRICE_SQL, (event.feature_id, event.value))
+    if price["code"] != "ok":
+        return TrackResult(False, price["code"])
+    if price["charge_micros"] > 0:
+        return TrackResult(False, "insufficient_credits", 0, price["charge_micros"], exact(price["credits_per_unit"]),
+                           balance_micros=0, held_micros=0, floor_micros=0)
+    async with pool.connection() as conn, conn.transaction():
+        await credit_systems.ensure_sub_account(conn, event.account_id, system)
+    return None
 
 
 def configure_track(pool: AsyncConnectionPool, *, writers: int) -> None:
@@ -186,20 +238,51 @@ async def track_batch(pool: AsyncConnectionPool, events: Sequence[UsageEvent]) -
     its account (a denied event writes nothing); results come back in input order."""
     if not events:
         return []
-    params = _event_columns(events)
+    routes = [(e, None) if credit_systems.cached_system(pool, e.feature_id) == credit_systems.DEFAULT_SYSTEM
+              else await _routed(pool, e) for e in events]
+    # A paused agent's new events in a named credit system are refused before the batch (the wallet's own are
+    # refused inside it, by cf_track); its replays still replay.
+    refused = {i for i, (routed, system) in enumerate(routes) if system is not None and await _paused_new(pool, routed)}
+    run_idx = [i for i in range(len(events)) if i not in refused]
+    params = _event_columns([routes[i][0] for i in run_idx])
 
     async def run() -> list[TrackResult]:
         async with pool.connection() as conn:
             rows = await (await conn.execute(_BATCH_SQL, params)).fetchall()
         return [TrackResult.from_db(row) for row in rows]
 
-    try:
-        results = await run()
-    except TRACK_RETRY_ON:
-        results = await with_retry(run, retry_on=TRACK_RETRY_ON)
+    ran: list[TrackResult] = []
+    if run_idx:
+        try:
+            ran = await run()
+        except TRACK_RETRY_ON:
+            ran = await with_retry(run, retry_on=TRACK_RETRY_ON)
+    results = [TrackResult(False, "agent_paused")] * len(events)
+    for i, result in zip(run_idx, ran, strict=True):
+        results[i] = result
+    for i, (routed, system) in enumerate(routes):
+        if system is not None:  # a named credit system's event: say which, and answer for a missing sub-account
+            if results[i].code == "unknown_account":
+                results[i] = (await _without_sub_account(pool, events[i], system)
+                              or await track_alone(pool, routed))
+            results[i] = replace(results[i], credit_system=system)
     for r in results:
         record_usage(r.allowed, r.code, r.charged_micros, r.replayed)
     return results
+
+
+async def _paused_new(pool: AsyncConnectionPool, routed: UsageEvent) -> bool:
+    """A named credit system's event (``routed``: on its sub-account) of a paused agent that was not recorded
+    before the pause: refused (``agent_paused``). One query, only for events that name an agent."""
+    if routed.agent_id is None:
+        return False
+    parent = routed.account_id.split(".", 1)[0]
+    if not await credit_systems.agent_paused(pool, parent, routed.agent_id):
+        return False
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT 1 FROM journal WHERE account_id = %s AND idempotency_key = %s",
+                                        (routed.account_id, routed.idempotency_key))).fetchone()
+    return row is None
 
 
 # A check without a value asks about one unit of the feature.
@@ -227,6 +310,13 @@ FROM (SELECT coalesce((SELECT CASE WHEN b.plan_left_micros > 0
 """
 
 
+_EMPTY_CHECK_SQL = """
+SELECT 0::bigint AS balance_micros, 0::bigint AS floor_micros, 0::bigint AS held_micros, false AS controlled,
+       p.id AS feature_id, p.integer_only, p.credits_per_unit AS rate
+FROM feature_prices p WHERE p.id = %(feature)s
+"""
+
+
 async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
                 value: object | None = None, agent_id: str | None = None) -> CheckResult:
     """May this account (agent) use this feature now, and what is left? Writes nothing.
@@ -236,12 +326,18 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
     has no rate is ``allowed: false``."""
     implicit = value is None
     quantity = ONE_UNIT if implicit else _quantity(value)
+    # A feature of a named credit system is checked against that system's balance (its sub-account).
+    parent = account_id
+    account_id, system = await credit_systems.ledger_account(pool, account_id, feature_id)
     async with pool.connection() as conn:
         row = await (await conn.execute(_CHECK_SQL, {"account": account_id, "feature": feature_id})).fetchone()
+        if row is None and system is not None and await credit_systems.parent_exists(pool, parent):
+            # Never granted credits in this system: an empty balance there.
+            row = await (await conn.execute(_EMPTY_CHECK_SQL, {"feature": feature_id})).fetchone()
     if row is None:
-        raise CreditflowError("unknown_account", f"no account {account_id}")
+        raise CreditflowError("unknown_account", f"no account {parent}")
     balances = Balances.from_micros(row["balance_micros"], row["held_micros"], row["floor_micros"])
-    result = CheckResult(allowed=False, code="ok", feature_id=feature_id, balances=balances)
+    result = CheckResult(allowed=False, code="ok", feature_id=feature_id, balances=balances, credit_system=system)
     if row["feature_id"] is None:
         result.code = "unknown_feature"
         return result
@@ -254,6 +350,8 @@ async def check(pool: AsyncConnectionPool, account_id: str, feature_id: str,
         result.code = "invalid_quantity"
         return result
     gate = "ok"
+    if system is not None and await credit_systems.agent_paused(pool, parent, agent_id):
+        gate = "agent_paused"  # a paused agent spends nothing, in any credit system
     if row["controlled"]:
         # Spend control (a paused agent, plan credits exhausted for a 'stop' agent, a limit this would exceed) and
         # the plan's rate. The verdict comes before affordability, in cf_track's order, so both give one code.
@@ -288,25 +386,61 @@ def _hold_result(row: dict[str, Any]) -> HoldResult:
 
 async def create_hold(pool: AsyncConnectionPool, event: UsageEvent, ttl_seconds: int) -> HoldResult:
     """Reserve the price of ``event.value`` units (e.g. the expected call minutes)."""
-    row = await _fetch_one(pool, "SELECT * FROM cf_hold(%s, %s, %s, %s, %s, %s, %s, %s)", (
-        event.account_id, event.feature_id, event.value, event.agent_id, ttl_seconds, event.idempotency_key,
-        event.fingerprint("hold", ttl_seconds), to_jsonb(event.metadata)), TRACK_RETRY_ON)
-    return _hold_result(row)
+    routed, system = await _routed(pool, event)
+    if system is not None and await credit_systems.agent_paused(pool, event.account_id, event.agent_id):
+        async with pool.connection() as conn:
+            known = await (await conn.execute("SELECT 1 FROM holds WHERE account_id = %s AND idempotency_key = %s",
+                                              (routed.account_id, event.idempotency_key))).fetchone()
+        if known is None:  # a paused agent reserves nothing new (a retry of an earlier hold still replays)
+            return HoldResult(allowed=False, code="agent_paused", credit_system=system)
+
+    async def run() -> HoldResult:
+        row = await _fetch_one(pool, "SELECT * FROM cf_hold(%s, %s, %s, %s, %s, %s, %s, %s)", (
+            routed.account_id, event.feature_id, event.value, event.agent_id, ttl_seconds, event.idempotency_key,
+            event.fingerprint("hold", ttl_seconds), to_jsonb(event.metadata)), TRACK_RETRY_ON)
+        return _hold_result(row)
+
+    result = await run()
+    if system is None:
+        return result
+    if result.code == "unknown_account":
+        empty = await _without_sub_account(pool, event, system)
+        result = await run() if empty is None else HoldResult(
+            allowed=False, code=empty.code, credits_required=empty.credits_required, balances=empty.balances)
+    result.credit_system = system
+    return result
+
+
+async def _hold_account(pool: AsyncConnectionPool, account_id: str, hold_id: str) -> str | None:
+    """The sub-account (named credit system) of ``account_id`` holding ``hold_id``, if one does."""
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT h.account_id FROM holds h JOIN accounts a ON a.id = h.account_id"
+            " WHERE h.id = %s AND a.parent_account_id = %s", (hold_id, account_id))).fetchone()
+    return None if row is None else row["account_id"]
 
 
 async def settle_hold(pool: AsyncConnectionPool, account_id: str, hold_id: str, value: object,
                       metadata: dict[str, Any] | None = None) -> TrackResult:
     """Charge the actual quantity and release the rest of the hold, atomically (idempotent)."""
-    row = await _fetch_one(pool, "SELECT * FROM cf_hold_settle(%s, %s, %s, %s)",
-                           (account_id, hold_id, _quantity(value), to_jsonb(metadata)), TRACK_RETRY_ON)
+    params = (account_id, hold_id, _quantity(value), to_jsonb(metadata))
+    row = await _fetch_one(pool, "SELECT * FROM cf_hold_settle(%s, %s, %s, %s)", params, TRACK_RETRY_ON)
     result = TrackResult.from_db(row)
+    if result.code == "unknown_hold" and (sub := await _hold_account(pool, account_id, hold_id)) is not None:
+        row = await _fetch_one(pool, "SELECT * FROM cf_hold_settle(%s, %s, %s, %s)", (sub, *params[1:]),
+                               TRACK_RETRY_ON)
+        result = replace(TrackResult.from_db(row), credit_system=sub.split(".", 1)[1])
     record_usage(result.allowed, result.code, result.charged_micros, result.replayed)
     return result
 
 
 async def release_hold(pool: AsyncConnectionPool, account_id: str, hold_id: str) -> HoldResult:
     row = await _fetch_one(pool, "SELECT * FROM cf_hold_release(%s, %s)", (account_id, hold_id))
-    return _hold_result(row)
+    result = _hold_result(row)
+    if result.code == "unknown_hold" and (sub := await _hold_account(pool, account_id, hold_id)) is not None:
+        result = _hold_result(await _fetch_one(pool, "SELECT * FROM cf_hold_release(%s, %s)", (sub, hold_id)))
+        result.credit_system = sub.split(".", 1)[1]
+    return result
 
 
 async def expire_overdue_holds(pool: AsyncConnectionPool) -> Decimal:

@@ -105,6 +105,7 @@ class TrackResult:
     balance_micros: int | None = None
     held_micros: int | None = None
     floor_micros: int | None = None
+    credit_system: str | None = None  # a named credit system's event (None: the default wallet)
 
     @property
     def credits_charged(self) -> Decimal:
@@ -149,6 +150,9 @@ class CheckResult(BaseModel):
     credits_required: Decimal | None = None
     credits_per_unit: Decimal | None = None
     balances: Balances | None = None
+    # A feature of a named credit system: ``balances`` are that system's. Left out of answers about the default
+    # system (added by the routes that answer with it), so those answers are as they were.
+    credit_system: str | None = Field(default=None, exclude=True)
 
 
 class HoldResult(BaseModel):
@@ -162,6 +166,7 @@ class HoldResult(BaseModel):
     credits_required: Decimal | None = None
     replayed: bool = False
     balances: Balances | None = None
+    credit_system: str | None = None  # a named credit system's hold (answers drop None fields)
 
 
 class Transaction(BaseModel):
@@ -212,6 +217,7 @@ class Feature(BaseModel):
         default=None, description="Rate in force now (for a based feature: base rate + its own surcharge).")
     own_credits_per_unit: Decimal | None = None
     effective_at: datetime | None = None
+    credit_system: str = Field(default="credits", description="The credit system whose balance it draws on.")
     scheduled: list[dict[str, Any]] = Field(default_factory=list, description="Future rate versions.")
 
 

@@ -47,6 +47,12 @@ async def sync_plan_rates(pool: AsyncConnectionPool, catalog: PlanCatalog) -> in
     """Write the catalog's resolved plan rates to ``plan_rates``; returns how many rows changed (0: in sync)."""
     async with pool.connection() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SYNC_LOCK_KEY,))
+        # The credit systems plans include credits in exist (created as the rate card creates features), so a renewal
+        # never fails on a system the catalog names.
+        systems = sorted({s for plan in catalog.plans for s in plan.included_system_credits})
+        await conn.execute(
+            "INSERT INTO credit_systems (id, name) SELECT id, initcap(replace(replace(id, '-', ' '), '_', ' '))"
+            " FROM unnest(%s::text[]) AS id ON CONFLICT (id) DO NOTHING", (systems,))
         rows = await (await conn.execute(
             "SELECT f.id, f.base_feature_id, (SELECT r.credits_per_unit FROM feature_rates r WHERE r.feature_id = f.id"
             " AND r.effective_at <= now() ORDER BY r.effective_at DESC LIMIT 1) AS own FROM features f")).fetchall()

@@ -24,7 +24,7 @@ from creditflow.domain.periods import Period
 from creditflow.domain.plans import Plan
 from creditflow.errors import CreditflowError
 from creditflow.ids import new_id
-from creditflow.ledger import postings
+from creditflow.ledger import credit_systems, postings
 
 PLAN_BOOK = "system:plan_credits"
 
@@ -106,10 +106,23 @@ async def save_subscription(pool: AsyncConnectionPool, account_id: str, *, plan_
 
 async def grant_plan_credits(pool: AsyncConnectionPool, account_id: str, plan: Plan, period: Period,
                              credits: int | None = None, key_suffix: str = "") -> str | None:
-    """The plan's credits for ``period`` (expiring at its end), once per period; returns the transaction id."""
+    """The plan's credits for ``period`` (expiring at its end), once per period; returns the transaction id.
+
+    A whole period's grant (``credits`` None) also grants the plan's credits in named credit systems, each into that
+    system's balance, on the same key there (a proration grant, ``credits`` given, is the wallet's only)."""
+    if credits is None:
+        for system_id, included in plan.included_system_credits.items():
+            if included > 0:
+                sub = await credit_systems.system_account_for_posting(pool, account_id, system_id, grant=True)
+                await _post_plan_grant(pool, sub, plan, period, included, key_suffix)
     amount = plan.included_credits if credits is None else credits
     if amount <= 0:
         return None
+    return await _post_plan_grant(pool, account_id, plan, period, amount, key_suffix)
+
+
+async def _post_plan_grant(pool: AsyncConnectionPool, account_id: str, plan: Plan, period: Period, amount: int,
+                           key_suffix: str) -> str:
     result = await postings.post(
         pool, account_id=account_id, type="plan_grant", amount_micros=credits_to_micros(amount),
         counter_book=PLAN_BOOK, description=f"{plan.name} plan credits ({period.key})",
@@ -121,7 +134,14 @@ async def grant_plan_credits(pool: AsyncConnectionPool, account_id: str, plan: P
 
 async def expire_plan_credits(pool: AsyncConnectionPool, account_id: str, period: Period, plan_name: str,
                               key_suffix: str = "") -> int:
-    """Expire what is left of the plan credits (to breakage), once per period; returns the micro-credits expired."""
+    """Expire what is left of the plan credits (to breakage), once per period; returns the micro-credits expired
+    from the wallet. The plan credits of named credit systems expire with them, each in its system, on the same key."""
+    for sub in await credit_systems.sub_accounts(pool, account_id):
+        async with pool.connection() as conn:
+            await conn.execute(
+                "SELECT cf_expire_plan_credits(%s, %s, %s, %s, %s)",
+                (sub, f"sys:plan_expiry:{period.key}{key_suffix}",
+                 f"Unused {plan_name} plan credits expired ({period.key})", 2**63 - 1, period.end))
     async with pool.connection() as conn:
         row = await (await conn.execute(
             "SELECT cf_expire_plan_credits(%s, %s, %s, %s, %s) AS expired",

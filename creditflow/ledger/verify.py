@@ -60,7 +60,8 @@ class Check:
     explain: str
 
 
-_ACCOUNT = "(%(account)s::text IS NULL OR {col} = %(account)s)"
+# One account's checks cover its balances in named credit systems too (its sub-accounts, docs/credit-systems.md).
+_ACCOUNT = "(%(account)s::text IS NULL OR {col} = ANY(%(accounts)s::text[]))"
 # A charge row names its ledger entry as 'txn_<32 hex>'.
 _UUID = "(CASE WHEN {col} ~ '^txn_[0-9a-f]{{32}}$' THEN substr({col}, 5)::uuid END)"
 
@@ -470,9 +471,12 @@ async def verify(pool: AsyncConnectionPool, account_id: str | None = None) -> Ve
             exists = await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone()
             if exists is None:
                 raise CreditflowError("unknown_account", f"no account {account_id}")
+        scope = {"account": account_id, "accounts": [] if account_id is None else [account_id, *[
+            r["id"] for r in await (await conn.execute("SELECT id FROM accounts WHERE parent_account_id = %s",
+                                                       (account_id,))).fetchall()]]}
         accounts = [r["account_id"] for r in await (await conn.execute(
-            "SELECT account_id FROM balances WHERE unburned_micros > 0 AND (%s::text IS NULL OR account_id = %s)",
-            (account_id, account_id))).fetchall()]
+            "SELECT account_id FROM balances WHERE unburned_micros > 0 AND " + _ACCOUNT.format(col="account_id"),
+            scope)).fetchall()]
         for acc in accounts:  # deferred burns applied, one short transaction per account (the lots become exact)
             async with conn.transaction():
                 await conn.execute("SELECT cf_settle_account_burns(%s)", (acc,))
@@ -480,11 +484,12 @@ async def verify(pool: AsyncConnectionPool, account_id: str | None = None) -> Ve
         async with conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             row = await (await conn.execute(
-                "SELECT count(*) AS n, now() AS at FROM accounts WHERE %(account)s::text IS NULL OR id = %(account)s",
-                {"account": account_id})).fetchone()
+                "SELECT count(*) AS n, now() AS at FROM accounts"  # sub-accounts are checked with their account
+                " WHERE (%(account)s::text IS NULL AND parent_account_id IS NULL) OR id = %(account)s",
+                scope)).fetchone()
             assert row is not None
             for check in CHECKS:
-                rows = await (await conn.execute(check.sql, {"account": account_id})).fetchall()
+                rows = await (await conn.execute(check.sql, scope)).fetchall()
                 violations.extend(_violation(check, r) for r in rows)
     return VerifyReport(checked_at=row["at"], account_id=account_id, accounts_checked=int(row["n"]),
                         checks=[c.name for c in CHECKS], violations=violations)
