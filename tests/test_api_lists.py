@@ -186,12 +186,14 @@ async def test_reconciliation_runs_page_with_cursors(api: httpx.AsyncClient, poo
 ROOT = Path(__file__).parent.parent
 _CONSTANT = re.compile(r'^([A-Z_]+) = (?:"([a-z_.]+)"|([A-Z_]+))', re.M)
 # Producers whose kind is a variable: the literals it is set from are matched by the patterns below.
-VARIABLE_KINDS = {("workflows/account.py", "kind"), ("workflows/invoice.py", "kind")}
+VARIABLE_KINDS = {("workflows/account_agents.py", "kind"), ("workflows/account_state.py", "kind"),
+                  ("workflows/invoice.py", "kind")}
 
 
 def sent_kinds() -> set[str]:
     """Every notification kind the source can send: ``Notification(kind=...)`` literals and constants, the helpers'
-    literal kinds (``_notify("...")``, ``_email(inv, "...")``) and ``kind = "a" if ... else "b"``."""
+    literal kinds (``_notify("...")``, ``notify_customer("...")``, ``_email(inv, "...")``) and
+    ``kind = "a" if ... else "b"``."""
     files = [p for d in ("workflows", "activities", "creditflow") for p in (ROOT / d).rglob("*.py")]
     sources = {str(p.relative_to(ROOT)): p.read_text() for p in files}
     constants: dict[str, str] = {}
@@ -213,7 +215,7 @@ def sent_kinds() -> set[str]:
                 kinds.add(constants[arg])
             else:
                 variables.add((path, arg))
-        kinds.update(re.findall(r'_notify\(\s*"([a-z_.]+)"', text))
+        kinds.update(re.findall(r'(?:_notify|notify_customer)\(\s*"([a-z_.]+)"', text))
         kinds.update(re.findall(r'_email\(\s*\w+,\s*"([a-z_.]+)"', text))
         for a, b in re.findall(r'kind = "([a-z_.]+)" if .+ else "([a-z_.]+)"', text):
             kinds.update((a, b))
