@@ -17,10 +17,10 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client
 
-from tests.test_account_workflow import eventually, state_of
-from tests.test_api_metering import balance, new_account, track
-from tests.test_auto_recharge import SETTINGS, api, recharge_charges, recharge_rows, relay, settings  # noqa: F401
-from tests.test_topups import customer_of, intents_of, save_card
+from tests.support.api import balance, new_account, track
+from tests.support.auto_recharge import SETTINGS, api, recharge_charges, recharge_rows, relay, settings  # noqa: F401
+from tests.support.payments import customer_of, intents_of, save_card
+from tests.support.temporal import eventually, state_of
 from workers.relay import OutboxRelay
 from workflows.contract import account_workflow_id
 

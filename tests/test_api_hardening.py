@@ -22,19 +22,7 @@ from creditflow.api.app import create_app
 from creditflow.config import Settings
 from creditflow.sdk import OPERATIONS, ApiError, AsyncCreditflow, Balance, CheckResult, Creditflow, TopUp, TrackResult
 from tests.conftest import ADMIN_KEY, ledger_snapshot
-from tests.test_api_metering import new_account
-
-ERROR_KEYS = {"code", "type", "message", "param", "details", "request_id"}
-
-
-def assert_error(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/json")
-    error = resp.json()["error"]
-    assert set(error) == ERROR_KEYS, error
-    assert error["code"] == code, error
-    assert error["request_id"] == resp.headers["x-request-id"]
-    return error
+from tests.support.api import assert_error, new_account
 
 
 @pytest.mark.parametrize("value", ["1e-999999999", "1E+999999999", "-1e-999999999", "1e-31", "1e31"])

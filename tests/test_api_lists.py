@@ -20,8 +20,7 @@ from creditflow.notify.destinations import Destinations
 from creditflow.notify.events import WEBHOOK_EVENTS, envelopes
 from creditflow.notify.templates import DEFAULT_CHANNELS, TEMPLATES_DIR, canonical_kind
 from creditflow.payments.reconcile import open_run
-from tests.test_api_hardening import assert_error
-from tests.test_api_metering import new_account
+from tests.support.api import assert_error, new_account
 
 
 async def test_accounts_list_search_page_and_lookup_by_external_id(api: httpx.AsyncClient) -> None:

@@ -19,9 +19,15 @@ from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ledger.accounts import create_account
 from tests.conftest import skip_time
-from tests.test_account_workflow import eventually
-from tests.test_billing_cycle import journal, settings, start_account, ts_env  # noqa: F401 (fixtures)
-from tests.test_ledger_invariants import assert_invariants
+from tests.support.cycle import settings, start_account  # noqa: F401 (fixtures)
+from tests.support.ledger import (
+    assert_invariants,
+    journal,  # noqa: F401 (fixtures)
+)
+from tests.support.temporal import (
+    eventually,
+    ts_env,  # noqa: F401 (fixtures)
+)
 from workers.main import build_worker
 from workflows.contract import QUERY_STATE, UPDATE_CHANGE_PLAN, AccountState, PlanChange, SubscriptionState
 
@@ -138,7 +144,7 @@ async def test_paid_overage_is_not_credited_again_as_permanent_credits(
     its plan credits (5,000 -> 4,400 left). Paying the invoice restores only what is still drawn for it (nothing),
     so no 600 permanent credits appear, and the next renewal expires everything left of the plan."""
     from tests.conftest import new_card
-    from tests.test_api_metering import track
+    from tests.support.api import track
 
     account = (await create_account(pool, name="Overage Ltd", billing_email="billing@overage.test",
                                     welcome_bonus_credits=0, overage_credit_line=1_000)).id
@@ -183,7 +189,7 @@ async def test_unpaid_overage_is_not_billed_again(
     (no card). The next close must not bill the 2,000 still drawn again; paying both invoices restores nothing
     more than what is still drawn (nothing: the two grants repaid it)."""
     from tests.conftest import new_card
-    from tests.test_api_metering import track
+    from tests.support.api import track
     from workflows.contract import SIGNAL_RETRY_INVOICE_PAYMENT, invoice_workflow_id
 
     account = (await create_account(pool, name="Late Payer", billing_email="billing@late.test",
@@ -233,7 +239,7 @@ async def test_overage_under_half_a_credit_is_not_billed_0_and_credited_back(
     from decimal import Decimal
 
     from tests.conftest import new_card
-    from tests.test_api_metering import track
+    from tests.support.api import track
 
     account = (await create_account(pool, name="Fraction", billing_email="billing@fraction.test",
                                     welcome_bonus_credits=0, overage_credit_line=1_000)).id

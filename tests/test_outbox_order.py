@@ -13,7 +13,7 @@ from temporalio.worker import Worker
 
 from creditflow.config import Settings
 from creditflow.ledger.accounts import create_account
-from tests.test_account_workflow import eventually, state_of
+from tests.support.temporal import eventually, state_of
 from workers.relay import OutboxRelay
 
 pytestmark = pytest.mark.temporal

@@ -25,12 +25,12 @@ from creditflow.domain.topups import DEFAULT_PACKAGES, CreditPackage
 from creditflow.errors import CreditflowError
 from creditflow.payments.gateway import RefundState, StripeGateway
 from tests.conftest import ADMIN_KEY, STRIPE_KEY
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import new_account
-from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_stripe_webhooks import SECRET, Clients, cf, clients_for, event, sign  # noqa: F401 - fixtures
-from tests.test_topups import TOPUP, save_card
+from tests.support.api import new_account
+from tests.support.auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
+from tests.support.ledger import assert_invariants
+from tests.support.payments import TOPUP, save_card
+from tests.support.temporal import eventually
+from tests.support.webhooks import SECRET, Clients, cf, clients_for, event, sign  # noqa: F401 - fixtures
 from workflows.contract import RefundOutcome, refund_workflow_id
 
 pytestmark = pytest.mark.temporal
@@ -288,7 +288,7 @@ async def test_pending_refund_is_not_succeeded_and_a_later_failure_gives_the_cre
     assert (outcome.status, outcome.credits, outcome.amount_cents, outcome.balance) == ("succeeded", 1000, 1000, 6500)
     await assert_invariants(pool)
     # The new path (patch refund-pending-waits: mark pending, answer, wait for Stripe) replays deterministically.
-    from tests.test_workflow_replay import replayer
+    from tests.support.temporal import replayer
 
     # ("r-all" was asked again after its workflow closed: its latest run replays the decided row, no Stripe call.)
     for request_id in ("r-all", "r-1000"):

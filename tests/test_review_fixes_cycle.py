@@ -12,7 +12,7 @@ from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.plans import load_plan_catalog
 from creditflow.ledger import limits
 from creditflow.ledger.accounts import create_account
-from tests.test_ledger_invariants import assert_invariants
+from tests.support.ledger import assert_invariants
 
 
 async def plan_lots_left(pool: AsyncConnectionPool, account: str) -> int:

@@ -12,8 +12,8 @@ from creditflow.errors import CreditflowError
 from creditflow.ledger import accounts, metering, ratecard
 from creditflow.ledger.metering import UsageEvent
 from tests.conftest import ledger_snapshot
-from tests.test_api_metering import new_account
-from tests.test_ledger_invariants import assert_invariants
+from tests.support.api import new_account
+from tests.support.ledger import assert_invariants
 
 
 async def test_settling_an_overdue_hold_releases_it_once(pool: AsyncConnectionPool) -> None:

@@ -16,10 +16,9 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import new_account, track
-from tests.test_topups import CARDS, DECLINED_AT_CHARGE, _client, customer_of, intents_of, save_card
-from tests.test_workflow_replay import record_and_replay
+from tests.support.api import app_client, new_account, track
+from tests.support.payments import CARDS, DECLINED_AT_CHARGE, customer_of, intents_of, save_card
+from tests.support.temporal import eventually, record_and_replay
 from workflows.contract import InvoiceAdjustmentLine, InvoiceWorkflowInput, invoice_workflow_id
 from workflows.invoice import InvoiceWorkflow
 
@@ -78,7 +77,7 @@ async def test_check_and_entitled_without_value_ask_for_one_unit(api: httpx.Asyn
 
 async def test_balance_reports_total_usage_and_remaining_for_the_period(api: httpx.AsyncClient,
                                                                        pool: AsyncConnectionPool) -> None:
-    from tests.test_plan_pricing import subscribe
+    from tests.support.plans import subscribe
 
     # Wallet-only: the calendar month (UTC). 5,000 welcome + 300 granted by hand; 245 + 10 used; a debit is no usage.
     account = await new_account(api)
@@ -128,7 +127,7 @@ def settings(database_url: str, stripe_base: str) -> Settings:
 
 @pytest.fixture
 async def wf_api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _client(temporal_settings):
+    async for client in app_client(temporal_settings):
         yield client
 
 
