@@ -1,4 +1,5 @@
-"""A new run of the account workflow rebuilds its state from the database (issue 11, defect 5).
+"""A new run of the account workflow rebuilds its state from the database: the database is the
+truth, a run only caches it.
 
 After an operator terminates ``account:{id}`` (or resets it, or the relay starts a new run), the next run must
 behave exactly like the one before it: the subscription renews (the pending plan change applies, the invoice is

@@ -1,4 +1,5 @@
-"""A reset account workflow never reuses a recharge sequence number (issue 11, defect 5). A run reset to a point
+"""A reset account workflow never reuses a recharge sequence number (a reused number would take
+an old charge for a new one). A run reset to a point
 before its last recharge remembers an older sequence number than the database; the next recharge must still be a
 new ``recharge-{seq}`` charge, charged and credited once, not the old row reported as a new success. Temporal dev
 server (reset), the outbox relay, localstripe, PostgreSQL."""

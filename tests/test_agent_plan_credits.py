@@ -1,4 +1,4 @@
-"""Plan credits and agents (issue 13 item 4, migration 0030_1; seed 001 "What happens when credits run out" and
+"""Plan credits and agents (migration 0030_1; seed 001 "What happens when credits run out" and
 "Spending limits per agent"), through the HTTP API on the real stack.
 
 * Stop: an event that costs more than the plan credits left is refused (never paid from the wallet), the account

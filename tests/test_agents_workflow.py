@@ -1,4 +1,4 @@
-"""Agents paused and resumed by the account workflow (issue 5): limits reached on the hot path pause agents
+"""Agents paused and resumed by the account workflow: limits reached on the hot path pause agents
 through the outbox, raised limits and new periods resume what the system paused (never an operator's pause),
 operators pause by API update or by a signal from the ``temporal`` CLI. Real PostgreSQL, real Temporal (the dev
 server; the time-skipping test server for the next-day resume), no mocks.

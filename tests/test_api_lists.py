@@ -1,4 +1,5 @@
-"""Admin account listing, search and lookup by external id; cursor pagination on every list (issue 12)."""
+"""Admin account listing, search and lookup by external id; cursor pagination on every list (stable
+under inserts)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Billing cycles on Temporal's time-skipping test server (issue 4): the real AccountWorkflow and InvoiceWorkflow
+"""Billing cycles on Temporal's time-skipping test server: the real AccountWorkflow and InvoiceWorkflow
 on the production worker, real PostgreSQL and localstripe. Months pass in seconds; every grant, expiry, invoice
 and charge is asserted exactly.
 """
@@ -187,7 +187,7 @@ async def test_overage_is_billed_at_renewal_and_the_pdf_says_so(
         [invoice] = await eventually(lambda: invoices(pool, account),
                                      lambda rows: len(rows) == 1 and rows[0]["status"] == "paid", timeout=30)
     assert invoice["amount_due_cents"] == 4_900 + 150 + 600  # fee + number + 600 overage credits ($6)
-    # The next plan grant already repaid the line (issue 11, defect 3): the payment restores nothing more.
+    # The next plan grant already repaid the line (an overage is repaid once): the payment restores nothing more.
     assert await journal(pool, account, "overage_repayment") == []
     balance = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
     assert balance["balance"] == 4_400  # the new plan credits less the 600 they repaid; the line is whole again

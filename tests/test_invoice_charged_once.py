@@ -1,4 +1,4 @@
-"""Issue 11, defect 10: an invoice is charged at most once across its collection attempts.
+"""An invoice is charged at most once across its collection attempts.
 
 ``InvoiceWorkflow`` on the real Temporal dev server with the production worker, real PostgreSQL and localstripe.
 Stripe's side is driven through the emulator's own API; the only fault injected is a pass-through proxy in front of

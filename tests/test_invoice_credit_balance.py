@@ -1,4 +1,4 @@
-"""Issue 11, defect 11 (part): the credit an invoice carries forward is applied to the next invoices, once.
+"""The credit an invoice carries forward is applied to the next invoices, once.
 
 ``InvoiceWorkflow`` on the real Temporal dev server with the production worker, real PostgreSQL and localstripe.
 """

@@ -1,4 +1,4 @@
-"""Issue 11, defect 8 (invoices): refunds and disputes of an invoice payment are reflected on the invoice and take
+"""Refunds and disputes of an invoice payment are reflected on the invoice and take
 back the credit-line restoration that payment made. Signed webhook events (as Stripe sends them) through the real
 app, the outbox relay and the account workflow; the invoice paid by the real InvoiceWorkflow; real PostgreSQL,
 Temporal dev server, localstripe.

@@ -1,6 +1,6 @@
 """A payment that succeeds after its workflow recorded failure is credited (or its invoice settled) once, through one
-late path for top-ups, auto-recharges and invoice payments (issue 11, defect 6). Signed webhooks on the real app, the
-outbox relay, the account workflow on the Temporal dev server, localstripe, PostgreSQL; no mocks.
+late path for top-ups, auto-recharges and invoice payments (the customer paid: the money is theirs). Signed webhooks
+on the real app, the outbox relay, the account workflow on the Temporal dev server, localstripe, PostgreSQL; no mocks.
 
 The failure is the one the issue describes: Stripe was unreachable for the workflow's whole retry budget, so the
 charge row was recorded ``failed`` (``payment_provider_unavailable``) without a PaymentIntent id, while Stripe had

@@ -1,4 +1,4 @@
-"""Number rental in the wallet (issue 13 item 8, seed 004; migration 0030_2): a wallet-only account pays each recurring
+"""Number rental in the wallet (seed 004; migration 0030_2): a wallet-only account pays each recurring
 charge from the wallet every month as a usage item with channel ``number``; a plan account keeps it on its invoice
 (never both); a month the wallet cannot cover draws on the overage line, else is recorded unpaid and notified.
 Through the HTTP API with the production worker (Temporal dev server); the months on the time-skipping server."""

@@ -1,5 +1,5 @@
 """A payment event the account workflow cannot apply is kept, visible and re-drivable, never logged and dropped
-(issue 11, defect 11). Signed webhook, outbox relay, account workflow on the Temporal dev server, localstripe,
+(each one moves money). Signed webhook, outbox relay, account workflow on the Temporal dev server, localstripe,
 PostgreSQL, the operator CLI; no mocks.
 
 The refusal: Stripe reports a late success for a PaymentIntent that is not the one the charge row records (the

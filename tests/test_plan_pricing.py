@@ -1,4 +1,4 @@
-"""Plan pricing on the hot path (issue 4, migration 0013): plan rates while plan credits last, overage rates after,
+"""Plan pricing on the hot path (migration 0013): plan rates while plan credits last, overage rates after,
 plan credits spent before the wallet, ``stop`` agents refused with ``plan_credits_exhausted``, and
 ``balances.plan_left_micros`` kept equal to max(0, plan lots remaining - unburned) by every writer. Real PostgreSQL
 through the real app (its lifespan syncs the catalog's plan rates); accounts are put on a plan the way the
@@ -368,7 +368,7 @@ async def test_plan_left_and_prices_follow_the_domain(api: httpx.AsyncClient, po
 
 async def test_expiry_takes_held_plan_credits_and_settlements_go_to_the_floor(
         api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
-    """A call still running when the period closes (issue 11, defect 2): the plan credits expire in full whatever
+    """A call still running when the period closes: the plan credits expire in full whatever
     is held; the hold keeps reserving only what the account covers; its settlement is not refused: charged from the
     next source (here the overage line), down to the floor, the rest recorded as uncovered."""
     for line, reserved_after, charged, uncovered in ((0, 0, 0, 45), (1_000, 40, 45, 0)):

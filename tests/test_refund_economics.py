@@ -1,4 +1,4 @@
-"""Refunds and disputes conserve money (issue 11): a purchase's credits and money move together, in the proportion
+"""Refunds and disputes conserve money: a purchase's credits and money move together, in the proportion
 that lot was bought, whatever the order of refunds, disputes and Stripe's answers.
 
 Real PostgreSQL, Temporal dev server (production worker), localstripe; disputes and refund status changes are fed as
@@ -109,7 +109,7 @@ def stripe_money(sdk: stripe.StripeClient, pis: list[str]) -> tuple[int, int]:
     return captured, refunded
 
 
-# --- defect 1 ------------------------------------------------------------------------------------------
+# --- a lot refunds at its own price: bonus packages and partial refunds ----------------------------------
 
 
 async def test_bonus_package_refund_loop_creates_no_credits(
@@ -188,7 +188,7 @@ async def test_dispute_of_a_bonus_package_takes_credits_in_the_lots_proportion(
     await assert_invariants(pool)
 
 
-# --- defect 9 ------------------------------------------------------------------------------------------
+# --- a pending refund is not a refund yet: Stripe may still fail it -------------------------------------
 
 
 class StripeAnswersPending(StripeGateway):
@@ -328,7 +328,7 @@ async def test_pending_refund_polled_by_its_workflow_is_settled_by_stripes_answe
     await assert_invariants(pool)
 
 
-# --- defect 7 ------------------------------------------------------------------------------------------
+# --- a dispute opened while a refund is in flight ---------------------------------------------------------
 
 
 class StripeRefusesOnceDisputed(StripeGateway):
@@ -442,7 +442,7 @@ async def all_moves(pool: AsyncConnectionPool, account: str) -> list[dict[str, A
                                          (account,))).fetchall()
 
 
-# --- defect 8 (disputes closing as inquiries) ------------------------------------------------------------
+# --- disputes closing as inquiries, refunds failing after their finalize -------------------------------
 
 
 async def test_dispute_closed_as_warning_closed_returns_what_was_taken_once(

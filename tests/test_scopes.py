@@ -1,4 +1,4 @@
-"""API key scopes (issue 13, item 9): one route -> scope table, every route in it, and keys that can meter but never
+"""API key scopes: one route -> scope table, every route in it, and keys that can meter but never
 move money. Real app, real PostgreSQL (and for the card charge, real Temporal and localstripe)."""
 
 from __future__ import annotations

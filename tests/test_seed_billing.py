@@ -1,4 +1,4 @@
-"""What the seed products promise about entitlement checks, console figures and invoices (issue 13 items 6, 5, 10),
+"""What the seed products promise about entitlement checks, console figures and invoices,
 through the HTTP API on the real stack (PostgreSQL; Temporal and localstripe where a payment runs)."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ async def checked(api: httpx.AsyncClient, path: str, body: dict[str, Any]) -> di
     return resp.json()
 
 
-# --- item 6: a check without a value asks for one unit ----------------------------------------------------------
+# --- a check without a value asks for one unit ------------------------------------------------------------------
 
 
 async def test_check_and_entitled_without_value_ask_for_one_unit(api: httpx.AsyncClient,
@@ -72,7 +72,7 @@ async def test_check_and_entitled_without_value_ask_for_one_unit(api: httpx.Asyn
     assert (message["allowed"], message["code"]) == (True, "ok")
 
 
-# --- item 5: the console's credit balance figures -----------------------------------------------------------------
+# --- the console's credit balance figures -------------------------------------------------------------------------
 
 
 async def test_balance_reports_total_usage_and_remaining_for_the_period(api: httpx.AsyncClient,
@@ -115,7 +115,7 @@ async def test_balance_reports_total_usage_and_remaining_for_the_period(api: htt
         "period_end": period.end.isoformat().replace("+00:00", "Z")}
 
 
-# --- item 10: pay a past-due invoice now; a new card retries; the credit balance ------------------------------------
+# --- pay a past-due invoice now; a new card retries; the credit balance --------------------------------------------
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Spend control on the hot path (issue 5): limits enforced inside the metering transaction, paused agents,
+"""Spend control on the hot path: limits enforced inside the metering transaction, paused agents,
 the outbox events that tell the account workflow, and the limits / spend / agents API. Real PostgreSQL through
 the real app; the workflow side is in tests/test_agents_workflow.py.
 """

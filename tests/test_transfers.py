@@ -1,4 +1,4 @@
-"""Organizations and transfers between their workspaces (issue 13, item 2): through the API, real PostgreSQL (and for
+"""Organizations and transfers between their workspaces: through the API, real PostgreSQL (and for
 the refund and dispute crossings real Temporal and localstripe), exact numbers."""
 
 from __future__ import annotations

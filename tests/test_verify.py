@@ -263,7 +263,7 @@ async def test_credits_taken_beyond_the_money_returned_are_reported(pool: AsyncC
 
 
 async def test_a_recharge_success_that_is_not_a_charge_of_its_own_is_reported(pool: AsyncConnectionPool) -> None:
-    """A new account workflow run that reused sequence 1 took recharge-1's old success for its own (defect 5):
+    """A new account workflow run that reused sequence 1 took recharge-1's old success for its own:
     two recorded successes, one charge."""
     from creditflow.ledger import auto_recharge
 
@@ -285,7 +285,7 @@ async def test_a_recharge_success_that_is_not_a_charge_of_its_own_is_reported(po
 
 
 async def test_a_credit_balance_not_applied_to_the_next_invoice_is_reported(pool: AsyncConnectionPool) -> None:
-    """An invoice that carries a credit forward, and the next one that does not apply it (defect 11)."""
+    """An invoice that carries a credit forward, and the next one that does not apply it."""
     account = await new_account(pool)
     credit = await _invoice(pool, account, 0, key="2026-09-01")
     later = await _invoice(pool, account, 0, key="2026-10-01")
@@ -304,7 +304,7 @@ async def test_a_credit_balance_not_applied_to_the_next_invoice_is_reported(pool
 
 
 async def test_an_outbox_row_delivered_before_an_earlier_one_is_reported(pool: AsyncConnectionPool) -> None:
-    """A dispute's close delivered while its opening was still failing (defect 11, relay order)."""
+    """A dispute's close delivered while its opening was still failing (the relay must keep an account's order)."""
     account = await new_account(pool)
     async with pool.connection() as conn:
         rows = [(await (await conn.execute(
