@@ -23,12 +23,7 @@ from collections.abc import Callable
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.alerts import (
-        BalanceAlertInput,
-        DailyUsageAlertInput,
-        fire_balance_alerts_from_workflow,
-        send_daily_usage_alert_from_workflow,
-    )
+    from activities.alerts import BalanceAlertInput, DailyUsageAlertInput
     from workflows.account_agents import Agents
     from workflows.account_cycle import BillingCycle, validate_plan_change
     from workflows.account_payments import Payments
@@ -60,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
         PlanChange,
         SubscriptionState,
     )
+    from workflows.notify import fire_balance_alerts_from_workflow, send_daily_usage_alert_from_workflow
 
 # The outbox kinds written by the hot path: the balance watch, limits reached, limits saved.
 BELOW_THRESHOLD = OUTBOX_BELOW_THRESHOLD

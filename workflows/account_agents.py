@@ -8,11 +8,11 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.agents import AgentActivities, LimitReachedInput, ResumeInput, SetAgentStatusInput
-    from activities.notifications import notify
     from creditflow.domain.notifications import Notification
     from workflows.account_state import LOAD_RETRY, AccountRun
     from workflows.common import DB_TIMEOUT, db_retry, error_of
     from workflows.contract import OUTBOX_LIMIT_REACHED, AgentCommand, AgentStatus, OutboxEvent
+    from workflows.notify import notify
 
 # Agent status writes: our database, retried for minutes; refusals (a pause of a paused agent) never.
 AGENT_RETRY = db_retry(["invalid_transition", "unknown_agent", "unknown_account", "validation_error"])

@@ -10,7 +10,6 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import notify
     from activities.payment_events import LateCreditResult, PaymentEventActivities, PaymentEventInput
     from activities.payments import PERMANENT_CODES, EnsureStripeCustomerInput, PaymentActivities
     from creditflow.domain.notifications import Notification
@@ -23,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         OUTBOX_STRIPE_DISPUTED,
         OutboxEvent,
     )
+    from workflows.notify import notify
 
 # Creating the Stripe customer: the gateway already retried transient errors for seconds; here we keep
 # trying for about a day on outages, never on refusals a retry cannot fix. If it still fails, the API

@@ -18,10 +18,10 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import notify
     from creditflow.domain.notifications import Notification
     from workflows.common import publish_status
     from workflows.contract import SA_PLAN, AccountWorkflowInput, OutboxEvent
+    from workflows.notify import notify
 
 # Reading our own database: outages are transient, so retry with a capped interval until it answers.
 LOAD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
