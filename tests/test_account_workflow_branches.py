@@ -304,6 +304,8 @@ async def test_declined_recharges_back_off_doubling_then_succeed(env: WorkflowEn
     f.config = recharge_config()
     f.policy = RechargePolicy(max_per_day=5, max_consecutive_failures=3, retry_base_seconds=900)
     f.cards = ["declined", "declined", "succeeded"]
+    now = await env.get_current_time()  # start at 01:00 UTC: the three attempts fall on one UTC day
+    await env.sleep(next_utc_midnight(now) + timedelta(hours=1) - now)
     first = await account.event(OUTBOX_BELOW_THRESHOLD, crossing(f))
     await until(lambda: len(f.notifications) == 1)
     await until(lambda: _settled(account))
@@ -349,10 +351,9 @@ async def test_declined_recharges_back_off_doubling_then_succeed(env: WorkflowEn
     assert third.attempted_at >= second.attempted_at + timedelta(minutes=30)
     await until(lambda: _settled(account))
     state = await account.state()
-    same_day = sum(1 for a in f.attempts if a.attempted_at.date() == third.attempted_at.date())
     assert (state.recharge.seq, state.recharge.consecutive_failures, state.recharge.next_attempt_at,
-            state.recharge.last_status, state.recharge.last_error, state.recharge.attempts_today) == (
-        3, 0, None, "succeeded", None, same_day)
+            state.recharge.last_status, state.recharge.last_error, state.recharge.attempts_today,
+            state.recharge.day) == (3, 0, None, "succeeded", None, 3, tried.attempted_at.date())
     assert (state.recharge_reason, state.recharge_wake_at, state.recharge_in_flight) == ("due", None, None)
     assert f.available_micros == 2_500 * CREDIT
     assert f.kinds() == ["auto_recharge.failed", "auto_recharge.failed", "auto_recharge.succeeded"]
@@ -389,13 +390,14 @@ async def test_daily_cap_waits_for_the_next_utc_day_and_tells_once(env: Workflow
     f.policy = RechargePolicy(max_per_day=2)
     f.cards = ["succeeded"] * 3
     f.credit_raises_balance = False  # spent as fast as it is bought: every crossing asks again
+    now = await env.get_current_time()  # start at 01:00 UTC: the whole day's attempts fall on one UTC day
+    await env.sleep(next_utc_midnight(now) + timedelta(hours=1) - now)
     for n in (1, 2):
         await account.event(OUTBOX_BELOW_THRESHOLD, crossing(f))
         await until(lambda n=n: len(f.attempts) == n)
         await until(lambda: _settled(account))
     day = f.attempts[1].attempted_at.date()
-    if f.attempts[0].attempted_at.date() != day:
-        pytest.skip("the two recharges straddled midnight UTC")  # only within seconds of midnight
+    assert f.attempts[0].attempted_at.date() == day and f.attempts[0].attempted_at.hour == 1
     await account.event(OUTBOX_BELOW_THRESHOLD, crossing(f))
     await until(lambda: len(f.loads) == 3)
     await until(lambda: _settled(account))
