@@ -40,7 +40,7 @@ from activities.topups import ChargeRef, ChargeSnapshot, RecordTopUpInput
 from creditflow.domain.charges import PaymentIntentState
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.notifications import Notification, NotificationRecord
-from creditflow.domain.recharge import RechargeConfig, RechargePolicy, next_utc_midnight
+from creditflow.domain.recharge import RechargeConfig, RechargePolicy, RechargeState, next_utc_midnight
 from creditflow.payments.topups import CreditResult
 from tests.conftest import _temporal_cli
 from tests.support.fake_workflows import EchoInvoiceWorkflow
@@ -89,6 +89,8 @@ class FakeActivities:
     agents: dict[str, AgentStatus] = field(default_factory=dict)
     agent_calls: list[Any] = field(default_factory=list)
     events: int = 0
+    rebuilt: AccountRebuild | None = None  # what the database holds for a new run (None: a new account)
+    rebuilds: list[RebuildInput] = field(default_factory=list)
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.rebuild_account_state, self.send_notification, self.fire_balance_alerts,
@@ -104,7 +106,9 @@ class FakeActivities:
 
     @activity.defn(name="rebuild_account_state")
     async def rebuild_account_state(self, input: RebuildInput) -> AccountRebuild:
-        return AccountRebuild(account=AccountSnapshot(account_id=input.account_id, name="Acme", status="active"))
+        self.rebuilds.append(input)
+        return self.rebuilt or AccountRebuild(
+            account=AccountSnapshot(account_id=input.account_id, name="Acme", status="active"))
 
     @activity.defn(name="send_notification")
     async def send_notification(self, input: Notification) -> NotificationRecord:
@@ -239,6 +243,7 @@ class Running:
     handle: WorkflowHandle[Any, Any]
     fakes: FakeActivities
     client: Client
+    queue: str
 
     async def state(self) -> AccountState:
         return await self.handle.query(AccountWorkflow.state)
@@ -262,7 +267,7 @@ async def account(env: WorkflowEnvironment) -> AsyncIterator[Running]:
         handle = await env.client.start_workflow(
             AccountWorkflow.run, AccountWorkflowInput(account_id=account_id, publish_search_attributes=False),
             id=account_workflow_id(account_id), task_queue=queue)
-        running = Running(handle=handle, fakes=fakes, client=env.client)
+        running = Running(handle=handle, fakes=fakes, client=env.client, queue=queue)
         await until(lambda: _loaded(running))
         yield running
         await handle.terminate("test over")
@@ -553,3 +558,47 @@ async def test_agent_pause_resume_and_limit_pause_ending_by_itself(env: Workflow
     assert (back.kind, back.dedup_key, back.payload["status"], back.payload["agent_id"]) == (
         "agent.resumed", f"agent.resumed:{a}:a2:4", "active", "a2")
     assert {agent: s.status for agent, s in f.agents.items()} == {"a1": "active", "a2": "active"}
+
+
+# --- a new run -------------------------------------------------------------------------------------------
+
+
+async def test_a_new_run_rebuilds_its_state_from_the_database(env: WorkflowEnvironment, account: Running) -> None:
+    """A run started again (terminated, reset, or by the relay) takes its state from the database: the dedup window
+    (a redelivered event is ignored), the events an earlier run accepted and never applied (applied first, once),
+    the recharge sequence (never reused) and the subscription."""
+    f = account.fakes
+    now = await env.get_current_time()
+    subscription = SubscriptionState(plan_id="growth", anchor=now, period_index=3, period_start=now,
+                                     period_end=now + PERIOD)
+    unapplied = OutboxEvent(dedup_key="limit:old", kind=OUTBOX_LIMIT_REACHED, created_at=now,
+                            payload={"action": "notify", "scope": "monthly"})
+    f.rebuilt = AccountRebuild(
+        account=AccountSnapshot(account_id="acct_rebuilt", name="Rebuilt Co", status="active"),
+        subscription=subscription, recharge=RechargeState(generation=1, seq=4), recharge_enabled=True,
+        stripe_customer_id="cus_123", recent_dedup_keys=["seen:1", "seen:2"], unapplied=[unapplied])
+    f.config = recharge_config()
+    f.cards = ["succeeded"]
+    handle = await account.client.start_workflow(
+        AccountWorkflow.run, AccountWorkflowInput(account_id="acct_rebuilt", publish_search_attributes=False),
+        id=account_workflow_id(f"rebuilt_{uuid.uuid4().hex[:8]}"), task_queue=account.queue)
+    try:
+        await until(lambda: len(f.attempts) == 1)
+        assert [(r.account_id, r.dedup_capacity) for r in f.rebuilds[-1:]] == [("acct_rebuilt", 1_000)]
+        assert (f.attempts[0].seq, f.attempts[0].charge_id) == (5, "ch_recharge-5")  # after the rebuilt 4
+        assert [(n.kind, n.dedup_key, n.outbox_key) for n in f.notifications] == [
+            ("limit.reached", "notify:limit:old", "limit:old"),  # the unapplied event first
+            ("auto_recharge.succeeded", "receipt:ch_recharge-5", None)]
+        await handle.signal(AccountWorkflow.outbox_event, OutboxEvent(
+            dedup_key="seen:2", kind=OUTBOX_LIMIT_REACHED, created_at=now, payload={"action": "notify"}))
+
+        async def ignored() -> bool:
+            return (await handle.query(AccountWorkflow.state)).duplicates_ignored == 1
+
+        await until(ignored)
+        state = await handle.query(AccountWorkflow.state)
+        assert (state.name, state.stripe_customer_id, state.subscription, state.events_processed,
+                state.recent_dedup_keys, state.recharge.seq) == ("Rebuilt Co", "cus_123", subscription, 1, 3, 5)
+        assert len(f.notifications) == 2  # the redelivered event sent nothing
+    finally:
+        await handle.terminate("test over")
