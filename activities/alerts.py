@@ -11,15 +11,16 @@ a redelivered event, a second workflow run or a retried activity sends each chan
 ``send_notification`` they fail with the *retryable* ``notification_pending`` error while a channel may still go,
 and report ``failed`` channels on their last attempt instead of failing. Workflows call them with ``ALERT_RETRY``
 and ``ALERT_TIMEOUT`` and catch ``ActivityError``, or through ``fire_balance_alerts_from_workflow`` /
-``send_daily_usage_alert_from_workflow``, which do both: an alert must never fail the account workflow.
+``send_daily_usage_alert_from_workflow`` (workflows/notify.py), which do both: an alert must never fail the account
+workflow.
 """
 
 from __future__ import annotations
 
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
-from temporalio import activity, workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.errors import translating_errors
 from activities.notifications import NOTIFY_RETRY_POLICY, NOTIFY_TIMEOUT, PENDING
@@ -132,25 +133,3 @@ class AlertActivities:
             payload={"limit_micros": input.limit_micros, "spent_micros": input.spent_micros, "period": input.period}))
         await outbox.mark_applied(self._pool, input.account_id, input.dedup_key)
         return DailyUsageAlertResult(fired=True, dedup_key=key, deliveries=record.deliveries)
-
-
-async def fire_balance_alerts_from_workflow(input: BalanceAlertInput) -> BalanceAlertsResult | None:
-    """From a workflow: run ``fire_balance_alerts`` with bounded retries; never raises (None if it failed)."""
-    try:
-        return await workflow.execute_activity(
-            "fire_balance_alerts", input, result_type=BalanceAlertsResult, start_to_close_timeout=ALERT_TIMEOUT,
-            retry_policy=ALERT_RETRY, summary=f"Low-balance alerts at {input.threshold_micros} micro-credits")
-    except ActivityError as err:
-        workflow.logger.error("balance alerts of %s not delivered: %s", input.dedup_key, err.cause or err)
-        return None
-
-
-async def send_daily_usage_alert_from_workflow(input: DailyUsageAlertInput) -> DailyUsageAlertResult | None:
-    """From a workflow: run ``send_daily_usage_alert`` with bounded retries; never raises (None if it failed)."""
-    try:
-        return await workflow.execute_activity(
-            "send_daily_usage_alert", input, result_type=DailyUsageAlertResult, start_to_close_timeout=ALERT_TIMEOUT,
-            retry_policy=ALERT_RETRY, summary=f"Daily usage alert {input.period}")
-    except ActivityError as err:
-        workflow.logger.error("daily usage alert %s not delivered: %s", input.dedup_key, err.cause or err)
-        return None

@@ -6,8 +6,8 @@ While a channel may still go (transient failure), the activity fails with a *ret
 ``notification_pending`` error so Temporal retries it; a channel failing ``notify_max_attempts`` times, or still
 pending on the activity's last attempt, is reported ``failed`` in the result and the activity completes.
 
-Workflows call it with ``notify`` below (bounded retries, never raises), or with ``NOTIFY_RETRY_POLICY`` and
-their own ``except ActivityError`` as ``TopUpWorkflow`` does.
+Workflows call it with ``notify`` (workflows/notify.py: bounded retries, never raises), or with
+``NOTIFY_RETRY_POLICY`` and their own ``except ActivityError`` as ``TopUpWorkflow`` does.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 from psycopg_pool import AsyncConnectionPool
-from temporalio import activity, workflow
+from temporalio import activity
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ApplicationError
 
 from activities.errors import translating_errors
 from creditflow.config import Settings, get_settings
@@ -53,17 +53,3 @@ class NotificationActivities:
                                    type=PENDING, non_retryable=False) from pending
         await outbox.mark_applied(self._pool, input.account_id, input.outbox_key)
         return record
-
-
-async def notify(notification: Notification, *, summary: str | None = None) -> NotificationRecord | None:
-    """From a workflow: send ``notification`` with bounded retries; never raises (a notification must not
-    fail a billing flow). Returns the record with each channel's outcome, or ``None`` if the activity failed."""
-    try:
-        return await workflow.execute_activity(
-            "send_notification", notification, result_type=NotificationRecord,
-            start_to_close_timeout=NOTIFY_TIMEOUT, retry_policy=NOTIFY_RETRY_POLICY,
-            summary=summary or f"Notify {notification.kind}")
-    except ActivityError as err:
-        workflow.logger.error("notification %s (%s) not delivered: %s", notification.dedup_key,
-                              notification.kind, err.cause or err)
-        return None

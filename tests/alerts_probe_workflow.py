@@ -7,12 +7,8 @@ from __future__ import annotations
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.alerts import (
-        BalanceAlertInput,
-        BalanceAlertsResult,
-        fire_balance_alerts_from_workflow,
-    )
-
+    from activities.alerts import BalanceAlertInput, BalanceAlertsResult
+    from workflows.notify import fire_balance_alerts_from_workflow
 
 @workflow.defn(name="AlertsProbeWorkflow")
 class AlertsProbeWorkflow:

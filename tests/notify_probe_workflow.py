@@ -7,9 +7,8 @@ from __future__ import annotations
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import notify
     from creditflow.notify.log import Notification, NotificationRecord
-
+    from workflows.notify import notify
 
 @workflow.defn(name="NotifyProbeWorkflow")
 class NotifyProbeWorkflow:

@@ -1,4 +1,5 @@
-"""A new run of the account workflow rebuilds its state from the database (issue 11, defect 5).
+"""A new run of the account workflow rebuilds its state from the database: the database is the
+truth, a run only caches it.
 
 After an operator terminates ``account:{id}`` (or resets it, or the relay starts a new run), the next run must
 behave exactly like the one before it: the subscription renews (the pending plan change applies, the invoice is
@@ -30,13 +31,15 @@ from creditflow.ledger import outbox
 from creditflow.ledger.accounts import create_account
 from creditflow.ledger.verify import verify
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card, skip_time
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import balance, track
-from tests.test_auto_recharge import SETTINGS, recharge_charges, recharge_rows
-from tests.test_billing_cycle import invoices, journal, ts_env  # noqa: F401 - fixture
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_topups import customer_of, intents_of
-from tests.test_workflow_replay import HISTORIES
+from tests.support.api import balance, track
+from tests.support.auto_recharge import SETTINGS, recharge_charges, recharge_rows
+from tests.support.ledger import assert_invariants, invoices, journal  # noqa: F401 - fixture
+from tests.support.payments import customer_of, intents_of
+from tests.support.temporal import (
+    HISTORIES,
+    eventually,
+    ts_env,  # noqa: F401 - fixture
+)
 from workers.main import build_worker
 from workflows.account import AccountWorkflow
 from workflows.contract import (
@@ -187,7 +190,7 @@ async def test_an_event_accepted_but_not_applied_by_a_terminated_run_is_applied_
     """A run accepts a dispute's signal, and is terminated before its main loop takes the credits back (here: no
     worker is running). Delivered is not applied: the next run applies it, once, whatever is redelivered."""
     from creditflow.payments import clawbacks
-    from tests.test_verify import paid_purchase
+    from tests.support.ledger import paid_purchase
 
     client = ts_env.client
     account = (await create_account(pool, name="Acme", billing_email="billing@acme.test",

@@ -1,4 +1,5 @@
-"""A reset account workflow never reuses a recharge sequence number (issue 11, defect 5). A run reset to a point
+"""A reset account workflow never reuses a recharge sequence number (a reused number would take
+an old charge for a new one). A run reset to a point
 before its last recharge remembers an older sequence number than the database; the next recharge must still be a
 new ``recharge-{seq}`` charge, charged and credited once, not the old row reported as a new success. Temporal dev
 server (reset), the outbox relay, localstripe, PostgreSQL."""
@@ -17,10 +18,10 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client
 
-from tests.test_account_workflow import eventually, state_of
-from tests.test_api_metering import balance, new_account, track
-from tests.test_auto_recharge import SETTINGS, api, recharge_charges, recharge_rows, relay, settings  # noqa: F401
-from tests.test_topups import customer_of, intents_of, save_card
+from tests.support.api import balance, new_account, track
+from tests.support.auto_recharge import SETTINGS, api, recharge_charges, recharge_rows, relay, settings  # noqa: F401
+from tests.support.payments import customer_of, intents_of, save_card
+from tests.support.temporal import eventually, state_of
 from workers.relay import OutboxRelay
 from workflows.contract import account_workflow_id
 

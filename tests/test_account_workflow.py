@@ -6,11 +6,9 @@ import asyncio
 import os
 import signal
 import socket
-import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from psycopg_pool import AsyncConnectionPool
@@ -22,12 +20,12 @@ from creditflow.client import CreditflowClient, signal_with_start_account
 from creditflow.config import Settings
 from creditflow.ledger.accounts import create_account
 from creditflow.temporal_setup import ensure_search_attributes
+from tests.support.temporal import eventually, state_of
 from workers.main import run_worker
 from workers.relay import OutboxRelay
 from workflows.account import AccountWorkflow
 from workflows.contract import (
     ACCOUNT_WORKFLOW,
-    QUERY_STATE,
     SA_ACCOUNT_ID,
     SA_STATUS,
     SEARCH_ATTRIBUTES,
@@ -40,30 +38,6 @@ from workflows.contract import (
 pytestmark = pytest.mark.temporal
 
 HISTORIES = Path(__file__).parent / "histories"
-T = TypeVar("T")
-
-
-async def eventually(fetch: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout: float = 10.0) -> T:
-    """Poll ``fetch`` until ``ok`` (workflow tasks and visibility are asynchronous)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = await fetch()
-            if ok(value):
-                return value
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout} s; last value: {value!r}")
-        await asyncio.sleep(0.05)
-
-
-async def state_of(client: Client, account_id: str) -> AccountState:
-    return await client.get_workflow_handle(account_workflow_id(account_id)).query(
-        QUERY_STATE, result_type=AccountState)
-
-
 async def outbox_row(pool: AsyncConnectionPool, account_id: str) -> dict[str, Any]:
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT * FROM outbox WHERE account_id = %s", (account_id,))

@@ -1,4 +1,4 @@
-"""Plan credits and agents (issue 13 item 4, migration 0030_1; seed 001 "What happens when credits run out" and
+"""Plan credits and agents (migration 0030_1; seed 001 "What happens when credits run out" and
 "Spending limits per agent"), through the HTTP API on the real stack.
 
 * Stop: an event that costs more than the plan credits left is refused (never paid from the wallet), the account
@@ -20,12 +20,12 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from tests.conftest import ADMIN_KEY, STRIPE_KEY
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import balance, new_account, track
-from tests.test_auto_recharge import relay  # noqa: F401 - the worker's outbox relay, on this module's settings
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_plan_pricing import plan_left, subscribe
-from tests.test_topups import TOPUP, _client, save_card
+from tests.support.api import app_client, balance, new_account, track
+from tests.support.auto_recharge import relay  # noqa: F401 - the worker's outbox relay, on this module's settings
+from tests.support.ledger import assert_invariants
+from tests.support.payments import TOPUP, save_card
+from tests.support.plans import plan_left, subscribe
+from tests.support.temporal import eventually
 
 AGENTS = "/api/v1/agents"
 
@@ -140,7 +140,7 @@ async def test_stop_agent_holds_are_capped_and_settle_without_the_wallet(
 
 @pytest.fixture
 async def wf_api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _client(temporal_settings):
+    async for client in app_client(temporal_settings):
         yield client
 
 

@@ -1,4 +1,4 @@
-"""Agents paused and resumed by the account workflow (issue 5): limits reached on the hot path pause agents
+"""Agents paused and resumed by the account workflow: limits reached on the hot path pause agents
 through the outbox, raised limits and new periods resume what the system paused (never an operator's pause),
 operators pause by API update or by a signal from the ``temporal`` CLI. Real PostgreSQL, real Temporal (the dev
 server; the time-skipping test server for the next-day resume), no mocks.
@@ -23,10 +23,10 @@ from temporalio.testing import WorkflowEnvironment
 from creditflow.config import Settings
 from creditflow.ledger import agents
 from tests.conftest import _temporal_cli
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import new_account, track
-from tests.test_auto_recharge import api, relay, settings  # noqa: F401 - fixtures (worker + relay running)
-from tests.test_spend_control import AGENTS, set_limits
+from tests.support.api import new_account, track
+from tests.support.auto_recharge import api, relay, settings  # noqa: F401 - fixtures (worker + relay running)
+from tests.support.plans import AGENTS, set_limits
+from tests.support.temporal import eventually
 from workers.main import build_worker
 from workflows.contract import (
     ACCOUNT_WORKFLOW,

@@ -34,10 +34,9 @@ from creditflow.notify.service import event_id
 from tests.alerts_probe_workflow import AlertsProbeWorkflow
 from tests.conftest import ledger_snapshot
 from tests.receivers import http_receiver, smtp_server
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account, track
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_notifications import FOOTER, configured, readme_verifier, set_channels
+from tests.support.api import bearer, key_for, new_account, track
+from tests.support.ledger import assert_invariants
+from tests.support.notifications import FOOTER, configured, readme_verifier, set_channels
 
 ALERTS = "/api/v1/billing/alerts"
 AUTO_RECHARGE = "/api/v1/billing/auto-recharge"

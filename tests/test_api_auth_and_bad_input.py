@@ -6,18 +6,7 @@ import httpx
 import pytest
 
 from tests.conftest import ledger_snapshot
-from tests.test_api_metering import new_account
-
-
-async def key_for(api: httpx.AsyncClient, account_id: str, *scopes: str) -> str:
-    resp = await api.post(f"/api/v1/accounts/{account_id}/api-keys", json={"name": "svc", "scopes": list(scopes)})
-    assert resp.status_code == 201, resp.text
-    assert resp.json()["secret"].startswith("cf_sk_")
-    return resp.json()["secret"]
-
-
-def bearer(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
+from tests.support.api import bearer, key_for, new_account
 
 
 async def test_account_keys_are_scoped_to_their_account(api: httpx.AsyncClient, database_url: str) -> None:

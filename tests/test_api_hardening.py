@@ -9,7 +9,6 @@ import dataclasses
 import json
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,20 +20,8 @@ import pytest
 from creditflow.api.app import create_app
 from creditflow.config import Settings
 from creditflow.sdk import OPERATIONS, ApiError, AsyncCreditflow, Balance, CheckResult, Creditflow, TopUp, TrackResult
-from tests.conftest import ADMIN_KEY, ledger_snapshot
-from tests.test_api_metering import new_account
-
-ERROR_KEYS = {"code", "type", "message", "param", "details", "request_id"}
-
-
-def assert_error(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/json")
-    error = resp.json()["error"]
-    assert set(error) == ERROR_KEYS, error
-    assert error["code"] == code, error
-    assert error["request_id"] == resp.headers["x-request-id"]
-    return error
+from tests.conftest import ADMIN_KEY, ledger_snapshot, serve_app
+from tests.support.api import assert_error, new_account
 
 
 @pytest.mark.parametrize("value", ["1e-999999999", "1E+999999999", "-1e-999999999", "1e-31", "1e31"])
@@ -298,31 +285,10 @@ async def test_creditflow_version_is_echoed_and_unknown_versions_refused(api: ht
     assert error["param"] == "Creditflow-Version" and unknown.headers["creditflow-version"] == "2026-12-01"
 
 
-@asynccontextmanager
-async def served(app: Any) -> AsyncIterator[str]:
-    """The app under uvicorn on a free port of this test's loop; yields its base URL."""
-    import socket
-
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await serving
-
-
 @pytest.mark.slow
 async def test_docs_api_examples_run_as_written(settings: Settings, tmp_path: Path) -> None:
     """The curl examples of docs/api.md, run by bash against the app served by uvicorn (only the port differs)."""
-    async with served(create_app(settings)) as base:
+    async with serve_app(create_app(settings)) as base:
         doc = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
         script = "\n".join(re.findall(r"```sh\n(.*?)```", doc, re.S))
         script = "set -euo pipefail\n" + script.replace("http://127.0.0.1:8000", base)
@@ -387,7 +353,7 @@ async def test_sdk_tracks_checks_reads_balances_and_parses_errors(settings: Sett
                 await cf.topup(package_id="starter", idempotency_key="order-1")
             assert down.value.code == "workflow_unavailable" and down.value.retry_after == 1
             assert down.value.request_id and down.value.request_id.startswith("req_")
-        async with served(app) as base:  # the synchronous client, over a real socket
+        async with serve_app(app) as base:  # the synchronous client, over a real socket
             def sync_calls() -> tuple[Decimal, bool]:
                 with Creditflow(key, base) as client:
                     tracked = client.track("chat_message", 1, idempotency_key="sync-1")

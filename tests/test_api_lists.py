@@ -1,4 +1,5 @@
-"""Admin account listing, search and lookup by external id; cursor pagination on every list (issue 12)."""
+"""Admin account listing, search and lookup by external id; cursor pagination on every list (stable
+under inserts)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ from creditflow.notify.destinations import Destinations
 from creditflow.notify.events import WEBHOOK_EVENTS, envelopes
 from creditflow.notify.templates import DEFAULT_CHANNELS, TEMPLATES_DIR, canonical_kind
 from creditflow.payments.reconcile import open_run
-from tests.test_api_hardening import assert_error
-from tests.test_api_metering import new_account
+from tests.support.api import assert_error, new_account
 
 
 async def test_accounts_list_search_page_and_lookup_by_external_id(api: httpx.AsyncClient) -> None:
@@ -186,12 +186,14 @@ async def test_reconciliation_runs_page_with_cursors(api: httpx.AsyncClient, poo
 ROOT = Path(__file__).parent.parent
 _CONSTANT = re.compile(r'^([A-Z_]+) = (?:"([a-z_.]+)"|([A-Z_]+))', re.M)
 # Producers whose kind is a variable: the literals it is set from are matched by the patterns below.
-VARIABLE_KINDS = {("workflows/account.py", "kind"), ("workflows/invoice.py", "kind"), ("workflows/refund.py", "kind")}
+VARIABLE_KINDS = {("workflows/account_agents.py", "kind"), ("workflows/account_state.py", "kind"),
+                  ("workflows/invoice.py", "kind"), ("workflows/refund.py", "kind")}
 
 
 def sent_kinds() -> set[str]:
     """Every notification kind the source can send: ``Notification(kind=...)`` literals and constants, the helpers'
-    literal kinds (``_notify("...")``, ``_email(inv, "...")``) and ``kind = "a" if ... else "b"``."""
+    literal kinds (``_notify("...")``, ``notify_customer("...")``, ``_email(inv, "...")``) and
+    ``kind = "a" if ... else "b"``."""
     files = [p for d in ("workflows", "activities", "creditflow") for p in (ROOT / d).rglob("*.py")]
     sources = {str(p.relative_to(ROOT)): p.read_text() for p in files}
     constants: dict[str, str] = {}
@@ -213,7 +215,7 @@ def sent_kinds() -> set[str]:
                 kinds.add(constants[arg])
             else:
                 variables.add((path, arg))
-        kinds.update(re.findall(r'_notify\(\s*"([a-z_.]+)"', text))
+        kinds.update(re.findall(r'(?:_notify|notify_customer)\(\s*"([a-z_.]+)"', text))
         kinds.update(re.findall(r'_email\(\s*\w+,\s*"([a-z_.]+)"', text))
         for a, b in re.findall(r'kind = "([a-z_.]+)" if .+ else "([a-z_.]+)"', text):
             kinds.update((a, b))

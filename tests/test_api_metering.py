@@ -8,24 +8,7 @@ import httpx
 import pytest
 
 from tests.conftest import ledger_snapshot
-
-
-async def new_account(api: httpx.AsyncClient, **extra: object) -> str:
-    resp = await api.post("/api/v1/accounts", json={"name": "Acme", "billing_email": "billing@acme.test", **extra})
-    assert resp.status_code == 201, resp.text
-    return resp.json()["id"]
-
-
-async def track(api: httpx.AsyncClient, account_id: str, feature: str, value: object, key: str,
-                **extra: object) -> httpx.Response:
-    return await api.post("/api/v1/billing/track", json={
-        "account_id": account_id, "feature_id": feature, "value": value, "idempotency_key": key, **extra})
-
-
-async def balance(api: httpx.AsyncClient, account_id: str) -> dict[str, object]:
-    resp = await api.get("/api/v1/billing/balance", params={"account_id": account_id})
-    assert resp.status_code == 200, resp.text
-    return resp.json()
+from tests.support.api import balance, new_account, track
 
 
 async def test_new_account_gets_welcome_bonus(api: httpx.AsyncClient) -> None:

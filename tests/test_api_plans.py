@@ -11,8 +11,7 @@ from creditflow.api.app import create_app
 from creditflow.config import Settings
 from creditflow.domain.plans import PlanCatalogError
 from tests.conftest import ADMIN_KEY
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account
+from tests.support.api import bearer, key_for, new_account
 
 EXPECTED = {
     "currency": "USD",

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -26,48 +25,26 @@ from temporalio.worker import Replayer
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.recharge import next_utc_midnight
-from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot
-from tests.test_account_workflow import eventually, state_of
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import balance, new_account, track
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_topups import DECLINED_AT_CHARGE, _client, customer_of, intents_of, save_card
-from tests.test_workflow_replay import HISTORIES, record_and_replay
+from tests.conftest import ledger_snapshot
+from tests.support.api import balance, bearer, key_for, new_account, track
+from tests.support.auto_recharge import (  # noqa: F401 - fixtures
+    SETTINGS,
+    api,
+    recharge_charges,
+    recharge_rows,
+    relay,
+    settings,
+)
+from tests.support.ledger import assert_invariants
+from tests.support.payments import DECLINED_AT_CHARGE, customer_of, intents_of, save_card
+from tests.support.temporal import HISTORIES, eventually, record_and_replay, state_of
 from workers.relay import OutboxRelay
 from workflows.account import AccountWorkflow
 from workflows.contract import AccountState, AutoRechargeOutcome, account_workflow_id, auto_recharge_workflow_id
 
 pytestmark = pytest.mark.temporal
 
-SETTINGS = "/api/v1/billing/auto-recharge"
 RELOAD = "/api/v1/billing/wallet/auto-reload"
-
-
-@pytest.fixture
-def settings(database_url: str, stripe_base: str) -> Settings:
-    return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
-                    welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
-                    stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1,
-                    outbox_poll_interval_seconds=0.2, auto_recharge_retry_base_seconds=1,
-                    auto_recharge_max_consecutive_failures=3, auto_recharge_max_per_day=10)
-
-
-@pytest.fixture
-async def api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _client(temporal_settings):
-        yield client
-
-
-@pytest.fixture
-async def relay(pool: AsyncConnectionPool, temporal_client: Client, temporal_settings: Settings
-                ) -> AsyncIterator[OutboxRelay]:
-    """The outbox relay of the worker process, running in the background."""
-    relay = OutboxRelay(pool, temporal_client, temporal_settings)
-    task = asyncio.create_task(relay.run())
-    yield relay
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -78,20 +55,6 @@ async def below_events(pool: AsyncConnectionPool, account: str) -> list[dict[str
         return await (await conn.execute(
             "SELECT dedup_key, payload FROM outbox WHERE account_id = %s AND kind = 'balance.below_threshold'"
             " ORDER BY id", (account,))).fetchall()
-
-
-async def recharge_rows(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(
-            "SELECT id, amount_micros, balance_after_micros, idempotency_key, metadata, description FROM journal"
-            " WHERE account_id = %s AND type = 'auto_recharge' ORDER BY seq", (account,))).fetchall()
-
-
-async def recharge_charges(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(
-            "SELECT * FROM stripe_charges WHERE account_id = %s AND kind = 'auto_recharge' ORDER BY created_at",
-            (account,))).fetchall()
 
 
 async def notices(pool: AsyncConnectionPool, account: str, prefix: str = "auto_recharge.") -> list[dict[str, Any]]:
@@ -113,7 +76,7 @@ async def recharge_runs(client: Client, account: str) -> list[Any]:
         seq += 1
 
 
-async def spend(api: httpx.AsyncClient, account: str, messages: int, prefix: str) -> list[httpx.Response]:
+async def spend(api: httpx.AsyncClient, account: str, messages: int, prefix: str) -> list[httpx.Response]:  # noqa: F811
     """``messages`` concurrent chat messages of 1 credit... in bulk: each event is ``value`` messages."""
     return list(await asyncio.gather(*(track(api, account, "chat_message", 200, f"{prefix}-{n}")
                                        for n in range(messages))))
@@ -122,7 +85,7 @@ async def spend(api: httpx.AsyncClient, account: str, messages: int, prefix: str
 # --- the balance watch (hot path) -------------------------------------------------------------------
 
 
-async def test_watch_emits_once_per_crossing(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
+async def test_watch_emits_once_per_crossing(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:  # noqa: F811
     account = await new_account(api)
     resp = await api.put(SETTINGS, json={"account_id": account, "enabled": True, "threshold": 1000,
                                          "recharge_amount": 1000})
@@ -151,7 +114,7 @@ async def test_watch_emits_once_per_crossing(api: httpx.AsyncClient, pool: Async
     await assert_invariants(pool)
 
 
-async def test_disabled_settings_do_not_watch(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
+async def test_disabled_settings_do_not_watch(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:  # noqa: F811
     account = await new_account(api)
     await api.put(SETTINGS, json={"account_id": account, "enabled": True, "threshold": 4000, "recharge_amount": 1000})
     off = await api.put(SETTINGS, json={"account_id": account, "enabled": False})
@@ -160,7 +123,7 @@ async def test_disabled_settings_do_not_watch(api: httpx.AsyncClient, pool: Asyn
     assert await below_events(pool, account) == []
 
 
-async def test_enabling_below_the_threshold_asks_at_once(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
+async def test_enabling_below_the_threshold_asks_at_once(api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:  # noqa: F811
     account = await new_account(api)
     resp = await api.put(SETTINGS, json={"account_id": account, "enabled": True, "threshold": 6000,
                                          "recharge_amount": 1000})
@@ -173,7 +136,7 @@ async def test_enabling_below_the_threshold_asks_at_once(api: httpx.AsyncClient,
 # --- the settings API -------------------------------------------------------------------------------
 
 
-async def test_settings_in_credits_and_in_usd(api: httpx.AsyncClient, sdk: stripe.StripeClient) -> None:
+async def test_settings_in_credits_and_in_usd(api: httpx.AsyncClient, sdk: stripe.StripeClient) -> None:  # noqa: F811
     account = await new_account(api)
     writer = bearer(await key_for(api, account, "billing:write", "usage:write", "payments:write"))
     empty = await api.get(SETTINGS, headers=writer)
@@ -201,7 +164,7 @@ async def test_settings_in_credits_and_in_usd(api: httpx.AsyncClient, sdk: strip
             got["payment_method_id"]) == (2000, 5050, 20, Decimal("50.5"), None)
 
 
-async def test_bad_settings_change_nothing(api: httpx.AsyncClient, database_url: str,
+async def test_bad_settings_change_nothing(api: httpx.AsyncClient, database_url: str,  # noqa: F811
                                            sdk: stripe.StripeClient) -> None:
     account = await new_account(api)
     other = await new_account(api)
@@ -245,8 +208,8 @@ async def test_bad_settings_change_nothing(api: httpx.AsyncClient, database_url:
 # --- recharges through the workflows ----------------------------------------------------------------
 
 
-async def test_crossing_recharges_once(api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient,
-                                       temporal_client: Client, relay: OutboxRelay) -> None:
+async def test_crossing_recharges_once(api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient,  # noqa: F811
+                                       temporal_client: Client, relay: OutboxRelay) -> None:  # noqa: F811
     account = await new_account(api)
     card = await save_card(api, sdk, account)
     await api.put(SETTINGS, json={"account_id": account, "enabled": True, "threshold": 1000, "recharge_amount": 2000})
@@ -294,9 +257,9 @@ async def test_crossing_recharges_once(api: httpx.AsyncClient, pool: AsyncConnec
         path.write_text(history.to_json())
 
 
-async def test_declining_card_backs_off_then_disables(api: httpx.AsyncClient, pool: AsyncConnectionPool,
+async def test_declining_card_backs_off_then_disables(api: httpx.AsyncClient, pool: AsyncConnectionPool,  # noqa: F811
                                                       sdk: stripe.StripeClient, temporal_client: Client,
-                                                      relay: OutboxRelay) -> None:
+                                                      relay: OutboxRelay) -> None:  # noqa: F811
     account = await new_account(api)
     await save_card(api, sdk, account, DECLINED_AT_CHARGE)
     await api.put(SETTINGS, json={"account_id": account, "enabled": True, "threshold": 1000, "recharge_amount": 2000})
@@ -335,7 +298,7 @@ async def test_declining_card_backs_off_then_disables(api: httpx.AsyncClient, po
     await record_and_replay(temporal_client, runs[0].id, "recharge_v1_declined")
 
 
-async def test_daily_cap_stops_attempts(api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient,
+async def test_daily_cap_stops_attempts(api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient,  # noqa: F811
                                         temporal_client: Client, temporal_settings: Settings) -> None:
     # A worker (and relay) of their own with a cap of 2 attempts a day, before 5 failures could disable it.
     capped = temporal_settings.model_copy(update={
@@ -367,8 +330,8 @@ async def test_daily_cap_stops_attempts(api: httpx.AsyncClient, pool: AsyncConne
     assert (got["enabled"], got["consecutive_failures"], got["last_error"]) == (True, 2, "card_declined")
 
 
-async def test_no_saved_card_fails_clearly(api: httpx.AsyncClient, pool: AsyncConnectionPool,
-                                           sdk: stripe.StripeClient, relay: OutboxRelay) -> None:
+async def test_no_saved_card_fails_clearly(api: httpx.AsyncClient, pool: AsyncConnectionPool,  # noqa: F811
+                                           sdk: stripe.StripeClient, relay: OutboxRelay) -> None:  # noqa: F811
     account = await new_account(api)
     await api.put(SETTINGS, json={"account_id": account, "enabled": True, "threshold": 6000, "recharge_amount": 2000})
     found = await eventually(lambda: notices(pool, account), lambda ns: len(ns) == 4, timeout=30)

@@ -1,5 +1,5 @@
 """Autumn's official Python SDK (``autumn-python`` 0.2, strict response validation on) pointed at the real app
-(issue 13, item 11): customers, check, track, exact balances, and which answers the SDK may retry."""
+(a drop-in for Autumn's clients): customers, check, track, exact balances, and which answers the SDK may retry."""
 
 from __future__ import annotations
 

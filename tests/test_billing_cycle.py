@@ -1,4 +1,4 @@
-"""Billing cycles on Temporal's time-skipping test server (issue 4): the real AccountWorkflow and InvoiceWorkflow
+"""Billing cycles on Temporal's time-skipping test server: the real AccountWorkflow and InvoiceWorkflow
 on the production worker, real PostgreSQL and localstripe. Months pass in seconds; every grant, expiry, invoice
 and charge is asserted exactly.
 """
@@ -6,16 +6,12 @@ and charge is asserted exactly.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import stripe
 from psycopg_pool import AsyncConnectionPool
-from temporalio.client import Client, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
@@ -25,10 +21,18 @@ from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.periods import period_containing
 from creditflow.ledger import subscriptions
 from creditflow.ledger.accounts import create_account
-from tests.conftest import ADMIN_KEY, STRIPE_KEY, _temporal_cli, skip_time
-from tests.test_account_workflow import eventually
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_workflow_replay import HISTORIES
+from tests.conftest import skip_time
+from tests.support.cycle import (
+    ANCHOR,
+    settings,  # noqa: F401 - fixtures
+    start_account,
+)
+from tests.support.ledger import assert_invariants, invoices, journal
+from tests.support.temporal import (
+    HISTORIES,
+    eventually,
+    ts_env,  # noqa: F401 - fixtures
+)
 from workers.main import build_worker
 from workflows.account import AccountWorkflow
 from workflows.contract import (
@@ -44,52 +48,12 @@ from workflows.contract import (
 
 pytestmark = pytest.mark.temporal
 
-ANCHOR = datetime(2025, 1, 31, 9, 30, tzinfo=UTC)  # a Jan 31 anchor: renews on the last day of short months
-
-
-@pytest.fixture
-def settings(database_url: str, stripe_base: str) -> Settings:
-    return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
-                    welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
-                    stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1)
-
-
-@pytest.fixture
-async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(Path(_temporal_cli()).parent / "temporal-test-server"),
-        data_converter=pydantic_data_converter)
-    try:
-        yield env
-    finally:
-        await env.shutdown()
-
-
-async def journal(pool: AsyncConnectionPool, account: str, *types: str) -> list[dict[str, Any]]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(
-            "SELECT type, amount_micros, idempotency_key FROM journal WHERE account_id = %s AND type = ANY(%s)"
-            " ORDER BY seq", (account, list(types)))).fetchall()
-
-
-async def invoices(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(
-            "SELECT period_start, status, amount_due_cents FROM invoices WHERE account_id = %s ORDER BY period_start",
-            (account,))).fetchall()
-
-
-async def start_account(client: Client, queue: str, account: str) -> WorkflowHandle[Any, Any]:
-    # The test server has no creditflow search attributes: the workflow publishes details only.
-    return await client.start_workflow(
-        ACCOUNT_WORKFLOW, AccountWorkflowInput(account_id=account, name="Acme", publish_search_attributes=False),
-        id=account_workflow_id(account), task_queue=queue)
 
 
 @pytest.mark.parametrize(("plan", "included", "fee_cents"), [("starter", 5_000, 4_900), ("growth", 22_000, 19_900),
                                                              ("scale", 60_000, 49_900)])
-async def test_three_cycles(plan: str, included: int, fee_cents: int, ts_env: WorkflowEnvironment,
-                            pool: AsyncConnectionPool, settings: Settings, sdk: stripe.StripeClient,
+async def test_three_cycles(plan: str, included: int, fee_cents: int, ts_env: WorkflowEnvironment,  # noqa: F811
+                            pool: AsyncConnectionPool, settings: Settings, sdk: stripe.StripeClient,  # noqa: F811
                             api: httpx.AsyncClient) -> None:
     from tests.conftest import new_card
 
@@ -143,8 +107,8 @@ async def test_three_cycles(plan: str, included: int, fee_cents: int, ts_env: Wo
     await assert_invariants(pool)
 
 
-async def test_plan_changes_now_and_at_renewal(ts_env: WorkflowEnvironment, pool: AsyncConnectionPool,
-                                               settings: Settings, sdk: stripe.StripeClient,
+async def test_plan_changes_now_and_at_renewal(ts_env: WorkflowEnvironment, pool: AsyncConnectionPool,  # noqa: F811
+                                               settings: Settings, sdk: stripe.StripeClient,  # noqa: F811
                                                api: httpx.AsyncClient) -> None:
     """Starter, upgraded to Growth mid-period (prorated: stated in the answer, billed on that period's invoice,
     plan credits granted for the rest of the period), then moved to Scale at the next renewal."""
@@ -195,7 +159,7 @@ async def test_plan_changes_now_and_at_renewal(ts_env: WorkflowEnvironment, pool
 
 
 async def test_overage_is_billed_at_renewal_and_the_pdf_says_so(
-        ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings, sdk: stripe.StripeClient,
+        ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings, sdk: stripe.StripeClient,  # noqa: F811
         api: httpx.AsyncClient) -> None:
     """Usage beyond the plan credits draws on the overage credit line; the renewal bills it (with the fee and the
     recurring charges) and the next plan grant repays the line."""
@@ -204,7 +168,7 @@ async def test_overage_is_billed_at_renewal_and_the_pdf_says_so(
     import pypdf
 
     from tests.conftest import new_card
-    from tests.test_api_metering import track
+    from tests.support.api import track
 
     account = (await create_account(pool, name="Overage Ltd", billing_email="billing@overage.test",
                                     welcome_bonus_credits=0, overage_credit_line=1_000)).id
@@ -223,7 +187,7 @@ async def test_overage_is_billed_at_renewal_and_the_pdf_says_so(
         [invoice] = await eventually(lambda: invoices(pool, account),
                                      lambda rows: len(rows) == 1 and rows[0]["status"] == "paid", timeout=30)
     assert invoice["amount_due_cents"] == 4_900 + 150 + 600  # fee + number + 600 overage credits ($6)
-    # The next plan grant already repaid the line (issue 11, defect 3): the payment restores nothing more.
+    # The next plan grant already repaid the line (an overage is repaid once): the payment restores nothing more.
     assert await journal(pool, account, "overage_repayment") == []
     balance = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
     assert balance["balance"] == 4_400  # the new plan credits less the 600 they repaid; the line is whole again
@@ -236,8 +200,8 @@ async def test_overage_is_billed_at_renewal_and_the_pdf_says_so(
     await assert_invariants(pool)
 
 
-async def test_jan_31_anchor_through_a_leap_february(ts_env: WorkflowEnvironment, pool: AsyncConnectionPool,
-                                                     settings: Settings) -> None:
+async def test_jan_31_anchor_through_a_leap_february(ts_env: WorkflowEnvironment, pool: AsyncConnectionPool,  # noqa: F811
+                                                     settings: Settings) -> None:  # noqa: F811
     """Renewals keep the anchor day: ... Jan 31 2028 -> Feb 29 2028 (leap year) -> Mar 31 2028, one grant and one
     invoice per period (simulation mode: invoices issued, not charged)."""
     account = (await create_account(pool, name="Leap", billing_email="leap@acme.test", welcome_bonus_credits=0)).id

@@ -23,30 +23,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from creditflow.api.app import create_app
 from creditflow.config import Settings
-from creditflow.domain.topups import DEFAULT_PACKAGES, CreditPackage
 from creditflow.payments.checkout import with_session_id
-from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account
-from tests.test_topups import charges, customer_of, intents_of, purchases, reconcile
+from tests.conftest import ADMIN_KEY, ledger_snapshot
+from tests.support.api import bearer, key_for, new_account
+from tests.support.checkout import PUBLISHABLE_KEY, checkout_settings
+from tests.support.payments import DECLINED_AT_CHARGE, charges, customer_of, intents_of, purchases, reconcile
 
 SESSIONS = "/api/v1/checkout/sessions"
 PACKAGES = "/api/v1/billing/packages"
-PUBLISHABLE_KEY = "pk_test_creditflow_tests"
-BONUS = CreditPackage(id="bonus", name="Bonus", price_usd=Decimal("9.99"), credits=1200)
 SUCCESS = "https://shop.example/billing?success=true"
 CANCEL = "https://shop.example/billing?canceled=true"
-DECLINED_AT_CHARGE = "4000000000000341"  # localstripe: the card is confirmed and attached, every charge declined
-
-
-def checkout_settings(database_url: str, stripe_base: str, **extra: Any) -> Settings:
-    """Stripe is localstripe (as in tests/test_topups.py) and the page loads the emulator's Stripe.js."""
-    values: dict[str, Any] = {
-        "database_url": database_url, "admin_api_key": ADMIN_KEY, "welcome_bonus_credits": 5000,
-        "stripe_api_key": STRIPE_KEY, "stripe_api_base": stripe_base, "stripe_retry_max_wait_seconds": 0.1,
-        "topup_poll_interval_seconds": 0.3, "topup_packages": [*DEFAULT_PACKAGES, BONUS],
-        "stripe_js_url": f"{stripe_base}/js.stripe.com/v3/", "stripe_publishable_key": PUBLISHABLE_KEY}
-    return Settings(**{**values, **extra})
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ from starlette.routing import Route
 from creditflow.api.app import create_app
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, serve_app, shot
-from tests.test_api_metering import new_account
-from tests.test_checkout import DECLINED_AT_CHARGE, checkout_settings
-from tests.test_topups import charges, purchases, reconcile
+from tests.support.api import new_account
+from tests.support.checkout import checkout_settings, type_card
+from tests.support.payments import DECLINED_AT_CHARGE, charges, purchases, reconcile
 
 pytestmark = [pytest.mark.slow, pytest.mark.temporal]
 
@@ -71,13 +71,6 @@ async def _session(api: httpx.AsyncClient, shop: str, **body: Any) -> tuple[str,
     return account, resp.json()
 
 
-async def _type_card(page: Any, number: str) -> None:
-    """Type a card into the card element (the emulator's Stripe.js renders plain inputs named by placeholder)."""
-    for field, value in (("number", number), ("exp_month", "12"), ("exp_year", "30"), ("cvc", "123"),
-                         ("postal_code", "75001")):
-        await page.fill(f"#card-element input[placeholder='{field}']", value)
-
-
 async def test_a_buyer_pays_for_a_package_in_the_browser_and_gets_the_credits_once(
         page: Any, live: str, shop: str, api: httpx.AsyncClient, pool: AsyncConnectionPool,
         sdk: stripe.StripeClient) -> None:
@@ -97,14 +90,14 @@ async def test_a_buyer_pays_for_a_package_in_the_browser_and_gets_the_credits_on
 
     # A card refused when Stripe.js confirms it: the page says so, nothing is charged.
     await page.fill("#card-name", "Ada Lovelace")
-    await _type_card(page, DECLINED_AT_SETUP)
+    await type_card(page, DECLINED_AT_SETUP)
     await page.click("#pay-button")
     await expect(page.locator("#card-errors")).to_contain_text("declined", ignore_case=True)
     await expect(page.locator("#pay-button")).to_be_enabled()
     await shot(page, "checkout-declined-card")
 
     # A card confirmed but declined when charged: the page says so, the session stays open.
-    await _type_card(page, DECLINED_AT_CHARGE)
+    await type_card(page, DECLINED_AT_CHARGE)
     await page.click("#pay-button")
     await expect(page.locator("#card-errors")).to_contain_text("declined", ignore_case=True, timeout=60_000)
     await expect(page.locator("#pay-button")).to_be_enabled()
@@ -112,7 +105,7 @@ async def test_a_buyer_pays_for_a_package_in_the_browser_and_gets_the_credits_on
     assert (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"] == 5000
 
     # A good card: paid, redirected to success_url with the session id.
-    await _type_card(page, "4242424242424242")
+    await type_card(page, "4242424242424242")
     await page.click("#pay-button")
     await page.wait_for_url(f"{shop}/billing?success=true&session_id={sid}", timeout=60_000)
     assert await page.inner_text("#query") == f"success=true&session_id={sid}"
@@ -164,7 +157,7 @@ async def test_a_card_that_asks_for_3d_secure_is_authenticated_on_the_page_and_c
     account, session = await _session(api, shop, amount="7.77")
     await page.goto(session["url"])
     await page.wait_for_selector("#card-element input[placeholder='number']")
-    await _type_card(page, "4000002500003155")
+    await type_card(page, "4000002500003155")
     await page.click("#pay-button")
     await page.wait_for_selector("text=Complete authentication")  # the card's setup asks
     await shot(page, "checkout-3ds-setup")

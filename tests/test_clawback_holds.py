@@ -10,7 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from creditflow.ledger import metering
 from creditflow.payments import clawbacks
-from tests.test_verify import M, new_account, paid_purchase
+from tests.support.ledger import M, new_account, paid_purchase
 
 
 async def _balances(pool: AsyncConnectionPool, account: str) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Refunds made on Stripe directly and disputes (issue 3): the signed webhook is stored once and routed through the
+"""Refunds made on Stripe directly and disputes: the signed webhook is stored once and routed through the
 outbox to the account workflow, which takes back the credits that payment bought, once per refund or dispute id.
 Real PostgreSQL, Temporal dev server, localstripe; no mocks.
 """
@@ -13,12 +13,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import new_account
-from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_stripe_webhooks import Clients, cf, event, settings, sign  # noqa: F401 - fixtures
-from tests.test_topups import TOPUP, save_card
+from tests.support.api import new_account
+from tests.support.auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
+from tests.support.ledger import assert_invariants
+from tests.support.payments import TOPUP, save_card
+from tests.support.temporal import eventually
+from tests.support.webhooks import Clients, cf, event, settings, sign  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.temporal
 
@@ -120,7 +120,7 @@ async def test_auto_recharge_paid_after_its_workflow_gave_up_is_credited_once(
     balance = (await cf.admin.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"]
     assert balance == 7000
     assert (await topups.get_charge(pool, record.id)).status == "succeeded"
-    async with pool.connection() as conn:  # the lot carries its price (issue 11): $20 for 2,000 credits
+    async with pool.connection() as conn:  # the lot carries its price (refunds are priced by it): $20 for 2,000 credits
         [lot] = await (await conn.execute("SELECT source, original_micros, paid_cents FROM credit_lots"
                                           " WHERE account_id = %s AND source = 'auto_recharge'", (account,))).fetchall()
     assert (lot["original_micros"], lot["paid_cents"]) == (2000 * MICROS_PER_CREDIT, 2000)

@@ -18,7 +18,7 @@ from creditflow.agents_cli import agents_app
 from creditflow.config import get_settings
 from creditflow.ledger import agents
 from creditflow.ops_cli import wallet_app
-from tests.test_api_metering import new_account, track
+from tests.support.api import new_account, track
 
 runner = CliRunner()
 

@@ -16,7 +16,7 @@ from creditflow.ledger import accounts, limits, metering
 from creditflow.ledger.coalescer import TrackCoalescer
 from creditflow.ledger.metering import UsageEvent
 from creditflow.ledger.models import TrackResult
-from tests.test_ledger_invariants import assert_invariants
+from tests.support.ledger import assert_invariants
 
 
 def counting_group(sizes: list[int]) -> Any:

@@ -17,8 +17,8 @@ from creditflow.api.app import create_app
 from creditflow.config import Settings
 from creditflow.domain.periods import period_containing
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot, new_card, skip_time
-from tests.test_account_workflow import eventually
-from tests.test_billing_cycle import ANCHOR, start_account, ts_env  # noqa: F401 - ts_env: a fixture
+from tests.support.cycle import ANCHOR, start_account
+from tests.support.temporal import eventually, ts_env  # noqa: F401 - ts_env: a fixture
 from workers.main import build_worker
 from workflows.contract import QUERY_STATE, UPDATE_CHANGE_PLAN, AccountState, PlanChange, SubscriptionState
 

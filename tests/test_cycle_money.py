@@ -1,4 +1,4 @@
-"""Issue 11, billing-cycle money: lifecycles that cross holds, renewals, overage and invoice payments, driven through
+"""Billing-cycle money: lifecycles that cross holds, renewals, overage and invoice payments, driven through
 the public paths (HTTP API, the real AccountWorkflow / InvoiceWorkflow on Temporal's time-skipping server,
 localstripe), every amount asserted exactly.
 """
@@ -19,9 +19,15 @@ from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ledger.accounts import create_account
 from tests.conftest import skip_time
-from tests.test_account_workflow import eventually
-from tests.test_billing_cycle import journal, settings, start_account, ts_env  # noqa: F401 (fixtures)
-from tests.test_ledger_invariants import assert_invariants
+from tests.support.cycle import settings, start_account  # noqa: F401 (fixtures)
+from tests.support.ledger import (
+    assert_invariants,
+    journal,  # noqa: F401 (fixtures)
+)
+from tests.support.temporal import (
+    eventually,
+    ts_env,  # noqa: F401 (fixtures)
+)
 from workers.main import build_worker
 from workflows.contract import QUERY_STATE, UPDATE_CHANGE_PLAN, AccountState, PlanChange, SubscriptionState
 
@@ -58,8 +64,8 @@ async def _hold_whole_plan(api: httpx.AsyncClient, account: str, key: str) -> st
 async def test_hold_across_renewal_does_not_keep_plan_credits_alive(
         ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings,  # noqa: F811
         api: httpx.AsyncClient) -> None:
-    """Defect 2: hold the whole plan balance over the period boundary, release it after. The old period's plan
-    credits expired at the renewal whatever was held; only the new period's grant is spendable."""
+    """A call held across the renewal: hold the whole plan balance over the period boundary, release it after. The old
+    period's plan credits expired at the renewal whatever was held; only the new period's grant is spendable."""
     account = (await create_account(pool, name="Holdco", billing_email="h@holdco.test",
                                     welcome_bonus_credits=0)).id
     queue = f"hold-{account[-8:]}"
@@ -91,8 +97,9 @@ async def test_hold_across_renewal_does_not_keep_plan_credits_alive(
 async def test_hold_across_renewal_settles_from_the_next_source(
         ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings,  # noqa: F811
         api: httpx.AsyncClient) -> None:
-    """Defect 2, settling instead of releasing: the usage is charged from the next source in burn order (here the
-    new period's plan credits, which arrived after the old ones expired); the settlement is not refused."""
+    """A call held across the renewal, settled instead of released: the usage is charged from the next source in burn
+    order (here the new period's plan credits, which arrived after the old ones expired); the settlement is not
+    refused."""
     account = (await create_account(pool, name="Holdco", billing_email="h@holdco.test",
                                     welcome_bonus_credits=0)).id
     queue = f"hold-{account[-8:]}"
@@ -134,11 +141,11 @@ async def _lots(pool: AsyncConnectionPool, account: str) -> list[tuple[str, int]
 async def test_paid_overage_is_not_credited_again_as_permanent_credits(
         ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings,  # noqa: F811
         sdk: stripe.StripeClient, api: httpx.AsyncClient) -> None:
-    """Defect 3: 600 credits of overage, billed $6 at the renewal; the next plan grant repays the credit line out of
-    its plan credits (5,000 -> 4,400 left). Paying the invoice restores only what is still drawn for it (nothing),
-    so no 600 permanent credits appear, and the next renewal expires everything left of the plan."""
+    """Overage is repaid once: 600 credits of overage, billed $6 at the renewal; the next plan grant repays the credit
+    line out of its plan credits (5,000 -> 4,400 left). Paying the invoice restores only what is still drawn for it
+    (nothing), so no 600 permanent credits appear, and the next renewal expires everything left of the plan."""
     from tests.conftest import new_card
-    from tests.test_api_metering import track
+    from tests.support.api import track
 
     account = (await create_account(pool, name="Overage Ltd", billing_email="billing@overage.test",
                                     welcome_bonus_credits=0, overage_credit_line=1_000)).id
@@ -179,11 +186,11 @@ def patient_settings(settings: Settings) -> Settings:  # noqa: F811
 async def test_unpaid_overage_is_not_billed_again(
         ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, patient_settings: Settings,  # noqa: F811
         sdk: stripe.StripeClient, api: httpx.AsyncClient) -> None:
-    """Defect 4: 7,000 credits of overage (more than Starter's 5,000 grant), the invoice unpaid at the next renewal
-    (no card). The next close must not bill the 2,000 still drawn again; paying both invoices restores nothing
-    more than what is still drawn (nothing: the two grants repaid it)."""
+    """Overage larger than a grant is billed once: 7,000 credits of overage (more than Starter's 5,000 grant), the
+    invoice unpaid at the next renewal (no card). The next close must not bill the 2,000 still drawn again; paying both
+    invoices restores nothing more than what is still drawn (nothing: the two grants repaid it)."""
     from tests.conftest import new_card
-    from tests.test_api_metering import track
+    from tests.support.api import track
     from workflows.contract import SIGNAL_RETRY_INVOICE_PAYMENT, invoice_workflow_id
 
     account = (await create_account(pool, name="Late Payer", billing_email="billing@late.test",
@@ -226,14 +233,14 @@ async def test_unpaid_overage_is_not_billed_again(
 async def test_overage_under_half_a_credit_is_not_billed_0_and_credited_back(
         ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings,  # noqa: F811
         sdk: stripe.StripeClient, api: httpx.AsyncClient) -> None:
-    """Defect 11 (part): 0.4 credits drawn on the line were billed $0.00 (half-up to the cent) and the payment
-    credited the 0.4 credits back in full. Overage is billed in whole credits, rounded down
-    (domain.invoices.billable_overage_micros): nothing is billed and nothing is restored; the fraction stays drawn
-    (the next grant repays it)."""
+    """Overage billed in whole credits, restored as billed: 0.4 credits drawn on the line were billed $0.00 (half-up to
+    the cent) and the payment credited the 0.4 credits back in full. Overage is billed in whole credits, rounded down
+    (domain.invoices.billable_overage_micros): nothing is billed and nothing is restored; the fraction stays drawn (the
+    next grant repays it)."""
     from decimal import Decimal
 
     from tests.conftest import new_card
-    from tests.test_api_metering import track
+    from tests.support.api import track
 
     account = (await create_account(pool, name="Fraction", billing_email="billing@fraction.test",
                                     welcome_bonus_credits=0, overage_credit_line=1_000)).id

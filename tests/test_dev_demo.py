@@ -12,12 +12,11 @@ from rich.console import Console
 from creditflow.api.app import create_app
 from creditflow.config import Settings
 from creditflow.embedded import DEMO_ACCOUNTS, DemoDriver, DemoStats
-from tests.conftest import ADMIN_KEY
-from tests.test_api_hardening import served
+from tests.conftest import ADMIN_KEY, serve_app
 
 
 async def test_the_demo_registers_the_agents_its_usage_names(settings: Settings) -> None:
-    async with served(create_app(settings)) as base:
+    async with serve_app(create_app(settings)) as base:
         driver = DemoDriver(base, ADMIN_KEY, Console(file=io.StringIO()), check=lambda: None, events=0,
                             temporal_ui_url="")
 

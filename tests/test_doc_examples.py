@@ -20,7 +20,7 @@ import pytest
 
 from creditflow.config import Settings
 from creditflow.embedded import STATE_FILE
-from tests.test_dev_stack import Dev, clean_env, start
+from tests.support.dev_stack import Dev, clean_env, start
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each file whose ```bash blocks run, with what its run must print beyond its documented answers.

@@ -30,9 +30,9 @@ from temporalio.client import Client
 from activities.topups import FAULT_INJECT_ENV
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY
-from tests.test_api_metering import new_account
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_topups import _client, charges, customer_of, intents_of, purchases, receipts, reconcile, save_card
+from tests.support.api import app_client, new_account
+from tests.support.ledger import assert_invariants
+from tests.support.payments import charges, customer_of, intents_of, purchases, receipts, reconcile, save_card
 from workflows.contract import TopUpInput, TopUpOutcome, TopUpTerms, topup_workflow_id
 from workflows.topup import TopUpWorkflow
 
@@ -53,7 +53,7 @@ def settings(database_url: str, stripe_base: str) -> Settings:
 @pytest.fixture
 async def api(temporal_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The real app on the test's task queue, with NO in-process worker: only the subprocess runs the work."""
-    async for client in _client(temporal_settings):
+    async for client in app_client(temporal_settings):
         yield client
 
 

@@ -1,4 +1,4 @@
-"""Issue 11, defect 10: an invoice is charged at most once across its collection attempts.
+"""An invoice is charged at most once across its collection attempts.
 
 ``InvoiceWorkflow`` on the real Temporal dev server with the production worker, real PostgreSQL and localstripe.
 Stripe's side is driven through the emulator's own API; the only fault injected is a pass-through proxy in front of
@@ -22,10 +22,11 @@ from temporalio.client import Client
 
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, free_port
-from tests.test_account_workflow import eventually
-from tests.test_invoices import invoice_charges, period_around_now, rows, start, workflow_input
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_topups import _client, customer_of, intents_of, save_card
+from tests.support.api import app_client
+from tests.support.invoices import invoice_charges, period_around_now, rows, start, workflow_input
+from tests.support.ledger import assert_invariants
+from tests.support.payments import customer_of, intents_of, save_card
+from tests.support.temporal import eventually
 from workflows.invoice import InvoiceWorkflow
 
 pytestmark = pytest.mark.temporal
@@ -81,7 +82,7 @@ def settings(database_url: str, cancel_refusing_stripe: tuple[str, dict[str, boo
 
 @pytest.fixture
 async def wf_api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _client(temporal_settings):
+    async for client in app_client(temporal_settings):
         yield client
 
 

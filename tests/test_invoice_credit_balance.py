@@ -1,4 +1,4 @@
-"""Issue 11, defect 11 (part): the credit an invoice carries forward is applied to the next invoices, once.
+"""The credit an invoice carries forward is applied to the next invoices, once.
 
 ``InvoiceWorkflow`` on the real Temporal dev server with the production worker, real PostgreSQL and localstripe.
 """
@@ -16,8 +16,8 @@ from temporalio.client import Client
 
 from creditflow.config import Settings
 from creditflow.ledger.verify import verify
-from tests.test_api_metering import new_account
-from tests.test_invoices import (  # noqa: F401 - fixtures
+from tests.support.api import new_account
+from tests.support.invoices import (  # noqa: F401 - fixtures
     invoice_charges,
     period_around_now,
     run_invoice,
@@ -26,7 +26,7 @@ from tests.test_invoices import (  # noqa: F401 - fixtures
     wf_api,
     workflow_input,
 )
-from tests.test_topups import customer_of, intents_of, save_card
+from tests.support.payments import customer_of, intents_of, save_card
 from workflows.contract import InvoiceAdjustmentLine
 
 pytestmark = pytest.mark.temporal

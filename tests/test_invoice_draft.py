@@ -163,7 +163,7 @@ def test_refused_parts() -> None:
 
 
 def test_credit_carried_forward_is_applied_to_the_next_invoice() -> None:
-    """Issue 11, defect 11: the credit a negative invoice carries forward is the next invoice's "Applied credit
+    """The credit a negative invoice carries forward is the next invoice's "Applied credit
     balance" (at most what that invoice comes to); what is left is carried again."""
     starter = load_plan_catalog().get("starter")
     draft = draft_invoice(make(plan=starter, recurring_charges=[], overage_credits=0, credit_balance_cents=13367))

@@ -1,4 +1,4 @@
-"""Issue 11, defect 8 (invoices): refunds and disputes of an invoice payment are reflected on the invoice and take
+"""Refunds and disputes of an invoice payment are reflected on the invoice and take
 back the credit-line restoration that payment made. Signed webhook events (as Stripe sends them) through the real
 app, the outbox relay and the account workflow; the invoice paid by the real InvoiceWorkflow; real PostgreSQL,
 Temporal dev server, localstripe.
@@ -16,13 +16,13 @@ from temporalio.client import Client
 
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import new_account, track
-from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
-from tests.test_invoices import period_around_now, rows, run_invoice, workflow_input
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_stripe_webhooks import Clients, cf, event, settings, sign  # noqa: F401 - fixtures
-from tests.test_topups import save_card
+from tests.support.api import new_account, track
+from tests.support.auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
+from tests.support.invoices import period_around_now, rows, run_invoice, workflow_input
+from tests.support.ledger import assert_invariants
+from tests.support.payments import save_card
+from tests.support.temporal import eventually
+from tests.support.webhooks import Clients, cf, event, settings, sign  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.temporal
 

@@ -23,6 +23,7 @@ from creditflow.domain.invoices import (
 from creditflow.domain.periods import period_at
 from creditflow.domain.plans import load_plan_catalog
 from creditflow.invoicing.render import format_cents, format_quantity, format_usd, render_html, render_pdf
+from tests.support.invoices import assert_run
 
 ACCOUNT = "acc_3f2a9c1b4d5e6f708192a3b4c5d6e7f8"
 PERIOD = period_at(datetime(2026, 1, 31, 9, 30, tzinfo=UTC), 0)
@@ -55,14 +56,6 @@ def pdf_lines(pdf: bytes) -> list[str]:
     reader = PdfReader(io.BytesIO(pdf))
     text = "\n".join(page.extract_text() for page in reader.pages)
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def assert_run(lines: list[str], expected: list[str]) -> None:
-    """``expected`` appears as consecutive lines (a table row reads left to right)."""
-    for start in range(len(lines) - len(expected) + 1):
-        if lines[start:start + len(expected)] == expected:
-            return
-    raise AssertionError(f"{expected} not found in order in {lines}")
 
 
 @pytest.mark.parametrize(("cents", "text"), [(0, "$0.00"), (5, "$0.05"), (2550, "$25.50"), (123456789, "$1,234,567.89"),

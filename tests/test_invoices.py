@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,22 +19,31 @@ import pytest
 import stripe
 from psycopg_pool import AsyncConnectionPool
 from pypdf import PdfReader
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client
 
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.invoicing import store
 from creditflow.invoicing.store import InvoiceRequest
-from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot
-from tests.receivers import SmtpServer, smtp_server
-from tests.test_account_workflow import eventually
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import balance, new_account, track
-from tests.test_invoice_render import assert_run
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, _client, customer_of, intents_of, save_card
-from tests.test_workflow_replay import record_and_replay
-from workflows.contract import InvoiceChargeLine, InvoiceOutcome, InvoiceWorkflowInput, invoice_workflow_id
+from tests.conftest import ledger_snapshot
+from tests.receivers import SmtpServer
+from tests.support.api import balance, bearer, key_for, new_account, track
+from tests.support.invoices import (  # noqa: F401 - fixtures
+    assert_run,
+    invoice_charges,
+    period_around_now,
+    rows,
+    run_invoice,
+    settings,
+    smtp,
+    start,
+    wf_api,
+    workflow_input,
+)
+from tests.support.ledger import assert_invariants
+from tests.support.payments import DECLINED_AT_CHARGE, TOPUP, customer_of, intents_of, save_card
+from tests.support.temporal import eventually, record_and_replay
+from workflows.contract import InvoiceChargeLine, invoice_workflow_id
 from workflows.invoice import InvoiceWorkflow
 
 BILLING = "/api/v1/billing"
@@ -46,28 +54,6 @@ INVOICES = f"{BILLING}/invoices"
 BILLING_EMAIL = "ap@mueller.example"
 PHONE_RENTAL = InvoiceChargeLine(description="Phone number rental", quantity=3, unit="number",
                                  unit_price_credits=150)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    async with smtp_server() as server:
-        yield server
-
-
-@pytest.fixture
-def settings(database_url: str, stripe_base: str, smtp: SmtpServer) -> Settings:
-    return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
-                    welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
-                    stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1, topup_poll_interval_seconds=0.3,
-                    smtp_host=smtp.host, smtp_port=smtp.port, smtp_starttls=False, smtp_timeout_seconds=5,
-                    smtp_from="creditflow <billing@creditflow.test>", invoice_seller_name="Creditflow Inc.")
-
-
-@pytest.fixture
-async def wf_api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """The real app and the production worker on this test's task queue."""
-    async for client in _client(temporal_settings):
-        yield client
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -86,7 +72,7 @@ async def billing_profile(api: httpx.AsyncClient, account: str) -> None:
     assert resp.status_code == 201, resp.text
 
 
-def invoice_emails(smtp: SmtpServer) -> list[Any]:
+def invoice_emails(smtp: SmtpServer) -> list[Any]:  # noqa: F811
     """The invoice emails received (a top-up in the test sends its own receipt)."""
     return [m for m in smtp.messages if str(m[2]["X-Creditflow-Event"]).startswith("invoice.")]
 
@@ -94,35 +80,6 @@ def invoice_emails(smtp: SmtpServer) -> list[Any]:
 def pdf_lines(pdf: bytes) -> list[str]:
     reader = PdfReader(io.BytesIO(pdf))
     return [line.strip() for page in reader.pages for line in page.extract_text().splitlines() if line.strip()]
-
-
-def workflow_input(account: str, start: datetime, end: datetime, **extra: Any) -> InvoiceWorkflowInput:
-    return InvoiceWorkflowInput(account_id=account, period_start=start, period_end=end, **extra)
-
-
-async def start(client: Client, settings: Settings, input: InvoiceWorkflowInput) -> WorkflowHandle[Any, InvoiceOutcome]:
-    return await client.start_workflow(InvoiceWorkflow.run, input, id=invoice_workflow_id(input.account_id,
-                                                                                           input.key()),
-                                       task_queue=settings.temporal_task_queue)
-
-
-async def run_invoice(client: Client, settings: Settings, input: InvoiceWorkflowInput) -> InvoiceOutcome:
-    return await asyncio.wait_for((await start(client, settings, input)).result(), 60)
-
-
-async def rows(pool: AsyncConnectionPool, sql: str, *params: Any) -> list[dict[str, Any]]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(sql, params)).fetchall()
-
-
-async def invoice_charges(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
-    return await rows(pool, "SELECT * FROM stripe_charges WHERE account_id = %s AND kind = 'invoice'"
-                            " ORDER BY created_at", account)
-
-
-def period_around_now() -> tuple[datetime, datetime]:
-    now = datetime.now(UTC).replace(microsecond=0)
-    return now - timedelta(hours=1), now + timedelta(hours=1)
 
 
 # --- billing profile API ------------------------------------------------------------------------------
@@ -245,7 +202,7 @@ async def test_profile_bad_input_and_other_tenants_change_nothing(api: httpx.Asy
 
 
 async def test_invoice_api_tenancy_and_bad_ids(api: httpx.AsyncClient, pool: AsyncConnectionPool,
-                                               settings: Settings) -> None:
+                                               settings: Settings) -> None:  # noqa: F811
     """Invoices stored directly (the workflow is tested below): listing, detail, PDF, tenants, malformed ids."""
     account, other = await new_account(api), await new_account(api)
     begin, end = period_around_now()
@@ -290,8 +247,8 @@ async def test_invoice_api_tenancy_and_bad_ids(api: httpx.AsyncClient, pool: Asy
 
 @pytest.mark.temporal
 async def test_invoice_paid_charged_once_pdf_and_email(
-        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient, temporal_client: Client,
-        temporal_settings: Settings, smtp: SmtpServer) -> None:
+        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient, temporal_client: Client,  # noqa: F811
+        temporal_settings: Settings, smtp: SmtpServer) -> None:  # noqa: F811
     api = wf_api
     account = await new_account(api, overage_credit_line=2000)
     card = await save_card(api, sdk, account)
@@ -386,8 +343,8 @@ async def test_invoice_paid_charged_once_pdf_and_email(
 
 @pytest.mark.temporal
 async def test_declined_card_goes_past_due_with_retries_and_notice(
-        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient, temporal_client: Client,
-        temporal_settings: Settings, smtp: SmtpServer) -> None:
+        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient, temporal_client: Client,  # noqa: F811
+        temporal_settings: Settings, smtp: SmtpServer) -> None:  # noqa: F811
     api = wf_api
     account = await new_account(api)
     await save_card(api, sdk, account, DECLINED_AT_CHARGE)
@@ -420,7 +377,7 @@ async def test_declined_card_goes_past_due_with_retries_and_notice(
 
 @pytest.mark.temporal
 async def test_no_card_then_a_card_and_the_retry_signal_pays(
-        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient, temporal_client: Client,
+        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient, temporal_client: Client,  # noqa: F811
         temporal_settings: Settings) -> None:
     api = wf_api
     account = await new_account(api)
@@ -445,8 +402,8 @@ async def test_no_card_then_a_card_and_the_retry_signal_pays(
 
 @pytest.mark.temporal
 async def test_nothing_due_is_paid_without_a_charge(
-        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, temporal_client: Client, temporal_settings: Settings,
-        smtp: SmtpServer) -> None:
+        wf_api: httpx.AsyncClient, pool: AsyncConnectionPool, temporal_client: Client, temporal_settings: Settings,  # noqa: F811
+        smtp: SmtpServer) -> None:  # noqa: F811
     api = wf_api
     account = await new_account(api)
     begin, _ = period_around_now()

@@ -1,6 +1,6 @@
 """A payment that succeeds after its workflow recorded failure is credited (or its invoice settled) once, through one
-late path for top-ups, auto-recharges and invoice payments (issue 11, defect 6). Signed webhooks on the real app, the
-outbox relay, the account workflow on the Temporal dev server, localstripe, PostgreSQL; no mocks.
+late path for top-ups, auto-recharges and invoice payments (the customer paid: the money is theirs). Signed webhooks
+on the real app, the outbox relay, the account workflow on the Temporal dev server, localstripe, PostgreSQL; no mocks.
 
 The failure is the one the issue describes: Stripe was unreachable for the workflow's whole retry budget, so the
 charge row was recorded ``failed`` (``payment_provider_unavailable``) without a PaymentIntent id, while Stripe had
@@ -22,41 +22,16 @@ from temporalio.client import Client
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.payments import topups
-from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, StripeGateway
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import new_account
-from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_stripe_webhooks import Clients, cf, event, settings, sign  # noqa: F401 - fixtures
-from tests.test_topups import TOPUP, customer_of, intents_of, receipts, save_card
+from creditflow.payments.gateway import StripeGateway
+from tests.support.api import new_account
+from tests.support.auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
+from tests.support.ledger import assert_invariants, journal_rows
+from tests.support.payments import TOPUP, customer_of, intents_of, lost_answer_charge, receipts, save_card
+from tests.support.temporal import eventually
+from tests.support.webhooks import Clients, cf, event, settings, sign  # noqa: F401 - fixtures
 from workflows.contract import InvoiceWorkflowInput, invoice_workflow_id
 
 pytestmark = pytest.mark.temporal
-
-
-async def journal_rows(pool: AsyncConnectionPool, account: str, type_: str) -> list[dict[str, Any]]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(
-            "SELECT id, amount_micros, idempotency_key FROM journal WHERE account_id = %s AND type = %s ORDER BY seq",
-            (account, type_))).fetchall()
-
-
-async def lost_answer_charge(pool: AsyncConnectionPool, gateway: StripeGateway, account: str, request_id: str, *,
-                             amount_cents: int, credits: int, kind: str = topups.KIND_TOPUP) -> tuple[str, str]:
-    """The state a workflow leaves when Stripe created and confirmed the PaymentIntent but its answer never came back
-    within the retry budget: the row ``failed`` (payment_provider_unavailable) with no PaymentIntent id. Returns
-    (charge id, PaymentIntent id)."""
-    record = await topups.record_charge(pool, gateway, account_id=account, request_id=request_id,
-                                        amount_cents=amount_cents, credits=credits, package_id=None,
-                                        description=f"{credits:,} credits", payment_method_id=None, kind=kind)
-    pi = await gateway.create_payment_intent(
-        amount_cents=amount_cents, customer_id=record.customer_id, payment_method_id=record.payment_method_id,
-        metadata={ACCOUNT_METADATA_KEY: account, topups.CHARGE_METADATA_KEY: record.id,
-                  topups.REQUEST_METADATA_KEY: request_id}, idempotency_key=f"creditflow:topup:{record.id}")
-    assert pi.status == "succeeded"
-    await topups.set_status(pool, record.id, "failed", failure_code="payment_provider_unavailable",
-                            failure_message="Stripe did not answer")
-    return record.id, pi.id
 
 
 async def test_topup_that_succeeds_after_its_workflow_recorded_failure_is_credited_once(

@@ -22,65 +22,12 @@ from creditflow.domain.lots import Lot, LotSource, plan_burn
 from creditflow.domain.money import MICROS_PER_CREDIT, usage_charge_micros
 from creditflow.ledger import accounts, metering, postings
 from creditflow.ledger.metering import UsageEvent
+from tests.support.ledger import assert_invariants
 
 RATES = {"chat_message": Decimal(1), "llm_tokens": Decimal("0.1"), "voice_minute": Decimal(10)}
 # CF_HYPOTHESIS_EXAMPLES=500 searches harder locally; CI runs the default.
 PROPERTY = settings(max_examples=int(os.environ.get("CF_HYPOTHESIS_EXAMPLES", "25")), deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-async def assert_invariants(pool: AsyncConnectionPool) -> None:
-    async with pool.connection() as conn:
-        unbalanced = await (await conn.execute(
-            "SELECT txn_id FROM journal_lines GROUP BY txn_id HAVING sum(amount_micros) <> 0")).fetchall()
-        assert unbalanced == []
-        total = await (await conn.execute(
-            "SELECT coalesce(sum(amount_micros), 0) AS s FROM journal_lines")).fetchone()
-        assert total["s"] == 0
-        drift = await (await conn.execute(
-            "SELECT b.account_id FROM balances b LEFT JOIN (SELECT account_id, sum(amount_micros) AS s"
-            " FROM journal_lines WHERE book = 'wallet' GROUP BY account_id) e USING (account_id)"
-            " WHERE b.balance_micros <> coalesce(e.s, 0)")).fetchall()
-        assert drift == []
-        below = await (await conn.execute(
-            "SELECT account_id FROM balances WHERE balance_micros - held_micros < floor_micros")).fetchall()
-        assert below == []
-        held = await (await conn.execute(
-            "SELECT b.account_id FROM balances b LEFT JOIN (SELECT account_id, sum(amount_micros) AS s FROM holds"
-            " WHERE status = 'active' GROUP BY account_id) h USING (account_id)"
-            " WHERE b.held_micros <> coalesce(h.s, 0)")).fetchall()
-        assert held == []
-        # Lots hold the positive part of the balance, less the usage not yet burned from them...
-        lots = await (await conn.execute(
-            "SELECT b.account_id FROM balances b LEFT JOIN (SELECT account_id, sum(remaining_micros) AS s"
-            " FROM credit_lots GROUP BY account_id) l USING (account_id)"
-            " WHERE greatest(b.balance_micros, 0) <> coalesce(l.s, 0) - b.unburned_micros")).fetchall()
-        assert lots == []
-        # Plan credits left (migration 0013) are the plan lots less the usage they still owe (plan lots burn first).
-        plan = await (await conn.execute(
-            "SELECT b.account_id FROM balances b LEFT JOIN (SELECT account_id, sum(remaining_micros) AS s"
-            " FROM credit_lots WHERE source = 'plan' GROUP BY account_id) l USING (account_id)"
-            " WHERE b.plan_left_micros <> greatest(0, coalesce(l.s, 0) - b.unburned_micros)")).fetchall()
-        assert plan == []
-        # ... and after settling the pending burns, exactly the positive part.
-        accounts_ = [r["account_id"] for r in await (await conn.execute("SELECT account_id FROM balances")).fetchall()]
-        for account_id in accounts_:
-            await conn.execute("SELECT cf_settle_account_burns(%s)", (account_id,))
-        settled = await (await conn.execute(
-            "SELECT b.account_id FROM balances b LEFT JOIN (SELECT account_id, sum(remaining_micros) AS s"
-            " FROM credit_lots GROUP BY account_id) l USING (account_id)"
-            " WHERE greatest(b.balance_micros, 0) <> coalesce(l.s, 0) OR b.unburned_micros <> 0")).fetchall()
-        assert settled == []
-        # Each account's journal replays to its stored balance, row after row.
-        history = await (await conn.execute(
-            "SELECT id FROM (SELECT id, balance_after_micros, sum(amount_micros) OVER (PARTITION BY account_id"
-            " ORDER BY seq) AS running FROM journal) j WHERE running <> balance_after_micros")).fetchall()
-        assert history == []
-        usage = await (await conn.execute(
-            "SELECT id FROM journal WHERE type = 'usage' AND amount_micros <> -round(quantity * credits_per_unit"
-            " * 1000000) + coalesce((metadata ->> 'uncovered_micros')::bigint, 0)")).fetchall()
-        # (a hold settled after the floor stopped covering it charges less: uncovered_micros, migration 0024)
-        assert usage == []
 
 
 @dataclass

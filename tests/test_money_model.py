@@ -71,7 +71,7 @@ from tests.conftest import (
     new_card,
     skip_time,
 )
-from tests.test_stripe_webhooks import event, sign
+from tests.support.webhooks import event, sign
 from workers.main import build_worker
 from workers.relay import OutboxRelay
 from workflows.contract import QUERY_STATE, AccountState, account_workflow_id

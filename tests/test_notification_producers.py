@@ -29,12 +29,11 @@ from creditflow.notify.destinations import Destinations
 from creditflow.notify.events import envelopes
 from creditflow.notify.templates import DEFAULT_CHANNELS, TEMPLATES_DIR, canonical_kind, render
 from tests.conftest import ADMIN_KEY, STRIPE_KEY
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import new_account, track
-from tests.test_auto_recharge import relay  # noqa: F401 - the worker's outbox relay, on this module's settings
-from tests.test_plan_pricing import subscribe
-from tests.test_refunds import REFUNDS, topup
-from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, _client, save_card
+from tests.support.api import app_client, new_account, track
+from tests.support.auto_recharge import relay  # noqa: F401 - the worker's outbox relay, on this module's settings
+from tests.support.payments import DECLINED_AT_CHARGE, REFUNDS, TOPUP, save_card, topup
+from tests.support.plans import subscribe
+from tests.support.temporal import eventually
 from workflows.contract import InvoiceWorkflowInput, invoice_workflow_id
 from workflows.invoice import InvoiceWorkflow
 
@@ -56,7 +55,7 @@ def settings(database_url: str, stripe_base: str) -> Settings:
 
 @pytest.fixture
 async def api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _client(temporal_settings):
+    async for client in app_client(temporal_settings):
         yield client
 
 

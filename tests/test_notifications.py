@@ -11,7 +11,6 @@ import re
 import time
 import uuid
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,39 +35,15 @@ from creditflow.notify.signing import signature_header
 from creditflow.notify.templates import DEFAULT_CHANNELS, render
 from tests.conftest import ADMIN_KEY, free_port
 from tests.notify_probe_workflow import NotifyProbeWorkflow
-from tests.receivers import HttpReceiver, SmtpServer, http_receiver, smtp_server
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account
-
-VERIFY_DOC = Path(__file__).resolve().parent.parent / "docs" / "concepts.md"  # the Notifications section
-SMS_SID, SMS_TOKEN, SMS_FROM = "AC0123456789abcdef", "sms-token", "+15005550006"
-FOOTER = ("\n--\ncreditflow billing · account {account}\n"
-          "You receive this because it is the billing contact of the account.\n")
+from tests.receivers import http_receiver, smtp_server
+from tests.support.api import bearer, key_for, new_account
+from tests.support.notifications import FOOTER, SMS_FROM, SMS_SID, SMS_TOKEN, configured, readme_verifier, set_channels
 
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """The receivers of these tests are plain-http servers on 127.0.0.1, which production settings refuse."""
     return settings.model_copy(update={"notify_allow_http_urls": True, "notify_allow_private_urls": True})
-
-
-def configured(settings: Settings, *, smtp: SmtpServer | None = None, sms: HttpReceiver | None = None,
-               **extra: Any) -> Settings:
-    """The test settings with the channels pointed at this test's receivers."""
-    update: dict[str, Any] = {"smtp_starttls": False, "smtp_timeout_seconds": 5, "slack_timeout_seconds": 5,
-                              "webhook_timeout_seconds": 5, "sms_timeout_seconds": 5, **extra}
-    if smtp is not None:
-        update.update(smtp_host=smtp.host, smtp_port=smtp.port, smtp_from="creditflow <billing@creditflow.test>")
-    if sms is not None:
-        update.update(sms_api_base=sms.url, sms_account_sid=SMS_SID, sms_auth_token=SecretStr(SMS_TOKEN),
-                      sms_from_number=SMS_FROM)
-    return settings.model_copy(update=update)
-
-
-async def set_channels(api: httpx.AsyncClient, account: str, **fields: Any) -> dict[str, Any]:
-    resp = await api.put("/api/v1/billing/notification-channels", json={"account_id": account, **fields})
-    assert resp.status_code == 200, resp.text
-    return resp.json()
 
 
 async def delivery_rows(database_url: str, dedup_key: str) -> dict[str, dict[str, Any]]:
@@ -81,16 +56,6 @@ async def delivery_rows(database_url: str, dedup_key: str) -> dict[str, dict[str
 
 def statuses(record: NotificationRecord) -> dict[str, tuple[str, int]]:
     return {d.channel: (d.status, d.attempts) for d in record.deliveries}
-
-
-def readme_verifier() -> Any:
-    """The receiver's check exactly as docs/concepts.md documents it (the code between the markers, executed)."""
-    text = VERIFY_DOC.read_text()
-    block = re.search(r"<!-- webhook-verify:start -->\s*```python\n(.*?)```\s*<!-- webhook-verify:end -->", text, re.S)
-    assert block is not None, "docs/concepts.md lost its webhook verification snippet"
-    namespace: dict[str, Any] = {}
-    exec(compile(block.group(1), str(VERIFY_DOC), "exec"), namespace)  # noqa: S102 - our own documentation
-    return namespace["verify_creditflow_signature"]
 
 
 RECEIPT = {"charge_id": "chg_" + "1" * 32, "request_id": "r1", "payment_intent_id": "pi_123",

@@ -1,4 +1,4 @@
-"""Number rental in the wallet (issue 13 item 8, seed 004; migration 0030_2): a wallet-only account pays each recurring
+"""Number rental in the wallet (seed 004; migration 0030_2): a wallet-only account pays each recurring
 charge from the wallet every month as a usage item with channel ``number``; a plan account keeps it on its invoice
 (never both); a month the wallet cannot cover draws on the overage line, else is recorded unpaid and notified.
 Through the HTTP API with the production worker (Temporal dev server); the months on the time-skipping server."""
@@ -22,11 +22,10 @@ from temporalio.testing import WorkflowEnvironment
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from tests.conftest import _temporal_cli, skip_time
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import balance, new_account
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_plan_pricing import subscribe
-from tests.test_topups import _client
+from tests.support.api import app_client, balance, new_account
+from tests.support.ledger import assert_invariants
+from tests.support.plans import subscribe
+from tests.support.temporal import eventually
 from workers.main import build_worker
 from workflows.contract import RentalInput, rental_workflow_id
 from workflows.rental import RentalWorkflow
@@ -36,7 +35,7 @@ CHARGES = "/api/v1/billing/recurring-charges"
 
 @pytest.fixture
 async def wf_api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _client(temporal_settings):
+    async for client in app_client(temporal_settings):
         yield client
 
 
@@ -145,7 +144,7 @@ async def test_a_month_paid_from_the_wallet_is_not_invoiced_again(pool: AsyncCon
     does not bill that charge again (the next periods do, and the wallet no longer pays it)."""
     from creditflow.domain.periods import next_period
     from creditflow.ledger import rentals, subscriptions
-    from tests.test_plan_pricing import CATALOG
+    from tests.support.plans import CATALOG
 
     account = await new_account(api)
     rental = await subscriptions.add_recurring(pool, account, description="Phone number rental", quantity=2,

@@ -24,7 +24,7 @@ from creditflow.config import Settings
 from creditflow.observability.logs import configure_logging, scrub
 from creditflow.observability.metrics import MetricsServer, sample
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, _temporal_cli, free_port, new_card
-from tests.test_api_metering import new_account, track
+from tests.support.api import new_account, track
 
 TOPUP = "/api/v1/billing/wallet/topup"
 CARDS = "/api/v1/billing/payment-methods"
@@ -53,7 +53,7 @@ def parsed(buffer: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
 
 
-async def _client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://creditflow.test",
@@ -155,7 +155,7 @@ def test_multiprocess_mode_sums_every_api_process(tmp_path: Path) -> None:
 
 async def test_readyz_fails_when_temporal_is_unreachable(settings: Settings) -> None:
     down = settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
-    async for client in _client(down):
+    async for client in app_client(down):
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         resp = await client.get("/readyz")
         assert resp.status_code == 503
@@ -173,7 +173,7 @@ async def test_readyz_follows_temporal_going_down(settings: Settings) -> None:
     stopped = False
     try:
         up = settings.model_copy(update={"temporal_address": env.client.service_client.config.target_host})
-        async for client in _client(up):
+        async for client in app_client(up):
             ready = await client.get("/readyz")
             assert ready.status_code == 200, ready.text
             assert ready.json() == {"status": "ok", "checks": {"database": "ok", "temporal": "ok"}}
@@ -217,7 +217,7 @@ async def test_activity_attempts_logged_once_with_ids_and_refusals_quiet(
     from workers.main import build_worker
 
     async with build_worker(temporal_client, pool, stripe_settings):
-        async for api in _client(stripe_settings):
+        async for api in app_client(stripe_settings):
             account = await new_account(api)
             card = await api.post(CARDS, json={"account_id": account,
                                                "payment_method_id": new_card(sdk, DECLINED_AT_CHARGE)})
@@ -239,7 +239,7 @@ async def test_activity_attempts_logged_once_with_ids_and_refusals_quiet(
 
 async def test_startup_line_says_what_the_api_connected_to(settings: Settings, log_lines: io.StringIO) -> None:
     secret_url = settings.database_url + ("&" if "?" in settings.database_url else "?") + "password=pg-s3cret"
-    async for client in _client(settings.model_copy(update={"stripe_api_key": SecretStr("sk_live_abcdef123456")})):
+    async for client in app_client(settings.model_copy(update={"stripe_api_key": SecretStr("sk_live_abcdef123456")})):
         assert (await client.get("/healthz")).status_code == 200
     [line] = [r for r in parsed(log_lines) if r.get("event") == "startup"]
     assert line["service"] == "api" and settings.temporal_address in line["message"]
@@ -257,7 +257,7 @@ def test_dev_stack_metrics_health_and_logs_after_usage(tmp_path: Path) -> None:
     """Usage, top-ups (one succeeded, one declined) through the real stack; then both /metrics show them, the
     worker's health check passes, and no service log holds a secret."""
     from creditflow.embedded import ADMIN_KEY_FILE, STATE_FILE, WEBHOOK_SECRET_FILE
-    from tests.test_dev_stack import CREDITFLOW, Dev, clean_env, start
+    from tests.support.dev_stack import CREDITFLOW, Dev, clean_env, start
 
     runs: list[Dev] = []
     data_dir = tmp_path / "data"

@@ -1,4 +1,4 @@
-"""The outbox relay keeps each account's order (issue 11, defect 11): while an account's earlier row fails (or is
+"""The outbox relay keeps each account's order (effects depend on it): while an account's earlier row fails (or is
 held by another relay), its later rows wait, so e.g. ``dispute.closed`` never reaches the account workflow before
 ``dispute.created``; other accounts are not held back. Real PostgreSQL and Temporal dev server."""
 
@@ -13,7 +13,7 @@ from temporalio.worker import Worker
 
 from creditflow.config import Settings
 from creditflow.ledger.accounts import create_account
-from tests.test_account_workflow import eventually, state_of
+from tests.support.temporal import eventually, state_of
 from workers.relay import OutboxRelay
 
 pytestmark = pytest.mark.temporal

@@ -1,5 +1,5 @@
 """A payment event the account workflow cannot apply is kept, visible and re-drivable, never logged and dropped
-(issue 11, defect 11). Signed webhook, outbox relay, account workflow on the Temporal dev server, localstripe,
+(each one moves money). Signed webhook, outbox relay, account workflow on the Temporal dev server, localstripe,
 PostgreSQL, the operator CLI; no mocks.
 
 The refusal: Stripe reports a late success for a PaymentIntent that is not the one the charge row records (the
@@ -28,14 +28,12 @@ from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ledger import payment_event_failures
 from creditflow.payments import topups
 from creditflow.payments.gateway import StripeGateway
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import new_account
-from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
-from tests.test_late_payments import journal_rows, lost_answer_charge
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_stripe_webhooks import Clients, cf, event, settings, sign  # noqa: F401 - fixtures
-from tests.test_topups import save_card
-from tests.test_workflow_replay import HISTORIES
+from tests.support.api import new_account
+from tests.support.auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
+from tests.support.ledger import assert_invariants, journal_rows
+from tests.support.payments import lost_answer_charge, save_card
+from tests.support.temporal import HISTORIES, eventually
+from tests.support.webhooks import Clients, cf, event, settings, sign  # noqa: F401 - fixtures
 from workflows.account import AccountWorkflow
 from workflows.contract import account_workflow_id
 

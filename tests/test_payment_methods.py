@@ -20,8 +20,7 @@ from creditflow.errors import CreditflowError
 from creditflow.payments.customers import ensure_customer
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, StripeGateway
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, free_port, ledger_snapshot, new_card
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account
+from tests.support.api import bearer, key_for, new_account
 
 BASE = "/api/v1/billing/payment-methods"
 
@@ -238,7 +237,7 @@ async def test_account_workflow_creates_the_customer(pool: AsyncConnectionPool, 
                                                      sdk: stripe.StripeClient) -> None:
     from creditflow.client import CreditflowClient
     from creditflow.ledger.accounts import create_account
-    from tests.test_account_workflow import eventually
+    from tests.support.temporal import eventually
     from workers.relay import OutboxRelay
 
     account = await create_account(pool, name="Acme", billing_email="billing@acme.test")

@@ -1,4 +1,4 @@
-"""Plan pricing on the hot path (issue 4, migration 0013): plan rates while plan credits last, overage rates after,
+"""Plan pricing on the hot path (migration 0013): plan rates while plan credits last, overage rates after,
 plan credits spent before the wallet, ``stop`` agents refused with ``plan_credits_exhausted``, and
 ``balances.plan_left_micros`` kept equal to max(0, plan lots remaining - unburned) by every writer. Real PostgreSQL
 through the real app (its lifespan syncs the catalog's plan rates); accounts are put on a plan the way the
@@ -21,38 +21,21 @@ from psycopg_pool import AsyncConnectionPool
 
 from creditflow.domain.lots import LotSource
 from creditflow.domain.money import MICROS_PER_CREDIT, usage_charge_micros
-from creditflow.domain.periods import Period, next_period, period_containing
-from creditflow.domain.plans import CardRate, Plan, load_plan_catalog
+from creditflow.domain.periods import next_period, period_containing
+from creditflow.domain.plans import CardRate
 from creditflow.errors import CreditflowError
 from creditflow.ledger import accounts, metering, postings, subscriptions
 from creditflow.ledger.lots import account_lots
 from creditflow.ledger.metering import UsageEvent
 from creditflow.ledger.plan_pricing import sync_plan_rates
 from creditflow.ledger.ratecard import DEFAULT_RATECARD, read_ratecard
-from tests.test_api_metering import balance, new_account, track
-from tests.test_ledger_invariants import assert_invariants
+from tests.support.api import balance, new_account, track
+from tests.support.ledger import assert_invariants
+from tests.support.plans import CATALOG, GROWTH, plan_left, subscribe
 
-CATALOG = load_plan_catalog()
-GROWTH = CATALOG.get("growth")
 CARD = {spec.id: CardRate(credits_per_unit=spec.credits_per_unit, base_feature_id=spec.base_feature_id)
         for spec in read_ratecard(DEFAULT_RATECARD)}
 D = Decimal
-
-
-async def subscribe(pool: AsyncConnectionPool, account: str, credits: int, plan: Plan = GROWTH,
-                    period: Period | None = None) -> Period:
-    """What ``start_subscription`` does: the period's plan credits (``credits`` of them), then the subscription."""
-    period = period or period_containing(datetime.now(UTC) - timedelta(days=3), datetime.now(UTC))
-    await subscriptions.grant_plan_credits(pool, account, plan, period, credits=credits)
-    await subscriptions.save_subscription(pool, account, plan_id=plan.id, period=period, pending_plan_id=None)
-    return period
-
-
-async def plan_left(pool: AsyncConnectionPool, account: str) -> int:
-    async with pool.connection() as conn:
-        row = await (await conn.execute("SELECT plan_left_micros FROM balances WHERE account_id = %s",
-                                        (account,))).fetchone()
-    return int(row["plan_left_micros"])
 
 
 async def usage_rates(api: httpx.AsyncClient, account: str) -> list[tuple[str, Any, Any, Any]]:
@@ -385,7 +368,7 @@ async def test_plan_left_and_prices_follow_the_domain(api: httpx.AsyncClient, po
 
 async def test_expiry_takes_held_plan_credits_and_settlements_go_to_the_floor(
         api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
-    """A call still running when the period closes (issue 11, defect 2): the plan credits expire in full whatever
+    """A call still running when the period closes: the plan credits expire in full whatever
     is held; the hold keeps reserving only what the account covers; its settlement is not refused: charged from the
     next source (here the overage line), down to the floor, the rest recorded as uncovered."""
     for line, reserved_after, charged, uncovered in ((0, 0, 0, 45), (1_000, 40, 45, 0)):

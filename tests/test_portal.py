@@ -17,8 +17,7 @@ import stripe
 from creditflow.api.app import create_app
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot, new_card
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account, track
+from tests.support.api import bearer, key_for, new_account, track
 
 SESSIONS = "/api/v1/portal/sessions"
 RETURN = "https://platform.example/account"

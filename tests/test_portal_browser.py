@@ -19,8 +19,9 @@ from temporalio.client import Client
 from creditflow.api.app import create_app
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot, new_card, serve_app, shot
-from tests.test_checkout_browser import _type_card
-from tests.test_seed_billing import past_due_invoice, succeeded_intents
+from tests.support.checkout import type_card
+from tests.support.invoices import past_due_invoice
+from tests.support.payments import succeeded_intents
 
 pytestmark = [pytest.mark.slow, pytest.mark.temporal]
 
@@ -192,7 +193,7 @@ async def test_a_new_card_pays_on_the_hosted_checkout_page_and_the_customer_come
     assert await page.inner_text("#credits") == "1,000 credits"
     await shot(page, "portal-buy-with-a-new-card")
     await page.fill("#card-name", "Ada Lovelace")
-    await _type_card(page, "4242424242424242")
+    await type_card(page, "4242424242424242")
     await page.click("#pay-button")
     await page.wait_for_url(re.compile(re.escape(f"{base}/portal?ok=checkout&session_id=cs_")), timeout=60_000)
     assert await page.inner_text("[role=status]") == "Payment received: your credits were added."

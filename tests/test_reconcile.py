@@ -33,8 +33,8 @@ from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, StripeGateway
 from creditflow.payments.reconcile import Reconciler, get_run, list_runs, open_run, record_result
 from creditflow.temporal_setup import ensure_reconcile_schedule
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
-from tests.test_api_metering import new_account
-from tests.test_topups import _client, customer_of, save_card
+from tests.support.api import app_client, new_account
+from tests.support.payments import customer_of, save_card
 from workflows.contract import ReconcileSummary
 
 pytestmark = pytest.mark.temporal
@@ -89,7 +89,7 @@ async def balance_micros(pool: AsyncConnectionPool, account: str) -> int:
 
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _client(settings):
+    async for client in app_client(settings):
         yield client
 
 
@@ -240,7 +240,7 @@ async def test_the_workflow_reconciles_verifies_and_stores_its_report(
         sdk: stripe.StripeClient, gateway: StripeGateway, monkeypatch: pytest.MonkeyPatch) -> None:
     await asyncio.sleep(1.1)  # the emulator stamps in whole seconds: earlier tests' payments fall before ``since``
     since = datetime.now(UTC).replace(microsecond=0)
-    async for api in _client(temporal_settings):
+    async for api in app_client(temporal_settings):
         account = await new_account(api)
         await save_card(api, sdk, account)
         record = await charged(pool, gateway, account)

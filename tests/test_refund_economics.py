@@ -1,4 +1,4 @@
-"""Refunds and disputes conserve money (issue 11): a purchase's credits and money move together, in the proportion
+"""Refunds and disputes conserve money: a purchase's credits and money move together, in the proportion
 that lot was bought, whatever the order of refunds, disputes and Stripe's answers.
 
 Real PostgreSQL, Temporal dev server (production worker), localstripe; disputes and refund status changes are fed as
@@ -25,12 +25,12 @@ from creditflow.domain.topups import DEFAULT_PACKAGES, CreditPackage
 from creditflow.errors import CreditflowError
 from creditflow.payments.gateway import RefundState, StripeGateway
 from tests.conftest import ADMIN_KEY, STRIPE_KEY
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import new_account
-from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_stripe_webhooks import SECRET, Clients, cf, clients_for, event, sign  # noqa: F401 - fixtures
-from tests.test_topups import TOPUP, save_card
+from tests.support.api import new_account
+from tests.support.auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
+from tests.support.ledger import assert_invariants
+from tests.support.payments import TOPUP, save_card
+from tests.support.temporal import eventually
+from tests.support.webhooks import SECRET, Clients, cf, clients_for, event, sign  # noqa: F401 - fixtures
 from workflows.contract import RefundOutcome, refund_workflow_id
 
 pytestmark = pytest.mark.temporal
@@ -109,7 +109,7 @@ def stripe_money(sdk: stripe.StripeClient, pis: list[str]) -> tuple[int, int]:
     return captured, refunded
 
 
-# --- defect 1 ------------------------------------------------------------------------------------------
+# --- a lot refunds at its own price: bonus packages and partial refunds ----------------------------------
 
 
 async def test_bonus_package_refund_loop_creates_no_credits(
@@ -188,7 +188,7 @@ async def test_dispute_of_a_bonus_package_takes_credits_in_the_lots_proportion(
     await assert_invariants(pool)
 
 
-# --- defect 9 ------------------------------------------------------------------------------------------
+# --- a pending refund is not a refund yet: Stripe may still fail it -------------------------------------
 
 
 class StripeAnswersPending(StripeGateway):
@@ -288,7 +288,7 @@ async def test_pending_refund_is_not_succeeded_and_a_later_failure_gives_the_cre
     assert (outcome.status, outcome.credits, outcome.amount_cents, outcome.balance) == ("succeeded", 1000, 1000, 6500)
     await assert_invariants(pool)
     # The new path (patch refund-pending-waits: mark pending, answer, wait for Stripe) replays deterministically.
-    from tests.test_workflow_replay import replayer
+    from tests.support.temporal import replayer
 
     # ("r-all" was asked again after its workflow closed: its latest run replays the decided row, no Stripe call.)
     for request_id in ("r-all", "r-1000"):
@@ -328,7 +328,7 @@ async def test_pending_refund_polled_by_its_workflow_is_settled_by_stripes_answe
     await assert_invariants(pool)
 
 
-# --- defect 7 ------------------------------------------------------------------------------------------
+# --- a dispute opened while a refund is in flight ---------------------------------------------------------
 
 
 class StripeRefusesOnceDisputed(StripeGateway):
@@ -442,7 +442,7 @@ async def all_moves(pool: AsyncConnectionPool, account: str) -> list[dict[str, A
                                          (account,))).fetchall()
 
 
-# --- defect 8 (disputes closing as inquiries) ------------------------------------------------------------
+# --- disputes closing as inquiries, refunds failing after their finalize -------------------------------
 
 
 async def test_dispute_closed_as_warning_closed_returns_what_was_taken_once(

@@ -17,14 +17,12 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account, track
-from tests.test_ledger_invariants import assert_invariants
-from tests.test_topups import TOPUP, _client, customer_of, intents_of, reconcile, save_card
+from tests.support.api import app_client, bearer, key_for, new_account, track
+from tests.support.ledger import assert_invariants
+from tests.support.payments import REFUNDS, customer_of, intents_of, reconcile, save_card, topup
 
 pytestmark = pytest.mark.temporal
 
-REFUNDS = "/api/v1/billing/refunds"
 
 
 @pytest.fixture
@@ -38,14 +36,8 @@ def settings(database_url: str, stripe_base: str) -> Settings:
 @pytest.fixture
 async def api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The real app with Temporal from the dev server and the production worker on the test's queue."""
-    async for client in _client(temporal_settings):
+    async for client in app_client(temporal_settings):
         yield client
-
-
-async def topup(api: httpx.AsyncClient, sdk: stripe.StripeClient, account: str, usd: int = 25) -> dict[str, Any]:
-    resp = await api.post(TOPUP, json={"account_id": account, "amount_usd": usd, "request_id": f"t-{usd}"})
-    assert resp.status_code == 200 and resp.json()["status"] == "succeeded", resp.text
-    return resp.json()
 
 
 async def balance_of(api: httpx.AsyncClient, account: str) -> Any:

@@ -59,7 +59,7 @@ def test_reasons() -> None:
     assert exc.value.code == "validation_error"
 
 
-# --- a lot's price (issue 11, defect 1): properties over any purchase and any split -----------------------------
+# --- a lot's price (refunds and disputes take credits at it): properties over any purchase and any split ---
 
 prices = st.tuples(st.integers(min_value=1, max_value=500_000),  # cents paid
                    st.integers(min_value=1, max_value=50_000_000).map(lambda c: c * MICROS_PER_CREDIT // 10))

@@ -1,4 +1,4 @@
-"""API key scopes (issue 13, item 9): one route -> scope table, every route in it, and keys that can meter but never
+"""API key scopes: one route -> scope table, every route in it, and keys that can meter but never
 move money. Real app, real PostgreSQL (and for the card charge, real Temporal and localstripe)."""
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from creditflow.api.keys import Scope
 from creditflow.api.scopes import PENDING_ROUTES, PUBLIC_ROUTES, ROUTE_SCOPES
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account
+from tests.support.api import bearer, key_for, new_account
 
 MIGRATION = Path(__file__).resolve().parent.parent / "creditflow/ledger/migrations/0031_1_scopes.sql"
 MONEY = {Scope.PAYMENTS_WRITE, Scope.WALLET_CREDIT, Scope.TRANSFERS_WRITE}
@@ -231,9 +230,10 @@ async def test_a_usage_key_cannot_charge_the_saved_card(database_url: str,
                                                         sdk: stripe.StripeClient, pool: AsyncConnectionPool) -> None:
     """With a card saved, the same top-up request is refused for a usage:write key (no PaymentIntent, no charge,
     ledger untouched) and charges once for a payments:write key."""
-    from tests.test_topups import TOPUP, _client, charges, customer_of, intents_of, save_card
+    from tests.support.api import app_client
+    from tests.support.payments import TOPUP, charges, customer_of, intents_of, save_card
 
-    async for api in _client(temporal_settings):
+    async for api in app_client(temporal_settings):
         account = await new_account(api)
         await save_card(api, sdk, account)
         meter = bearer(await key_for(api, account, "usage:write"))

@@ -1,4 +1,4 @@
-"""What the seed products promise about entitlement checks, console figures and invoices (issue 13 items 6, 5, 10),
+"""What the seed products promise about entitlement checks, console figures and invoices,
 through the HTTP API on the real stack (PostgreSQL; Temporal and localstripe where a payment runs)."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import new_account, track
-from tests.test_topups import CARDS, DECLINED_AT_CHARGE, _client, customer_of, intents_of, save_card
-from tests.test_workflow_replay import record_and_replay
+from tests.support.api import app_client, new_account, track
+from tests.support.invoices import past_due_invoice
+from tests.support.payments import CARDS, DECLINED_AT_CHARGE, save_card, succeeded_intents
+from tests.support.temporal import eventually, record_and_replay
 from workflows.contract import InvoiceAdjustmentLine, InvoiceWorkflowInput, invoice_workflow_id
 from workflows.invoice import InvoiceWorkflow
 
@@ -40,7 +40,7 @@ async def checked(api: httpx.AsyncClient, path: str, body: dict[str, Any]) -> di
     return resp.json()
 
 
-# --- item 6: a check without a value asks for one unit ----------------------------------------------------------
+# --- a check without a value asks for one unit ------------------------------------------------------------------
 
 
 async def test_check_and_entitled_without_value_ask_for_one_unit(api: httpx.AsyncClient,
@@ -73,12 +73,12 @@ async def test_check_and_entitled_without_value_ask_for_one_unit(api: httpx.Asyn
     assert (message["allowed"], message["code"]) == (True, "ok")
 
 
-# --- item 5: the console's credit balance figures -----------------------------------------------------------------
+# --- the console's credit balance figures -------------------------------------------------------------------------
 
 
 async def test_balance_reports_total_usage_and_remaining_for_the_period(api: httpx.AsyncClient,
                                                                        pool: AsyncConnectionPool) -> None:
-    from tests.test_plan_pricing import subscribe
+    from tests.support.plans import subscribe
 
     # Wallet-only: the calendar month (UTC). 5,000 welcome + 300 granted by hand; 245 + 10 used; a debit is no usage.
     account = await new_account(api)
@@ -116,7 +116,7 @@ async def test_balance_reports_total_usage_and_remaining_for_the_period(api: htt
         "period_end": period.end.isoformat().replace("+00:00", "Z")}
 
 
-# --- item 10: pay a past-due invoice now; a new card retries; the credit balance ------------------------------------
+# --- pay a past-due invoice now; a new card retries; the credit balance --------------------------------------------
 
 
 @pytest.fixture
@@ -128,25 +128,8 @@ def settings(database_url: str, stripe_base: str) -> Settings:
 
 @pytest.fixture
 async def wf_api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _client(temporal_settings):
+    async for client in app_client(temporal_settings):
         yield client
-
-
-async def past_due_invoice(api: httpx.AsyncClient, client: Client, settings: Settings, account: str) -> str:
-    """A Starter invoice ($49) whose only charge attempt failed: past due, its workflow closed."""
-    now = datetime.now(UTC).replace(microsecond=0)
-    input = InvoiceWorkflowInput(account_id=account, period_start=now - timedelta(hours=1),
-                                 period_end=now + timedelta(hours=1), plan_id="starter", charge_attempts=1)
-    outcome = await asyncio.wait_for(client.execute_workflow(
-        InvoiceWorkflow.run, input, id=invoice_workflow_id(account, input.key()),
-        task_queue=settings.temporal_task_queue), 60)
-    assert (outcome.status, outcome.amount_due_cents) == ("past_due", 4900)
-    assert outcome.invoice_id is not None
-    return outcome.invoice_id
-
-
-async def succeeded_intents(sdk: stripe.StripeClient, pool: AsyncConnectionPool, account: str) -> list[Any]:
-    return [pi for pi in intents_of(sdk, await customer_of(pool, account)) if pi.status == "succeeded"]
 
 
 @pytest.mark.temporal

@@ -1,4 +1,4 @@
-"""Spend control on the hot path (issue 5): limits enforced inside the metering transaction, paused agents,
+"""Spend control on the hot path: limits enforced inside the metering transaction, paused agents,
 the outbox events that tell the account workflow, and the limits / spend / agents API. Real PostgreSQL through
 the real app; the workflow side is in tests/test_agents_workflow.py.
 """
@@ -14,26 +14,16 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ledger import agents
 from tests.conftest import ledger_snapshot
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import balance, new_account, track
-from tests.test_ledger_invariants import assert_invariants
+from tests.support.api import balance, bearer, key_for, new_account, track
+from tests.support.ledger import assert_invariants
+from tests.support.plans import AGENTS, LIMITS, set_limits
 
-LIMITS = "/api/v1/billing/limits"
 SPEND = "/api/v1/billing/spend"
-AGENTS = "/api/v1/agents"
-
-
 async def outbox_events(pool: AsyncConnectionPool, account: str, kind: str) -> list[dict[str, Any]]:
     async with pool.connection() as conn:
         return await (await conn.execute(
             "SELECT dedup_key, payload FROM outbox WHERE account_id = %s AND kind = %s ORDER BY id",
             (account, kind))).fetchall()
-
-
-async def set_limits(api: httpx.AsyncClient, account: str, **limits: object) -> dict[str, Any]:
-    resp = await api.put(LIMITS, json={"account_id": account, **limits})
-    assert resp.status_code == 200, resp.text
-    return resp.json()
 
 
 async def test_fifty_concurrent_events_never_overshoot_the_daily_limit(api: httpx.AsyncClient,

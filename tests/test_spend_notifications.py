@@ -15,11 +15,11 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY
 from tests.receivers import http_receiver
-from tests.test_account_workflow import eventually
-from tests.test_api_metering import new_account, track
-from tests.test_auto_recharge import api, relay  # noqa: F401 - fixtures (worker, relay) built on `settings` below
-from tests.test_notifications import readme_verifier, set_channels
-from tests.test_spend_control import AGENTS
+from tests.support.api import new_account, track
+from tests.support.auto_recharge import api, relay  # noqa: F401 - fixtures (worker, relay) built on `settings` below
+from tests.support.notifications import readme_verifier, set_channels
+from tests.support.plans import AGENTS
+from tests.support.temporal import eventually
 
 pytestmark = pytest.mark.temporal
 

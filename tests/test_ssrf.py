@@ -18,7 +18,7 @@ from creditflow.notify.destinations import Destinations
 from creditflow.notify.templates import Rendered
 from tests.conftest import ADMIN_KEY
 from tests.receivers import http_receiver
-from tests.test_api_metering import new_account
+from tests.support.api import new_account
 
 INTERNAL_HOSTS = [
     "127.0.0.1", "127.1", "0x7f000001", "0x7f.1", "2130706433", "017700000001", "0177.0.0.1", "0", "0.0.0.0",

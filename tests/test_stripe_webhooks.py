@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import random
 import time
@@ -28,73 +26,27 @@ from temporalio.client import Client
 
 from creditflow.api.app import create_app
 from creditflow.config import Settings
-from tests.conftest import ADMIN_KEY, STRIPE_KEY, free_port, ledger_snapshot, new_card
-from tests.test_api_metering import new_account
-from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, charges, purchases, reconcile
+from tests.conftest import ADMIN_KEY, free_port, ledger_snapshot, new_card
+from tests.support.api import new_account
+from tests.support.payments import DECLINED_AT_CHARGE, TOPUP, charges, purchases, reconcile
+from tests.support.webhooks import (  # noqa: F401 - fixtures
+    SECRET,
+    WEBHOOK,
+    Clients,
+    cf,
+    clients_for,
+    event,
+    settings,
+    sign,
+)
 from workflows.contract import TOPUP_REQUIRES_PAYMENT, TopUpOutcome, topup_workflow_id
 
 pytestmark = pytest.mark.temporal
 
-WEBHOOK = "/api/v1/stripe/webhook"
-SECRET = "whsec_creditflow_tests_" + "k" * 24
-POLL_SECONDS = 600.0  # far longer than any test waits: only a signal can wake the workflow
-
-
-@pytest.fixture
-def settings(database_url: str, stripe_base: str) -> Settings:
-    return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
-                    welcome_bonus_credits=5000, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
-                    stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1,
-                    stripe_webhook_secret=SECRET,  # type: ignore[arg-type]
-                    topup_poll_interval_seconds=POLL_SECONDS)
-
-
-class Clients:
-    """One app: ``admin`` for the API, ``stripe`` for deliveries (no API key, as Stripe calls)."""
-
-    def __init__(self, admin: httpx.AsyncClient, anonymous: httpx.AsyncClient) -> None:
-        self.admin = admin
-        self.stripe = anonymous
-
-    async def deliver(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
-        return await self.stripe.post(WEBHOOK, content=body, headers=headers)
-
-
-@contextlib.asynccontextmanager
-async def clients_for(settings: Settings) -> AsyncIterator[Clients]:
-    app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app), \
-            httpx.AsyncClient(transport=transport, base_url="http://creditflow.test", timeout=60,
-                              headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin, \
-            httpx.AsyncClient(transport=transport, base_url="http://creditflow.test", timeout=60) as anonymous:
-        yield Clients(admin, anonymous)
-
-
-@pytest.fixture
-async def cf(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[Clients]:
-    async with clients_for(temporal_settings) as clients:
-        yield clients
-
-
 # --- helpers ----------------------------------------------------------------------------------------
 
 
-def sign(body: bytes, secret: str = SECRET, t: int | None = None) -> dict[str, str]:
-    """The ``Stripe-Signature`` header exactly as Stripe computes it: HMAC-SHA256 of ``{t}.{body}``."""
-    t = int(time.time()) if t is None else t
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return {"Stripe-Signature": f"t={t},v1={mac}", "Content-Type": "application/json"}
-
-
-def event(type_: str, obj: dict[str, Any], *, event_id: str | None = None, created: int | None = None) -> bytes:
-    payload = {"id": event_id or f"evt_{uuid.uuid4().hex}", "object": "event", "type": type_,
-               "api_version": "2024-06-20", "created": created or int(time.time()), "livemode": False,
-               "pending_webhooks": 1, "data": {"object": obj}}
-    return json.dumps(payload, indent=2).encode()
-
-
-async def client_secret_topup(cf: Clients, account: str, request_id: str, amount_usd: int = 10) -> str:
+async def client_secret_topup(cf: Clients, account: str, request_id: str, amount_usd: int = 10) -> str:  # noqa: F811
     """A top-up without a saved card: the workflow waits for the payment. Returns the PaymentIntent id."""
     resp = await cf.admin.post(TOPUP, json={"account_id": account, "amount_usd": amount_usd,
                                             "request_id": request_id})
@@ -128,7 +80,7 @@ async def result_of(temporal_client: Client, account: str, request_id: str, time
 # --- tests ------------------------------------------------------------------------------------------
 
 
-async def test_signed_event_credits_once(cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient,
+async def test_signed_event_credits_once(cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient,  # noqa: F811
                                          temporal_client: Client) -> None:
     account = await new_account(cf.admin)
     pi_id = await client_secret_topup(cf, account, "wh-1")
@@ -162,7 +114,7 @@ async def test_signed_event_credits_once(cf: Clients, pool: AsyncConnectionPool,
     assert await reconcile(pool, sdk, account) == 1
 
 
-async def test_five_deliveries_concurrent_and_out_of_order(cf: Clients, pool: AsyncConnectionPool,
+async def test_five_deliveries_concurrent_and_out_of_order(cf: Clients, pool: AsyncConnectionPool,  # noqa: F811
                                                            sdk: stripe.StripeClient, temporal_client: Client) -> None:
     account = await new_account(cf.admin)
     paid_pi = await client_secret_topup(cf, account, "wh-paid", 25)
@@ -205,7 +157,7 @@ async def test_five_deliveries_concurrent_and_out_of_order(cf: Clients, pool: As
     assert await reconcile(pool, sdk, account) == 1
 
 
-async def test_bad_deliveries_change_nothing(cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient,
+async def test_bad_deliveries_change_nothing(cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient,  # noqa: F811
                                              temporal_client: Client, database_url: str,
                                              temporal_settings: Settings) -> None:
     account = await new_account(cf.admin)
@@ -250,7 +202,7 @@ async def test_bad_deliveries_change_nothing(cf: Clients, pool: AsyncConnectionP
     assert await reconcile(pool, sdk, account) == 1
 
 
-async def test_temporal_down_keeps_the_event_for_redelivery(cf: Clients, pool: AsyncConnectionPool,
+async def test_temporal_down_keeps_the_event_for_redelivery(cf: Clients, pool: AsyncConnectionPool,  # noqa: F811
                                                             sdk: stripe.StripeClient, temporal_client: Client,
                                                             temporal_settings: Settings, database_url: str) -> None:
     """503 while Temporal is unreachable (Stripe retries), the event left unprocessed; the redelivery is then

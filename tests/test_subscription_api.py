@@ -11,10 +11,9 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from tests.conftest import ledger_snapshot
-from tests.test_account_workflow import eventually
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import balance, new_account
-from tests.test_auto_recharge import api, settings  # noqa: F401 - fixtures: the app with a worker
+from tests.support.api import balance, bearer, key_for, new_account
+from tests.support.auto_recharge import api, settings  # noqa: F401 - fixtures: the app with a worker
+from tests.support.temporal import eventually
 from workflows.contract import SA_PLAN, account_workflow_id
 
 pytestmark = pytest.mark.temporal

@@ -17,23 +17,27 @@ import stripe
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from creditflow.api.app import create_app
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, free_port, ledger_snapshot, new_card
-from tests.test_account_workflow import eventually
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account
+from tests.support.api import app_client, bearer, key_for, new_account
+from tests.support.payments import (
+    DECLINED_AT_CHARGE,
+    TOPUP,
+    charges,
+    customer_of,
+    intents_of,
+    purchases,
+    receipts,
+    reconcile,
+    save_card,
+)
+from tests.support.temporal import eventually
 from workflows.contract import TOPUP_CANCELED, TopUpOutcome, topup_workflow_id
 
 pytestmark = pytest.mark.temporal
 
-TOPUP = "/api/v1/billing/wallet/topup"
 TOPUPS = "/api/v1/billing/wallet/topups"
-CARDS = "/api/v1/billing/payment-methods"
-DECLINED_AT_CHARGE = "4000000000000341"  # localstripe: attaches, then every charge is declined
-
-
 @pytest.fixture
 def settings(database_url: str, stripe_base: str) -> Settings:
     return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
@@ -42,85 +46,14 @@ def settings(database_url: str, stripe_base: str) -> Settings:
                     topup_poll_interval_seconds=0.3)
 
 
-async def _client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://creditflow.test",
-            headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as client:
-        yield client
-
-
 @pytest.fixture
 async def api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The real app, with Temporal from the dev server and the production worker on the test's queue."""
-    async for client in _client(temporal_settings):
+    async for client in app_client(temporal_settings):
         yield client
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-async def save_card(api: httpx.AsyncClient, sdk: stripe.StripeClient, account: str,
-                    number: str = "4242424242424242") -> str:
-    resp = await api.post(CARDS, json={"account_id": account, "payment_method_id": new_card(sdk, number)})
-    assert resp.status_code == 201, resp.text
-    return resp.json()["id"]
-
-
-async def customer_of(pool: AsyncConnectionPool, account: str) -> str | None:
-    async with pool.connection() as conn:
-        row = await (await conn.execute("SELECT customer_id FROM stripe_customers WHERE account_id = %s",
-                                        (account,))).fetchone()
-    return row["customer_id"] if row else None
-
-
-def intents_of(sdk: stripe.StripeClient, customer_id: str | None) -> list[Any]:
-    """The customer's PaymentIntents on localstripe (it cannot filter by customer: we do)."""
-    if customer_id is None:
-        return []
-    page = sdk.v1.payment_intents.list(params={"limit": 100})
-    return [pi for pi in page.auto_paging_iter() if pi.customer == customer_id]
-
-
-async def purchases(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(
-            "SELECT id, amount_micros, counter_book, idempotency_key, metadata, description FROM journal"
-            " WHERE account_id = %s AND type = 'purchase' ORDER BY seq", (account,))).fetchall()
-
-
-async def charges(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
-    async with pool.connection() as conn:
-        return await (await conn.execute("SELECT * FROM stripe_charges WHERE account_id = %s ORDER BY created_at",
-                                         (account,))).fetchall()
-
-
-async def receipts(pool: AsyncConnectionPool, account: str) -> list[dict[str, Any]]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(
-            "SELECT kind, dedup_key, payload FROM notifications_log WHERE account_id = %s ORDER BY id",
-            (account,))).fetchall()
-
-
-async def reconcile(pool: AsyncConnectionPool, sdk: stripe.StripeClient, account: str) -> int:
-    """Every succeeded PaymentIntent has exactly one purchase row for what was paid, and vice versa.
-    Returns how many there are."""
-    succeeded = {pi.id: pi for pi in intents_of(sdk, await customer_of(pool, account)) if pi.status == "succeeded"}
-    rows = await purchases(pool, account)
-    by_pi: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_pi.setdefault(row["metadata"]["payment_intent_id"], []).append(row)
-    assert set(by_pi) == set(succeeded), (by_pi, succeeded)
-    charge_rows = {c["payment_intent_id"]: c for c in await charges(pool, account) if c["payment_intent_id"]}
-    for pi_id, pi_rows in by_pi.items():
-        [row] = pi_rows
-        charge = charge_rows[pi_id]
-        assert row["idempotency_key"] == f"sys:topup:{pi_id}"
-        assert row["counter_book"] == "system:payments_clearing"
-        assert row["amount_micros"] == charge["credits"] * MICROS_PER_CREDIT
-        assert succeeded[pi_id].amount == charge["amount_cents"]
-        assert charge["status"] == "succeeded" and charge["ledger_txn_id"] == f"txn_{row['id'].hex}"
-    return len(rows)
 
 
 # --- tests ------------------------------------------------------------------------------------------
@@ -290,7 +223,7 @@ async def test_client_secret_expires(temporal_settings: Settings, temporal_worke
                                      pool: AsyncConnectionPool, sdk: stripe.StripeClient) -> None:
     """Not paid in time: the PaymentIntent is canceled, the row says so, nothing is credited."""
     short = temporal_settings.model_copy(update={"topup_payment_expiry_seconds": 2})
-    async for api in _client(short):
+    async for api in app_client(short):
         account = await new_account(api)
         resp = await api.post(TOPUP, json={"account_id": account, "amount_usd": 7, "request_id": "late-1"})
         assert resp.status_code == 200 and resp.json()["status"] == "requires_payment", resp.text
@@ -326,7 +259,7 @@ async def test_payment_event_signal_wakes_the_workflow(api: httpx.AsyncClient, p
 async def test_temporal_down_is_503(settings: Settings, pool: AsyncConnectionPool, database_url: str) -> None:
     """The API starts and serves without Temporal; a top-up then says so and changes nothing."""
     down = settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
-    async for api in _client(down):
+    async for api in app_client(down):
         account = await new_account(api)
         before = await ledger_snapshot(database_url)
         resp = await api.post(TOPUP, json={"account_id": account, "amount_usd": 25, "request_id": "r-1"})

@@ -1,4 +1,4 @@
-"""Organizations and transfers between their workspaces (issue 13, item 2): through the API, real PostgreSQL (and for
+"""Organizations and transfers between their workspaces: through the API, real PostgreSQL (and for
 the refund and dispute crossings real Temporal and localstripe), exact numbers."""
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ledger import postings
 from creditflow.ledger.verify import verify
 from tests.conftest import ledger_snapshot
-from tests.test_account_workflow import eventually
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account
-from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
-from tests.test_stripe_webhooks import Clients, clients_for, event, settings, sign  # noqa: F401 - fixtures
-from tests.test_topups import TOPUP, save_card
+from tests.support.api import bearer, key_for, new_account
+from tests.support.auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
+from tests.support.payments import TOPUP, save_card
+from tests.support.temporal import eventually
+from tests.support.webhooks import Clients, clients_for, event, settings, sign  # noqa: F401 - fixtures
 
 ORGS = "/api/v1/organizations"
 M = MICROS_PER_CREDIT

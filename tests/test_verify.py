@@ -7,7 +7,6 @@ editing totals, so the checks are shown to see what the bugs did; plain corrupti
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,36 +18,10 @@ from psycopg_pool import AsyncConnectionPool
 from typer.testing import CliRunner
 
 from creditflow.cli import app
-from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ids import new_id
 from creditflow.ledger import accounts
 from creditflow.ledger.verify import CHECKS, verify
-from creditflow.payments import topups
-
-M = MICROS_PER_CREDIT
-
-
-async def new_account(pool: AsyncConnectionPool, bonus: int = 0) -> str:
-    account = await accounts.create_account(pool, name="Verify Co", billing_email="ops@verify.test",
-                                            welcome_bonus_credits=bonus)
-    return account.id
-
-
-async def paid_purchase(pool: AsyncConnectionPool, account_id: str, *, cents: int, credits: int) -> dict[str, Any]:
-    """A top-up Stripe reported paid, credited through the production path (``topups.credit``)."""
-    charge_id, pi = new_id("chg"), f"pi_{uuid.uuid4().hex[:24]}"
-    async with pool.connection() as conn:
-        await conn.execute(
-            "INSERT INTO stripe_charges (id, account_id, request_id, kind, amount_cents, credits, description,"
-            " customer_id, payment_intent_id) VALUES (%s, %s, %s, 'topup', %s, %s, 'Credits', 'cus_test', %s)",
-            (charge_id, account_id, f"r-{pi}", cents, credits, pi))
-    await topups.credit(pool, charge_id)
-    async with pool.connection() as conn:
-        lot = await (await conn.execute(
-            "SELECT l.id FROM credit_lots l JOIN stripe_charges c ON l.txn_id = substr(c.ledger_txn_id, 5)::uuid"
-            " WHERE c.id = %s", (charge_id,))).fetchone()
-    assert lot is not None
-    return {"charge_id": charge_id, "payment_intent_id": pi, "lot_id": lot["id"]}
+from tests.support.ledger import M, new_account, paid_purchase
 
 
 async def refund_credits(pool: AsyncConnectionPool, account_id: str, purchase: dict[str, Any], *, credits: int,
@@ -290,7 +263,7 @@ async def test_credits_taken_beyond_the_money_returned_are_reported(pool: AsyncC
 
 
 async def test_a_recharge_success_that_is_not_a_charge_of_its_own_is_reported(pool: AsyncConnectionPool) -> None:
-    """A new account workflow run that reused sequence 1 took recharge-1's old success for its own (defect 5):
+    """A new account workflow run that reused sequence 1 took recharge-1's old success for its own:
     two recorded successes, one charge."""
     from creditflow.ledger import auto_recharge
 
@@ -312,7 +285,7 @@ async def test_a_recharge_success_that_is_not_a_charge_of_its_own_is_reported(po
 
 
 async def test_a_credit_balance_not_applied_to_the_next_invoice_is_reported(pool: AsyncConnectionPool) -> None:
-    """An invoice that carries a credit forward, and the next one that does not apply it (defect 11)."""
+    """An invoice that carries a credit forward, and the next one that does not apply it."""
     account = await new_account(pool)
     credit = await _invoice(pool, account, 0, key="2026-09-01")
     later = await _invoice(pool, account, 0, key="2026-10-01")
@@ -331,7 +304,7 @@ async def test_a_credit_balance_not_applied_to_the_next_invoice_is_reported(pool
 
 
 async def test_an_outbox_row_delivered_before_an_earlier_one_is_reported(pool: AsyncConnectionPool) -> None:
-    """A dispute's close delivered while its opening was still failing (defect 11, relay order)."""
+    """A dispute's close delivered while its opening was still failing (the relay must keep an account's order)."""
     account = await new_account(pool)
     async with pool.connection() as conn:
         rows = [(await (await conn.execute(

@@ -9,9 +9,7 @@ every ``tests/histories/*.json`` with AccountWorkflow only. A live run writes it
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,22 +17,16 @@ import pytest
 import stripe
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer
 
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
-from tests.test_api_metering import new_account
-from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, _client, customer_of, intents_of, save_card
-from workflows.auto_recharge import AutoRechargeWorkflow
+from tests.support.api import app_client, new_account
+from tests.support.payments import DECLINED_AT_CHARGE, TOPUP, customer_of, intents_of, save_card
+from tests.support.temporal import HISTORIES, record_and_replay, replayer
 from workflows.contract import RefundOutcome, TopUpOutcome, refund_workflow_id, topup_workflow_id
-from workflows.invoice import InvoiceWorkflow
-from workflows.refund import RefundWorkflow
-from workflows.topup import TopUpWorkflow
 
 pytestmark = pytest.mark.temporal
 
-HISTORIES = Path(__file__).parent / "histories"
 REFUNDS = "/api/v1/billing/refunds"
 
 
@@ -48,23 +40,8 @@ def settings(database_url: str, stripe_base: str) -> Settings:
 
 @pytest.fixture
 async def api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _client(temporal_settings):
+    async for client in app_client(temporal_settings):
         yield client
-
-
-def replayer() -> Replayer:
-    return Replayer(workflows=[TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow, InvoiceWorkflow],
-                    data_converter=pydantic_data_converter)
-
-
-async def record_and_replay(client: Client, workflow_id: str, name: str) -> None:
-    """Replay the closed workflow's fresh history, and save it as ``{folder}/{name}.json`` if not recorded yet."""
-    history = await client.get_workflow_handle(workflow_id).fetch_history()
-    await replayer().replay_workflow(history)
-    path = HISTORIES / name.split("_", 1)[0] / f"{name}.json"
-    if not path.exists() or os.environ.get("CREDITFLOW_RECORD_HISTORIES") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(history.to_json())
 
 
 async def topup_result(client: Client, account: str, request_id: str) -> TopUpOutcome:

@@ -17,7 +17,6 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import notify
     from activities.topups import ChargeRef, RecordTopUpInput, TopUpActivities
     from creditflow.domain.charges import KIND_AUTO_RECHARGE, PaymentIntentState
     from creditflow.domain.notifications import Notification
@@ -31,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         AutoRechargeInput,
         AutoRechargeOutcome,
     )
+    from workflows.notify import notify
     from workflows.topup import CREDIT_RETRY, STRIPE_RETRY, WAITING_STATUSES, mark_charge_failed
 
 

@@ -42,7 +42,6 @@ with workflow.unsafe.imports_passed_through():
         PrepareInvoiceInput,
         SettleInvoiceInput,
     )
-    from activities.notifications import notify
     from activities.topups import ChargeRef, RecordTopUpInput, TopUpActivities
     from creditflow.domain.charges import KIND_INVOICE, charge_request_id
     from creditflow.domain.notifications import Attachment, Notification
@@ -60,6 +59,7 @@ with workflow.unsafe.imports_passed_through():
         InvoicePayNow,
         InvoiceWorkflowInput,
     )
+    from workflows.notify import notify
     from workflows.topup import STRIPE_RETRY, WAITING_STATUSES, mark_charge_failed
 
 _REFUSALS = ["unknown_account", "unknown_plan", "validation_error", "invalid_amount", "invalid_id", "not_found",

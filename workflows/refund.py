@@ -30,7 +30,6 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import notify
     from activities.payments import PERMANENT_CODES
     from activities.refunds import (
         FinalizeRefundInput,
@@ -55,6 +54,7 @@ with workflow.unsafe.imports_passed_through():
         RefundOutcome,
         RefundTerms,
     )
+    from workflows.notify import notify
 
 # Refusals: a retry cannot change them.
 _REFUSALS = [*PERMANENT_CODES, "unknown_purchase", "not_refundable", "refund_window_expired",

@@ -11,11 +11,11 @@ from datetime import datetime
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import notify
     from activities.rentals import RentalActivities, RentalResult
     from creditflow.domain.notifications import Notification
     from workflows.common import DB_TIMEOUT, db_retry
     from workflows.contract import RENTAL_WORKFLOW, RentalInput
+    from workflows.notify import notify
 
 RENTAL_RETRY = db_retry(["unknown_account", "validation_error"])
 FAILED = "recurring_charge.failed"

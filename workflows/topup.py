@@ -24,7 +24,6 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import notify
     from activities.payments import PERMANENT_CODES
     from activities.topups import ChargeRef, MarkChargeInput, RecordTopUpInput, TopUpActivities
     from creditflow.domain.charges import PaymentIntentState
@@ -54,6 +53,7 @@ with workflow.unsafe.imports_passed_through():
         TopUpOutcome,
         TopUpTerms,
     )
+    from workflows.notify import notify
 
 _REFUSALS = [*PERMANENT_CODES, "card_declined", "unknown_payment_method", "payment_method_invalid",
              "idempotency_conflict", "not_found", "invalid_amount", "no_payment_method"]
