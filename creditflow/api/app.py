@@ -27,6 +27,7 @@ from creditflow.api.reconciliation import router as reconciliation_router
 from creditflow.api.request_context import RequestIdMiddleware
 from creditflow.api.subscription import router as subscription_router
 from creditflow.api.verify import router as verify_router
+from creditflow.api.webhooks import router as webhooks_router
 from creditflow.config import Settings
 from creditflow.ledger import metering
 from creditflow.ledger.db import open_pool
@@ -103,4 +104,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(reconciliation_router)
     app.include_router(organizations_router)
     app.include_router(operator_router)  # the operator CLI's answers for an admin key (no database URL needed)
+    app.include_router(webhooks_router)  # webhook deliveries and redelivery (docs/api.md)
     return app
