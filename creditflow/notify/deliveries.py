@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
@@ -31,20 +32,17 @@ PUBLIC_STATUS = {"pending": "pending", "sending": "pending", "sent": "succeeded"
                  "skipped": "failed"}
 
 
-def public_id(row_id: int) -> str:
-    """``whd_`` and the row id in 32 hex digits: an id of the usual shape, usable as a list cursor."""
-    return f"{PREFIX}_{row_id:032x}"
+def public_id(value: UUID) -> str:
+    """``whd_`` and 32 hex digits (a random uuid): an id of the usual shape, usable as a list cursor."""
+    return f"{PREFIX}_{value.hex}"
 
 
-def row_id(value: str) -> int:
-    """The row id of a ``whd_`` id (``ValueError`` for anything else)."""
+def stored_id(value: str) -> UUID:
+    """The stored uuid of a ``whd_`` id (``ValueError`` for anything else)."""
     prefix, _, digits = value.partition("_")
     if prefix != PREFIX or len(digits) != 32 or digits != digits.lower():
         raise ValueError(value)
-    number = int(digits, 16)
-    if number >= 2**63:
-        raise ValueError(value)
-    return number
+    return UUID(hex=digits)
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ def _delivery(row: dict[str, Any]) -> Delivery:
     return Delivery(id=public_id(row["id"]), event_id=event_id(row["event_key"]), type=canonical_kind(row["kind"]),
                     url=row["destination"], status=PUBLIC_STATUS[row["status"]], attempts=row["attempts"],
                     response_code=row["response_code"], error=row["last_error"],
-                    redelivery_of=public_id(row["redelivery_of"]) if row["redelivery_of"] is not None else None,
+                    redelivery_of=public_id(row["first_public_id"]) if row["first_public_id"] is not None else None,
                     event_created_at=row["event_created_at"], created_at=row["created_at"],
                     updated_at=row["updated_at"], delivered_at=row["sent_at"])
 
@@ -83,7 +81,7 @@ async def list_deliveries(pool: AsyncConnectionPool, account_id: str, limit: int
     """The account's webhook deliveries, newest first (``limit`` rows from the cursor), and how many it has."""
     async with pool.connection() as conn:
         await _existing_account(conn, account_id)
-        where, params, order, reverse = await keyset(conn, "webhook_deliveries", account_id, cursor, key=row_id)
+        where, params, order, reverse = await keyset(conn, "webhook_deliveries", account_id, cursor, key=stored_id)
         rows = await (await conn.execute(sql.SQL(
             "SELECT * FROM webhook_deliveries WHERE account_id = %s AND {} ORDER BY {} LIMIT %s").format(where, order),
             (account_id, *params, limit))).fetchall()
@@ -97,7 +95,7 @@ async def list_deliveries(pool: AsyncConnectionPool, account_id: str, limit: int
 async def get_delivery(pool: AsyncConnectionPool, account_id: str, delivery_id: str) -> Delivery:
     async with pool.connection() as conn:
         row = await (await conn.execute("SELECT * FROM webhook_deliveries WHERE id = %s AND account_id = %s",
-                                        (row_id(delivery_id), account_id))).fetchone()
+                                        (stored_id(delivery_id), account_id))).fetchone()
     if row is None:
         raise CreditflowError("not_found", f"no webhook delivery {delivery_id}")
     return _delivery(row)
@@ -109,7 +107,7 @@ async def record_redelivery(pool: AsyncConnectionPool, account_id: str, delivery
     notification that sends it. Another account's delivery is ``not_found``; a key used for another delivery is
     ``idempotency_conflict``; an account without a webhook URL now is ``no_webhook_url``."""
     try:
-        wanted = row_id(delivery_id)
+        wanted = stored_id(delivery_id)
     except ValueError as exc:
         raise CreditflowError("invalid_id", f"malformed delivery id: expected {PREFIX}_<32 hex digits>",
                               param="delivery_id") from exc
@@ -117,11 +115,11 @@ async def record_redelivery(pool: AsyncConnectionPool, account_id: str, delivery
     async with pool.connection() as conn, conn.transaction():
         await _existing_account(conn, account_id)
         original = await (await conn.execute(
-            "SELECT id, redelivery_of, kind, payload FROM webhook_deliveries WHERE id = %s AND account_id = %s",
+            "SELECT row_id, redelivery_of, kind FROM webhook_deliveries WHERE id = %s AND account_id = %s",
             (wanted, account_id))).fetchone()
         if original is None:
             raise CreditflowError("not_found", f"no webhook delivery {delivery_id}", param="delivery_id")
-        first = original["redelivery_of"] or original["id"]  # a redelivery of a redelivery: the same event
+        first = original["redelivery_of"] or original["row_id"]  # a redelivery of a redelivery: the same event
         done = await _redelivery_row(conn, dedup_key)
         if done is None:
             url = await (await conn.execute("SELECT webhook_url FROM notification_channels WHERE account_id = %s",
@@ -152,7 +150,7 @@ async def record_redelivery(pool: AsyncConnectionPool, account_id: str, delivery
 async def _redelivery_row(conn: Any, dedup_key: str) -> dict[str, Any] | None:
     row: dict[str, Any] | None = await (await conn.execute(
         "SELECT w.*, l.payload ->> 'redelivery_requested' AS requested FROM webhook_deliveries w"
-        " JOIN notification_deliveries d ON d.id = w.id JOIN notifications_log l ON l.id = d.notification_id"
+        " JOIN notification_deliveries d ON d.id = w.row_id JOIN notifications_log l ON l.id = d.notification_id"
         " WHERE d.dedup_key = %s", (dedup_key,))).fetchone()
     return row
 

@@ -5,15 +5,18 @@
 -- refused destination; or not an HTTP channel). redelivery_of: a redelivery is a notification of its own (its own
 -- dedup key, rows and attempts) that sends the *same event* again: this names the first delivery of that event,
 -- whose notification gives the event id, type, created time and data.
+-- public_id: the delivery's API id (whd_<hex>), random so that ids say nothing about other accounts' volume.
 ALTER TABLE notification_deliveries
     ADD COLUMN response_code integer CHECK (response_code BETWEEN 100 AND 599),
-    ADD COLUMN redelivery_of bigint REFERENCES notification_deliveries (id);
+    ADD COLUMN redelivery_of bigint REFERENCES notification_deliveries (id),
+    ADD COLUMN public_id uuid NOT NULL DEFAULT gen_random_uuid() UNIQUE;
 
--- The webhook channel's rows with what the list shows: event_key is the dedup key of the event's first
--- notification (its event id is derived from it), kind its type.
+-- The webhook channel's rows with what the list shows: id is the public id (the list's cursor), row_id the row's;
+-- redelivery_of the first delivery's row, first_public_id its public id; event_key the dedup key of the event's
+-- first notification (its event id is derived from it), kind its type.
 CREATE VIEW webhook_deliveries AS
-SELECT d.id, d.account_id, d.status, d.destination, d.attempts, d.response_code, d.last_error, d.redelivery_of,
-       d.created_at, d.updated_at, d.sent_at,
+SELECT d.public_id AS id, d.id AS row_id, d.account_id, d.status, d.destination, d.attempts, d.response_code,
+       d.last_error, d.redelivery_of, o.public_id AS first_public_id, d.created_at, d.updated_at, d.sent_at,
        coalesce(o.dedup_key, d.dedup_key) AS event_key,
        coalesce(ol.kind, l.kind) AS kind,
        coalesce(ol.payload, l.payload) AS payload,
