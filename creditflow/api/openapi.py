@@ -134,7 +134,88 @@ def build_openapi(app: FastAPI, version: str = DEFAULT_VERSION) -> dict[str, Any
                 operation_id = f"{operation_id}_{method}"
             seen.add(operation_id)
             operation["operationId"] = operation_id
+    _add_links(schema)
     return schema
+
+
+_NEW_ACCOUNT = "$response.body#/id"
+_ACCOUNT_OF_BODY = "$request.body#/account_id"
+_AGENT = {"path.agent_id": "$response.body#/id", "query.account_id": _ACCOUNT_OF_BODY}
+# OpenAPI links: which answer's ids feed which next call (for generated clients, and schemathesis's stateful run in
+# tests/test_api_fuzz.py). Keyed by (operationId, status); targets are operationIds, checked when the document is built.
+LINKS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    ("accounts.create_account", "201"): {
+        "GetAccount": {"operationId": "accounts.get_account", "parameters": {"path.account_id": _NEW_ACCOUNT}},
+        "Balance": {"operationId": "billing.balance", "parameters": {"query.account_id": _NEW_ACCOUNT}},
+        "Track": {"operationId": "billing.track",
+                  "requestBody": {"account_id": _NEW_ACCOUNT, "feature_id": "chat_message", "value": 1}},
+        "Hold": {"operationId": "billing.create_hold",
+                 "requestBody": {"account_id": _NEW_ACCOUNT, "feature_id": "chat_message", "value": 1}},
+        "TopUp": {"operationId": "top_ups.topup", "requestBody": {"account_id": _NEW_ACCOUNT}},
+        "CreateAgent": {"operationId": "agents.create_agent", "requestBody": {"account_id": _NEW_ACCOUNT}},
+        "CreateApiKey": {"operationId": "accounts.create_api_key", "parameters": {"path.account_id": _NEW_ACCOUNT}},
+        "Transactions": {"operationId": "billing.transactions", "parameters": {"query.account_id": _NEW_ACCOUNT}},
+        "WebhookDeliveries": {"operationId": "webhooks.list_deliveries",
+                              "parameters": {"query.account_id": _NEW_ACCOUNT}},
+    },
+    ("billing.track", "200"): {
+        "UsageItems": {"operationId": "billing.usage_items", "parameters": {"query.account_id": _ACCOUNT_OF_BODY}},
+        "Transaction": {"operationId": "operations.transaction",
+                        "parameters": {"path.txn": "$response.body#/transaction_id"}},
+    },
+    ("billing.create_hold", "201"): {
+        "Settle": {"operationId": "billing.settle_hold", "parameters": {"path.hold_id": "$response.body#/hold_id"}},
+        "Release": {"operationId": "billing.release_hold", "parameters": {"path.hold_id": "$response.body#/hold_id"}},
+    },
+    ("top_ups.topup", "200"): {
+        "TopUps": {"operationId": "top_ups.list_topups", "parameters": {"query.account_id": _ACCOUNT_OF_BODY}},
+        "Purchase": {"operationId": "operations.transaction",
+                     "parameters": {"path.txn": "$response.body#/transaction_id"}},
+        "Refund": {"operationId": "refunds.create_refund",
+                   "requestBody": {"account_id": _ACCOUNT_OF_BODY,
+                                   "purchase_transaction_id": "$response.body#/transaction_id"}},
+    },
+    ("agents.create_agent", "201"): {
+        "GetAgent": {"operationId": "agents.get_agent", "parameters": _AGENT},
+        "AgentEvents": {"operationId": "agents.agent_events", "parameters": _AGENT},
+        "PauseAgent": {"operationId": "agents.pause_agent", "parameters": {"path.agent_id": "$response.body#/id"},
+                       "requestBody": {"account_id": _ACCOUNT_OF_BODY}},
+        "ResumeAgent": {"operationId": "agents.resume_agent", "parameters": {"path.agent_id": "$response.body#/id"},
+                        "requestBody": {"account_id": _ACCOUNT_OF_BODY}},
+    },
+    ("accounts.create_api_key", "201"): {
+        "RevokeApiKey": {"operationId": "accounts.delete_api_key",
+                         "parameters": {"path.account_id": "$request.path.account_id",
+                                        "path.key_id": "$response.body#/id"}},
+    },
+    ("webhooks.list_deliveries", "200"): {
+        "Redeliver": {"operationId": "webhooks.redeliver",
+                      "parameters": {"path.delivery_id": "$response.body#/items/0/id",
+                                     "query.account_id": "$request.query.account_id"}},
+    },
+    ("invoices.list_invoices", "200"): {
+        "GetInvoice": {"operationId": "invoices.get_invoice",
+                       "parameters": {"path.invoice_id": "$response.body#/items/0/id",
+                                      "query.account_id": "$request.query.account_id"}},
+    },
+    ("operations.start_run", "202"): {
+        "GetRun": {"operationId": "operations.get_run", "parameters": {"path.run_id": "$response.body#/run_id"}},
+    },
+    ("organizations.create_organization", "201"): {
+        "GetOrganization": {"operationId": "organizations.get_organization",
+                            "parameters": {"path.organization_id": "$response.body#/id"}},
+    },
+}
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    """``LINKS`` into the responses; a link naming an operation or status that does not exist is a bug."""
+    operations = {op["operationId"]: op for methods in schema["paths"].values() for op in methods.values()}
+    for (source, status), links in LINKS.items():
+        assert source in operations and status in operations[source]["responses"], (source, status)
+        for link in links.values():
+            assert link["operationId"] in operations, link["operationId"]
+        operations[source]["responses"][status]["links"] = links
 
 
 def _add_webhooks(schema: dict[str, Any], components: dict[str, Any]) -> None:
