@@ -159,10 +159,17 @@ async def test_redelivery_refusals_change_nothing(api: httpx.AsyncClient, pool: 
         unknown = await api.post(f"{DELIVERIES}/whd_{'0' * 24}ffffffff/redeliver",
                                  headers={**writer, "Idempotency-Key": "k"})
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+        # Five at once with one key: one redelivery, sent once.
+        answers = await asyncio.gather(*(api.post(url, headers={**writer, "Idempotency-Key": "same"})
+                                         for _ in range(5)))
+        assert [a.status_code for a in answers] == [202] * 5 and len({a.json()["id"] for a in answers}) == 1
+        await settled(api, writer, 2)
+        await asyncio.sleep(0.5)
+        assert len(hook.requests) == 2
         await set_channels(api, account, webhook_url=None)
         gone = await api.post(url, headers={**writer, "Idempotency-Key": "k"})
         assert gone.status_code == 409 and gone.json()["error"]["code"] == "no_webhook_url"
-        assert (await listed(api, writer))["total"] == 1 and len(hook.requests) == 1
+        assert (await listed(api, writer))["total"] == 2 and len(hook.requests) == 2
 
 
 @pytest.fixture
@@ -193,3 +200,31 @@ async def test_a_redelivery_goes_through_the_send_time_ssrf_check(
             assert (newest["status"], newest["attempts"], newest["response_code"]) == ("failed", 1, None)
             assert newest["error"].startswith("destination refused")
             assert len(hook.requests) == 1  # only the first delivery reached the receiver
+
+
+async def test_a_redelivery_refused_by_a_down_temporal_is_recorded_and_sent_when_repeated(
+        temporal_settings: Settings, temporal_worker: Any, pool: AsyncConnectionPool, settings: Settings) -> None:
+    from tests.conftest import free_port
+
+    down = temporal_settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
+    async with http_receiver() as hook:
+        async for api in _client(down):
+            account = await new_account(api)
+            writer = bearer(await key_for(api, account, "billing:read", "billing:write"))
+            await set_channels(api, account, webhook_url=f"{hook.url}/in")
+            await NotificationService(pool, settings).send(Notification(
+                account_id=account, kind="balance.low", dedup_key=f"balance.low:{account}:3", channels=["webhook"],
+                payload={"balance_micros": 1_000_000, "threshold_micros": 5_000_000}))
+            [delivery] = (await listed(api, writer))["items"]
+            url = f"{DELIVERIES}/{delivery['id']}/redeliver"
+            refused = await api.post(url, headers={**writer, "Idempotency-Key": "down-1"})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "workflow_unavailable"
+            assert refused.headers["retry-after"]
+            newest, _ = (await listed(api, writer))["items"]
+            assert (newest["status"], newest["attempts"], newest["redelivery_of"]) == ("pending", 0, delivery["id"])
+        async for api in _client(temporal_settings):  # Temporal is back: the same request sends it, once
+            again = await api.post(url, headers={**writer, "Idempotency-Key": "down-1"})
+            assert again.status_code == 202 and again.json()["id"] == newest["id"]
+            newest, _ = await settled(api, writer, 2)
+            assert (newest["status"], newest["attempts"], newest["response_code"]) == ("succeeded", 1, 200)
+        assert len(hook.requests) == 2 and hook.requests[1].body == hook.requests[0].body
