@@ -266,7 +266,8 @@ async def test_no_malformed_body_or_path_gets_a_5xx(api: httpx.AsyncClient) -> N
             for response in asyncio.run_coroutine_threadsafe(go(), loop).result(60):
                 seen[response.status_code] += 1
                 assert response.status_code < 500, (method, path, body[:200], segment, response.text[:300])
-                assert "error" in response.json() or response.status_code < 400
+                # (a segment ending in an encoded "/" is answered 307 to the path without it, with no body)
+                assert response.status_code < 400 or "error" in response.json()
         prop()
 
     await asyncio.to_thread(check)
