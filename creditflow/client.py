@@ -30,6 +30,7 @@ from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from creditflow.config import Settings
+from creditflow.domain.notifications import Notification
 from creditflow.domain.topups import TopUpError, quote
 from creditflow.errors import CreditflowError
 from workflows.contract import (
@@ -54,6 +55,7 @@ from workflows.contract import (
     UPDATE_REFUND_ANSWER,
     UPDATE_RESUME_AGENT,
     UPDATE_TOPUP_ANSWER,
+    WEBHOOK_REDELIVERY_WORKFLOW,
     AccountState,
     AccountWorkflowInput,
     AgentCommand,
@@ -77,6 +79,7 @@ from workflows.contract import (
     refund_workflow_id,
     rental_workflow_id,
     topup_workflow_id,
+    webhook_redelivery_workflow_id,
 )
 
 __all__ = [
@@ -325,3 +328,18 @@ class CreditflowClient:
             raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
                                   details={"reason": err.message}) from err
         return True
+
+    async def redeliver_webhook(self, notification: Notification, key: str) -> None:
+        """Start ``webhook-redelivery:{account_id}:{key}`` (a running one is kept; a finished one may run again: it
+        sends nothing already sent). Temporal unreachable is ``workflow_unavailable``."""
+        try:
+            await self.temporal.start_workflow(
+                WEBHOOK_REDELIVERY_WORKFLOW, notification,
+                id=webhook_redelivery_workflow_id(notification.account_id, key), task_queue=self.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                search_attributes=account_search_attributes(notification.account_id, self.search_attributes),
+                static_summary=f"Redeliver webhook {notification.kind} ({notification.account_id})")
+        except RPCError as err:
+            raise CreditflowError("workflow_unavailable", "the workflow service is unavailable; try again later",
+                                  details={"reason": err.message}) from err

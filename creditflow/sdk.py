@@ -9,11 +9,12 @@
     cf.balance().available
     cf.topup(package_id="starter", idempotency_key="order-7").status
 
-Amounts are ``Decimal`` (the API sends exact JSON numbers). Refusals raise :class:`ApiError` with the error
-object's fields. A 503 (database or Temporal unreachable) is retried after its ``Retry-After`` with the same
-``Idempotency-Key``, which the API makes safe; other errors are not retried. ``AsyncCreditflow`` is the same
-for asyncio. Each method names the OpenAPI operation it calls (``operation_id``); a test checks them against the
-served document.
+Amounts are ``Decimal``: the API sends exact JSON numbers, decoded here without floats; or, with
+``version=DECIMAL_STRINGS_VERSION``, decimal strings (no number decoding at all). Refusals raise
+:class:`ApiError` with the error object's fields. A 503 (database or Temporal unreachable) is retried after its
+``Retry-After`` with the same ``Idempotency-Key``, which the API makes safe; other errors are not retried.
+``AsyncCreditflow`` is the same for asyncio. Each method names the OpenAPI operation it calls (``operation_id``);
+a test checks them against the served document.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-API_VERSION = "2026-12-01"
+API_VERSION = "2026-12-01"  # amounts are exact JSON numbers (the API's default)
+DECIMAL_STRINGS_VERSION = "2026-12-05"  # amounts are decimal strings
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 T = TypeVar("T")
 
@@ -47,10 +49,19 @@ class ApiError(Exception):
         super().__init__(f"{status} {self.code}: {self.message} (request {self.request_id})")
 
 
+def _amount(value: Any) -> Any:
+    """A ``Decimal`` field's value as a Decimal, whether the version answered a number (``12.5``, ``45230``) or a
+    decimal string (``"12.5"``)."""
+    if isinstance(value, int | str) and not isinstance(value, bool):
+        return Decimal(value)
+    return value
+
+
 def _build(cls: type[T], data: dict[str, Any]) -> T:
     """A result dataclass from an answer; fields the client does not know are kept in ``extra``."""
+    amounts = {f.name for f in fields(cls) if "Decimal" in str(f.type)}  # type: ignore[arg-type]
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    kwargs = {k: v for k, v in data.items() if k in known and k != "extra"}
+    kwargs = {k: _amount(v) if k in amounts else v for k, v in data.items() if k in known and k != "extra"}
     return cls(**kwargs, extra={k: v for k, v in data.items() if k not in known})
 
 

@@ -8,7 +8,8 @@ import asyncio
 import dataclasses
 import json
 import re
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from creditflow.config import Settings
 from creditflow.sdk import OPERATIONS, ApiError, AsyncCreditflow, Balance, CheckResult, Creditflow, TopUp, TrackResult
 from tests.conftest import ADMIN_KEY, ledger_snapshot, serve_app
 from tests.support.api import assert_error, new_account
+from tests.support.dev_stack import Dev, clean_env, start
 
 
 @pytest.mark.parametrize("value", ["1e-999999999", "1E+999999999", "-1e-999999999", "1e-31", "1e31"])
@@ -285,26 +287,38 @@ async def test_creditflow_version_is_echoed_and_unknown_versions_refused(api: ht
     assert error["param"] == "Creditflow-Version" and unknown.headers["creditflow-version"] == "2026-12-01"
 
 
+@pytest.fixture
+def dev_runs() -> Iterator[list[Dev]]:
+    """Stacks started by a test, stopped even when it fails (a leaked stack holds ports and data)."""
+    runs: list[Dev] = []
+    yield runs
+    for run in runs:
+        run.kill()
+
+
 @pytest.mark.slow
-async def test_docs_api_examples_run_as_written(settings: Settings, tmp_path: Path) -> None:
-    """The curl examples of docs/api.md, run by bash against the app served by uvicorn (only the port differs)."""
-    async with serve_app(create_app(settings)) as base:
-        doc = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
-        script = "\n".join(re.findall(r"```sh\n(.*?)```", doc, re.S))
-        script = "set -euo pipefail\n" + script.replace("http://127.0.0.1:8000", base)
-        (tmp_path / ".data").mkdir()
-        (tmp_path / ".data" / "admin_api_key").write_text(ADMIN_KEY)
-        proc = await asyncio.create_subprocess_exec("bash", "-c", script, cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), 120)
-    text = out.decode()
-    assert proc.returncode == 0, (text, err.decode())
-    for expected in ('"invalid_id"', '"param": "value"', '"usage_denied"', '"replayed": true',
-                     '"idempotency_conflict"', '"idempotency_key_mismatch"', '"unsupported_version"',
-                     '"cust-', '"Initech"', '"starting_after"',
-                     '"kinds":17', '{"title":"Threshold","type":"number"}'):
+@pytest.mark.timeout(900)
+def test_docs_api_examples_run_as_written(tmp_path: Path, dev_runs: list[Dev]) -> None:
+    """The ```bash blocks of docs/api.md, in order, in one ``set -euo pipefail`` bash session, against a real
+    ``creditflow dev --data-dir D`` (API, worker, Temporal, localstripe): they run as written, with the answers the
+    text says."""
+    data_dir = tmp_path / "data"
+    stack = start(dev_runs, data_dir, tmp_path / "dev.log")
+    doc = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    script = "set -euo pipefail\n" + "\n".join(re.findall(r"^```bash\n(.*?)^```", doc, re.S | re.M))
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={**clean_env(), "D": str(data_dir)},
+                          capture_output=True, text=True, timeout=600)
+    stack.stop()
+    text = proc.stdout
+    assert proc.returncode == 0, (text, proc.stderr)
+    assert "jq" not in script.replace("no `jq`", "")
+    for expected in ('"code": "invalid_id"', '"param": "value"', "usage_denied", "\ntrue\n",
+                     "idempotency_conflict", "idempotency_key_mismatch", "creditflow-version: 2026-12-01",
+                     "unsupported_version", "'4999' '4999'", '{"type": "number", "title": "Available"}',
+                     '"type": "string", "pattern"', "2026-12-05", "cust-", "Initech", "starting_after",
+                     "'Track'", "3.1.0 17", '{"title": "Threshold", "type": "number"}',
+                     "https://hooks.example.com/creditflow", "balance.low", "2 True", "not_found"):
         assert expected in text, (expected, text)
-    assert "creditflow-version: 2026-12-01" in text.lower()
 
 
 # --- the typed Python client ---------------------------------------------------------------------------------------

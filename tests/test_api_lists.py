@@ -187,7 +187,9 @@ ROOT = Path(__file__).parent.parent
 _CONSTANT = re.compile(r'^([A-Z_]+) = (?:"([a-z_.]+)"|([A-Z_]+))', re.M)
 # Producers whose kind is a variable: the literals it is set from are matched by the patterns below.
 VARIABLE_KINDS = {("workflows/account_agents.py", "kind"), ("workflows/account_state.py", "kind"),
-                  ("workflows/invoice.py", "kind"), ("workflows/refund.py", "kind")}
+                  ("workflows/invoice.py", "kind"), ("workflows/refund.py", "kind"),
+                  # A webhook redelivery sends again the kind of a notification already recorded: no new kind.
+                  ("creditflow/notify/deliveries.py", "done")}
 
 
 def sent_kinds() -> set[str]:

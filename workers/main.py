@@ -46,6 +46,7 @@ from workflows.reconcile import ReconciliationWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.rental import RentalWorkflow
 from workflows.topup import TopUpWorkflow
+from workflows.webhooks import WebhookRedeliveryWorkflow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,7 +56,7 @@ CONNECT_RETRY_MAX_SECONDS = 30.0
 
 def workflow_classes() -> list[type]:
     return [AccountWorkflow, TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow, InvoiceWorkflow,
-            ReconciliationWorkflow, RentalWorkflow]
+            ReconciliationWorkflow, RentalWorkflow, WebhookRedeliveryWorkflow]
 
 
 def activity_functions(pool: AsyncConnectionPool, settings: Settings,

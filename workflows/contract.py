@@ -537,3 +537,15 @@ class RentalInput(BaseModel):
     charge_id: str
     anchor: datetime
     index: int = 0
+
+
+# --- customer-webhook redelivery (issue 12) -------------------------------------------------------------------------
+
+# Input: the redelivery's ``Notification`` (``creditflow.domain.notifications``; channels ``["webhook"]``,
+# ``redelivery_of`` the event's first delivery); result: the webhook channel's final status.
+WEBHOOK_REDELIVERY_WORKFLOW = "WebhookRedeliveryWorkflow"
+
+
+def webhook_redelivery_workflow_id(account_id: str, key: str) -> str:
+    """``webhook-redelivery:{account_id}:{idempotency key}``: one per redeliver request."""
+    return f"webhook-redelivery:{account_id}:{key}"

@@ -29,6 +29,7 @@ from creditflow.api.reconciliation import router as reconciliation_router
 from creditflow.api.request_context import RequestIdMiddleware
 from creditflow.api.subscription import router as subscription_router
 from creditflow.api.verify import router as verify_router
+from creditflow.api.webhooks import router as webhooks_router
 from creditflow.config import Settings
 from creditflow.ledger import metering
 from creditflow.ledger.db import open_pool
@@ -122,4 +123,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(checkout_router)  # packages and checkout sessions (docs/checkout.md)
     app.include_router(checkout_page_router)  # the hosted checkout page, /checkout/{id}
     app.include_router(portal_router)  # the customer billing portal: /portal pages, POST /api/v1/portal/sessions
+    app.include_router(webhooks_router)  # webhook deliveries and redelivery (docs/api.md)
     return app

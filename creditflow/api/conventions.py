@@ -6,9 +6,11 @@ aliases; when both are given they must agree (``idempotency_key_mismatch``, 400)
 ledger's and the workflows' own: same key and same request, the stored answer; same key and another request,
 ``idempotency_conflict`` (409).
 
-``Creditflow-Version`` names the API version a client was written against (a date). Absent, the current one
+``Creditflow-Version`` names the API version a client was written against (a date). Absent, the default one
 applies; an unknown one is refused (``unsupported_version``, 400) rather than guessed; every response echoes the
-version it was answered in.
+version it was answered in. Versions: ``2026-12-01`` (the default: amounts are exact JSON numbers) and
+``2026-12-05`` (amounts are decimal strings, for clients that want no number decoding; ``exact_json``). Requests
+accept numbers and strings in every version.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ from fastapi import Header, Query
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from creditflow.api.error_handling import error_response
+from creditflow.api.exact_json import DECIMAL_STRINGS
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_token
 from creditflow.ledger.pagination import Cursor
 
 T = TypeVar("T")
 
-CURRENT_VERSION = "2026-12-01"
-SUPPORTED_VERSIONS = (CURRENT_VERSION,)
+DEFAULT_VERSION = "2026-12-01"
+CURRENT_VERSION = DEFAULT_VERSION  # the name before there were two: the version answered without the header
+DECIMAL_STRINGS_VERSION = "2026-12-05"
+SUPPORTED_VERSIONS = (DEFAULT_VERSION, DECIMAL_STRINGS_VERSION)
 VERSION_HEADER = b"creditflow-version"
 
 IdempotencyKey = Annotated[str | None, Header(
@@ -64,8 +69,8 @@ class VersionMiddleware:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == VERSION_HEADER), None)
-        version = given.decode("latin-1").strip() if given is not None else CURRENT_VERSION
-        raw = version.encode("latin-1") if version in SUPPORTED_VERSIONS else CURRENT_VERSION.encode()
+        version = given.decode("latin-1").strip() if given is not None else DEFAULT_VERSION
+        raw = version.encode("latin-1") if version in SUPPORTED_VERSIONS else DEFAULT_VERSION.encode()
         scope.setdefault("state", {})["api_version"] = raw.decode()
 
         async def send_with_version(message: Message) -> None:
@@ -79,7 +84,16 @@ class VersionMiddleware:
             await send_with_version({"type": "http.response.start", "status": 400, "headers": response.raw_headers})
             await send({"type": "http.response.body", "body": response.body})
             return
-        await self.app(scope, receive, send_with_version)
+        token = DECIMAL_STRINGS.set(version == DECIMAL_STRINGS_VERSION)
+        try:
+            await self.app(scope, receive, send_with_version)
+        finally:
+            DECIMAL_STRINGS.reset(token)
+
+
+def api_version() -> str:
+    """The version the current request is answered in."""
+    return DECIMAL_STRINGS_VERSION if DECIMAL_STRINGS.get() else DEFAULT_VERSION
 
 
 _ITEM_ID = r"^[a-z]+_[0-9a-f]{32}$"

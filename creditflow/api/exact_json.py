@@ -4,12 +4,18 @@ Convention (documented in docs/concepts.md, "Exact money"): every credit amount 
 from a Decimal: whole amounts as integers (``45230``), sub-credit amounts with their exact digits
 (``0.5``, ``4999.9``). Requests are parsed the same way (JSON numbers become Decimals, never
 floats), and decimal strings (``"2.5"``) are accepted too.
+
+A client that wants no number decoding at all asks for API version ``2026-12-05`` (``Creditflow-Version``,
+docs/api.md): then every amount (every Decimal of the answer) is a decimal **string** with the same digits
+(``"45230"``, ``"0.5"``). Integer fields (micros, cents, counts) stay integers and customer metadata is
+returned as it was given, in every version.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
 from datetime import date, datetime
 from decimal import Decimal
 from enum import Enum
@@ -21,18 +27,34 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+# Set per request from the Creditflow-Version header (conventions.VersionMiddleware): amounts as decimal strings.
+DECIMAL_STRINGS: ContextVar[bool] = ContextVar("creditflow_decimal_strings", default=False)
+# Free-form data a customer stored: returned as given, never reformatted by the version.
+_AS_GIVEN = frozenset({"metadata"})
 
-def _normalize(value: Any) -> Any:
+
+def exact_number(value: Decimal) -> int | Decimal:
+    """The exact JSON number of an amount: whole amounts as integers, others with their significant digits."""
+    return int(value) if value == value.to_integral_value() else value.normalize()
+
+
+def decimal_string(value: Decimal) -> str:
+    """The amount as a decimal string with the digits its number would have (no exponent): ``"2500"``, ``"0.5"``."""
+    number = exact_number(value)
+    return str(number) if isinstance(number, int) else format(number, "f")
+
+
+def _normalize(value: Any, strings: bool = False) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else value.normalize()
+        return decimal_string(value) if strings else exact_number(value)
     if isinstance(value, BaseModel):
-        return _normalize(value.model_dump(mode="python"))
+        return _normalize(value.model_dump(mode="python"), strings)
     if isinstance(value, dict):
-        return {k: _normalize(v) for k, v in value.items()}
+        return {k: _normalize(v, strings and k not in _AS_GIVEN) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_normalize(v) for v in value]
+        return [_normalize(v, strings) for v in value]
     if isinstance(value, datetime):
         return value.isoformat().replace("+00:00", "Z")
     if isinstance(value, date):
@@ -44,7 +66,7 @@ def _normalize(value: Any) -> Any:
 
 class ExactJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return simplejson.dumps(_normalize(content), use_decimal=True, ensure_ascii=False,
+        return simplejson.dumps(_normalize(content, DECIMAL_STRINGS.get()), use_decimal=True, ensure_ascii=False,
                                 separators=(",", ":")).encode()
 
 

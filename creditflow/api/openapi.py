@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 from pydantic_core import core_schema
 
-from creditflow.api.conventions import SUPPORTED_VERSIONS
+from creditflow.api.conventions import DECIMAL_STRINGS_VERSION, DEFAULT_VERSION, SUPPORTED_VERSIONS, api_version
 from creditflow.errors import ERROR_TYPES
 from creditflow.notify.events import envelopes
 
@@ -42,8 +42,13 @@ ERROR_BODY: dict[str, Any] = {
 }
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 _VERSION_PARAMETER = {"name": "Creditflow-Version", "in": "header", "required": False,
-                      "description": "The dated API version the client was written against (default: the current).",
-                      "schema": {"type": "string", "enum": list(SUPPORTED_VERSIONS)}}
+                      "description": "The dated API version the client was written against. 2026-12-01 (the "
+                                     "default): amounts are exact JSON numbers; 2026-12-05: amounts are decimal "
+                                     "strings. Requests take numbers or decimal strings in every version. "
+                                     "/openapi.json answers the document of the version asked for (this "
+                                     "document describes the one version its enum names; others: "
+                                     + ", ".join(SUPPORTED_VERSIONS) + ").",
+                      "schema": {"type": "string"}}
 _VERSION_HEADER = {"Creditflow-Version": {"description": "The API version this answer was given in.",
                                           "schema": {"type": "string"}}}
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying the same request.",
@@ -57,24 +62,48 @@ def _operation_id(tag: str, operation: dict[str, Any]) -> str:
     return f"{tag}.{function}"
 
 
+# What a decimal string answer looks like (exact_json.decimal_string): the digits of the exact number, no exponent.
+DECIMAL_STRING_PATTERN = r"^-?[0-9]+(\.[0-9]+)?$"
+
+
 class _ExactJsonSchema(fastapi_pydantic.GenerateJsonSchema):
-    """Amounts are answered as exact JSON numbers (exact_json.py), so a response's Decimal is ``number``, not
-    pydantic's ``string``; requests keep ``number | string`` (both are accepted)."""
+    """Version 2026-12-01 (the default): amounts are exact JSON numbers both ways (exact_json.py), so every Decimal is
+    declared ``number`` (pydantic would say ``number | string``, which makes generated clients guess); requests
+    also take decimal strings, which the field's description says."""
 
     def decimal_schema(self, schema: core_schema.DecimalSchema) -> dict[str, Any]:
         if self.mode == "serialization":
             return {"type": "number"}
-        return super().decimal_schema(schema)
+        return self._one(super().decimal_schema(schema), "number")
+
+    @staticmethod
+    def _one(generated: dict[str, Any], kind: str) -> dict[str, Any]:
+        """The ``kind`` branch of pydantic's ``number | string``, with its bounds (the other is accepted all the same:
+        the version parameter's description says so)."""
+        return next((b for b in generated.get("anyOf", [generated]) if b.get("type") == kind), {"type": kind})
 
 
-def build_openapi(app: FastAPI) -> dict[str, Any]:
+class _DecimalStringJsonSchema(_ExactJsonSchema):
+    """Version 2026-12-05: every amount is answered as a decimal string, so every Decimal is declared ``string``
+    (requests still take numbers too)."""
+
+    def decimal_schema(self, schema: core_schema.DecimalSchema) -> dict[str, Any]:
+        if self.mode == "serialization":
+            return {"type": "string", "format": "decimal", "pattern": DECIMAL_STRING_PATTERN}
+        return {**self._one(super(_ExactJsonSchema, self).decimal_schema(schema), "string"), "format": "decimal"}
+
+
+def build_openapi(app: FastAPI, version: str = DEFAULT_VERSION) -> dict[str, Any]:
+    """The document of one API version: the versions differ only in how amounts are typed."""
     original = fastapi_pydantic.GenerateJsonSchema
-    fastapi_pydantic.GenerateJsonSchema = _ExactJsonSchema  # type: ignore[misc]
+    fastapi_pydantic.GenerateJsonSchema = (  # type: ignore[misc]
+        _DecimalStringJsonSchema if version == DECIMAL_STRINGS_VERSION else _ExactJsonSchema)
     try:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
                              webhooks=app.webhooks.routes)
     finally:
         fastapi_pydantic.GenerateJsonSchema = original  # type: ignore[misc]
+    schema["info"]["x-creditflow-version"] = version
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["ErrorObject"] = ERROR_OBJECT
     components["ErrorBody"] = ERROR_BODY
@@ -95,7 +124,8 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                                                         "same request after Retry-After); 500: a bug, logged with "
                                                         "the request_id.",
                                          "content": _ERROR_CONTENT, "headers": dict(_RETRY_AFTER)})
-            operation.setdefault("parameters", []).append(_VERSION_PARAMETER)
+            operation.setdefault("parameters", []).append(
+                {**_VERSION_PARAMETER, "schema": {"type": "string", "enum": [version]}})
             for response in responses.values():
                 response["headers"] = {**response.get("headers", {}), **_VERSION_HEADER}
             tag = (operation.get("tags") or ["ops"])[0]
@@ -104,7 +134,88 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                 operation_id = f"{operation_id}_{method}"
             seen.add(operation_id)
             operation["operationId"] = operation_id
+    _add_links(schema)
     return schema
+
+
+_NEW_ACCOUNT = "$response.body#/id"
+_ACCOUNT_OF_BODY = "$request.body#/account_id"
+_AGENT = {"path.agent_id": "$response.body#/id", "query.account_id": _ACCOUNT_OF_BODY}
+# OpenAPI links: which answer's ids feed which next call (for generated clients, and schemathesis's stateful run in
+# tests/test_api_fuzz.py). Keyed by (operationId, status); targets are operationIds, checked when the document is built.
+LINKS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    ("accounts.create_account", "201"): {
+        "GetAccount": {"operationId": "accounts.get_account", "parameters": {"path.account_id": _NEW_ACCOUNT}},
+        "Balance": {"operationId": "billing.balance", "parameters": {"query.account_id": _NEW_ACCOUNT}},
+        "Track": {"operationId": "billing.track",
+                  "requestBody": {"account_id": _NEW_ACCOUNT, "feature_id": "chat_message", "value": 1}},
+        "Hold": {"operationId": "billing.create_hold",
+                 "requestBody": {"account_id": _NEW_ACCOUNT, "feature_id": "chat_message", "value": 1}},
+        "TopUp": {"operationId": "top_ups.topup", "requestBody": {"account_id": _NEW_ACCOUNT}},
+        "CreateAgent": {"operationId": "agents.create_agent", "requestBody": {"account_id": _NEW_ACCOUNT}},
+        "CreateApiKey": {"operationId": "accounts.create_api_key", "parameters": {"path.account_id": _NEW_ACCOUNT}},
+        "Transactions": {"operationId": "billing.transactions", "parameters": {"query.account_id": _NEW_ACCOUNT}},
+        "WebhookDeliveries": {"operationId": "webhooks.list_deliveries",
+                              "parameters": {"query.account_id": _NEW_ACCOUNT}},
+    },
+    ("billing.track", "200"): {
+        "UsageItems": {"operationId": "billing.usage_items", "parameters": {"query.account_id": _ACCOUNT_OF_BODY}},
+        "Transaction": {"operationId": "operations.transaction",
+                        "parameters": {"path.txn": "$response.body#/transaction_id"}},
+    },
+    ("billing.create_hold", "201"): {
+        "Settle": {"operationId": "billing.settle_hold", "parameters": {"path.hold_id": "$response.body#/hold_id"}},
+        "Release": {"operationId": "billing.release_hold", "parameters": {"path.hold_id": "$response.body#/hold_id"}},
+    },
+    ("top_ups.topup", "200"): {
+        "TopUps": {"operationId": "top_ups.list_topups", "parameters": {"query.account_id": _ACCOUNT_OF_BODY}},
+        "Purchase": {"operationId": "operations.transaction",
+                     "parameters": {"path.txn": "$response.body#/transaction_id"}},
+        "Refund": {"operationId": "refunds.create_refund",
+                   "requestBody": {"account_id": _ACCOUNT_OF_BODY,
+                                   "purchase_transaction_id": "$response.body#/transaction_id"}},
+    },
+    ("agents.create_agent", "201"): {
+        "GetAgent": {"operationId": "agents.get_agent", "parameters": _AGENT},
+        "AgentEvents": {"operationId": "agents.agent_events", "parameters": _AGENT},
+        "PauseAgent": {"operationId": "agents.pause_agent", "parameters": {"path.agent_id": "$response.body#/id"},
+                       "requestBody": {"account_id": _ACCOUNT_OF_BODY}},
+        "ResumeAgent": {"operationId": "agents.resume_agent", "parameters": {"path.agent_id": "$response.body#/id"},
+                        "requestBody": {"account_id": _ACCOUNT_OF_BODY}},
+    },
+    ("accounts.create_api_key", "201"): {
+        "RevokeApiKey": {"operationId": "accounts.delete_api_key",
+                         "parameters": {"path.account_id": "$request.path.account_id",
+                                        "path.key_id": "$response.body#/id"}},
+    },
+    ("webhooks.list_deliveries", "200"): {
+        "Redeliver": {"operationId": "webhooks.redeliver",
+                      "parameters": {"path.delivery_id": "$response.body#/items/0/id",
+                                     "query.account_id": "$request.query.account_id"}},
+    },
+    ("invoices.list_invoices", "200"): {
+        "GetInvoice": {"operationId": "invoices.get_invoice",
+                       "parameters": {"path.invoice_id": "$response.body#/items/0/id",
+                                      "query.account_id": "$request.query.account_id"}},
+    },
+    ("operations.start_run", "202"): {
+        "GetRun": {"operationId": "operations.get_run", "parameters": {"path.run_id": "$response.body#/run_id"}},
+    },
+    ("organizations.create_organization", "201"): {
+        "GetOrganization": {"operationId": "organizations.get_organization",
+                            "parameters": {"path.organization_id": "$response.body#/id"}},
+    },
+}
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    """``LINKS`` into the responses; a link naming an operation or status that does not exist is a bug."""
+    operations = {op["operationId"]: op for methods in schema["paths"].values() for op in methods.values()}
+    for (source, status), links in LINKS.items():
+        assert source in operations and status in operations[source]["responses"], (source, status)
+        for link in links.values():
+            assert link["operationId"] in operations, link["operationId"]
+        operations[source]["responses"][status]["links"] = links
 
 
 def _add_webhooks(schema: dict[str, Any], components: dict[str, Any]) -> None:
@@ -127,11 +238,16 @@ def _add_webhooks(schema: dict[str, Any], components: dict[str, Any]) -> None:
 
 
 def install_openapi(app: FastAPI) -> None:
-    """Serve ``build_openapi``'s document at /openapi.json (built once)."""
+    """Serve ``build_openapi``'s document at /openapi.json (built once per version): the document of the version
+    asked for with ``Creditflow-Version``, the default one without it."""
+    documents: dict[str, dict[str, Any]] = {}
 
     def openapi() -> dict[str, Any]:
+        version = api_version()
+        if version not in documents:
+            documents[version] = build_openapi(app, version)
         if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app)
-        return app.openapi_schema
+            app.openapi_schema = documents.get(DEFAULT_VERSION) or build_openapi(app)
+        return documents[version]
 
     app.openapi = openapi  # type: ignore[method-assign]

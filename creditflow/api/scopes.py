@@ -88,6 +88,7 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[Scope]] = {
     ("GET", f"{B}/refunds"): READ,
     ("GET", f"{B}/notification-channels"): READ,
     ("GET", f"{B}/alerts"): READ,
+    ("GET", "/api/v1/webhooks/deliveries"): READ,
     ("GET", f"{B}/plans"): READ,
     ("GET", f"{B}/profile"): READ,
     ("GET", f"{B}/invoice-address"): READ,
@@ -102,6 +103,8 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[Scope]] = {
     ("PUT", f"{B}/alerts"): SETTINGS,
     ("POST", f"{B}/alerts"): SETTINGS,
     ("PUT", f"{B}/notification-channels"): SETTINGS,
+    # Sending a webhook event again moves no money: a settings-level write.
+    ("POST", "/api/v1/webhooks/deliveries/{delivery_id}/redeliver"): SETTINGS,
     ("POST", "/api/v1/agents"): SETTINGS,
     ("PATCH", "/api/v1/agents/{agent_id}"): SETTINGS,
     ("POST", "/api/v1/agents/{agent_id}/pause"): SETTINGS,

@@ -41,6 +41,9 @@ class Notification(BaseModel):
     attachments: list[Attachment] = Field(default_factory=list)
     # The outbox row this notification is the whole effect of (an ``alert_only`` limit): marked applied once sent.
     outbox_key: str | None = None
+    # A redelivery (POST /api/v1/webhooks/deliveries/{id}/redeliver): the id of the event's first webhook delivery.
+    # The same event goes again (its id, type, created time and data), on the webhook channel, under its own key.
+    redelivery_of: int | None = None
 
 
 class ChannelDelivery(BaseModel):

@@ -34,9 +34,17 @@ USER_AGENT = f"creditflow-notifications/{__version__}"
 class DeliveryError(Exception):
     """One attempt failed; ``transient`` says whether another attempt may succeed."""
 
-    def __init__(self, message: str, *, transient: bool) -> None:
+    def __init__(self, message: str, *, transient: bool, status_code: int | None = None) -> None:
         super().__init__(message)
         self.transient = transient
+        self.status_code = status_code  # the HTTP answer's status, when there was one
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    """What an HTTP channel's receiver answered (kept as the delivery's ``response_code``)."""
+
+    status_code: int
 
 
 class NotConfigured(Exception):  # noqa: N818 - a state, not an error: the channel is reported skipped
@@ -65,7 +73,8 @@ class Outgoing:
 def _http_error(response: httpx.Response, *, retry_any: bool) -> DeliveryError:
     transient = retry_any or response.status_code in (408, 425, 429) or response.status_code >= 500
     excerpt = " ".join(response.text[:200].split())
-    return DeliveryError(f"HTTP {response.status_code}" + (f": {excerpt}" if excerpt else ""), transient=transient)
+    return DeliveryError(f"HTTP {response.status_code}" + (f": {excerpt}" if excerpt else ""), transient=transient,
+                         status_code=response.status_code)
 
 
 class _PinnedBackend(httpcore.AsyncNetworkBackend):
@@ -172,12 +181,13 @@ async def send_email(settings: Settings, out: Outgoing) -> str:
     return str(msg["Message-ID"])
 
 
-async def send_slack(settings: Settings, out: Outgoing) -> None:
+async def send_slack(settings: Settings, out: Outgoing) -> HttpAnswer:
     """Slack incoming webhook: ``{"text": ...}``. Slack answers 4xx for a revoked or invalid hook: final."""
     url = out.destinations.slack_webhook_url
     assert url is not None
-    await _post(url, json={"text": out.text.slack}, timeout=settings.slack_timeout_seconds, retry_any=False,
-                customer=CustomerUrl.of(settings))
+    response = await _post(url, json={"text": out.text.slack}, timeout=settings.slack_timeout_seconds,
+                           retry_any=False, customer=CustomerUrl.of(settings))
+    return HttpAnswer(response.status_code)
 
 
 def sms_configured(settings: Settings) -> bool:
@@ -209,7 +219,7 @@ def webhook_body(out: Outgoing) -> bytes:
     return simplejson.dumps(event, use_decimal=True, separators=(",", ":"), sort_keys=True).encode()
 
 
-async def send_webhook(settings: Settings, out: Outgoing, *, now: float | None = None) -> None:
+async def send_webhook(settings: Settings, out: Outgoing, *, now: float | None = None) -> HttpAnswer:
     """POST the signed event. Any non-2xx answer is retried (a customer's endpoint may be mid-deploy)."""
     url, secret = out.destinations.webhook_url, out.destinations.webhook_secret
     assert url is not None and secret is not None
@@ -217,5 +227,6 @@ async def send_webhook(settings: Settings, out: Outgoing, *, now: float | None =
     timestamp = int(time.time() if now is None else now)
     headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, timestamp, body),
                "Creditflow-Event-Id": out.event_id, "Creditflow-Event-Type": out.kind}
-    await _post(url, content=body, headers=headers, timeout=settings.webhook_timeout_seconds, retry_any=True,
-                customer=CustomerUrl.of(settings))
+    response = await _post(url, content=body, headers=headers, timeout=settings.webhook_timeout_seconds,
+                           retry_any=True, customer=CustomerUrl.of(settings))
+    return HttpAnswer(response.status_code)

@@ -98,8 +98,8 @@ class NotificationService:
             where, configured = destinations.sms_phone, ch.sms_configured(self._settings)
         elif channel == "slack":
             where, configured = redact_url(destinations.slack_webhook_url or ""), True
-        else:
-            where, configured = redact_url(destinations.webhook_url or ""), True
+        else:  # the customer's own endpoint, shown in full by the API like the channel settings
+            where, configured = destinations.webhook_url, True
         return ("pending", where, None) if configured else ("skipped", where, "not_configured")
 
     async def _plan(self, notification_id: int, notification: Notification, destinations: Destinations) -> None:
@@ -109,11 +109,12 @@ class NotificationService:
                 status, where, reason = self._initial_state(channel, destinations)
                 await conn.execute(
                     "INSERT INTO notification_deliveries (notification_id, account_id, dedup_key, channel, status,"
-                    " destination, last_error, attempts, sent_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s = 'sent' THEN now() END)"
+                    " destination, last_error, attempts, sent_at, redelivery_of)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s = 'sent' THEN now() END, %s)"
                     " ON CONFLICT (dedup_key, channel) DO NOTHING",
                     (notification_id, notification.account_id, notification.dedup_key, channel, status, where,
-                     reason, 1 if status == "sent" else 0, status))
+                     reason, 1 if status == "sent" else 0, status,
+                     notification.redelivery_of if channel == "webhook" else None))
 
     async def _claim(self, dedup_key: str) -> list[str]:
         """Take the unsent channels: each claim is committed before the channel is called, so a concurrent
@@ -134,20 +135,35 @@ class NotificationService:
                 (self._settings.notify_claim_seconds, dedup_key, max_attempts))).fetchall()
         return [row["channel"] for row in rows]
 
+    async def _event(self, notification: Notification) -> tuple[str, str, dict[str, Any]]:
+        """(dedup key, kind, payload) of the event to send: a redelivery sends its first delivery's event exactly
+        (id and created time come from that key, the data is read back as it was recorded)."""
+        if notification.redelivery_of is None:
+            return notification.dedup_key, notification.kind, notification.payload
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(
+                "SELECT l.dedup_key, l.kind, l.payload FROM notification_deliveries d"
+                " JOIN notifications_log l ON l.id = d.notification_id WHERE d.id = %s AND d.account_id = %s",
+                (notification.redelivery_of, notification.account_id))).fetchone()
+        if row is None:
+            raise CreditflowError("not_found", f"no webhook delivery {notification.redelivery_of}")
+        return str(row["dedup_key"]), str(row["kind"]), dict(row["payload"] or {})
+
     async def _deliver(self, notification: Notification, destinations: Destinations, claimed: list[str]) -> None:
-        created = await self._created(notification.dedup_key)
+        event_key, kind, payload = await self._event(notification)
+        created = await self._created(event_key)
         rendered: Rendered | None = None
         template_error = ""
         try:
-            rendered = render(notification.kind, notification.payload, account_id=destinations.account_id,
+            rendered = render(kind, payload, account_id=destinations.account_id,
                               account_name=destinations.account_name)
         except TemplateError as exc:
             log.error("notification %s: template of %s failed: %s", notification.dedup_key, notification.kind, exc)
             template_error = f"template_error: {exc}"
         files, attachment_error = (await self._attachments(notification) if "email" in claimed
                                    else ((), None))
-        out = ch.Outgoing(kind=canonical_kind(notification.kind), event_id=event_id(notification.dedup_key),
-                          created=created, payload=notification.payload, rendered=rendered,
+        out = ch.Outgoing(kind=canonical_kind(kind), event_id=event_id(event_key),
+                          created=created, payload=payload, rendered=rendered,
                           destinations=destinations, attachments=files)
         senders: dict[str, Callable[[Settings, ch.Outgoing], Awaitable[Any]]] = {
             "email": ch.send_email, "slack": ch.send_slack, "sms": ch.send_sms, "webhook": ch.send_webhook}
@@ -160,19 +176,21 @@ class NotificationService:
                 await self._finish(notification.dedup_key, channel, "failed", attachment_error)
                 return
             try:
-                provider_id = await senders[channel](self._settings, out)
+                sent = await senders[channel](self._settings, out)
             except ch.NotConfigured as exc:
                 await self._finish(notification.dedup_key, channel, "skipped", f"not_configured: {exc}")
             except ch.DeliveryError as exc:
                 log.warning("notification %s on %s failed (%s): %s", notification.dedup_key, channel,
                             "transient" if exc.transient else "permanent", exc)
-                await self._finish(notification.dedup_key, channel, "retry" if exc.transient else "failed", str(exc))
+                await self._finish(notification.dedup_key, channel, "retry" if exc.transient else "failed", str(exc),
+                                   response_code=exc.status_code)
             except Exception as exc:  # a bug in one channel must not stop the others; retried like a transient one
                 log.exception("notification %s on %s crashed", notification.dedup_key, channel)
                 await self._finish(notification.dedup_key, channel, "retry", f"{type(exc).__name__}: {exc}")
             else:
                 await self._finish(notification.dedup_key, channel, "sent", None,
-                                   provider_id if isinstance(provider_id, str) else None)
+                                   sent if isinstance(sent, str) else None,
+                                   response_code=sent.status_code if isinstance(sent, ch.HttpAnswer) else None)
 
         await asyncio.gather(*(one(channel) for channel in claimed))
 
@@ -199,8 +217,9 @@ class NotificationService:
         return int(row["created"])
 
     async def _finish(self, dedup_key: str, channel: str, outcome: str, error: str | None,
-                      provider_id: str | None = None) -> None:
-        """Record one attempt's outcome; ``retry`` becomes ``failed`` once the attempts are used up."""
+                      provider_id: str | None = None, *, response_code: int | None = None) -> None:
+        """Record one attempt's outcome; ``retry`` becomes ``failed`` once the attempts are used up.
+        ``response_code``: this attempt's HTTP status (None: no answer), replacing the previous attempt's."""
         error = error[:MAX_ERROR_CHARS] if error else None
         async with self._pool.connection() as conn:
             await conn.execute(
@@ -208,9 +227,11 @@ class NotificationService:
                 " status = CASE WHEN %(o)s <> 'retry' THEN %(o)s WHEN attempts >= %(max)s THEN 'failed'"
                 "               ELSE 'pending' END,"
                 " last_error = coalesce(%(e)s, last_error), provider_id = coalesce(%(p)s, provider_id),"
+                " response_code = %(r)s,"
                 " sent_at = CASE WHEN %(o)s = 'sent' THEN now() ELSE sent_at END"
                 " WHERE dedup_key = %(k)s AND channel = %(c)s",
                 {"o": outcome, "max": self._settings.notify_max_attempts, "e": error, "p": provider_id,
+                 "r": response_code if response_code is not None and 100 <= response_code <= 599 else None,
                  "k": dedup_key, "c": channel})
 
     async def _give_up(self, dedup_key: str) -> None:
