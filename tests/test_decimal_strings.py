@@ -15,8 +15,7 @@ from creditflow.api.app import create_app
 from creditflow.config import Settings
 from creditflow.sdk import DECIMAL_STRINGS_VERSION, AsyncCreditflow
 from tests.conftest import ADMIN_KEY
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account
+from tests.support.api import bearer, key_for, new_account
 
 STRINGS = {"Creditflow-Version": "2026-12-05"}
 DEFAULT = {"Creditflow-Version": "2026-12-01"}

@@ -18,11 +18,10 @@ from creditflow.notify.log import Notification
 from creditflow.notify.service import NotificationService, event_id
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot
 from tests.receivers import http_receiver
-from tests.test_account_workflow import eventually
-from tests.test_api_auth_and_bad_input import bearer, key_for
-from tests.test_api_metering import new_account
-from tests.test_notifications import readme_verifier, set_channels
-from tests.test_topups import _client, save_card
+from tests.support.api import app_client, bearer, key_for, new_account
+from tests.support.notifications import readme_verifier, set_channels
+from tests.support.payments import save_card
+from tests.support.temporal import eventually
 
 pytestmark = pytest.mark.temporal
 
@@ -40,7 +39,7 @@ def settings(database_url: str, stripe_base: str) -> Settings:
 
 @pytest.fixture
 async def api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _client(temporal_settings):
+    async for client in app_client(temporal_settings):
         yield client
 
 
@@ -185,7 +184,7 @@ async def test_a_redelivery_goes_through_the_send_time_ssrf_check(
 
     async with build_worker(temporal_client, pool, strict_worker_settings), \
             http_receiver() as hook:
-        async for api in _client(strict_worker_settings.model_copy(update={"notify_allow_private_urls": True})):
+        async for api in app_client(strict_worker_settings.model_copy(update={"notify_allow_private_urls": True})):
             account = await new_account(api)
             writer = bearer(await key_for(api, account, "billing:read", "billing:write"))
             await set_channels(api, account, webhook_url=f"{hook.url}/in")  # the API's settings allow it
@@ -208,7 +207,7 @@ async def test_a_redelivery_refused_by_a_down_temporal_is_recorded_and_sent_when
 
     down = temporal_settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
     async with http_receiver() as hook:
-        async for api in _client(down):
+        async for api in app_client(down):
             account = await new_account(api)
             writer = bearer(await key_for(api, account, "billing:read", "billing:write"))
             await set_channels(api, account, webhook_url=f"{hook.url}/in")
@@ -222,7 +221,7 @@ async def test_a_redelivery_refused_by_a_down_temporal_is_recorded_and_sent_when
             assert refused.headers["retry-after"]
             newest, _ = (await listed(api, writer))["items"]
             assert (newest["status"], newest["attempts"], newest["redelivery_of"]) == ("pending", 0, delivery["id"])
-        async for api in _client(temporal_settings):  # Temporal is back: the same request sends it, once
+        async for api in app_client(temporal_settings):  # Temporal is back: the same request sends it, once
             again = await api.post(url, headers={**writer, "Idempotency-Key": "down-1"})
             assert again.status_code == 202 and again.json()["id"] == newest["id"]
             newest, _ = await settled(api, writer, 2)
