@@ -10,9 +10,9 @@ from __future__ import annotations
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import notify
     from creditflow.domain.notifications import Notification
     from workflows.contract import WEBHOOK_REDELIVERY_WORKFLOW
+    from workflows.notify import notify
 
 
 @workflow.defn(name=WEBHOOK_REDELIVERY_WORKFLOW)
