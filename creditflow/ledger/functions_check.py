@@ -326,6 +326,20 @@ def extract() -> dict[str, str]:
     return out
 
 
+def edited_since_extraction() -> list[str]:
+    """Functions whose functions/ definition differs from their last definition in a folded migration: edited
+    in functions/ since, so --extract would undo the edit."""
+    current, _ = replay_migrations()
+    files = {k: code for defs in function_files().values() for k, code in defs.items()}
+    return [key for key, d in current.items() if d.source in FOLDED_MIGRATIONS and key in files
+            and _split_create(d.sql()) != files[key]]
+
+
+def _split_create(text: str) -> str:
+    """The CREATE statement's code in a definition's text, as function_files() reads it back."""
+    return next(st.code for st in split_statements(text) if _CREATE.match(st.code))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m creditflow.ledger.functions_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -339,8 +353,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"-- {d.key}: migration {d.source}.sql\n{d.sql()}\n")
         return 0 if hits else 1
     if args.extract:
+        if edited := edited_since_extraction():
+            print("functions/ holds edits the migrations do not: fold by hand (--latest NAME prints a migration's "
+                  "definition): " + ", ".join(edited), file=sys.stderr)
+            return 1
+        try:
+            texts = extract()
+        except KeyError as exc:
+            print(exc.args[0], file=sys.stderr)
+            return 1
         FUNCTIONS_DIR.mkdir(exist_ok=True)
-        for fname, text in extract().items():
+        for fname, text in texts.items():
             (FUNCTIONS_DIR / fname).write_text(text)
             print(f"wrote functions/{fname}")
     found = problems()
