@@ -33,6 +33,7 @@ from creditflow.config import Settings
 from creditflow.domain.notifications import Notification
 from creditflow.domain.topups import TopUpError, quote
 from creditflow.errors import CreditflowError
+from creditflow.observability.tracing import temporal_interceptors
 from workflows.contract import (
     ACCOUNT_WORKFLOW,
     ACCOUNT_WORKFLOW_ID_PREFIX,
@@ -94,9 +95,10 @@ __all__ = [
 
 async def connect_temporal(settings: Settings, runtime: Runtime | None = None) -> Client:
     """A Temporal client for the configured cluster, with the pydantic data converter (and, for workers, the
-    runtime that exports the SDK's metrics)."""
+    runtime that exports the SDK's metrics). With tracing on, its calls and the workers built on it are traced."""
     return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
-                                data_converter=pydantic_data_converter, runtime=runtime)
+                                data_converter=pydantic_data_converter, runtime=runtime,
+                                interceptors=temporal_interceptors(settings))
 
 
 def account_search_attributes(account_id: str, enabled: bool = True) -> TypedSearchAttributes | None:

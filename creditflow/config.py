@@ -9,6 +9,7 @@ from __future__ import annotations
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -163,6 +164,11 @@ class Settings(BaseSettings):
     worker_metrics_port_file: Path | None = None
     # How often the worker reads the business figures (outbox lag, charges by outcome, ...) from the database.
     metrics_refresh_seconds: float = Field(default=15.0, gt=0, le=3600)
+    # Traces (OpenTelemetry; the ``otel`` extra): ``off``, ``console`` (stdout) or ``otlp`` (to ``otel_endpoint``,
+    # an OTLP/HTTP collector base URL; empty: the exporter's default, http://localhost:4318). Off adds nothing.
+    otel_traces: Literal["off", "console", "otlp"] = "off"
+    otel_service_name: str = Field(default="creditflow", min_length=1, max_length=200)
+    otel_endpoint: str = Field(default="", max_length=500)
 
     # Embedded stack (creditflow dev).
     data_dir: Path = Path(".data")

@@ -34,7 +34,7 @@ from creditflow.config import Settings
 from creditflow.ledger import metering
 from creditflow.ledger.db import open_pool
 from creditflow.ledger.plan_pricing import sync_plan_rates
-from creditflow.observability import health
+from creditflow.observability import health, tracing
 from creditflow.observability.asgi import AccessLogMiddleware
 from creditflow.observability.logs import log_startup
 from creditflow.payments.gateway import StripeGateway
@@ -84,11 +84,13 @@ def create_app(settings: Settings) -> FastAPI:
             await pool.close()
 
     app = FastAPI(title="creditflow", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                  default_response_class=ExactJSONResponse)
+                  default_response_class=ExactJSONResponse,
+                  telemetry=tracing.fastapi_telemetry(settings))  # type: ignore[arg-type]  # off: none at all
     app.state.settings = settings
     app.add_middleware(UnexpectedErrorMiddleware)  # inside RequestIdMiddleware: its answers carry the request id
     app.add_middleware(InputGuardMiddleware)
     app.add_middleware(VersionMiddleware)
+    tracing.install_middleware(app, settings)  # off unless CREDITFLOW_OTEL_TRACES: ids on the request span
     app.add_middleware(AccessLogMiddleware)  # inside the request id: its lines and metrics carry it
     app.add_middleware(RequestIdMiddleware)
     app.state.gateway = StripeGateway.from_settings(settings)
