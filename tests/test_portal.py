@@ -407,3 +407,47 @@ async def test_spend_notifications_save_the_daily_threshold_and_show_the_webhook
         "csrf_token": token, "daily_usage_threshold": "250", "webhook_url": "https://hooks.example.com/cf"})
     assert (again.status_code, again.headers["location"]) == (303, "/portal/spend?ok=notifications")
     assert "webhook-secret" not in (await browser.get("/portal/spend")).text
+
+
+async def test_add_a_card_goes_to_the_hosted_card_page_in_setup_mode_and_comes_back_listed(
+        settings: Settings, sdk: stripe.StripeClient, stripe_base: str, database_url: str) -> None:
+    """Payment methods > Add a card: a setup-mode checkout session (the one Stripe.js card form), nothing charged;
+    the card comes back listed with brand, last 4 and expiry, the default when asked."""
+    from tests.test_checkout import PUBLISHABLE_KEY, card_confirmed_on_page, pay
+
+    paying = settings.model_copy(update={"stripe_publishable_key": PUBLISHABLE_KEY,
+                                         "stripe_js_url": f"{stripe_base}/js.stripe.com/v3/"})
+    async for _, api in _app_client(paying):
+        account = await new_account(api)
+        old = (await api.post("/api/v1/billing/payment-methods", json={
+            "account_id": account, "payment_method_id": new_card(sdk, "5555555555554444")})).json()["id"]
+        browser = await open_portal(api, account)
+        page = (await browser.get("/portal/payment-methods")).text
+        request_id = re.search(r'name="request_id" value="(portal-[0-9a-f]{32})"', page)
+        assert request_id and 'action="/portal/payment-methods/add"' in page
+        form = {"csrf_token": csrf_of(page), "request_id": request_id.group(1), "set_default": "on"}
+        before = await ledger_snapshot(database_url)
+        forged = await browser.post("/portal/payment-methods/add", data={**form, "csrf_token": "nope"})
+        assert forged.status_code == 403
+        first = await browser.post("/portal/payment-methods/add", data=form)
+        again = await browser.post("/portal/payment-methods/add", data=form)  # a double click: the same session
+        assert first.status_code == again.status_code == 303
+        location = first.headers["location"]
+        assert location == again.headers["location"]
+        found = re.fullmatch(r"http://creditflow\.test/checkout/(cs_[0-9a-f]{32})", location)
+        assert found, location
+        sid = found.group(1)
+        session = (await api.get(f"/api/v1/checkout/sessions/{sid}")).json()
+        assert (session["mode"], session["account_id"], session["amount"], session["cancel_url"]) == (
+            "setup", account, 0, "http://creditflow.test/portal/payment-methods")
+        csrf, seti = await card_confirmed_on_page(api, stripe_base, sid)
+        saved = await pay(api, sid, csrf, seti)
+        assert saved.json()["redirect_url"] == \
+            f"http://creditflow.test/portal/payment-methods?ok=card_added&session_id={sid}"
+        back = await browser.get(saved.json()["redirect_url"])
+        assert back.status_code == 200 and '<p class="notice" role="status">Card added.</p>' in back.text
+        row = re.search(rf'<tr id="card-{seti["payment_method"]}">(.*?)</tr>', back.text, re.S)
+        assert row and "Visa •••• 4242" in row.group(1) and "12/2030" in row.group(1) and "Default card" in row.group(1)
+        cards = (await api.get("/api/v1/billing/payment-methods", params={"account_id": account})).json()["items"]
+        assert {c["id"]: c["is_default"] for c in cards} == {seti["payment_method"]: True, old: False}
+        assert await ledger_snapshot(database_url) == before  # nothing charged, nothing credited

@@ -320,3 +320,49 @@ async def test_a_resubmitted_buy_form_charges_once_and_a_plan_change_shows_its_p
         current = (await api.get("/api/v1/billing/subscription", params={"account_id": account})).json()
         assert current["plan_id"] == "growth"
         assert 'id="current-plan">Growth<' in changed.text
+
+
+async def test_a_card_added_without_paying_is_listed_pays_the_past_due_invoice_and_becomes_default(
+        page: Any, stack: tuple[str, httpx.AsyncClient], sdk: stripe.StripeClient, pool: AsyncConnectionPool,
+        temporal_client: Client, temporal_settings: Settings) -> None:
+    """Payment methods > Add a card: the hosted card page in setup mode (Stripe.js, the one card form), nothing
+    charged for the card itself; the card comes back listed (brand, last 4, expiry), the past-due invoice is paid
+    with it (as when a card is added through the API), and it is set as the default."""
+    base, api = stack
+    account = await new_account(api)
+    declined = await attach(api, sdk, account, DECLINED_AT_CHARGE)
+    invoice = await past_due_invoice(api, temporal_client, temporal_settings, account)  # $49, declined: past due
+    await page.goto(await session_url(api, account))
+    await page.click("nav >> text=Payment methods")
+    await page.click("button:has-text('Add a card')")
+    await page.wait_for_url(re.compile(re.escape(f"{base}/checkout/cs_")))
+    await page.wait_for_selector("#card-element input[placeholder='number']")
+    assert await page.inner_text("h1") == "Add a card"
+    assert await page.inner_text("#pay-button") == "Save card"
+    await shot(page, "portal-add-a-card")
+    await page.fill("#card-name", "Grace Hopper")
+    await _type_card(page, "4242424242424242")
+    await page.click("#pay-button")
+    await page.wait_for_url(re.compile(re.escape(f"{base}/portal/payment-methods?ok=card_added&session_id=cs_")),
+                            timeout=60_000)
+    assert await page.inner_text("[role=status]") == "Card added."
+    cards = (await api.get("/api/v1/billing/payment-methods", params={"account_id": account})).json()["items"]
+    [new] = [c["id"] for c in cards if c["id"] != declined]
+    row = await page.inner_text(f"#card-{new}")
+    assert "Visa •••• 4242" in row and "Grace Hopper" in row and "12/2030" in row and "Default card" not in row
+    await shot(page, "portal-card-added")
+    # The past-due invoice was retried with the new card (issue 13 item 10, as through the API): paid $49.
+    for _ in range(120):
+        got = (await api.get(f"/api/v1/billing/invoices/{invoice}", params={"account_id": account})).json()
+        if got["status"] == "paid":
+            break
+        await page.wait_for_timeout(500)
+    assert (got["status"], got["amount_usd"]) == ("paid", 49)
+    paid = [pi for pi in await succeeded_intents(sdk, pool, account)]
+    assert [(pi.amount, pi.payment_method) for pi in paid] == [(4900, new)]
+    # Set it as the default.
+    await page.click(f"#card-{new} >> text=Set as default")
+    assert await page.inner_text("[role=status]") == "Default card changed."
+    assert "Default card" in await page.inner_text(f"#card-{new}")
+    cards = (await api.get("/api/v1/billing/payment-methods", params={"account_id": account})).json()["items"]
+    assert {c["id"]: c["is_default"] for c in cards} == {new: True, declined: False}

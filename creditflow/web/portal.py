@@ -146,7 +146,8 @@ NOTICES = {
     "topup": "Payment received: your credits were added.", "checkout": "Payment received: your credits were added.",
     "topup_pending": "Payment is processing: the credits "
     "arrive when it settles.", "paid": "Invoice paid.", "pay_pending": "The payment is processing.",
-    "default": "Default card changed.", "deleted": "Card removed.", "paused": "Agent paused.",
+    "default": "Default card changed.", "card_added": "Card added.", "deleted": "Card removed.",
+    "paused": "Agent paused.",
     "resumed": "Agent resumed.", "agent_saved": "Agent saved.", "limits": "Spend limits saved.",
     "recharge": "Auto-recharge saved.",
     "notifications": "Notifications saved.", "tax_added": "Tax registration added.",
@@ -405,7 +406,25 @@ async def invoice_pdf(ctx: Ctx) -> Response:
 
 
 async def cards(ctx: Ctx) -> Response:
-    return ctx.render("cards.html", "cards", error=error_of(ctx), cards=await _cards(ctx))
+    return ctx.render("cards.html", "cards", error=error_of(ctx), cards=await _cards(ctx),
+                      request_id=f"portal-{uuid.uuid4().hex}")
+
+
+async def card_add(ctx: Ctx) -> Response:
+    """A card is added on the hosted checkout page (its one Stripe.js card form) in setup mode: nothing is charged,
+    the card is saved on the account (the default if asked, or if there is none), and past-due invoices are tried
+    with it, as when a card is added through the API. The form's request id is the session's idempotency key."""
+    base = public_base_url(ctx.settings, ctx.request).rstrip("/")
+    try:
+        body = checkout_api.CheckoutSessionCreate(
+            mode="setup", set_default=ctx.form.get("set_default") == "on",
+            success_url=f"{base}/portal/payment-methods?ok=card_added", cancel_url=f"{base}/portal/payment-methods",
+            idempotency_key=ctx.form.get("request_id") or None)
+        created = await ctx.call("POST", "/api/v1/checkout/sessions", checkout_api.create_checkout_session, body,
+                                 pool=ctx.pool, settings=ctx.settings, request=ctx.request)
+    except (CreditflowError, ValidationError) as exc:
+        return await fail(ctx, cards, exc)
+    return RedirectResponse(str(created["url"]), 303, headers=SECURITY_HEADERS)
 
 
 async def card_default(ctx: Ctx) -> Response:
@@ -732,7 +751,8 @@ for path, view, methods in [
     ("/portal/history.csv", history_csv, ["GET"]), ("/portal/invoices", invoice_list, ["GET"]),
     ("/portal/invoices/pay", pay_invoice, ["POST"]), ("/portal/invoices/{invoice_id}/pdf", invoice_pdf, ["GET"]),
     ("/portal/payment-methods", cards, ["GET"]), ("/portal/payment-methods/default", card_default, ["POST"]),
-    ("/portal/payment-methods/delete", card_delete, ["POST"]), ("/portal/agents", agent_list, ["GET"]),
+    ("/portal/payment-methods/delete", card_delete, ["POST"]),
+    ("/portal/payment-methods/add", card_add, ["POST"]), ("/portal/agents", agent_list, ["GET"]),
     ("/portal/agents/{action:str}", agent_action, ["POST"]), ("/portal/spend", spend, ["GET"]),
     ("/portal/spend", save_spend, ["POST"]),
     ("/portal/spend/notifications", save_notifications, ["POST"]), ("/portal/auto-recharge", recharge, ["GET"]),
