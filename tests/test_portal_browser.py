@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,20 @@ async def test_forged_forms_are_refused(page: Any, stack: tuple[str, httpx.Async
     assert await ledger_snapshot(database_url) == before
 
 
+def _half_up(amount: int, numerator: int, denominator: int) -> int:
+    """The expected proration share, computed here on its own (integers, half-up)."""
+    return (2 * amount * numerator + denominator) // (2 * denominator)
+
+
+def _micros_between(start: str, end: str) -> int:
+    delta = datetime.fromisoformat(end.replace("Z", "+00:00")) - datetime.fromisoformat(start.replace("Z", "+00:00"))
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _money(cents: int) -> str:
+    return ("-$" if cents < 0 else "$") + f"{abs(cents) // 100:,}.{abs(cents) % 100:02d}"
+
+
 def csrf_of(html: str) -> str:
     found = re.search(r'name="csrf_token" value="([^"]+)"', html)
     assert found, "no CSRF token in the page"
@@ -311,8 +326,29 @@ async def test_a_resubmitted_buy_form_charges_once_and_a_plan_change_shows_its_p
         subscribed = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "starter",
                                                               "effective": "immediately"})
         assert subscribed.status_code == 200, subscribed.text
-        changed = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "growth",
-                                                           "effective": "immediately"})
+        # Now to Growth: first the preview (nothing changed yet), exact to the cent, then the confirmed change.
+        asked = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "growth",
+                                                         "effective": "immediately"})
+        assert asked.status_code == 200 and 'id="preview"' in asked.text and 'id="proration"' not in asked.text
+        cycle = (await api.get("/api/v1/billing/subscription", params={"account_id": account})).json()
+        assert (cycle["plan_id"], cycle["pending_plan_id"]) == ("starter", None)  # nothing changed yet
+        at = re.search(r'<time id="preview-at" datetime="([^"]+)">', asked.text)
+        assert at
+        remaining, total = _micros_between(at.group(1), cycle["cycle_end"]), _micros_between(
+            cycle["cycle_start"], cycle["cycle_end"])
+        plans = {p["id"]: p for p in (await api.get("/api/v1/billing/plans")).json()["items"]}
+        fee = {k: int(Decimal(str(plans[k]["monthly_fee_usd"])) * 100) for k in ("starter", "growth")}
+        credit, charge = _half_up(fee["starter"], remaining, total), _half_up(fee["growth"], remaining, total)
+        granted = _half_up(plans["growth"]["included_credits"], remaining, total) - _half_up(
+            plans["starter"]["included_credits"], remaining, total)
+        shown = dict(re.findall(r'<dd id="(preview-[a-z]+)">([^<]*)</dd>', asked.text))
+        assert shown == {"preview-credit": _money(credit), "preview-charge": _money(charge),
+                         "preview-net": _money(charge - credit), "preview-granted": f"{granted:,}",
+                         "preview-expired": "0"}, (shown, remaining, total)
+        confirm = dict(re.findall(r'<input type="hidden" name="([a-z_]+)" value="([^"]*)">',
+                                  asked.text.split('id="preview"')[1].split("</form>")[0]))
+        assert confirm == {"csrf_token": token, "plan_id": "growth", "effective": "immediately", "confirm": "yes"}
+        changed = await browser.post("/portal/plan", data=confirm)
         assert changed.status_code == 200 and 'id="proration"' in changed.text, changed.text
         figures = re.findall(r"<dd[^>]*>(-?\$[0-9,]+\.[0-9]{2})</dd>", changed.text)
         credited, charged, net = (Decimal(f.replace("$", "").replace(",", "")) for f in figures)

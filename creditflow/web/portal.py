@@ -617,14 +617,27 @@ async def plan(ctx: Ctx) -> Response:
                              catalog=catalog)
     offered = await ctx.call("GET", "/api/v1/billing/plans", plans.list_plans, catalog=catalog)
     proration = getattr(ctx.request.state, "proration", None)
+    preview = getattr(ctx.request.state, "preview", None)
+    names = {p["id"]: p["name"] for p in offered["items"]}
     return ctx.render("plan.html", "plan", error=error_of(ctx), current=current, plans=offered["items"],
-                      proration=proration)
+                      proration=proration, preview=preview, names=names)
 
 
 async def change_plan(ctx: Ctx) -> Response:
+    """An immediate change is shown first (the API's preview: what it would credit and charge, prorated now by the
+    change's own function) and made only when the customer confirms; a change at the next renewal prorates nothing
+    and is made at once."""
     try:
         req = subscription.SubscriptionRequest(plan_id=_blank_none(ctx.form.get("plan_id")),
                                                effective=ctx.form.get("effective") or "next_renewal")
+        if req.effective == "immediately" and ctx.form.get("confirm") != "yes":
+            preview = await ctx.call("GET", "/api/v1/billing/subscription/preview",
+                                     subscription.preview_subscription, pool=ctx.pool,
+                                     catalog=ctx.request.app.state.plan_catalog, plan_id=req.plan_id,
+                                     effective="immediately")
+            if preview.get("proration"):  # a change of plan (subscribing prorates nothing: no step)
+                ctx.request.state.preview = preview
+                return await plan(ctx)
         changed = await ctx.call("POST", "/api/v1/billing/subscription", subscription.change_subscription, req,
                                  pool=ctx.pool, catalog=ctx.request.app.state.plan_catalog, request=ctx.request)
     except (CreditflowError, ValidationError) as exc:
