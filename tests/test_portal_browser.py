@@ -402,3 +402,98 @@ async def test_a_card_added_without_paying_is_listed_pays_the_past_due_invoice_a
     assert "Default card" in await page.inner_text(f"#card-{new}")
     cards = (await api.get("/api/v1/billing/payment-methods", params={"account_id": account})).json()["items"]
     assert {c["id"]: c["is_default"] for c in cards} == {new: True, declined: False}
+
+
+AXE = Path(__file__).resolve().parent.parent / "creditflow" / "web" / "static" / "vendor" / "axe-core" / "axe.min.js"
+PAGES = [("/portal", "overview"), ("/portal/usage", "usage"), ("/portal/buy", "buy"), ("/portal/invoices", "invoices"),
+         ("/portal/payment-methods", "payment-methods"), ("/portal/history", "history"), ("/portal/plan", "plan"),
+         ("/portal/auto-recharge", "auto-recharge"), ("/portal/spend", "spend"), ("/portal/agents", "agents"),
+         ("/portal/details", "details")]
+
+# What each page must have, read from the live DOM: one h1; every visible form control with a label (a <label for>,
+# aria-label or aria-labelledby that names something); the skip link first in the tab order, pointing at <main>;
+# no horizontal scrolling of the page itself.
+A11Y_FACTS = """() => {
+  const controls = [...document.querySelectorAll('input, select, textarea')]
+    .filter(el => el.type !== 'hidden' && el.offsetParent !== null);
+  const unlabelled = controls.filter(el => {
+    const named = [...(el.labels || [])].some(l => l.textContent.trim())
+      || (el.getAttribute('aria-label') || '').trim()
+      || (el.getAttribute('aria-labelledby') || '').split(' ').some(id => id && document.getElementById(id));
+    return !named;
+  }).map(el => el.id || el.name);
+  const skip = document.querySelector('a.skip');
+  return {h1: document.querySelectorAll('h1').length, unlabelled, controls: controls.length,
+          skip: skip ? skip.getAttribute('href') : null, main: !!document.querySelector('main#main'),
+          overflow: document.documentElement.scrollWidth - window.innerWidth,
+          wide: [...document.querySelectorAll('body *')].filter(el => el.getBoundingClientRect().right
+            > window.innerWidth + 1 ).map(el => el.tagName + '#' + el.id + '.'
+            + el.className).slice(0, 5),
+          lang: document.documentElement.lang, title: document.title};
+}"""
+
+
+async def _focus_ring(page: Any, selector: str) -> str:
+    """The outline a focused element shows (keyboard focus must be visible)."""
+    return str(await page.evaluate(
+        "(sel) => { const el = document.querySelector(sel); el.focus(); const s = getComputedStyle(el);"
+        " return s.outlineStyle + ' ' + s.outlineWidth; }", selector))
+
+
+async def test_every_portal_page_is_accessible_and_fits_a_phone(
+        browser: Any, stack: tuple[str, httpx.AsyncClient], sdk: stripe.StripeClient) -> None:
+    """Every page, at 1280 px and at 375 px: one h1, every control labelled, a skip link to <main> that is the first
+    Tab stop, a visible focus ring, no horizontal scrolling, and axe-core (vendored, WCAG 2.1 A/AA rules) finds no
+    serious or critical violation. Screenshots at phone width: portal-phone-*.png."""
+    base, api = stack
+    account = await new_account(api)
+    await attach(api, sdk, account, "4242424242424242")
+    assert (await api.post("/api/v1/agents", json={"account_id": account, "id": "support-bot",
+                                                   "name": "Support bot"})).status_code == 201
+    assert (await api.post("/api/v1/billing/track", json={
+        "account_id": account, "feature_id": "chat_message", "value": 12, "agent_id": "support-bot",
+        "idempotency_key": "a11y-1"})).status_code == 200
+    assert (await api.put("/api/v1/billing/alerts", json={"account_id": account, "alerts": [
+        {"threshold": 1000, "channels": ["email", "sms"]}]})).status_code == 200
+    # axe is injected as a script: the portal's own policy forbids scripts, so this context bypasses CSP (the
+    # pages are otherwise what customers get).
+    context = await browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+    context.set_default_timeout(15_000)
+    page = await context.new_page()
+    try:
+        await page.goto(await session_url(api, account))
+        problems: dict[str, Any] = {}
+        for width in (1280, 375):
+            await page.set_viewport_size({"width": width, "height": 844 if width == 375 else 900})
+            for path, name in PAGES:
+                response = await page.goto(f"{base}{path}")
+                assert response.status == 200, path
+                facts = await page.evaluate(A11Y_FACTS)
+                where = f"{path} @ {width}px"
+                assert facts["h1"] == 1, (where, facts)
+                assert re.fullmatch(r"[A-Z][A-Za-z -]+ · Flowyte", facts["title"]), (where, facts["title"])
+                assert facts["unlabelled"] == [], (where, facts)
+                assert (facts["skip"], facts["main"], facts["lang"]) == ("#main", True, "en"), (where, facts)
+                assert facts["overflow"] <= 1, (where, facts["overflow"], facts["wide"])
+                await page.keyboard.press("Tab")  # the first Tab stop is the skip link, and it is visible
+                assert await page.evaluate("document.activeElement.className") == "skip", where
+                box = await page.locator("a.skip").bounding_box()
+                assert box and box["x"] >= 0 and box["y"] >= 0, (where, box)
+                assert (await _focus_ring(page, "a.skip")).startswith("solid"), where
+                for selector in ("main button", "main input:not([type=hidden])", "main select", "nav a"):
+                    if await page.locator(selector).count():
+                        ring = await _focus_ring(page, selector)
+                        assert ring.startswith("solid") and not ring.endswith(" 0px"), (where, selector, ring)
+                await page.add_script_tag(path=str(AXE))
+                result = await page.evaluate(
+                    "async () => { const r = await axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a',"
+                    " 'wcag2aa', 'wcag21a', 'wcag21aa']}}); return r.violations.map(v => ({id: v.id, impact:"
+                    " v.impact, nodes: v.nodes.map(n => n.target.join(' ')).slice(0, 5)})); }")
+                serious = [v for v in result if v["impact"] in ("serious", "critical")]
+                if serious:
+                    problems[where] = serious
+                if width == 375:
+                    await shot(page, f"portal-phone-{name}")
+        assert problems == {}, problems
+    finally:
+        await context.close()
