@@ -182,7 +182,8 @@ async def test_a_session_for_a_package_fixes_price_and_credits_and_links_the_hos
                     "account_id": account, "amount": 50, "amount_usd": 50, "currency": "usd", "credits": 5000,
                     "package_id": "growth", "description": "Growth package purchase", "success_url": SUCCESS,
                     "cancel_url": CANCEL, "created_at": body["created_at"], "expires_at": body["expires_at"],
-                    "completed_at": None, "transaction_id": None, "session_id": sid, "checkout_url": url}
+                    "completed_at": None, "transaction_id": None, "session_id": sid, "checkout_url": url,
+                    "mode": "payment", "payment_method_id": None}
     got = await api.get(f"{SESSIONS}/{sid}", headers=bearer(await key_for(api, account, "billing:read")))
     assert (got.status_code, got.json()) == (200, body)
     # Seed 000's own path answers the same object (session_id, checkout_url).
