@@ -458,6 +458,8 @@ async def test_a_setup_session_saves_the_card_as_default_and_charges_nothing(
         assert (refused.status_code, refused.json()["error"]["code"]) == (422, "invalid_amount"), extra
     bad_mode = await create(api, account, mode="subscription")
     assert bad_mode.status_code == 422
+    paid_default = await create(api, account, package_id="starter", set_default=True)
+    assert (paid_default.status_code, paid_default.json()["error"]["code"]) == (422, "validation_error")
     # Setup needs payments:write besides billing:write (the card may become the default).
     writer = bearer(await key_for(api, account, "billing:write"))
     body = {"mode": "setup", "success_url": SUCCESS, "cancel_url": CANCEL}

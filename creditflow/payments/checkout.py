@@ -192,7 +192,8 @@ async def create_checkout_session(pool: AsyncConnectionPool, policy: TopUpPolicy
             param = "package_id" if exc.code == "unknown_package" else "amount"
             raise CreditflowError(exc.code, str(exc), param=param) from exc
         amount_cents, credits, package, description = q.amount_cents, q.credits, q.package_id, q.description
-        set_default = False
+        if set_default:  # a paid card is never made the default behind the buyer's back (docs/checkout.md)
+            raise CreditflowError("validation_error", "set_default applies to mode setup only", param="set_default")
     else:
         raise CreditflowError("validation_error", "mode must be payment or setup", param="mode")
     success_url = validate_return_url(success_url, "success_url")
