@@ -168,7 +168,8 @@ async def test_a_session_for_a_package_fixes_price_and_credits_and_links_the_hos
                     "account_id": account, "amount": 50, "amount_usd": 50, "currency": "usd", "credits": 5000,
                     "package_id": "growth", "description": "Growth package purchase", "success_url": SUCCESS,
                     "cancel_url": CANCEL, "created_at": body["created_at"], "expires_at": body["expires_at"],
-                    "completed_at": None, "transaction_id": None, "session_id": sid, "checkout_url": url}
+                    "completed_at": None, "transaction_id": None, "session_id": sid, "checkout_url": url,
+                    "mode": "payment", "payment_method_id": None}
     got = await api.get(f"{SESSIONS}/{sid}", headers=bearer(await key_for(api, account, "billing:read")))
     assert (got.status_code, got.json()) == (200, body)
     # Seed 000's own path answers the same object (session_id, checkout_url).
@@ -422,3 +423,92 @@ async def test_a_declined_card_charges_nothing_and_another_card_pays_once(
     late = await pay(api, sid, csrf, bad)
     assert late.status_code == 200 and late.json()["status"] == "complete"
     assert len(await purchases(pool, account)) == 1
+
+
+# --- setup mode: a card saved, nothing charged -----------------------------------------------------------------
+
+
+async def test_a_setup_session_saves_the_card_as_default_and_charges_nothing(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient, stripe_base: str,
+        database_url: str) -> None:
+    """Mode setup: the same page and card form; completing it saves the card on the account's customer (the default
+    when asked), charges nothing and writes nothing to the ledger. No past-due invoice: Temporal is not needed."""
+    from tests.conftest import new_card
+
+    account = await new_account(api)
+    old = (await api.post("/api/v1/billing/payment-methods", json={
+        "account_id": account, "payment_method_id": new_card(sdk, "5555555555554444")})).json()["id"]
+    before_sessions = await session_count(database_url)
+    for extra in ({"package_id": "starter"}, {"amount": "10"}):
+        refused = await create(api, account, mode="setup", **extra)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (422, "invalid_amount"), extra
+    bad_mode = await create(api, account, mode="subscription")
+    assert bad_mode.status_code == 422
+    paid_default = await create(api, account, package_id="starter", set_default=True)
+    assert (paid_default.status_code, paid_default.json()["error"]["code"]) == (422, "validation_error")
+    # Setup needs payments:write besides billing:write (the card may become the default).
+    writer = bearer(await key_for(api, account, "billing:write"))
+    body = {"mode": "setup", "success_url": SUCCESS, "cancel_url": CANCEL}
+    denied = await api.post(SESSIONS, headers=writer, json=body)
+    assert (denied.status_code, denied.json()["error"]["code"]) == (403, "insufficient_scope")
+    assert await session_count(database_url) == before_sessions
+    both = bearer(await key_for(api, account, "billing:write", "payments:write"))
+    assert (await api.post(SESSIONS, headers=both, json=body)).status_code == 201
+
+    created = await create(api, account, mode="setup", set_default=True, idempotency_key="add-card-1")
+    assert created.status_code == 201, created.text
+    session = exact(created)
+    assert (session["mode"], session["amount"], session["credits"], session["package_id"], session["status"],
+            session["payment_status"], session["description"], session["payment_method_id"]) == (
+        "setup", 0, 0, None, "open", "no_payment_required", "Save a card", None)
+    again = await create(api, account, mode="setup", set_default=True, idempotency_key="add-card-1")
+    assert again.json()["id"] == session["id"]
+    other = await create(api, account, mode="setup", set_default=False, idempotency_key="add-card-1")
+    assert (other.status_code, other.json()["error"]["code"]) == (409, "idempotency_conflict")
+    sid = session["id"]
+    page = await api.get(f"/checkout/{sid}", headers={"Authorization": ""})
+    assert page.status_code == 200 and "<h1>Add a card</h1>" in page.text and ">Save card</button>" in page.text
+    assert "Buy credits" not in page.text and page_config(page.text)["setup"] is True
+
+    snapshot = await ledger_snapshot(database_url)
+    csrf, seti = await card_confirmed_on_page(api, stripe_base, sid)
+    first, second = await asyncio.gather(pay(api, sid, csrf, seti), pay(api, sid, csrf, seti))
+    for resp in (first, second, await pay(api, sid, csrf, seti)):
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"status": "complete", "redirect_url": f"{SUCCESS}&session_id={sid}",
+                               "payment_method_id": seti["payment_method"]}
+    cards = (await api.get("/api/v1/billing/payment-methods", params={"account_id": account})).json()["items"]
+    assert {c["id"]: (c["brand"], c["last4"], c["exp_month"], c["exp_year"], c["is_default"]) for c in cards} == {
+        seti["payment_method"]: ("visa", "4242", 12, 2030, True),
+        old: ("visa", "4444", 12, 2030, False)}  # localstripe calls every card visa
+    assert intents_of(sdk, await customer_of(pool, account)) == []  # nothing charged
+    assert await ledger_snapshot(database_url) == snapshot and await balance(api, account) == 5000
+    got = (await api.get(f"{SESSIONS}/{sid}")).json()
+    assert (got["status"], got["payment_method_id"], got["transaction_id"]) == ("complete", seti["payment_method"],
+                                                                                None)
+    done = await api.get(f"/checkout/{sid}")
+    assert done.status_code == 200 and "Card saved" in done.text and "Nothing was charged" in done.text
+    assert (await api.post(f"/checkout/{sid}/intent", headers=csrf)).json()["error"]["code"] == \
+        "checkout_session_complete"
+
+
+async def test_a_setup_session_without_set_default_keeps_the_default_card(
+        api: httpx.AsyncClient, sdk: stripe.StripeClient, stripe_base: str) -> None:
+    from tests.conftest import new_card
+
+    account = await new_account(api)
+    old = (await api.post("/api/v1/billing/payment-methods", json={
+        "account_id": account, "payment_method_id": new_card(sdk, "5555555555554444")})).json()["id"]
+    sid = (await create(api, account, mode="setup")).json()["id"]
+    csrf, seti = await card_confirmed_on_page(api, stripe_base, sid)
+    assert (await pay(api, sid, csrf, seti)).json()["status"] == "complete"
+    # A card confirmed on this page only: another session's SetupIntent is refused.
+    other = (await create(api, account, mode="setup")).json()["id"]
+    _, foreign = await card_confirmed_on_page(api, stripe_base, other)
+    refused = await pay(api, sid, csrf, foreign)
+    assert refused.status_code == 200 and refused.json()["payment_method_id"] == seti["payment_method"]  # done
+    other_csrf = {"X-CSRF-Token": page_config((await api.get(f"/checkout/{other}")).text)["csrfToken"]}
+    refused = await pay(api, other, other_csrf, seti)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (422, "payment_method_invalid")
+    cards = (await api.get("/api/v1/billing/payment-methods", params={"account_id": account})).json()["items"]
+    assert {c["id"]: c["is_default"] for c in cards} == {seti["payment_method"]: False, old: True}

@@ -406,3 +406,131 @@ async def test_spend_notifications_save_the_daily_threshold_and_show_the_webhook
         "csrf_token": token, "daily_usage_threshold": "250", "webhook_url": "https://hooks.example.com/cf"})
     assert (again.status_code, again.headers["location"]) == (303, "/portal/spend?ok=notifications")
     assert "webhook-secret" not in (await browser.get("/portal/spend")).text
+
+
+async def test_add_a_card_goes_to_the_hosted_card_page_in_setup_mode_and_comes_back_listed(
+        settings: Settings, sdk: stripe.StripeClient, stripe_base: str, database_url: str) -> None:
+    """Payment methods > Add a card: a setup-mode checkout session (the one Stripe.js card form), nothing charged;
+    the card comes back listed with brand, last 4 and expiry, the default when asked."""
+    from tests.test_checkout import PUBLISHABLE_KEY, card_confirmed_on_page, pay
+
+    paying = settings.model_copy(update={"stripe_publishable_key": PUBLISHABLE_KEY,
+                                         "stripe_js_url": f"{stripe_base}/js.stripe.com/v3/"})
+    async for _, api in _app_client(paying):
+        account = await new_account(api)
+        old = (await api.post("/api/v1/billing/payment-methods", json={
+            "account_id": account, "payment_method_id": new_card(sdk, "5555555555554444")})).json()["id"]
+        browser = await open_portal(api, account)
+        page = (await browser.get("/portal/payment-methods")).text
+        request_id = re.search(r'name="request_id" value="(portal-[0-9a-f]{32})"', page)
+        assert request_id and 'action="/portal/payment-methods/add"' in page
+        form = {"csrf_token": csrf_of(page), "request_id": request_id.group(1), "set_default": "on"}
+        before = await ledger_snapshot(database_url)
+        forged = await browser.post("/portal/payment-methods/add", data={**form, "csrf_token": "nope"})
+        assert forged.status_code == 403
+        first = await browser.post("/portal/payment-methods/add", data=form)
+        again = await browser.post("/portal/payment-methods/add", data=form)  # a double click: the same session
+        assert first.status_code == again.status_code == 303
+        location = first.headers["location"]
+        assert location == again.headers["location"]
+        found = re.fullmatch(r"http://creditflow\.test/checkout/(cs_[0-9a-f]{32})", location)
+        assert found, location
+        sid = found.group(1)
+        session = (await api.get(f"/api/v1/checkout/sessions/{sid}")).json()
+        assert (session["mode"], session["account_id"], session["amount"], session["cancel_url"]) == (
+            "setup", account, 0, "http://creditflow.test/portal/payment-methods")
+        csrf, seti = await card_confirmed_on_page(api, stripe_base, sid)
+        saved = await pay(api, sid, csrf, seti)
+        assert saved.json()["redirect_url"] == \
+            f"http://creditflow.test/portal/payment-methods?ok=card_added&session_id={sid}"
+        back = await browser.get(saved.json()["redirect_url"])
+        assert back.status_code == 200 and '<p class="notice" role="status">Card added.</p>' in back.text
+        row = re.search(rf'<tr id="card-{seti["payment_method"]}">(.*?)</tr>', back.text, re.S)
+        assert row and "Visa •••• 4242" in row.group(1) and "12/2030" in row.group(1) and "Default card" in row.group(1)
+        cards = (await api.get("/api/v1/billing/payment-methods", params={"account_id": account})).json()["items"]
+        assert {c["id"]: c["is_default"] for c in cards} == {seti["payment_method"]: True, old: False}
+        assert await ledger_snapshot(database_url) == before  # nothing charged, nothing credited
+
+
+async def test_low_balance_alerts_are_edited_on_the_spend_page_through_the_api(
+        api: httpx.AsyncClient, database_url: str) -> None:
+    account = await new_account(api)
+    put = await api.put("/api/v1/billing/alerts", json={"account_id": account, "daily_usage_threshold": 300,
+                                                        "alerts": [{"threshold": 1000, "channels": ["email"]}]})
+    assert put.status_code == 200, put.text
+    browser = await open_portal(api, account)
+    page = (await browser.get("/portal/spend")).text
+    token = csrf_of(page)
+    assert 'id="alert-0-threshold" name="alert-0-threshold" inputmode="numeric" value="1000"' in page
+    assert 'id="alert-0-email" name="alert-0-email" checked' in page
+    assert 'name="alert-1-threshold" inputmode="numeric" value=""' in page and 'id="alert-3"' not in page
+
+    async def alerts_now() -> tuple[list[tuple[Any, list[str], bool]], Any]:
+        got = (await api.get("/api/v1/billing/alerts", params={"account_id": account})).json()
+        return [(a["threshold"], a["channels"], a["enabled"]) for a in got["alerts"]], got["daily_usage_threshold"]
+
+    form = {"csrf_token": token, "alert-0-threshold": "1000", "alert-0-email": "on", "alert-0-slack": "on",
+            "alert-0-enabled": "on", "alert-1-threshold": "250", "alert-1-sms": "on", "alert-2-threshold": ""}
+    saved = await browser.post("/portal/spend/alerts", data=form)
+    assert (saved.status_code, saved.headers["location"]) == (303, "/portal/spend?ok=alerts"), saved.text
+    assert await alerts_now() == ([(1000, ["email", "slack"], True), (250, ["sms"], False)], 300)
+    shown = (await browser.get("/portal/spend?ok=alerts")).text
+    assert "Low-balance alerts saved." in shown and "Alert below 250 credits" in shown
+
+    # Refused by the API's own rules, shown on the page, nothing changed; and without the token, 403.
+    before = await ledger_snapshot(database_url)
+    for bad in ({"alert-0-threshold": "12.5", "alert-0-email": "on"},  # not whole credits
+                {"alert-0-threshold": "abc", "alert-0-email": "on"},
+                {"alert-0-threshold": "500"},  # no channel
+                {"alert-0-threshold": "500", "alert-0-email": "on", "alert-1-threshold": "500", "alert-1-sms": "on"}):
+        resp = await browser.post("/portal/spend/alerts", data={"csrf_token": token, **bad})
+        assert resp.status_code == 422 and 'role="alert"' in resp.text, (bad, resp.text[:500])
+    for forged in ({}, {"csrf_token": "nope"}):
+        resp = await browser.post("/portal/spend/alerts", data={**forged, "alert-0-threshold": "7",
+                                                                "alert-0-email": "on"})
+        assert resp.status_code == 403
+    assert await alerts_now() == ([(1000, ["email", "slack"], True), (250, ["sms"], False)], 300)
+    assert await ledger_snapshot(database_url) == before
+    # Clearing a threshold removes that alert.
+    removed = await browser.post("/portal/spend/alerts", data={"csrf_token": token, "alert-0-threshold": "",
+                                                               "alert-0-email": "on", "alert-1-threshold": "250",
+                                                               "alert-1-sms": "on", "alert-1-enabled": "on"})
+    assert removed.status_code == 303
+    assert await alerts_now() == ([(250, ["sms"], True)], 300)
+
+
+async def test_notification_destinations_are_edited_on_the_spend_page_through_the_api(
+        api: httpx.AsyncClient) -> None:
+    account = await new_account(api)
+    browser = await open_portal(api, account)
+    token = csrf_of((await browser.get("/portal/spend")).text)
+
+    async def channels() -> tuple[Any, Any, Any]:
+        got = (await api.get("/api/v1/billing/notification-channels", params={"account_id": account})).json()
+        return got["email"], got["slack_webhook_url"], got["sms_phone"]
+
+    slack = "https://hooks.slack.com/services/T000/B000/secretpart"
+    saved = await browser.post("/portal/spend/channels", data={
+        "csrf_token": token, "email": "alerts@acme.example", "slack_webhook_url": slack, "sms_phone": "+14155550100"})
+    assert (saved.status_code, saved.headers["location"]) == (303, "/portal/spend?ok=channels"), saved.text
+    assert await channels() == ("alerts@acme.example", "https://hooks.slack.com/…", "+14155550100")
+    page = (await browser.get("/portal/spend")).text
+    assert '<span id="slack-current">https://hooks.slack.com/…</span>' in page and "secretpart" not in page
+    assert 'value="alerts@acme.example"' in page and 'value="+14155550100"' in page
+    # Bad values: the API's refusal on the page, nothing changed. Without the token: 403.
+    for bad in ({"sms_phone": "555-CALL-NOW"}, {"slack_webhook_url": "http://127.0.0.1/hook"},
+                {"email": "not-an-email"}):
+        resp = await browser.post("/portal/spend/channels", data={"csrf_token": token, "email": "alerts@acme.example",
+                                                                  "sms_phone": "+14155550100", **bad})
+        assert resp.status_code == 422 and 'role="alert"' in resp.text, bad
+    forged = await browser.post("/portal/spend/channels", data={"csrf_token": "nope", "sms_phone": ""})
+    assert forged.status_code == 403
+    assert await channels() == ("alerts@acme.example", "https://hooks.slack.com/…", "+14155550100")
+    # An empty Slack field keeps the (hidden) URL; emptied email and phone are removed; "remove" removes Slack.
+    kept = await browser.post("/portal/spend/channels", data={"csrf_token": token, "email": "", "sms_phone": "",
+                                                              "slack_webhook_url": ""})
+    assert kept.status_code == 303
+    assert await channels() == (None, "https://hooks.slack.com/…", None)
+    gone = await browser.post("/portal/spend/channels", data={"csrf_token": token, "remove_slack": "on"})
+    assert gone.status_code == 303
+    assert await channels() == (None, None, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -275,6 +276,20 @@ async def test_forged_forms_are_refused(page: Any, stack: tuple[str, httpx.Async
     assert await ledger_snapshot(database_url) == before
 
 
+def _half_up(amount: int, numerator: int, denominator: int) -> int:
+    """The expected proration share, computed here on its own (integers, half-up)."""
+    return (2 * amount * numerator + denominator) // (2 * denominator)
+
+
+def _micros_between(start: str, end: str) -> int:
+    delta = datetime.fromisoformat(end.replace("Z", "+00:00")) - datetime.fromisoformat(start.replace("Z", "+00:00"))
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _money(cents: int) -> str:
+    return ("-$" if cents < 0 else "$") + f"{abs(cents) // 100:,}.{abs(cents) % 100:02d}"
+
+
 def csrf_of(html: str) -> str:
     found = re.search(r'name="csrf_token" value="([^"]+)"', html)
     assert found, "no CSRF token in the page"
@@ -312,8 +327,29 @@ async def test_a_resubmitted_buy_form_charges_once_and_a_plan_change_shows_its_p
         subscribed = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "starter",
                                                               "effective": "immediately"})
         assert subscribed.status_code == 200, subscribed.text
-        changed = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "growth",
-                                                           "effective": "immediately"})
+        # Now to Growth: first the preview (nothing changed yet), exact to the cent, then the confirmed change.
+        asked = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "growth",
+                                                         "effective": "immediately"})
+        assert asked.status_code == 200 and 'id="preview"' in asked.text and 'id="proration"' not in asked.text
+        cycle = (await api.get("/api/v1/billing/subscription", params={"account_id": account})).json()
+        assert (cycle["plan_id"], cycle["pending_plan_id"]) == ("starter", None)  # nothing changed yet
+        at = re.search(r'<time id="preview-at" datetime="([^"]+)">', asked.text)
+        assert at
+        remaining, total = _micros_between(at.group(1), cycle["cycle_end"]), _micros_between(
+            cycle["cycle_start"], cycle["cycle_end"])
+        plans = {p["id"]: p for p in (await api.get("/api/v1/billing/plans")).json()["items"]}
+        fee = {k: int(Decimal(str(plans[k]["monthly_fee_usd"])) * 100) for k in ("starter", "growth")}
+        credit, charge = _half_up(fee["starter"], remaining, total), _half_up(fee["growth"], remaining, total)
+        granted = _half_up(plans["growth"]["included_credits"], remaining, total) - _half_up(
+            plans["starter"]["included_credits"], remaining, total)
+        shown = dict(re.findall(r'<dd id="(preview-[a-z]+)">([^<]*)</dd>', asked.text))
+        assert shown == {"preview-credit": _money(credit), "preview-charge": _money(charge),
+                         "preview-net": _money(charge - credit), "preview-granted": f"{granted:,}",
+                         "preview-expired": "0"}, (shown, remaining, total)
+        confirm = dict(re.findall(r'<input type="hidden" name="([a-z_]+)" value="([^"]*)">',
+                                  asked.text.split('id="preview"')[1].split("</form>")[0]))
+        assert confirm == {"csrf_token": token, "plan_id": "growth", "effective": "immediately", "confirm": "yes"}
+        changed = await browser.post("/portal/plan", data=confirm)
         assert changed.status_code == 200 and 'id="proration"' in changed.text, changed.text
         figures = re.findall(r"<dd[^>]*>(-?\$[0-9,]+\.[0-9]{2})</dd>", changed.text)
         credited, charged, net = (Decimal(f.replace("$", "").replace(",", "")) for f in figures)
@@ -321,3 +357,144 @@ async def test_a_resubmitted_buy_form_charges_once_and_a_plan_change_shows_its_p
         current = (await api.get("/api/v1/billing/subscription", params={"account_id": account})).json()
         assert current["plan_id"] == "growth"
         assert 'id="current-plan">Growth<' in changed.text
+
+
+async def test_a_card_added_without_paying_is_listed_pays_the_past_due_invoice_and_becomes_default(
+        page: Any, stack: tuple[str, httpx.AsyncClient], sdk: stripe.StripeClient, pool: AsyncConnectionPool,
+        temporal_client: Client, temporal_settings: Settings) -> None:
+    """Payment methods > Add a card: the hosted card page in setup mode (Stripe.js, the one card form), nothing
+    charged for the card itself; the card comes back listed (brand, last 4, expiry), the past-due invoice is paid
+    with it (as when a card is added through the API), and it is set as the default."""
+    base, api = stack
+    account = await new_account(api)
+    declined = await attach(api, sdk, account, DECLINED_AT_CHARGE)
+    invoice = await past_due_invoice(api, temporal_client, temporal_settings, account)  # $49, declined: past due
+    await page.goto(await session_url(api, account))
+    await page.click("nav >> text=Payment methods")
+    await page.click("button:has-text('Add a card')")
+    await page.wait_for_url(re.compile(re.escape(f"{base}/checkout/cs_")))
+    await page.wait_for_selector("#card-element input[placeholder='number']")
+    assert await page.inner_text("h1") == "Add a card"
+    assert await page.inner_text("#pay-button") == "Save card"
+    await shot(page, "portal-add-a-card")
+    await page.fill("#card-name", "Grace Hopper")
+    await _type_card(page, "4242424242424242")
+    await page.click("#pay-button")
+    await page.wait_for_url(re.compile(re.escape(f"{base}/portal/payment-methods?ok=card_added&session_id=cs_")),
+                            timeout=60_000)
+    assert await page.inner_text("[role=status]") == "Card added."
+    cards = (await api.get("/api/v1/billing/payment-methods", params={"account_id": account})).json()["items"]
+    [new] = [c["id"] for c in cards if c["id"] != declined]
+    row = await page.inner_text(f"#card-{new}")
+    assert "Visa •••• 4242" in row and "Grace Hopper" in row and "12/2030" in row and "Default card" not in row
+    await shot(page, "portal-card-added")
+    # The past-due invoice was retried with the new card (issue 13 item 10, as through the API): paid $49.
+    for _ in range(120):
+        got = (await api.get(f"/api/v1/billing/invoices/{invoice}", params={"account_id": account})).json()
+        if got["status"] == "paid":
+            break
+        await page.wait_for_timeout(500)
+    assert (got["status"], got["amount_usd"]) == ("paid", 49)
+    paid = [pi for pi in await succeeded_intents(sdk, pool, account)]
+    assert [(pi.amount, pi.payment_method) for pi in paid] == [(4900, new)]
+    # Set it as the default.
+    await page.click(f"#card-{new} >> text=Set as default")
+    assert await page.inner_text("[role=status]") == "Default card changed."
+    assert "Default card" in await page.inner_text(f"#card-{new}")
+    cards = (await api.get("/api/v1/billing/payment-methods", params={"account_id": account})).json()["items"]
+    assert {c["id"]: c["is_default"] for c in cards} == {new: True, declined: False}
+
+
+AXE = Path(__file__).resolve().parent.parent / "creditflow" / "web" / "static" / "vendor" / "axe-core" / "axe.min.js"
+PAGES = [("/portal", "overview"), ("/portal/usage", "usage"), ("/portal/buy", "buy"), ("/portal/invoices", "invoices"),
+         ("/portal/payment-methods", "payment-methods"), ("/portal/history", "history"), ("/portal/plan", "plan"),
+         ("/portal/auto-recharge", "auto-recharge"), ("/portal/spend", "spend"), ("/portal/agents", "agents"),
+         ("/portal/details", "details")]
+
+# What each page must have, read from the live DOM: one h1; every visible form control with a label (a <label for>,
+# aria-label or aria-labelledby that names something); the skip link first in the tab order, pointing at <main>;
+# no horizontal scrolling of the page itself.
+A11Y_FACTS = """() => {
+  const controls = [...document.querySelectorAll('input, select, textarea')]
+    .filter(el => el.type !== 'hidden' && el.offsetParent !== null);
+  const unlabelled = controls.filter(el => {
+    const named = [...(el.labels || [])].some(l => l.textContent.trim())
+      || (el.getAttribute('aria-label') || '').trim()
+      || (el.getAttribute('aria-labelledby') || '').split(' ').some(id => id && document.getElementById(id));
+    return !named;
+  }).map(el => el.id || el.name);
+  const skip = document.querySelector('a.skip');
+  return {h1: document.querySelectorAll('h1').length, unlabelled, controls: controls.length,
+          skip: skip ? skip.getAttribute('href') : null, main: !!document.querySelector('main#main'),
+          overflow: document.documentElement.scrollWidth - window.innerWidth,
+          wide: [...document.querySelectorAll('body *')].filter(el => el.getBoundingClientRect().right
+            > window.innerWidth + 1 ).map(el => el.tagName + '#' + el.id + '.'
+            + el.className).slice(0, 5),
+          lang: document.documentElement.lang, title: document.title};
+}"""
+
+
+async def _focus_ring(page: Any, selector: str) -> str:
+    """The outline a focused element shows (keyboard focus must be visible)."""
+    return str(await page.evaluate(
+        "(sel) => { const el = document.querySelector(sel); el.focus(); const s = getComputedStyle(el);"
+        " return s.outlineStyle + ' ' + s.outlineWidth; }", selector))
+
+
+async def test_every_portal_page_is_accessible_and_fits_a_phone(
+        browser: Any, stack: tuple[str, httpx.AsyncClient], sdk: stripe.StripeClient) -> None:
+    """Every page, at 1280 px and at 375 px: one h1, every control labelled, a skip link to <main> that is the first
+    Tab stop, a visible focus ring, no horizontal scrolling, and axe-core (vendored, WCAG 2.1 A/AA rules) finds no
+    serious or critical violation. Screenshots at phone width: portal-phone-*.png."""
+    base, api = stack
+    account = await new_account(api)
+    await attach(api, sdk, account, "4242424242424242")
+    assert (await api.post("/api/v1/agents", json={"account_id": account, "id": "support-bot",
+                                                   "name": "Support bot"})).status_code == 201
+    assert (await api.post("/api/v1/billing/track", json={
+        "account_id": account, "feature_id": "chat_message", "value": 12, "agent_id": "support-bot",
+        "idempotency_key": "a11y-1"})).status_code == 200
+    assert (await api.put("/api/v1/billing/alerts", json={"account_id": account, "alerts": [
+        {"threshold": 1000, "channels": ["email", "sms"]}]})).status_code == 200
+    # axe is injected as a script: the portal's own policy forbids scripts, so this context bypasses CSP (the
+    # pages are otherwise what customers get).
+    context = await browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+    context.set_default_timeout(15_000)
+    page = await context.new_page()
+    try:
+        await page.goto(await session_url(api, account))
+        problems: dict[str, Any] = {}
+        for width in (1280, 375):
+            await page.set_viewport_size({"width": width, "height": 844 if width == 375 else 900})
+            for path, name in PAGES:
+                response = await page.goto(f"{base}{path}")
+                assert response.status == 200, path
+                facts = await page.evaluate(A11Y_FACTS)
+                where = f"{path} @ {width}px"
+                assert facts["h1"] == 1, (where, facts)
+                assert re.fullmatch(r"[A-Z][A-Za-z -]+ · Flowyte", facts["title"]), (where, facts["title"])
+                assert facts["unlabelled"] == [], (where, facts)
+                assert (facts["skip"], facts["main"], facts["lang"]) == ("#main", True, "en"), (where, facts)
+                assert facts["overflow"] <= 1, (where, facts["overflow"], facts["wide"])
+                await page.keyboard.press("Tab")  # the first Tab stop is the skip link, and it is visible
+                assert await page.evaluate("document.activeElement.className") == "skip", where
+                box = await page.locator("a.skip").bounding_box()
+                assert box and box["x"] >= 0 and box["y"] >= 0, (where, box)
+                assert (await _focus_ring(page, "a.skip")).startswith("solid"), where
+                for selector in ("main button", "main input:not([type=hidden])", "main select", "nav a"):
+                    if await page.locator(selector).count():
+                        ring = await _focus_ring(page, selector)
+                        assert ring.startswith("solid") and not ring.endswith(" 0px"), (where, selector, ring)
+                await page.add_script_tag(path=str(AXE))
+                result = await page.evaluate(
+                    "async () => { const r = await axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a',"
+                    " 'wcag2aa', 'wcag21a', 'wcag21aa']}}); return r.violations.map(v => ({id: v.id, impact:"
+                    " v.impact, nodes: v.nodes.map(n => n.target.join(' ')).slice(0, 5)})); }")
+                serious = [v for v in result if v["impact"] in ("serious", "critical")]
+                if serious:
+                    problems[where] = serious
+                if width == 375:
+                    await shot(page, f"portal-phone-{name}")
+        assert problems == {}, problems
+    finally:
+        await context.close()

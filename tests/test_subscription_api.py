@@ -3,6 +3,8 @@ recurring-charges API. Real PostgreSQL and Temporal; the cycles themselves are i
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -87,3 +89,70 @@ async def test_subscription_refusals_change_nothing(api: httpx.AsyncClient, data
                                params={"account_id": account})
     assert removed.status_code == 200
     assert (await api.get("/api/v1/billing/recurring-charges", headers=reader)).json()["items"] == []
+
+
+def _half_up(amount: int, numerator: int, denominator: int) -> int:
+    """The expected share, computed here on its own (integers, half-up to the unit): not the code under test."""
+    return (2 * amount * numerator + denominator) // (2 * denominator)
+
+
+def _micros_between(start: str, end: str) -> int:
+    delta = datetime.fromisoformat(end.replace("Z", "+00:00")) - datetime.fromisoformat(start.replace("Z", "+00:00"))
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+async def test_the_preview_shows_what_a_change_would_credit_and_charge_and_changes_nothing(
+        api: httpx.AsyncClient, database_url: str) -> None:  # noqa: F811
+    """GET /subscription/preview: an immediate change prorated as of now by the change's own function (exact to the
+    cent: old fee x share credited, new fee x share charged, plan credits swapped in the same share); next renewal:
+    nothing prorated. Nothing is written; refusals are the change's own."""
+    account = await new_account(api)
+    reader = bearer(await key_for(api, account, "billing:read"))
+    plans = {p["id"]: p for p in (await api.get("/api/v1/billing/plans", headers=reader)).json()["items"]}
+    fresh = await api.get(f"{SUB}/preview", headers=reader, params={"plan_id": "growth", "effective": "now"})
+    assert fresh.status_code == 200, fresh.text
+    assert (fresh.json()["current_plan_id"], fresh.json()["plan_id"], fresh.json()["proration"]) == (
+        None, "growth", None)  # subscribing starts a cycle now: nothing to prorate
+    nothing = await api.get(f"{SUB}/preview", headers=reader)
+    assert (nothing.status_code, nothing.json()["error"]["code"]) == (409, "no_subscription")
+
+    anchor = (datetime.now(UTC) - timedelta(days=10, hours=5)).isoformat()
+    subscribed = await api.post(SUB, json={"account_id": account, "plan_id": "growth", "anchor": anchor})
+    assert subscribed.status_code == 200, subscribed.text
+    cycle = subscribed.json()
+    before = await ledger_snapshot(database_url)
+    for effective in ("now", "immediately"):
+        resp = await api.get(f"{SUB}/preview", headers=reader, params={"plan_id": "scale", "effective": effective})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        p = body["proration"]
+        remaining = _micros_between(p["at"], cycle["cycle_end"])
+        total = _micros_between(cycle["cycle_start"], cycle["cycle_end"])
+        growth, scale = plans["growth"], plans["scale"]
+        credit = _half_up(int(Decimal(str(growth["monthly_fee_usd"])) * 100), remaining, total)
+        charge = _half_up(int(Decimal(str(scale["monthly_fee_usd"])) * 100), remaining, total)
+        granted = _half_up(scale["included_credits"], remaining, total) - _half_up(growth["included_credits"],
+                                                                                  remaining, total)
+        assert (body["current_plan_id"], body["plan_id"], body["effective"], body["effective_at"]) == (
+            "growth", "scale", "immediately", p["at"])
+        assert (p["old_plan_id"], p["new_plan_id"], p["old_plan_credit_cents"], p["new_plan_charge_cents"],
+                p["net_cents"], p["plan_credits_granted"], p["plan_credits_expired"]) == (
+            "growth", "scale", credit, charge, charge - credit, granted, 0)
+        assert 0 < credit < 19_900 and charge > credit  # two-thirds of a cycle left, an upgrade
+    # A downgrade gives plan credits back (never more than remain).
+    down = (await api.get(f"{SUB}/preview", headers=reader, params={"plan_id": "starter", "effective": "now"})).json()
+    assert down["proration"]["net_cents"] < 0 and down["proration"]["plan_credits_granted"] == 0
+    assert down["proration"]["plan_credits_expired"] > 0
+    renewal = (await api.get(f"{SUB}/preview", headers=reader, params={"plan_id": "scale"})).json()
+    assert (renewal["effective"], renewal["effective_at"], renewal["proration"]) == (
+        "next_renewal", cycle["cycle_end"], None)
+    for params, status, code in (({"plan_id": "growth", "effective": "now"}, 422, "validation_error"),
+                                 ({"effective": "now"}, 422, "validation_error"),
+                                 ({"plan_id": "platinum", "effective": "now"}, 422, "unknown_plan"),
+                                 ({"plan_id": "scale", "effective": "yesterday"}, 422, "validation_error")):
+        resp = await api.get(f"{SUB}/preview", headers=reader, params=params)
+        assert (resp.status_code, resp.json()["error"]["code"]) == (status, code), params
+    usage_only = bearer(await key_for(api, account, "usage:write"))
+    assert (await api.get(f"{SUB}/preview", headers=usage_only, params={"plan_id": "scale"})).status_code == 403
+    assert await ledger_snapshot(database_url) == before
+    assert (await api.get(SUB, headers=reader)).json()["plan_id"] == "growth"

@@ -21,6 +21,7 @@ from creditflow.api.deps import get_app_settings, get_pool, require, target_acco
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
 from creditflow.api.schemas import Amount, Strict, Token
+from creditflow.api.scopes import granted
 from creditflow.config import Settings
 from creditflow.domain.topups import cents_to_usd
 from creditflow.errors import CreditflowError
@@ -91,6 +92,10 @@ class CheckoutSessionCreate(Strict):
                                                "appended (or in place of {CHECKOUT_SESSION_ID}).")
     cancel_url: ReturnUrl = Field(description="http(s); the page's cancel link.")
     idempotency_key: Token | None = Field(default=None, description="Or the Idempotency-Key header (optional).")
+    mode: Literal["payment", "setup"] = Field(default="payment", description="setup: the page saves a card and "
+                                              "charges nothing (no package or amount; needs payments:write).")
+    set_default: bool = Field(default=False, description="setup mode: make the saved card the default (without "
+                                                         "it, only if the account has no default card).")
 
 
 class CheckoutSessionOut(BaseModel):
@@ -114,6 +119,8 @@ class CheckoutSessionOut(BaseModel):
     transaction_id: str | None = Field(description="The ledger purchase, once complete.")
     session_id: str = Field(description="Same as id (seed 000's name).")
     checkout_url: str = Field(description="Same as url (seed 000's name).")
+    mode: str = Field(description="payment (buys credits) or setup (saves a card).")
+    payment_method_id: str | None = Field(default=None, description="setup mode: the card saved, once complete.")
 
 
 def _view(session: checkout.CheckoutSession, base_url: str) -> CheckoutSessionOut:
@@ -125,18 +132,23 @@ def _view(session: checkout.CheckoutSession, base_url: str) -> CheckoutSessionOu
         package_id=session.package_id, description=session.description, success_url=session.success_url,
         cancel_url=session.cancel_url, created_at=session.created_at, expires_at=session.expires_at,
         completed_at=session.completed_at, transaction_id=session.transaction_id, session_id=session.id,
-        checkout_url=url)
+        checkout_url=url, mode=session.mode, payment_method_id=session.payment_method_id)
 
 
 _CREATE_RESPONSES: dict[int | str, dict[str, object]] = {
     404: {"description": "unknown_account"},
     409: {"description": "idempotency_conflict (the key was used for another checkout session)"},
-    422: {"description": "amount_out_of_range / unknown_package / invalid_amount / validation_error (a URL)"}}
+    403: {"description": "insufficient_scope (mode setup without payments:write)"},
+    422: {"description": "amount_out_of_range / unknown_package / invalid_amount (also a package or amount in mode "
+                         "setup) / validation_error (a URL)"}}
 
 
 async def _create(req: CheckoutSessionCreate, principal: Principal, pool: AsyncConnectionPool, settings: Settings,
                   request: Request, key: str | None) -> ExactJSONResponse:
     account_id = target_account(principal, req.account_id)
+    if req.mode == checkout.SETUP and not principal.is_admin and Scope.PAYMENTS_WRITE not in granted(principal.scopes):
+        # The page may make the card the default: what PUT /billing/payment-methods needs (payments:write).
+        raise CreditflowError("insufficient_scope", "a setup session needs the payments:write scope")
     given = key is not None or req.idempotency_key is not None
     idem = idempotency_key(key, req.idempotency_key) if given else None
     if req.amount is not None and req.amount_usd is not None and req.amount != req.amount_usd:
@@ -145,7 +157,8 @@ async def _create(req: CheckoutSessionCreate, principal: Principal, pool: AsyncC
     session, _ = await checkout.create_checkout_session(
         pool, settings.topup_policy(), account_id=account_id, package_id=req.package_id, amount_usd=amount,
         success_url=req.success_url, cancel_url=req.cancel_url, idempotency_key=idem,
-        expires_in=timedelta(seconds=settings.checkout_session_expiry_seconds))
+        expires_in=timedelta(seconds=settings.checkout_session_expiry_seconds), mode=req.mode,
+        set_default=req.set_default)
     return respond(_view(session, public_base_url(settings, request)), 201)
 
 

@@ -14,9 +14,7 @@ from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
 from creditflow.api.schemas import PaymentMethodAttach
 from creditflow.api.topups import get_temporal
-from creditflow.errors import CreditflowError
 from creditflow.invoicing import pay_now
-from creditflow.invoicing import store as invoice_store
 from creditflow.payments import methods
 from creditflow.payments.gateway import StripeGateway
 from creditflow.payments.methods import PaymentMethod
@@ -61,11 +59,7 @@ async def attach_payment_method(req: PaymentMethodAttach, principal: Writer, poo
     a card the account already has changes nothing (safe to retry)."""
     account_id = target_account(principal, req.account_id)
     card = await methods.attach_method(pool, gateway, account_id, req.payment_method_id, req.set_default)
-    if await invoice_store.list_for(pool, account_id, status="past_due", limit=1):  # seed 002: a new card pays them
-        try:
-            await pay_now.retry_past_due(pool, gateway, await get_temporal(request), account_id, card.id)
-        except CreditflowError as exc:  # the card is saved; the invoices' scheduled retries still run
-            log.warning("past-due invoices of %s not retried: %s", account_id, exc.code)
+    await pay_now.card_saved(pool, gateway, lambda: get_temporal(request), account_id, card.id)  # seed 002
     return respond(card, 201)
 
 

@@ -84,6 +84,7 @@ ROUTE_SCOPES: dict[tuple[str, str], frozenset[Scope]] = {
     ("GET", "/api/v1/agents/{agent_id}"): READ,
     ("GET", "/api/v1/agents/{agent_id}/events"): READ,
     ("GET", f"{B}/subscription"): READ,
+    ("GET", f"{B}/subscription/preview"): READ,
     ("GET", f"{B}/recurring-charges"): READ,
     ("GET", f"{B}/refunds"): READ,
     ("GET", f"{B}/notification-channels"): READ,

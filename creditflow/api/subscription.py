@@ -7,7 +7,7 @@ Recurring charges (e.g. a monthly phone-number rental) are operator settings bil
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -21,8 +21,10 @@ from creditflow.api.keys import Principal, Scope
 from creditflow.api.plans import get_plan_catalog
 from creditflow.api.schemas import Amount, Strict, Text, Token
 from creditflow.api.topups import get_temporal
-from creditflow.domain.money import AmountError, micros_to_credits
+from creditflow.domain.money import MICROS_PER_CREDIT, AmountError, micros_to_credits
+from creditflow.domain.periods import period_at
 from creditflow.domain.plans import PlanCatalog, UnknownPlanError
+from creditflow.domain.proration import prorate_plan_change
 from creditflow.errors import CreditflowError
 from creditflow.ledger import queries, subscriptions
 from workflows.contract import PlanChange, PlanProration
@@ -124,6 +126,67 @@ async def change_subscription(req: SubscriptionRequest, principal: Writer, pool:
     if req.effective == "immediately":
         view.proration = state.proration
     return respond(view)
+
+
+class SubscriptionPreview(BaseModel):
+    account_id: str
+    current_plan_id: str | None = Field(description="null: no active plan (the new plan would start a cycle now)")
+    plan_id: str | None = Field(description="the plan asked about; null: cancel at the next renewal")
+    effective: Literal["next_renewal", "immediately"]
+    effective_at: datetime = Field(description="when the change would take effect")
+    at: datetime = Field(description="the instant the proration is computed for (now)")
+    proration: PlanProration | None = Field(default=None, description="an immediate change of plan: what it would "
+                                            "credit and charge on this cycle's invoice and do to plan credits, "
+                                            "computed now by the same function the change uses; null otherwise "
+                                            "(nothing is prorated)")
+
+
+@router.get("/subscription/preview", response_model=SubscriptionPreview, response_class=ExactJSONResponse,
+            responses={404: {"description": "unknown_account"},
+                       422: {"description": "unknown_plan / validation_error (an immediate change to the same plan, "
+                                            "or an immediate cancel)"}})
+async def preview_subscription(principal: Reader, pool: Pool, catalog: Catalog,
+                               plan_id: Annotated[str | None, Query(max_length=100, description=(
+                                   "The plan to change to; empty or absent: cancel."))] = None,
+                               effective: Annotated[Literal["next_renewal", "immediately", "now"], Query(
+                                   description="now is the same as immediately")] = "next_renewal",
+                               account_id: AccountQuery = None) -> ExactJSONResponse:
+    """What ``POST /billing/subscription`` with this plan and timing would do, without doing it: an immediate change
+    prorated as of now (``domain/proration.prorate_plan_change``, the function the change itself runs: the unused
+    part of the old plan credited, the new plan charged for the rest of the cycle, plan credits granted or given
+    back). Changes nothing; the change, made later, is prorated as of its own instant."""
+    account = target_account(principal, account_id)
+    when: Literal["next_renewal", "immediately"] = "immediately" if effective in ("now", "immediately") \
+        else "next_renewal"
+    new = None
+    if plan_id:
+        try:
+            new = catalog.get(plan_id)
+        except UnknownPlanError as exc:
+            raise CreditflowError("unknown_plan", f"no plan {plan_id}; see GET /api/v1/billing/plans",
+                                  param="plan_id") from exc
+    row = await subscriptions.get_subscription(pool, account)  # unknown_account
+    now = datetime.now(UTC)
+    if row is None or row.status != "active":
+        if new is None:
+            raise CreditflowError("no_subscription", "the account has no subscription to cancel")
+        return respond(SubscriptionPreview(account_id=account, current_plan_id=None, plan_id=new.id,
+                                           effective=when, effective_at=now, at=now))
+    if when == "next_renewal":
+        return respond(SubscriptionPreview(account_id=account, current_plan_id=row.plan_id, plan_id=plan_id or None,
+                                           effective=when, effective_at=row.period_end, at=now))
+    if new is None or new.id == row.plan_id:
+        raise CreditflowError("validation_error", "an immediate change needs another plan (cancelling takes effect "
+                              "at the next renewal)", param="plan_id")
+    period = period_at(row.anchor_at, row.period_index)
+    left = await subscriptions.plan_credits_left(pool, account)
+    p = prorate_plan_change(period, now, catalog.get(row.plan_id), new, left // MICROS_PER_CREDIT)
+    proration = PlanProration(at=now, old_plan_id=p.old_plan_id, new_plan_id=p.new_plan_id,
+                              old_plan_credit_cents=p.old_plan_credit_cents,
+                              new_plan_charge_cents=p.new_plan_charge_cents, net_cents=p.net_cents,
+                              plan_credits_granted=p.plan_credits_granted, plan_credits_expired=p.plan_credits_expired)
+    return respond(SubscriptionPreview(account_id=account, current_plan_id=row.plan_id, plan_id=new.id,
+                                       effective=when, effective_at=now, at=now, proration=proration))
 
 
 def _charge_view(charge: subscriptions.RecurringCharge) -> RecurringChargeView:

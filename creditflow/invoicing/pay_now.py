@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -86,3 +87,18 @@ async def retry_past_due(pool: AsyncConnectionPool, gateway: StripeGateway, clie
             continue
         started.append(record.id)
     return started
+
+
+async def card_saved(pool: AsyncConnectionPool, gateway: StripeGateway,
+                     temporal: Callable[[], Awaitable[CreditflowClient]], account_id: str,
+                     payment_method_id: str) -> list[str]:
+    """Seed 002: a card just saved (through the API or the hosted page) pays the account's past-due invoices.
+    Temporal is reached only when there is one; if it cannot be, the card stays saved and the invoices' scheduled
+    retries still run (logged, never the caller's error)."""
+    if not await store.list_for(pool, account_id, status="past_due", limit=1):
+        return []
+    try:
+        return await retry_past_due(pool, gateway, await temporal(), account_id, payment_method_id)
+    except CreditflowError as exc:
+        log.warning("past-due invoices of %s not retried: %s", account_id, exc.code)
+        return []

@@ -36,6 +36,7 @@ from creditflow.domain.charges import KIND_TOPUP
 from creditflow.domain.topups import TopUpError, TopUpPolicy, cents_to_usd, format_usd, quote
 from creditflow.errors import CreditflowError
 from creditflow.ids import new_id
+from creditflow.invoicing import pay_now
 from creditflow.ledger.idempotency import request_hash
 from creditflow.payments.customers import ensure_customer
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, SetupIntentState, StripeGateway
@@ -48,8 +49,11 @@ SESSION_METADATA_KEY = "creditflow_checkout_session_id"
 MAX_URL_LENGTH = 2048
 # Stripe Checkout's placeholder: a success_url holding it gets the session id there instead of ``?session_id=``.
 SESSION_ID_PLACEHOLDER = "{CHECKOUT_SESSION_ID}"
+SETUP_DESCRIPTION = "Save a card"
 
 OPEN, COMPLETE, EXPIRED = "open", "complete", "expired"
+# A payment session buys credits; a setup session only saves the card the buyer confirms (no amount, nothing charged).
+PAYMENT, SETUP = "payment", "setup"
 # What ``pay`` answers the page (besides errors): go to ``redirect_url``; confirm ``client_secret`` (3-D Secure)
 # and pay again; or still deciding: pay again (the same charge is joined).
 PAY_COMPLETE, PAY_REQUIRES_ACTION, PAY_PROCESSING = "complete", "requires_action", "processing"
@@ -76,6 +80,9 @@ class CheckoutSession(BaseModel):
     created_at: datetime
     expires_at: datetime
     completed_at: datetime | None
+    mode: str = PAYMENT
+    set_default: bool = False
+    payment_method_id: str | None = None
 
     @property
     def amount_usd(self) -> Decimal:
@@ -88,6 +95,8 @@ class CheckoutSession(BaseModel):
 
     @property
     def payment_status(self) -> str:
+        if self.mode == SETUP:
+            return "no_payment_required"  # Stripe Checkout's word for a setup session
         return "paid" if self.status == COMPLETE else "unpaid"
 
     @property
@@ -104,6 +113,7 @@ class PayResult(BaseModel):
     client_secret: str | None = None
     credits: int | None = None
     transaction_id: str | None = None
+    payment_method_id: str | None = None
 
 
 def validate_return_url(value: object, field: str) -> str:
@@ -164,30 +174,46 @@ def _session(row: dict[str, Any], now: datetime | None = None) -> CheckoutSessio
 async def create_checkout_session(pool: AsyncConnectionPool, policy: TopUpPolicy, *, account_id: str,
                                   success_url: str, cancel_url: str, package_id: str | None = None,
                                   amount_usd: object = None, idempotency_key: str | None = None,
-                                  expires_in: timedelta = timedelta(hours=24)) -> tuple[CheckoutSession, bool]:
-    """A new open session for ``package_id`` or ``amount_usd`` (exactly one, by the top-up rules); returns it and
+                                  expires_in: timedelta = timedelta(hours=24), mode: str = PAYMENT,
+                                  set_default: bool = False) -> tuple[CheckoutSession, bool]:
+    """A new open session for ``package_id`` or ``amount_usd`` (exactly one, by the top-up rules), or in ``mode``
+    setup for neither (the page saves a card, the default when ``set_default``); returns it and
     whether it was created now. With an ``idempotency_key`` the same request returns the session it created, another
     request under that key is ``idempotency_conflict``. Nothing is written for a refused request."""
-    try:
-        q = quote(policy, amount_usd=amount_usd, package_id=package_id)
-    except TopUpError as exc:
-        param = "package_id" if exc.code == "unknown_package" else "amount"
-        raise CreditflowError(exc.code, str(exc), param=param) from exc
+    if mode == SETUP:
+        if package_id is not None or amount_usd is not None:
+            raise CreditflowError("invalid_amount", "a setup session saves a card and buys nothing: send no package "
+                                  "or amount", param="amount" if package_id is None else "package_id")
+        amount_cents, credits, package, description = 0, 0, None, SETUP_DESCRIPTION
+    elif mode == PAYMENT:
+        try:
+            q = quote(policy, amount_usd=amount_usd, package_id=package_id)
+        except TopUpError as exc:
+            param = "package_id" if exc.code == "unknown_package" else "amount"
+            raise CreditflowError(exc.code, str(exc), param=param) from exc
+        amount_cents, credits, package, description = q.amount_cents, q.credits, q.package_id, q.description
+        if set_default:  # a paid card is never made the default behind the buyer's back (docs/checkout.md)
+            raise CreditflowError("validation_error", "set_default applies to mode setup only", param="set_default")
+    else:
+        raise CreditflowError("validation_error", "mode must be payment or setup", param="mode")
     success_url = validate_return_url(success_url, "success_url")
     cancel_url = validate_return_url(cancel_url, "cancel_url")
-    fingerprint = request_hash("checkout.session", account_id, q.amount_cents, q.credits, q.package_id,
-                               success_url, cancel_url)
+    parts: tuple[object, ...] = (account_id, amount_cents, credits, package, success_url, cancel_url)
+    if mode == SETUP:  # a payment session's fingerprint stays what it was (keys stored before setup mode existed)
+        parts += (mode, set_default)
+    fingerprint = request_hash("checkout.session", *parts)
     session_id = new_id("cs")
     async with pool.connection() as conn:
         if await (await conn.execute("SELECT 1 FROM accounts WHERE id = %s", (account_id,))).fetchone() is None:
             raise CreditflowError("unknown_account", f"no account {account_id}", param="account_id")
         row = await (await conn.execute(
             "INSERT INTO checkout_sessions (id, account_id, amount_cents, credits, package_id, description,"
-            " success_url, cancel_url, csrf_token, idempotency_key, request_hash, expires_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + %s)"
+            " success_url, cancel_url, csrf_token, idempotency_key, request_hash, expires_at, mode, set_default)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + %s, %s, %s)"
             " ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING *",
-            (session_id, account_id, q.amount_cents, q.credits, q.package_id, q.description, success_url,
-             cancel_url, secrets.token_urlsafe(32), idempotency_key, fingerprint, expires_in))).fetchone()
+            (session_id, account_id, amount_cents, credits, package, description, success_url,
+             cancel_url, secrets.token_urlsafe(32), idempotency_key, fingerprint, expires_in, mode,
+             set_default))).fetchone()
         if row is not None:
             return _session(row), True
         row = await (await conn.execute(
@@ -258,7 +284,7 @@ async def setup_card(pool: AsyncConnectionPool, gateway: StripeGateway, session_
     check_csrf(session, csrf_token)
     _open(session)
     if session.status == COMPLETE:
-        raise CreditflowError("checkout_session_complete", "this checkout session is already paid")
+        raise CreditflowError("checkout_session_complete", "this checkout session is already complete")
     customer_id = await ensure_customer(pool, gateway, session.account_id)
     async with pool.connection() as conn, conn.transaction():  # one SetupIntent at a time per session
         row = await (await conn.execute("SELECT setup_intent_id, setup_intents FROM checkout_sessions WHERE id = %s"
@@ -279,8 +305,9 @@ async def setup_card(pool: AsyncConnectionPool, gateway: StripeGateway, session_
 
 async def _confirmed_card(pool: AsyncConnectionPool, gateway: StripeGateway, session: CheckoutSession,
                           setup_intent_id: str, payment_method_id: str) -> str:
-    """The card the buyer confirmed on this session's SetupIntent, saved on the account's customer (not made the
-    default). Anything else (another session's SetupIntent, one not confirmed, another card) is refused."""
+    """The card the buyer confirmed on this session's SetupIntent, saved on the account's customer (made the default
+    only by a setup session asked to). Anything else (another session's SetupIntent, one not confirmed, another
+    card) is refused."""
     refused = CreditflowError("payment_method_invalid", "confirm the card on this checkout page first",
                               param="payment_method")
     if not SETUP_INTENT_ID.match(setup_intent_id) or not PAYMENT_METHOD_ID.match(payment_method_id):
@@ -289,7 +316,8 @@ async def _confirmed_card(pool: AsyncConnectionPool, gateway: StripeGateway, ses
     if (seti.metadata.get(SESSION_METADATA_KEY) != session.id or seti.status != "succeeded"
             or seti.payment_method_id != payment_method_id):
         raise refused
-    card = await attach_method(pool, gateway, session.account_id, payment_method_id, set_default=False)
+    card = await attach_method(pool, gateway, session.account_id, payment_method_id,
+                               set_default=True if session.set_default else (None if session.mode == SETUP else False))
     return card.id
 
 
@@ -332,6 +360,8 @@ async def pay(pool: AsyncConnectionPool, gateway: StripeGateway, temporal: Calla
     down."""
     session = await get_checkout_session(pool, session_id)
     check_csrf(session, csrf_token)
+    if session.mode == SETUP:
+        return await _save_card(pool, gateway, temporal, session, setup_intent_id, payment_method_id)
     if session.status == COMPLETE:
         return _paid(session)
     if session.charge_request_id is None:
@@ -365,3 +395,28 @@ async def pay(pool: AsyncConnectionPool, gateway: StripeGateway, temporal: Calla
 def _paid(session: CheckoutSession) -> PayResult:
     return PayResult(status=PAY_COMPLETE, redirect_url=session.success_redirect, credits=session.credits,
                      transaction_id=session.transaction_id)
+
+
+async def _save_card(pool: AsyncConnectionPool, gateway: StripeGateway,
+                     temporal: Callable[[], Awaitable[CreditflowClient]], session: CheckoutSession,
+                     setup_intent_id: str, payment_method_id: str) -> PayResult:
+    """A setup session's end: the confirmed card saved on the account's customer (the default if the session says
+    so, or if the account has none), the session complete, and the account's past-due invoices tried with the new
+    card, as when a card is added through the API. Safe to repeat: a complete session answers its redirect."""
+    if session.status == COMPLETE:
+        return _saved(session)
+    _open(session)
+    card = await _confirmed_card(pool, gateway, session, setup_intent_id, payment_method_id)
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "UPDATE checkout_sessions SET status = 'complete', payment_method_id = %s, completed_at = now()"
+            " WHERE id = %s AND status = 'open' RETURNING *", (card, session.id))).fetchone()
+    if row is None:  # completed meanwhile (a second tab): the same answer
+        return _saved(await get_checkout_session(pool, session.id))
+    await pay_now.card_saved(pool, gateway, temporal, session.account_id, card)
+    return _saved(_session(row))
+
+
+def _saved(session: CheckoutSession) -> PayResult:
+    return PayResult(status=PAY_COMPLETE, redirect_url=session.success_redirect,
+                     payment_method_id=session.payment_method_id)

@@ -117,7 +117,8 @@ def _asset(name: str) -> Response:
 
 @router.get("/checkout/{session_id}", response_class=HTMLResponse)
 async def checkout_page(session_id: str, pool: Pool, settings: AppSettings) -> HTMLResponse:
-    """The page for a session: the card form while it is open; a clear notice once paid, expired or unknown."""
+    """The page for a session: the card form while it is open (to pay, or in setup mode to save the card); a clear
+    notice once complete, expired or unknown."""
     try:
         session = await checkout.get_checkout_session(pool, session_id)
     except CreditflowError as exc:
@@ -127,20 +128,20 @@ async def checkout_page(session_id: str, pool: Pool, settings: AppSettings) -> H
         return _notice(settings, 404, "Checkout not found",
                        "This checkout link is not valid. Ask for a new one where you started.")
     what = {"package_name": _package_name(settings, session), "credits": f"{session.credits:,}",
-            "price": format_usd(session.amount_cents), "description": session.description}
+            "price": format_usd(session.amount_cents), "description": session.description,
+            "setup": session.mode == checkout.SETUP}
     if session.status == checkout.COMPLETE:
         return _page(settings, "complete.html", 200, **what, continue_url=session.success_redirect)
     if session.status == checkout.EXPIRED:
         return _notice(settings, 410, "This checkout link has expired",
-                       "Nothing was charged. Start a new purchase where you came from.", session.cancel_url,
-                       "Return")
+                       "Nothing was charged. Start again where you came from.", session.cancel_url, "Return")
     if not settings.stripe_publishable_key:
         return _notice(settings, 503, "Payments are not configured",
                        "Card payments are not set up on this server (CREDITFLOW_STRIPE_PUBLISHABLE_KEY).",
                        session.cancel_url, "Return")
     config = {"publishableKey": settings.stripe_publishable_key, "sessionId": session.id,
               "csrfToken": session.csrf_token, "intentUrl": f"/checkout/{session.id}/intent",
-              "payUrl": f"/checkout/{session.id}/pay"}
+              "payUrl": f"/checkout/{session.id}/pay", "setup": session.mode == checkout.SETUP}
     return _page(settings, "pay.html", 200, **what, cancel_url=session.cancel_url, stripe_js_url=settings.stripe_js_url,
                  config=config, expires_at=session.expires_at.strftime("%Y-%m-%d %H:%M UTC"))
 

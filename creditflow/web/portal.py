@@ -53,6 +53,7 @@ from creditflow.api.scopes import granted, required_scopes
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id
+from creditflow.ledger.alerts import CHANNELS
 from creditflow.web import sessions
 from creditflow.web.sessions import COOKIE_NAME, PortalSession
 
@@ -146,10 +147,12 @@ NOTICES = {
     "topup": "Payment received: your credits were added.", "checkout": "Payment received: your credits were added.",
     "topup_pending": "Payment is processing: the credits "
     "arrive when it settles.", "paid": "Invoice paid.", "pay_pending": "The payment is processing.",
-    "default": "Default card changed.", "deleted": "Card removed.", "paused": "Agent paused.",
+    "default": "Default card changed.", "card_added": "Card added.", "deleted": "Card removed.",
+    "paused": "Agent paused.",
     "resumed": "Agent resumed.", "agent_saved": "Agent saved.", "limits": "Spend limits saved.",
     "recharge": "Auto-recharge saved.",
-    "notifications": "Notifications saved.", "tax_added": "Tax registration added.",
+    "notifications": "Notifications saved.", "alerts": "Low-balance alerts saved.",
+    "channels": "Notification destinations saved.", "tax_added": "Tax registration added.",
     "tax_deleted": "Tax registration removed.",
     "plan": "Plan changed.", "address": "Invoice address saved.", "email": "Billing email saved.",
 }
@@ -238,7 +241,7 @@ async def _form(request: Request) -> dict[str, str] | None:
     if len(body) > MAX_FORM_BYTES:
         return None
     try:
-        parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=50)
+        parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=100)
     except (UnicodeDecodeError, ValueError):
         return None
     return {k: v[-1].strip() for k, v in parsed.items() if "\x00" not in v[-1]}
@@ -405,7 +408,25 @@ async def invoice_pdf(ctx: Ctx) -> Response:
 
 
 async def cards(ctx: Ctx) -> Response:
-    return ctx.render("cards.html", "cards", error=error_of(ctx), cards=await _cards(ctx))
+    return ctx.render("cards.html", "cards", error=error_of(ctx), cards=await _cards(ctx),
+                      request_id=f"portal-{uuid.uuid4().hex}")
+
+
+async def card_add(ctx: Ctx) -> Response:
+    """A card is added on the hosted checkout page (its one Stripe.js card form) in setup mode: nothing is charged,
+    the card is saved on the account (the default if asked, or if there is none), and past-due invoices are tried
+    with it, as when a card is added through the API. The form's request id is the session's idempotency key."""
+    base = public_base_url(ctx.settings, ctx.request).rstrip("/")
+    try:
+        body = checkout_api.CheckoutSessionCreate(
+            mode="setup", set_default=ctx.form.get("set_default") == "on",
+            success_url=f"{base}/portal/payment-methods?ok=card_added", cancel_url=f"{base}/portal/payment-methods",
+            idempotency_key=ctx.form.get("request_id") or None)
+        created = await ctx.call("POST", "/api/v1/checkout/sessions", checkout_api.create_checkout_session, body,
+                                 pool=ctx.pool, settings=ctx.settings, request=ctx.request)
+    except (CreditflowError, ValidationError) as exc:
+        return await fail(ctx, cards, exc)
+    return RedirectResponse(str(created["url"]), 303, headers=SECURITY_HEADERS)
 
 
 async def card_default(ctx: Ctx) -> Response:
@@ -467,7 +488,8 @@ async def spend(ctx: Ctx) -> Response:
     channels = await ctx.call("GET", "/api/v1/billing/notification-channels",
                               notification_channels.get_notification_channels, pool=ctx.pool)
     return ctx.render("spend.html", "spend", error=error_of(ctx), limits=current, spend=used, alerts=notify,
-                      channels=channels, webhook_secret=getattr(ctx.request.state, "webhook_secret", None))
+                      channels=channels, webhook_secret=getattr(ctx.request.state, "webhook_secret", None),
+                      alert_rows=alert_rows(notify["alerts"]), channel_names=CHANNELS)
 
 
 async def save_notifications(ctx: Ctx) -> Response:
@@ -486,6 +508,48 @@ async def save_notifications(ctx: Ctx) -> Response:
         ctx.request.state.webhook_secret = saved["webhook_secret"]
         return await spend(ctx)
     return done("notifications", "/portal/spend")
+
+
+def alert_rows(saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The alert form's rows: each saved alert, then blank ones to add (up to the API's maximum)."""
+    blank = {"threshold": None, "channels": ["email"], "enabled": True}
+    return [*saved, *[blank] * max(0, min(2, alerts.MAX_ALERTS - len(saved)))]
+
+
+async def save_alerts(ctx: Ctx) -> Response:
+    """Low-balance alerts: the whole list from the form's rows (a row with no threshold is dropped: that removes
+    it), saved by the API's alerts code, which keeps the daily usage threshold as it is (not in the request)."""
+    rows = []
+    for i in range(alerts.MAX_ALERTS):
+        threshold = ctx.form.get(f"alert-{i}-threshold", "")
+        if not threshold:
+            continue
+        rows.append({"threshold": threshold, "enabled": ctx.form.get(f"alert-{i}-enabled") == "on",
+                     "channels": [c for c in CHANNELS if ctx.form.get(f"alert-{i}-{c}") == "on"]})
+    try:
+        req = alerts.AlertsRequest(alerts=rows)
+        await ctx.call("PUT", "/api/v1/billing/alerts", alerts.put_alerts, req, pool=ctx.pool)
+    except (CreditflowError, ValidationError) as exc:
+        return await fail(ctx, spend, exc)
+    return done("alerts", "/portal/spend")
+
+
+async def save_channels(ctx: Ctx) -> Response:
+    """Where notifications go (email instead of the billing email, Slack, SMS), by the API's channels code. The
+    Slack URL is a credential the API never shows back: an empty field keeps it, "remove" removes it."""
+    values: dict[str, Any] = {"email": _blank_none(ctx.form.get("email")),
+                              "sms_phone": _blank_none(ctx.form.get("sms_phone"))}
+    if ctx.form.get("remove_slack") == "on":
+        values["slack_webhook_url"] = None
+    elif ctx.form.get("slack_webhook_url"):
+        values["slack_webhook_url"] = ctx.form["slack_webhook_url"]
+    try:
+        req = notification_channels.NotificationChannelsUpdate(**values)
+        await ctx.call("PUT", "/api/v1/billing/notification-channels",
+                       notification_channels.put_notification_channels, req, pool=ctx.pool, settings=ctx.settings)
+    except (CreditflowError, ValidationError) as exc:
+        return await fail(ctx, spend, exc)
+    return done("channels", "/portal/spend")
 
 
 async def save_spend(ctx: Ctx) -> Response:
@@ -598,14 +662,27 @@ async def plan(ctx: Ctx) -> Response:
                              catalog=catalog)
     offered = await ctx.call("GET", "/api/v1/billing/plans", plans.list_plans, catalog=catalog)
     proration = getattr(ctx.request.state, "proration", None)
+    preview = getattr(ctx.request.state, "preview", None)
+    names = {p["id"]: p["name"] for p in offered["items"]}
     return ctx.render("plan.html", "plan", error=error_of(ctx), current=current, plans=offered["items"],
-                      proration=proration)
+                      proration=proration, preview=preview, names=names)
 
 
 async def change_plan(ctx: Ctx) -> Response:
+    """An immediate change is shown first (the API's preview: what it would credit and charge, prorated now by the
+    change's own function) and made only when the customer confirms; a change at the next renewal prorates nothing
+    and is made at once."""
     try:
         req = subscription.SubscriptionRequest(plan_id=_blank_none(ctx.form.get("plan_id")),
                                                effective=ctx.form.get("effective") or "next_renewal")
+        if req.effective == "immediately" and ctx.form.get("confirm") != "yes":
+            preview = await ctx.call("GET", "/api/v1/billing/subscription/preview",
+                                     subscription.preview_subscription, pool=ctx.pool,
+                                     catalog=ctx.request.app.state.plan_catalog, plan_id=req.plan_id,
+                                     effective="immediately")
+            if preview.get("proration"):  # a change of plan (subscribing prorates nothing: no step)
+                ctx.request.state.preview = preview
+                return await plan(ctx)
         changed = await ctx.call("POST", "/api/v1/billing/subscription", subscription.change_subscription, req,
                                  pool=ctx.pool, catalog=ctx.request.app.state.plan_catalog, request=ctx.request)
     except (CreditflowError, ValidationError) as exc:
@@ -732,10 +809,13 @@ for path, view, methods in [
     ("/portal/history.csv", history_csv, ["GET"]), ("/portal/invoices", invoice_list, ["GET"]),
     ("/portal/invoices/pay", pay_invoice, ["POST"]), ("/portal/invoices/{invoice_id}/pdf", invoice_pdf, ["GET"]),
     ("/portal/payment-methods", cards, ["GET"]), ("/portal/payment-methods/default", card_default, ["POST"]),
-    ("/portal/payment-methods/delete", card_delete, ["POST"]), ("/portal/agents", agent_list, ["GET"]),
+    ("/portal/payment-methods/delete", card_delete, ["POST"]),
+    ("/portal/payment-methods/add", card_add, ["POST"]), ("/portal/agents", agent_list, ["GET"]),
     ("/portal/agents/{action:str}", agent_action, ["POST"]), ("/portal/spend", spend, ["GET"]),
     ("/portal/spend", save_spend, ["POST"]),
-    ("/portal/spend/notifications", save_notifications, ["POST"]), ("/portal/auto-recharge", recharge, ["GET"]),
+    ("/portal/spend/notifications", save_notifications, ["POST"]),
+    ("/portal/spend/alerts", save_alerts, ["POST"]), ("/portal/spend/channels", save_channels, ["POST"]),
+    ("/portal/auto-recharge", recharge, ["GET"]),
     ("/portal/auto-recharge", save_recharge, ["POST"]), ("/portal/usage", usage, ["GET"]),
     ("/portal/plan", plan, ["GET"]), ("/portal/plan", change_plan, ["POST"]), ("/portal/buy", buy, ["GET"]),
     ("/portal/buy", buy_credits, ["POST"]), ("/portal/details", details, ["GET"]),

@@ -1,4 +1,5 @@
-// creditflow hosted checkout: Stripe.js confirms the card on a SetupIntent, creditflow charges it once.
+// creditflow hosted checkout: Stripe.js confirms the card on a SetupIntent, creditflow charges it once (or, for a
+// setup session, only saves it: the same flow, the server answers "complete" without a charge).
 // No build step, no dependencies but Stripe.js (loaded before this file). See creditflow/web/checkout.py.
 (function () {
   "use strict";
@@ -60,7 +61,7 @@
       }
       var answer = res.data;
       if (answer.status === "complete") {
-        busy("Paid");
+        busy(config.setup ? "Saved" : "Paid");
         window.location.assign(answer.redirect_url);
         return;
       }
