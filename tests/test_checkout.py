@@ -26,7 +26,13 @@ from creditflow.config import Settings
 from creditflow.payments.checkout import with_session_id
 from tests.conftest import ADMIN_KEY, ledger_snapshot
 from tests.support.api import bearer, key_for, new_account
-from tests.support.checkout import PUBLISHABLE_KEY, checkout_settings
+from tests.support.checkout import (
+    PUBLISHABLE_KEY,
+    card_confirmed_on_page,
+    checkout_settings,
+    page_config,
+    pay,
+)
 from tests.support.payments import DECLINED_AT_CHARGE, charges, customer_of, intents_of, purchases, reconcile
 
 SESSIONS = "/api/v1/checkout/sessions"
@@ -68,41 +74,6 @@ async def session_count(database_url: str) -> int:
         row = await (await conn.execute("SELECT count(*) FROM checkout_sessions")).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def page_config(html: str) -> dict[str, Any]:
-    """What the hosted page hands its script (publishable key, CSRF token, endpoints)."""
-    found = re.search(r'<script id="checkout-config" type="application/json">(.*?)</script>', html, re.S)
-    assert found, html
-    return json.loads(found.group(1))
-
-
-async def confirm_card(stripe_base: str, client_secret: str, number: str = "4242424242424242") -> dict[str, Any]:
-    """What the emulator's Stripe.js ``confirmCardSetup`` sends for the card typed into its element."""
-    seti = client_secret.split("_secret_")[0]
-    async with httpx.AsyncClient() as http:
-        resp = await http.post(f"{stripe_base}/v1/setup_intents/{seti}/confirm", json={
-            "key": PUBLISHABLE_KEY, "use_stripe_sdk": True, "client_secret": client_secret,
-            "payment_method_data": {"type": "card", "card": {"number": number, "exp_month": "12",
-                                                             "exp_year": "2030", "cvc": "123"}}})
-    return {"status_code": resp.status_code, **resp.json()}
-
-
-async def card_confirmed_on_page(api: httpx.AsyncClient, stripe_base: str, session_id: str,
-                                 number: str = "4242424242424242") -> tuple[dict[str, str], dict[str, Any]]:
-    """Open the page, get a SetupIntent from it and confirm a card as Stripe.js does: (CSRF header, SetupIntent)."""
-    page = await api.get(f"/checkout/{session_id}", headers={"Authorization": ""})
-    assert page.status_code == 200, page.text
-    csrf = {"X-CSRF-Token": page_config(page.text)["csrfToken"]}
-    intent = await api.post(f"/checkout/{session_id}/intent", headers=csrf)
-    assert intent.status_code == 200, intent.text
-    seti = await confirm_card(stripe_base, intent.json()["client_secret"], number)
-    return csrf, seti
-
-
-async def pay(api: httpx.AsyncClient, session_id: str, csrf: dict[str, str], seti: dict[str, Any]) -> httpx.Response:
-    return await api.post(f"/checkout/{session_id}/pay", headers=csrf,
-                          json={"setup_intent": seti["id"], "payment_method": seti["payment_method"]})
 
 
 def exact(resp: httpx.Response) -> Any:

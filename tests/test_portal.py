@@ -412,7 +412,7 @@ async def test_add_a_card_goes_to_the_hosted_card_page_in_setup_mode_and_comes_b
         settings: Settings, sdk: stripe.StripeClient, stripe_base: str, database_url: str) -> None:
     """Payment methods > Add a card: a setup-mode checkout session (the one Stripe.js card form), nothing charged;
     the card comes back listed with brand, last 4 and expiry, the default when asked."""
-    from tests.test_checkout import PUBLISHABLE_KEY, card_confirmed_on_page, pay
+    from tests.support.checkout import PUBLISHABLE_KEY, card_confirmed_on_page, pay
 
     paying = settings.model_copy(update={"stripe_publishable_key": PUBLISHABLE_KEY,
                                          "stripe_js_url": f"{stripe_base}/js.stripe.com/v3/"})

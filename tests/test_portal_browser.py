@@ -378,7 +378,7 @@ async def test_a_card_added_without_paying_is_listed_pays_the_past_due_invoice_a
     assert await page.inner_text("#pay-button") == "Save card"
     await shot(page, "portal-add-a-card")
     await page.fill("#card-name", "Grace Hopper")
-    await _type_card(page, "4242424242424242")
+    await type_card(page, "4242424242424242")
     await page.click("#pay-button")
     await page.wait_for_url(re.compile(re.escape(f"{base}/portal/payment-methods?ok=card_added&session_id=cs_")),
                             timeout=60_000)
