@@ -104,7 +104,8 @@ class TopUpWorkflow:
                 TopUpActivities.record_topup_charge,
                 RecordTopUpInput(account_id=input.account_id, request_id=input.request_id,
                                  amount_cents=t.amount_cents, credits=t.credits, package_id=t.package_id,
-                                 description=input.description, payment_method_id=t.payment_method_id),
+                                 description=input.description, payment_method_id=t.payment_method_id,
+                                 credit_system=t.credit_system),
                 start_to_close_timeout=STRIPE_TIMEOUT, retry_policy=STRIPE_RETRY,
                 summary=f"Record the {format_usd(t.amount_cents)} top-up ({how})")
         except ActivityError as err:

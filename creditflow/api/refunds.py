@@ -64,6 +64,9 @@ class RefundResponse(BaseModel):
     payment_intent_id: str | None = None
     stripe_refund_id: str | None = None
     balance: Decimal | None = None
+    credit_system: str | None = Field(default=None, description="The named credit system the refunded top-up "
+                                                                "funded; `balance` is that system's. Absent for the "
+                                                                "wallet.")
 
 
 class RefundItem(BaseModel):
@@ -141,7 +144,12 @@ async def create_refund(req: RefundRequest, principal: Writer, pool: Pool, setti
         return respond({"status": REFUND_PENDING, "request_id": request_id,
                         "workflow_id": refund_workflow_id(account_id, request_id)}, 202)
     # Stripe accepted the refund without settling it: pending (202) until Stripe's final word.
-    return respond(_body(outcome), 202 if outcome.status == REFUND_PENDING else 200)
+    body = _body(outcome)
+    if outcome.payment_intent_id is not None:
+        system = await refunds.funded_system(pool, account_id, outcome.payment_intent_id)
+        if system is not None:
+            body["credit_system"] = system
+    return respond(body, 202 if outcome.status == REFUND_PENDING else 200)
 
 
 @router.get("/refunds", response_model=RefundList, response_class=ExactJSONResponse)
