@@ -252,3 +252,31 @@ async def test_bad_input_is_refused_and_changes_nothing(
     assert await rows(pool, "SELECT 1 FROM accounts WHERE id = %s", f"{account}.{SYSTEM}") == []
     assert await balances(api, account) == (5000, [])
     await verify_clean(api)
+
+
+async def test_verify_sees_a_systems_purchase_lot_as_a_wallets(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient) -> None:  # noqa: F811
+    """Proof that verify's money checks look at the system's lot: a dispute recorded as taking nothing from a system
+    purchase that still has credits is reported (a check joining the lot on the wallet's account would miss it)."""
+    api = cf.admin
+    await transcription_system(api)
+    account = await new_account(api)
+    await save_card(api, sdk, account)
+    bought = await buy(api, account, "sys-1")
+    await verify_clean(api, account)
+    [charge] = await rows(pool, "SELECT id FROM stripe_charges WHERE account_id = %s", account)
+    [lot] = await rows(pool, "SELECT id FROM credit_lots WHERE account_id = %s", f"{account}.{SYSTEM}")
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO disputes (id, account_id, charge_id, payment_intent_id, lot_id, amount_cents, claimed_micros,"
+            " taken_micros) VALUES ('dp_tampered', %s, %s, %s, %s, 1000, 0, 0)",
+            (account, charge["id"], bought["payment_intent_id"], lot["id"]))
+    try:
+        body = (await api.get("/api/v1/verify", params={"account_id": account})).json()
+        assert body["ok"] is False
+        assert [(v["check"], v["account_id"]) for v in body["violations"]] == [
+            ("credits_leave_with_their_money", account)]
+    finally:
+        async with pool.connection() as conn:
+            await conn.execute("DELETE FROM disputes WHERE id = 'dp_tampered'")
+    await verify_clean(api, account)
