@@ -7,6 +7,7 @@ that lot's credits back at its price, a dispute claws back from it, and ``credit
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -16,14 +17,20 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from creditflow.client import topup_workflow_id
+from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
+from creditflow.domain.reconciliation import RunWindow
+from creditflow.payments import topups
+from creditflow.payments.gateway import StripeGateway
+from creditflow.payments.reconcile import Reconciler
 from tests.conftest import ledger_snapshot
 from tests.test_account_workflow import eventually
 from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
 from tests.test_credit_systems import FEATURE, SYSTEM, key_for, new_account, track, transcription_system
+from tests.test_reconcile import kinds, reconcile_now
 from tests.test_refunds import REFUNDS, stripe_refunds
 from tests.test_stripe_webhooks import Clients, cf, event, pay, settings, sign  # noqa: F401 - fixtures
-from tests.test_topups import TOPUP, TOPUPS, customer_of, intents_of, save_card
+from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, TOPUPS, customer_of, intents_of, save_card
 from workflows.contract import TopUpOutcome
 
 pytestmark = [pytest.mark.temporal, pytest.mark.slow]
@@ -248,6 +255,18 @@ async def test_bad_input_is_refused_and_changes_nothing(
 
     assert await ledger_snapshot(database_url) == before
     assert await rows(pool, "SELECT id FROM stripe_charges ORDER BY id") == charges_before
+
+    # A declined card: the charge row records the failure (as for the wallet); no credits, no empty system balance.
+    declined = await new_account(api)
+    await save_card(api, sdk, declined, DECLINED_AT_CHARGE)
+    before = await ledger_snapshot(database_url)
+    resp = await api.post(TOPUP, json={"account_id": declined, "amount_usd": 10, "credit_system": SYSTEM,
+                                       "request_id": "d-1"})
+    assert (resp.status_code, resp.json()["error"]["code"]) == (402, "card_declined")
+    assert await ledger_snapshot(database_url) == before
+    [failed] = await rows(pool, "SELECT status, credit_system_id FROM stripe_charges WHERE account_id = %s", declined)
+    assert failed == {"status": "failed", "credit_system_id": SYSTEM}
+    assert await balances(api, declined) == (5000, [])
     assert len(intents_of(sdk, await customer_of(pool, account))) == intents_before
     assert await rows(pool, "SELECT 1 FROM accounts WHERE id = %s", f"{account}.{SYSTEM}") == []
     assert await balances(api, account) == (5000, [])
@@ -279,4 +298,48 @@ async def test_verify_sees_a_systems_purchase_lot_as_a_wallets(
     finally:
         async with pool.connection() as conn:
             await conn.execute("DELETE FROM disputes WHERE id = 'dp_tampered'")
+    await verify_clean(api, account)
+
+
+async def test_reconciliation_matches_a_systems_charge_and_repairs_through_its_lot(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, settings: Settings) -> None:  # noqa: F811
+    """A system's top-up is matched with its PaymentIntent; a refund made on Stripe that no webhook reported is taken
+    back from the system's lot once, and given back once when Stripe reports it failed; a payment whose workflow gave
+    up is credited late into the system, once."""
+    api = cf.admin
+    gateway = StripeGateway.from_settings(settings)
+    await transcription_system(api)
+    account = await new_account(api)
+    await save_card(api, sdk, account)
+    pi = (await buy(api, account, "sys-1"))["payment_intent_id"]
+    assert kinds(await reconcile_now(pool, gateway), account) == []
+
+    refund = sdk.v1.refunds.create(params={"payment_intent": pi, "amount": 250})
+    first = await reconcile_now(pool, gateway)
+    assert kinds(first, account) == [("repaired", "stripe_refund_taken_back")]
+    assert await balances(api, account) == (5000, [750])
+    assert kinds(await reconcile_now(pool, gateway), account) == []  # found applied in the system's journal
+    assert await balances(api, account) == (5000, [750])
+    await verify_clean(api, account)
+
+    now = datetime.now(UTC)
+    reconciler = Reconciler(pool, gateway, RunWindow(run_id="t", trigger="manual", since=now, until=now), now=now,
+                            server_filter=False, grace=timedelta(0))
+    failed = {"id": refund.id, "status": "failed", "amount": 250, "created": None, "metadata": {},
+              "payment_intent": pi}
+    await reconciler._refund(failed)
+    await reconciler._refund(failed)
+    assert kinds(reconciler.result, account) == [("repaired", "stripe_refund_failed_restored")]
+    assert await balances(api, account) == (5000, [1000])
+    assert await lots(pool, f"{account}.{SYSTEM}") == [("purchase", 1000 * MICROS_PER_CREDIT, 1000)]
+
+    # Charged on Stripe, its workflow gave up before crediting: reconciliation credits the system, once.
+    record = await topups.record_charge(pool, gateway, account_id=account, request_id="late-1", amount_cents=500,
+                                        credits=500, package_id=None, description="Credits", payment_method_id=None,
+                                        credit_system=SYSTEM)
+    assert (await topups.charge(pool, gateway, record.id)).status == "succeeded"
+    await topups.set_status(pool, record.id, "canceled", failure_code="payment_expired")
+    assert kinds(await reconcile_now(pool, gateway), account) == [("repaired", "payment_credited_late")]
+    assert kinds(await reconcile_now(pool, gateway), account) == []
+    assert await balances(api, account) == (5000, [1500])
     await verify_clean(api, account)

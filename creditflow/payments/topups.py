@@ -127,8 +127,8 @@ async def record_charge(pool: AsyncConnectionPool, gateway: StripeGateway, *, ac
                         require_card: bool = False, credit_system: str | None = None) -> ChargeRecord:
     """The charge row of this request, written on the first call (before any charge), read on later ones.
 
-    ``credit_system``: a named system the credits fund (its sub-account is created with the row, so the credit
-    never waits on it); None: the wallet.
+    ``credit_system``: a named system the credits fund (checked to exist by the caller; its sub-account is created
+    when the credits land, so a declined card leaves no empty balance behind); None: the wallet.
 
     ``require_card`` (auto-recharge, off-session only): no saved card means ``no_payment_method`` and no row,
     never the client-secret path."""
@@ -140,7 +140,7 @@ async def record_charge(pool: AsyncConnectionPool, gateway: StripeGateway, *, ac
         card = await resolve_card(gateway, customer_id, payment_method_id)
         if card is None and require_card:
             raise CreditflowError("no_payment_method", "no saved payment method to charge off-session")
-        async with pool.connection() as conn, conn.transaction():
+        async with pool.connection() as conn:
             if credit_system is None:
                 await conn.execute(
                     "INSERT INTO stripe_charges (id, account_id, request_id, kind, amount_cents, credits, package_id,"
@@ -150,7 +150,6 @@ async def record_charge(pool: AsyncConnectionPool, gateway: StripeGateway, *, ac
                     (new_id("chg"), account_id, request_id, kind, amount_cents, credits, package_id, description,
                      payment_method_id, card, customer_id))
             else:
-                await ensure_sub_account(conn, account_id, credit_system)
                 await conn.execute(
                     "INSERT INTO stripe_charges (id, account_id, request_id, kind, amount_cents, credits, package_id,"
                     " description, requested_payment_method_id, payment_method_id, customer_id, credit_system_id)"
@@ -270,6 +269,8 @@ async def credit(pool: AsyncConnectionPool, charge_id: str) -> CreditResult:
         metadata["package_id"] = record.package_id
     if record.credit_system_id is not None:
         metadata["credit_system"] = record.credit_system_id
+        async with pool.connection() as conn, conn.transaction():  # the system's balance, created on its first credit
+            await ensure_sub_account(conn, record.account_id, record.credit_system_id)
     recharge = record.kind == KIND_AUTO_RECHARGE
     result = await postings.post(
         pool, account_id=record.ledger_account_id, type="auto_recharge" if recharge else "purchase",
