@@ -343,3 +343,33 @@ async def test_reconciliation_matches_a_systems_charge_and_repairs_through_its_l
     assert kinds(await reconcile_now(pool, gateway), account) == []
     assert await balances(api, account) == (5000, [1500])
     await verify_clean(api, account)
+
+
+async def test_a_refund_stripe_refuses_puts_the_credits_back_in_the_systems_lot(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient) -> None:  # noqa: F811
+    """RefundWorkflow's compensation: Stripe refuses for good, the reserved credits go back to the same system lot."""
+    api = cf.admin
+    await transcription_system(api)
+    account = await new_account(api)
+    sub = f"{account}.{SYSTEM}"
+    await save_card(api, sdk, account)
+    bought = await buy(api, account, "sys-1")
+    # As in test_refunds: an unpaid PaymentIntent is the one refund localstripe refuses permanently.
+    unpaid = sdk.v1.payment_intents.create(params={"amount": 1000, "currency": "usd", "payment_method_types": ["card"]})
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE stripe_charges SET payment_intent_id = %s WHERE account_id = %s",
+                           (unpaid.id, account))
+    lots_before = await lots(pool, sub)
+    resp = await api.post(REFUNDS, json={"account_id": account, "payment_intent_id": unpaid.id, "credits": 600,
+                                         "request_id": "refused"})
+    assert (resp.status_code, resp.json()["error"]["code"]) == (422, "payment_request_invalid"), resp.text
+    assert await lots(pool, sub) == lots_before
+    assert await balances(api, account) == (5000, [1000])
+    types = await rows(pool, "SELECT type, amount_micros FROM journal WHERE account_id = %s"
+                             " AND type LIKE 'refund%%' ORDER BY seq", sub)
+    assert [(t["type"], t["amount_micros"] // MICROS_PER_CREDIT) for t in types] == [
+        ("refund", -600), ("refund_reversal", 600)]
+    async with pool.connection() as conn:  # the real PaymentIntent back, for verify
+        await conn.execute("UPDATE stripe_charges SET payment_intent_id = %s WHERE account_id = %s",
+                           (bought["payment_intent_id"], account))
+    await verify_clean(api, account)
