@@ -20,6 +20,7 @@ from creditflow.client import topup_workflow_id
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.reconciliation import RunWindow
+from creditflow.notify.templates import render
 from creditflow.payments import topups
 from creditflow.payments.gateway import StripeGateway
 from creditflow.payments.reconcile import Reconciler
@@ -30,7 +31,7 @@ from tests.test_credit_systems import FEATURE, SYSTEM, key_for, new_account, tra
 from tests.test_reconcile import kinds, reconcile_now
 from tests.test_refunds import REFUNDS, stripe_refunds
 from tests.test_stripe_webhooks import Clients, cf, event, pay, settings, sign  # noqa: F401 - fixtures
-from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, TOPUPS, customer_of, intents_of, save_card
+from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, TOPUPS, customer_of, intents_of, receipts, save_card
 from workflows.contract import TopUpOutcome
 
 pytestmark = [pytest.mark.temporal, pytest.mark.slow]
@@ -91,6 +92,18 @@ async def test_a_topup_funds_its_system_and_a_refund_takes_back_from_its_lot(
                         "counter_book": "system:payments_clearing"}
     listed = (await api.get(TOPUPS, params={"account_id": account})).json()["items"]
     assert [(t["request_id"], t["credit_system"]) for t in listed] == [("sys-1", SYSTEM)]
+    history = (await api.get("/api/v1/billing/transactions", params={"account_id": account, "type": "purchase",
+                                                                     "credit_system": SYSTEM})).json()["items"]
+    assert [(t["id"], t["amount"]) for t in history] == [(bought["transaction_id"], 1000)]
+    wallet_history = (await api.get("/api/v1/billing/transactions", params={"account_id": account,
+                                                                            "type": "purchase"})).json()["items"]
+    assert wallet_history == []
+    # The receipt names the system the credits went to.
+    [receipt] = await eventually(lambda: receipts(pool, account), lambda r: len(r) == 1, timeout=20)
+    assert (receipt["kind"], receipt["payload"]["credit_system"], receipt["payload"]["credits"]) == (
+        "receipt", SYSTEM, 1000)
+    text = render("receipt", receipt["payload"], account_id=account, account_name="Acme").email_body
+    assert f"1,000 credits were added to your {SYSTEM} balance." in text
 
     # The same request again: the same answer, no second charge; the same id for the wallet is another request.
     again = await buy(api, account, "sys-1")

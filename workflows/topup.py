@@ -206,6 +206,8 @@ class TopUpWorkflow:
                      "transaction_id": result.transaction_id, "amount_cents": o.amount_cents,
                      "amount": format_usd(o.amount_cents), "credits": o.credits, "package_id": o.package_id,
                      "description": self._input.description})
+        if self._input.terms.credit_system is not None:  # a named credit system's top-up (the wallet's: unchanged)
+            receipt.payload["credit_system"] = self._input.terms.credit_system
         await notify(receipt, summary=f"Send the receipt ({format_usd(o.amount_cents)})")
 
     async def _finish_failed(self, error: ApplicationError, *, mark: bool) -> TopUpOutcome:
