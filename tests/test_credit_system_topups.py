@@ -280,6 +280,14 @@ async def test_bad_input_is_refused_and_changes_nothing(
     [failed] = await rows(pool, "SELECT status, credit_system_id FROM stripe_charges WHERE account_id = %s", declined)
     assert failed == {"status": "failed", "credit_system_id": SYSTEM}
     assert await balances(api, declined) == (5000, [])
+
+    # A wallet top-up next to a system's: answered and listed exactly as before (no credit_system field).
+    wallet = await api.post(TOPUP, json={"account_id": other, "amount_usd": 10, "request_id": "w-1"})
+    assert wallet.status_code == 200 and "credit_system" not in wallet.json() and wallet.json()["balance"] == 6000
+    listed = (await api.get(TOPUPS, params={"account_id": other})).json()["items"]
+    assert [(t["request_id"], t.get("credit_system", "absent")) for t in listed] == [
+        ("w-1", "absent"), ("theirs", SYSTEM)]
+    assert await balances(api, other) == (6000, [1000])
     assert len(intents_of(sdk, await customer_of(pool, account))) == intents_before
     assert await rows(pool, "SELECT 1 FROM accounts WHERE id = %s", f"{account}.{SYSTEM}") == []
     assert await balances(api, account) == (5000, [])

@@ -108,7 +108,7 @@ class TopUpItem(BaseModel):
     decline_code: str | None
     created_at: datetime
     updated_at: datetime
-    credit_system: str | None = None
+    credit_system: str | None = Field(default=None, description="The named credit system funded (absent: the wallet).")
 
 
 class TopUpList(BaseModel):
@@ -183,4 +183,6 @@ async def list_topups(principal: Reader, pool: Pool, limit: Annotated[int, Query
                        payment_intent_id=c.payment_intent_id, transaction_id=c.ledger_txn_id,
                        failure_code=c.failure_code, decline_code=c.decline_code, created_at=c.created_at,
                        updated_at=c.updated_at, credit_system=c.credit_system_id) for c in charges]
-    return respond(TopUpList(items=items, has_more=has_more))
+    # ``credit_system`` only on a named system's top-ups: a wallet top-up is listed exactly as before.
+    return respond({"items": [i.model_dump(exclude={"credit_system"} if i.credit_system is None else None)
+                              for i in items], "has_more": has_more})
