@@ -152,6 +152,9 @@ async def test_a_topup_funds_its_system_and_a_refund_takes_back_from_its_lot(
                                          "request_id": "ref-3"})
     assert (more.status_code, more.json()["error"]["code"]) == (422, "refund_exceeds_remaining")
     assert await balances(api, account) == (5000, [0])
+    listed = (await api.get(REFUNDS, params={"account_id": account})).json()["items"]
+    assert [(r["request_id"], r["credits"], r["credit_system"]) for r in listed] == [
+        ("ref-2", 570, SYSTEM), ("ref-1", 400, SYSTEM)]
     await verify_clean(api, account)
     await verify_clean(api)
 
@@ -288,6 +291,13 @@ async def test_bad_input_is_refused_and_changes_nothing(
     assert [(t["request_id"], t.get("credit_system", "absent")) for t in listed] == [
         ("w-1", "absent"), ("theirs", SYSTEM)]
     assert await balances(api, other) == (6000, [1000])
+    back = await api.post(REFUNDS, json={"account_id": other, "payment_intent_id": wallet.json()["payment_intent_id"],
+                                         "credits": 100, "request_id": "w-ref"})
+    assert back.status_code == 200 and "credit_system" not in back.json() and back.json()["balance"] == 5900
+    refunds_listed = (await api.get(REFUNDS, params={"account_id": other})).json()["items"]
+    assert [(r["request_id"], r.get("credit_system", "absent")) for r in refunds_listed] == [("w-ref", "absent")]
+    assert await balances(api, other) == (5900, [1000])
+    await verify_clean(api)
     assert len(intents_of(sdk, await customer_of(pool, account))) == intents_before
     assert await rows(pool, "SELECT 1 FROM accounts WHERE id = %s", f"{account}.{SYSTEM}") == []
     assert await balances(api, account) == (5000, [])

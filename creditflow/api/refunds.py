@@ -83,6 +83,8 @@ class RefundItem(BaseModel):
     failure_code: str | None
     created_at: datetime
     updated_at: datetime
+    credit_system: str | None = Field(default=None, description="The named credit system of the refunded top-up "
+                                                                "(absent: the wallet).")
 
 
 class RefundList(BaseModel):
@@ -167,4 +169,8 @@ async def list_refunds(principal: Reader, pool: Pool, limit: Annotated[int, Quer
                         payment_intent_id=r.payment_intent_id, transaction_id=r.transaction_id,
                         stripe_refund_id=r.stripe_refund_id, failure_code=r.failure_code, created_at=r.created_at,
                         updated_at=r.updated_at) for r in rows]
-    return respond(RefundList(items=items, has_more=has_more))
+    # ``credit_system`` only on refunds of a named system's top-ups: a wallet refund is listed exactly as before.
+    systems = await refunds.refunded_systems(pool, rows)
+    return respond({"items": [{**i.model_dump(exclude={"credit_system"}),
+                               **({"credit_system": systems[i.id]} if i.id in systems else {})} for i in items],
+                    "has_more": has_more})

@@ -479,6 +479,18 @@ async def funded_system(pool: AsyncConnectionPool, account_id: str, payment_inte
     return row["credit_system_id"] if row is not None else None
 
 
+async def refunded_systems(pool: AsyncConnectionPool, records: list[RefundRecord]) -> dict[str, str]:
+    """refund id -> the named credit system its purchase funded, for the refunds of ``records`` that have one."""
+    if not records:
+        return {}
+    async with pool.connection() as conn:
+        rows = await (await conn.execute(
+            "SELECT l.id, a.credit_system_id FROM credit_lots l JOIN accounts a ON a.id = l.account_id"
+            " WHERE l.id = ANY(%s) AND a.credit_system_id IS NOT NULL", ([r.lot_id for r in records],))).fetchall()
+    systems = {row["id"]: row["credit_system_id"] for row in rows}
+    return {r.id: systems[r.lot_id] for r in records if r.lot_id in systems}
+
+
 async def find(pool: AsyncConnectionPool, account_id: str, request_id: str) -> RefundRecord | None:
     async with pool.connection() as conn:
         row = await (await conn.execute("SELECT * FROM refunds WHERE account_id = %s AND request_id = %s",
