@@ -284,8 +284,10 @@ async def test_bad_input_is_refused_and_changes_nothing(
     assert failed == {"status": "failed", "credit_system_id": SYSTEM}
     assert await balances(api, declined) == (5000, [])
 
-    # A wallet top-up next to a system's: answered and listed exactly as before (no credit_system field).
-    wallet = await api.post(TOPUP, json={"account_id": other, "amount_usd": 10, "request_id": "w-1"})
+    # A wallet top-up next to a system's (naming the default system is the wallet): answered and listed exactly as
+    # before (no credit_system field).
+    wallet = await api.post(TOPUP, json={"account_id": other, "amount_usd": 10, "request_id": "w-1",
+                                         "credit_system": "credits"})
     assert wallet.status_code == 200 and "credit_system" not in wallet.json() and wallet.json()["balance"] == 6000
     listed = (await api.get(TOPUPS, params={"account_id": other})).json()["items"]
     assert [(t["request_id"], t.get("credit_system", "absent")) for t in listed] == [

@@ -10,7 +10,8 @@ the charge must be guarded by our records. The sequence, each step safe to repea
    (confirmed off-session with a saved card) and records its id in the same transaction as the lock.
    A decline is recorded (``failed`` with the codes) and raised as ``card_declined``.
 3. ``credit`` posts a ``purchase`` keyed ``sys:topup:{payment_intent_id}`` (the ledger replays a repeated key)
-   and marks the row ``succeeded`` with the transaction id.
+   and marks the row ``succeeded`` with the transaction id. A top-up naming a credit system (``credit_system_id``)
+   posts it, with the lot's price, to that system's ledger sub-account (docs/credit-systems.md).
 
 Known gap (as for customers): if the process dies after Stripe created a PaymentIntent and before the
 row's commit, a retry creates a second one on localstripe; on Stripe the idempotency key
