@@ -29,6 +29,7 @@ class RecordTopUpInput(BaseModel):
     # ``auto_recharge`` charges are credited as such and must have a saved card (``no_payment_method``).
     kind: str = topups.KIND_TOPUP
     require_card: bool = False
+    credit_system: str | None = None  # a named credit system's top-up (None: the wallet)
 
 
 class ChargeSnapshot(BaseModel):
@@ -65,7 +66,7 @@ class TopUpActivities:
             self._pool, self._gateway, account_id=input.account_id, request_id=input.request_id,
             amount_cents=input.amount_cents, credits=input.credits, package_id=input.package_id,
             description=input.description, payment_method_id=input.payment_method_id, kind=input.kind,
-            require_card=input.require_card)
+            require_card=input.require_card, credit_system=input.credit_system)
         return ChargeSnapshot(charge_id=record.id, status=record.status, payment_method_id=record.payment_method_id,
                               payment_intent_id=record.payment_intent_id)
 

@@ -138,7 +138,8 @@ async def signal_with_start_account(client: Client, task_queue: str, account_id:
 
 
 def topup_input(settings: Settings, account_id: str, request_id: str, *, amount_usd: object = None,
-                package_id: str | None = None, payment_method_id: str | None = None) -> TopUpInput:
+                package_id: str | None = None, payment_method_id: str | None = None,
+                credit_system: str | None = None) -> TopUpInput:
     """Validate a top-up request against the configured bounds and packages (``amount_out_of_range``,
     ``unknown_package``, ``invalid_amount``) and build the workflow's input."""
     try:
@@ -148,7 +149,7 @@ def topup_input(settings: Settings, account_id: str, request_id: str, *, amount_
     return TopUpInput(
         account_id=account_id, request_id=request_id, description=q.description,
         terms=TopUpTerms(amount_cents=q.amount_cents, credits=q.credits, package_id=q.package_id,
-                         payment_method_id=payment_method_id),
+                         payment_method_id=payment_method_id, credit_system=credit_system),
         payment_expiry_seconds=settings.topup_payment_expiry_seconds,
         poll_interval_seconds=settings.topup_poll_interval_seconds)
 

@@ -249,6 +249,8 @@ class TopUpTerms(BaseModel):
     package_id: str | None = None
     # As requested: None means the default card, or the client-secret path when there is none.
     payment_method_id: str | None = None
+    # The named credit system the credits fund (docs/credit-systems.md); None: the default system, the wallet.
+    credit_system: str | None = None
 
 
 class TopUpInput(BaseModel):

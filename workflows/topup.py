@@ -104,7 +104,8 @@ class TopUpWorkflow:
                 TopUpActivities.record_topup_charge,
                 RecordTopUpInput(account_id=input.account_id, request_id=input.request_id,
                                  amount_cents=t.amount_cents, credits=t.credits, package_id=t.package_id,
-                                 description=input.description, payment_method_id=t.payment_method_id),
+                                 description=input.description, payment_method_id=t.payment_method_id,
+                                 credit_system=t.credit_system),
                 start_to_close_timeout=STRIPE_TIMEOUT, retry_policy=STRIPE_RETRY,
                 summary=f"Record the {format_usd(t.amount_cents)} top-up ({how})")
         except ActivityError as err:
@@ -205,6 +206,8 @@ class TopUpWorkflow:
                      "transaction_id": result.transaction_id, "amount_cents": o.amount_cents,
                      "amount": format_usd(o.amount_cents), "credits": o.credits, "package_id": o.package_id,
                      "description": self._input.description})
+        if self._input.terms.credit_system is not None:  # a named credit system's top-up (the wallet's: unchanged)
+            receipt.payload["credit_system"] = self._input.terms.credit_system
         await notify(receipt, summary=f"Send the receipt ({format_usd(o.amount_cents)})")
 
     async def _finish_failed(self, error: ApplicationError, *, mark: bool) -> TopUpOutcome:

@@ -64,6 +64,9 @@ class RefundResponse(BaseModel):
     payment_intent_id: str | None = None
     stripe_refund_id: str | None = None
     balance: Decimal | None = None
+    credit_system: str | None = Field(default=None, description="The named credit system the refunded top-up "
+                                                                "funded; `balance` is that system's. Absent for the "
+                                                                "wallet.")
 
 
 class RefundItem(BaseModel):
@@ -80,6 +83,8 @@ class RefundItem(BaseModel):
     failure_code: str | None
     created_at: datetime
     updated_at: datetime
+    credit_system: str | None = Field(default=None, description="The named credit system of the refunded top-up "
+                                                                "(absent: the wallet).")
 
 
 class RefundList(BaseModel):
@@ -141,7 +146,12 @@ async def create_refund(req: RefundRequest, principal: Writer, pool: Pool, setti
         return respond({"status": REFUND_PENDING, "request_id": request_id,
                         "workflow_id": refund_workflow_id(account_id, request_id)}, 202)
     # Stripe accepted the refund without settling it: pending (202) until Stripe's final word.
-    return respond(_body(outcome), 202 if outcome.status == REFUND_PENDING else 200)
+    body = _body(outcome)
+    if outcome.payment_intent_id is not None:
+        system = await refunds.funded_system(pool, account_id, outcome.payment_intent_id)
+        if system is not None:
+            body["credit_system"] = system
+    return respond(body, 202 if outcome.status == REFUND_PENDING else 200)
 
 
 @router.get("/refunds", response_model=RefundList, response_class=ExactJSONResponse)
@@ -159,4 +169,8 @@ async def list_refunds(principal: Reader, pool: Pool, limit: Annotated[int, Quer
                         payment_intent_id=r.payment_intent_id, transaction_id=r.transaction_id,
                         stripe_refund_id=r.stripe_refund_id, failure_code=r.failure_code, created_at=r.created_at,
                         updated_at=r.updated_at) for r in rows]
-    return respond(RefundList(items=items, has_more=has_more))
+    # ``credit_system`` only on refunds of a named system's top-ups: a wallet refund is listed exactly as before.
+    systems = await refunds.refunded_systems(pool, rows)
+    return respond({"items": [{**i.model_dump(exclude={"credit_system"}),
+                               **({"credit_system": systems[i.id]} if i.id in systems else {})} for i in items],
+                    "has_more": has_more})

@@ -25,6 +25,7 @@ from creditflow.client import CreditflowClient, topup_input, topup_workflow_id
 from creditflow.config import Settings
 from creditflow.domain.topups import cents_to_usd
 from creditflow.errors import CreditflowError
+from creditflow.ledger import credit_systems
 from creditflow.ledger.pagination import Cursor
 from creditflow.payments import topups
 from creditflow.payments.customers import stored_customer
@@ -73,6 +74,8 @@ class TopUpRequest(Strict):
                                                                      "card, else a client secret is returned.")
     request_id: Token | None = Field(default=None, description="Idempotency: the same request id never charges "
                                                                "twice. Or the Idempotency-Key header.")
+    credit_system: Token | None = Field(default=None, description="A named credit system the credits fund "
+                                        "(docs/credit-systems.md); default: the wallet (`credits`).")
 
 
 class TopUpResponse(BaseModel):
@@ -87,6 +90,8 @@ class TopUpResponse(BaseModel):
     payment_intent_id: str | None = None
     client_secret: str | None = None
     error_code: str | None = None
+    credit_system: str | None = Field(default=None, description="The named credit system funded; `balance` is "
+                                                                "that system's. Absent for the wallet.")
 
 
 class TopUpItem(BaseModel):
@@ -103,6 +108,7 @@ class TopUpItem(BaseModel):
     decline_code: str | None
     created_at: datetime
     updated_at: datetime
+    credit_system: str | None = Field(default=None, description="The named credit system funded (absent: the wallet).")
 
 
 class TopUpList(BaseModel):
@@ -110,7 +116,7 @@ class TopUpList(BaseModel):
     has_more: bool = Field(default=False, description="More items beyond this page in the paging direction.")
 
 
-def _body(outcome: TopUpOutcome) -> dict[str, object]:
+def _body(outcome: TopUpOutcome, credit_system: str | None = None) -> dict[str, object]:
     if outcome.status == TOPUP_FAILED:
         details: dict[str, object] = {"request_id": outcome.request_id}
         if outcome.decline_code is not None or outcome.error_code == "card_declined":
@@ -122,7 +128,7 @@ def _body(outcome: TopUpOutcome) -> dict[str, object]:
         status=outcome.status, request_id=outcome.request_id, amount_usd=cents_to_usd(outcome.amount_cents),
         credits=outcome.credits, package_id=outcome.package_id, transaction_id=outcome.transaction_id,
         balance=outcome.balance, payment_intent_id=outcome.payment_intent_id, client_secret=outcome.client_secret,
-        error_code=outcome.error_code,
+        error_code=outcome.error_code, credit_system=credit_system,
     ).model_dump(exclude_none=True)
 
 
@@ -142,15 +148,24 @@ async def topup(req: TopUpRequest, principal: Writer, pool: Pool, settings: AppS
     request_id = idempotency_key(key, req.request_id, "request_id")
     if req.payment_method_id is not None and not PAYMENT_METHOD_ID.match(req.payment_method_id):
         raise CreditflowError("unknown_payment_method", "no such payment method")
+    system = await funded_system(pool, req.credit_system)
     input = topup_input(settings, account_id, request_id, amount_usd=req.amount_usd, package_id=req.package_id,
-                        payment_method_id=req.payment_method_id)
+                        payment_method_id=req.payment_method_id, credit_system=system)
     await stored_customer(pool, account_id)  # unknown_account before any workflow starts
     client = await get_temporal(request)
     outcome = await client.topup(input, wait=timedelta(seconds=settings.topup_answer_timeout_seconds))
     if outcome is None:
         return respond({"status": TOPUP_PENDING, "request_id": request_id,
                         "workflow_id": topup_workflow_id(account_id, request_id)}, 202)
-    return respond(_body(outcome))
+    return respond(_body(outcome, system))
+
+
+async def funded_system(pool: AsyncConnectionPool, credit_system: str | None) -> str | None:
+    """The named credit system a purchase funds: None for the wallet (absent or the default ``credits``), else a
+    system that exists (``unknown_credit_system`` before anything is charged)."""
+    if credit_system is None or credit_system == credit_systems.DEFAULT_SYSTEM:
+        return None
+    return await credit_systems.require_system(pool, credit_system)
 
 
 @router.get("/topups", response_model=TopUpList, response_class=ExactJSONResponse)
@@ -167,5 +182,7 @@ async def list_topups(principal: Reader, pool: Pool, limit: Annotated[int, Query
                        package_id=c.package_id, payment_method_id=c.payment_method_id,
                        payment_intent_id=c.payment_intent_id, transaction_id=c.ledger_txn_id,
                        failure_code=c.failure_code, decline_code=c.decline_code, created_at=c.created_at,
-                       updated_at=c.updated_at) for c in charges]
-    return respond(TopUpList(items=items, has_more=has_more))
+                       updated_at=c.updated_at, credit_system=c.credit_system_id) for c in charges]
+    # ``credit_system`` only on a named system's top-ups: a wallet top-up is listed exactly as before.
+    return respond({"items": [i.model_dump(exclude={"credit_system"} if i.credit_system is None else None)
+                              for i in items], "has_more": has_more})

@@ -62,6 +62,9 @@ class Check:
 
 # One account's checks cover its balances in named credit systems too (its sub-accounts, docs/credit-systems.md).
 _ACCOUNT = "(%(account)s::text IS NULL OR {col} = ANY(%(accounts)s::text[]))"
+# The ledger account a charge's purchase lot lives in: the account (the wallet), or its sub-account in the named
+# credit system the top-up funded (migration 0040; creditflow.payments.topups.charge_ledger_account).
+_LEDGER = "coalesce({c}.account_id || '.' || {c}.credit_system_id, {c}.account_id)"
 # A charge row names its ledger entry as 'txn_<32 hex>'.
 _UUID = "(CASE WHEN {col} ~ '^txn_[0-9a-f]{{32}}$' THEN substr({col}, 5)::uuid END)"
 
@@ -76,7 +79,9 @@ _RETURNED = (
     "   - coalesce((SELECT sum(jm.amount_micros) FROM credit_lots lm JOIN journal jm ON jm.account_id = lm.account_id"
     "     AND jm.idempotency_key = j.idempotency_key || ':' || lm.id WHERE lm.origin_lot_id = r.lot_id), 0)"
     "   AS taken_micros, r.amount_cents AS refunded_cents"
-    "  FROM refunds r LEFT JOIN journal j ON j.id = r.reserve_txn_id AND j.account_id = r.account_id"
+    # the reservation is in the purchase lot's account (the wallet, or a named credit system's)
+    "  FROM refunds r LEFT JOIN journal j ON j.id = r.reserve_txn_id"
+    "   AND j.account_id = (SELECT lr.account_id FROM credit_lots lr WHERE lr.id = r.lot_id)"
     "  WHERE r.status <> 'failed'),"
     " on_stripe AS ("
     "  SELECT j.metadata->>'payment_intent_id' AS payment_intent_id, (j.metadata->>'amount_cents')::bigint AS cents,"
@@ -169,7 +174,7 @@ CHECKS: tuple[Check, ...] = (
         "SELECT c.account_id, c.id AS charge_id, c.payment_intent_id, c.ledger_txn_id, c.credits,"
         " coalesce(j.amount_micros, 0) AS credited_micros FROM stripe_charges c"
         " LEFT JOIN journal j ON c.ledger_txn_id IS NOT NULL AND j.type <> 'usage'"
-        "  AND j.id = " + _UUID.format(col="c.ledger_txn_id") + " AND j.account_id = c.account_id"
+        "  AND j.id = " + _UUID.format(col="c.ledger_txn_id") + " AND j.account_id = " + _LEDGER.format(c="c") +
         " WHERE c.status = 'succeeded' AND c.kind IN ('topup', 'auto_recharge')"
         " AND coalesce(j.amount_micros, 0) <> c.credits * 1000000 AND " + _ACCOUNT.format(col="c.account_id"),
         "charge {charge_id} ({payment_intent_id}) bought {credits} credits; its entry {ledger_txn_id} credited "
@@ -217,7 +222,8 @@ CHECKS: tuple[Check, ...] = (
         " l.original_micros, l.remaining_micros, r.cents AS returned_cents, r.taken_micros,"
         " ceil(r.cents::numeric * l.original_micros / c.amount_cents)::bigint AS owed_micros"
         " FROM stripe_charges c JOIN returned r ON r.payment_intent_id = c.payment_intent_id"
-        " JOIN credit_lots l ON l.account_id = c.account_id AND l.txn_id = " + _UUID.format(col="c.ledger_txn_id") + ""
+        " JOIN credit_lots l ON l.account_id = " + _LEDGER.format(c="c") + " AND l.txn_id = " +
+        _UUID.format(col="c.ledger_txn_id") +
         " WHERE c.status = 'succeeded' AND c.kind IN ('topup', 'auto_recharge')"
         " AND l.remaining_micros + coalesce((SELECT sum(lm.remaining_micros) FROM credit_lots lm"
         "  WHERE lm.origin_lot_id = l.id), 0) > 0"
@@ -234,8 +240,8 @@ CHECKS: tuple[Check, ...] = (
         " c.amount_cents AS paid_cents, l.original_micros, r.cents AS returned_cents, r.taken_micros,"
         " ceil(r.cents::numeric * l.original_micros / c.amount_cents)::bigint AS owed_micros"
         " FROM stripe_charges c JOIN returned r ON r.payment_intent_id = c.payment_intent_id"
-        " JOIN credit_lots l ON l.account_id = c.account_id AND l.txn_id = " + _UUID.format(col="c.ledger_txn_id") +
-        " WHERE c.status = 'succeeded' AND c.kind IN ('topup', 'auto_recharge')"
+        " JOIN credit_lots l ON l.account_id = " + _LEDGER.format(c="c") + " AND l.txn_id = " +
+        _UUID.format(col="c.ledger_txn_id") + " WHERE c.status = 'succeeded' AND c.kind IN ('topup', 'auto_recharge')"
         " AND r.taken_micros > ceil((r.cents + r.items)::numeric * l.original_micros / c.amount_cents)"
         " AND " + _ACCOUNT.format(col="c.account_id"),
         "lot {lot_id} bought {original_micros} micros for {paid_cents} cents; {returned_cents} cents went back but "
@@ -245,7 +251,8 @@ CHECKS: tuple[Check, ...] = (
         "stripe_refund_one_effect",
         "A Stripe refund is either creditflow's own refund or a clawback, never both.",
         "SELECT r.account_id, r.id AS refund_id, r.stripe_refund_id FROM refunds r JOIN journal j"
-        " ON j.account_id = r.account_id AND j.idempotency_key = 'sys:stripe_refund:' || r.stripe_refund_id"
+        " ON j.account_id = (SELECT lr.account_id FROM credit_lots lr WHERE lr.id = r.lot_id)"
+        "  AND j.idempotency_key = 'sys:stripe_refund:' || r.stripe_refund_id"
         " WHERE r.status <> 'failed' AND " + _ACCOUNT.format(col="r.account_id"),
         "Stripe refund {stripe_refund_id} took credits back twice: refund {refund_id} and a clawback",
     ),

@@ -22,6 +22,7 @@ from creditflow.errors import CreditflowError
 from creditflow.invoicing import payment as invoice_payment
 from creditflow.ledger.db import to_jsonb
 from creditflow.payments.refunds import REFUND_METADATA_KEY
+from creditflow.payments.topups import charge_ledger_account
 
 REFUNDED = "stripe.charge.refunded"
 DISPUTED = "stripe.charge.dispute.created"
@@ -67,20 +68,22 @@ def outbox_payload(event_type: str, obj: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _purchase(conn: Any, account_id: str, payment_intent_id: str) -> dict[str, Any]:
-    """The credited charge of this PaymentIntent and the credit lot its purchase created."""
+    """The credited charge of this PaymentIntent and the credit lot its purchase created, with the ledger account
+    the lot lives in (``ledger_account``: the wallet, or the sub-account of the named credit system it funded)."""
     charge = await (await conn.execute(
-        "SELECT id, amount_cents, credits, ledger_txn_id FROM stripe_charges"
+        "SELECT id, amount_cents, credits, ledger_txn_id, credit_system_id FROM stripe_charges"
         " WHERE account_id = %s AND payment_intent_id = %s AND status = 'succeeded' AND credits > 0",
         (account_id, payment_intent_id))).fetchone()
     if charge is None or not charge["ledger_txn_id"]:
         raise CreditflowError("unknown_purchase", f"no credited purchase with PaymentIntent {payment_intent_id}")
+    ledger = charge_ledger_account(account_id, charge["credit_system_id"])
     lot = await (await conn.execute("SELECT id, paid_cents, original_micros FROM credit_lots"
                                     " WHERE account_id = %s AND txn_id = %s",
-                                    (account_id, UUID(hex=charge["ledger_txn_id"].removeprefix("txn_"))))).fetchone()
+                                    (ledger, UUID(hex=charge["ledger_txn_id"].removeprefix("txn_"))))).fetchone()
     if lot is None:
         raise CreditflowError("unknown_purchase", f"the purchase of {payment_intent_id} has no credit lot")
     # The lot's price (0023_1); a lot without a backfilled price has its charge's.
-    return {**charge, "lot_id": lot["id"], "original_micros": lot["original_micros"],
+    return {**charge, "lot_id": lot["id"], "original_micros": lot["original_micros"], "ledger_account": ledger,
             "paid_cents": lot["paid_cents"] if lot["paid_cents"] is not None else charge["amount_cents"]}
 
 
@@ -146,7 +149,7 @@ async def _take_back(conn: Any, account_id: str, purchase: dict[str, Any], what:
     try:
         row = await (await conn.execute(
             "SELECT cf_clawback_lot(%s, %s, %s, %s, %s, %s, %s, %s) AS taken",
-            (account_id, purchase["lot_id"], wanted, what, "system:refund_reserve" if what == "refund"
+            (purchase["ledger_account"], purchase["lot_id"], wanted, what, "system:refund_reserve" if what == "refund"
              else "system:disputes", key, description,
              to_jsonb({"payment_intent_id": payment_intent_id, "stripe_id": stripe_id,
                        "amount_cents": cents})))).fetchone()
@@ -180,7 +183,8 @@ async def _close_dispute(conn: Any, account_id: str, purchase: dict[str, Any], p
     async with conn.transaction():
         # The balance rows first, as every ledger write (a refund's release locks it before the disputes rows): the
         # purchase's workspace's and those its credits were moved to, in id order (0031_3).
-        await conn.execute("SELECT cf_lock_lot_family(%s, %s)", (account_id, purchase["lot_id"]))
+        ledger = purchase["ledger_account"]
+        await conn.execute("SELECT cf_lock_lot_family(%s, %s)", (ledger, purchase["lot_id"]))
         dispute = await (await conn.execute("SELECT * FROM disputes WHERE id = %s AND account_id = %s FOR UPDATE",
                                             (dispute_id, account_id))).fetchone()
         if dispute is None:
@@ -206,13 +210,13 @@ async def _close_dispute(conn: Any, account_id: str, purchase: dict[str, Any], p
         description = f"Dispute {dispute_id} {status}: credits given back"
         metadata = {"dispute_id": dispute_id, "payment_intent_id": result.payment_intent_id}
         # What it took from workspaces the purchase's credits were moved to goes back to those lots (0031_3).
-        moved = await return_moved_parts(conn, account_id, dispute["lot_id"], f"sys:dispute:{dispute_id}", key,
+        moved = await return_moved_parts(conn, ledger, dispute["lot_id"], f"sys:dispute:{dispute_id}", key,
                                          "dispute", "dispute_reversal", "system:disputes", description, metadata)
         if back - moved > 0:
             # Back into the purchase's own lot (cf_lot_return, 0023_4): its price keeps describing what it holds.
             row = await (await conn.execute(
                 "SELECT * FROM cf_lot_return(%s, %s, %s, 'dispute_reversal', 'system:disputes', %s, %s, %s)",
-                (account_id, dispute["lot_id"], back - moved, key, description, to_jsonb(metadata))
+                (ledger, dispute["lot_id"], back - moved, key, description, to_jsonb(metadata))
             )).fetchone()
             assert row is not None
         await conn.execute("UPDATE disputes SET returned_micros = returned_micros + %s, updated_at = now()"
@@ -231,17 +235,18 @@ async def restore_failed_refund(conn: Any, obj: dict[str, Any]) -> str | None:
     refund_id, status, pi = obj.get("id"), obj.get("status"), obj.get("payment_intent")
     if status not in ("failed", "canceled") or not isinstance(refund_id, str) or not isinstance(pi, str):
         return None
-    charge = await (await conn.execute("SELECT account_id FROM stripe_charges WHERE payment_intent_id = %s",
-                                       (pi,))).fetchone()
+    charge = await (await conn.execute("SELECT account_id, credit_system_id FROM stripe_charges"
+                                       " WHERE payment_intent_id = %s", (pi,))).fetchone()
     if charge is None:
         return None
-    account_id = charge["account_id"]
+    # The ledger account of the purchase's lot: the wallet, or a named credit system's sub-account.
+    account_id = charge_ledger_account(charge["account_id"], charge["credit_system_id"])
     taken = await (await conn.execute(
         "SELECT -amount_micros AS micros FROM journal WHERE account_id = %s AND idempotency_key = %s",
         (account_id, f"sys:stripe_refund:{refund_id}"))).fetchone()
     if taken is None:
         return None
-    purchase = await _purchase(conn, account_id, pi)
+    purchase = await _purchase(conn, charge["account_id"], pi)
     key = f"sys:stripe_refund_failed:{refund_id}"
     description = f"Refund {refund_id} made on Stripe {status}: credits back"
     metadata = {"payment_intent_id": pi, "stripe_id": refund_id, "status": status}

@@ -355,9 +355,15 @@ class Reconciler:
         return row["account_id"] if row else None
 
     async def _applied(self, account_id: str, key: str) -> bool:
+        """Whether ``key`` is in the journal of the account or of its named credit systems (a top-up of a system
+        has its lot, and so its clawbacks, in the system's sub-account)."""
         async with self.pool.connection() as conn:
             row = await (await conn.execute("SELECT 1 FROM journal WHERE account_id = %s AND idempotency_key = %s",
                                             (account_id, key))).fetchone()
+            if row is None:
+                row = await (await conn.execute(
+                    "SELECT 1 FROM journal j JOIN accounts a ON a.id = j.account_id WHERE a.parent_account_id = %s"
+                    " AND j.idempotency_key = %s", (account_id, key))).fetchone()
         return row is not None
 
     async def _stripe_side_refund(self, refund: dict[str, Any]) -> None:

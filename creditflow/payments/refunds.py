@@ -49,6 +49,7 @@ from creditflow.ledger.models import txn_id
 from creditflow.ledger.pagination import Cursor, keyset
 from creditflow.ledger.transfers import moved_remaining_micros
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, RefundState, StripeGateway
+from creditflow.payments.topups import charge_ledger_account
 
 REFUND_METADATA_KEY = "creditflow_refund_id"
 # Codes the refund functions raise (the exception's message is the code).
@@ -132,10 +133,12 @@ def _purchase_uuid(value: str) -> UUID:
 
 
 async def _purchase(pool: AsyncConnectionPool, account_id: str, purchase_transaction_id: str | None,
-                    payment_intent_id: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The purchase's journal row and charge row; ``unknown_purchase`` / ``not_refundable`` otherwise."""
+                    payment_intent_id: str | None) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The purchase's journal row, charge row and ledger account (the wallet, or the sub-account of the named credit
+    system the top-up funded: its lot lives there); ``unknown_purchase`` / ``not_refundable`` otherwise."""
     if (purchase_transaction_id is None) == (payment_intent_id is None):
         raise CreditflowError("validation_error", "name the purchase: purchase_transaction_id or payment_intent_id")
+    ledger = account_id
     async with pool.connection() as conn:
         if payment_intent_id is not None:
             charge = await (await conn.execute(
@@ -146,10 +149,18 @@ async def _purchase(pool: AsyncConnectionPool, account_id: str, purchase_transac
             if charge["status"] != "succeeded" or charge["ledger_txn_id"] is None:
                 raise CreditflowError("not_refundable", "this top-up was not paid")
             purchase_transaction_id = charge["ledger_txn_id"]
+            ledger = charge_ledger_account(account_id, charge["credit_system_id"])
+        else:
+            _purchase_uuid(purchase_transaction_id or "")  # malformed: invalid_id before any lookup
+            funded = await (await conn.execute(
+                "SELECT credit_system_id FROM stripe_charges WHERE account_id = %s AND ledger_txn_id = %s"
+                " AND credit_system_id IS NOT NULL", (account_id, purchase_transaction_id))).fetchone()
+            if funded is not None:  # a top-up of a named credit system: its entry is in the system's account
+                ledger = charge_ledger_account(account_id, funded["credit_system_id"])
         assert purchase_transaction_id is not None
         txn = await (await conn.execute(
             "SELECT id, type, idempotency_key, created_at FROM journal WHERE id = %s AND account_id = %s"
-            " AND type <> 'usage'", (_purchase_uuid(purchase_transaction_id), account_id))).fetchone()
+            " AND type <> 'usage'", (_purchase_uuid(purchase_transaction_id), ledger))).fetchone()
         if txn is None:
             raise CreditflowError("unknown_purchase", "this account has no such transaction")
         charge = await (await conn.execute(
@@ -157,14 +168,21 @@ async def _purchase(pool: AsyncConnectionPool, account_id: str, purchase_transac
             (account_id, purchase_transaction_id))).fetchone()
     if txn["type"] not in REFUNDABLE_TYPES or charge is None:
         raise CreditflowError("not_refundable", f"a {txn['type']} transaction is not a refundable purchase")
-    return txn, charge
+    return txn, charge, ledger
+
+
+async def _lot_account(conn: Any, lot_id: str, account_id: str) -> str:
+    """The ledger account a refund's purchase lot lives in: the account's wallet, or its sub-account in the named
+    credit system the top-up funded (docs/credit-systems.md)."""
+    row = await (await conn.execute("SELECT account_id FROM credit_lots WHERE id = %s", (lot_id,))).fetchone()
+    return str(row["account_id"]) if row is not None else account_id
 
 
 async def plan(pool: AsyncConnectionPool, *, account_id: str, request_id: str, purchase_transaction_id: str | None,
                payment_intent_id: str | None, credits: int | None, reason: RefundReason, requested_by: str,
                now: datetime) -> RefundPlan:
     """Resolve and judge a refund request (read only). A request id already used returns its row's plan."""
-    txn, charge = await _purchase(pool, account_id, purchase_transaction_id, payment_intent_id)
+    txn, charge, ledger = await _purchase(pool, account_id, purchase_transaction_id, payment_intent_id)
     existing = await find(pool, account_id, request_id)
     if existing is not None:
         if existing.charge_id != charge["id"] or (credits is not None and credits != existing.credits) or (
@@ -172,7 +190,7 @@ async def plan(pool: AsyncConnectionPool, *, account_id: str, request_id: str, p
             raise CreditflowError("idempotency_conflict",
                                   f"request_id {request_id} was already used for another refund")
         return _plan_of(existing, purchased_at=txn["created_at"])
-    lots = [lot for lot in await account_lots(pool, account_id, include_depleted=True)
+    lots = [lot for lot in await account_lots(pool, ledger, include_depleted=True)
             if lot.transaction_id == f"txn_{txn['id'].hex}"]
     if len(lots) != 1:
         raise CreditflowError("not_refundable", "this purchase has no credit lot")
@@ -220,7 +238,8 @@ async def reserve(pool: AsyncConnectionPool, p: RefundPlan) -> RefundLedgerResul
     """Write the refund row and take its credits out of the purchase's lot, in one transaction (replayed if done)."""
     try:
         async with pool.connection() as conn, conn.transaction():
-            await conn.execute("SELECT 1 FROM balances WHERE account_id = %s FOR UPDATE", (p.account_id,))
+            ledger = await _lot_account(conn, p.lot_id, p.account_id)
+            await conn.execute("SELECT 1 FROM balances WHERE account_id = %s FOR UPDATE", (ledger,))
             await conn.execute(
                 "INSERT INTO refunds (id, account_id, request_id, charge_id, payment_intent_id, purchase_txn_id,"
                 " lot_id, credits, amount_cents, reason, requested_by)"
@@ -233,7 +252,7 @@ async def reserve(pool: AsyncConnectionPool, p: RefundPlan) -> RefundLedgerResul
                 raise CreditflowError("idempotency_conflict",
                                       f"request_id {p.request_id} was already used for another refund")
             if record.status == "failed":
-                return RefundLedgerResult(refund=record, balance=await _balance(conn, p.account_id))
+                return RefundLedgerResult(refund=record, balance=await _balance(conn, ledger))
             # Never more than was paid, counting every other refund of this charge (the account lock serializes them).
             row = await (await conn.execute(
                 "SELECT coalesce(sum(amount_cents), 0) AS cents FROM refunds WHERE charge_id = %s"
@@ -246,7 +265,7 @@ async def reserve(pool: AsyncConnectionPool, p: RefundPlan) -> RefundLedgerResul
                 raise CreditflowError("refund_exceeds_remaining", "this purchase is already refunded")
             result = await (await conn.execute(
                 "SELECT * FROM cf_refund_reserve(%s, %s, %s, %s, %s, %s, %s)",
-                (p.account_id, record.lot_id, record.credits * MICROS_PER_CREDIT, f"sys:refund:{record.id}",
+                (ledger, record.lot_id, record.credits * MICROS_PER_CREDIT, f"sys:refund:{record.id}",
                  _hash("refund_reserve", record), _description(record),
                  to_jsonb({"refund_id": record.id, "purchase_transaction_id": p.purchase_txn_id,
                            "payment_intent_id": record.payment_intent_id, "reason": record.reason,
@@ -255,7 +274,7 @@ async def reserve(pool: AsyncConnectionPool, p: RefundPlan) -> RefundLedgerResul
             await conn.execute("UPDATE refunds SET reserve_txn_id = %s, updated_at = now() WHERE id = %s"
                                " AND reserve_txn_id IS NULL", (result["txn_id"], record.id))
             record = await _load(conn, record.id)
-            return RefundLedgerResult(refund=record, balance=await _balance(conn, p.account_id))
+            return RefundLedgerResult(refund=record, balance=await _balance(conn, ledger))
     except psycopg.Error as exc:
         mapped = _sql_error(exc)
         if mapped is None:
@@ -293,7 +312,7 @@ async def finalize(pool: AsyncConnectionPool, refund_id: str, stripe_refund_id: 
         async with pool.connection() as conn, conn.transaction():
             record = await _load(conn, refund_id, lock=True)
             if record.status == "failed" and record.stripe_status in STRIPE_FAILED:
-                return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+                return RefundLedgerResult(refund=record, balance=await _record_balance(conn, record))
             return await _finalize_in(conn, refund_id, stripe_refund_id, stripe_status)
     except psycopg.Error as exc:
         mapped = _sql_error(exc)
@@ -307,7 +326,7 @@ async def _finalize_in(conn: Any, refund_id: str, stripe_refund_id: str, stripe_
                                     (refund_id, stripe_refund_id, stripe_status))).fetchone()
     assert row is not None
     record = RefundRecord(**row)
-    return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+    return RefundLedgerResult(refund=record, balance=await _record_balance(conn, record))
 
 
 async def release(pool: AsyncConnectionPool, refund_id: str, *, failure_code: str,
@@ -326,9 +345,10 @@ async def _release_in(conn: Any, refund_id: str, *, failure_code: str, failure_m
         raise CreditflowError("idempotency_conflict", f"refund {refund_id} succeeded; it cannot be released")
     release_txn: UUID | None = record.release_txn_id
     if record.reserve_txn_id is not None and release_txn is None:
+        ledger = await _lot_account(conn, record.lot_id, record.account_id)
         result = await (await conn.execute(
             "SELECT * FROM cf_refund_release(%s, %s, %s, %s, %s, %s, %s)",
-            (record.account_id, record.lot_id, record.credits * MICROS_PER_CREDIT,
+            (ledger, record.lot_id, record.credits * MICROS_PER_CREDIT,
              f"sys:refund_release:{record.id}", _hash("refund_release", record),
              f"Refund reversed ({failure_code}): {record.credits:,} credits back",
              to_jsonb({"refund_id": record.id, "failure_code": failure_code,
@@ -342,7 +362,7 @@ async def _release_in(conn: Any, refund_id: str, *, failure_code: str, failure_m
         " finalized_at = NULL, updated_at = now() WHERE id = %s",
         (release_txn, failure_code, failure_message, stripe_status, refund_id))
     record = await _load(conn, refund_id)
-    return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+    return RefundLedgerResult(refund=record, balance=await _record_balance(conn, record))
 
 
 async def _satisfy_dispute_claims(conn: Any, record: RefundRecord) -> None:
@@ -354,10 +374,11 @@ async def _satisfy_dispute_claims(conn: Any, record: RefundRecord) -> None:
         "SELECT id, claimed_micros - taken_micros AS owed FROM disputes WHERE lot_id = %s"
         " AND taken_micros < claimed_micros AND status NOT IN ('won', 'warning_closed')"
         " ORDER BY created_at, id FOR UPDATE", (record.lot_id,))).fetchall()
+    ledger = await _lot_account(conn, record.lot_id, record.account_id) if claims else record.account_id
     for claim in claims:
         row = await (await conn.execute(
             "SELECT cf_clawback_lot(%s, %s, %s, 'dispute', 'system:disputes', %s, %s, %s) AS taken",
-            (record.account_id, record.lot_id, claim["owed"], f"sys:dispute:{claim['id']}:refund:{record.id}",
+            (ledger, record.lot_id, claim["owed"], f"sys:dispute:{claim['id']}:refund:{record.id}",
              f"Disputed payment {record.payment_intent_id}: credits released by refund {record.id}",
              to_jsonb({"payment_intent_id": record.payment_intent_id, "stripe_id": claim["id"],
                        "refund_id": record.id})))).fetchone()
@@ -382,7 +403,7 @@ async def mark_pending(pool: AsyncConnectionPool, refund_id: str, stripe_status:
                            " WHERE id = %s AND status IN ('reserved', 'refunding', 'pending')",
                            (stripe_status, refund_id))
         record = await _load(conn, refund_id)
-        return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+        return RefundLedgerResult(refund=record, balance=await _record_balance(conn, record))
 
 
 async def settle_pending(pool: AsyncConnectionPool, gateway: StripeGateway, refund_id: str) -> RefundLedgerResult:
@@ -390,7 +411,7 @@ async def settle_pending(pool: AsyncConnectionPool, gateway: StripeGateway, refu
     record = await get_refund(pool, refund_id)
     if record.status in _DECIDED or record.stripe_refund_id is None:
         async with pool.connection() as conn:
-            return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+            return RefundLedgerResult(refund=record, balance=await _record_balance(conn, record))
     state = await gateway.retrieve_refund(record.stripe_refund_id)
     async with pool.connection() as conn, conn.transaction():
         return await apply_stripe_status(conn, refund_id, state.id, state.status, state.failure_reason)
@@ -420,7 +441,7 @@ async def apply_stripe_status(conn: Any, refund_id: str, stripe_refund_id: str, 
             " status = CASE WHEN status = 'refunding' THEN 'pending' ELSE status END, updated_at = now()"
             " WHERE id = %s", (status, stripe_refund_id, refund_id))
         record = await _load(conn, refund_id)
-    return RefundLedgerResult(refund=record, balance=await _balance(conn, record.account_id))
+    return RefundLedgerResult(refund=record, balance=await _record_balance(conn, record))
 
 
 async def apply_stripe_event(conn: Any, obj: dict[str, Any]) -> RefundRecord | None:
@@ -448,6 +469,26 @@ async def apply_stripe_event(conn: Any, obj: dict[str, Any]) -> RefundRecord | N
             raise
         raise mapped from exc
     return result.refund
+
+
+async def funded_system(pool: AsyncConnectionPool, account_id: str, payment_intent_id: str) -> str | None:
+    """The named credit system a top-up funded (None: the wallet), for answers that report its balance."""
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT credit_system_id FROM stripe_charges WHERE account_id = %s"
+                                        " AND payment_intent_id = %s", (account_id, payment_intent_id))).fetchone()
+    return row["credit_system_id"] if row is not None else None
+
+
+async def refunded_systems(pool: AsyncConnectionPool, records: list[RefundRecord]) -> dict[str, str]:
+    """refund id -> the named credit system its purchase funded, for the refunds of ``records`` that have one."""
+    if not records:
+        return {}
+    async with pool.connection() as conn:
+        rows = await (await conn.execute(
+            "SELECT l.id, a.credit_system_id FROM credit_lots l JOIN accounts a ON a.id = l.account_id"
+            " WHERE l.id = ANY(%s) AND a.credit_system_id IS NOT NULL", ([r.lot_id for r in records],))).fetchall()
+    systems = {row["id"]: row["credit_system_id"] for row in rows}
+    return {r.id: systems[r.lot_id] for r in records if r.lot_id in systems}
 
 
 async def find(pool: AsyncConnectionPool, account_id: str, request_id: str) -> RefundRecord | None:
@@ -502,4 +543,9 @@ async def _balance_micros(conn: Any, account_id: str) -> int:
 
 async def _balance(conn: Any, account_id: str) -> Decimal:
     return micros_to_credits(await _balance_micros(conn, account_id))
+
+
+async def _record_balance(conn: Any, record: RefundRecord) -> Decimal:
+    """The balance a refund moved: its purchase lot's account's (the wallet, or a named credit system's)."""
+    return await _balance(conn, await _lot_account(conn, record.lot_id, record.account_id))
 

@@ -10,7 +10,8 @@ the charge must be guarded by our records. The sequence, each step safe to repea
    (confirmed off-session with a saved card) and records its id in the same transaction as the lock.
    A decline is recorded (``failed`` with the codes) and raised as ``card_declined``.
 3. ``credit`` posts a ``purchase`` keyed ``sys:topup:{payment_intent_id}`` (the ledger replays a repeated key)
-   and marks the row ``succeeded`` with the transaction id.
+   and marks the row ``succeeded`` with the transaction id. A top-up naming a credit system (``credit_system_id``)
+   posts it, with the lot's price, to that system's ledger sub-account (docs/credit-systems.md).
 
 Known gap (as for customers): if the process dies after Stripe created a PaymentIntent and before the
 row's commit, a retry creates a second one on localstripe; on Stripe the idempotency key
@@ -34,6 +35,7 @@ from creditflow.domain.topups import cents_to_usd
 from creditflow.errors import CreditflowError
 from creditflow.ids import new_id
 from creditflow.ledger import postings
+from creditflow.ledger.credit_systems import ensure_sub_account, sub_account_id
 from creditflow.ledger.pagination import Cursor, keyset
 from creditflow.payments.customers import ensure_customer
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, PaymentIntentState, StripeGateway
@@ -70,10 +72,22 @@ class ChargeRecord(BaseModel):
     ledger_txn_id: str | None
     created_at: datetime
     updated_at: datetime
+    credit_system_id: str | None = None  # a named credit system's top-up (migration 0040); None: the wallet
 
     @property
     def amount_usd(self) -> Decimal:
         return cents_to_usd(self.amount_cents)
+
+    @property
+    def ledger_account_id(self) -> str:
+        """The ledger account its purchase lot lives in: the wallet, or the system's sub-account."""
+        return charge_ledger_account(self.account_id, self.credit_system_id)
+
+
+def charge_ledger_account(account_id: str, credit_system_id: str | None) -> str:
+    """Where a charge's credits land: the account itself (the wallet) or its sub-account in a named system (the
+    same expression as SQL's ``coalesce(account_id || '.' || credit_system_id, account_id)``)."""
+    return account_id if credit_system_id is None else sub_account_id(account_id, credit_system_id)
 
 
 class CreditResult(BaseModel):
@@ -111,8 +125,11 @@ async def resolve_card(gateway: StripeGateway, customer_id: str, requested: str 
 async def record_charge(pool: AsyncConnectionPool, gateway: StripeGateway, *, account_id: str, request_id: str,
                         amount_cents: int, credits: int, package_id: str | None, description: str,
                         payment_method_id: str | None, kind: str = KIND_TOPUP,
-                        require_card: bool = False) -> ChargeRecord:
+                        require_card: bool = False, credit_system: str | None = None) -> ChargeRecord:
     """The charge row of this request, written on the first call (before any charge), read on later ones.
+
+    ``credit_system``: a named system the credits fund (checked to exist by the caller; its sub-account is created
+    when the credits land, so a declined card leaves no empty balance behind); None: the wallet.
 
     ``require_card`` (auto-recharge, off-session only): no saved card means ``no_payment_method`` and no row,
     never the client-secret path."""
@@ -125,18 +142,27 @@ async def record_charge(pool: AsyncConnectionPool, gateway: StripeGateway, *, ac
         if card is None and require_card:
             raise CreditflowError("no_payment_method", "no saved payment method to charge off-session")
         async with pool.connection() as conn:
-            await conn.execute(
-                "INSERT INTO stripe_charges (id, account_id, request_id, kind, amount_cents, credits, package_id,"
-                " description, requested_payment_method_id, payment_method_id, customer_id)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (account_id, kind, request_id) DO NOTHING",
-                (new_id("chg"), account_id, request_id, kind, amount_cents, credits, package_id, description,
-                 payment_method_id, card, customer_id))
+            if credit_system is None:
+                await conn.execute(
+                    "INSERT INTO stripe_charges (id, account_id, request_id, kind, amount_cents, credits, package_id,"
+                    " description, requested_payment_method_id, payment_method_id, customer_id)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (account_id, kind, request_id) DO NOTHING",
+                    (new_id("chg"), account_id, request_id, kind, amount_cents, credits, package_id, description,
+                     payment_method_id, card, customer_id))
+            else:
+                await conn.execute(
+                    "INSERT INTO stripe_charges (id, account_id, request_id, kind, amount_cents, credits, package_id,"
+                    " description, requested_payment_method_id, payment_method_id, customer_id, credit_system_id)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (account_id, kind, request_id) DO NOTHING",
+                    (new_id("chg"), account_id, request_id, kind, amount_cents, credits, package_id, description,
+                     payment_method_id, card, customer_id, credit_system))
             row = await (await conn.execute(select, (account_id, kind, request_id))).fetchone()
     assert row is not None
     record = ChargeRecord(**row)
-    if (record.amount_cents, record.credits, record.package_id, record.requested_payment_method_id) != (
-            amount_cents, credits, package_id, payment_method_id):
+    if (record.amount_cents, record.credits, record.package_id, record.requested_payment_method_id,
+            record.credit_system_id) != (amount_cents, credits, package_id, payment_method_id, credit_system):
         raise CreditflowError("idempotency_conflict",
                               f"request_id {request_id} was already used for another top-up")
     return record
@@ -233,7 +259,8 @@ async def mark_succeeded(conn: Any, charge_id: str, transaction_id: str | None) 
 
 
 async def credit(pool: AsyncConnectionPool, charge_id: str) -> CreditResult:
-    """Credit the wallet for a succeeded charge, once (the ledger key is the PaymentIntent id)."""
+    """Credit the wallet (or the named credit system the charge funds) for a succeeded charge, once (the ledger key
+    is the PaymentIntent id, unique in the ledger account the lot lands in)."""
     record = await get_charge(pool, charge_id)
     if record.payment_intent_id is None:
         raise CreditflowError("not_found", f"charge {charge_id} has no PaymentIntent")
@@ -241,9 +268,13 @@ async def credit(pool: AsyncConnectionPool, charge_id: str) -> CreditResult:
                                 "request_id": record.request_id, "amount_cents": record.amount_cents}
     if record.package_id:
         metadata["package_id"] = record.package_id
+    if record.credit_system_id is not None:
+        metadata["credit_system"] = record.credit_system_id
+        async with pool.connection() as conn, conn.transaction():  # the system's balance, created on its first credit
+            await ensure_sub_account(conn, record.account_id, record.credit_system_id)
     recharge = record.kind == KIND_AUTO_RECHARGE
     result = await postings.post(
-        pool, account_id=record.account_id, type="auto_recharge" if recharge else "purchase",
+        pool, account_id=record.ledger_account_id, type="auto_recharge" if recharge else "purchase",
         amount_micros=credits_to_micros(record.credits), counter_book=PURCHASE_BOOK,
         description=(f"Stripe Payment Intent {record.payment_intent_id} via Auto Recharge call" if recharge
                      else record.description),
