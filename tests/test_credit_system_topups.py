@@ -25,13 +25,23 @@ from creditflow.payments import topups
 from creditflow.payments.gateway import StripeGateway
 from creditflow.payments.reconcile import Reconciler
 from tests.conftest import ledger_snapshot
-from tests.test_account_workflow import eventually
-from tests.test_auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
-from tests.test_credit_systems import FEATURE, SYSTEM, key_for, new_account, track, transcription_system
-from tests.test_reconcile import kinds, reconcile_now
-from tests.test_refunds import REFUNDS, stripe_refunds
-from tests.test_stripe_webhooks import Clients, cf, event, pay, settings, sign  # noqa: F401 - fixtures
-from tests.test_topups import DECLINED_AT_CHARGE, TOPUP, TOPUPS, customer_of, intents_of, receipts, save_card
+from tests.support.api import new_account, track
+from tests.support.auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
+from tests.support.credit_systems import FEATURE, SYSTEM, key_headers, transcription_system
+from tests.support.payments import (
+    DECLINED_AT_CHARGE,
+    REFUNDS,
+    TOPUP,
+    TOPUPS,
+    customer_of,
+    intents_of,
+    receipts,
+    save_card,
+    stripe_refunds,
+)
+from tests.support.reconcile import kinds, reconcile_now
+from tests.support.temporal import eventually
+from tests.support.webhooks import Clients, cf, event, pay, settings, sign  # noqa: F401 - fixtures
 from workflows.contract import TopUpOutcome
 
 pytestmark = [pytest.mark.temporal, pytest.mark.slow]
@@ -121,7 +131,7 @@ async def test_a_topup_funds_its_system_and_a_refund_takes_back_from_its_lot(
     assert await balances(api, account) == (5000, [970])
 
     # Refund 400 of what remains: 400 credits leave the system's lot, $4.00 goes back (1 credit = 1 cent here).
-    writer = {"Authorization": (await key_for(api, account, "billing:read", "payments:write"))["Authorization"]}
+    writer = {"Authorization": (await key_headers(api, account, "billing:read", "payments:write"))["Authorization"]}
     resp = await api.post(REFUNDS, headers=writer, json={"payment_intent_id": bought["payment_intent_id"],
                                                          "credits": 400, "request_id": "ref-1"})
     assert resp.status_code == 200, resp.text
@@ -253,7 +263,7 @@ async def test_bad_input_is_refused_and_changes_nothing(
         ({"account_id": account, "amount_usd": 0, "credit_system": SYSTEM, "request_id": "b-4"}, None,
          422, None),
     ]
-    own_key = await key_for(api, account, "billing:read", "payments:write")
+    own_key = await key_headers(api, account, "billing:read", "payments:write")
     cases.append(({"account_id": other, "amount_usd": 10, "credit_system": SYSTEM, "request_id": "b-5"}, own_key,
                   403, None))
     for body, headers, status, code in cases:

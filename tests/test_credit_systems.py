@@ -17,35 +17,12 @@ from creditflow.api.app import create_app
 from creditflow.config import Settings
 from creditflow.domain.periods import period_containing
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot, new_card, skip_time
+from tests.support.api import new_account, track
+from tests.support.credit_systems import FEATURE, SYSTEM, key_headers, transcription_system
 from tests.support.cycle import ANCHOR, start_account
 from tests.support.temporal import eventually, ts_env  # noqa: F401 - ts_env: a fixture
 from workers.main import build_worker
 from workflows.contract import QUERY_STATE, UPDATE_CHANGE_PLAN, AccountState, PlanChange, SubscriptionState
-
-SYSTEM = "transcription-credits"
-FEATURE = "audio-transcription-minutes"
-
-
-async def new_account(api: httpx.AsyncClient, **extra: object) -> str:
-    resp = await api.post("/api/v1/accounts", json={"name": "Acme", "billing_email": "billing@acme.test", **extra})
-    assert resp.status_code == 201, resp.text
-    return resp.json()["id"]
-
-
-async def key_for(api: httpx.AsyncClient, account_id: str, *scopes: str) -> dict[str, str]:
-    resp = await api.post(f"/api/v1/accounts/{account_id}/api-keys", json={"name": "svc", "scopes": list(scopes)})
-    assert resp.status_code == 201, resp.text
-    return {"Authorization": f"Bearer {resp.json()['secret']}"}
-
-
-async def transcription_system(api: httpx.AsyncClient) -> None:
-    """Seed 003's example: audio transcription at 3 credits a minute, on its own credit system."""
-    created = await api.post("/api/v1/credit-systems", json={"id": SYSTEM, "name": "Transcription credits"})
-    assert created.status_code == 201, created.text
-    feature = await api.put(f"/api/v1/features/{FEATURE}", json={
-        "channel": "transcription", "unit": "minute", "credits_per_unit": 3, "credit_system": SYSTEM})
-    assert feature.status_code == 200, feature.text
-    assert feature.json()["credit_system"] == SYSTEM and feature.json()["credits_per_unit"] == 3
 
 
 async def grant(api: httpx.AsyncClient, account_id: str, amount: object, key: str,
@@ -54,12 +31,6 @@ async def grant(api: httpx.AsyncClient, account_id: str, amount: object, key: st
     if system is not None:
         body["credit_system"] = system
     return await api.post("/api/v1/billing/wallet/credit", json=body)
-
-
-async def track(api: httpx.AsyncClient, account_id: str, feature: str, value: object, key: str,
-                **extra: object) -> httpx.Response:
-    return await api.post("/api/v1/billing/track", json={
-        "account_id": account_id, "feature_id": feature, "value": value, "idempotency_key": key, **extra})
 
 
 async def balance(api: httpx.AsyncClient, account_id: str) -> dict[str, object]:
@@ -180,7 +151,7 @@ async def test_usage_of_a_mapped_feature_moves_only_its_systems_balance(api: htt
         False, SYSTEM, 0)
 
     # An account key sees the same (its own account only).
-    headers = await key_for(api, acc, "billing:read", "usage:write")
+    headers = await key_headers(api, acc, "billing:read", "usage:write")
     mine = await api.get("/api/v1/billing/balance", headers=headers)
     assert mine.json()["credit_systems"] == [system_balance(9967)]
     own = await api.post("/api/v1/billing/track", headers=headers, json={
@@ -299,7 +270,7 @@ async def test_bad_input_is_refused_and_changes_nothing(api: httpx.AsyncClient, 
     sub = await api.get("/api/v1/billing/balance", params={"account_id": f"{acc}.{SYSTEM}"})
     assert sub.status_code == 422 and sub.json()["error"]["code"] == "invalid_id"
     # Another tenant's key can neither spend nor read nor grant this account's system credits.
-    headers = await key_for(api, other, "billing:read", "usage:write", "wallet:credit")
+    headers = await key_headers(api, other, "billing:read", "usage:write", "wallet:credit")
     before = await ledger_snapshot(database_url)
     spend = await api.post("/api/v1/billing/track", headers=headers, json={
         "account_id": acc, "feature_id": FEATURE, "value": 1, "idempotency_key": "steal-1"})

@@ -26,15 +26,16 @@ from creditflow.cli import app
 from creditflow.client import CreditflowClient
 from creditflow.config import Settings, get_settings
 from creditflow.domain.money import MICROS_PER_CREDIT
-from creditflow.domain.reconciliation import ReconcileResult, RunWindow
+from creditflow.domain.reconciliation import RunWindow
 from creditflow.ledger.verify import verify
 from creditflow.payments import clawbacks, refunds, topups
 from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, StripeGateway
-from creditflow.payments.reconcile import Reconciler, get_run, list_runs, open_run, record_result
+from creditflow.payments.reconcile import Reconciler, get_run, list_runs, open_run
 from creditflow.temporal_setup import ensure_reconcile_schedule
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
 from tests.support.api import app_client, new_account
 from tests.support.payments import customer_of, save_card
+from tests.support.reconcile import kinds, reconcile_now
 from workflows.contract import ReconcileSummary
 
 pytestmark = pytest.mark.temporal
@@ -50,21 +51,6 @@ def settings(database_url: str, stripe_base: str) -> Settings:
 @pytest.fixture
 def gateway(settings: Settings) -> StripeGateway:
     return StripeGateway.from_settings(settings)
-
-
-async def reconcile_now(pool: AsyncConnectionPool, gateway: StripeGateway, *, grace: timedelta = timedelta(0),
-                        since: datetime | None = None) -> ReconcileResult:
-    now = datetime.now(UTC) + timedelta(seconds=2)  # localstripe stamps in whole seconds
-    window = await open_run(pool, f"test:{uuid.uuid4().hex}", trigger="manual",
-                            since=since or now - timedelta(hours=1), now=now)
-    result = await Reconciler(pool, gateway, window, now=now, server_filter=False, grace=grace).run()
-    await record_result(pool, result)
-    return result
-
-
-def kinds(result: ReconcileResult, account: str) -> list[tuple[str, str]]:
-    """This test's differences (the emulator is shared by the session: other tests' payments are listed too)."""
-    return sorted((d.action, d.kind) for d in result.differences if d.account_id == account)
 
 
 async def charged(pool: AsyncConnectionPool, gateway: StripeGateway, account: str, *, cents: int = 1000,

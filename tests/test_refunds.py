@@ -19,7 +19,7 @@ from creditflow.domain.money import MICROS_PER_CREDIT
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot
 from tests.support.api import app_client, bearer, key_for, new_account, track
 from tests.support.ledger import assert_invariants
-from tests.support.payments import REFUNDS, customer_of, intents_of, reconcile, save_card, topup
+from tests.support.payments import REFUNDS, customer_of, intents_of, reconcile, save_card, stripe_refunds, topup
 
 pytestmark = pytest.mark.temporal
 
@@ -42,10 +42,6 @@ async def api(temporal_settings: Settings, temporal_worker: Any) -> AsyncIterato
 
 async def balance_of(api: httpx.AsyncClient, account: str) -> Any:
     return (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"]
-
-
-def stripe_refunds(sdk: stripe.StripeClient, pi: str) -> list[Any]:
-    return list(sdk.v1.refunds.list(params={"payment_intent": pi, "limit": 100}).auto_paging_iter())
 
 
 async def rows(pool: AsyncConnectionPool, sql: str, *args: object) -> list[dict[str, Any]]:

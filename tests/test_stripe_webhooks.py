@@ -26,7 +26,7 @@ from temporalio.client import Client
 
 from creditflow.api.app import create_app
 from creditflow.config import Settings
-from tests.conftest import ADMIN_KEY, free_port, ledger_snapshot, new_card
+from tests.conftest import ADMIN_KEY, free_port, ledger_snapshot
 from tests.support.api import new_account
 from tests.support.payments import DECLINED_AT_CHARGE, TOPUP, charges, purchases, reconcile
 from tests.support.webhooks import (  # noqa: F401 - fixtures
@@ -36,6 +36,7 @@ from tests.support.webhooks import (  # noqa: F401 - fixtures
     cf,
     clients_for,
     event,
+    pay,
     settings,
     sign,
 )
@@ -52,14 +53,6 @@ async def client_secret_topup(cf: Clients, account: str, request_id: str, amount
                                             "request_id": request_id})
     assert resp.status_code == 200 and resp.json()["status"] == "requires_payment", resp.text
     return resp.json()["payment_intent_id"]
-
-
-def pay(sdk: stripe.StripeClient, pi_id: str, number: str = "4242424242424242") -> dict[str, Any]:
-    """What the customer's browser does with the client secret; the PaymentIntent as Stripe then shows it."""
-    sdk.v1.payment_intents.update(pi_id, params={"payment_method": new_card(sdk, number)})
-    with contextlib.suppress(stripe.CardError):
-        sdk.v1.payment_intents.confirm(pi_id)
-    return sdk.v1.payment_intents.retrieve(pi_id).to_dict()
 
 
 async def stripe_events(pool: AsyncConnectionPool) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from tests.support.api import app_client, bearer, key_for, new_account
 from tests.support.payments import (
     DECLINED_AT_CHARGE,
     TOPUP,
+    TOPUPS,
     charges,
     customer_of,
     intents_of,
@@ -37,7 +38,6 @@ from workflows.contract import TOPUP_CANCELED, TopUpOutcome, topup_workflow_id
 
 pytestmark = pytest.mark.temporal
 
-TOPUPS = "/api/v1/billing/wallet/topups"
 @pytest.fixture
 def settings(database_url: str, stripe_base: str) -> Settings:
     return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]

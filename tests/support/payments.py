@@ -114,3 +114,9 @@ async def succeeded_intents(sdk: stripe.StripeClient, pool: AsyncConnectionPool,
     """The account's PaymentIntents that succeeded on Stripe's side (the emulator)."""
     return [pi for pi in intents_of(sdk, await customer_of(pool, account)) if pi.status == "succeeded"]
 
+
+TOPUPS = "/api/v1/billing/wallet/topups"
+
+
+def stripe_refunds(sdk: stripe.StripeClient, pi: str) -> list[Any]:
+    return list(sdk.v1.refunds.list(params={"payment_intent": pi, "limit": 100}).auto_paging_iter())

@@ -13,10 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
+import stripe
 
 from creditflow.api.app import create_app
 from creditflow.config import Settings
-from tests.conftest import ADMIN_KEY, STRIPE_KEY
+from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
 
 WEBHOOK = "/api/v1/stripe/webhook"
 SECRET = "whsec_creditflow_tests_" + "k" * 24
@@ -72,3 +73,11 @@ def event(type_: str, obj: dict[str, Any], *, event_id: str | None = None, creat
                "api_version": "2024-06-20", "created": created or int(time.time()), "livemode": False,
                "pending_webhooks": 1, "data": {"object": obj}}
     return json.dumps(payload, indent=2).encode()
+
+
+def pay(sdk: stripe.StripeClient, pi_id: str, number: str = "4242424242424242") -> dict[str, Any]:
+    """What the customer's browser does with the client secret; the PaymentIntent as Stripe then shows it."""
+    sdk.v1.payment_intents.update(pi_id, params={"payment_method": new_card(sdk, number)})
+    with contextlib.suppress(stripe.CardError):
+        sdk.v1.payment_intents.confirm(pi_id)
+    return sdk.v1.payment_intents.retrieve(pi_id).to_dict()
