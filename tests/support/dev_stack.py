@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +112,14 @@ def alive(proc: psutil.Process) -> bool:
 
 
 def start(runs: list[Dev], data_dir: Path, log: Path) -> Dev:
+    """Start ``creditflow dev`` on ``data_dir``. A new data dir is a link to a directory directly under the system's
+    temp dir: as root, embedded PostgreSQL runs as its own user, which must traverse every parent of its data, and
+    pytest keeps its own temp root (``pytest-of-root``) closed to other users (a doc-examples run in CI failed with
+    ``could not open .../global/pg_control: Permission denied``)."""
+    if not data_dir.exists() and not data_dir.is_symlink():
+        real = Path(tempfile.mkdtemp(prefix="creditflow-dev-test-"))
+        real.chmod(0o755)
+        data_dir.symlink_to(real, target_is_directory=True)
     run = Dev(data_dir, log)
     runs.append(run)
     run.wait_for("GET /healthz", lambda: httpx.get(f"{run.api}/healthz", timeout=2).json() == {"status": "ok"})
