@@ -51,6 +51,10 @@ bench: $(STAMP)
 bench-cycle: $(STAMP)
 	$(BIN)/python bench/billing_cycle.py $(ARGS)
 
+.PHONY: bench-http
+bench-http: $(STAMP)
+	$(BIN)/python bench/http.py $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

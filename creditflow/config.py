@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     admin_api_key: SecretStr | None = None
+    # Each API process remembers a resolved key this long (0: every request queries); another process's revocation
+    # is seen within it.
+    api_key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     # Operator commands: with no database URL, read-only answers (wallet history/show, agents list/events, charges)
     # come from this API with the admin key, so on-call needs no database credentials.
     api_url: str = ""

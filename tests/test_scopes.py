@@ -209,6 +209,7 @@ async def test_existing_keys_keep_what_they_could_do(api: httpx.AsyncClient, poo
                                          (account,))).fetchall()
     assert [r["scopes"] for r in rows] == [["billing:read", "billing:write", "payments:write", "usage:write"],
                                            ["billing:read"]]
+    api._transport.app.state.key_cache.clear()  # type: ignore[attr-defined]  # as after a restart (keys were cached)
     writer, reader = bearer(old_writer), bearer(old_reader)
     assert (await api.post("/api/v1/billing/track", headers=writer, json=track)).json()["balance"] == 4999
     assert (await api.put("/api/v1/billing/limits", headers=writer, json={"daily_limit": 300})).status_code == 200

@@ -9,9 +9,18 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
 from creditflow.api.conventions import EndingBefore, StartingAfter, page_of
-from creditflow.api.deps import get_app_settings, get_pool, require, target_account
+from creditflow.api.deps import get_app_settings, get_key_cache, get_pool, require, target_account
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
-from creditflow.api.keys import ApiKey, CreatedApiKey, Principal, Scope, create_key, list_keys, revoke_key
+from creditflow.api.keys import (
+    ApiKey,
+    CreatedApiKey,
+    KeyCache,
+    Principal,
+    Scope,
+    create_key,
+    list_keys,
+    revoke_key,
+)
 from creditflow.api.schemas import AccountCreate, ApiKeyCreate
 from creditflow.api.scopes import ACCOUNT_KEY_SCOPES
 from creditflow.config import Settings
@@ -109,8 +118,9 @@ async def get_api_keys(account_id: str, principal: Admin, pool: Pool, limit: Ann
 
 
 @router.delete("/{account_id}/api-keys/{key_id}", response_model=ApiKey, response_class=ExactJSONResponse)
-async def delete_api_key(account_id: str, key_id: str, principal: Admin, pool: Pool) -> ExactJSONResponse:
-    """Revoke a key; it stops working immediately."""
+async def delete_api_key(account_id: str, key_id: str, principal: Admin, pool: Pool,
+                         cache: Annotated[KeyCache, Depends(get_key_cache)]) -> ExactJSONResponse:
+    """Revoke a key; it stops working immediately (other API processes: within ``api_key_cache_seconds``)."""
     account_id = await _existing(pool, principal, account_id)
     check_id(key_id, "key", "key_id")
-    return respond(await revoke_key(pool, account_id, key_id))
+    return respond(await revoke_key(pool, account_id, key_id, cache))

@@ -19,6 +19,7 @@ from creditflow.api.entitlements import router as entitlements_router
 from creditflow.api.error_handling import InputGuardMiddleware, UnexpectedErrorMiddleware, install_error_handlers
 from creditflow.api.exact_json import ExactJSONResponse
 from creditflow.api.invoices import router as invoices_router
+from creditflow.api.keys import KeyCache
 from creditflow.api.limits import router as limits_router
 from creditflow.api.notification_channels import router as notification_channels_router
 from creditflow.api.openapi import install_openapi
@@ -87,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
                   default_response_class=ExactJSONResponse,
                   telemetry=tracing.fastapi_telemetry(settings))  # type: ignore[arg-type]  # off: none at all
     app.state.settings = settings
+    app.state.key_cache = KeyCache(settings.api_key_cache_seconds)  # per process: docs/scopes.md#key-lookups
     app.add_middleware(UnexpectedErrorMiddleware)  # inside RequestIdMiddleware: its answers carry the request id
     app.add_middleware(InputGuardMiddleware)
     app.add_middleware(VersionMiddleware)

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import AsyncConnectionPool
 
-from creditflow.api.keys import Principal, Scope, authenticate
+from creditflow.api.keys import KeyCache, Principal, Scope, authenticate
 from creditflow.api.scopes import granted, required_scopes
 from creditflow.config import Settings
 from creditflow.errors import CreditflowError
@@ -28,6 +28,11 @@ def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def get_key_cache(request: Request) -> KeyCache:
+    """This process's resolved API keys (routes that revoke a key or change an organization evict from it)."""
+    return request.app.state.key_cache
+
+
 def get_gateway(request: Request) -> StripeGateway:
     return request.app.state.gateway
 
@@ -38,7 +43,7 @@ async def get_principal(request: Request,
         raise CreditflowError("unauthorized", "missing bearer API key")
     settings = request.app.state.settings
     admin = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
-    return await authenticate(request.app.state.pool, credentials.credentials, admin)
+    return await authenticate(request.app.state.pool, credentials.credentials, admin, request.app.state.key_cache)
 
 
 def require(scope: Scope) -> Callable[..., Coroutine[Any, Any, Principal]]:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
 
@@ -72,6 +75,62 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+class KeyCache:
+    """Resolved keys of this process, by the secret's hash (never the secret), for ``ttl`` seconds: most requests
+    then authenticate without a database query.
+
+    Revoking through this process evicts at once (``evict_key``); another process's revocation, or a direct
+    database change, is seen within ``ttl``. Unknown or revoked secrets are not cached, so a key created later
+    works at once. ``ttl`` 0 turns the cache off. At most ``max_size`` entries, the oldest dropped first."""
+
+    def __init__(self, ttl: float, max_size: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_size = max_size
+        self.lookups = 0  # database queries made to resolve a secret (tests and benchmarks read it)
+        self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+        self._generation = 0  # bumped by every eviction: a lookup that raced one is not stored
+
+    def get(self, secret_hash: str) -> Principal | None:
+        entry = self._entries.get(secret_hash)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._entries[secret_hash]
+            return None
+        return entry[1]
+
+    def put(self, secret_hash: str, principal: Principal, generation: int) -> None:
+        if self.ttl <= 0 or generation != self._generation:
+            return
+        self._entries[secret_hash] = (time.monotonic() + self.ttl, principal)
+        self._entries.move_to_end(secret_hash)
+        while len(self._entries) > self.max_size:
+            self._entries.popitem(last=False)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def evict_key(self, key_id: str) -> None:
+        """Forget a key (it was revoked here)."""
+        self._evict(lambda p: p.key_id == key_id)
+
+    def evict_organization(self, organization_id: str) -> None:
+        """Forget an organization's keys (its workspaces changed: they carry the list)."""
+        self._evict(lambda p: p.organization_id == organization_id)
+
+    def clear(self) -> None:
+        self._evict(lambda p: True)
+
+    def _evict(self, match: Callable[[Principal], bool]) -> None:
+        self._generation += 1
+        for secret_hash in [h for h, (_, p) in self._entries.items() if match(p)]:
+            del self._entries[secret_hash]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 async def create_key(pool: AsyncConnectionPool, *, account_id: str | None, scopes: list[Scope],
                      name: str = "", organization_id: str | None = None) -> CreatedApiKey:
     prefix = (ORG_SECRET_PREFIX if organization_id is not None
@@ -106,13 +165,15 @@ async def list_keys(pool: AsyncConnectionPool, account_id: str, *, limit: int | 
     return [ApiKey(**_key_fields(r)) for r in rows]
 
 
-async def revoke_key(pool: AsyncConnectionPool, account_id: str, key_id: str) -> ApiKey:
+async def revoke_key(pool: AsyncConnectionPool, account_id: str, key_id: str, cache: KeyCache | None = None) -> ApiKey:
     async with pool.connection() as conn:
         row = await (await conn.execute(
             "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s AND account_id = %s"
             " RETURNING *", (key_id, account_id))).fetchone()
     if row is None:
         raise CreditflowError("unknown_api_key", f"no API key {key_id} on this account")
+    if cache is not None:
+        cache.evict_key(key_id)
     return ApiKey(**_key_fields(row))
 
 
@@ -123,29 +184,43 @@ async def list_organization_keys(pool: AsyncConnectionPool, organization_id: str
     return [ApiKey(**_key_fields(r)) for r in rows]
 
 
-async def revoke_organization_key(pool: AsyncConnectionPool, organization_id: str, key_id: str) -> ApiKey:
+async def revoke_organization_key(pool: AsyncConnectionPool, organization_id: str, key_id: str,
+                                  cache: KeyCache | None = None) -> ApiKey:
     async with pool.connection() as conn:
         row = await (await conn.execute(
             "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s AND organization_id = %s"
             " RETURNING *", (key_id, organization_id))).fetchone()
     if row is None:
         raise CreditflowError("unknown_api_key", f"no API key {key_id} on this organization")
+    if cache is not None:
+        cache.evict_key(key_id)
     return ApiKey(**_key_fields(row))
 
 
-async def authenticate(pool: AsyncConnectionPool, secret: str, admin_secret: str | None) -> Principal:
-    """Resolve a bearer secret to a principal, or raise ``unauthorized``."""
+async def authenticate(pool: AsyncConnectionPool, secret: str, admin_secret: str | None,
+                       cache: KeyCache | None = None) -> Principal:
+    """Resolve a bearer secret to a principal, or raise ``unauthorized``; ``cache`` spares the query on a repeat."""
     if admin_secret and hmac.compare_digest(secret.encode(), admin_secret.encode()):
         return Principal(key_id="settings:admin", account_id=None, scopes=frozenset({Scope.ADMIN.value}))
+    secret_hash = hash_secret(secret)
+    if cache is not None:
+        cached = cache.get(secret_hash)
+        if cached is not None:
+            return cached
+        generation = cache.generation
+        cache.lookups += 1
     async with pool.connection() as conn:
         row = await (await conn.execute(
             "SELECT k.id, k.account_id, k.organization_id, k.scopes,"
             " (SELECT coalesce(array_agg(a.id), '{}') FROM accounts a WHERE k.organization_id IS NOT NULL"
             "   AND a.organization_id = k.organization_id) AS organization_accounts"
             " FROM api_keys k WHERE k.secret_hash = %s AND k.revoked_at IS NULL",
-            (hash_secret(secret),))).fetchone()
+            (secret_hash,))).fetchone()
     if row is None:
         raise CreditflowError("unauthorized", "invalid or revoked API key")
-    return Principal(key_id=row["id"], account_id=row["account_id"], scopes=frozenset(row["scopes"]),
-                     organization_id=row["organization_id"],
-                     organization_accounts=frozenset(row["organization_accounts"]))
+    principal = Principal(key_id=row["id"], account_id=row["account_id"], scopes=frozenset(row["scopes"]),
+                          organization_id=row["organization_id"],
+                          organization_accounts=frozenset(row["organization_accounts"]))
+    if cache is not None:
+        cache.put(secret_hash, principal, generation)
+    return principal

@@ -14,11 +14,12 @@ from fastapi import APIRouter, Depends, Query
 from psycopg_pool import AsyncConnectionPool
 from pydantic import Field, StringConstraints
 
-from creditflow.api.deps import get_pool, require
+from creditflow.api.deps import get_key_cache, get_pool, require
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import (
     ApiKey,
     CreatedApiKey,
+    KeyCache,
     Principal,
     Scope,
     create_key,
@@ -39,6 +40,7 @@ Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
 Mover = Annotated[Principal, Depends(require(Scope.TRANSFERS_WRITE))]
 Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
+Keys = Annotated[KeyCache, Depends(get_key_cache)]
 Name = Annotated[Text, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 
 
@@ -86,11 +88,14 @@ async def get_organization(organization_id: str, principal: Reader, pool: Pool) 
 
 
 @router.post("/{organization_id}/accounts", response_model=Organization, response_class=ExactJSONResponse)
-async def attach_account(organization_id: str, req: AccountAttach, principal: Admin, pool: Pool) -> ExactJSONResponse:
+async def attach_account(organization_id: str, req: AccountAttach, principal: Admin, pool: Pool,
+                         cache: Keys) -> ExactJSONResponse:
     """Make an account a workspace of the organization (admin; idempotent). An account belongs to at most one."""
     organization_id = _own(principal, organization_id)
     account_id = check_id(req.account_id, "acc", "account_id")
-    return respond(await transfers.attach_account(pool, organization_id, account_id))
+    organization = await transfers.attach_account(pool, organization_id, account_id)
+    cache.evict_organization(organization_id)  # its keys carry the workspace list
+    return respond(organization)
 
 
 @router.post("/{organization_id}/api-keys", response_model=CreatedApiKey, status_code=201,
@@ -116,12 +121,12 @@ async def get_organization_keys(organization_id: str, principal: Admin, pool: Po
 
 
 @router.delete("/{organization_id}/api-keys/{key_id}", response_model=ApiKey, response_class=ExactJSONResponse)
-async def delete_organization_key(organization_id: str, key_id: str, principal: Admin, pool: Pool
-                                  ) -> ExactJSONResponse:
-    """Revoke an organization key; it stops working immediately."""
+async def delete_organization_key(organization_id: str, key_id: str, principal: Admin, pool: Pool,
+                                  cache: Keys) -> ExactJSONResponse:
+    """Revoke an organization key; it stops working at once (other API processes: within ``api_key_cache_seconds``)."""
     organization_id = _own(principal, organization_id)
     check_id(key_id, "key", "key_id")
-    return respond(await revoke_organization_key(pool, organization_id, key_id))
+    return respond(await revoke_organization_key(pool, organization_id, key_id, cache))
 
 
 @router.post("/{organization_id}/transfers", response_model=Transfer, status_code=201,
