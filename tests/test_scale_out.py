@@ -1,12 +1,13 @@
 """Scale-out: two API processes and two workers on one PostgreSQL and one Temporal server, as on two machines.
 
 Both ``creditflow api`` processes (separate ports) meter usage into the same ledger; both workers poll the same task
-queue and each runs an outbox relay, so top-ups and auto-recharges run on whichever worker takes them. One worker
-SIGKILLs itself right after its first ledger credit (the test-only ``after_credit`` fault point: a kill -9 at a known
-instant, with other top-ups in flight); the other takes over once the killed activities' start-to-close timeouts
-expire (``credit_topup`` 30 s; a ``charge_topup`` that was in flight on the dead worker 3 minutes: ``STRIPE_TIMEOUT``
-is not a setting, hence the 420 s budget). Measured on the shared 2-core machine: the worker died 6.6 s in, six
-``credit_topup`` activities were retried (attempt 2) on the survivor, all done 39 s in, 50 s with fixtures.
+queue and each runs an outbox relay, so auto-recharges and top-ups run on whichever worker takes them. Once the
+recharges are done, the second worker is restarted with the test-only ``after_credit`` fault point armed (it is
+polling before any top-up is sent): it SIGKILLs itself right after its first committed top-up credit, a kill -9 at a
+known instant with other top-ups in flight. The first worker takes over once the killed activities' start-to-close
+timeouts expire (``credit_topup`` 30 s; a ``charge_topup`` that was in flight on the dead worker waits 3 minutes:
+``STRIPE_TIMEOUT`` is not a setting, hence the 420 s budget). Measured on the shared 2-core machine: the worker died
+21 s in, four top-ups' ``credit_topup`` were retried (attempt 2) on the survivor, all done 53 s in, 77 s with fixtures.
 
 Numbers: 6 accounts (welcome bonus 5,000 credits each; auto-recharge on accounts 0-2 at threshold 1,000, +1,000).
 Usage: per account 20 events of 200 credits alternating between the two APIs, 5 of them replayed through the OTHER
@@ -32,7 +33,11 @@ import httpx
 import pytest
 import stripe
 from psycopg_pool import AsyncConnectionPool
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
@@ -125,6 +130,25 @@ async def ok(resp: Any, status: int = 200) -> dict[str, Any]:
     return r.json()
 
 
+async def eventually_result(client: Client, workflow_id: str, result_type: type[Any]) -> Any:
+    """The result of a workflow that another process starts (the account workflow, for a recharge) soon."""
+    while True:
+        try:
+            return await client.get_workflow_handle(workflow_id, result_type=result_type).result()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def polls_activities(client: Client, task_queue: str, pid: int) -> bool:
+    """Whether the worker process ``pid`` is polling the task queue for activity tasks (identity ``pid@host``)."""
+    answer = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+        namespace=client.namespace, task_queue=TaskQueue(name=task_queue),
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY))
+    return any(p.identity.startswith(f"{pid}@") for p in answer.pollers)
+
+
 def track(api: httpx.AsyncClient, account: str, value: int, key: str) -> Any:
     return api.post("/api/v1/billing/track", json={"account_id": account, "feature_id": "chat_message",
                                                     "value": value, "idempotency_key": key})
@@ -133,10 +157,9 @@ def track(api: httpx.AsyncClient, account: str, value: int, key: str) -> Any:
 @pytest.mark.timeout(420)
 async def test_two_apis_two_workers_one_killed_ledger_exact(
         apis: list[httpx.AsyncClient], workers: Workers, pool: AsyncConnectionPool, sdk: stripe.StripeClient,
-        temporal_client: Client) -> None:
+        temporal_client: Client, temporal_settings: Settings) -> None:
     started = time.monotonic()
-    doomed = workers.start("after_credit")  # SIGKILLs itself right after its first committed ledger credit
-    survivor = workers.start()
+    survivor, second = workers.start(), workers.start()
     a, b = apis
 
     accounts = [(await ok(apis[i % 2].post("/api/v1/accounts", json={
@@ -156,22 +179,24 @@ async def test_two_apis_two_workers_one_killed_ledger_exact(
         assert (await ok(apis[i % 2].get("/api/v1/billing/balance", params={"account_id": acc})))["balance"] == 1000
     await asyncio.gather(*(ok(track(apis[i % 2], acc, 100, "cross")) for i, acc in enumerate(accounts)))
 
-    # The recharges have begun (their charge rows exist) before top-ups raise the balances back up.
+    # The recharges run on both workers and finish before the top-ups raise the balances back up.
+    recharges = await asyncio.wait_for(asyncio.gather(*(eventually_result(
+        temporal_client, auto_recharge_workflow_id(acc, 1), AutoRechargeOutcome) for acc in accounts[:RECHARGING])), 90)
+    assert [r.status for r in recharges] == ["succeeded"] * RECHARGING, recharges
+    # The second worker is restarted with the fault armed: it dies at its first ledger credit, i.e. in a top-up.
+    second.terminate()
+    assert await wait_exit(second, 30) == 0, (workers.logs / "worker-1.log").read_text()
+    doomed = workers.start("after_credit")
     deadline = time.monotonic() + 60
-    while True:
-        async with pool.connection() as conn:
-            n = (await (await conn.execute("SELECT count(*) AS n FROM stripe_charges WHERE kind = 'auto_recharge'"
-                                           )).fetchone())["n"]
-        if n == RECHARGING:
-            break
-        assert time.monotonic() < deadline, f"{n} recharges started"
+    while not await polls_activities(temporal_client, temporal_settings.temporal_task_queue, doomed.pid):
+        assert doomed.poll() is None and time.monotonic() < deadline, (workers.logs / "worker-2.log").read_text()
         await asyncio.sleep(0.2)
 
     # 12 top-ups through both APIs at once; the doomed worker dies in the middle of them.
     topups = [asyncio.ensure_future(apis[j].post(TOPUP, json={
         "account_id": acc, "amount_usd": TOPUP_USD, "request_id": f"t-{'ab'[j]}"}))
         for acc in accounts for j in (0, 1)]
-    assert await wait_exit(doomed, 90) == -signal.SIGKILL, (workers.logs / "worker-0.log").read_text()
+    assert await wait_exit(doomed, 90) == -signal.SIGKILL, (workers.logs / "worker-2.log").read_text()
     killed_at = time.monotonic() - started
     answers = await asyncio.gather(*topups)
     assert {r.status_code for r in answers} <= {200, 202}, [r.text for r in answers]
@@ -179,24 +204,23 @@ async def test_two_apis_two_workers_one_killed_ledger_exact(
     await asyncio.gather(*(ok(track(apis[(i + k) % 2], acc, 10, f"late-{k}"))
                            for i, acc in enumerate(accounts) for k in range(5)))
 
-    outcomes = await asyncio.wait_for(asyncio.gather(
-        *(temporal_client.get_workflow_handle(topup_workflow_id(acc, f"t-{x}"), result_type=TopUpOutcome).result()
-          for acc in accounts for x in "ab"),
-        *(temporal_client.get_workflow_handle(auto_recharge_workflow_id(acc, 1),
-                                              result_type=AutoRechargeOutcome).result()
-          for acc in accounts[:RECHARGING])), 330)
-    assert [o.status for o in outcomes[:2 * ACCOUNTS]] == ["succeeded"] * 2 * ACCOUNTS, outcomes
-    assert survivor.poll() is None, (workers.logs / "worker-1.log").read_text()
-
-    # A killed activity really ran again (on the survivor): the takeover was exercised.
-    retried = []
     ids = [topup_workflow_id(acc, f"t-{x}") for acc in accounts for x in "ab"]
+    outcomes = await asyncio.wait_for(asyncio.gather(
+        *(temporal_client.get_workflow_handle(wf, result_type=TopUpOutcome).result() for wf in ids)), 330)
+    assert [o.status for o in outcomes] == ["succeeded"] * 2 * ACCOUNTS, outcomes
+    assert survivor.poll() is None, (workers.logs / "worker-0.log").read_text()
+
+    # A killed top-up activity really ran again on the survivor (the takeover was exercised), and the activities of
+    # the top-ups and recharges ran on more than one worker process.
+    retried, ran_on = [], set()
     for wf in ids + [auto_recharge_workflow_id(acc, 1) for acc in accounts[:RECHARGING]]:
         history = await temporal_client.get_workflow_handle(wf).fetch_history()
-        retried += [(wf, e.activity_task_started_event_attributes.attempt) for e in history.events
-                    if e.HasField("activity_task_started_event_attributes")
-                    and e.activity_task_started_event_attributes.attempt >= 2]
-    assert retried, "no activity was retried after the kill"
+        started_events = [e.activity_task_started_event_attributes for e in history.events
+                          if e.HasField("activity_task_started_event_attributes")]
+        retried += [(wf, e.attempt) for e in started_events if e.attempt >= 2]
+        ran_on |= {e.identity.split("@")[0] for e in started_events}
+    assert any(wf.startswith("topup:") for wf, _ in retried), f"no top-up activity retried after the kill: {retried}"
+    assert str(survivor.pid) in ran_on and ran_on & {str(second.pid), str(doomed.pid)}, (ran_on, workers.procs)
 
     for i, acc in enumerate(accounts):
         recharged = RECHARGE if i < RECHARGING else 0
