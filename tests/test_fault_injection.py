@@ -11,10 +11,7 @@ settings can shorten them, so the ``after_charge`` case takes a little over 3 mi
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,20 +24,17 @@ import stripe
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from activities.topups import FAULT_INJECT_ENV
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY
 from tests.support.api import app_client, new_account
 from tests.support.ledger import assert_invariants
 from tests.support.payments import charges, customer_of, intents_of, purchases, receipts, reconcile, save_card
+from tests.support.workers import Workers, wait_exit
 from workflows.contract import TopUpInput, TopUpOutcome, TopUpTerms, topup_workflow_id
 from workflows.topup import TopUpWorkflow
 
 pytestmark = [pytest.mark.temporal, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKER = ("import asyncio; from creditflow.config import Settings; from workers.main import run_worker; "
-          "asyncio.run(run_worker(Settings()))")
 
 
 @pytest.fixture
@@ -57,44 +51,6 @@ async def api(temporal_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-class Workers:
-    """Worker subprocesses of one test; whatever is still alive is killed at teardown."""
-
-    def __init__(self, settings: Settings, logs: Path) -> None:
-        self.settings = settings
-        self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, fault: str | None = None) -> subprocess.Popen[bytes]:
-        s = self.settings
-        env = {k: v for k, v in os.environ.items() if k != FAULT_INJECT_ENV and not k.startswith("CREDITFLOW_")}
-        env.update({
-            "CREDITFLOW_DATABASE_URL": s.database_url,
-            "CREDITFLOW_TEMPORAL_ADDRESS": s.temporal_address,
-            "CREDITFLOW_TEMPORAL_NAMESPACE": s.temporal_namespace,
-            "CREDITFLOW_TEMPORAL_TASK_QUEUE": s.temporal_task_queue,
-            "CREDITFLOW_STRIPE_API_BASE": s.stripe_api_base,
-            "CREDITFLOW_STRIPE_API_KEY": s.stripe_api_key.get_secret_value(),
-            "CREDITFLOW_STRIPE_RETRY_MAX_WAIT_SECONDS": "0.1",
-            "CREDITFLOW_DB_POOL_MIN_SIZE": "1",
-            "CREDITFLOW_DB_POOL_MAX_SIZE": "4",
-        })
-        if fault is not None:
-            env[FAULT_INJECT_ENV] = fault
-        log = (self.logs / f"worker-{len(self.procs)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-c", WORKER], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-
-
 @pytest.fixture
 def workers(temporal_settings: Settings, tmp_path: Path) -> Iterator[Workers]:
     started = Workers(temporal_settings, tmp_path)
@@ -102,15 +58,6 @@ def workers(temporal_settings: Settings, tmp_path: Path) -> Iterator[Workers]:
         yield started
     finally:
         started.kill_all()
-
-
-async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"worker {proc.pid} still alive after {timeout} s")
-        await asyncio.sleep(0.1)
-    return proc.returncode
 
 
 @pytest.mark.timeout(480)

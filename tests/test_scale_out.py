@@ -46,7 +46,7 @@ from tests.conftest import ADMIN_KEY, STRIPE_KEY, free_port, new_card
 from tests.support.auto_recharge import SETTINGS as RECHARGE_SETTINGS
 from tests.support.ledger import assert_invariants
 from tests.support.payments import CARDS, TOPUP, customer_of, intents_of
-from tests.test_fault_injection import Workers, wait_exit
+from tests.support.workers import Workers, wait_exit
 from workflows.contract import AutoRechargeOutcome, TopUpOutcome, auto_recharge_workflow_id, topup_workflow_id
 
 pytestmark = [pytest.mark.temporal, pytest.mark.slow]
