@@ -181,7 +181,8 @@ async def test_two_apis_two_workers_one_killed_ledger_exact(
 
     # The recharges run on both workers and finish before the top-ups raise the balances back up.
     recharges = await asyncio.wait_for(asyncio.gather(*(eventually_result(
-        temporal_client, auto_recharge_workflow_id(acc, 1), AutoRechargeOutcome) for acc in accounts[:RECHARGING])), 180)
+        temporal_client, auto_recharge_workflow_id(acc, 1), AutoRechargeOutcome)
+        for acc in accounts[:RECHARGING])), 180)
     assert [r.status for r in recharges] == ["succeeded"] * RECHARGING, recharges
     # The second worker is restarted with the fault armed: it dies at its first ledger credit, i.e. in a top-up.
     second.terminate()
