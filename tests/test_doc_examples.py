@@ -33,7 +33,7 @@ BLOCK = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 # Variables that only the tests read (documented in docs/development.md), on top of the settings.
 TEST_ONLY_VARS = {"CREDITFLOW_TEST_DATABASE_URL", "CREDITFLOW_MODEL_EXAMPLES", "CREDITFLOW_MODEL_STEPS",
                   "CREDITFLOW_MODEL_REPORT", "CREDITFLOW_FUZZ_EXAMPLES", "CREDITFLOW_RECORD_HISTORIES",
-                  "CREDITFLOW_FAULT_INJECT"}
+                  "CREDITFLOW_FAULT_INJECT", "CREDITFLOW_CHROMIUM", "CREDITFLOW_ARTIFACTS"}
 
 
 def bash_blocks(doc: str) -> list[str]:
