@@ -42,10 +42,13 @@ from temporalio.service import RPCError, RPCStatusCode
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ledger.verify import verify
+from creditflow.payments.gateway import StripeGateway
+from creditflow.payments.topups import CHARGE_METADATA_KEY
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, free_port, new_card
 from tests.support.auto_recharge import SETTINGS as RECHARGE_SETTINGS
 from tests.support.ledger import assert_invariants
 from tests.support.payments import CARDS, TOPUP, customer_of, intents_of
+from tests.support.reconcile import reconcile_now
 from tests.support.workers import Workers, wait_exit
 from workflows.contract import AutoRechargeOutcome, TopUpOutcome, auto_recharge_workflow_id, topup_workflow_id
 
@@ -223,6 +226,7 @@ async def test_two_apis_two_workers_one_killed_ledger_exact(
     assert any(wf.startswith("topup:") for wf, _ in retried), f"no top-up activity retried after the kill: {retried}"
     assert str(survivor.pid) in ran_on and ran_on & {str(second.pid), str(doomed.pid)}, (ran_on, workers.procs)
 
+    extra_pis: dict[str, str] = {}  # a second PaymentIntent of a credited charge -> its account
     for i, acc in enumerate(accounts):
         recharged = RECHARGE if i < RECHARGING else 0
         expected = WELCOME + 2 * TOPUP_USD * 100 + recharged - USAGE
@@ -230,7 +234,8 @@ async def test_two_apis_two_workers_one_killed_ledger_exact(
             assert (await ok(api.get("/api/v1/billing/balance", params={"account_id": acc})))["balance"] == expected
         async with pool.connection() as conn:
             rows = await (await conn.execute(
-                "SELECT kind, request_id, status, payment_intent_id, ledger_txn_id, amount_cents FROM stripe_charges"
+                "SELECT id, kind, request_id, status, payment_intent_id, ledger_txn_id, amount_cents"
+                " FROM stripe_charges"
                 " WHERE account_id = %s ORDER BY kind, request_id", (acc,))).fetchall()
             credits = await (await conn.execute(
                 "SELECT type, amount_micros, metadata->>'payment_intent_id' AS pi FROM journal"
@@ -245,13 +250,24 @@ async def test_two_apis_two_workers_one_killed_ledger_exact(
         assert [(r["status"], r["amount_cents"]) for r in recharge_rows] == [("succeeded", 1000)] * (i < RECHARGING)
         assert all(r["ledger_txn_id"] for r in rows)
         assert usage == USAGE * MICROS_PER_CREDIT
-        # Stripe (the emulator) has exactly the PaymentIntents the ledger credited, each once.
+        # The ledger credited each charge's PaymentIntent once.
         ledger_pis = sorted(c["pi"] for c in credits)
         assert len(ledger_pis) == len(set(ledger_pis)) == len(rows)
+        assert ledger_pis == sorted(r["payment_intent_id"] for r in rows)
         assert all(c["amount_micros"] == 1000 * MICROS_PER_CREDIT for c in credits)
+        # Stripe's side: every PaymentIntent the ledger credited, and nothing else except a second PaymentIntent of
+        # the SAME charge. The emulator ignores idempotency keys: a worker killed after Stripe created a charge's
+        # PaymentIntent and before its id was committed makes the retry create another under the same key
+        # (`creditflow:topup:{charge}`), where Stripe itself returns the first. Reconciliation reports each such
+        # one as `duplicate_payment`, so an operator sees it.
         stripe_pis = intents_of(sdk, await customer_of(pool, acc))
         assert all(pi.status == "succeeded" and pi.amount == 1000 for pi in stripe_pis), stripe_pis
-        assert sorted(pi.id for pi in stripe_pis) == ledger_pis == sorted(r["payment_intent_id"] for r in rows)
+        assert set(ledger_pis) <= {pi.id for pi in stripe_pis}
+        charge_ids = {r["id"] for r in rows}
+        for pi in stripe_pis:
+            if pi.id not in ledger_pis:
+                assert pi.metadata[CHARGE_METADATA_KEY] in charge_ids, pi
+                extra_pis[pi.id] = acc
 
     async with pool.connection() as conn:
         total = await (await conn.execute("SELECT sum(amount_micros) AS s, count(*) AS n FROM journal_lines"
@@ -262,5 +278,9 @@ async def test_two_apis_two_workers_one_killed_ledger_exact(
     await assert_invariants(pool)
     report = await verify(pool)
     assert report.ok and report.accounts_checked >= ACCOUNTS, report.violations
+    if extra_pis:
+        result = await reconcile_now(pool, StripeGateway.from_settings(temporal_settings))
+        reported = {d.stripe_id: d.account_id for d in result.differences if d.kind == "duplicate_payment"}
+        assert {pi: reported.get(pi) for pi in extra_pis} == extra_pis, result.differences
     print(f"scale-out: worker killed at {killed_at:.1f} s, all done in {time.monotonic() - started:.1f} s, "
           f"retried activities {retried}, {total['n']} journal lines")
