@@ -120,9 +120,20 @@ def start(runs: list[Dev], data_dir: Path, log: Path) -> Dev:
         real = Path(tempfile.mkdtemp(prefix="creditflow-dev-test-"))
         real.chmod(0o755)
         data_dir.symlink_to(real, target_is_directory=True)
-    run = Dev(data_dir, log)
-    runs.append(run)
-    run.wait_for("GET /healthz", lambda: httpx.get(f"{run.api}/healthz", timeout=2).json() == {"status": "ok"})
+    for attempt in range(3):
+        run = Dev(data_dir, log)
+        runs.append(run)
+        try:
+            run.wait_for("GET /healthz", lambda url=f"{run.api}/healthz": httpx.get(url, timeout=2).json() == {
+                "status": "ok"})
+            break
+        except pytest.fail.Exception as exc:
+            # The free ports are picked, released, then bound by the stack's servers: under a full suite another
+            # process can take one in between (Temporal: "bind: address already in use"). Try again on new ports.
+            if "address already in use" not in str(exc) or attempt == 2:
+                raise
+            run.kill()
+            runs.remove(run)
     # The banner comes last, once the worker is up too.
     run.wait_for("the banner", lambda: "to stop everything" in run.output())
     return run
