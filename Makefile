@@ -53,7 +53,7 @@ bench-cycle: $(STAMP)
 
 .PHONY: bench-http
 bench-http: $(STAMP)
-	$(BIN)/python bench/http.py $(ARGS)
+	$(BIN)/python bench/http_load.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

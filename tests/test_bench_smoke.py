@@ -6,19 +6,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_http_imports_and_parses_its_arguments() -> None:
-    from bench import http
+    from bench import http_load as http
 
     args = http.parse_args(["--quick", "--connections", "1", "8", "--json", "-"])
     assert (args.seconds, args.library_events, args.connections, args.endpoints, args.json) == (
         2.0, 2_000, [1, 8], ["track", "check", "batch"], "-")
 
 
-def test_bench_http_help_runs_as_a_script() -> None:
-    """Run as ``python bench/http.py``, the file must not shadow the standard library's ``http``."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "http.py"), "--help"], capture_output=True,
-                         text=True, timeout=60, check=True, cwd=ROOT)
-    assert "--connections" in out.stdout and "--quick" in out.stdout and "--json" in out.stdout
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py")))
+def test_every_bench_script_runs_as_a_script(script: str) -> None:
+    """``make bench*`` runs ``python bench/NAME.py``: the bench directory then comes first on ``sys.path``, so a
+    bench file named like a standard module (``http.py`` did) breaks every other bench that imports it."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage:")

@@ -13,30 +13,26 @@ The ledger invariants are verified at the end. Run ``make bench-http`` (``ARGS="
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import random
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-# Run as ``python bench/http.py``, this file's directory would come first on sys.path and this module would
-# shadow the standard library's ``http`` package (aiohttp imports ``http.cookies``): put the repository there.
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
-sys.path.insert(0, str(_BENCH_DIR.parent))
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `bench.metering` when run as a script
 
 ENDPOINTS = ("track", "check", "batch")
 PATHS = {"track": "/api/v1/billing/track", "check": "/api/v1/billing/check", "batch": "/api/v1/billing/track/batch"}
@@ -148,7 +144,7 @@ def api_server(database_url: str, workers: int) -> Iterator[tuple[str, subproces
 
     port = free_port()
     env = {**os.environ, "CREDITFLOW_DATABASE_URL": database_url, "CREDITFLOW_ADMIN_API_KEY": ADMIN,
-           "PYTHONPATH": os.pathsep.join([str(_BENCH_DIR.parent), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     log = tempfile.TemporaryFile()  # noqa: SIM115  # its log lines cost what they cost in production; read on failure
     proc = subprocess.Popen(
         [sys.executable, "-c", "from creditflow.cli import app; app()", "api", "--host", "127.0.0.1", "--port",
