@@ -25,7 +25,7 @@ from creditflow.api.schemas import (
     WalletCredit,
 )
 from creditflow.config import Settings
-from creditflow.domain.money import AmountError, validate_whole_credits
+from creditflow.domain.money import AmountError, micros_to_credits, validate_whole_credits
 from creditflow.errors import STATUS_BY_CODE, CreditflowError
 from creditflow.ids import check_id
 from creditflow.ledger import credit_systems, metering, postings, queries
@@ -67,15 +67,27 @@ class TrackResponse(BaseModel):
 
 
 def _track_body(result: TrackResult) -> dict[str, Any]:
-    body: dict[str, Any] = TrackResponse(
-        allowed=result.allowed, code=result.code, credits_charged=result.credits_charged,
-        credits_per_unit=result.credits_per_unit, credits_required=result.credits_required,
-        balance=result.balances.balance if result.balances else None,
-        pending_charges=result.balances.pending_charges if result.balances else None,
-        available=result.balances.available if result.balances else None,
-        transaction_id=result.transaction_id, replayed=result.replayed, hold_id=result.hold_id,
-        released=result.released,
-    ).model_dump(exclude_none=True)
+    """``TrackResponse(...).model_dump(exclude_none=True)``, built directly: it runs once per event of a batch, where
+    a model per event and three ``Balances`` per event (one per figure read) were 40 % of the endpoint's CPU.
+    tests/test_api_track_body.py holds it equal to the model's dump."""
+    body: dict[str, Any] = {"allowed": result.allowed, "code": result.code,
+                            "credits_charged": result.credits_charged}
+    if result.credits_per_unit is not None:
+        body["credits_per_unit"] = result.credits_per_unit
+    if result.required_micros is not None:
+        body["credits_required"] = micros_to_credits(result.required_micros)
+    balance, held = result.balance_micros, result.held_micros
+    if balance is not None and held is not None and result.floor_micros is not None:
+        body["balance"] = micros_to_credits(balance)
+        body["pending_charges"] = micros_to_credits(held)
+        body["available"] = micros_to_credits(balance - held)
+    if result.transaction_id is not None:
+        body["transaction_id"] = result.transaction_id
+    if result.hold_id is not None:
+        body["hold_id"] = result.hold_id
+    if result.released_micros is not None:
+        body["released"] = micros_to_credits(result.released_micros)
+    body["replayed"] = result.replayed
     if result.credit_system is not None:  # a named credit system's event: its balance, not the wallet's
         body["credit_system"] = result.credit_system
     if not result.allowed:

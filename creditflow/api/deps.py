@@ -20,20 +20,22 @@ from creditflow.payments.gateway import StripeGateway
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer cf_sk_...`")
 
 
-def get_pool(request: Request) -> AsyncConnectionPool:
+# The app-state dependencies are ``async def`` although they do no I/O: FastAPI runs a plain ``def`` dependency in
+# its thread pool, a thread hop (and a GIL hand-over) per dependency per request on the hot path.
+async def get_pool(request: Request) -> AsyncConnectionPool:
     return request.app.state.pool
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_key_cache(request: Request) -> KeyCache:
+async def get_key_cache(request: Request) -> KeyCache:
     """This process's resolved API keys (routes that revoke a key or change an organization evict from it)."""
     return request.app.state.key_cache
 
 
-def get_gateway(request: Request) -> StripeGateway:
+async def get_gateway(request: Request) -> StripeGateway:
     return request.app.state.gateway
 
 

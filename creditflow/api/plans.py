@@ -35,7 +35,7 @@ class PlanList(BaseModel):
     items: list[PlanOut]
 
 
-def get_plan_catalog(request: Request) -> PlanCatalog:
+async def get_plan_catalog(request: Request) -> PlanCatalog:
     """Loaded and validated once when the app is created, so a bad catalog file stops start-up."""
     return request.app.state.plan_catalog
 
