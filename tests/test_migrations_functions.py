@@ -125,7 +125,9 @@ def test_functions_dir_reproduces_todays_migrations_byte_for_byte(pg_server_url:
         apply_numbered(numbered)
         migrate(full)
         before, after = functions(numbered), functions(full)
-        assert set(before) == set(after)
+        # Functions added since in functions/ alone (no migration defines them) are the only extra ones.
+        only_in_files = {_sig(k) for k in files if k not in current}
+        assert set(after) == set(before) | only_in_files
         assert {sig: before[sig] for sig in unchanged} == {sig: after[sig] for sig in unchanged}
         assert triggers(numbered) == triggers(full)
 
