@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from creditflow import ops_cli
 from creditflow.config import Settings, get_settings
-from creditflow.ledger import metering, partitions
+from creditflow.ledger import metering, partitions, queries
 from creditflow.ledger.accounts import create_account
 from creditflow.ledger.db import open_pool
 from creditflow.ledger.metering import UsageEvent
@@ -120,6 +120,12 @@ async def test_month_rollover_lands_entries_in_their_months_and_keys_stay_exactl
     # The day before the rollover is over: rolled up; the new month's first day is not yet.
     assert [(r["day"], r["events"], r["charged_micros"]) for r in rollup] == [
         ((second - timedelta(days=1)).date(), 2, 3 * CREDIT)]
+    # The daily usage report reads the rolled-up day from usage_daily and the rest from the journal: same figures.
+    day_before, day_of = (second - timedelta(days=1)).date().isoformat(), second.date().isoformat()
+    rollups = await queries.usage_rollups(pool, account.id)
+    assert [(r.date, r.events, r.credits) for r in rollups] == [(day_of, 1, 3), (day_before, 2, 3)]
+    partial = await queries.usage_rollups(pool, account.id, start=second - timedelta(seconds=5))
+    assert [(r.date, r.events, r.credits) for r in partial] == [(day_of, 1, 3)]
     report = await verify(pool)
     assert report.ok, report.violations
 

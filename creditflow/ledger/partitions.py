@@ -21,8 +21,9 @@ from creditflow.observability.metrics import JOURNAL_DEFAULT_ROWS, JOURNAL_MONTH
 log = logging.getLogger(__name__)
 
 DEFAULT_MONTHS_AHEAD = 3
-# A day is rolled up once it is over, and again on the next run: a transaction that began before midnight (its
-# rows dated the day before) may commit after it.
+# A day is rolled up once it has been over for ROLLUP_SETTLE (a transaction that began before midnight dates its
+# rows the day before and may commit after it), and the latest rolled-up day is redone on the next run.
+ROLLUP_SETTLE = timedelta(hours=1)
 ROLLUP_FIRST_RUN_DAYS = 35  # how far back the first rollup goes when none was made yet
 
 
@@ -106,7 +107,7 @@ async def maintain(pool: AsyncConnectionPool, months_ahead: int = DEFAULT_MONTHS
     rolled-up day, which is redone, through yesterday), set the gauges and log one structured line."""
     now = now or datetime.now(UTC)
     made = await ensure_partitions(pool, months_ahead, now)
-    today = now.astimezone(UTC).date()
+    today = (now - ROLLUP_SETTLE).astimezone(UTC).date()  # the first day not rolled up
     async with pool.connection() as conn:
         last = await (await conn.execute("SELECT max(day) AS d FROM usage_rollup_days")).fetchone()
     start = last["d"] if last and last["d"] else today - timedelta(days=ROLLUP_FIRST_RUN_DAYS)
