@@ -317,8 +317,11 @@ async def setup_accounts(url: str, n: int, mode: str, concurrency: int, progress
 
 # Journal history for --preload-journal: balanced pairs (a credit, then the debit that takes it back) on the bench
 # accounts, dated over the past months. Each row is a journal transaction (two legs that cancel) with its key in
-# journal_keys (the trigger); balances and lots are unchanged and balance_after stays the running sum (by seq).
+# journal_keys; balances and lots are unchanged and balance_after stays the running sum (by seq). The keys are
+# written set-based from the inserted rows (the journal_key trigger, one PL/pgSQL call per row, is off meanwhile on
+# this throwaway database: same rows, about twice as fast).
 _PRELOAD_SQL = """
+WITH ins AS (
 INSERT INTO journal (account_id, type, amount_micros, counter_book, balance_after_micros, description,
                      idempotency_key, created_at)
 SELECT b.account_id, 'adjustment', CASE WHEN g %% 2 = 0 THEN x.micros ELSE -x.micros END, 'system:adjustments',
@@ -331,6 +334,9 @@ CROSS JOIN LATERAL (SELECT (%(ids)s::text[])[1 + (g / 2) %% cardinality(%(ids)s:
                                  - ((g / 2) * 7919 %% (%(months)s * 30 * 86400)) * interval '1 second' AS at) x
 JOIN balances b ON b.account_id = x.account_id
 ORDER BY g
+RETURNING account_id, idempotency_key, created_at, seq
+)
+INSERT INTO journal_keys (account_id, idempotency_key, created_at, seq) SELECT * FROM ins
 """
 PRELOAD_CHUNK = 500_000
 
@@ -345,10 +351,14 @@ async def preload_journal(url: str, n: int, months: int, ids: list[str], progres
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute("SELECT count(*) FROM cf_ensure_journal_partitions(%s, now() - %s * interval '1 month')",
                            (months + 3, months))
-        for lo in range(0, n, PRELOAD_CHUNK):
-            hi = min(n, lo + PRELOAD_CHUNK)
-            await conn.execute(_PRELOAD_SQL, {"lo": lo, "hi": hi, "ids": ids, "months": months})
-            progress.update(task, completed=hi)
+        await conn.execute("ALTER TABLE journal DISABLE TRIGGER journal_key")
+        try:
+            for lo in range(0, n, PRELOAD_CHUNK):
+                hi = min(n, lo + PRELOAD_CHUNK)
+                await conn.execute(_PRELOAD_SQL, {"lo": lo, "hi": hi, "ids": ids, "months": months})
+                progress.update(task, completed=hi)
+        finally:
+            await conn.execute("ALTER TABLE journal ENABLE TRIGGER journal_key")
         await conn.execute("VACUUM ANALYZE journal")
         await conn.execute("VACUUM ANALYZE journal_keys")
         row = await (await conn.execute("SELECT count(*) FROM journal")).fetchone()
