@@ -263,7 +263,8 @@ async def restore_failed_refund(conn: Any, obj: dict[str, Any]) -> str | None:
                 "INSERT INTO journal (account_id, type, amount_micros, counter_book, balance_after_micros,"
                 " description, metadata, idempotency_key) SELECT account_id, 'refund_reversal', 0,"
                 " 'system:refund_reserve', balance_micros, %s, %s, %s FROM balances WHERE account_id = %s"
-                " ON CONFLICT DO NOTHING", (description, to_jsonb(metadata), key, account_id))
+                " AND NOT EXISTS (SELECT 1 FROM journal_keys WHERE account_id = %s AND idempotency_key = %s)",
+                (description, to_jsonb(metadata), key, account_id, account_id, key))
         else:
             return None
     except psycopg.Error as exc:
