@@ -55,8 +55,8 @@ class Maintenance:
 
 async def ensure_partitions(pool: AsyncConnectionPool, months_ahead: int = DEFAULT_MONTHS_AHEAD,
                             at: datetime | None = None) -> list[Partition]:
-    """Create the partitions of the month of ``at`` (default: now) and the ``months_ahead`` after it; idempotent.
-    Raises CreditflowError-coded database errors (CF400) for a bad ``months_ahead``."""
+    """Create the partitions of the month of ``at`` (default: the ledger clock) and the ``months_ahead`` after it;
+    idempotent. The database refuses ``months_ahead`` outside 0..120 (SQLSTATE CF400)."""
     async with pool.connection() as conn:
         rows = await (await conn.execute(
             "SELECT * FROM cf_ensure_journal_partitions(%s, coalesce(%s, cf_now()))", (months_ahead, at))).fetchall()
