@@ -25,12 +25,13 @@ from creditflow import ops_cli
 from creditflow.config import Settings, get_settings
 from creditflow.ledger import metering, partitions, queries
 from creditflow.ledger.accounts import create_account
-from creditflow.ledger.db import open_pool
+from creditflow.ledger.db import migrate, open_pool
 from creditflow.ledger.metering import UsageEvent
 from creditflow.ledger.ratecard import ensure_default_ratecard
 from creditflow.ledger.verify import verify
 from creditflow.partitions_cli import partitions_app
 from creditflow.temporal_setup import ensure_partitions_schedule
+from tests.test_migrations_functions import apply_numbered, new_database
 from workflows.contract import PartitionMaintenanceSummary
 
 CREDIT = 1_000_000
@@ -212,3 +213,37 @@ async def test_the_schedule_creates_the_coming_months_on_the_worker(
     assert f"journal_y{fifth.year}m{fifth.month:02d}" in names
     assert await ensure_partitions_schedule(temporal_client, task_queue="q", interval_hours=0, months_ahead=5,
                                             schedule_id=schedule_id) is None
+
+
+def test_an_upgraded_journal_moves_into_its_months_with_its_keys(pg_server_url: str) -> None:
+    """0041 on a database that has entries (written by the release before it, on the ledger clock, either side of a
+    month boundary): every row lands in its month's partition, every key is backfilled, balances and running sums
+    stay exact, and a replayed key is still answered from the stored entry (refused as a new one)."""
+    post = ("SELECT (cf_post(%s, 'adjustment', %s, 'system:adjustments', 'test', NULL, 'goodwill', 40, NULL, %s,"
+            " '\\x01'::bytea)).balance_micros")
+    with new_database(pg_server_url) as url:
+        apply_numbered(url, "0040_credit_system_topups")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("INSERT INTO accounts (id, name, billing_email) VALUES ('acc_up', 'Up', 'up@example.com')")
+            conn.execute("INSERT INTO balances (account_id) VALUES ('acc_up')")
+            for at, key, amount in (("2026-01-31T23:59:59Z", "k1", 5 * CREDIT),
+                                    ("2026-02-01T00:00:01Z", "k2", -CREDIT)):
+                conn.execute("SELECT set_config('creditflow.now', %s, false)", (at,))
+                conn.execute(post, ("acc_up", amount, key))
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            placed = dict(conn.execute("SELECT idempotency_key, tableoid::regclass::text FROM journal"
+                                       " WHERE account_id = 'acc_up'").fetchall())
+            keys = conn.execute("SELECT count(*) FROM journal_keys WHERE account_id = 'acc_up'").fetchone()
+            again = conn.execute("SELECT (r).replayed, (r).balance_micros FROM (SELECT cf_post('acc_up', 'adjustment',"
+                                 " 5000000, 'system:adjustments', 'test', NULL, 'goodwill', 40, NULL, 'k1',"
+                                 " '\\x01'::bytea) AS r) x").fetchone()
+            balance = conn.execute("SELECT balance_micros FROM balances WHERE account_id = 'acc_up'").fetchone()
+            running = conn.execute("SELECT count(*) FROM (SELECT balance_after_micros, sum(amount_micros) OVER"
+                                   " (ORDER BY seq) AS s FROM journal WHERE account_id = 'acc_up') x"
+                                   " WHERE balance_after_micros <> s").fetchone()
+    assert placed == {"k1": "journal_y2026m01", "k2": "journal_y2026m02"}
+    assert keys == (2,)
+    assert again == (True, 5 * CREDIT)
+    assert balance == (4 * CREDIT,)
+    assert running == (0,)
