@@ -31,7 +31,7 @@ from creditflow.ledger.ratecard import ensure_default_ratecard
 from creditflow.ledger.verify import verify
 from creditflow.partitions_cli import partitions_app
 from creditflow.temporal_setup import ensure_partitions_schedule
-from tests.test_migrations_functions import apply_numbered, new_database
+from tests.support.migrations import apply_numbered, new_database
 from workflows.contract import PartitionMaintenanceSummary
 
 CREDIT = 1_000_000
