@@ -315,6 +315,59 @@ async def setup_accounts(url: str, n: int, mode: str, concurrency: int, progress
     return ids
 
 
+# Journal history for --preload-journal: balanced pairs (a credit, then the debit that takes it back) on the bench
+# accounts, dated over the past months. Each row is a journal transaction (two legs that cancel) with its key in
+# journal_keys; balances and lots are unchanged and balance_after stays the running sum (by seq). The keys are
+# written set-based from the inserted rows (the journal_key trigger, one PL/pgSQL call per row, is off meanwhile on
+# this throwaway database: same rows, about twice as fast).
+_PRELOAD_SQL = """
+WITH ins AS (
+INSERT INTO journal (account_id, type, amount_micros, counter_book, balance_after_micros, description,
+                     idempotency_key, created_at)
+SELECT b.account_id, 'adjustment', CASE WHEN g %% 2 = 0 THEN x.micros ELSE -x.micros END, 'system:adjustments',
+       b.balance_micros + CASE WHEN g %% 2 = 0 THEN x.micros ELSE 0 END, 'bench history',
+       'bench:history:' || g, x.at
+FROM generate_series(%(lo)s::bigint, %(hi)s::bigint - 1) AS g
+CROSS JOIN LATERAL (SELECT (%(ids)s::text[])[1 + (g / 2) %% cardinality(%(ids)s::text[])] AS account_id,
+                           1000000 + (g / 2) %% 1000 * 1000 AS micros,
+                           now() - interval '1 hour'
+                                 - ((g / 2) * 7919 %% (%(months)s * 30 * 86400)) * interval '1 second' AS at) x
+JOIN balances b ON b.account_id = x.account_id
+ORDER BY g
+RETURNING account_id, idempotency_key, created_at, seq
+)
+INSERT INTO journal_keys (account_id, idempotency_key, created_at, seq) SELECT * FROM ins
+"""
+PRELOAD_CHUNK = 500_000
+
+
+async def preload_journal(url: str, n: int, months: int, ids: list[str], progress: Progress) -> dict[str, Any]:
+    """Pre-load ``n`` journal rows (rounded up to pairs) of history over the past ``months`` months, set-based, in
+    chunks: the partitions of those months are made first (cf_ensure_journal_partitions), as the schedule would
+    have. Returns what was loaded and how long it took."""
+    n += n % 2
+    t0 = time.perf_counter()
+    task = progress.add_task(f"preload: {n:,} journal rows", total=n)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute("SELECT count(*) FROM cf_ensure_journal_partitions(%s, now() - %s * interval '1 month')",
+                           (months + 3, months))
+        await conn.execute("ALTER TABLE journal DISABLE TRIGGER journal_key")
+        try:
+            for lo in range(0, n, PRELOAD_CHUNK):
+                hi = min(n, lo + PRELOAD_CHUNK)
+                await conn.execute(_PRELOAD_SQL, {"lo": lo, "hi": hi, "ids": ids, "months": months})
+                progress.update(task, completed=hi)
+        finally:
+            await conn.execute("ALTER TABLE journal ENABLE TRIGGER journal_key")
+        await conn.execute("VACUUM ANALYZE journal")
+        await conn.execute("VACUUM ANALYZE journal_keys")
+        row = await (await conn.execute("SELECT count(*) FROM journal")).fetchone()
+        parts = await (await conn.execute(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'journal'::regclass")).fetchone()
+    return {"preload_journal_rows": n, "preload_months": months, "preload_seconds": round(time.perf_counter() - t0, 1),
+            "journal_rows": row[0] if row else 0, "journal_partitions": parts[0] if parts else 0}
+
+
 # ----------------------------------------------------------------------------------------- phases
 
 _BASELINE_SQL = "UPDATE bench_wallets SET balance = balance - %s WHERE id = %s AND balance >= %s RETURNING balance"
@@ -519,6 +572,10 @@ def render(report: Report, out: Console) -> None:
               f"{c['setup_seconds']:.1f} s); {c['events']:,} events per phase and round; batch size {c['batch_size']}; "
               f"track writers {c['track_writers']}; "
               f"events alternate chat_message x1 and llm_tokens x50-2000")
+    if c.get("preload_journal_rows"):
+        out.print(f"journal history pre-loaded: {c['preload_journal_rows']:,} rows over {c['preload_months']} months "
+                  f"in {c['preload_seconds']:.1f} s; journal {c['journal_rows']:,} rows in "
+                  f"{c['journal_partitions']} partitions")
     table = Table(title="throughput and latency (latency per call: one event, or one batch for track_batch)")
     for col in ("round", "phase", "workload", "events", "seconds", "events/s", "p50 ms", "p99 ms", "max ms", "denied",
                 "client CPU us/ev", "server CPU us/ev"):
@@ -603,6 +660,8 @@ async def _bench(args: argparse.Namespace, url: str, server_desc: str) -> Report
             "concurrency": conc, "accounts": len(ids), "events": n, "batch_size": args.batch_size,
             "track_writers": args.writers, "setup": args.setup, "setup_seconds": setup_seconds, "warmup": args.warmup,
             "seed": args.seed, "rounds": args.rounds})
+        if args.preload_journal:
+            report.config |= await preload_journal(url, args.preload_journal, args.preload_months, ids, progress)
         pool = open_pool(url, conc, conc)
         await pool.open()
         await pool.wait()
@@ -677,11 +736,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="interleaved rounds: every phase runs once per round; ratios are medians over rounds")
     p.add_argument("--quick", action="store_true", help="short run: 2,000 events, 100 warm-up")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
+    p.add_argument("--preload-journal", type=int, default=0, metavar="N",
+                   help="first load N rows of journal history (balanced pairs over past months, set-based) to show "
+                        "that track costs the same on a large journal")
+    p.add_argument("--preload-months", type=int, default=12, help="months of history --preload-journal spreads over")
     p.add_argument("--keep-db", action="store_true",
                    help="keep the bench database (useful with CREDITFLOW_DATABASE_URL; the embedded server is deleted)")
     args = p.parse_args(argv)
     if args.quick:
         args.events, args.warmup = min(args.events, 2_000), min(args.warmup, 100)
+    if args.preload_journal < 0 or not 1 <= args.preload_months <= 120:
+        p.error("--preload-journal must be >= 0 and --preload-months between 1 and 120")
     if min(args.events, args.concurrency, args.accounts, args.batch_size, args.writers, args.rounds) < 1:
         p.error("--events, --concurrency, --accounts, --batch-size, --writers and --rounds must be positive")
     return args

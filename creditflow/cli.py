@@ -16,6 +16,7 @@ from creditflow.charges_cli import charges
 from creditflow.config import Settings, get_settings
 from creditflow.observability.logs import configure_logging
 from creditflow.ops_cli import accounts_app, keys_app, wallet_app
+from creditflow.partitions_cli import partitions_app
 from creditflow.payment_events_cli import payment_events_app
 from creditflow.reconcile_cli import reconcile
 from creditflow.refund_cli import refund
@@ -36,6 +37,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(wallet_app, name="wallet")
 app.add_typer(agents_app, name="agents")
 app.add_typer(payment_events_app, name="payment-events")
+app.add_typer(partitions_app, name="partitions")
 app.command("topup")(topup)
 app.command("refund")(refund)
 app.command("simulate")(simulate)

@@ -148,6 +148,10 @@ class Settings(BaseSettings):
     # 0: no schedule (run `creditflow reconcile` by hand). ``stripe_list_filters``: ask Stripe to filter lists
     # by date (None: yes for Stripe itself, no when ``stripe_api_base`` points elsewhere, e.g. the emulator).
     reconcile_interval_hours: int = Field(default=24, ge=0, le=24 * 31)
+    # The journal's monthly partitions (docs/partitioning.md): the Schedule's period (0: no schedule) and how many
+    # months after the current one it keeps ready.
+    partition_interval_hours: int = Field(default=24, ge=0, le=24 * 31)
+    partition_months_ahead: int = Field(default=3, ge=1, le=24)
     reconcile_grace_seconds: int = Field(default=900, ge=0, le=7 * 24 * 3600)
     stripe_list_filters: bool | None = None
     # Who hears about reconciliation differences and ledger violations (email, through the SMTP settings).

@@ -27,7 +27,15 @@ from temporalio.client import (
 from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError, RPCStatusCode
 
-from workflows.contract import RECONCILE_SCHEDULE_ID, RECONCILIATION_WORKFLOW, SEARCH_ATTRIBUTES, ReconcileInput
+from workflows.contract import (
+    PARTITION_MAINTENANCE_WORKFLOW,
+    PARTITIONS_SCHEDULE_ID,
+    RECONCILE_SCHEDULE_ID,
+    RECONCILIATION_WORKFLOW,
+    SEARCH_ATTRIBUTES,
+    PartitionMaintenanceInput,
+    ReconcileInput,
+)
 
 
 def dev_server_args(keys: Sequence[SearchAttributeKey[str]] = SEARCH_ATTRIBUTES) -> list[str]:
@@ -64,6 +72,28 @@ async def ensure_reconcile_schedule(client: Client, *, task_queue: str, interval
     0 deletes it. Idempotent, and safe when several workers start at once. Runs do not overlap: a run still going
     when the next is due makes the schedule skip that one (the next covers its window: runs start at the last
     completed run's end)."""
+    return await _ensure_interval_schedule(
+        client, schedule_id, interval_hours,
+        ScheduleActionStartWorkflow(RECONCILIATION_WORKFLOW, ReconcileInput(trigger="schedule"),
+                                    id=f"reconcile:{schedule_id}", task_queue=task_queue))
+
+
+async def ensure_partitions_schedule(client: Client, *, task_queue: str, interval_hours: int, months_ahead: int,
+                                     schedule_id: str = PARTITIONS_SCHEDULE_ID) -> ScheduleHandle | None:
+    """Create (or bring up to date) the Schedule that starts ``PartitionMaintenanceWorkflow`` every
+    ``interval_hours`` (0 deletes it): the journal's coming months are created ahead of time, and the days that
+    are over rolled up. Idempotent, like the workflow it starts; runs do not overlap."""
+    return await _ensure_interval_schedule(
+        client, schedule_id, interval_hours,
+        ScheduleActionStartWorkflow(PARTITION_MAINTENANCE_WORKFLOW,
+                                    PartitionMaintenanceInput(months_ahead=months_ahead),
+                                    id=f"partitions:{schedule_id}", task_queue=task_queue))
+
+
+async def _ensure_interval_schedule(client: Client, schedule_id: str, interval_hours: int,
+                                    action: ScheduleActionStartWorkflow) -> ScheduleHandle | None:
+    """Create or update the Schedule ``schedule_id`` (every ``interval_hours``, overlapping runs skipped); 0
+    deletes it. Safe when several workers start at once."""
     handle = client.get_schedule_handle(schedule_id)
     if interval_hours <= 0:
         try:
@@ -73,8 +103,7 @@ async def ensure_reconcile_schedule(client: Client, *, task_queue: str, interval
                 raise
         return None
     schedule = Schedule(
-        action=ScheduleActionStartWorkflow(RECONCILIATION_WORKFLOW, ReconcileInput(trigger="schedule"),
-                                           id=f"reconcile:{schedule_id}", task_queue=task_queue),
+        action=action,
         spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(hours=interval_hours))]),
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
     )

@@ -24,6 +24,7 @@ from activities.auto_recharge import AutoRechargeActivities
 from activities.billing_cycle import BillingCycleActivities
 from activities.invoices import InvoiceActivities
 from activities.notifications import NotificationActivities
+from activities.partitions import PartitionActivities
 from activities.payment_events import PaymentEventActivities
 from activities.payments import PaymentActivities
 from activities.reconcile import ReconcileActivities
@@ -37,11 +38,12 @@ from creditflow.ledger.plan_pricing import sync_plan_rates
 from creditflow.observability.logs import log_startup
 from creditflow.observability.worker import ActivityLogInterceptor, WorkerObservability
 from creditflow.payments.gateway import StripeGateway
-from creditflow.temporal_setup import ensure_reconcile_schedule, ensure_search_attributes
+from creditflow.temporal_setup import ensure_partitions_schedule, ensure_reconcile_schedule, ensure_search_attributes
 from workers.relay import OutboxRelay
 from workflows.account import AccountWorkflow
 from workflows.auto_recharge import AutoRechargeWorkflow
 from workflows.invoice import InvoiceWorkflow
+from workflows.partitions import PartitionMaintenanceWorkflow
 from workflows.reconcile import ReconciliationWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.rental import RentalWorkflow
@@ -56,7 +58,7 @@ CONNECT_RETRY_MAX_SECONDS = 30.0
 
 def workflow_classes() -> list[type]:
     return [AccountWorkflow, TopUpWorkflow, RefundWorkflow, AutoRechargeWorkflow, InvoiceWorkflow,
-            ReconciliationWorkflow, RentalWorkflow, WebhookRedeliveryWorkflow]
+            ReconciliationWorkflow, RentalWorkflow, WebhookRedeliveryWorkflow, PartitionMaintenanceWorkflow]
 
 
 def activity_functions(pool: AsyncConnectionPool, settings: Settings,
@@ -76,6 +78,7 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings,
     payment_events = PaymentEventActivities(pool, gateway)
     cycle = BillingCycleActivities(pool, settings.plan_catalog())
     reconciliation = ReconcileActivities(pool, gateway, settings)
+    partition_maintenance = PartitionActivities(pool)
     rentals = RentalActivities(pool)
     return [accounts.load_account, accounts.rebuild_account_state, payments.ensure_stripe_customer,
             recharge.load_auto_recharge, recharge.record_auto_recharge_attempt,
@@ -91,7 +94,7 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings,
             invoices.record_invoice_payment_failure, invoices.check_earlier_invoice_charges,
             reconciliation.open_reconciliation, reconciliation.reconcile_with_stripe,
             reconciliation.verify_and_complete, reconciliation.fail_reconciliation, reconciliation.notify_operators,
-            rentals.charge_rental]
+            rentals.charge_rental, partition_maintenance.maintain_partitions]
 
 
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,
@@ -140,6 +143,19 @@ async def schedule_reconciliation(client: Client, settings: Settings) -> None:
         log.info("reconciliation schedule: every %d h", settings.reconcile_interval_hours)
 
 
+async def schedule_partition_maintenance(client: Client, settings: Settings) -> None:
+    """The journal's coming monthly partitions, created ahead of time (CREDITFLOW_PARTITION_INTERVAL_HOURS; 0:
+    none). A failure is logged, not fatal: inserts still land (in the DEFAULT partition) without it."""
+    try:
+        await ensure_partitions_schedule(client, task_queue=settings.temporal_task_queue,
+                                         interval_hours=settings.partition_interval_hours,
+                                         months_ahead=settings.partition_months_ahead)
+    except Exception as err:
+        log.warning("could not create the partition schedule (%s); run `creditflow partitions ensure` by hand", err)
+    else:
+        log.info("partition maintenance schedule: every %d h", settings.partition_interval_hours)
+
+
 async def run_worker(settings: Settings) -> None:
     """Run the worker and the outbox relay until SIGINT/SIGTERM, then shut both down cleanly."""
     pool = open_pool(settings.database_url, settings.db_pool_min_size, settings.db_pool_max_size)
@@ -157,6 +173,7 @@ async def run_worker(settings: Settings) -> None:
             return
         await register_search_attributes(client, settings)
         await schedule_reconciliation(client, settings)
+        await schedule_partition_maintenance(client, settings)
         worker = build_worker(client, pool, settings)
         relay = OutboxRelay(pool, client, settings)
         tasks = [asyncio.create_task(worker.run(), name="temporal-worker"),

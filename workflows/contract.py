@@ -522,6 +522,28 @@ class ReconcileSummary(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
+# --- PartitionMaintenanceWorkflow (issue 16 §4, docs/partitioning.md) --------------------------------------------
+
+PARTITION_MAINTENANCE_WORKFLOW = "PartitionMaintenanceWorkflow"
+# The Temporal Schedule that starts it (daily by default: CREDITFLOW_PARTITION_INTERVAL_HOURS).
+PARTITIONS_SCHEDULE_ID = "creditflow-partitions"
+
+
+class PartitionMaintenanceInput(BaseModel):
+    """Input of ``PartitionMaintenanceWorkflow``: how many months after the current one get their partition."""
+
+    months_ahead: int = 3
+
+
+class PartitionMaintenanceSummary(BaseModel):
+    """What a maintenance run did: partitions created, coverage ahead, rows in DEFAULT, usage rollup rows."""
+
+    created: list[str] = Field(default_factory=list)
+    months_ahead: int = 0
+    default_rows: int = 0
+    rollup_rows: int = 0
+
+
 # --- number rental in the wallet (issue 13, item 8) ---------------------------------------------------------------
 
 RENTAL_WORKFLOW = "RentalWorkflow"

@@ -50,7 +50,7 @@ async def restore_overage(conn: Any, invoice: InvoiceRecord, payment_intent_id: 
     await conn.execute("SELECT cf_invoice_overage_restore(%s, %s, %s, %s, %s, %s)",
                        (invoice.account_id, invoice.period_key, invoice.overage_micros, key,
                         f"Overage billed on invoice {invoice.number}, paid", Jsonb(metadata)))
-    row = await (await conn.execute("SELECT id FROM journal WHERE account_id = %s AND idempotency_key = %s",
+    row = await (await conn.execute("SELECT id FROM cf_journal_entry(%s, %s)",
                                     (invoice.account_id, key))).fetchone()
     return txn_id(row["id"]) if row else None
 
@@ -145,7 +145,7 @@ async def invoice_paid_with(pool: AsyncConnectionPool, account_id: str, payment_
 
 
 async def _restored_micros(conn: Any, invoice: InvoiceRecord) -> int:
-    row = await (await conn.execute("SELECT amount_micros FROM journal WHERE account_id = %s AND idempotency_key = %s",
+    row = await (await conn.execute("SELECT amount_micros FROM cf_journal_entry(%s, %s)",
                                     (invoice.account_id, f"sys:invoice:{invoice.id}"))).fetchone()
     return int(row["amount_micros"]) if row else 0
 

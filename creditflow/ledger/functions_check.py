@@ -31,8 +31,8 @@ FUNCTIONS_DIR = LEDGER_DIR / "functions"
 # Applied in this order after the migrations, all in one transaction. A LANGUAGE sql function is checked when it
 # is created, so what it calls must come earlier (PL/pgSQL bodies are resolved only when they run).
 FUNCTION_FILES: tuple[str, ...] = (
-    "core.sql", "pricing.sql", "posting.sql", "holds.sql", "spend_control.sql", "watch.sql", "plans.sql",
-    "metering.sql", "refunds.sql", "invoices.sql", "transfers.sql",
+    "core.sql", "partitions.sql", "pricing.sql", "posting.sql", "holds.sql", "spend_control.sql", "watch.sql",
+    "plans.sql", "metering.sql", "refunds.sql", "invoices.sql", "transfers.sql",
 )
 
 # Migrations whose function definitions are folded into functions/: they may define functions (history a
@@ -45,11 +45,13 @@ FOLDED_MIGRATIONS: frozenset[str] = frozenset({
     "0024_2_overage_billed_once", "0024_3_invoice_payment_reversals", "0027_clawback_cuts_holds",
     "0030_1_agent_plan_credits", "0030_2_number_rental", "0031_2_organizations", "0031_3_transfer_clawbacks",
     "0032_credit_systems",
+    "0041_journal_partitions",  # defines the trigger function its journal_key trigger needs (partitions.sql)
 })
 
 # Which file a function goes to when --extract writes it (by family: what the function is for).
 FAMILIES: dict[str, str] = {
     "core.sql": "cf_forbid_change cf_outbox_notify cf_now cf_utc_today",
+    "partitions.sql": "cf_journal_key cf_journal_entry cf_ensure_journal_partitions cf_rollup_usage",
     "pricing.sql": "cf_charge_micros cf_price cf_plan_price cf_feature_system_fixed",
     "posting.sql": "cf_post cf_burn cf_burn_wallet cf_settle_burns cf_settle_account_burns cf_overage_sync",
     "holds.sql": "cf_expire_holds cf_live_held cf_expire_account_holds cf_hold cf_hold_unchecked cf_hold_reserve "

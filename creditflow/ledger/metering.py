@@ -280,7 +280,7 @@ async def _paused_new(pool: AsyncConnectionPool, routed: UsageEvent) -> bool:
     if not await credit_systems.agent_paused(pool, parent, routed.agent_id):
         return False
     async with pool.connection() as conn:
-        row = await (await conn.execute("SELECT 1 FROM journal WHERE account_id = %s AND idempotency_key = %s",
+        row = await (await conn.execute("SELECT 1 FROM journal_keys WHERE account_id = %s AND idempotency_key = %s",
                                         (routed.account_id, routed.idempotency_key))).fetchone()
     return row is None
 

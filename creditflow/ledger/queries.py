@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -159,14 +159,46 @@ async def usage_items(pool: AsyncConnectionPool, account_id: str, *, start: date
 
 async def usage_rollups(pool: AsyncConnectionPool, account_id: str, *, start: datetime | None = None,
                         end: datetime | None = None) -> list[UsageRollup]:
-    """Daily (UTC) totals per channel."""
+    """Daily (UTC) totals per channel. Whole days the partition maintenance has rolled up (usage_daily, migration
+    0041) are read from there, the rest from the journal, so a long range does not read old journal partitions."""
     async with pool.connection() as conn:
-        rows = await (await conn.execute(
-            "SELECT to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD') AS day, channel,"
-            " sum(quantity) AS quantity, -sum(amount_micros) AS micros, count(*) AS events"
-            " FROM journal WHERE account_id = %(a)s AND type = 'usage'"
-            " AND (%(s)s::timestamptz IS NULL OR created_at >= %(s)s)"
-            " AND (%(e)s::timestamptz IS NULL OR created_at < %(e)s)"
-            " GROUP BY 1, 2 ORDER BY 1 DESC, 2", {"a": account_id, "s": start, "e": end})).fetchall()
+        rolled = await (await conn.execute(_ROLLED_DAYS_SQL)).fetchone()
+        lo, hi = _whole_days(rolled["lo"] if rolled else None, rolled["hi"] if rolled else None, start, end)
+        rows = await (await conn.execute(_USAGE_ROLLUPS_SQL, {
+            "a": account_id, "s": start, "e": end, "lo": lo, "hi": hi,
+            "lo_ts": datetime.combine(lo, time(), UTC), "hi_ts": datetime.combine(hi, time(), UTC)})).fetchall()
     return [UsageRollup(date=r["day"], channel=r["channel"], quantity=exact(r["quantity"]) or 0,
                         credits=micros_to_credits(int(r["micros"])), events=r["events"]) for r in rows]
+
+
+# The contiguous run of rolled-up days that ends at the latest one: [lo, hi).
+_ROLLED_DAYS_SQL = (
+    "WITH d AS (SELECT day, day - (row_number() OVER (ORDER BY day))::integer AS grp FROM usage_rollup_days)"
+    " SELECT min(day) AS lo, max(day) + 1 AS hi FROM d WHERE grp = (SELECT grp FROM d ORDER BY day DESC LIMIT 1)")
+# Days [lo, hi) from the rollups, everything else in [s, e) from the journal (its partitions outside [lo, hi)).
+_USAGE_ROLLUPS_SQL = (
+    "SELECT day, channel, sum(quantity) AS quantity, sum(micros) AS micros, sum(events)::bigint AS events FROM ("
+    " SELECT to_char(day, 'YYYY-MM-DD') AS day, nullif(channel, '') AS channel, quantity,"
+    "  charged_micros AS micros, events FROM usage_daily"
+    "  WHERE account_id = %(a)s AND day >= %(lo)s AND day < %(hi)s"
+    " UNION ALL"
+    " SELECT to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD'), channel, quantity,"
+    "  -amount_micros, 1 FROM journal WHERE account_id = %(a)s AND type = 'usage'"
+    "  AND (%(s)s::timestamptz IS NULL OR created_at >= %(s)s)"
+    "  AND (%(e)s::timestamptz IS NULL OR created_at < %(e)s)"
+    "  AND (created_at < %(lo_ts)s OR created_at >= %(hi_ts)s)"
+    ") x GROUP BY 1, 2 ORDER BY 1 DESC, 2")
+
+
+def _whole_days(lo: date | None, hi: date | None, start: datetime | None,
+                end: datetime | None) -> tuple[date, date]:
+    """The rolled-up days [lo, hi) that lie wholly inside [start, end) (an empty range when none do)."""
+    if lo is None or hi is None:
+        return date(1970, 1, 1), date(1970, 1, 1)
+    if start is not None:
+        s = start.astimezone(UTC)
+        first = s.date() if s.time() == time() else s.date() + timedelta(days=1)
+        lo = max(lo, first)
+    if end is not None:
+        hi = min(hi, end.astimezone(UTC).date())
+    return (lo, hi) if lo < hi else (date(1970, 1, 1), date(1970, 1, 1))

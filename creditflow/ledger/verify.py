@@ -87,7 +87,7 @@ _RETURNED = (
     "  SELECT j.metadata->>'payment_intent_id' AS payment_intent_id, (j.metadata->>'amount_cents')::bigint AS cents,"
     "   -j.amount_micros AS taken_micros, (j.metadata->>'amount_cents')::bigint AS refunded_cents"
     "  FROM journal j WHERE j.type = 'refund' AND j.idempotency_key LIKE 'sys:stripe\\_refund:%%'"
-    "   AND NOT EXISTS (SELECT 1 FROM journal f WHERE f.account_id = j.account_id AND f.idempotency_key ="
+    "   AND NOT EXISTS (SELECT 1 FROM journal_keys f WHERE f.account_id = j.account_id AND f.idempotency_key ="
     "    'sys:stripe_refund_failed:' || substr(j.idempotency_key, length('sys:stripe_refund:') + 1))),"
     " disputed AS ("
     "  SELECT payment_intent_id, CASE WHEN status IN ('won', 'warning_closed') THEN 0 ELSE amount_cents END AS cents,"

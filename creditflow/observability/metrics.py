@@ -29,7 +29,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -48,6 +56,14 @@ USAGE_EVENTS = Counter("creditflow_usage_events", "Usage events decided by the m
                        "tracked (charged now), replayed (an idempotent repeat) or denied, with the reason code.",
                        ["outcome", "code"])
 DEBITED_MICROS = Counter("creditflow_debited_micros", "Micro-credits debited by usage (1 credit = 1,000,000).")
+# The journal's monthly partitions (creditflow.ledger.partitions, set by the maintenance run in the worker).
+JOURNAL_PARTITIONS_CREATED = Counter("creditflow_journal_partitions_created", "Monthly journal partitions created "
+                                     "ahead of time by the partition maintenance.")
+JOURNAL_MONTHS_AHEAD = Gauge("creditflow_journal_partition_months_ahead", "Whole months after the current one "
+                             "whose journal partition exists (alert below 1; -1: not even this month's).",
+                             multiprocess_mode="max")
+JOURNAL_DEFAULT_ROWS = Gauge("creditflow_journal_default_partition_rows", "Journal rows in the DEFAULT partition "
+                             "(rows of a month that had no partition; 0 when all is well).", multiprocess_mode="max")
 
 _TRACKED = USAGE_EVENTS.labels("tracked", "ok")
 _REPLAYED = USAGE_EVENTS.labels("replayed", "ok")

@@ -242,7 +242,7 @@ async def restore_failed_refund(conn: Any, obj: dict[str, Any]) -> str | None:
     # The ledger account of the purchase's lot: the wallet, or a named credit system's sub-account.
     account_id = charge_ledger_account(charge["account_id"], charge["credit_system_id"])
     taken = await (await conn.execute(
-        "SELECT -amount_micros AS micros FROM journal WHERE account_id = %s AND idempotency_key = %s",
+        "SELECT -amount_micros AS micros FROM cf_journal_entry(%s, %s)",
         (account_id, f"sys:stripe_refund:{refund_id}"))).fetchone()
     if taken is None:
         return None
@@ -263,7 +263,8 @@ async def restore_failed_refund(conn: Any, obj: dict[str, Any]) -> str | None:
                 "INSERT INTO journal (account_id, type, amount_micros, counter_book, balance_after_micros,"
                 " description, metadata, idempotency_key) SELECT account_id, 'refund_reversal', 0,"
                 " 'system:refund_reserve', balance_micros, %s, %s, %s FROM balances WHERE account_id = %s"
-                " ON CONFLICT DO NOTHING", (description, to_jsonb(metadata), key, account_id))
+                " AND NOT EXISTS (SELECT 1 FROM journal_keys WHERE account_id = %s AND idempotency_key = %s)",
+                (description, to_jsonb(metadata), key, account_id, account_id, key))
         else:
             return None
     except psycopg.Error as exc:
@@ -280,10 +281,12 @@ async def return_moved_parts(conn: Any, account_id: str, lot_id: str, taken_key:
     await conn.execute("SELECT cf_lock_lot_family(%s, %s)", (account_id, lot_id))
     parts = await (await conn.execute(
         "SELECT l.id, l.account_id, sum(-j.amount_micros)::bigint AS taken FROM credit_lots l"
-        " JOIN journal j ON j.account_id = l.account_id AND j.type = %s"
-        "  AND (j.idempotency_key = %s || ':' || l.id OR j.idempotency_key LIKE %s || ':refund:%%:' || l.id)"
+        " JOIN journal_keys k ON k.account_id = l.account_id"
+        "  AND (k.idempotency_key = %s || ':' || l.id OR k.idempotency_key LIKE %s || ':refund:%%:' || l.id)"
+        " JOIN journal j ON j.account_id = k.account_id AND j.created_at = k.created_at AND j.seq = k.seq"
+        "  AND j.type = %s"
         " WHERE l.origin_lot_id = %s GROUP BY l.id, l.account_id HAVING sum(-j.amount_micros) > 0"
-        " ORDER BY l.id", (taken_type, taken_key, taken_key, lot_id))).fetchall()
+        " ORDER BY l.id", (taken_key, taken_key, taken_type, lot_id))).fetchall()
     for part in parts:
         await conn.execute(
             "SELECT * FROM cf_lot_return(%s, %s, %s, %s, %s, %s, %s, %s)",

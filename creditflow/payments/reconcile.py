@@ -358,11 +358,11 @@ class Reconciler:
         """Whether ``key`` is in the journal of the account or of its named credit systems (a top-up of a system
         has its lot, and so its clawbacks, in the system's sub-account)."""
         async with self.pool.connection() as conn:
-            row = await (await conn.execute("SELECT 1 FROM journal WHERE account_id = %s AND idempotency_key = %s",
+            row = await (await conn.execute("SELECT 1 FROM journal_keys WHERE account_id = %s AND idempotency_key = %s",
                                             (account_id, key))).fetchone()
             if row is None:
                 row = await (await conn.execute(
-                    "SELECT 1 FROM journal j JOIN accounts a ON a.id = j.account_id WHERE a.parent_account_id = %s"
+                    "SELECT 1 FROM journal_keys j JOIN accounts a ON a.id = j.account_id WHERE a.parent_account_id = %s"
                     " AND j.idempotency_key = %s", (account_id, key))).fetchone()
         return row is not None
 

@@ -15,7 +15,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown_account' USING ERRCODE = 'CF404';
     END IF;
-    SELECT amount_micros INTO v_done FROM journal WHERE account_id = p_account AND idempotency_key = p_key;
+    SELECT amount_micros INTO v_done FROM cf_journal_entry(p_account, p_key);
     IF FOUND THEN
         RETURN v_done;
     END IF;
@@ -51,7 +51,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown_account' USING ERRCODE = 'CF404';
     END IF;
-    SELECT amount_micros INTO v_done FROM journal WHERE account_id = p_account AND idempotency_key = p_key;
+    SELECT amount_micros INTO v_done FROM cf_journal_entry(p_account, p_key);
     IF FOUND THEN
         RETURN v_done;
     END IF;

@@ -95,7 +95,7 @@ BEGIN
         -- plan picked them, reading every balances row on every call). Not LIMIT 1, which costs a sequential scan
         -- as cheap as finding its first match.
         LEFT JOIN LATERAL (SELECT x.id, x.request_hash, x.amount_micros, x.balance_after_micros, x.credits_per_unit
-                           FROM journal x WHERE x.account_id = ev.account_id AND x.idempotency_key = ev.key
+                           FROM cf_journal_entry(ev.account_id, ev.key) x
                            OFFSET 0) j ON true
         LEFT JOIN LATERAL (SELECT y.balance_micros, y.held_micros, y.floor_micros
                            FROM balances y WHERE y.account_id = ev.account_id OFFSET 0) b ON true
@@ -246,7 +246,7 @@ BEGIN
     r.charged_micros := 0;
     IF p_probe THEN
         SELECT id, request_hash, amount_micros, balance_after_micros, credits_per_unit INTO j
-            FROM journal WHERE account_id = p_account AND idempotency_key = p_key;
+            FROM cf_journal_entry(p_account, p_key);
     END IF;
     IF p_probe AND FOUND THEN
         IF j.request_hash IS DISTINCT FROM p_hash THEN

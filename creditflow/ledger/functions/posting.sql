@@ -93,7 +93,7 @@ BEGIN
     r.held_micros := b.held_micros;
     r.floor_micros := b.floor_micros;
     SELECT id, request_hash, amount_micros, balance_after_micros INTO j
-        FROM journal WHERE account_id = p_account AND idempotency_key = p_key;
+        FROM cf_journal_entry(p_account, p_key);
     IF FOUND THEN
         IF j.request_hash IS DISTINCT FROM p_hash THEN
             RAISE EXCEPTION 'idempotency_conflict' USING ERRCODE = 'CF409';

@@ -23,7 +23,7 @@ BEGIN
         PERFORM cf_expire_holds(p_account);
     END IF;
     SELECT id, request_hash, amount_micros, balance_after_micros INTO j
-        FROM journal WHERE account_id = p_account AND idempotency_key = p_key;
+        FROM cf_journal_entry(p_account, p_key);
     IF FOUND THEN
         IF j.request_hash IS DISTINCT FROM p_hash THEN
             RAISE EXCEPTION 'idempotency_conflict' USING ERRCODE = 'CF409';
@@ -136,7 +136,7 @@ END $$;
 -- What the parts of a clawback under p_key took from the lots p_lot's credits were moved to.
 CREATE OR REPLACE FUNCTION cf_clawback_moved_taken(p_lot text, p_key text) RETURNS bigint LANGUAGE sql STABLE AS $$
     SELECT coalesce(sum(-j.amount_micros), 0)::bigint FROM credit_lots l
-        JOIN journal j ON j.account_id = l.account_id AND j.idempotency_key = p_key || ':' || l.id
+        CROSS JOIN LATERAL cf_journal_entry(l.account_id, p_key || ':' || l.id) j
     WHERE l.origin_lot_id = p_lot
 $$;
 
@@ -199,7 +199,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown_account' USING ERRCODE = 'CF404';
     END IF;
-    SELECT -amount_micros INTO v_done FROM journal WHERE account_id = p_account AND idempotency_key = p_key;
+    SELECT -amount_micros INTO v_done FROM cf_journal_entry(p_account, p_key);
     IF FOUND THEN
         RETURN v_done + cf_clawback_moved_taken(p_lot, p_key);
     END IF;
@@ -328,7 +328,7 @@ BEGIN
     -- The moved parts first (each back to its own lot, as cf_lot_return does), then the purchase's own part.
     v_own := p_amount;
     FOR d IN SELECT l2.id, l2.account_id, -j.amount_micros AS taken FROM credit_lots l2
-             JOIN journal j ON j.account_id = l2.account_id AND j.idempotency_key = v_reserve_key || ':' || l2.id
+             CROSS JOIN LATERAL cf_journal_entry(l2.account_id, v_reserve_key || ':' || l2.id) j
              WHERE l2.origin_lot_id = p_lot AND j.amount_micros < 0 ORDER BY l2.created_at, l2.id LOOP
         PERFORM cf_lot_return(d.account_id, d.id, d.taken, 'refund_reversal', 'system:refund_reserve',
                               p_key || ':' || d.id, p_description || ' (credits moved here by a transfer)',
