@@ -51,6 +51,10 @@ bench: $(STAMP)
 bench-cycle: $(STAMP)
 	$(BIN)/python bench/billing_cycle.py $(ARGS)
 
+.PHONY: bench-workflows
+bench-workflows: $(STAMP)
+	$(BIN)/python bench/live_workflows.py $(ARGS)
+
 .PHONY: bench-http
 bench-http: $(STAMP)
 	$(BIN)/python bench/http_load.py $(ARGS)

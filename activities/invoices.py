@@ -99,7 +99,7 @@ class InvoiceActivities:
         due_days = s.invoice_due_days if r.due_days is None else r.due_days
         record, created = await store.prepare(self._pool, request, catalog=self._catalog,
                                               seller_name=s.invoice_seller_name, issued_at=input.issued_at,
-                                              due_days=due_days)
+                                              due_days=due_days, render_processes=s.invoice_render_processes)
         return summary(record, created=created,
                        charge_attempts=r.charge_attempts or s.invoice_charge_attempts,
                        retry_interval_seconds=r.retry_interval_seconds or s.invoice_retry_interval_seconds)

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     # False where the cluster has none of creditflow's search attributes (Temporal's time-skipping test server; a
     # Temporal Cloud namespace before they are added with tcld): workflows are then started and run without them.
     temporal_search_attributes: bool = True
+    # The worker's Temporal settings (docs/scaling.md, "Billing cycles and live workflows"): workflows kept in memory
+    # between tasks (an evicted one replays its history on its next task; bounds the worker's memory), and the
+    # workflow / activity tasks one worker process runs at once. Workflow tasks all run on one interpreter (the GIL):
+    # more at once only makes each one slower, and past the 10 s workflow-task timeout they fail and are redone (the
+    # SDK's default of 100 stalled a worker under load), so 10 rather than the SDK's 100.
+    worker_max_cached_workflows: int = Field(default=1000, ge=0, le=1_000_000)
+    worker_max_concurrent_workflow_tasks: int = Field(default=10, ge=2, le=10_000)
+    worker_max_concurrent_activities: int = Field(default=100, ge=1, le=10_000)
 
     # Stripe: the official SDK, pointed at localstripe in dev/tests and at Stripe in production.
     stripe_api_key: SecretStr = SecretStr("sk_test_creditflow_localstripe")
@@ -135,6 +143,9 @@ class Settings(BaseSettings):
     invoice_due_days: int = Field(default=0, ge=0, le=365)
     invoice_charge_attempts: int = Field(default=4, ge=1, le=20)
     invoice_retry_interval_seconds: int = Field(default=3 * 24 * 3600, ge=1, le=90 * 24 * 3600)
+    # Invoice PDFs are rendered (xhtml2pdf, ~0.1 s of CPU each) in this many worker subprocesses, so a billing cycle's
+    # invoices use another core and never block the worker's event loop; 0: in the worker process itself.
+    invoice_render_processes: int = Field(default=1, ge=0, le=64)
 
     # Customer portal (issue 14, docs/portal.md): a session link is valid for minutes and opens once; the session
     # then lasts this long after the last page opened. The platform's name and logo head every page; links go to

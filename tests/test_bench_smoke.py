@@ -27,3 +27,12 @@ def test_every_bench_script_runs_as_a_script(script: str) -> None:
                          text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage:")
+
+
+def test_bench_cycle_parses_its_sizes() -> None:
+    from bench import billing_cycle, live_workflows
+
+    assert billing_cycle.parse_args([]).accounts == [250, 500, 1000]
+    assert billing_cycle.parse_args(["--accounts", "100,200"]).accounts == [100, 200]
+    args = live_workflows.parse_args(["--steps", "10,20", "--max-cached-workflows", "50"])
+    assert (args.accounts, args.steps, args.max_cached_workflows) == (10_000, [10, 20], 50)

@@ -33,6 +33,7 @@ from activities.rentals import RentalActivities
 from activities.topups import TopUpActivities
 from creditflow.client import connect_temporal
 from creditflow.config import Settings
+from creditflow.invoicing.render import shutdown_render_pool
 from creditflow.ledger.db import open_pool
 from creditflow.ledger.plan_pricing import sync_plan_rates
 from creditflow.observability.logs import log_startup
@@ -97,10 +98,22 @@ def activity_functions(pool: AsyncConnectionPool, settings: Settings,
             rentals.charge_rental, partition_maintenance.maintain_partitions]
 
 
+def worker_options(settings: Settings) -> dict[str, int]:
+    """The ``Worker`` options the settings decide (cache and concurrency, docs/scaling.md)."""
+    return {"max_cached_workflows": settings.worker_max_cached_workflows,
+            "max_concurrent_workflow_tasks": settings.worker_max_concurrent_workflow_tasks,
+            "max_concurrent_activities": settings.worker_max_concurrent_activities}
+
+
 def build_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,
                  task_queue: str | None = None, gateway: StripeGateway | None = None, **options: Any) -> Worker:
-    """The worker with every workflow and activity; ``options`` go to ``Worker`` (e.g. ``max_cached_workflows``)."""
+    """The worker with every workflow and activity; ``options`` go to ``Worker`` (e.g. ``max_cached_workflows``)
+    and override the settings' ``worker_options``."""
     interceptors = [ActivityLogInterceptor(), *options.pop("interceptors", [])]  # a log line per activity attempt
+    defaults = worker_options(settings)
+    if "tuner" in options:  # a tuner replaces the fixed slot counts (the SDK refuses both)
+        defaults = {"max_cached_workflows": defaults["max_cached_workflows"]}
+    options = {**defaults, **options}
     return Worker(client, task_queue=task_queue or settings.temporal_task_queue, interceptors=interceptors,
                   workflows=workflow_classes(), activities=activity_functions(pool, settings, gateway), **options)
 
@@ -198,6 +211,7 @@ async def run_worker(settings: Settings) -> None:
         for sig in signals:
             loop.remove_signal_handler(sig)
         observability.stop()
+        shutdown_render_pool()
         await pool.close()
 
 

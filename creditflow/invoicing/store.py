@@ -37,7 +37,7 @@ from creditflow.domain.plans import PlanCatalog
 from creditflow.errors import CreditflowError
 from creditflow.ids import new_id
 from creditflow.invoicing import profile
-from creditflow.invoicing.render import render_html, render_pdf
+from creditflow.invoicing.render import pdf_from_html, render_html
 from creditflow.ledger.pagination import Cursor, keyset
 
 STATUSES = ("draft", "open", "paid", "past_due", "void", "refunded", "disputed")
@@ -173,9 +173,10 @@ async def draft_for(pool: AsyncConnectionPool, request: InvoiceRequest, *, catal
 
 
 async def prepare(pool: AsyncConnectionPool, request: InvoiceRequest, *, catalog: PlanCatalog, seller_name: str,
-                  issued_at: datetime, due_days: int) -> tuple[InvoiceRecord, bool]:
+                  issued_at: datetime, due_days: int, render_processes: int = 0) -> tuple[InvoiceRecord, bool]:
     """The period's invoice: the stored one if it exists (``created`` False), else drafted, rendered and stored
-    as ``draft``. Two concurrent calls store one row (the unique period key) and both return it."""
+    as ``draft``. Two concurrent calls store one row (the unique period key) and both return it. The PDF is
+    rendered in ``render_processes`` other processes (0: in this one; ``render.pdf_from_html``)."""
     existing = await find(pool, request.account_id, request.period_key)
     if existing is not None:
         return existing, False
@@ -188,7 +189,7 @@ async def prepare(pool: AsyncConnectionPool, request: InvoiceRequest, *, catalog
         draft = await draft_for(pool, request, catalog=catalog, seller_name=seller_name, issued_at=issued_at,
                                 due_at=issued_at + timedelta(days=due_days), credit_balance_cents=balance)
         html = render_html(draft)
-        pdf = render_pdf(draft)
+        pdf = await pdf_from_html(html, render_processes)
         async with pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 11))", (request.account_id,))
             stored = await (await conn.execute(
