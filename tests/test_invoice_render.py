@@ -3,53 +3,13 @@
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 from pypdf import PdfReader
 
-from creditflow.domain.invoices import (
-    BillingDetails,
-    ChannelUsage,
-    InvoiceDraft,
-    InvoiceInput,
-    RecurringCharge,
-    TaxRegistration,
-    TopUpPaid,
-    draft_invoice,
-    invoice_number,
-)
-from creditflow.domain.periods import period_at
-from creditflow.domain.plans import load_plan_catalog
 from creditflow.invoicing.render import format_cents, format_quantity, format_usd, render_html, render_pdf
-from tests.support.invoices import assert_run
-
-ACCOUNT = "acc_3f2a9c1b4d5e6f708192a3b4c5d6e7f8"
-PERIOD = period_at(datetime(2026, 1, 31, 9, 30, tzinfo=UTC), 0)
-
-
-def draft(**overrides: object) -> InvoiceDraft:
-    fields: dict[str, object] = {
-        "number": invoice_number(ACCOUNT, PERIOD), "account_id": ACCOUNT, "issued_at": PERIOD.end,
-        "due_at": datetime(2026, 3, 14, 9, 30, tzinfo=UTC), "period": PERIOD, "seller_name": "Creditflow Inc.",
-        "bill_to": BillingDetails(company="Müller & Söhne <GmbH>", address_line1="Hauptstraße 5", city="Berlin",
-                                  postal_code="10115", country="Germany", po_number="PO-7781",
-                                  billing_email="ap@mueller.example"),
-        "tax_registrations": [TaxRegistration(country="DE", description="European VAT number", value="DE123456789",
-                                              status="verified"),
-                              TaxRegistration(country="GB", description="UK VAT number", value="GB987654321")],
-        "plan": load_plan_catalog().get("growth"),
-        "recurring_charges": [RecurringCharge(description="Phone number rental", quantity=3, unit="number",
-                                              unit_price_credits=150)],
-        "overage_credits": "1234.5",
-        "usage": [ChannelUsage(channel="voice", unit="minute", quantity="2750.5", credits="22004"),
-                  ChannelUsage(channel="llm", unit="token", quantity=24505, credits="2450.5")],
-        "top_ups": [TopUpPaid(paid_at=datetime(2026, 2, 3, 12, tzinfo=UTC), description="Top-up of $50.00",
-                              amount_cents=5000, credits=5000)],
-    }
-    fields.update(overrides)
-    return draft_invoice(InvoiceInput(**fields))  # type: ignore[arg-type]
+from tests.support.invoices import assert_run, draft
 
 
 def pdf_lines(pdf: bytes) -> list[str]:

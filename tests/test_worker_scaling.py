@@ -15,7 +15,7 @@ from temporalio.client import Client
 from creditflow.config import Settings
 from creditflow.invoicing import render
 from creditflow.invoicing.render import InvoiceRenderError, html_to_pdf, pdf_from_html, render_html
-from tests.test_invoice_render import draft
+from tests.support.invoices import draft
 from workers.main import build_worker
 
 
