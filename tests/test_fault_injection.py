@@ -8,8 +8,8 @@ A killed activity is only retried once its start-to-close timeout expires (no he
 ``STRIPE_TIMEOUT`` (3 minutes, not a setting): waiting for it made ``after_charge`` the suite's slowest test, so that
 case checks the scheduled timeout and retry policy in the history and then fails the dead attempt by id, which is
 exactly what the server does when the timeout expires (the attempt ends as failed, the retry policy schedules
-attempt 2 on a live worker); the scale-out test still meets the server's own 3-minute timeout when it kills a worker
-inside ``charge_topup``.
+attempt 2 on a live worker). Temporal's own enforcement of start-to-close timeouts after a kill is what
+``after_credit`` and the scale-out test wait for (``credit_topup``, 30 s).
 """
 
 from __future__ import annotations
