@@ -7,8 +7,9 @@ polling before any top-up is sent): it SIGKILLs itself right after its first com
 known instant with other top-ups in flight. The first worker takes over once the killed activities' start-to-close
 timeouts expire (``credit_topup`` 30 s). A Stripe call in flight on the dead worker (``charge_topup``,
 ``record_topup_charge``: ``STRIPE_TIMEOUT``, 3 minutes, not a setting) is ended by the test as the server would end
-it after those 3 minutes (``time_out_stripe_attempts_of``), so the run does not wait them out. Measured on the shared 2-core machine: the worker died
-21 s in, four top-ups' ``credit_topup`` were retried (attempt 2) on the survivor, all done 53 s in, 77 s with fixtures.
+it after those 3 minutes (``time_out_stripe_attempts_of``), so the run does not wait them out. Measured on the
+shared 2-core machine: the worker died 21 s in, four top-ups' ``credit_topup`` were retried (attempt 2) on the
+survivor, all done 53 s in, 77 s with fixtures.
 
 Numbers: 6 accounts (welcome bonus 5,000 credits each; auto-recharge on accounts 0-2 at threshold 1,000, +1,000).
 Usage: per account 20 events of 200 credits alternating between the two APIs, 5 of them replayed through the OTHER
