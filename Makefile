@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every test log ends with the slowest tests (the suite must stay under 15 minutes in CI).
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: dev test test-fast soak bench bench-cycle lint install clean browser
 

@@ -3,9 +3,13 @@ top-up still ends with one PaymentIntent, one ledger credit and the exact balanc
 
 The worker runs as a real subprocess (``workers.main.run_worker``, settings from ``CREDITFLOW_*``) with the
 test-only hook ``CREDITFLOW_FAULT_INJECT`` (activities/topups.py) set to the kill point; it is restarted without.
-A killed activity is only retried once its start-to-close timeout expires (no heartbeats): ``charge_topup`` has
-``STRIPE_TIMEOUT`` (3 minutes), ``credit_topup`` ``DB_TIMEOUT`` (30 s), and neither ``TopUpInput`` nor the
-settings can shorten them, so the ``after_charge`` case takes a little over 3 minutes.
+A killed activity is only retried once its start-to-close timeout expires (no heartbeats): ``credit_topup`` has
+``DB_TIMEOUT`` (30 s), and the ``after_credit`` case waits for the server to time it out. ``charge_topup`` has
+``STRIPE_TIMEOUT`` (3 minutes, not a setting): waiting for it made ``after_charge`` the suite's slowest test, so that
+case checks the scheduled timeout and retry policy in the history and then fails the dead attempt by id, which is
+exactly what the server does when the timeout expires (the attempt ends as failed, the retry policy schedules
+attempt 2 on a live worker). Temporal's own enforcement of start-to-close timeouts after a kill is what
+``after_credit`` and the scale-out test wait for (``credit_topup``, 30 s).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ from tests.support.api import app_client, new_account
 from tests.support.ledger import assert_invariants
 from tests.support.payments import charges, customer_of, intents_of, purchases, receipts, reconcile, save_card
 from tests.support.workers import Workers, wait_exit
+from workflows.common import STRIPE_TIMEOUT
 from workflows.contract import TopUpInput, TopUpOutcome, TopUpTerms, topup_workflow_id
 from workflows.topup import TopUpWorkflow
 
@@ -60,6 +66,22 @@ def workers(temporal_settings: Settings, tmp_path: Path) -> Iterator[Workers]:
         started.kill_all()
 
 
+async def time_out_the_dead_attempt(client: Client, handle: Any, activity: str, timeout: timedelta) -> None:
+    """End the killed worker's attempt of ``activity`` now, as the server does once its start-to-close timeout expires
+    (a failed attempt, retried by the activity's policy), instead of waiting ``timeout`` of real time. First checks in
+    the history that the attempt has exactly that timeout and a policy that retries it: the server's own enforcement
+    of the timeout is what ``after_credit`` and the scale-out test wait for."""
+    history = await handle.fetch_history()
+    [scheduled] = [e.activity_task_scheduled_event_attributes for e in history.events
+                   if e.HasField("activity_task_scheduled_event_attributes")
+                   and e.activity_task_scheduled_event_attributes.activity_type.name == activity]
+    assert scheduled.start_to_close_timeout.ToTimedelta() == timeout
+    assert scheduled.retry_policy.maximum_attempts >= 2, scheduled.retry_policy
+    await client.get_async_activity_handle(workflow_id=handle.id, run_id=handle.result_run_id,
+                                           activity_id=scheduled.activity_id).fail(
+        RuntimeError(f"start-to-close timeout of the killed worker's {activity} attempt (ended early by the test)"))
+
+
 @pytest.mark.timeout(480)
 @pytest.mark.parametrize("fault", ["after_charge", "after_credit"])
 async def test_worker_killed_mid_topup_charges_and_credits_once(
@@ -85,6 +107,8 @@ async def test_worker_killed_mid_topup_charges_and_credits_once(
     assert len(await purchases(pool, account)) == (1 if fault == "after_credit" else 0)
 
     started = time.monotonic()
+    if fault == "after_charge":
+        await time_out_the_dead_attempt(temporal_client, handle, "charge_topup", STRIPE_TIMEOUT)
     workers.start()  # no fault: the activity is retried once its start-to-close timeout expires
     outcome = await asyncio.wait_for(handle.result(), 420)
     recovered_in = time.monotonic() - started
