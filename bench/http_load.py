@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import random
@@ -369,12 +368,9 @@ def render(report: Report, out: Any) -> None:
                     f"{track[conns].events_per_s:,.0f}" if conns in track else "-",
                     f"{report.ratios[conns]:.2f}" if conns in report.ratios else "-")
     out.print(lib)
-    goals = Table(title="goals (issue 16, section 3)")
-    for col in ("goal", "actual", "met"):
-        goals.add_column(col)
-    for k, g in report.goals.items():
-        goals.add_row(k, str(g["actual"]), "[green]yes[/green]" if g["met"] else "[red]NO[/red]")
-    out.print(goals)
+    from bench.metering import goals_table
+
+    out.print(goals_table("goals (issue 16, section 3)", report.goals))
     out.print(f"'limit: client' means a load-generator process used at least {SATURATED:.0%} of a core, or the load "
               f"generator at least {CLIENT_SHARE:.0%} of the CPU the run used: that row measures the client, not "
               "creditflow. 'load' is the 1-minute load average at the phase's start: above the core count, other work "
@@ -476,11 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args, server_url, desc)
     render(report, Console(width=160, stderr=args.json == "-"))
     if args.json:
-        text = json.dumps(report.to_json(), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+        from bench.metering import write_json
+
+        write_json(report.to_json(), args.json)
     return 0 if report.verification["ok"] else 1
 
 

@@ -28,7 +28,6 @@ sys.path.insert(0, str(_BENCH_DIR.parent))
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -277,8 +276,6 @@ if __name__ == "__main__":
     report = asyncio.run(bench(arguments))
     print_report(report)
     if arguments.json:
-        text = json.dumps(report, indent=2)
-        if arguments.json == "-":
-            print(text)
-        else:
-            Path(arguments.json).write_text(text + "\n")
+        from bench.metering import write_json
+
+        write_json(report, arguments.json)

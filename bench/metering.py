@@ -597,12 +597,7 @@ def render(report: Report, out: Console) -> None:
         ratios.add_row(k, f"{v['median']:.2f}", f"{v['min']:.2f}", f"{v['max']:.2f}",
                        "  ".join(f"{x:.2f}" for x in v["rounds"]))
     out.print(ratios)
-    goals = Table(title="goals (issue 16, from the medians)")
-    for col in ("goal", "actual", "met"):
-        goals.add_column(col)
-    for k, g in report.goals.items():
-        goals.add_row(k, str(g["actual"]), "[green]yes[/green]" if g["met"] else "[red]NO[/red]")
-    out.print(goals)
+    out.print(goals_table("goals (issue 16, from the medians)", report.goals))
     v = report.verification
     out.print(
         f"verification: {'[green]OK[/green]' if v['ok'] else '[red]FAILED[/red]'} - "
@@ -752,17 +747,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def goals_table(title: str, goals: dict[str, dict[str, Any]]) -> Table:
+    """The goals a bench checks, each with its measured value and whether it is met (every bench prints one)."""
+    table = Table(title=title)
+    for col in ("goal", "actual", "met"):
+        table.add_column(col)
+    for k, g in goals.items():
+        table.add_row(k, str(g["actual"]), "[green]yes[/green]" if g["met"] else "[red]NO[/red]")
+    return table
+
+
+def write_json(data: Any, dest: str) -> None:
+    """A bench's ``--json DEST``: the figures as JSON to the file ``dest``, or to stdout for ``-`` (every bench)."""
+    text = json.dumps(data, indent=2, default=lambda o: str(o) if isinstance(o, Decimal) else o)
+    if dest == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with postgres_server() as (server_url, desc):
         report = asyncio.run(bench(args, server_url, desc))
     render(report, Console(width=140, stderr=args.json == "-"))
     if args.json:
-        text = json.dumps(report.to_json(), indent=2, default=lambda o: str(o) if isinstance(o, Decimal) else o)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+        write_json(report.to_json(), args.json)
     failed = not report.verification["ok"]
     return 1 if failed else 0
 
