@@ -19,18 +19,15 @@ from creditflow.config import get_settings
 from creditflow.ledger import agents
 from creditflow.ops_cli import wallet_app
 from tests.support.api import new_account, track
+from tests.support.cli import cli_environment
 
 runner = CliRunner()
 
 
 @pytest.fixture
 def cli_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("CREDITFLOW_DATABASE_URL", database_url)
-    get_settings.cache_clear()
-    monkeypatch.setattr(ops_cli.console, "width", 250)
-    monkeypatch.setattr(agents_cli.console, "width", 250)
-    yield
-    get_settings.cache_clear()
+    with cli_environment(monkeypatch, database_url, consoles=(ops_cli.console, agents_cli.console)):
+        yield
 
 
 async def invoke(app: object, *args: str) -> Result:

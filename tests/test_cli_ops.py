@@ -8,19 +8,14 @@ from collections.abc import Iterator
 import pytest
 from typer.testing import CliRunner
 
-from creditflow import ops_cli
-from creditflow.config import get_settings
 from creditflow.ops_cli import accounts_app, keys_app, wallet_app
+from tests.support.cli import cli_environment
 
 
 @pytest.fixture
 def cli_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("CREDITFLOW_DATABASE_URL", database_url)
-    monkeypatch.setenv("CREDITFLOW_WELCOME_BONUS_CREDITS", "100")
-    get_settings.cache_clear()
-    monkeypatch.setattr(ops_cli.console, "width", 250)
-    yield
-    get_settings.cache_clear()
+    with cli_environment(monkeypatch, database_url, {"CREDITFLOW_WELCOME_BONUS_CREDITS": "100"}):
+        yield
 
 
 def test_operator_flow(cli_env: None) -> None:

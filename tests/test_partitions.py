@@ -21,8 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from typer.testing import CliRunner
 
-from creditflow import ops_cli
-from creditflow.config import Settings, get_settings
+from creditflow.config import Settings
 from creditflow.ledger import metering, partitions, queries
 from creditflow.ledger.accounts import create_account
 from creditflow.ledger.db import migrate, open_pool
@@ -31,6 +30,7 @@ from creditflow.ledger.ratecard import ensure_default_ratecard
 from creditflow.ledger.verify import verify
 from creditflow.partitions_cli import partitions_app
 from creditflow.temporal_setup import ensure_partitions_schedule
+from tests.support.cli import cli_environment
 from tests.support.migrations import apply_numbered, new_database
 from workflows.contract import PartitionMaintenanceSummary
 
@@ -164,12 +164,8 @@ async def test_ensure_is_idempotent_and_rollups_can_be_rebuilt(pool: AsyncConnec
 
 @pytest.fixture
 def cli_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("CREDITFLOW_DATABASE_URL", database_url)
-    monkeypatch.setenv("CREDITFLOW_PARTITION_MONTHS_AHEAD", "4")
-    get_settings.cache_clear()
-    monkeypatch.setattr(ops_cli.console, "width", 200)
-    yield
-    get_settings.cache_clear()
+    with cli_environment(monkeypatch, database_url, {"CREDITFLOW_PARTITION_MONTHS_AHEAD": "4"}):
+        yield
 
 
 def test_partitions_cli_ensures_and_lists(cli_env: None) -> None:
