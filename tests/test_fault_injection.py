@@ -18,9 +18,8 @@ import asyncio
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,7 +33,11 @@ from tests.conftest import ADMIN_KEY, STRIPE_KEY
 from tests.support.api import app_client, new_account
 from tests.support.ledger import assert_invariants
 from tests.support.payments import charges, customer_of, intents_of, purchases, receipts, reconcile, save_card
-from tests.support.workers import Workers, wait_exit
+from tests.support.workers import (
+    Workers,
+    wait_exit,
+    workers,  # noqa: F401 - fixture
+)
 from workflows.common import STRIPE_TIMEOUT
 from workflows.contract import TopUpInput, TopUpOutcome, TopUpTerms, topup_workflow_id
 from workflows.topup import TopUpWorkflow
@@ -57,15 +60,6 @@ async def api(temporal_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-@pytest.fixture
-def workers(temporal_settings: Settings, tmp_path: Path) -> Iterator[Workers]:
-    started = Workers(temporal_settings, tmp_path)
-    try:
-        yield started
-    finally:
-        started.kill_all()
-
-
 async def time_out_the_dead_attempt(client: Client, handle: Any, activity: str, timeout: timedelta) -> None:
     """End the killed worker's attempt of ``activity`` now, as the server does once its start-to-close timeout expires
     (a failed attempt, retried by the activity's policy), instead of waiting ``timeout`` of real time. First checks in
@@ -86,7 +80,7 @@ async def time_out_the_dead_attempt(client: Client, handle: Any, activity: str, 
 @pytest.mark.parametrize("fault", ["after_charge", "after_credit"])
 async def test_worker_killed_mid_topup_charges_and_credits_once(
         fault: str, api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient,
-        temporal_client: Client, temporal_settings: Settings, workers: Workers) -> None:
+        temporal_client: Client, temporal_settings: Settings, workers: Workers) -> None:  # noqa: F811
     account = await new_account(api)  # welcome bonus: 5,000 credits
     card = await save_card(api, sdk, account)
     request_id = f"kill-{fault}-{uuid.uuid4().hex[:6]}"
@@ -141,7 +135,7 @@ async def test_worker_killed_mid_topup_charges_and_credits_once(
 @pytest.mark.timeout(300)
 async def test_worker_killed_mid_renewal_grants_expires_and_invoices_once(
         api: httpx.AsyncClient, pool: AsyncConnectionPool, sdk: stripe.StripeClient, temporal_client: Client,
-        temporal_settings: Settings, workers: Workers) -> None:
+        temporal_settings: Settings, workers: Workers) -> None:  # noqa: F811
     """The worker dies inside the renewal (period closed, plan credits expired, next grant not yet made); after a
     restart: one expiry, one grant of the next period, one invoice, paid once."""
     from datetime import UTC, datetime, timedelta

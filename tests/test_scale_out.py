@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,11 @@ from tests.support.auto_recharge import SETTINGS as RECHARGE_SETTINGS
 from tests.support.ledger import assert_invariants
 from tests.support.payments import CARDS, TOPUP, customer_of, intents_of
 from tests.support.reconcile import reconcile_now
-from tests.support.workers import Workers, wait_exit
+from tests.support.workers import (
+    Workers,
+    wait_exit,
+    workers,  # noqa: F401 - fixture
+)
 from workflows.common import STRIPE_TIMEOUT
 from workflows.contract import AutoRechargeOutcome, TopUpOutcome, auto_recharge_workflow_id, topup_workflow_id
 
@@ -69,15 +73,6 @@ def settings(database_url: str, stripe_base: str) -> Settings:
     return Settings(database_url=database_url, admin_api_key=ADMIN_KEY,  # type: ignore[arg-type]
                     welcome_bonus_credits=WELCOME, stripe_api_key=STRIPE_KEY,  # type: ignore[arg-type]
                     stripe_api_base=stripe_base, stripe_retry_max_wait_seconds=0.1)
-
-
-@pytest.fixture
-def workers(temporal_settings: Settings, tmp_path: Path) -> Iterator[Workers]:
-    started = Workers(temporal_settings, tmp_path)
-    try:
-        yield started
-    finally:
-        started.kill_all()
 
 
 @pytest.fixture
@@ -183,7 +178,7 @@ def track(api: httpx.AsyncClient, account: str, value: int, key: str) -> Any:
 
 @pytest.mark.timeout(900)  # the waits below are bounded one by one; a loaded CI machine needs the sum
 async def test_two_apis_two_workers_one_killed_ledger_exact(
-        apis: list[httpx.AsyncClient], workers: Workers, pool: AsyncConnectionPool, sdk: stripe.StripeClient,
+        apis: list[httpx.AsyncClient], workers: Workers, pool: AsyncConnectionPool, sdk: stripe.StripeClient,  # noqa: F811
         temporal_client: Client, temporal_settings: Settings) -> None:
     started = time.monotonic()
     survivor, second = workers.start(), workers.start()

@@ -8,7 +8,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from activities.topups import FAULT_INJECT_ENV
 from creditflow.config import Settings
@@ -63,3 +66,13 @@ async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
             raise AssertionError(f"worker {proc.pid} still alive after {timeout} s")
         await asyncio.sleep(0.1)
     return proc.returncode
+
+
+@pytest.fixture
+def workers(temporal_settings: Settings, tmp_path: Path) -> Iterator[Workers]:
+    """``creditflow worker`` subprocesses for the test (killed at its end, whatever happened)."""
+    started = Workers(temporal_settings, tmp_path)
+    try:
+        yield started
+    finally:
+        started.kill_all()
