@@ -115,6 +115,9 @@ BEGIN
         VALUES (p_account, p_type, p_amount, p_counter_book, r.balance_micros, p_description,
                 nullif(p_metadata, '{}'::jsonb), p_key, p_hash)
         RETURNING id INTO r.txn_id;
+    IF p_amount > 0 AND p_type IN ('purchase', 'auto_recharge') THEN
+        PERFORM cf_purchase_resumes_agents(p_account, r.txn_id);
+    END IF;
     IF p_amount > 0 THEN
         r.lot_id := 'lot_' || replace(gen_random_uuid()::text, '-', '');
         -- A grant first repays any overage drawn: the lot keeps only what ends up above zero.

@@ -235,14 +235,17 @@ BEGIN
 END $$;
 
 -- A top-up or an auto-recharge while a stop agent is paused for want of plan credits: tell the account workflow
--- (``limits.changed``), which resumes it on the wallet until the cycle renews. Usage rows never fire this.
-CREATE OR REPLACE FUNCTION cf_purchase_resumes_agents() RETURNS trigger LANGUAGE plpgsql AS $$
+-- (``limits.changed``), which resumes it on the wallet until the cycle renews. Called by cf_post for a positive
+-- ``purchase`` / ``auto_recharge`` entry (the only writer of those), in its transaction. It was an AFTER INSERT
+-- trigger on the journal until 0042: its WHEN clause was parsed again for every journal row, usage rows included
+-- (about 3.5 % of the server's CPU per tracked event).
+CREATE OR REPLACE FUNCTION cf_purchase_resumes_agents(p_account text, p_txn uuid) RETURNS void
+LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM agents WHERE account_id = NEW.account_id AND status = 'paused'
+    IF EXISTS (SELECT 1 FROM agents WHERE account_id = p_account AND status = 'paused'
                AND pause_reason = 'plan_credits_exhausted') THEN
         INSERT INTO outbox (account_id, kind, dedup_key)
-        VALUES (NEW.account_id, 'limits.changed', 'limits.changed:' || NEW.account_id || ':purchase:' || NEW.id)
+        VALUES (p_account, 'limits.changed', 'limits.changed:' || p_account || ':purchase:' || p_txn)
         ON CONFLICT (dedup_key) DO NOTHING;
     END IF;
-    RETURN NULL;
 END $$;
