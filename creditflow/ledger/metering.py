@@ -172,12 +172,17 @@ def _track_params(event: UsageEvent, probe: bool) -> tuple[object, ...]:
             event.fingerprint(), to_jsonb(event.metadata), probe)
 
 
-def _event_columns(events: Sequence[UsageEvent]) -> tuple[list[Any], ...]:
-    """Events as the array parameters of ``cf_track_group`` / ``cf_track_batch``, column by column."""
+def _event_columns(events: Sequence[UsageEvent]) -> tuple[list[Any] | None, ...]:
+    """Events as the array parameters of ``cf_track_group`` / ``cf_track_batch``, column by column.
+
+    Agents and metadata are usually absent: a column of nothing but NULLs is sent as one NULL array (the functions
+    read ``p_agents[i]`` of it as NULL), which spares the driver a scan and a dump of that list per call."""
+    agents = [e.agent_id for e in events]
+    metadata = [to_jsonb(e.metadata) for e in events]
     return (
         [e.account_id for e in events], [e.feature_id for e in events], [e.value for e in events],
-        [e.agent_id for e in events], [e.idempotency_key for e in events], [e.fingerprint() for e in events],
-        [to_jsonb(e.metadata) for e in events],
+        agents if any(a is not None for a in agents) else None, [e.idempotency_key for e in events],
+        [e.fingerprint() for e in events], metadata if any(m is not None for m in metadata) else None,
     )
 
 
