@@ -7,16 +7,20 @@ embedded server, or ``CREDITFLOW_DATABASE_URL``). CPU time is steadier than wall
 immune: compare runs made under the same load.
 
     .venv/bin/python bench/app_cpu.py [--endpoint track|check|batch] [--requests 2000] [--concurrency 8]
+                                      [--rounds 3] [--compare-fast-path]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import statistics
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +93,43 @@ async def main(args: argparse.Namespace) -> None:
                         assert status == 200, raw
 
                 await caller(0, min(50, args.requests))  # warm-up: routes, prepared statements, the key cache
-                started, cpu = time.perf_counter(), time.process_time()
-                await asyncio.gather(*(caller(args.requests + k, 2 * args.requests) for k in range(args.concurrency)))
-                wall, used = time.perf_counter() - started, time.process_time() - cpu
+                modes = ["fast path", "no fast path"] if args.compare_fast_path else ["as configured"]
+                figures: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+                first = args.requests
+                for r in range(args.rounds):
+                    for mode in (modes if r % 2 == 0 else modes[::-1]):
+                        with fast_path_removed(mode == "no fast path"):
+                            started, cpu = time.perf_counter(), time.process_time()
+                            await asyncio.gather(*(caller(first + k, first + args.requests)
+                                                   for k in range(args.concurrency)))
+                            figures[mode].append((time.process_time() - cpu, time.perf_counter() - started))
+                        first += args.requests
         finally:
             drop_database(server_url, name)
     per = "request" if args.endpoint != "batch" else f"request of {args.batch_size} events"
-    print(f"{desc}\n{args.endpoint}: {args.requests} requests, {args.concurrency} concurrent callers: "
-          f"app CPU {used / args.requests * 1e6:,.0f} us per {per}, wall {wall / args.requests * 1e6:,.0f} us")
+    print(desc)
+    for mode, runs in figures.items():
+        cpus = [used / args.requests * 1e6 for used, _ in runs]
+        walls = [wall / args.requests * 1e6 for _, wall in runs]
+        print(f"{args.endpoint} ({mode}): {args.requests} requests x {args.rounds} round(s), {args.concurrency} "
+              f"concurrent callers: app CPU median {statistics.median(cpus):,.0f} us per {per} "
+              f"({min(cpus):,.0f}-{max(cpus):,.0f}), wall {statistics.median(walls):,.0f} us")
+
+
+@contextlib.contextmanager
+def fast_path_removed(removed: bool) -> Iterator[None]:
+    """The metering routes without their fast path (creditflow/api/fast_path.py) while inside, to compare."""
+    from creditflow.api import billing
+
+    saved = {e: e.fast_path for e in (billing.track, billing.track_batch, billing.check)}  # type: ignore[attr-defined]
+    try:
+        if removed:
+            for endpoint in saved:
+                del endpoint.fast_path  # type: ignore[attr-defined]
+        yield
+    finally:
+        for endpoint, fast in saved.items():
+            endpoint.fast_path = fast  # type: ignore[attr-defined]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=1, help="timed rounds (median and range are printed)")
+    parser.add_argument("--compare-fast-path", action="store_true",
+                        help="alternate rounds with and without the metering routes' fast path")
     return parser.parse_args(argv)
 
 

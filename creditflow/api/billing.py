@@ -14,6 +14,7 @@ from creditflow.api.conventions import EndingBefore, IdempotencyKey, StartingAft
 from creditflow.api.deps import get_app_settings, get_pool, require, target_account
 from creditflow.api.error_handling import error_object
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
+from creditflow.api.fast_path import attach, body_route
 from creditflow.api.keys import Principal, Scope
 from creditflow.api.schemas import (
     CheckRequest,
@@ -119,6 +120,10 @@ async def track(req: TrackRequest, principal: Writer, pool: Pool,
     return respond(_track_body(result), _status(result.allowed, result.code))
 
 
+attach(track, body_route(TrackRequest, lambda req, principal, pool, request: track(
+    req, principal, pool, request.headers.get("idempotency-key"))))
+
+
 @router.post("/track/batch", response_class=ExactJSONResponse)
 async def track_batch(req: TrackBatchRequest, principal: Writer, pool: Pool) -> ExactJSONResponse:
     """Up to 1,000 events in one transaction; each is decided on its own (see ``results``)."""
@@ -126,6 +131,9 @@ async def track_batch(req: TrackBatchRequest, principal: Writer, pool: Pool) -> 
     results = await metering.track_batch(pool, events)
     return respond({"results": [_track_body(r) for r in results],
                     "allowed": sum(r.allowed for r in results), "denied": sum(not r.allowed for r in results)})
+
+
+attach(track_batch, body_route(TrackBatchRequest, lambda req, principal, pool, _: track_batch(req, principal, pool)))
 
 
 @router.post("/check", response_model=CheckResult, response_class=ExactJSONResponse)
@@ -138,6 +146,9 @@ async def check(req: CheckRequest, principal: Reader, pool: Pool) -> ExactJSONRe
     if result.credit_system is not None:  # a named credit system's feature: ``balances`` are that system's
         body["credit_system"] = result.credit_system
     return respond(body)
+
+
+attach(check, body_route(CheckRequest, lambda req, principal, pool, _: check(req, principal, pool)))
 
 
 @router.post("/holds", response_model=HoldResult, response_class=ExactJSONResponse, status_code=201)

@@ -43,9 +43,26 @@ async def get_principal(request: Request,
                         credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
     if credentials is None or not credentials.credentials:
         raise CreditflowError("unauthorized", "missing bearer API key")
+    return await principal_of(request, credentials.credentials)
+
+
+async def principal_of(request: Request, secret: str) -> Principal:
+    """Who a bearer secret is (the admin key, or a key from the cache or the database); unknown keys raise."""
     settings = request.app.state.settings
     admin = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
-    return await authenticate(request.app.state.pool, credentials.credentials, admin, request.app.state.key_cache)
+    return await authenticate(request.app.state.pool, secret, admin, request.app.state.key_cache)
+
+
+def check_scope(principal: Principal, method: str, path: str) -> None:
+    """Refuse (``insufficient_scope``) a key without a scope the route table requires for ``method path`` (the
+    route's path template); admin keys pass."""
+    if principal.is_admin:
+        return
+    needed = required_scopes("GET" if method == "HEAD" else method, path)
+    if Scope.ADMIN in needed or not needed & granted(principal.scopes):
+        names = " or ".join(sorted(s.value for s in needed))
+        raise CreditflowError("insufficient_scope", f"this API key lacks the {names} scope",
+                              details={"required_scopes": sorted(s.value for s in needed)})
 
 
 def require(scope: Scope) -> Callable[..., Coroutine[Any, Any, Principal]]:
@@ -56,15 +73,7 @@ def require(scope: Scope) -> Callable[..., Coroutine[Any, Any, Principal]]:
     admin-only (fail closed)."""
 
     async def dependency(request: Request, principal: Principal = Depends(get_principal)) -> Principal:
-        if principal.is_admin:
-            return principal
-        route = request.scope.get("route")
-        method = "GET" if request.method == "HEAD" else request.method
-        needed = required_scopes(method, getattr(route, "path_format", request.url.path))
-        if Scope.ADMIN in needed or not needed & granted(principal.scopes):
-            names = " or ".join(sorted(s.value for s in needed))
-            raise CreditflowError("insufficient_scope", f"this API key lacks the {names} scope",
-                                  details={"required_scopes": sorted(s.value for s in needed)})
+        check_scope(principal, request.method, getattr(request.scope.get("route"), "path_format", request.url.path))
         return principal
 
     dependency.declared_scope = scope  # type: ignore[attr-defined]  # read by tests/test_scopes.py

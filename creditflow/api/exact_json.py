@@ -152,10 +152,20 @@ def _constant(name: str) -> Any:
 
 
 class ExactRoute(APIRoute):
+    """Routes whose bodies are read exactly (``ExactRequest``). An endpoint with a ``fast_path``
+    (creditflow/api/fast_path.py) is offered the request first; when it declines, the regular handler answers,
+    on the same request object (so a body already read is read from memory)."""
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def exact_handler(request: Request) -> Response:
-            return await handler(ExactRequest(request.scope, request.receive))
+            exact = ExactRequest(request.scope, request.receive)
+            fast = getattr(self.endpoint, "fast_path", None)
+            if fast is not None:
+                response = await fast(exact)
+                if response is not None:
+                    return response
+            return await handler(exact)
 
         return exact_handler
