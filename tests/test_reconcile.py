@@ -34,7 +34,7 @@ from creditflow.payments.reconcile import Reconciler, get_run, list_runs, open_r
 from creditflow.temporal_setup import ensure_reconcile_schedule
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
 from tests.support.api import app_client, new_account
-from tests.support.payments import customer_of, save_card
+from tests.support.payments import customer_of, lost_answer_charge, save_card
 from tests.support.reconcile import kinds, reconcile_now
 from workflows.contract import ReconcileSummary
 
@@ -196,6 +196,43 @@ async def test_what_cannot_be_repaired_is_reported(
     assert result.foreign >= 1
     assert any("disputes: not listed" in note for note in result.notes)
     assert await balance_micros(pool, account) == 0
+
+
+async def test_a_second_payment_intent_is_reported_as_paid_twice_only_when_the_charge_was_paid(
+        pool: AsyncConnectionPool, api: httpx.AsyncClient, sdk: stripe.StripeClient, gateway: StripeGateway) -> None:
+    """Issue 11, defect 11a's proof: a PaymentIntent that succeeded for a charge whose row records another one was
+    reported as ``duplicate_payment`` "which was paid by <the recorded one>" although that one was canceled and
+    nothing was credited. Only a charge that was paid has a duplicate; otherwise the money is not credited."""
+    account = await new_account(api)
+    await save_card(api, sdk, account)
+    # Not paid: the row records a PaymentIntent that was canceled; Stripe took the money on another one.
+    charge_id, paid_pi = await lost_answer_charge(pool, gateway, account, "second-pi", amount_cents=1000,
+                                                  credits=1000)
+    record = await topups.get_charge(pool, charge_id)
+    canceled = await gateway.create_payment_intent(amount_cents=1000, customer_id=record.customer_id,
+                                                   payment_method_id=None, metadata={}, idempotency_key="canceled")
+    await gateway.cancel_payment_intent(canceled.id)
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE stripe_charges SET payment_intent_id = %s WHERE id = %s", (canceled.id, charge_id))
+    # Paid: a credited top-up, and a second PaymentIntent that succeeded for the same charge.
+    credited = await charged(pool, gateway, account)
+    await topups.credit(pool, credited.id)
+    second = await gateway.create_payment_intent(
+        amount_cents=1000, customer_id=credited.customer_id, payment_method_id=credited.payment_method_id,
+        metadata={ACCOUNT_METADATA_KEY: account, topups.CHARGE_METADATA_KEY: credited.id},
+        idempotency_key="second")
+    assert second.status == "succeeded"
+
+    result = await reconcile_now(pool, gateway)
+    mine = sorted(((d.kind, d.stripe_id, d.ids, d.detail) for d in result.differences if d.account_id == account),
+                  key=lambda d: d[0])
+    assert [(kind, stripe_id, ids) for kind, stripe_id, ids, _ in mine] == [
+        ("duplicate_payment", second.id, {"charge_id": credited.id,
+                                          "recorded_payment_intent_id": str(credited.payment_intent_id)}),
+        ("payment_not_credited", paid_pi, {"charge_id": charge_id, "recorded_payment_intent_id": canceled.id})]
+    assert f"which was paid by {credited.payment_intent_id}" in mine[0][3]
+    assert "paid by" not in mine[1][3] and "nothing was credited" in mine[1][3], mine[1][3]
+    assert await balance_micros(pool, account) == 1000 * MICROS_PER_CREDIT  # only the credited top-up
 
 
 async def test_disputes_listed_by_stripe_are_taken_back_and_given_back_once(

@@ -237,7 +237,17 @@ class Reconciler:
             return
         account = charge["account_id"]
         if charge["payment_intent_id"] not in (None, pi["id"]):
-            if status == "succeeded":
+            if status == "succeeded" and charge["status"] != "succeeded":
+                # Not a duplicate: the charge was never paid (its recorded PaymentIntent failed or was canceled),
+                # so this one took the money and the late path refused it (two PaymentIntents: for an operator).
+                self._difference("payment_not_credited", "reported",
+                                 f"a PaymentIntent succeeded ({amount} cents) for charge {charge['id']}, which "
+                                 f"records another PaymentIntent, {charge['payment_intent_id']}, and is "
+                                 f"{charge['status']}: nothing was credited. Check that one took no money, then "
+                                 "re-drive the payment (creditflow payment-events) or refund this one",
+                                 account_id=account, stripe_id=pi["id"], charge_id=charge["id"],
+                                 recorded_payment_intent_id=charge["payment_intent_id"])
+            elif status == "succeeded":
                 self._difference("duplicate_payment", "reported",
                                  f"a second PaymentIntent succeeded ({amount} cents) for charge {charge['id']}, "
                                  f"which was paid by {charge['payment_intent_id']}: refund one of them",
