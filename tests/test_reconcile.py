@@ -29,7 +29,7 @@ from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.reconciliation import RunWindow
 from creditflow.ledger.verify import verify
 from creditflow.payments import clawbacks, refunds, topups
-from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, StripeGateway
+from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, RefundState, StripeGateway
 from creditflow.payments.reconcile import Reconciler, get_run, list_runs, open_run
 from creditflow.temporal_setup import ensure_reconcile_schedule
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
@@ -127,6 +127,59 @@ async def test_a_refund_made_on_stripe_takes_its_credits_back_once(
     await reconciler._refund(failed)
     assert kinds(reconciler.result, account) == [("repaired", "stripe_refund_failed_restored")]
     assert await balance_micros(pool, account) == 1200 * MICROS_PER_CREDIT
+
+
+class StripeFailsRefunds(StripeGateway):
+    """localstripe creates every refund ``succeeded`` and never fails one: this gateway answers ``retrieve_refund``
+    ``failed`` for the refunds the test names (what Stripe returns days later); everything else is the emulator's."""
+
+    failed: set[str] = set()
+
+    async def retrieve_refund(self, refund_id: str) -> RefundState:
+        state = await super().retrieve_refund(refund_id)
+        return state.model_copy(update={"status": "failed"}) if refund_id in self.failed else state
+
+
+async def test_a_refund_made_on_stripe_that_fails_after_the_runs_window_gives_its_credits_back_once(
+        pool: AsyncConnectionPool, api: httpx.AsyncClient, sdk: stripe.StripeClient, settings: Settings) -> None:
+    """Issue 11 open point (review item 5): a refund made on Stripe whose credits were taken back, and that Stripe
+    fails later with its ``refund.failed`` lost, was re-checked only if the run happened to list it (created in its
+    window). The ledger knows what it took back: those refunds are re-checked for ``RECHECK`` like creditflow's own."""
+    gateway = StripeFailsRefunds.from_settings(settings)
+    account = await new_account(api)
+    await save_card(api, sdk, account)
+    record = await charged(pool, gateway, account, cents=1000, credits=1200)
+    await topups.credit(pool, record.id)
+    refund = sdk.v1.refunds.create(params={"payment_intent": str(record.payment_intent_id), "amount": 500})
+    taken = await reconcile_now(pool, gateway)
+    assert kinds(taken, account) == [("repaired", "stripe_refund_taken_back")]
+    assert await balance_micros(pool, account) == 600 * MICROS_PER_CREDIT
+
+    StripeFailsRefunds.failed.add(refund.id)  # later: Stripe fails it, the webhook is lost
+    after = datetime.now(UTC) + timedelta(seconds=1)  # the refund was created before this run's window
+    restored = await reconcile_now(pool, gateway, since=after)
+    assert [(d.action, d.kind, d.stripe_id) for d in restored.differences if d.account_id == account] == [
+        ("repaired", "stripe_refund_failed_restored", refund.id)]
+    assert await balance_micros(pool, account) == 1200 * MICROS_PER_CREDIT
+    assert kinds(await reconcile_now(pool, gateway, since=after), account) == []  # once
+    assert await balance_micros(pool, account) == 1200 * MICROS_PER_CREDIT
+    assert (await verify(pool, account)).ok
+
+    # A refund on Stripe of a purchase whose credits were all used took nothing back; when Stripe fails it there
+    # is nothing to give back either: not reported as repaired (now that it is re-checked every run).
+    spent = await charged(pool, gateway, account, cents=500, credits=500)
+    await topups.credit(pool, spent.id)
+    used = await api.post("/api/v1/billing/track", json={"account_id": account, "feature_id": "chat_message",
+                                                         "value": 1700, "idempotency_key": "use-all"})
+    assert used.status_code == 200 and used.json()["balance"] == 0, used.text
+    empty = sdk.v1.refunds.create(params={"payment_intent": str(spent.payment_intent_id), "amount": 200})
+    await reconcile_now(pool, gateway)
+    StripeFailsRefunds.failed.add(empty.id)
+    for _ in range(2):
+        rechecked = await reconcile_now(pool, gateway, since=datetime.now(UTC) + timedelta(seconds=1))
+        assert kinds(rechecked, account) == []
+    assert await balance_micros(pool, account) == 0
+    assert (await verify(pool, account)).ok
 
 
 async def test_a_refund_stripe_finished_is_finalized_and_a_failed_one_restored(
