@@ -275,6 +275,7 @@ class CreditflowClient:
         if none is running (signal-with-start). A new run finds the stored invoice and makes ``input.charge_attempts``
         attempts numbered after the earlier ones, which it first reads back from Stripe (one payment per invoice).
         Temporal unreachable is ``workflow_unavailable``."""
+        input = input.model_copy(update={"publish_search_attributes": self.search_attributes})
         try:
             await self.temporal.start_workflow(
                 INVOICE_WORKFLOW, input, id=invoice_workflow_id(input.account_id, input.key()),

@@ -6,6 +6,7 @@ Temporal dev server, localstripe.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -16,9 +17,10 @@ from temporalio.client import Client
 
 from creditflow.config import Settings
 from creditflow.domain.money import MICROS_PER_CREDIT
+from creditflow.ledger.verify import verify
 from tests.support.api import new_account, track
 from tests.support.auto_recharge import relay  # noqa: F401 - fixture: the outbox relay running
-from tests.support.invoices import period_around_now, rows, run_invoice, workflow_input
+from tests.support.invoices import invoice_charges, period_around_now, rows, run_invoice, start, workflow_input
 from tests.support.ledger import assert_invariants
 from tests.support.payments import save_card
 from tests.support.temporal import eventually
@@ -120,4 +122,52 @@ async def test_dispute_after_a_partial_refund_takes_back_only_the_rest(
     assert (await cf.deliver(body, sign(body))).json()["outcome"] == "routed"
     await eventually(lambda: _reversals(pool, account), lambda r: r == [1_000, -400, -600], timeout=20)
     assert await _balance(cf, account) == -1_000
+    await assert_invariants(pool)
+
+
+async def _settle_refusals(pool: AsyncConnectionPool) -> int:
+    [row] = await rows(pool, "SELECT coalesce(pg_sequence_last_value('test_paid_refusals'), 0) AS n")
+    return int(row["n"])
+
+
+async def test_an_invoice_settlement_that_fails_at_the_paid_status_leaves_nothing_half_done(
+        cf: Clients, pool: AsyncConnectionPool, sdk: stripe.StripeClient, relay: Any,  # noqa: F811
+        temporal_client: Client, temporal_settings: Settings) -> None:
+    """Issue 11 open point: settling an invoice payment wrote the overage restoration, the charge row and the
+    invoice's status in separate transactions, so a failure (or a crash, or a reader) between them left the credit
+    line restored and the charge succeeded on an invoice still open. The database refuses the last write (the
+    invoice's ``paid``) until the test lifts it: meanwhile nothing of the settlement is visible; then it lands once."""
+    account = await new_account(cf.admin, overage_credit_line=2_000)  # 5,000 welcome credits
+    assert (await track(cf.admin, account, "chat_message", 6_000, "use")).json()["balance"] == -1_000
+    await save_card(cf.admin, sdk, account)
+    async with pool.connection() as conn:
+        await conn.execute("CREATE SEQUENCE test_paid_refusals")
+        await conn.execute(
+            "CREATE FUNCTION test_refuse_paid() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " PERFORM nextval('test_paid_refusals'); RAISE EXCEPTION 'test: invoice paid refused'; END $$")
+        await conn.execute("CREATE TRIGGER test_refuse_paid BEFORE UPDATE ON invoices FOR EACH ROW"
+                           " WHEN (NEW.status = 'paid') EXECUTE FUNCTION test_refuse_paid()")
+    begin, end = period_around_now()
+    handle = await start(temporal_client, temporal_settings,
+                         workflow_input(account, begin, end, overage_micros=1_000 * MICROS_PER_CREDIT))
+    await eventually(lambda: _settle_refusals(pool), lambda n: n >= 2, timeout=30)  # settled twice, refused twice
+    assert await _reversals(pool, account) == []  # no restoration without the paid invoice
+    [charge] = await invoice_charges(pool, account)
+    assert (charge["status"], charge["ledger_txn_id"]) == ("pending", None)
+    assert (await _invoice(pool, account))["status"] == "open"
+    assert await _balance(cf, account) == -1_000
+    assert (await verify(pool, account)).ok
+
+    async with pool.connection() as conn:
+        await conn.execute("DROP TRIGGER test_refuse_paid ON invoices")
+    outcome = await asyncio.wait_for(handle.result(), 60)
+    assert (outcome.status, outcome.amount_due_cents) == ("paid", 1_000)
+    assert await _reversals(pool, account) == [1_000]  # restored once
+    [charge] = await invoice_charges(pool, account)
+    [invoice] = await rows(pool, "SELECT status, charge_id, repayment_txn_id FROM invoices WHERE account_id = %s",
+                           account)
+    assert (charge["status"], invoice["status"], invoice["charge_id"]) == ("succeeded", "paid", charge["id"])
+    assert charge["ledger_txn_id"] == invoice["repayment_txn_id"] is not None
+    assert await _balance(cf, account) == 0
+    assert (await verify(pool, account)).ok
     await assert_invariants(pool)

@@ -29,12 +29,12 @@ from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.domain.reconciliation import RunWindow
 from creditflow.ledger.verify import verify
 from creditflow.payments import clawbacks, refunds, topups
-from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, StripeGateway
+from creditflow.payments.gateway import ACCOUNT_METADATA_KEY, RefundState, StripeGateway
 from creditflow.payments.reconcile import Reconciler, get_run, list_runs, open_run
 from creditflow.temporal_setup import ensure_reconcile_schedule
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
 from tests.support.api import app_client, new_account
-from tests.support.payments import customer_of, save_card
+from tests.support.payments import customer_of, lost_answer_charge, save_card
 from tests.support.reconcile import kinds, reconcile_now
 from workflows.contract import ReconcileSummary
 
@@ -129,6 +129,59 @@ async def test_a_refund_made_on_stripe_takes_its_credits_back_once(
     assert await balance_micros(pool, account) == 1200 * MICROS_PER_CREDIT
 
 
+class StripeFailsRefunds(StripeGateway):
+    """localstripe creates every refund ``succeeded`` and never fails one: this gateway answers ``retrieve_refund``
+    ``failed`` for the refunds the test names (what Stripe returns days later); everything else is the emulator's."""
+
+    failed: set[str] = set()
+
+    async def retrieve_refund(self, refund_id: str) -> RefundState:
+        state = await super().retrieve_refund(refund_id)
+        return state.model_copy(update={"status": "failed"}) if refund_id in self.failed else state
+
+
+async def test_a_refund_made_on_stripe_that_fails_after_the_runs_window_gives_its_credits_back_once(
+        pool: AsyncConnectionPool, api: httpx.AsyncClient, sdk: stripe.StripeClient, settings: Settings) -> None:
+    """Issue 11 open point (review item 5): a refund made on Stripe whose credits were taken back, and that Stripe
+    fails later with its ``refund.failed`` lost, was re-checked only if the run happened to list it (created in its
+    window). The ledger knows what it took back: those refunds are re-checked for ``RECHECK`` like creditflow's own."""
+    gateway = StripeFailsRefunds.from_settings(settings)
+    account = await new_account(api)
+    await save_card(api, sdk, account)
+    record = await charged(pool, gateway, account, cents=1000, credits=1200)
+    await topups.credit(pool, record.id)
+    refund = sdk.v1.refunds.create(params={"payment_intent": str(record.payment_intent_id), "amount": 500})
+    taken = await reconcile_now(pool, gateway)
+    assert kinds(taken, account) == [("repaired", "stripe_refund_taken_back")]
+    assert await balance_micros(pool, account) == 600 * MICROS_PER_CREDIT
+
+    StripeFailsRefunds.failed.add(refund.id)  # later: Stripe fails it, the webhook is lost
+    after = datetime.now(UTC) + timedelta(seconds=1)  # the refund was created before this run's window
+    restored = await reconcile_now(pool, gateway, since=after)
+    assert [(d.action, d.kind, d.stripe_id) for d in restored.differences if d.account_id == account] == [
+        ("repaired", "stripe_refund_failed_restored", refund.id)]
+    assert await balance_micros(pool, account) == 1200 * MICROS_PER_CREDIT
+    assert kinds(await reconcile_now(pool, gateway, since=after), account) == []  # once
+    assert await balance_micros(pool, account) == 1200 * MICROS_PER_CREDIT
+    assert (await verify(pool, account)).ok
+
+    # A refund on Stripe of a purchase whose credits were all used took nothing back; when Stripe fails it there
+    # is nothing to give back either: not reported as repaired (now that it is re-checked every run).
+    spent = await charged(pool, gateway, account, cents=500, credits=500)
+    await topups.credit(pool, spent.id)
+    used = await api.post("/api/v1/billing/track", json={"account_id": account, "feature_id": "chat_message",
+                                                         "value": 1700, "idempotency_key": "use-all"})
+    assert used.status_code == 200 and used.json()["balance"] == 0, used.text
+    empty = sdk.v1.refunds.create(params={"payment_intent": str(spent.payment_intent_id), "amount": 200})
+    await reconcile_now(pool, gateway)
+    StripeFailsRefunds.failed.add(empty.id)
+    for _ in range(2):
+        rechecked = await reconcile_now(pool, gateway, since=datetime.now(UTC) + timedelta(seconds=1))
+        assert kinds(rechecked, account) == []
+    assert await balance_micros(pool, account) == 0
+    assert (await verify(pool, account)).ok
+
+
 async def test_a_refund_stripe_finished_is_finalized_and_a_failed_one_restored(
         pool: AsyncConnectionPool, api: httpx.AsyncClient, sdk: stripe.StripeClient, gateway: StripeGateway) -> None:
     account = await new_account(api)
@@ -196,6 +249,43 @@ async def test_what_cannot_be_repaired_is_reported(
     assert result.foreign >= 1
     assert any("disputes: not listed" in note for note in result.notes)
     assert await balance_micros(pool, account) == 0
+
+
+async def test_a_second_payment_intent_is_reported_as_paid_twice_only_when_the_charge_was_paid(
+        pool: AsyncConnectionPool, api: httpx.AsyncClient, sdk: stripe.StripeClient, gateway: StripeGateway) -> None:
+    """Issue 11, defect 11a's proof: a PaymentIntent that succeeded for a charge whose row records another one was
+    reported as ``duplicate_payment`` "which was paid by <the recorded one>" although that one was canceled and
+    nothing was credited. Only a charge that was paid has a duplicate; otherwise the money is not credited."""
+    account = await new_account(api)
+    await save_card(api, sdk, account)
+    # Not paid: the row records a PaymentIntent that was canceled; Stripe took the money on another one.
+    charge_id, paid_pi = await lost_answer_charge(pool, gateway, account, "second-pi", amount_cents=1000,
+                                                  credits=1000)
+    record = await topups.get_charge(pool, charge_id)
+    canceled = await gateway.create_payment_intent(amount_cents=1000, customer_id=record.customer_id,
+                                                   payment_method_id=None, metadata={}, idempotency_key="canceled")
+    await gateway.cancel_payment_intent(canceled.id)
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE stripe_charges SET payment_intent_id = %s WHERE id = %s", (canceled.id, charge_id))
+    # Paid: a credited top-up, and a second PaymentIntent that succeeded for the same charge.
+    credited = await charged(pool, gateway, account)
+    await topups.credit(pool, credited.id)
+    second = await gateway.create_payment_intent(
+        amount_cents=1000, customer_id=credited.customer_id, payment_method_id=credited.payment_method_id,
+        metadata={ACCOUNT_METADATA_KEY: account, topups.CHARGE_METADATA_KEY: credited.id},
+        idempotency_key="second")
+    assert second.status == "succeeded"
+
+    result = await reconcile_now(pool, gateway)
+    mine = sorted(((d.kind, d.stripe_id, d.ids, d.detail) for d in result.differences if d.account_id == account),
+                  key=lambda d: d[0])
+    assert [(kind, stripe_id, ids) for kind, stripe_id, ids, _ in mine] == [
+        ("duplicate_payment", second.id, {"charge_id": credited.id,
+                                          "recorded_payment_intent_id": str(credited.payment_intent_id)}),
+        ("payment_not_credited", paid_pi, {"charge_id": charge_id, "recorded_payment_intent_id": canceled.id})]
+    assert f"which was paid by {credited.payment_intent_id}" in mine[0][3]
+    assert "paid by" not in mine[1][3] and "nothing was credited" in mine[1][3], mine[1][3]
+    assert await balance_micros(pool, account) == 1000 * MICROS_PER_CREDIT  # only the credited top-up
 
 
 async def test_disputes_listed_by_stripe_are_taken_back_and_given_back_once(

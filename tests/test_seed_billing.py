@@ -4,8 +4,10 @@ through the HTTP API on the real stack (PostgreSQL; Temporal and localstripe whe
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import httpx
@@ -13,13 +15,15 @@ import pytest
 import stripe
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.testing import WorkflowEnvironment
 
 from creditflow.config import Settings
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, new_card
 from tests.support.api import app_client, new_account, track
 from tests.support.invoices import past_due_invoice
 from tests.support.payments import CARDS, DECLINED_AT_CHARGE, save_card, succeeded_intents
-from tests.support.temporal import eventually, record_and_replay
+from tests.support.temporal import eventually, record_and_replay, ts_env  # noqa: F401 - fixture
+from workers.main import build_worker
 from workflows.contract import InvoiceAdjustmentLine, InvoiceWorkflowInput, invoice_workflow_id
 from workflows.invoice import InvoiceWorkflow
 
@@ -213,3 +217,37 @@ async def test_invoices_show_the_credit_balance_they_add_and_apply(
     newest = (await api.get(f"{INVOICES}/{listed['items'][0]['id']}", params={"account_id": account})).json()
     assert [(line["description"], line["amount_usd"]) for line in newest["lines"]][-1] == (
         "Applied credit balance", -49)
+
+
+@pytest.mark.temporal
+async def test_a_card_saved_pays_a_closed_past_due_invoice_without_creditflows_search_attributes(
+        ts_env: WorkflowEnvironment, pool: AsyncConnectionPool, sdk: stripe.StripeClient,  # noqa: F811
+        settings: Settings) -> None:
+    """With ``CREDITFLOW_TEMPORAL_SEARCH_ATTRIBUTES=false`` (a cluster without creditflow's attributes; here the
+    time-skipping server, which has none), the run a new card starts for a past-due invoice whose workflow ended
+    upserted them anyway: its first task failed (BadSearchAttributes) and every retry timed out, so the invoice
+    stayed past due. Found by the money model test's ``card_works_again`` rule (issue 11)."""
+    settings = settings.model_copy(update={
+        "temporal_address": ts_env.client.service_client.config.target_host, "temporal_search_attributes": False,
+        "temporal_task_queue": f"no-attributes-{uuid.uuid4().hex[:8]}"})
+    async with build_worker(ts_env.client, pool, settings):
+        async for api in app_client(settings):
+            account = await new_account(api)
+            await save_card(api, sdk, account, DECLINED_AT_CHARGE)
+            now = datetime.now(UTC).replace(microsecond=0)
+            input = InvoiceWorkflowInput(account_id=account, period_start=now - timedelta(hours=1),
+                                         period_end=now + timedelta(hours=1), plan_id="starter", charge_attempts=1,
+                                         publish_search_attributes=False)
+            outcome = await asyncio.wait_for(ts_env.client.execute_workflow(
+                InvoiceWorkflow.run, input, id=invoice_workflow_id(account, input.key()),
+                task_queue=settings.temporal_task_queue), 60)
+            assert (outcome.status, outcome.attempts) == ("past_due", 1)
+            good = await api.post(CARDS, json={"account_id": account, "payment_method_id": new_card(sdk),
+                                               "set_default": True})
+            assert good.status_code == 201, good.text
+            paid = await eventually(partial(api.get, f"{INVOICES}/{outcome.invoice_id}",
+                                            params={"account_id": account}),
+                                    lambda r: r.json()["status"] == "paid", timeout=40)
+            assert (paid.json()["status"], paid.json()["attempts"]) == ("paid", 2), paid.text
+            [pi] = await succeeded_intents(sdk, pool, account)
+            assert (pi.amount, pi.payment_method) == (4900, good.json()["id"])

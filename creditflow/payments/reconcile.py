@@ -7,7 +7,8 @@ days later. Each of these leaves the ledger and Stripe disagreeing; none is visi
 
 A run covers the Stripe objects created in ``[since, until)`` (the SDK's auto-pagination over PaymentIntents,
 refunds and disputes) plus creditflow's own rows that are not settled yet (charges and refunds younger than
-``RECHECK``), whose Stripe objects are retrieved one by one. Matching is by Stripe ids and creditflow's metadata
+``RECHECK``) and the refunds made on Stripe whose credits it took back (Stripe may fail them later), whose Stripe
+objects are retrieved one by one. Matching is by Stripe ids and creditflow's metadata
 (``creditflow_account_id``, ``creditflow_charge_id``, ``creditflow_refund_id``), never by amounts alone.
 
 Repairs go through the same idempotent functions the workflows call, keyed the same way, so a repair and a
@@ -155,11 +156,11 @@ class Reconciler:
         for refund in await self._list("refunds"):
             seen_refunds.add(refund["id"])
             await self._refund(refund)
-        for refund_id in await self._open_refunds(seen_refunds):
+        for refund_id in [*await self._open_refunds(seen_refunds), *await self._taken_stripe_refunds(seen_refunds)]:
             state = await self.gateway.retrieve_refund(refund_id)
             await self._refund({"id": state.id, "status": state.status, "amount": state.amount_cents,
                                 "payment_intent": state.payment_intent_id, "metadata": state.metadata,
-                                "created": None})
+                                "failure_reason": state.failure_reason, "created": None})
         seen_disputes: set[str] = set()
         for dispute in await self._list("disputes", optional=True):
             seen_disputes.add(dispute["id"])
@@ -237,7 +238,17 @@ class Reconciler:
             return
         account = charge["account_id"]
         if charge["payment_intent_id"] not in (None, pi["id"]):
-            if status == "succeeded":
+            if status == "succeeded" and charge["status"] != "succeeded":
+                # Not a duplicate: the charge was never paid (its recorded PaymentIntent failed or was canceled),
+                # so this one took the money and the late path refused it (two PaymentIntents: for an operator).
+                self._difference("payment_not_credited", "reported",
+                                 f"a PaymentIntent succeeded ({amount} cents) for charge {charge['id']}, which "
+                                 f"records another PaymentIntent, {charge['payment_intent_id']}, and is "
+                                 f"{charge['status']}: nothing was credited. Check that one took no money, then "
+                                 "re-drive the payment (creditflow payment-events) or refund this one",
+                                 account_id=account, stripe_id=pi["id"], charge_id=charge["id"],
+                                 recorded_payment_intent_id=charge["payment_intent_id"])
+            elif status == "succeeded":
                 self._difference("duplicate_payment", "reported",
                                  f"a second PaymentIntent succeeded ({amount} cents) for charge {charge['id']}, "
                                  f"which was paid by {charge['payment_intent_id']}: refund one of them",
@@ -302,6 +313,22 @@ class Reconciler:
                 " AND created_at >= %s ORDER BY created_at",
                 ([*_OPEN_REFUND_STATUSES, "succeeded"], self.now - RECHECK))).fetchall()
         return [r["stripe_refund_id"] for r in rows if r["stripe_refund_id"] not in seen]
+
+    async def _taken_stripe_refunds(self, seen: set[str]) -> list[str]:
+        """Refunds made on Stripe whose credits the ledger took back in the last ``RECHECK`` and has not given back:
+        Stripe may still fail them (a lost ``refund.failed``), and a run lists only the refunds created in its window.
+        One id per refund: its entry in the purchase's account, ``sys:stripe_refund:{id}`` (moved parts taken from
+        other workspaces add ``:{lot}``), given back under ``sys:stripe_refund_failed:{id}``."""
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(
+                "SELECT k.refund_id FROM journal j CROSS JOIN LATERAL (SELECT substr(j.idempotency_key,"
+                "  length('sys:stripe_refund:') + 1) AS refund_id) k"
+                " WHERE j.type = 'refund' AND j.created_at >= %s AND j.idempotency_key LIKE 'sys:stripe\\_refund:%%'"
+                " AND strpos(k.refund_id, ':') = 0 AND NOT EXISTS (SELECT 1 FROM journal_keys f"
+                "  WHERE f.account_id = j.account_id"
+                "   AND f.idempotency_key = 'sys:stripe_refund_failed:' || k.refund_id)"
+                " ORDER BY j.created_at", (self.now - RECHECK,))).fetchall()
+        return [r["refund_id"] for r in rows if r["refund_id"] not in seen]
 
     async def _refund(self, refund: dict[str, Any]) -> None:
         ours = (refund.get("metadata") or {}).get(REFUND_METADATA_KEY)
@@ -380,10 +407,13 @@ class Reconciler:
             if refund.get("status") in _FINAL_FAILED and not await self._applied(
                     account, f"sys:stripe_refund_failed:{refund['id']}"):
                 async with self.pool.connection() as conn, conn.transaction():
-                    await clawbacks.restore_failed_refund(conn, refund)
-                self._difference("stripe_refund_failed_restored", "repaired",
-                                 f"a refund made on Stripe is {refund.get('status')}: the credits it took went back "
-                                 "once", account_id=account, stripe_id=refund["id"], payment_intent_id=pi)
+                    restored = await clawbacks.restore_failed_refund(conn, refund)
+                if restored is not None:  # None: it took nothing (the purchase's credits were used): none to give
+                    self._difference("stripe_refund_failed_restored", "repaired",
+                                     f"a refund made on Stripe is {refund.get('status')}: the credits it took went "
+                                     "back once", account_id=account, stripe_id=refund["id"], payment_intent_id=pi)
+                else:
+                    self.result.matched += 1
             else:
                 self.result.matched += 1
             return
