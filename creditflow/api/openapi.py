@@ -55,9 +55,11 @@ _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying 
                                 "schema": {"type": "integer"}}}
 
 
-def _operation_id(tag: str, operation: dict[str, Any]) -> str:
-    """``<tag>.<function name>``: FastAPI's id starts with the function name, followed by the path and method."""
-    function = operation["operationId"].split("_api_v1_")[0].split("_stripe_")[0].split("_healthz")[0]
+def _operation_id(tag: str, operation: dict[str, Any], path: str, method: str) -> str:
+    """``<tag>.<function name>``: FastAPI's id is the function name followed by the path and the method, each
+    character that is not a word character made ``_`` (``readyz_readyz_get``)."""
+    generated, suffix = operation["operationId"], re.sub(r"\W", "_", path) + f"_{method}"
+    function = generated.removesuffix(suffix)
     tag = re.sub(r"[^a-z0-9]+", "_", tag.lower()).strip("_")
     return f"{tag}.{function}"
 
@@ -93,6 +95,13 @@ class _DecimalStringJsonSchema(_ExactJsonSchema):
         return {**self._one(super(_ExactJsonSchema, self).decimal_schema(schema), "string"), "format": "decimal"}
 
 
+def _own_body(response: dict[str, Any]) -> bool:
+    """An error status whose route declares its own model (``/readyz``'s 503 says what failed); every other one
+    answers the error object (FastAPI's 422 ``HTTPValidationError`` is never sent)."""
+    ref = response.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
+    return bool(ref) and not ref.endswith("/HTTPValidationError")
+
+
 def build_openapi(app: FastAPI, version: str = DEFAULT_VERSION) -> dict[str, Any]:
     """The document of one API version: the versions differ only in how amounts are typed."""
     original = fastapi_pydantic.GenerateJsonSchema
@@ -111,11 +120,11 @@ def build_openapi(app: FastAPI, version: str = DEFAULT_VERSION) -> dict[str, Any
     components.pop("ValidationError", None)
     _add_webhooks(schema, components)
     seen: set[str] = set()
-    for methods in schema.get("paths", {}).values():
+    for path, methods in schema.get("paths", {}).items():
         for method, operation in methods.items():
             responses = operation.setdefault("responses", {})
             for status, response in list(responses.items()):
-                if status[0] in "45":
+                if status[0] in "45" and not _own_body(response):
                     response["content"] = _ERROR_CONTENT
                     if status == "503":
                         response["headers"] = dict(_RETRY_AFTER)
@@ -129,7 +138,7 @@ def build_openapi(app: FastAPI, version: str = DEFAULT_VERSION) -> dict[str, Any
             for response in responses.values():
                 response["headers"] = {**response.get("headers", {}), **_VERSION_HEADER}
             tag = (operation.get("tags") or ["ops"])[0]
-            operation_id = _operation_id(tag, operation)
+            operation_id = _operation_id(tag, operation, path, method)
             if operation_id in seen:
                 operation_id = f"{operation_id}_{method}"
             seen.add(operation_id)
