@@ -40,6 +40,29 @@ def test_every_success_answer_declares_its_body() -> None:
     assert empty == []
 
 
+def test_every_operation_names_the_error_statuses_it_can_answer() -> None:
+    """Not only through ``4XX``/``5XX`` ranges: the middlewares' and the key check's statuses on every operation, its
+    own on top (track's denials), each with the error object (``/readyz`` answers its own body)."""
+    missing = []
+    document = _document()
+    for path, methods in document["paths"].items():
+        for method, operation in methods.items():
+            responses = operation["responses"]
+            needed = {"400", "422"} | ({"401", "403"} if operation.get("security") else set()) | (
+                {"413"} if "requestBody" in operation else set()) | ({"503"} if path != "/healthz" else set())
+            missing += [f"{method.upper()} {path} {status}" for status in sorted(needed - set(responses))]
+            for status in needed & set(responses):
+                if path != "/readyz":
+                    assert responses[status]["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/ErrorBody"}, (path, status)
+            if "503" in responses and path != "/readyz":
+                assert "Retry-After" in responses["503"]["headers"], path
+    assert missing == []
+    track = document["paths"]["/api/v1/billing/track"]["post"]["responses"]
+    assert {"402", "403", "404", "409", "429"} <= set(track)
+    assert document["paths"]["/api/v1/accounts/{account_id}"]["get"]["responses"]["404"]
+
+
 def test_operation_ids_are_explicit() -> None:
     ids = [op["operationId"] for methods in _document()["paths"].values() for op in methods.values()]
     # FastAPI's generated ids repeat the path and the method (track_api_v1_billing_track_post, readyz_readyz_get)

@@ -49,6 +49,19 @@ _VERSION_PARAMETER = {"name": "Creditflow-Version", "in": "header", "required": 
                                      "document describes the one version its enum names; others: "
                                      + ", ".join(SUPPORTED_VERSIONS) + ").",
                       "schema": {"type": "string"}}
+# The statuses every operation can answer whatever it does (the middlewares' and the key check's), declared on each
+# beside the ones its route names: 401/403 on operations that take a key, 413 on those that take a body.
+_GENERIC_ERRORS = {
+    "400": "unsupported_version (Creditflow-Version), idempotency_key_mismatch (header and body key differ).",
+    "401": "unauthorized: no API key, or an unknown or revoked one.",
+    "403": "forbidden / insufficient_scope: the key may not do this, or not on this account.",
+    "404": "unknown_account / unknown_<thing> / not_found: an id the request names does not exist, or not for "
+           "this key.",
+    "413": "request_too_large: the body is over 4 MiB.",
+    "422": "validation_error / invalid_id: a field, parameter or id is not acceptable (param names it), or the body "
+           "is not one JSON object (malformed, duplicate keys, too deep, a number too long).",
+    "503": "database_unavailable / workflow_unavailable: retry the same request after Retry-After.",
+}
 _VERSION_HEADER = {"Creditflow-Version": {"description": "The API version this answer was given in.",
                                           "schema": {"type": "string"}}}
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying the same request.",
@@ -95,6 +108,19 @@ class _DecimalStringJsonSchema(_ExactJsonSchema):
         return {**self._one(super(_ExactJsonSchema, self).decimal_schema(schema), "string"), "format": "decimal"}
 
 
+_NAMING_FIELDS = {"account_id", "customer_id", "from_account_id", "purchase_transaction_id", "payment_method_id",
+                  "package_id", "feature_id"}
+
+
+def _names_something(operation: dict[str, Any], components: dict[str, Any]) -> bool:
+    """Whether the operation names something that may not exist (a path id, an account, a feature...): a 404."""
+    if any(p["in"] == "path" or p["name"] in _NAMING_FIELDS for p in operation.get("parameters", [])):
+        return True
+    schema = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+    body = components.get(schema.get("$ref", "").rsplit("/", 1)[-1], {})
+    return bool(_NAMING_FIELDS & set(body.get("properties", {})))
+
+
 def _own_body(response: dict[str, Any]) -> bool:
     """An error status whose route declares its own model (``/readyz``'s 503 says what failed); every other one
     answers the error object (FastAPI's 422 ``HTTPValidationError`` is never sent)."""
@@ -128,6 +154,15 @@ def build_openapi(app: FastAPI, version: str = DEFAULT_VERSION) -> dict[str, Any
                     response["content"] = _ERROR_CONTENT
                     if status == "503":
                         response["headers"] = dict(_RETRY_AFTER)
+            for status, description in _GENERIC_ERRORS.items():
+                if status in responses or (status in ("401", "403") and not operation.get("security")) or (
+                        status == "413" and "requestBody" not in operation) or (
+                        status == "503" and path == "/healthz") or (
+                        status == "404" and not _names_something(operation, components)):
+                    continue
+                responses[status] = {"description": description, "content": _ERROR_CONTENT}
+                if status == "503":
+                    responses[status]["headers"] = dict(_RETRY_AFTER)
             responses.setdefault("4XX", {"description": "A refusal: nothing was changed.", "content": _ERROR_CONTENT})
             responses.setdefault("5XX", {"description": "503: the database or Temporal is unreachable (retry the "
                                                         "same request after Retry-After); 500: a bug, logged with "
@@ -213,6 +248,17 @@ LINKS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
     ("organizations.create_organization", "201"): {
         "GetOrganization": {"operationId": "organizations.get_organization",
                             "parameters": {"path.organization_id": "$response.body#/id"}},
+        "CreateOrganizationKey": {"operationId": "organizations.create_organization_key",
+                                  "parameters": {"path.organization_id": "$response.body#/id"}},
+        "OrganizationKeys": {"operationId": "organizations.get_organization_keys",
+                             "parameters": {"path.organization_id": "$response.body#/id"}},
+        "Transfers": {"operationId": "organizations.list_transfers",
+                      "parameters": {"path.organization_id": "$response.body#/id"}},
+    },
+    ("organizations.create_organization_key", "201"): {
+        "RevokeOrganizationKey": {"operationId": "organizations.delete_organization_key",
+                                  "parameters": {"path.organization_id": "$request.path.organization_id",
+                                                 "path.key_id": "$response.body#/id"}},
     },
 }
 

@@ -143,6 +143,7 @@ class SubscriptionPreview(BaseModel):
 
 @router.get("/subscription/preview", response_model=SubscriptionPreview, response_class=ExactJSONResponse,
             responses={404: {"description": "unknown_account"},
+                       409: {"description": "no_subscription (cancelling without a plan)"},
                        422: {"description": "unknown_plan / validation_error (an immediate change to the same plan, "
                                             "or an immediate cancel)"}})
 async def preview_subscription(principal: Reader, pool: Pool, catalog: Catalog,
