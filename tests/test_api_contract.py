@@ -150,3 +150,16 @@ async def test_an_agents_trail_pages_with_cursors(api: httpx.AsyncClient, relay:
     assert ([e["id"] for e in back["items"]], back["has_more"]) == (ids[1:3], True)
     both = await api.get(f"{trail}&starting_after={ids[0]}&ending_before={ids[3]}")
     assert assert_error(both, 422, "validation_error")["param"] == "ending_before"
+
+
+def test_duplicate_paths_are_marked_deprecated_and_the_names_to_use_are_not() -> None:
+    paths = _document()["paths"]
+    aliases = [("get", "/api/v1/billing/wallet"), ("get", "/api/v1/billing/wallet/auto-reload"),
+               ("put", "/api/v1/billing/wallet/auto-reload"), ("post", "/api/v1/billing/auto-recharge"),
+               ("post", "/api/v1/billing/limits"), ("post", "/api/v1/billing/alerts"),
+               ("post", "/api/v1/billing/checkout")]
+    names = [("get", "/api/v1/billing/balance"), ("get", "/api/v1/billing/auto-recharge"),
+             ("put", "/api/v1/billing/auto-recharge"), ("put", "/api/v1/billing/limits"),
+             ("put", "/api/v1/billing/alerts"), ("post", "/api/v1/checkout/sessions")]
+    assert [(m, p) for m, p in aliases if not paths[p][m].get("deprecated")] == []
+    assert [(m, p) for m, p in names if paths[p][m].get("deprecated")] == []
