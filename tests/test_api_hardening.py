@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import schemathesis
 
 from creditflow.api.app import create_app
 from creditflow.config import Settings
@@ -227,6 +228,9 @@ async def test_worker_down_gives_202_pending_or_a_retryable_503(temporal_setting
         refund = await api.post("/api/v1/billing/refunds", json={
             "account_id": acc, "payment_intent_id": "pi_123", "request_id": "rf-1"})
         assert refund.status_code == 202 and refund.json()["status"] == "pending", refund.text
+        document = schemathesis.openapi.from_dict((await api.get("/openapi.json")).json())
+        for answer in (topup, refund):  # the pending bodies are the ones the OpenAPI declares for 202
+            document.find_operation_by_path("POST", answer.request.url.path).validate_response(answer)
         pause = await api.post("/api/v1/agents/bot/pause", json={"account_id": acc})
         error = assert_error(pause, 503, "workflow_unavailable")
         assert pause.headers["retry-after"] == "1" and error["type"] == "api_error"

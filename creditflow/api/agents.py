@@ -178,14 +178,29 @@ async def get_agent(agent_id: str, principal: Reader, pool: Pool, account_id: Ac
     return respond(view(await agents.get_agent(pool, target_account(principal, account_id), agent_id)))
 
 
-@router.get("/{agent_id}/events", response_class=ExactJSONResponse)
-async def agent_events(agent_id: str, principal: Reader, pool: Pool, account_id: AccountQuery = None
-                       ) -> ExactJSONResponse:
-    """The agent's audit trail: every pause and resume, who asked and why, oldest first."""
+class AgentEventList(BaseModel):
+    items: list[agents.AgentEvent]
+    has_more: bool = Field(description="More events beyond this page in the paging direction.")
+
+
+EventCursor = Annotated[int | None, Query(ge=0, le=2**63 - 1, description="An event id of this trail.")]
+
+
+@router.get("/{agent_id}/events", response_model=AgentEventList, response_class=ExactJSONResponse)
+async def agent_events(agent_id: str, principal: Reader, pool: Pool, account_id: AccountQuery = None,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 100, starting_after: EventCursor = None,
+                       ending_before: EventCursor = None) -> ExactJSONResponse:
+    """The agent's audit trail: every pause and resume, who asked and why, oldest first. Pages with ``limit``,
+    ``starting_after`` (the next, newer events) / ``ending_before`` (the previous ones) and ``has_more``."""
+    if starting_after is not None and ending_before is not None:
+        raise CreditflowError("validation_error", "starting_after and ending_before exclude each other",
+                              param="ending_before")
     account = target_account(principal, account_id)
     await agents.get_agent(pool, account, agent_id)
-    events = await agents.agent_events(pool, account, agent_id)
-    return respond({"items": [e.model_dump(mode="json") for e in events]})
+    events = await agents.agent_events(pool, account, agent_id, limit + 1, starting_after, ending_before)
+    has_more = len(events) > limit
+    page = (events[1:] if ending_before is not None else events[:limit]) if has_more else events
+    return respond({"items": [e.model_dump(mode="json") for e in page], "has_more": has_more})
 
 
 @router.patch("/{agent_id}", response_model=AgentView, response_class=ExactJSONResponse, responses=_STATUS_ERRORS)

@@ -173,11 +173,11 @@ async def create_checkout_session(req: CheckoutSessionCreate, principal: Creator
 
 
 @router.post("/billing/checkout", response_model=CheckoutSessionOut, status_code=201,
-             response_class=ExactJSONResponse, responses=_CREATE_RESPONSES)
+             response_class=ExactJSONResponse, responses=_CREATE_RESPONSES, deprecated=True)
 async def create_billing_checkout(req: CheckoutSessionCreate, principal: Creator, pool: Pool, settings: AppSettings,
                                   request: Request, key: IdempotencyKey = None) -> ExactJSONResponse:
     """Seed 000's name for ``POST /checkout/sessions`` (the same operation; ``session_id`` and ``checkout_url`` in
-    the answer)."""
+    the answer): kept working, deprecated (one path per thing)."""
     return await _create(req, principal, pool, settings, request, key)
 
 

@@ -95,7 +95,20 @@ async def entitled(req: EntitledRequest, principal: Reader, pool: Pool) -> Exact
     ).model_dump(exclude_none=True))
 
 
-@router.post("/event", response_class=ExactJSONResponse,
+class EventResponse(BaseModel):
+    customer_id: str
+    feature_id: str
+    allowed: bool
+    code: str
+    credits_charged: Decimal
+    idempotency_key: str
+    replayed: bool
+    balance: Decimal | None = None
+    message: str | None = Field(default=None, description="Set when recorded.")
+    event_id: str | None = Field(default=None, description="The ledger transaction, when recorded.")
+
+
+@router.post("/event", response_model=EventResponse, response_class=ExactJSONResponse,
              responses={402: {"description": "insufficient_credits (nothing recorded)"},
                         404: {"description": "unknown_feature / unknown_account"}})
 async def event(req: EventRequest, principal: Writer, pool: Pool,

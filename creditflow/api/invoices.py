@@ -277,7 +277,13 @@ async def set_tax_registration_status(registration_id: str, req: TaxRegistration
                                                              req.status))
 
 
-@router.delete("/tax-registrations/{registration_id}", response_class=ExactJSONResponse, responses=_ERRORS)
+class Deleted(BaseModel):
+    id: str
+    deleted: bool
+
+
+@router.delete("/tax-registrations/{registration_id}", response_model=Deleted, response_class=ExactJSONResponse,
+               responses=_ERRORS)
 async def delete_tax_registration(registration_id: str, principal: Writer, pool: Pool,
                                   account_id: AccountQuery = None) -> ExactJSONResponse:
     """Remove a registration; invoices already issued keep printing it."""
@@ -312,7 +318,8 @@ async def list_invoices(principal: Reader, pool: Pool, account_id: AccountQuery 
 
 
 @router.post("/invoices/{invoice_id}/pay", response_model=InvoiceOut, response_class=ExactJSONResponse,
-             responses={**_ERRORS, 202: {"description": "not decided yet: the charge goes on; read the invoice later"},
+             responses={**_ERRORS, 202: {"model": InvoiceOut,
+                                         "description": "not decided yet: the charge goes on; read the invoice later"},
                         402: {"description": "card_declined / authentication_required / no_payment_method"},
                         409: {"description": "invoice_not_payable (void, refunded or disputed)"}})
 async def pay_invoice(invoice_id: str, req: PayInvoiceRequest, principal: Payer, pool: Pool, request: Request,

@@ -177,10 +177,16 @@ async def revoke_key(pool: AsyncConnectionPool, account_id: str, key_id: str, ca
     return ApiKey(**_key_fields(row))
 
 
-async def list_organization_keys(pool: AsyncConnectionPool, organization_id: str) -> list[ApiKey]:
+async def list_organization_keys(pool: AsyncConnectionPool, organization_id: str, *, limit: int | None = None,
+                                 cursor: Cursor | None = None) -> list[ApiKey]:
+    """The organization's keys, revoked ones included, newest first (as an account's)."""
     async with pool.connection() as conn:
-        rows = await (await conn.execute("SELECT * FROM api_keys WHERE organization_id = %s ORDER BY created_at",
-                                         (organization_id,))).fetchall()
+        where, params, order, reverse = await keyset(conn, "api_keys", organization_id, cursor, owner="organization_id")
+        rows = await (await conn.execute(sql.SQL(
+            "SELECT * FROM api_keys WHERE organization_id = %s AND {} ORDER BY {} LIMIT %s").format(where, order),
+            (organization_id, *params, limit))).fetchall()
+    if reverse:
+        rows.reverse()
     return [ApiKey(**_key_fields(r)) for r in rows]
 
 

@@ -49,15 +49,30 @@ _VERSION_PARAMETER = {"name": "Creditflow-Version", "in": "header", "required": 
                                      "document describes the one version its enum names; others: "
                                      + ", ".join(SUPPORTED_VERSIONS) + ").",
                       "schema": {"type": "string"}}
+# The statuses every operation can answer whatever it does (the middlewares' and the key check's), declared on each
+# beside the ones its route names: 401/403 on operations that take a key, 413 on those that take a body.
+_GENERIC_ERRORS = {
+    "400": "unsupported_version (Creditflow-Version), idempotency_key_mismatch (header and body key differ).",
+    "401": "unauthorized: no API key, or an unknown or revoked one.",
+    "403": "forbidden / insufficient_scope: the key may not do this, or not on this account.",
+    "404": "unknown_account / unknown_<thing> / not_found: an id the request names does not exist, or not for "
+           "this key.",
+    "413": "request_too_large: the body is over 4 MiB.",
+    "422": "validation_error / invalid_id: a field, parameter or id is not acceptable (param names it), or the body "
+           "is not one JSON object (malformed, duplicate keys, too deep, a number too long).",
+    "503": "database_unavailable / workflow_unavailable: retry the same request after Retry-After.",
+}
 _VERSION_HEADER = {"Creditflow-Version": {"description": "The API version this answer was given in.",
                                           "schema": {"type": "string"}}}
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying the same request.",
                                 "schema": {"type": "integer"}}}
 
 
-def _operation_id(tag: str, operation: dict[str, Any]) -> str:
-    """``<tag>.<function name>``: FastAPI's id starts with the function name, followed by the path and method."""
-    function = operation["operationId"].split("_api_v1_")[0].split("_stripe_")[0].split("_healthz")[0]
+def _operation_id(tag: str, operation: dict[str, Any], path: str, method: str) -> str:
+    """``<tag>.<function name>``: FastAPI's id is the function name followed by the path and the method, each
+    character that is not a word character made ``_`` (``readyz_readyz_get``)."""
+    generated, suffix = operation["operationId"], re.sub(r"\W", "_", path) + f"_{method}"
+    function = generated.removesuffix(suffix)
     tag = re.sub(r"[^a-z0-9]+", "_", tag.lower()).strip("_")
     return f"{tag}.{function}"
 
@@ -93,6 +108,26 @@ class _DecimalStringJsonSchema(_ExactJsonSchema):
         return {**self._one(super(_ExactJsonSchema, self).decimal_schema(schema), "string"), "format": "decimal"}
 
 
+_NAMING_FIELDS = {"account_id", "customer_id", "from_account_id", "purchase_transaction_id", "payment_method_id",
+                  "package_id", "feature_id"}
+
+
+def _names_something(operation: dict[str, Any], components: dict[str, Any]) -> bool:
+    """Whether the operation names something that may not exist (a path id, an account, a feature...): a 404."""
+    if any(p["in"] == "path" or p["name"] in _NAMING_FIELDS for p in operation.get("parameters", [])):
+        return True
+    schema = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+    body = components.get(schema.get("$ref", "").rsplit("/", 1)[-1], {})
+    return bool(_NAMING_FIELDS & set(body.get("properties", {})))
+
+
+def _own_body(response: dict[str, Any]) -> bool:
+    """An error status whose route declares its own model (``/readyz``'s 503 says what failed); every other one
+    answers the error object (FastAPI's 422 ``HTTPValidationError`` is never sent)."""
+    ref = response.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
+    return bool(ref) and not ref.endswith("/HTTPValidationError")
+
+
 def build_openapi(app: FastAPI, version: str = DEFAULT_VERSION) -> dict[str, Any]:
     """The document of one API version: the versions differ only in how amounts are typed."""
     original = fastapi_pydantic.GenerateJsonSchema
@@ -111,14 +146,23 @@ def build_openapi(app: FastAPI, version: str = DEFAULT_VERSION) -> dict[str, Any
     components.pop("ValidationError", None)
     _add_webhooks(schema, components)
     seen: set[str] = set()
-    for methods in schema.get("paths", {}).values():
+    for path, methods in schema.get("paths", {}).items():
         for method, operation in methods.items():
             responses = operation.setdefault("responses", {})
             for status, response in list(responses.items()):
-                if status[0] in "45":
+                if status[0] in "45" and not _own_body(response):
                     response["content"] = _ERROR_CONTENT
                     if status == "503":
                         response["headers"] = dict(_RETRY_AFTER)
+            for status, description in _GENERIC_ERRORS.items():
+                if status in responses or (status in ("401", "403") and not operation.get("security")) or (
+                        status == "413" and "requestBody" not in operation) or (
+                        status == "503" and path == "/healthz") or (
+                        status == "404" and not _names_something(operation, components)):
+                    continue
+                responses[status] = {"description": description, "content": _ERROR_CONTENT}
+                if status == "503":
+                    responses[status]["headers"] = dict(_RETRY_AFTER)
             responses.setdefault("4XX", {"description": "A refusal: nothing was changed.", "content": _ERROR_CONTENT})
             responses.setdefault("5XX", {"description": "503: the database or Temporal is unreachable (retry the "
                                                         "same request after Retry-After); 500: a bug, logged with "
@@ -129,7 +173,7 @@ def build_openapi(app: FastAPI, version: str = DEFAULT_VERSION) -> dict[str, Any
             for response in responses.values():
                 response["headers"] = {**response.get("headers", {}), **_VERSION_HEADER}
             tag = (operation.get("tags") or ["ops"])[0]
-            operation_id = _operation_id(tag, operation)
+            operation_id = _operation_id(tag, operation, path, method)
             if operation_id in seen:
                 operation_id = f"{operation_id}_{method}"
             seen.add(operation_id)
@@ -204,6 +248,17 @@ LINKS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
     ("organizations.create_organization", "201"): {
         "GetOrganization": {"operationId": "organizations.get_organization",
                             "parameters": {"path.organization_id": "$response.body#/id"}},
+        "CreateOrganizationKey": {"operationId": "organizations.create_organization_key",
+                                  "parameters": {"path.organization_id": "$response.body#/id"}},
+        "OrganizationKeys": {"operationId": "organizations.get_organization_keys",
+                             "parameters": {"path.organization_id": "$response.body#/id"}},
+        "Transfers": {"operationId": "organizations.list_transfers",
+                      "parameters": {"path.organization_id": "$response.body#/id"}},
+    },
+    ("organizations.create_organization_key", "201"): {
+        "RevokeOrganizationKey": {"operationId": "organizations.delete_organization_key",
+                                  "parameters": {"path.organization_id": "$request.path.organization_id",
+                                                 "path.key_id": "$response.body#/id"}},
     },
 }
 

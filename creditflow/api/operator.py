@@ -6,7 +6,7 @@ history|show``, ``agents list|events`` and ``charges``. Each answer is exactly w
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from psycopg_pool import AsyncConnectionPool
@@ -18,12 +18,15 @@ from creditflow.ids import check_id, check_token
 from creditflow.ledger import lookup
 
 router = APIRouter(prefix="/api/v1/operator", tags=["operations"], route_class=ExactRoute)
+# The answers are the CLI's --json documents (creditflow/ledger/lookup.py): declared as JSON objects (arrays for the
+# agents), not field by field; the customer-facing routes (transactions, agents, top-ups) are the typed ones.
+CliAnswer = dict[str, Any]
 
 Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 
 
-@router.get("/accounts/{account_id}/transactions", response_class=ExactJSONResponse)
+@router.get("/accounts/{account_id}/transactions", response_model=CliAnswer, response_class=ExactJSONResponse)
 async def history(account_id: str, principal: Admin, pool: Pool, type: str | None = None,
                   feature: str | None = None, agent: str | None = None, since: datetime | None = None,
                   until: datetime | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 20
@@ -34,7 +37,7 @@ async def history(account_id: str, principal: Admin, pool: Pool, type: str | Non
                                         until=until, limit=limit))
 
 
-@router.get("/transactions/{txn}", response_class=ExactJSONResponse)
+@router.get("/transactions/{txn}", response_model=CliAnswer, response_class=ExactJSONResponse)
 async def transaction(txn: str, principal: Admin, pool: Pool, account_id: str | None = None) -> ExactJSONResponse:
     """One transaction in full, with its rate version and cause (usage rows need ``account_id``)."""
     if account_id is not None:
@@ -42,20 +45,21 @@ async def transaction(txn: str, principal: Admin, pool: Pool, account_id: str | 
     return respond(await lookup.transaction(pool, txn, account_id))
 
 
-@router.get("/accounts/{account_id}/charges", response_class=ExactJSONResponse)
+@router.get("/accounts/{account_id}/charges", response_model=CliAnswer, response_class=ExactJSONResponse)
 async def charges(account_id: str, principal: Admin, pool: Pool, kind: str | None = None,
                   limit: Annotated[int, Query(ge=1, le=500)] = 20) -> ExactJSONResponse:
     check_id(account_id, "acc", "account_id")
     return respond(await lookup.charges(pool, account_id, kind, limit))
 
 
-@router.get("/accounts/{account_id}/agents", response_class=ExactJSONResponse)
+@router.get("/accounts/{account_id}/agents", response_model=list[CliAnswer], response_class=ExactJSONResponse)
 async def agents(account_id: str, principal: Admin, pool: Pool) -> ExactJSONResponse:
     check_id(account_id, "acc", "account_id")
     return respond(await lookup.agents_of(pool, account_id))
 
 
-@router.get("/accounts/{account_id}/agents/{agent_id}/events", response_class=ExactJSONResponse)
+@router.get("/accounts/{account_id}/agents/{agent_id}/events", response_model=CliAnswer,
+            response_class=ExactJSONResponse)
 async def agent_events(account_id: str, agent_id: str, principal: Admin, pool: Pool,
                        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ExactJSONResponse:
     check_id(account_id, "acc", "account_id")

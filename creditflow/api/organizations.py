@@ -12,8 +12,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 from psycopg_pool import AsyncConnectionPool
-from pydantic import Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 
+from creditflow.api.accounts import ApiKeyList
+from creditflow.api.conventions import EndingBefore, IdempotencyKey, StartingAfter, idempotency_key, page_of
 from creditflow.api.deps import get_key_cache, get_pool, require
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import (
@@ -32,6 +34,7 @@ from creditflow.domain.money import AmountError, validate_whole_credits
 from creditflow.errors import CreditflowError
 from creditflow.ids import check_id
 from creditflow.ledger import transfers
+from creditflow.ledger.pagination import Cursor
 from creditflow.ledger.transfers import Organization, Transfer
 
 router = APIRouter(prefix="/api/v1/organizations", tags=["organizations"], route_class=ExactRoute)
@@ -63,7 +66,7 @@ class TransferCreate(Strict):
     from_account_id: str
     to_account_id: str
     amount: Amount = Field(description="Whole credits to move (> 0).")
-    idempotency_key: Token
+    idempotency_key: Token | None = Field(default=None, description="Or the Idempotency-Key header (one of them).")
     description: Annotated[Text, StringConstraints(max_length=500, strip_whitespace=True)] = ""
 
 
@@ -113,11 +116,17 @@ async def create_organization_key(organization_id: str, req: OrganizationKeyCrea
                                     name=req.name), 201)
 
 
-@router.get("/{organization_id}/api-keys", response_model=list[ApiKey], response_class=ExactJSONResponse)
-async def get_organization_keys(organization_id: str, principal: Admin, pool: Pool) -> ExactJSONResponse:
+@router.get("/{organization_id}/api-keys", response_model=ApiKeyList, response_class=ExactJSONResponse)
+async def get_organization_keys(organization_id: str, principal: Admin, pool: Pool,
+                                limit: Annotated[int, Query(ge=1, le=500)] = 50, starting_after: StartingAfter = None,
+                                ending_before: EndingBefore = None) -> ExactJSONResponse:
+    """The organization's keys (revoked ones too), newest first; pages with ``starting_after`` / ``ending_before``."""
     organization_id = _own(principal, organization_id)
     await transfers.get_organization(pool, organization_id)
-    return respond({"items": await list_organization_keys(pool, organization_id)})
+    cursor = Cursor(starting_after, ending_before)
+    keys, has_more = page_of(await list_organization_keys(pool, organization_id, limit=limit + 1, cursor=cursor),
+                             limit, cursor)
+    return respond({"items": keys, "has_more": has_more})
 
 
 @router.delete("/{organization_id}/api-keys/{key_id}", response_model=ApiKey, response_class=ExactJSONResponse)
@@ -131,11 +140,13 @@ async def delete_organization_key(organization_id: str, key_id: str, principal: 
 
 @router.post("/{organization_id}/transfers", response_model=Transfer, status_code=201,
              response_class=ExactJSONResponse,
-             responses={402: {"description": "insufficient_credits (nothing moved)"},
+             responses={200: {"model": Transfer, "description": "a replay (same key, same request): the first "
+                                                                 "transfer, `replayed: true`; nothing moved"},
+                        402: {"description": "insufficient_credits (nothing moved)"},
                         403: {"description": "forbidden: an account outside this organization"},
                         409: {"description": "idempotency_conflict"}})
-async def create_transfer(organization_id: str, req: TransferCreate, principal: Mover, pool: Pool
-                          ) -> ExactJSONResponse:
+async def create_transfer(organization_id: str, req: TransferCreate, principal: Mover, pool: Pool,
+                          key: IdempotencyKey = None) -> ExactJSONResponse:
     """Move credits from one workspace to another, both legs in one transaction, once per ``idempotency_key``
     (a repeat answers the first transfer with ``replayed: true``). The moved credits keep their source, price,
     expiry and refundability (one new lot per source lot, linked to it); plan credits do not move."""
@@ -148,18 +159,28 @@ async def create_transfer(organization_id: str, req: TransferCreate, principal: 
         raise CreditflowError(exc.code, str(exc)) from exc
     result = await transfers.transfer(pool, organization_id=organization_id, from_account_id=from_id,
                                       to_account_id=to_id, amount_credits=amount,
-                                      idempotency_key=req.idempotency_key, description=req.description,
+                                      idempotency_key=idempotency_key(key, req.idempotency_key),
+                                      description=req.description,
                                       requested_by=principal.key_id)
     return respond(result, 200 if result.replayed else 201)
 
 
-@router.get("/{organization_id}/transfers", response_model=list[Transfer], response_class=ExactJSONResponse)
+class TransferList(BaseModel):
+    items: list[Transfer]
+    has_more: bool = Field(description="More items beyond this page in the paging direction.")
+
+
+@router.get("/{organization_id}/transfers", response_model=TransferList, response_class=ExactJSONResponse)
 async def list_transfers(organization_id: str, principal: Reader, pool: Pool,
-                         account_id: str | None = None,
-                         limit: Annotated[int, Query(ge=1, le=500)] = 50) -> ExactJSONResponse:
-    """The organization's transfers, newest first; ``account_id``: those one workspace sent or received."""
+                         account_id: str | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                         starting_after: StartingAfter = None, ending_before: EndingBefore = None
+                         ) -> ExactJSONResponse:
+    """The organization's transfers, newest first; ``account_id``: those one workspace sent or received. Pages with
+    ``starting_after`` / ``ending_before`` (a transfer id) and ``has_more``."""
     organization_id = _own(principal, organization_id)
     if account_id is not None:
         check_id(account_id, "acc", "account_id")
-    return respond({"items": await transfers.list_transfers(pool, organization_id, account_id=account_id,
-                                                            limit=limit)})
+    cursor = Cursor(starting_after, ending_before)
+    items, has_more = page_of(await transfers.list_transfers(pool, organization_id, account_id=account_id,
+                                                             limit=limit + 1, cursor=cursor), limit, cursor)
+    return respond({"items": items, "has_more": has_more})

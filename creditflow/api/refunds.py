@@ -64,6 +64,7 @@ class RefundResponse(BaseModel):
     payment_intent_id: str | None = None
     stripe_refund_id: str | None = None
     balance: Decimal | None = None
+    workflow_id: str | None = Field(default=None, description="Set on a 202 answered before the workflow decided.")
     credit_system: str | None = Field(default=None, description="The named credit system the refunded top-up "
                                                                 "funded; `balance` is that system's. Absent for the "
                                                                 "wallet.")
@@ -108,7 +109,8 @@ def _body(outcome: RefundOutcome) -> dict[str, object]:
 
 
 @router.post("/refunds", response_model=RefundResponse, response_class=ExactJSONResponse,
-             responses={202: {"description": "not decided within the wait, or Stripe has not settled the refund "
+             responses={202: {"model": RefundResponse,
+                              "description": "not decided within the wait, or Stripe has not settled the refund "
                                              "(credits stay reserved): `status: pending`; repeat the request"},
                         403: {"description": "forbidden (an admin-only reason with an account key)"},
                         404: {"description": "unknown_purchase / unknown_account"},

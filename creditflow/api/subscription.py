@@ -143,6 +143,7 @@ class SubscriptionPreview(BaseModel):
 
 @router.get("/subscription/preview", response_model=SubscriptionPreview, response_class=ExactJSONResponse,
             responses={404: {"description": "unknown_account"},
+                       409: {"description": "no_subscription (cancelling without a plan)"},
                        422: {"description": "unknown_plan / validation_error (an immediate change to the same plan, "
                                             "or an immediate cancel)"}})
 async def preview_subscription(principal: Reader, pool: Pool, catalog: Catalog,
@@ -195,12 +196,17 @@ def _charge_view(charge: subscriptions.RecurringCharge) -> RecurringChargeView:
                                created_at=charge.created_at)
 
 
-@router.get("/recurring-charges", response_class=ExactJSONResponse)
+class RecurringChargeList(BaseModel):
+    items: list[RecurringChargeView]
+    has_more: bool = Field(default=False, description="Always false: an account's recurring charges are one page.")
+
+
+@router.get("/recurring-charges", response_model=RecurringChargeList, response_class=ExactJSONResponse)
 async def list_recurring_charges(principal: Reader, pool: Pool, account_id: AccountQuery = None
                                  ) -> ExactJSONResponse:
     """Charges billed on every invoice (e.g. phone-number rental)."""
     items = await subscriptions.list_recurring(pool, target_account(principal, account_id))
-    return respond({"items": [_charge_view(c) for c in items]})
+    return respond({"items": [_charge_view(c) for c in items], "has_more": False})
 
 
 @router.post("/recurring-charges", response_model=RecurringChargeView, response_class=ExactJSONResponse,

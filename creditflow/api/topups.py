@@ -94,6 +94,12 @@ class TopUpResponse(BaseModel):
                                                                 "that system's. Absent for the wallet.")
 
 
+class PendingTopUp(BaseModel):
+    status: str = Field(description="pending: the workflow has the request and goes on; repeat it (same key)")
+    request_id: str
+    workflow_id: str
+
+
 class TopUpItem(BaseModel):
     id: str
     request_id: str
@@ -133,7 +139,8 @@ def _body(outcome: TopUpOutcome, credit_system: str | None = None) -> dict[str, 
 
 
 @router.post("/topup", response_model=TopUpResponse, response_class=ExactJSONResponse,
-             responses={202: {"description": "not decided within the wait: `status: pending`; repeat the request"},
+             responses={202: {"model": PendingTopUp,
+                              "description": "not decided within the wait: `status: pending`; repeat the request"},
                         402: {"description": "card_declined (`details.decline_code`); nothing credited"},
                         404: {"description": "unknown_payment_method / unknown_account"},
                         409: {"description": "idempotency_conflict (request_id used for another top-up)"},

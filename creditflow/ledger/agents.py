@@ -191,14 +191,19 @@ async def set_status(pool: AsyncConnectionPool, account_id: str, agent_id: str, 
     return await get_agent(pool, account_id, agent_id), int(event["id"])
 
 
-async def agent_events(pool: AsyncConnectionPool, account_id: str, agent_id: str, limit: int = 100
-                       ) -> list[AgentEvent]:
-    """The agent's audit trail, oldest first."""
+async def agent_events(pool: AsyncConnectionPool, account_id: str, agent_id: str, limit: int = 100,
+                       starting_after: int | None = None, ending_before: int | None = None) -> list[AgentEvent]:
+    """The agent's audit trail, oldest first: ``limit`` events after ``starting_after`` (an event id), or the last
+    ``limit`` before ``ending_before``."""
+    before = ending_before is not None
     async with pool.connection() as conn:
         rows = await (await conn.execute(
             "SELECT id, agent_id, action, actor, reason, created_at FROM agent_events"
-            " WHERE account_id = %s AND agent_id = %s ORDER BY id LIMIT %s", (account_id, agent_id, limit))
-        ).fetchall()
+            " WHERE account_id = %s AND agent_id = %s AND id > %s AND id < %s"
+            f" ORDER BY id {'DESC' if before else 'ASC'} LIMIT %s",
+            (account_id, agent_id, starting_after or 0, ending_before if before else 2**63 - 1, limit))).fetchall()
+    if before:
+        rows.reverse()
     return [AgentEvent(**row) for row in rows]
 
 

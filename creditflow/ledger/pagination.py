@@ -28,10 +28,11 @@ class Cursor:
 
 async def keyset(conn: AsyncConnection, table: str, account_id: str | None, cursor: Cursor | None, *,
                  time: str = "created_at", tiebreak: str = "id", key: Callable[[str], object] | None = None,
-                 ) -> tuple[sql.Composable, tuple[object, ...], sql.Composable, bool]:
+                 owner: str = "account_id") -> tuple[sql.Composable, tuple[object, ...], sql.Composable, bool]:
     """(condition to AND into the WHERE clause, its parameters, ORDER BY, whether to reverse the fetched rows).
 
-    ``account_id`` None: a list that is not one account's (accounts, reconciliation runs), any row is a cursor.
+    ``account_id`` None: a list that is not one account's (accounts, reconciliation runs), any row is a cursor;
+    ``owner`` names the column ``account_id`` is compared with (``organization_id`` for an organization's lists).
     Lists ordered otherwise name their columns: ``time`` (``issued_at``, ``started_at``), ``tiebreak`` (the
     journal's ``seq``); the cursor is always looked up by the ``id`` column, ``key`` turning the public id into
     the stored one (``txn_<hex>`` to the journal's uuid); a cursor ``key`` cannot read is not an item either."""
@@ -47,9 +48,10 @@ async def keyset(conn: AsyncConnection, table: str, account_id: str | None, curs
             stored = key(given)
         except ValueError:
             stored = None
-    owner = sql.SQL("account_id = %s" if account_id is not None else "%s::text IS NULL")
+    owned = (sql.SQL("{} = %s").format(sql.Identifier(owner)) if account_id is not None
+             else sql.SQL("%s::text IS NULL"))
     row = None if stored is None else await (await conn.execute(
-        sql.SQL("SELECT {} AS t, {} AS b FROM {} WHERE {} AND id = %s").format(t, b, sql.Identifier(table), owner),
+        sql.SQL("SELECT {} AS t, {} AS b FROM {} WHERE {} AND id = %s").format(t, b, sql.Identifier(table), owned),
         (account_id, stored))).fetchone()
     if row is None:
         raise CreditflowError("validation_error", f"{name} is not an item of this list", param=name)

@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
@@ -20,6 +21,7 @@ from creditflow.errors import CreditflowError
 from creditflow.ids import new_id
 from creditflow.ledger.idempotency import request_hash
 from creditflow.ledger.models import txn_id
+from creditflow.ledger.pagination import Cursor, keyset
 
 # Codes cf_transfer raises (the exception's message is the code).
 _SQL_CODES = frozenset({"invalid_amount", "same_account", "idempotency_conflict", "not_in_organization",
@@ -137,22 +139,28 @@ _MESSAGES = {
 
 
 async def list_transfers(pool: AsyncConnectionPool, organization_id: str, *, account_id: str | None = None,
-                         limit: int = 50) -> list[Transfer]:
-    """The organization's transfers, newest first (or those one workspace sent or received)."""
+                         limit: int = 50, cursor: Cursor | None = None) -> list[Transfer]:
+    """The organization's transfers, newest first (or those one workspace sent or received); ``cursor`` pages them
+    (a transfer of this organization)."""
     await get_organization(pool, organization_id)
     where = "t.organization_id = %s" + (" AND %s IN (t.from_account_id, t.to_account_id)" if account_id else "")
     params: tuple[Any, ...] = (organization_id, account_id) if account_id else (organization_id,)
-    return await _load(pool, where, params, limit=limit)
+    return await _load(pool, where, params, limit=limit, cursor=cursor, organization_id=organization_id)
 
 
-async def _load(pool: AsyncConnectionPool, where: str, params: tuple[Any, ...], limit: int = 50) -> list[Transfer]:
+async def _load(pool: AsyncConnectionPool, where: str, params: tuple[Any, ...], limit: int = 50,
+                cursor: Cursor | None = None, organization_id: str | None = None) -> list[Transfer]:
     async with pool.connection() as conn:
-        rows = await (await conn.execute(
+        page, page_params, order, reverse = await keyset(conn, "transfers", organization_id, cursor,
+                                                         owner="organization_id")
+        rows = await (await conn.execute(sql.SQL(
             "SELECT t.*, coalesce((SELECT jsonb_agg(jsonb_build_object('lot_id', l.id, 'from_lot_id', l.parent_lot_id,"
             "  'origin_lot_id', l.origin_lot_id, 'source', l.source, 'micros', l.original_micros,"
             "  'expires_at', l.expires_at) ORDER BY l.id) FROM credit_lots l WHERE l.transfer_id = t.id), '[]')"
-            " AS lots FROM transfers t WHERE " + where + " ORDER BY t.created_at DESC, t.id LIMIT %s",
-            (*params, limit))).fetchall()
+            " AS lots FROM transfers t WHERE " + where + " AND {} ORDER BY {} LIMIT %s").format(page, order),
+            (*params, *page_params, limit))).fetchall()
+    if reverse:
+        rows.reverse()
     return [Transfer(
         id=r["id"], organization_id=r["organization_id"], from_account_id=r["from_account_id"],
         to_account_id=r["to_account_id"], amount=micros_to_credits(r["amount_micros"]), description=r["description"],

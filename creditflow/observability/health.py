@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
 
 from creditflow.observability.metrics import api_registry, exposition
 
@@ -49,7 +50,12 @@ async def _check(name: str, probe: Any, request: Request) -> tuple[str, str]:
     return name, "ok"
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: str = Field(description="ok, or unavailable (503)")
+    checks: dict[str, str] = Field(description="database and temporal: ok, or what failed")
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
 async def readyz(request: Request) -> JSONResponse:
     """Ready: the database and Temporal answer (503 with what failed otherwise)."""
     results = dict(await asyncio.gather(_check("database", _database, request),
