@@ -307,6 +307,47 @@ async def test_the_dev_demo_prints_a_portal_link_with_a_card_saved(settings: Set
             assert page.status_code == 200 and "•••• 4242 (default)" in page.text
 
 
+@pytest.mark.temporal
+async def test_the_dev_demos_portal_has_an_invoice_to_pay_now_and_a_paid_one_with_its_pdf(
+        temporal_settings: Settings, temporal_worker: Any, stripe_base: str) -> None:
+    """Issue 14's "Done means": the demo's portal link opens an account where Invoices can be tried: last month's
+    invoice is due (Pay now charges the demo card), the month before is paid (its PDF downloads); a rerun of the
+    demo issues no second pair."""
+    from rich.console import Console
+
+    from creditflow.embedded import DemoDriver
+    from tests.conftest import serve_app
+
+    async with serve_app(create_app(temporal_settings)) as base, httpx.AsyncClient(
+            base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as api:
+        for _ in range(2):  # the demo run again (it reuses its accounts): no second pair of invoices
+            out = io.StringIO()
+            driver = DemoDriver(base, ADMIN_KEY, Console(file=out, width=200), lambda: None, 3, "http://ui.test",
+                                stripe=(stripe_base, STRIPE_KEY), max_seconds=30, temporal=temporal_settings)
+            await asyncio.to_thread(driver.run)
+            link = re.search(r"Customer billing portal of Acme Support \(opens once, within minutes\): (\S+)",
+                             out.getvalue())
+            assert link, out.getvalue()
+        account = re.search(r"Acme Support\s+(acc_[0-9a-f]{32})", out.getvalue())
+        assert account
+        listed = (await api.get("/api/v1/billing/invoices", params={"account_id": account.group(1)})).json()
+        assert sorted((i["status"], i["amount_usd"]) for i in listed["items"]) == [("open", 49), ("paid", 49)]
+        [due] = [i for i in listed["items"] if i["payment_due"]]
+        [paid] = [i for i in listed["items"] if not i["payment_due"]]
+        async with httpx.AsyncClient(base_url=base, timeout=60) as browser:
+            assert (await browser.get(link.group(1))).status_code == 303
+            page = (await browser.get("/portal/invoices")).text
+            assert f'<tr id="due-{due["id"]}">' in page and "Pay now" in page
+            assert f'<tr id="inv-{paid["id"]}">' in page
+            pdf = await browser.get(f"/portal/invoices/{paid['id']}/pdf")
+            assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
+            pay = await browser.post("/portal/invoices/pay", data={"csrf_token": csrf_of(page),
+                                                                   "invoice_id": due["id"]})
+            assert (pay.status_code, pay.headers["location"]) == (303, "/portal/invoices?ok=paid"), pay.text
+        got = (await api.get(f"/api/v1/billing/invoices/{due['id']}", params={"account_id": account.group(1)}))
+        assert (got.json()["status"], got.json()["amount_usd"]) == ("paid", 49)
+
+
 async def test_auto_recharge_and_billing_details_forms_save_through_the_api(api: httpx.AsyncClient,
                                                                             sdk: stripe.StripeClient) -> None:
     account = await new_account(api)
