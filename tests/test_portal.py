@@ -348,6 +348,31 @@ async def test_the_dev_demos_portal_has_an_invoice_to_pay_now_and_a_paid_one_wit
         assert (got.json()["status"], got.json()["amount_usd"]) == ("paid", 49)
 
 
+@pytest.mark.temporal
+async def test_a_plan_change_at_the_next_renewal_is_saved_and_named_and_changes_nothing_now(
+        temporal_settings: Settings, temporal_worker: Any) -> None:
+    """Plan > At the next renewal: the API's change is made (pending), the current plan and its credits stay, and
+    the page says so by the plan's name (a redirect: reloading it sends nothing again)."""
+    async for _, api in _app_client(temporal_settings):
+        account = await new_account(api)
+        browser = await open_portal(api, account)
+        token = csrf_of((await browser.get("/portal/plan")).text)
+        subscribed = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "starter",
+                                                              "effective": "immediately"})
+        assert subscribed.status_code == 200 and 'id="current-plan">Starter<' in subscribed.text, subscribed.text
+        before = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
+        later = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "growth",
+                                                         "effective": "next_renewal"})
+        assert (later.status_code, later.headers["location"]) == (303, "/portal/plan?ok=plan"), later.text
+        current = (await api.get("/api/v1/billing/subscription", params={"account_id": account})).json()
+        assert (current["plan_id"], current["pending_plan_id"]) == ("starter", "growth")
+        after = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
+        assert (after["balance"], after["plan_credits_remaining"]) == (before["balance"], 5000)
+        page = (await browser.get(later.headers["location"])).text
+        assert '<p class="notice" role="status">Plan changed.</p>' in page
+        assert 'id="current-plan">Starter</strong>' in page and "From the next renewal: <strong>Growth</strong>" in page
+
+
 async def test_auto_recharge_and_billing_details_forms_save_through_the_api(api: httpx.AsyncClient,
                                                                             sdk: stripe.StripeClient) -> None:
     account = await new_account(api)

@@ -687,6 +687,8 @@ async def change_plan(ctx: Ctx) -> Response:
                                  pool=ctx.pool, catalog=ctx.request.app.state.plan_catalog, request=ctx.request)
     except (CreditflowError, ValidationError) as exc:
         return await fail(ctx, plan, exc)
+    if req.effective != "immediately":  # nothing prorated to show: back to the page (a reload sends nothing again)
+        return done("plan", "/portal/plan")
     # Shown once, right after the change: what the immediate change credited and charged (the API's answer).
     ctx.request.state.proration = changed.get("proration")
     shown = await plan(ctx)
