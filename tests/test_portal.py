@@ -439,6 +439,9 @@ async def test_tax_registrations_are_added_and_removed_on_the_details_page(api: 
                                                                                        "unverified")
     page = (await browser.get("/portal/details")).text
     assert "DE123456789" in page and '<span class="badge unverified">unverified</span>' in page
+    row = re.search(rf'<tr id="tax-{registration["id"]}">(.*?)</tr>', page, re.S)  # seed 002's columns, Id first
+    assert row and re.findall(r"<td[^>]*>([^<]+)<", row.group(1))[:4] == [
+        registration["id"], "DE", "European VAT number", "DE123456789"], row
     bad = await browser.post("/portal/details/tax-registrations", data={
         "csrf_token": token, "tax_country": "XX", "tax_description": "x", "tax_value": "1"})
     assert bad.status_code == 422
