@@ -206,6 +206,43 @@ async def test_every_form_needs_the_sessions_csrf_token(api: httpx.AsyncClient, 
     assert (await api.get("/api/v1/billing/limits", params={"account_id": account})).json()["daily_limit"] == 100
 
 
+async def test_every_portal_post_route_refuses_a_form_without_the_sessions_token(api: httpx.AsyncClient,
+                                                                                database_url: str) -> None:
+    """Every POST the portal has (read from its router, so a new form cannot be forgotten): no token, a wrong
+    one, or a JSON body: 403 and nothing changed; the session itself still works afterwards."""
+    from starlette.routing import Route
+
+    from creditflow.web.portal import router
+
+    routes = [r.path for r in router.routes
+              if isinstance(r, Route) and r.path.startswith("/portal") and "POST" in (r.methods or set())]
+    assert len(routes) == 17 and "/portal/buy" in routes and "/portal/logout" in routes, routes
+    posts = [p for p in routes if "{" not in p] + [f"/portal/agents/{a}" for a in ("pause", "resume", "settings")]
+    assert len(posts) == 19 and "/portal/agents/{action:str}" in routes
+    account = await new_account(api)
+    assert (await api.post("/api/v1/agents", json={"account_id": account, "id": "support-bot"})).status_code == 201
+    browser = await open_portal(api, account)
+    token = csrf_of((await browser.get("/portal")).text)
+
+    async def state() -> list[Any]:
+        return [(await api.get(f"/api/v1/{path}", params={"account_id": account})).json() for path in (
+            "billing/profile", "billing/limits", "billing/auto-recharge", "billing/subscription", "billing/alerts",
+            "billing/notification-channels", "agents/support-bot", "billing/payment-methods")]
+
+    before, settings_before = await ledger_snapshot(database_url), await state()
+    form = {"package_id": "starter", "payment_method_id": "new", "plan_id": "starter", "effective": "immediately",
+            "daily_limit": "1", "tax_country": "DE", "tax_description": "VAT", "tax_value": "DE1", "enabled": "on",
+            "agent_id": "support-bot", "billing_email": "x@y.example", "company": "Forged"}
+    for path in posts:
+        for bad in ({}, {"csrf_token": "forged"}, {"csrf_token": token[:-1]}):
+            resp = await browser.post(path, data={**form, **bad})
+            assert (resp.status_code, "This form has expired" in resp.text) == (403, True), (path, bad)
+        assert (await browser.post(path, json={**form, "csrf_token": token})).status_code == 403, path
+    assert await ledger_snapshot(database_url) == before
+    assert await state() == settings_before
+    assert (await browser.get("/portal")).status_code == 200  # not logged out by a forged form
+
+
 async def test_logout_ends_the_session(api: httpx.AsyncClient) -> None:
     browser = await open_portal(api, await new_account(api))
     token = csrf_of((await browser.get("/portal")).text)
