@@ -8,6 +8,7 @@ import asyncio
 import io
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -171,6 +172,15 @@ async def test_the_overview_shows_the_figures_exactly(api: httpx.AsyncClient) ->
     assert f'href="{RETURN}"' in page and "Log out" in page
     assert '<span id="spend-management">Enabled</span>' in page
     assert '<span id="auto-recharge">Disabled</span>' in page
+    # Overage protection (a credit line of 2,000) adds to what is available; usage in micro-credits stays exact.
+    lined = await new_account(api, overage_credit_line=2000)
+    assert (await track(api, lined, "llm_tokens", 25, "u-2")).status_code == 200  # 25 tokens at 0.1 credit
+    figures = dict(re.findall(r'<dd id="([a-z-]+)">([^<]*)</dd>', (await (await open_portal(api, lined)).get(
+        "/portal")).text))
+    assert {k: figures[k] for k in ("total-credits", "usage-this-period", "remaining-credits", "balance", "overage",
+                                    "available-to-use", "daily-used")} == {
+        "total-credits": "5,000", "usage-this-period": "2.5", "remaining-credits": "4,997.5", "balance": "4,997.5",
+        "overage": "2,000", "available-to-use": "6,997.5", "daily-used": "2.5 (no limit)"}
 
 
 async def test_every_form_needs_the_sessions_csrf_token(api: httpx.AsyncClient, database_url: str) -> None:
@@ -407,6 +417,11 @@ async def test_a_plan_change_at_the_next_renewal_is_saved_and_named_and_changes_
         assert (after["balance"], after["plan_credits_remaining"]) == (before["balance"], 5000)
         page = (await browser.get(later.headers["location"])).text
         assert '<p class="notice" role="status">Plan changed.</p>' in page
+        overview = (await browser.get("/portal")).text  # seed 001: the plan's credits left and the next renewal
+        renewal = datetime.fromisoformat(current["next_renewal_at"].replace("Z", "+00:00")).astimezone(UTC)
+        assert '<strong id="plan-name">Starter</strong> · $49.00/month' in overview
+        assert 'Plan credits remaining: <span id="plan-credits">5,000</span> of 5,000' in overview
+        assert f'<span id="next-renewal">{renewal:%Y-%m-%d %H:%M} UTC</span>' in overview
         assert 'id="current-plan">Starter</strong>' in page and "From the next renewal: <strong>Growth</strong>" in page
 
 
