@@ -293,7 +293,14 @@ async def test_another_accounts_ids_are_refused(api: httpx.AsyncClient, sdk: str
                                                   "request_id": "portal-x", "csrf_token": token})
     assert buy.status_code in (404, 503), buy.text  # 503: no Temporal here; either way nothing charged
     assert await ledger_snapshot(database_url) == before
-    assert my_card
+    # Its own card: deleted (detached from its Stripe customer), the page says so and lists none.
+    deleted = await browser.post("/portal/payment-methods/delete", data={"payment_method_id": my_card,
+                                                                       "csrf_token": token})
+    assert (deleted.status_code, deleted.headers["location"]) == (303, "/portal/payment-methods?ok=deleted")
+    page = (await browser.get(deleted.headers["location"])).text
+    assert '<p class="notice" role="status">Card removed.</p>' in page and "No saved cards." in page
+    assert (await api.get("/api/v1/billing/payment-methods", params={"account_id": mine})).json()["items"] == []
+    assert sdk.v1.payment_methods.retrieve(my_card).customer is None
 
 
 async def test_history_pages_and_exports_csv(api: httpx.AsyncClient) -> None:
