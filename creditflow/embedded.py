@@ -767,6 +767,7 @@ class DemoDriver:
                  rate_per_second: float = 20.0, seed: int | None = None,
                  stripe: tuple[str, str] | None = None, temporal: Settings | None = None) -> None:
         self.api_url = api_url
+        self.admin_key = admin_key  # printed in a ready-to-paste command for another portal link
         self.stripe = stripe  # (the emulator's URL, its key): a test card for the portal's demo account
         self.temporal = temporal  # the stack's settings (Temporal address, task queue): the demo's invoices
         self.client = httpx.Client(base_url=api_url, timeout=10.0,
@@ -992,9 +993,11 @@ class DemoDriver:
         if link:
             self.console.print(f"Customer billing portal of {portal.account.name} (opens once, within minutes): "
                                f"{link}", soft_wrap=True, highlight=False)
-            self.console.print(f"Another link: POST {self.api_url}/api/v1/portal/sessions with the admin key and "
-                               f'{{"account_id": "{portal.account_id}", "return_url": "..."}} (docs/portal.md).',
-                               soft_wrap=True, highlight=False)
+            body = json.dumps({"account_id": portal.account_id, "return_url": f"{self.api_url}/docs"})
+            self.console.print(f"Another link: curl -s -X POST {self.api_url}/api/v1/portal/sessions -H "
+                               f"'Authorization: Bearer {self.admin_key}' -H 'Content-Type: application/json' "
+                               f"-d '{body}'", soft_wrap=True, highlight=False, markup=False)
+            self.console.print("(its answer's url; docs/portal.md)", highlight=False)
         self.client.close()
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
+import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -384,6 +386,13 @@ async def test_the_dev_demos_portal_has_an_invoice_to_pay_now_and_a_paid_one_wit
             assert link, out.getvalue()
         account = re.search(r"Acme Support\s+(acc_[0-9a-f]{32})", out.getvalue())
         assert account
+        # The link opens once, within minutes: the demo prints a command that makes another one, ready to paste.
+        command = re.search(r"Another link: (curl .+)$", out.getvalue(), re.M)
+        assert command, out.getvalue()
+        made = await asyncio.to_thread(subprocess.run, command.group(1), shell=True, capture_output=True, text=True,
+                                       timeout=30)
+        fresh = json.loads(made.stdout)
+        assert (fresh["account_id"], fresh["url"].startswith(f"{base}/portal/start/cf_pl_")) == (account.group(1), True)
         listed = (await api.get("/api/v1/billing/invoices", params={"account_id": account.group(1)})).json()
         assert sorted((i["status"], i["amount_usd"]) for i in listed["items"]) == [("open", 49), ("paid", 49)]
         [due] = [i for i in listed["items"] if i["payment_due"]]
