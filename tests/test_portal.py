@@ -316,11 +316,18 @@ async def test_history_pages_and_exports_csv(api: httpx.AsyncClient) -> None:
     assert older
     second = (await browser.get(older.group(1))).text
     assert second.count("<tr><td>") == 6 and "Newer" in second  # 30 usage rows + the welcome bonus
+    # Seed 002: the amount in USD too (1 credit = $0.01), exact: a sub-cent change is not rounded away.
+    assert (await track(api, account, "llm_tokens", 25, "h-llm")).status_code == 200  # 2.5 credits
+    rows = re.findall(r"<tr><td>[^<]*</td><td>([^<]*)</td><td class=\"num\">([^<]*)</td><td class=\"num\">([^<]*)"
+                      r"</td><td class=\"num\">([^<]*)</td>", (await browser.get("/portal/history")).text)
+    assert rows[:2] == [("LLM tokens", "-2.5", "-$0.025", "4,967.5"), ("Chat message", "-1", "-$0.01", "4,970")]
+    assert ("5,000", "$50.00", "5,000") in re.findall(
+        r"<td class=\"num\">([^<]*)</td><td class=\"num\">([^<]*)</td><td class=\"num\">([^<]*)</td>", second)
     csv_text = (await browser.get("/portal/history.csv")).text
     lines = csv_text.strip().splitlines()
     assert lines[0] == "id,created_at,type,description,amount_credits,balance_after_credits"
-    assert len(lines) == 32
-    assert lines[1].endswith(",-1,4970") and lines[-1].endswith(",5000,5000")
+    assert len(lines) == 33
+    assert lines[1].endswith(",-2.5,4967.5") and lines[2].endswith(",-1,4970") and lines[-1].endswith(",5000,5000")
 
 
 async def test_every_page_renders(api: httpx.AsyncClient) -> None:
