@@ -29,7 +29,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from types import FrameType
@@ -407,7 +407,9 @@ class DevStack:
                 if self.options.demo:
                     DemoDriver(self.api_url, self.admin_key, self.console, self.check_children,
                                self.options.demo_events, self.temporal_ui_url,
-                               self.settings.temporal_namespace, stripe=(self.stripe_url, self._stripe_key())).run()
+                               self.settings.temporal_namespace, stripe=(self.stripe_url, self._stripe_key()),
+                               temporal=self.settings.model_copy(update={"temporal_address": self.temporal_address})
+                               ).run()
                     self.console.print("The stack keeps running: press [bold]Ctrl-C[/] to stop it.")
                 return self._supervise()
             except (KeyboardInterrupt, StopRequested):
@@ -763,9 +765,11 @@ class DemoDriver:
     def __init__(self, api_url: str, admin_key: str, console: Console, check: Callable[[], None],
                  events: int, temporal_ui_url: str, namespace: str = "default", max_seconds: float = 120.0,
                  rate_per_second: float = 20.0, seed: int | None = None,
-                 stripe: tuple[str, str] | None = None) -> None:
+                 stripe: tuple[str, str] | None = None, temporal: Settings | None = None) -> None:
         self.api_url = api_url
+        self.admin_key = admin_key  # printed in a ready-to-paste command for another portal link
         self.stripe = stripe  # (the emulator's URL, its key): a test card for the portal's demo account
+        self.temporal = temporal  # the stack's settings (Temporal address, task queue): the demo's invoices
         self.client = httpx.Client(base_url=api_url, timeout=10.0,
                                    headers={"Authorization": f"Bearer {admin_key}"})
         self.console = console
@@ -824,6 +828,7 @@ class DemoDriver:
                     "billing_details[name]": stats.account.name})
                 self.client.post("/api/v1/billing/payment-methods",
                                  json={"account_id": account, "payment_method_id": pm.json()["id"]})
+            self.demo_invoices(account)
             resp = self.client.post("/api/v1/portal/sessions",
                                     json={"account_id": account, "return_url": f"{self.api_url}/docs"})
         except (httpx.HTTPError, KeyError, ValueError) as exc:
@@ -834,6 +839,38 @@ class DemoDriver:
             self.console.print(f"demo: no portal link (HTTP {resp.status_code})")
             return None
         return str(body["url"])
+
+    def demo_invoices(self, account: str) -> None:
+        """Invoices to try in the portal (Pay now, a PDF): a new account has none until its first renewal, a month
+        away. The production InvoiceWorkflow on the stack's worker bills the Starter fee of the month before last,
+        charged to the demo card (paid: its PDF is in the history), and of last month, issued open (a payment due).
+        None when the account has invoices already (a rerun) or the stack's Temporal is not known."""
+        if self.temporal is None or self._json(self.client.get(
+                "/api/v1/billing/invoices", params={"account_id": account})).get("items"):
+            return
+        from temporalio.client import WorkflowFailureError
+        from temporalio.service import RPCError
+
+        try:
+            asyncio.run(asyncio.wait_for(self._issue_invoices(self.temporal, account), 120))
+        except (RPCError, WorkflowFailureError, TimeoutError, OSError) as exc:
+            self.console.print(f"demo: no invoices in the portal ({exc})")
+
+    @staticmethod
+    async def _issue_invoices(settings: Settings, account: str) -> None:
+        from creditflow.client import connect_temporal
+        from workflows.contract import INVOICE_WORKFLOW, InvoiceOutcome, InvoiceWorkflowInput, invoice_workflow_id
+
+        client = await connect_temporal(settings)
+        month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        last = (month - timedelta(days=1)).replace(day=1)
+        before = (last - timedelta(days=1)).replace(day=1)
+        for start, end, charge in ((before, last, True), (last, month, False)):
+            request = InvoiceWorkflowInput(account_id=account, period_start=start, period_end=end, plan_id="starter",
+                                           charge=charge, send_email=False,
+                                           publish_search_attributes=settings.temporal_search_attributes)
+            await client.execute_workflow(INVOICE_WORKFLOW, request, id=invoice_workflow_id(account, request.key()),
+                                          task_queue=settings.temporal_task_queue, result_type=InvoiceOutcome)
 
     def track(self, stats: DemoStats) -> None:
         account = stats.account
@@ -956,9 +993,11 @@ class DemoDriver:
         if link:
             self.console.print(f"Customer billing portal of {portal.account.name} (opens once, within minutes): "
                                f"{link}", soft_wrap=True, highlight=False)
-            self.console.print(f"Another link: POST {self.api_url}/api/v1/portal/sessions with the admin key and "
-                               f'{{"account_id": "{portal.account_id}", "return_url": "..."}} (docs/portal.md).',
-                               soft_wrap=True, highlight=False)
+            body = json.dumps({"account_id": portal.account_id, "return_url": f"{self.api_url}/docs"})
+            self.console.print(f"Another link: curl -s -X POST {self.api_url}/api/v1/portal/sessions -H "
+                               f"'Authorization: Bearer {self.admin_key}' -H 'Content-Type: application/json' "
+                               f"-d '{body}'", soft_wrap=True, highlight=False, markup=False)
+            self.console.print("(its answer's url; docs/portal.md)", highlight=False)
         self.client.close()
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
+import subprocess
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -171,6 +174,15 @@ async def test_the_overview_shows_the_figures_exactly(api: httpx.AsyncClient) ->
     assert f'href="{RETURN}"' in page and "Log out" in page
     assert '<span id="spend-management">Enabled</span>' in page
     assert '<span id="auto-recharge">Disabled</span>' in page
+    # Overage protection (a credit line of 2,000) adds to what is available; usage in micro-credits stays exact.
+    lined = await new_account(api, overage_credit_line=2000)
+    assert (await track(api, lined, "llm_tokens", 25, "u-2")).status_code == 200  # 25 tokens at 0.1 credit
+    figures = dict(re.findall(r'<dd id="([a-z-]+)">([^<]*)</dd>', (await (await open_portal(api, lined)).get(
+        "/portal")).text))
+    assert {k: figures[k] for k in ("total-credits", "usage-this-period", "remaining-credits", "balance", "overage",
+                                    "available-to-use", "daily-used")} == {
+        "total-credits": "5,000", "usage-this-period": "2.5", "remaining-credits": "4,997.5", "balance": "4,997.5",
+        "overage": "2,000", "available-to-use": "6,997.5", "daily-used": "2.5 (no limit)"}
 
 
 async def test_every_form_needs_the_sessions_csrf_token(api: httpx.AsyncClient, database_url: str) -> None:
@@ -204,6 +216,43 @@ async def test_every_form_needs_the_sessions_csrf_token(api: httpx.AsyncClient, 
     bad = await browser.post("/portal/spend", data={"daily_limit": "-5", "csrf_token": token})
     assert bad.status_code == 422 and 'role="alert"' in bad.text
     assert (await api.get("/api/v1/billing/limits", params={"account_id": account})).json()["daily_limit"] == 100
+
+
+async def test_every_portal_post_route_refuses_a_form_without_the_sessions_token(api: httpx.AsyncClient,
+                                                                                database_url: str) -> None:
+    """Every POST the portal has (read from its router, so a new form cannot be forgotten): no token, a wrong
+    one, or a JSON body: 403 and nothing changed; the session itself still works afterwards."""
+    from starlette.routing import Route
+
+    from creditflow.web.portal import router
+
+    routes = [r.path for r in router.routes
+              if isinstance(r, Route) and r.path.startswith("/portal") and "POST" in (r.methods or set())]
+    assert len(routes) == 17 and "/portal/buy" in routes and "/portal/logout" in routes, routes
+    posts = [p for p in routes if "{" not in p] + [f"/portal/agents/{a}" for a in ("pause", "resume", "settings")]
+    assert len(posts) == 19 and "/portal/agents/{action:str}" in routes
+    account = await new_account(api)
+    assert (await api.post("/api/v1/agents", json={"account_id": account, "id": "support-bot"})).status_code == 201
+    browser = await open_portal(api, account)
+    token = csrf_of((await browser.get("/portal")).text)
+
+    async def state() -> list[Any]:
+        return [(await api.get(f"/api/v1/{path}", params={"account_id": account})).json() for path in (
+            "billing/profile", "billing/limits", "billing/auto-recharge", "billing/subscription", "billing/alerts",
+            "billing/notification-channels", "agents/support-bot", "billing/payment-methods")]
+
+    before, settings_before = await ledger_snapshot(database_url), await state()
+    form = {"package_id": "starter", "payment_method_id": "new", "plan_id": "starter", "effective": "immediately",
+            "daily_limit": "1", "tax_country": "DE", "tax_description": "VAT", "tax_value": "DE1", "enabled": "on",
+            "agent_id": "support-bot", "billing_email": "x@y.example", "company": "Forged"}
+    for path in posts:
+        for bad in ({}, {"csrf_token": "forged"}, {"csrf_token": token[:-1]}):
+            resp = await browser.post(path, data={**form, **bad})
+            assert (resp.status_code, "This form has expired" in resp.text) == (403, True), (path, bad)
+        assert (await browser.post(path, json={**form, "csrf_token": token})).status_code == 403, path
+    assert await ledger_snapshot(database_url) == before
+    assert await state() == settings_before
+    assert (await browser.get("/portal")).status_code == 200  # not logged out by a forged form
 
 
 async def test_logout_ends_the_session(api: httpx.AsyncClient) -> None:
@@ -246,7 +295,14 @@ async def test_another_accounts_ids_are_refused(api: httpx.AsyncClient, sdk: str
                                                   "request_id": "portal-x", "csrf_token": token})
     assert buy.status_code in (404, 503), buy.text  # 503: no Temporal here; either way nothing charged
     assert await ledger_snapshot(database_url) == before
-    assert my_card
+    # Its own card: deleted (detached from its Stripe customer), the page says so and lists none.
+    deleted = await browser.post("/portal/payment-methods/delete", data={"payment_method_id": my_card,
+                                                                       "csrf_token": token})
+    assert (deleted.status_code, deleted.headers["location"]) == (303, "/portal/payment-methods?ok=deleted")
+    page = (await browser.get(deleted.headers["location"])).text
+    assert '<p class="notice" role="status">Card removed.</p>' in page and "No saved cards." in page
+    assert (await api.get("/api/v1/billing/payment-methods", params={"account_id": mine})).json()["items"] == []
+    assert sdk.v1.payment_methods.retrieve(my_card).customer is None
 
 
 async def test_history_pages_and_exports_csv(api: httpx.AsyncClient) -> None:
@@ -260,11 +316,18 @@ async def test_history_pages_and_exports_csv(api: httpx.AsyncClient) -> None:
     assert older
     second = (await browser.get(older.group(1))).text
     assert second.count("<tr><td>") == 6 and "Newer" in second  # 30 usage rows + the welcome bonus
+    # Seed 002: the amount in USD too (1 credit = $0.01), exact: a sub-cent change is not rounded away.
+    assert (await track(api, account, "llm_tokens", 25, "h-llm")).status_code == 200  # 2.5 credits
+    rows = re.findall(r"<tr><td>[^<]*</td><td>([^<]*)</td><td class=\"num\">([^<]*)</td><td class=\"num\">([^<]*)"
+                      r"</td><td class=\"num\">([^<]*)</td>", (await browser.get("/portal/history")).text)
+    assert rows[:2] == [("LLM tokens", "-2.5", "-$0.025", "4,967.5"), ("Chat message", "-1", "-$0.01", "4,970")]
+    assert ("5,000", "$50.00", "5,000") in re.findall(
+        r"<td class=\"num\">([^<]*)</td><td class=\"num\">([^<]*)</td><td class=\"num\">([^<]*)</td>", second)
     csv_text = (await browser.get("/portal/history.csv")).text
     lines = csv_text.strip().splitlines()
     assert lines[0] == "id,created_at,type,description,amount_credits,balance_after_credits"
-    assert len(lines) == 32
-    assert lines[1].endswith(",-1,4970") and lines[-1].endswith(",5000,5000")
+    assert len(lines) == 33
+    assert lines[1].endswith(",-2.5,4967.5") and lines[2].endswith(",-1,4970") and lines[-1].endswith(",5000,5000")
 
 
 async def test_every_page_renders(api: httpx.AsyncClient) -> None:
@@ -305,6 +368,84 @@ async def test_the_dev_demo_prints_a_portal_link_with_a_card_saved(settings: Set
             assert opened.status_code == 303, opened.text
             page = await browser.get("/portal/buy")
             assert page.status_code == 200 and "•••• 4242 (default)" in page.text
+
+
+@pytest.mark.temporal
+async def test_the_dev_demos_portal_has_an_invoice_to_pay_now_and_a_paid_one_with_its_pdf(
+        temporal_settings: Settings, temporal_worker: Any, stripe_base: str) -> None:
+    """Issue 14's "Done means": the demo's portal link opens an account where Invoices can be tried: last month's
+    invoice is due (Pay now charges the demo card), the month before is paid (its PDF downloads); a rerun of the
+    demo issues no second pair."""
+    from rich.console import Console
+
+    from creditflow.embedded import DemoDriver
+    from tests.conftest import serve_app
+
+    async with serve_app(create_app(temporal_settings)) as base, httpx.AsyncClient(
+            base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as api:
+        for _ in range(2):  # the demo run again (it reuses its accounts): no second pair of invoices
+            out = io.StringIO()
+            driver = DemoDriver(base, ADMIN_KEY, Console(file=out, width=200), lambda: None, 3, "http://ui.test",
+                                stripe=(stripe_base, STRIPE_KEY), max_seconds=30, temporal=temporal_settings)
+            await asyncio.to_thread(driver.run)
+            link = re.search(r"Customer billing portal of Acme Support \(opens once, within minutes\): (\S+)",
+                             out.getvalue())
+            assert link, out.getvalue()
+        account = re.search(r"Acme Support\s+(acc_[0-9a-f]{32})", out.getvalue())
+        assert account
+        # The link opens once, within minutes: the demo prints a command that makes another one, ready to paste.
+        command = re.search(r"Another link: (curl .+)$", out.getvalue(), re.M)
+        assert command, out.getvalue()
+        made = await asyncio.to_thread(subprocess.run, command.group(1), shell=True, capture_output=True, text=True,
+                                       timeout=30)
+        fresh = json.loads(made.stdout)
+        assert (fresh["account_id"], fresh["url"].startswith(f"{base}/portal/start/cf_pl_")) == (account.group(1), True)
+        listed = (await api.get("/api/v1/billing/invoices", params={"account_id": account.group(1)})).json()
+        assert sorted((i["status"], i["amount_usd"]) for i in listed["items"]) == [("open", 49), ("paid", 49)]
+        [due] = [i for i in listed["items"] if i["payment_due"]]
+        [paid] = [i for i in listed["items"] if not i["payment_due"]]
+        async with httpx.AsyncClient(base_url=base, timeout=60) as browser:
+            assert (await browser.get(link.group(1))).status_code == 303
+            page = (await browser.get("/portal/invoices")).text
+            assert f'<tr id="due-{due["id"]}">' in page and "Pay now" in page
+            assert f'<tr id="inv-{paid["id"]}">' in page
+            pdf = await browser.get(f"/portal/invoices/{paid['id']}/pdf")
+            assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
+            pay = await browser.post("/portal/invoices/pay", data={"csrf_token": csrf_of(page),
+                                                                   "invoice_id": due["id"]})
+            assert (pay.status_code, pay.headers["location"]) == (303, "/portal/invoices?ok=paid"), pay.text
+        got = (await api.get(f"/api/v1/billing/invoices/{due['id']}", params={"account_id": account.group(1)}))
+        assert (got.json()["status"], got.json()["amount_usd"]) == ("paid", 49)
+
+
+@pytest.mark.temporal
+async def test_a_plan_change_at_the_next_renewal_is_saved_and_named_and_changes_nothing_now(
+        temporal_settings: Settings, temporal_worker: Any) -> None:
+    """Plan > At the next renewal: the API's change is made (pending), the current plan and its credits stay, and
+    the page says so by the plan's name (a redirect: reloading it sends nothing again)."""
+    async for _, api in _app_client(temporal_settings):
+        account = await new_account(api)
+        browser = await open_portal(api, account)
+        token = csrf_of((await browser.get("/portal/plan")).text)
+        subscribed = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "starter",
+                                                              "effective": "immediately"})
+        assert subscribed.status_code == 200 and 'id="current-plan">Starter<' in subscribed.text, subscribed.text
+        before = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
+        later = await browser.post("/portal/plan", data={"csrf_token": token, "plan_id": "growth",
+                                                         "effective": "next_renewal"})
+        assert (later.status_code, later.headers["location"]) == (303, "/portal/plan?ok=plan"), later.text
+        current = (await api.get("/api/v1/billing/subscription", params={"account_id": account})).json()
+        assert (current["plan_id"], current["pending_plan_id"]) == ("starter", "growth")
+        after = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
+        assert (after["balance"], after["plan_credits_remaining"]) == (before["balance"], 5000)
+        page = (await browser.get(later.headers["location"])).text
+        assert '<p class="notice" role="status">Plan changed.</p>' in page
+        overview = (await browser.get("/portal")).text  # seed 001: the plan's credits left and the next renewal
+        renewal = datetime.fromisoformat(current["next_renewal_at"].replace("Z", "+00:00")).astimezone(UTC)
+        assert '<strong id="plan-name">Starter</strong> · $49.00/month' in overview
+        assert 'Plan credits remaining: <span id="plan-credits">5,000</span> of 5,000' in overview
+        assert f'<span id="next-renewal">{renewal:%Y-%m-%d %H:%M} UTC</span>' in overview
+        assert 'id="current-plan">Starter</strong>' in page and "From the next renewal: <strong>Growth</strong>" in page
 
 
 async def test_auto_recharge_and_billing_details_forms_save_through_the_api(api: httpx.AsyncClient,
@@ -373,6 +514,9 @@ async def test_tax_registrations_are_added_and_removed_on_the_details_page(api: 
                                                                                        "unverified")
     page = (await browser.get("/portal/details")).text
     assert "DE123456789" in page and '<span class="badge unverified">unverified</span>' in page
+    row = re.search(rf'<tr id="tax-{registration["id"]}">(.*?)</tr>', page, re.S)  # seed 002's columns, Id first
+    assert row and re.findall(r"<td[^>]*>([^<]+)<", row.group(1))[:4] == [
+        registration["id"], "DE", "European VAT number", "DE123456789"], row
     bad = await browser.post("/portal/details/tax-registrations", data={
         "csrf_token": token, "tax_country": "XX", "tax_description": "x", "tax_value": "1"})
     assert bad.status_code == 422

@@ -153,6 +153,11 @@ async def test_a_customer_uses_the_portal_end_to_end(
     agent = (await api.get("/api/v1/agents/support-bot", params={"account_id": account})).json()
     assert agent["status"] == "paused"
     await shot(page, "portal-agents")
+    await page.click("#agent-support-bot form.pause button")  # now "Resume"
+    assert await page.inner_text("[role=status]") == "Agent resumed."
+    assert await page.inner_text("#agent-support-bot .status") == "active"
+    agent = (await api.get("/api/v1/agents/support-bot", params={"account_id": account})).json()
+    assert agent["status"] == "active"
 
     # The other pages render (screenshots for the reviewer); history shows the purchase.
     await page.click("nav >> text=Balance history")
@@ -321,6 +326,12 @@ async def test_a_resubmitted_buy_form_charges_once_and_a_plan_change_shows_its_p
                                                       "amount_usd": "4.99"})
         assert low.status_code == 422 and 'role="alert"' in low.text
         assert (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"] == 6000
+        # A custom amount within the bounds, to the cent: $12.34 is 1,234 credits, charged once with the saved card.
+        custom = await browser.post("/portal/buy", data={**form, "request_id": "portal-custom", "package_id": "custom",
+                                                         "amount_usd": "12.34"})
+        assert (custom.status_code, custom.headers["location"]) == (303, "/portal?ok=topup"), custom.text
+        assert (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()["balance"] == 7234
+        assert sorted(pi.amount for pi in await succeeded_intents(sdk, pool, account)) == [1000, 1234]
 
         # Subscribe now, then change plan now: the page shows the proration the change made.
         token = form["csrf_token"]

@@ -126,6 +126,16 @@ def _usd(value: Any) -> str:
     return ("-$" if amount < 0 else "$") + format(abs(amount), ",f")
 
 
+def _credits_usd(value: Any) -> str:
+    """Credits as USD (1 credit = $0.01), exact: cents always shown, a sub-cent part kept (-2.5 -> -$0.025)."""
+    if value is None or value == "":
+        return "—"
+    amount = Decimal(value).scaleb(-2)
+    if amount == amount.quantize(Decimal("0.01")):
+        amount = amount.quantize(Decimal("0.01"))
+    return ("-$" if amount < 0 else "$") + format(abs(amount), ",f")
+
+
 def _cents(value: Any) -> str:
     return _usd(Decimal(int(value)) / 100)
 
@@ -140,7 +150,8 @@ def _when(value: Any, with_time: bool = True) -> str:
 
 ENV = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined,
                   trim_blocks=True, lstrip_blocks=True)
-ENV.filters.update(credits=_credits, usd=_usd, cents=_cents, when=_when, day=lambda v: _when(v, False))
+ENV.filters.update(credits=_credits, usd=_usd, credits_usd=_credits_usd, cents=_cents, when=_when,
+                   day=lambda v: _when(v, False))
 
 # What a redirect after a successful form says (fixed texts: nothing from the URL is echoed).
 NOTICES = {
@@ -687,6 +698,8 @@ async def change_plan(ctx: Ctx) -> Response:
                                  pool=ctx.pool, catalog=ctx.request.app.state.plan_catalog, request=ctx.request)
     except (CreditflowError, ValidationError) as exc:
         return await fail(ctx, plan, exc)
+    if req.effective != "immediately":  # nothing prorated to show: back to the page (a reload sends nothing again)
+        return done("plan", "/portal/plan")
     # Shown once, right after the change: what the immediate change credited and charged (the API's answer).
     ctx.request.state.proration = changed.get("proration")
     shown = await plan(ctx)
