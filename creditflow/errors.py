@@ -22,6 +22,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "unknown_api_key": 404,
     "account_exists": 409,
     "idempotency_conflict": 409,
+    "retry_without_idempotency_key": 409,  # the Autumn SDK's own retry of a keyless usage event
     "hold_released": 409,
     "hold_settled": 409,
     "insufficient_credits": 402,
@@ -95,6 +96,7 @@ USAGE_DENIALS = frozenset({"insufficient_credits", "agent_paused", "daily_limit_
 TYPE_BY_CODE: dict[str, str] = {
     "idempotency_conflict": "idempotency_error",
     "idempotency_key_mismatch": "idempotency_error",
+    "retry_without_idempotency_key": "idempotency_error",
     "card_declined": "card_error",
     "payment_method_invalid": "card_error",
     **{code: "usage_denied" for code in USAGE_DENIALS},

@@ -261,3 +261,83 @@ async def test_stop_agent_paused_for_plan_credits_resumes_at_the_renewal(
             await handle.terminate("test over")
     finally:
         await env.shutdown()
+
+
+async def test_a_stop_agents_hold_cut_at_the_renewal_settles_within_its_plan_credit_limit(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
+    """A stop agent's hold whose reservation the renewal cut, settled when other holds reserve the new plan credits:
+    the settlement (``cf_hold_settle``'s fallback: never refused, charged down to what is free) takes plan credits only,
+    and they count against the agent's ``plan_credit_limit`` like any other it takes."""
+    from creditflow.domain.periods import next_period
+    from creditflow.ledger import subscriptions
+    from tests.support.ledger import new_account as ledger_account
+    from tests.support.plans import GROWTH
+
+    account = await ledger_account(pool, bonus=10)  # 10 wallet credits
+    await register(api, account, "caller", on_plan_exhausted="stop", plan_credit_limit=50)
+    first = await subscribe(pool, account, credits=100)
+
+    async def hold(key: str, minutes: int, **agent: object) -> str:
+        resp = await api.post("/api/v1/billing/holds", json={"account_id": account, "feature_id": "voice_minute",
+                                                             "value": minutes, "idempotency_key": key, **agent})
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["hold_id"])
+
+    await hold("other-1", 3)  # 24 plan credits reserved
+    call = await hold("call", 5, agent_id="caller")  # 40
+    # The renewal: the 100 plan credits expire whatever is held (holds cut, newest first: the call's 40, then 14),
+    # the next period's 100 arrive, and another hold takes all but 4 of what is free.
+    await subscriptions.expire_plan_credits(pool, account, first, GROWTH.name)
+    second = next_period(first)
+    await subscriptions.grant_plan_credits(pool, account, GROWTH, second, credits=100)
+    await subscriptions.save_subscription(pool, account, plan_id=GROWTH.id, period=second, pending_plan_id=None)
+    await hold("other-2", 12)  # 96
+    body = await balance(api, account)
+    assert (body["balance"], body["pending_charges"], body["plan_credits_remaining"]) == (110, 106, 100)
+
+    settled = await api.post(f"/api/v1/billing/holds/{call}/settle", json={"account_id": account, "value": 5})
+    assert settled.status_code == 200, settled.text
+    assert settled.json()["credits_charged"] == 4  # what was free; the other 36 are not charged
+    assert await plan_left(pool, account) == 96 * MICROS_PER_CREDIT  # plan credits, not the wallet's 10
+    assert (await agent(api, account, "caller"))["plan_credits_used"] == 4
+    await assert_invariants(pool)
+
+
+async def test_a_use_balance_agents_cut_hold_past_its_limit_settles_from_the_wallet_only(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool) -> None:
+    """The same settlement for a use_balance agent already at its plan-credit limit: what is charged comes from the
+    wallet's lots (at the overage rate), never from the plan credits it left to the other agents."""
+    from creditflow.domain.periods import next_period
+    from creditflow.ledger import subscriptions
+    from tests.support.ledger import new_account as ledger_account
+    from tests.support.plans import GROWTH
+
+    account = await ledger_account(pool, bonus=10)  # 10 wallet credits
+    await register(api, account, "ub", plan_credit_limit=10)
+    first = await subscribe(pool, account, credits=100)
+
+    async def hold(key: str, minutes: int, **agent: object) -> str:
+        resp = await api.post("/api/v1/billing/holds", json={"account_id": account, "feature_id": "voice_minute",
+                                                             "value": minutes, "idempotency_key": key, **agent})
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["hold_id"])
+
+    await hold("other-1", 3)  # 24
+    call = await hold("call", 5, agent_id="ub")  # 40, cut to 0 at the renewal (and the other to 10)
+    await subscriptions.expire_plan_credits(pool, account, first, GROWTH.name)
+    second = next_period(first)
+    await subscriptions.grant_plan_credits(pool, account, GROWTH, second, credits=100)
+    await subscriptions.save_subscription(pool, account, plan_id=GROWTH.id, period=second, pending_plan_id=None)
+    # In the new period it reaches its limit: 16 credits, 10 from the plan and 6 from the wallet (4 left there).
+    used = await track(api, account, "voice_minute", 2, "ub-1", agent_id="ub")
+    assert used.json()["credits_charged"] == 16, used.text
+    await hold("other-2", 10)  # 80 of the 84 free
+    assert await plan_left(pool, account) == 90 * MICROS_PER_CREDIT
+
+    settled = await api.post(f"/api/v1/billing/holds/{call}/settle", json={"account_id": account, "value": 5})
+    assert settled.status_code == 200, settled.text
+    assert settled.json()["credits_charged"] == 4  # what is free (the wallet's last 4); 41 of 45 not charged
+    assert await plan_left(pool, account) == 90 * MICROS_PER_CREDIT  # the plan credits stay for the others
+    assert (await agent(api, account, "ub"))["plan_credits_used"] == 10
+    assert await plan_lot_remaining(pool, account) == 90 * MICROS_PER_CREDIT
+    await assert_invariants(pool)

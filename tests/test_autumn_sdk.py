@@ -174,3 +174,45 @@ async def test_a_fault_on_a_keyless_track_is_not_retried_but_a_keyed_one_is(autu
                                                  idempotency_key="k-5")
     assert keyed.value.response.headers["x-should-retry"] == "true"
     assert len(autumn.requests) == before + 1 + 2
+
+
+class LoseFirstAnswer(httpx.AsyncBaseTransport):
+    """The app commits the request, then the connection drops before its answer arrives (once, for ``path``)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, path: str) -> None:
+        self.inner, self.path, self.dropped = inner, path, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.url.path == self.path and not self.dropped:
+            self.dropped += 1
+            await response.aread()
+            raise httpx.ReadError("connection lost after the request was processed", request=request)
+        return response
+
+
+async def test_a_keyless_track_retried_after_a_lost_answer_is_not_charged_twice(autumn: Harness) -> None:
+    """The SDK retries a connection lost after the commit on its own (``x-stainless-retry-count: 1``), with no key to
+    tell the retry from a new event: the retry is refused (``409 retry_without_idempotency_key``, not retried), so
+    the event is charged once and the app learns the outcome of its call is unknown. With a key the retry replays."""
+    customer = await autumn.sdk.customers.create(id="user-6", email="f@acme.test")
+    lossy = LoseFirstAnswer(httpx.ASGITransport(app=autumn.app), "/api/v1/track")  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=lossy) as http:
+        sdk = AsyncAutumn(secret_key=ADMIN_KEY, base_url="http://creditflow.test/api/v1", http_client=http,
+                          max_retries=2, _strict_response_validation=True)
+        with pytest.raises(ConflictError) as retried:
+            await sdk.with_options(max_retries=2).track(customer_id="user-6", feature_id="chat_message", value=3)
+        assert retried.value.body["code"] == "retry_without_idempotency_key"  # type: ignore[index]
+        assert retried.value.response.headers["x-should-retry"] == "false"
+        assert lossy.dropped == 1
+        balance = await autumn.api.get("/api/v1/billing/balance", params={"account_id": customer.autumn_id})
+        assert balance.json()["balance"] == 4997  # 5,000 - 3, once
+
+        lossy.dropped = 0
+        keyed = await sdk.track(customer_id="user-6", feature_id="chat_message", value=3, idempotency_key="m-6")
+        assert lossy.dropped == 1 and keyed.model_dump()["replayed"] is True
+        with pytest.raises(ConflictError):  # check + send_event records usage too: the same rule
+            await sdk.check(customer_id="user-6", feature_id="chat_message", required_balance=1, send_event=True,
+                            extra_headers={"x-stainless-retry-count": "1"})
+    balance = await autumn.api.get("/api/v1/billing/balance", params={"account_id": customer.autumn_id})
+    assert balance.json()["balance"] == 4994  # and the keyed track once

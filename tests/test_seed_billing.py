@@ -107,6 +107,7 @@ async def test_balance_reports_total_usage_and_remaining_for_the_period(api: htt
         await conn.execute("SELECT * FROM cf_track(%s, 'chat_message', 7, NULL, 'old-1', NULL, NULL)", (account,))
     again = (await api.get("/api/v1/billing/balance", params={"account_id": account})).json()
     assert (again["total_credits"], again["usage_this_period"], again["balance"]) == (5300, 255, 5033)
+    assert again["wallet_balance"] is None  # no plan: the balance is the wallet
 
     # A plan account: the billing period, plan credits granted in it count as granted.
     planned = await new_account(api)
@@ -114,8 +115,9 @@ async def test_balance_reports_total_usage_and_remaining_for_the_period(api: htt
     assert (await track(api, planned, "voice_minute", 2, "p-1")).status_code == 200  # Growth: 8 a minute
     got = (await api.get("/api/v1/billing/balance", params={"account_id": planned})).json()
     assert {k: got[k] for k in ("total_credits", "usage_this_period", "remaining_credits", "plan_credits_remaining",
-                                "period_start", "period_end")} == {
+                                "wallet_balance", "period_start", "period_end")} == {
         "total_credits": 5100, "usage_this_period": 16, "remaining_credits": 5084, "plan_credits_remaining": 84,
+        "wallet_balance": 5000,  # seed 001: the wallet beside the plan's credits
         "period_start": period.start.isoformat().replace("+00:00", "Z"),
         "period_end": period.end.isoformat().replace("+00:00", "Z")}
 

@@ -192,7 +192,8 @@ async def test_client_secret_path(api: httpx.AsyncClient, pool: AsyncConnectionP
     body = resp.json()
     [pi] = intents_of(sdk, await customer_of(pool, account))
     assert body == {"status": "requires_payment", "request_id": "cs-1", "amount_usd": 10, "credits": 1000,
-                    "package_id": "starter", "payment_intent_id": pi.id, "client_secret": pi.client_secret}
+                    "package_id": "starter", "payment_intent_id": pi.id, "client_secret": pi.client_secret,
+                    "clientSecret": pi.client_secret}  # seed 004's name for it
     assert pi.status == "requires_payment_method"
     [charge] = await charges(pool, account)
     assert (charge["status"], charge["payment_method_id"]) == ("requires_action", None)

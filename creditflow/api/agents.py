@@ -132,10 +132,19 @@ async def _status_change(request: Request, principal: Principal, account_id: str
                          reason: str | None) -> ExactJSONResponse:
     pool: AsyncConnectionPool = request.app.state.pool
     await agents.get_agent(pool, account_id, agent_id)  # unknown_agent / unknown_account before Temporal
+    before = await agents.last_event_id(pool, account_id, agent_id)
     client = await get_temporal(request)
-    await client.set_agent_status(account_id, AgentCommand(agent_id=agent_id, actor=actor_of(principal),
-                                                           reason=reason), paused=paused,
-                                  wait=timedelta(seconds=request.app.state.settings.topup_answer_timeout_seconds))
+    actor = actor_of(principal)
+    try:
+        await client.set_agent_status(account_id, AgentCommand(agent_id=agent_id, actor=actor, reason=reason),
+                                      paused=paused,
+                                      wait=timedelta(seconds=request.app.state.settings.topup_answer_timeout_seconds))
+    except CreditflowError as exc:
+        # The workflow answers after telling the customer (agent.paused / agent.resumed), which a slow or failing
+        # channel can hold up for seconds: if this change is already recorded, say so rather than 503.
+        if exc.code != "workflow_unavailable" or not await agents.changed_since(
+                pool, account_id, agent_id, before, paused=paused, actor=actor):
+            raise
     return respond(view(await agents.get_agent(pool, account_id, agent_id)))
 
 

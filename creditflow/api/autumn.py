@@ -9,8 +9,9 @@ deduplicated twice.
 Retries: the SDK retries 408/409/429/5xx and connection errors, and sends no idempotency key unless the app gives
 one. A keyless track is recorded under a fresh random key (two identical calls are two events: deriving a key from
 the body would silently drop real repeated usage), so every error answer to a keyless write carries
-``x-should-retry: false`` (a retry could charge twice); with a key (``idempotency_key`` or the ``Idempotency-Key``
-header), retries replay the stored result and only final refusals say ``false``.
+``x-should-retry: false`` (a retry could charge twice), and a keyless write the SDK retries on its own anyway (a
+connection lost after the commit) is refused; with a key (``idempotency_key`` or the ``Idempotency-Key`` header),
+retries replay the stored result and only final refusals say ``false``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ log = logging.getLogger("creditflow.api.autumn")
 SUPPORTED_API_MAJOR = "2"  # autumn-python 0.2 sends x-api-version: 2.0.0
 ANSWERED_VERSION = "2.0.0"
 UNSAFE_RETRY = "autumn_unsafe_retry"  # request.state flag: a retry of this request could charge twice
+RETRY_COUNT_HEADER = "x-stainless-retry-count"  # the SDK numbers its own retries of a request (0: the first)
 
 
 def _autumn_error(status: int, code: str, message: str, *, retry: bool | None, details: object = None,
@@ -257,9 +259,18 @@ async def check(req: CheckBody, principal: Checker, pool: Pool, request: Request
 
 
 def _key(request: Request, header: str | None, body: str | None) -> str:
-    """The caller's key, or a fresh one (then a retry could charge twice: errors say so, see module doc)."""
+    """The caller's key, or a fresh one (then a retry could charge twice: errors say so, see module doc).
+
+    A keyless write the SDK sends again on its own (``x-stainless-retry-count`` above 0: the connection dropped, or
+    the answer timed out, after the first attempt may have committed) cannot be told from a new event: it is refused,
+    so a retried track is never charged twice (the app learns its call's outcome is unknown)."""
     if header is None and body is None:
         setattr(request.state, UNSAFE_RETRY, True)
+        if request.headers.get(RETRY_COUNT_HEADER, "0").strip() not in ("", "0"):
+            raise CreditflowError(
+                "retry_without_idempotency_key",
+                "this is the SDK's retry of a usage event sent without an idempotency key: the first attempt may "
+                "already be recorded, so it is not recorded again; pass idempotency_key to make retries safe")
         return f"autumn:{uuid.uuid4().hex}"
     return idempotency_key(header, body)
 

@@ -89,6 +89,8 @@ class TopUpResponse(BaseModel):
     balance: Decimal | None = None
     payment_intent_id: str | None = None
     client_secret: str | None = None
+    client_secret_camel: str | None = Field(default=None, serialization_alias="clientSecret",
+                                            description="`client_secret` again, under seed 004's name")
     error_code: str | None = None
     credit_system: str | None = Field(default=None, description="The named credit system funded; `balance` is "
                                                                 "that system's. Absent for the wallet.")
@@ -134,8 +136,8 @@ def _body(outcome: TopUpOutcome, credit_system: str | None = None) -> dict[str, 
         status=outcome.status, request_id=outcome.request_id, amount_usd=cents_to_usd(outcome.amount_cents),
         credits=outcome.credits, package_id=outcome.package_id, transaction_id=outcome.transaction_id,
         balance=outcome.balance, payment_intent_id=outcome.payment_intent_id, client_secret=outcome.client_secret,
-        error_code=outcome.error_code, credit_system=credit_system,
-    ).model_dump(exclude_none=True)
+        client_secret_camel=outcome.client_secret, error_code=outcome.error_code, credit_system=credit_system,
+    ).model_dump(exclude_none=True, by_alias=True)
 
 
 @router.post("/topup", response_model=TopUpResponse, response_class=ExactJSONResponse,

@@ -191,6 +191,27 @@ async def set_status(pool: AsyncConnectionPool, account_id: str, agent_id: str, 
     return await get_agent(pool, account_id, agent_id), int(event["id"])
 
 
+async def last_event_id(pool: AsyncConnectionPool, account_id: str, agent_id: str) -> int:
+    """The id of the agent's latest audit event (0: none yet)."""
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT coalesce(max(id), 0) AS id FROM agent_events WHERE account_id = %s AND agent_id = %s",
+            (account_id, agent_id))).fetchone()
+    return int(row["id"]) if row else 0
+
+
+async def changed_since(pool: AsyncConnectionPool, account_id: str, agent_id: str, after: int, *, paused: bool,
+                        actor: str) -> bool:
+    """Did ``actor`` pause (or resume) the agent after audit event ``after``, and is that still its status?"""
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT e.action FROM agent_events e JOIN agents a ON a.account_id = e.account_id AND a.id = e.agent_id"
+            " WHERE e.account_id = %s AND e.agent_id = %s AND e.id > %s AND e.actor = %s AND a.status = %s"
+            " ORDER BY e.id DESC LIMIT 1",
+            (account_id, agent_id, after, actor, "paused" if paused else "active"))).fetchone()
+    return row is not None and row["action"] == ("paused" if paused else "resumed")
+
+
 async def agent_events(pool: AsyncConnectionPool, account_id: str, agent_id: str, limit: int = 100,
                        starting_after: int | None = None, ending_before: int | None = None) -> list[AgentEvent]:
     """The agent's audit trail, oldest first: ``limit`` events after ``starting_after`` (an event id), or the last

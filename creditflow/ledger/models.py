@@ -56,6 +56,9 @@ class Balance(Balances):
     # cycle renews. None without a subscription.
     plan_id: str | None = None
     plan_credits_remaining: Decimal | None = None
+    # Seed 001's "Available balance in the wallet" beside the plan's remaining credits: the balance less the plan
+    # credits (what was bought or granted; negative while the overage line is drawn). None without a subscription.
+    wallet_balance: Decimal | None = None
     next_renewal_at: datetime | None = None
     # Seed 002's console ("Your Credit Balance") for the account's period (the billing period with a plan, else the
     # UTC calendar month): credits bought or granted in it (gross), usage in it, and what remains (the balance).

@@ -60,6 +60,8 @@ async def balance(pool: AsyncConnectionPool, account_id: str) -> Balance:
     return Balance(account_id=account_id, last_updated=row["updated_at"],
                    plan_id=row["plan_id"] if subscribed else None,
                    plan_credits_remaining=micros_to_credits(int(row["plan_left"])) if subscribed else None,
+                   wallet_balance=micros_to_credits(row["balance_micros"] - int(row["plan_left"]))
+                   if subscribed else None,
                    next_renewal_at=row["period_end"] if subscribed else None,
                    period_start=row["figures_start"], period_end=row["figures_end"],
                    total_credits=micros_to_credits(int(figures["granted"])),

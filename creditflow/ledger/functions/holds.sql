@@ -104,7 +104,10 @@ END $$;
 
 -- As in 0002, but a hold whose reservation was cut (above) is never refused for want of credits: when cf_track
 -- refuses (insufficient_credits), the usage is charged down to the floor here, on the same key and request hash cf_track would have used (so a retry replays
--- it), and the part not covered is on the row's metadata (``uncovered_micros``).
+-- it), and the part not covered is on the row's metadata (``uncovered_micros``). A registered agent of a plan account
+-- keeps its plan terms here too (as in cf_track): the plan credits it takes count against its plan-credit limit, and
+-- a use_balance agent past that limit is charged from the wallet's lots only (a stop agent's charge is already within
+-- its cap: cf_track refused the capped amount, and this charges less).
 CREATE OR REPLACE FUNCTION cf_hold_settle(p_account text, p_hold text, p_quantity numeric, p_metadata jsonb)
 RETURNS cf_track_result LANGUAGE plpgsql AS $$
 DECLARE
@@ -116,6 +119,9 @@ DECLARE
     v_hash bytea;
     v_price bigint;
     v_meta jsonb;
+    s cf_agent_plan_state;
+    v_plan_take bigint;
+    v_wallet bigint := 0;
 BEGIN
     PERFORM 1 FROM balances WHERE account_id = p_account FOR UPDATE;
     IF NOT FOUND THEN
@@ -143,21 +149,46 @@ BEGIN
             AND h.reservation_cut_micros > 0 THEN
         -- Charge what the account covers down to its floor (burn order as cf_track: the part above zero is owed to
         -- the lots, plan lots first; the rest is drawn on the overage line).
-        SELECT balance_micros, held_micros, floor_micros, controlled, plan_id, plan_left_micros INTO b
+        SELECT balance_micros, held_micros, floor_micros, controlled, plan_id, plan_left_micros, agent_controls INTO b
             FROM balances WHERE account_id = p_account;
+        IF b.plan_id IS NOT NULL AND h.agent_id IS NOT NULL AND b.agent_controls THEN
+            s := cf_agent_plan(p_account, h.agent_id);
+        END IF;
         f := cf_plan_price(cf_price(h.feature_id, p_quantity), b.plan_id, h.feature_id, p_quantity,
-                           b.plan_left_micros > 0);
+                           b.plan_left_micros > 0 AND coalesce(s.room, 1) > 0);
         v_price := f.charge_micros;
         r.charged_micros := least(v_price, greatest(0, b.balance_micros - b.held_micros - b.floor_micros));
-        UPDATE balances SET balance_micros = balance_micros - r.charged_micros,
-                            unburned_micros = unburned_micros + least(r.charged_micros, greatest(balance_micros, 0)),
-                            plan_left_micros = greatest(0, plan_left_micros
-                                                           - least(r.charged_micros, greatest(balance_micros, 0))),
-                            updated_at = now()
-            WHERE account_id = p_account
-            RETURNING balance_micros, held_micros, floor_micros INTO r.balance_micros, r.held_micros, r.floor_micros;
+        v_plan_take := least(r.charged_micros, b.plan_left_micros, greatest(b.balance_micros, 0));
+        IF s.period_start IS NOT NULL AND NOT s.stop AND s.room < v_plan_take THEN
+            -- A use_balance agent past its plan-credit limit: the rest from the wallet's lots, as far as they go.
+            v_plan_take := s.room;
+            v_wallet := least(r.charged_micros - v_plan_take, greatest(0, b.balance_micros - b.plan_left_micros));
+            r.charged_micros := v_plan_take + v_wallet;
+            PERFORM cf_settle_burns(p_account);
+            PERFORM cf_burn_wallet(p_account, v_wallet);
+            UPDATE balances SET balance_micros = balance_micros - r.charged_micros,
+                                unburned_micros = unburned_micros + v_plan_take,
+                                plan_left_micros = plan_left_micros - v_plan_take,
+                                updated_at = now()
+                WHERE account_id = p_account
+                RETURNING balance_micros, held_micros, floor_micros INTO r.balance_micros, r.held_micros, r.floor_micros;
+        ELSE
+            UPDATE balances SET balance_micros = balance_micros - r.charged_micros,
+                                unburned_micros = unburned_micros + least(r.charged_micros, greatest(balance_micros, 0)),
+                                plan_left_micros = greatest(0, plan_left_micros
+                                                               - least(r.charged_micros, greatest(balance_micros, 0))),
+                                updated_at = now()
+                WHERE account_id = p_account
+                RETURNING balance_micros, held_micros, floor_micros INTO r.balance_micros, r.held_micros, r.floor_micros;
+        END IF;
         IF b.controlled AND r.charged_micros > 0 THEN
             PERFORM cf_spend_record(p_account, h.agent_id, r.charged_micros);
+        END IF;
+        IF s.period_start IS NOT NULL AND v_plan_take > 0 THEN
+            UPDATE agents SET plan_spent_micros = CASE WHEN plan_period_start = s.period_start THEN plan_spent_micros
+                                                       ELSE 0 END + v_plan_take,
+                              plan_period_start = s.period_start
+                WHERE account_id = p_account AND id = h.agent_id;
         END IF;
         INSERT INTO journal (account_id, type, amount_micros, counter_book, balance_after_micros, description,
                              feature_id, channel, quantity, credits_per_unit, agent_id, idempotency_key,
