@@ -201,3 +201,40 @@ async def test_operator_answers_through_the_api_with_an_admin_key(
     monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", "cf_admin_wrong_key_123")
     get_settings.cache_clear()
     assert (await cli_json(app, "charges", account, code=1))["error"]["code"] == "unauthorized"
+
+
+async def test_verify_and_reconciliation_answers_through_the_api_with_an_admin_key(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool, cli_env: None, api_server: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runbook's "a reconciliation difference" needs no database credentials either: `verify` and
+    `reconcile --list|--show` print the same through the API as from the database."""
+    from creditflow import reconcile_cli, verify_cli
+    from creditflow.cli import app
+    from creditflow.payments.reconcile import complete_run, open_run
+    from tests.conftest import ADMIN_KEY
+
+    account, _ = await usage_account(api)
+    now = datetime.now(UTC)
+    run_id = f"test:{now.timestamp()}"
+    await open_run(pool, run_id, trigger="manual", since=now - timedelta(hours=1), now=now)
+    await complete_run(pool, run_id, violations=0)
+    commands = [("verify", "--account", account), ("reconcile", "--list"), ("reconcile", "--show", run_id)]
+    for console in (reconcile_cli.console, verify_cli.console):
+        monkeypatch.setattr(console, "width", 250)
+    from_database = [await cli_json(app, *c) for c in commands]
+    tables = [(await invoke(app, *c)).output for c in commands]
+
+    monkeypatch.delenv("CREDITFLOW_DATABASE_URL")
+    monkeypatch.setenv("CREDITFLOW_API_URL", api_server)
+    monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", ADMIN_KEY)
+    get_settings.cache_clear()
+    from_api = [await cli_json(app, *c) for c in commands]
+    for answer in (from_database[0], from_api[0]):
+        answer.pop("checked_at")
+    assert from_api == from_database
+    assert from_api[0]["ok"] is True and from_api[0]["account_id"] == account and from_api[0]["accounts_checked"] == 1
+    assert [r["id"] for r in from_api[1]["items"]] == [run_id] and from_api[2]["status"] == "completed"
+    assert [(await invoke(app, *c)).output for c in commands][1:] == tables[1:]
+    assert "no violation" in (await invoke(app, *commands[0])).output
+    missing = await cli_json(app, "reconcile", "--show", "test:nope", code=1)
+    assert missing["error"]["code"] == "not_found"
