@@ -238,3 +238,40 @@ async def test_verify_and_reconciliation_answers_through_the_api_with_an_admin_k
     assert "no violation" in (await invoke(app, *commands[0])).output
     missing = await cli_json(app, "reconcile", "--show", "test:nope", code=1)
     assert missing["error"]["code"] == "not_found"
+
+
+async def test_wallet_balance_and_credit_through_the_api_with_an_admin_key(
+        api: httpx.AsyncClient, database_url: str, cli_env: None, api_server: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SLA credit by on-call needs no database credentials: `wallet credit` posts through the API (the same
+    ledger function, the same idempotency key) and `wallet balance` reads it back; the database sees the same."""
+    from creditflow.cli import app
+    from tests.conftest import ADMIN_KEY
+
+    account, _ = await usage_account(api)
+    from_database = await cli_json(app, "wallet", "balance", account)
+    credit = ("wallet", "credit", account, "--amount", "250", "--reason", "SLA credit", "--idempotency-key", "sla-1")
+
+    monkeypatch.delenv("CREDITFLOW_DATABASE_URL")
+    monkeypatch.setenv("CREDITFLOW_API_URL", api_server)
+    monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", ADMIN_KEY)
+    get_settings.cache_clear()
+    assert await cli_json(app, "wallet", "balance", account) == from_database
+    posted = await cli_json(app, *credit)
+    assert posted["amount"] == 250 and posted["replayed"] is False
+    assert posted["balances"]["balance"] == from_database["balance"] + 250
+    assert (await invoke(app, *credit)).output.strip().endswith(
+        f"balance {from_database['balance'] + 250} (replayed)")
+    refused = await cli_json(app, "wallet", "credit", account, "--amount", "-100000", "--reason", "oops", code=1)
+    assert refused["error"]["code"] == "insufficient_credits"
+
+    monkeypatch.setenv("CREDITFLOW_DATABASE_URL", database_url)  # the database again: it holds the same entry
+    get_settings.cache_clear()
+    def after(balance: dict[str, Any]) -> dict[str, Any]:
+        return {k: balance[k] for k in posted["balances"]}
+
+    assert after(await cli_json(app, "wallet", "balance", account)) == posted["balances"]
+    # The key records who posted it (the admin key through the API, "cli" here): reused from the other side it is
+    # refused, never credited twice.
+    assert (await cli_json(app, *credit, code=1))["error"]["code"] == "idempotency_conflict"
+    assert after(await cli_json(app, "wallet", "balance", account)) == posted["balances"]
