@@ -275,3 +275,40 @@ async def test_wallet_balance_and_credit_through_the_api_with_an_admin_key(
     # refused, never credited twice.
     assert (await cli_json(app, *credit, code=1))["error"]["code"] == "idempotency_conflict"
     assert after(await cli_json(app, "wallet", "balance", account)) == posted["balances"]
+
+
+async def test_payment_event_failures_listed_and_redriven_through_the_api_with_an_admin_key(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool, cli_env: None, api_server: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runbook's outbox question ends with `payment-events failed` and `redrive`: both work with an admin key
+    and no database credentials, and the re-drive lands in the outbox as from the database."""
+    from creditflow import payment_events_cli
+    from creditflow.cli import app
+    from creditflow.ledger import payment_event_failures
+    from tests.conftest import ADMIN_KEY
+
+    monkeypatch.setattr(payment_events_cli.console, "width", 250)
+    account, _ = await usage_account(api)
+    await payment_event_failures.record(pool, account, "stripe:evt_lost_refund", "payment.refunded",
+                                        {"payment_intent_id": "pi_x"}, "unknown_charge", "no charge for pi_x")
+    listing = ("payment-events", "failed", "--account-id", account)
+    from_database = await cli_json(app, *listing)
+    table = (await invoke(app, *listing)).output
+
+    monkeypatch.delenv("CREDITFLOW_DATABASE_URL")
+    monkeypatch.setenv("CREDITFLOW_API_URL", api_server)
+    monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", ADMIN_KEY)
+    get_settings.cache_clear()
+    assert await cli_json(app, *listing) == from_database
+    assert (await invoke(app, *listing)).output == table
+    assert [(f["kind"], f["error_code"], f["redrives"]) for f in from_database] == [
+        ("payment.refunded", "unknown_charge", 0)]
+    redriven = await cli_json(app, "payment-events", "redrive", str(from_database[0]["id"]))
+    assert redriven == {"outbox_dedup_key": "stripe:evt_lost_refund#redrive-1"}
+    assert [f["redrives"] for f in await cli_json(app, *listing)] == [1]
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT kind FROM outbox WHERE dedup_key = %s",
+                                        (redriven["outbox_dedup_key"],))).fetchone()
+    assert row is not None and row["kind"] == "payment.refunded"
+    missing = await cli_json(app, "payment-events", "redrive", "999999", code=1)
+    assert missing["error"]["code"] == "not_found"

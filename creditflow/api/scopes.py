@@ -166,6 +166,8 @@ PENDING_ROUTES: dict[tuple[str, str], frozenset[Scope]] = {
     ("GET", "/api/v1/operator/accounts/{account_id}/charges"): ADMIN,
     ("GET", "/api/v1/operator/accounts/{account_id}/transactions"): ADMIN,
     ("GET", "/api/v1/operator/transactions/{txn}"): ADMIN,
+    ("GET", "/api/v1/operator/payment-events/failed"): ADMIN,
+    ("POST", "/api/v1/operator/payment-events/{failure_id}/redrive"): ADMIN,
 }
 ROUTE_SCOPES.update({route: scopes for route, scopes in PENDING_ROUTES.items() if route not in ROUTE_SCOPES})
 
