@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -88,13 +89,16 @@ def dev(
 
 
 @app.command()
-def migrate() -> None:
+def migrate(as_json: Annotated[bool, typer.Option("--json", help="Print JSON (what was applied).")] = False) -> None:
     """Apply pending database migrations and seed the default rate card on a fresh database."""
     from creditflow.ledger.bootstrap import prepare_database
 
     settings = get_settings()
     result = prepare_database(_require_database(settings), settings.ratecard_path)
     applied = result.applied
+    if as_json:
+        print(json.dumps({"applied": list(applied), "ratecard_seeded": bool(result.ratecard_seeded)}))
+        return
     console.print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
     if result.ratecard_seeded:
         console.print("default rate card loaded")
@@ -197,6 +201,7 @@ def ratecard_show(as_json: Annotated[bool, typer.Option("--json", help="Print JS
 def ratecard_load(
     path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML rate card file.")],
     effective_at: Annotated[datetime | None, typer.Option(help="When the rates take effect (default now).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (the rate card in force after).")] = False,
 ) -> None:
     """Load a rate card file; changed rates become new versions (effective now or at --effective-at)."""
     from creditflow.ledger.db import open_pool
@@ -211,6 +216,11 @@ def ratecard_load(
             features = await load_ratecard(pool, path, effective_at)
         finally:
             await pool.close()
+        if as_json:
+            from creditflow.ops_cli import dumps
+
+            print(dumps({"path": str(path), "features": features}))
+            return
         console.print(f"loaded {len(features)} features from {path}")
 
     asyncio.run(run())

@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     stripe_retry_max_wait_seconds: float = Field(default=2.0, ge=0, le=60)
     stripe_timeout_seconds: float = Field(default=30.0, gt=0, le=120)
 
-    # Top-ups (issue 3): bounds of a custom amount in USD (whole cents), the credit packages
+    # Top-ups: bounds of a custom amount in USD (whole cents), the credit packages
     # (CREDITFLOW_TOPUP_PACKAGES as JSON: [{"id", "name", "price_usd", "credits"}]), how long the API waits
     # for the workflow's answer, and how long a client-secret payment may stay unpaid (polled meanwhile).
     topup_min_usd: Decimal = Field(default=DEFAULT_MIN_USD, gt=0)
@@ -82,14 +82,14 @@ class Settings(BaseSettings):
     # links. Empty: the origin the request came to (right unless a proxy changes the host).
     public_url: str = Field(default="", max_length=500)
 
-    # Auto-recharge (issue 3): attempts per UTC day (declined or not), consecutive failures before it is
+    # Auto-recharge: attempts per UTC day (declined or not), consecutive failures before it is
     # disabled, and the back-off after a failure (doubling from the base, capped).
     auto_recharge_max_per_day: int = Field(default=DEFAULT_MAX_PER_DAY, ge=1, le=100)
     auto_recharge_max_consecutive_failures: int = Field(default=DEFAULT_MAX_CONSECUTIVE_FAILURES, ge=1, le=100)
     auto_recharge_retry_base_seconds: int = Field(default=DEFAULT_RETRY_BASE_SECONDS, ge=1)
     auto_recharge_retry_max_seconds: int = Field(default=DEFAULT_RETRY_MAX_SECONDS, ge=1)
 
-    # Notifications (issue 5). A channel whose settings are missing is reported ``skipped: not_configured``
+    # Notifications. A channel whose settings are missing is reported ``skipped: not_configured``
     # (never retried), so the dev stack and tests run without any of them. Timeouts stay well below the
     # ``send_notification`` activity's start-to-close timeout (30 s): the channels are sent concurrently.
     smtp_host: str = ""  # empty: email is not configured
@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     # How often the worker expires overdue holds (reads and writes already ignore them meanwhile).
     hold_sweep_interval_seconds: float = Field(default=30.0, gt=0)
     ratecard_path: Path | None = None
-    # Billing (issue 4): the plan catalog file (None: the packaged plans.default.yaml) and the seller
+    # Billing: the plan catalog file (None: the packaged plans.default.yaml) and the seller
     # named on invoices.
     plans_path: Path | None = None
     invoice_seller_name: str = Field(default="creditflow", min_length=1, max_length=200)
@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     # invoices use another core and never block the worker's event loop; 0: in the worker process itself.
     invoice_render_processes: int = Field(default=1, ge=0, le=64)
 
-    # Customer portal (issue 14, docs/portal.md): a session link is valid for minutes and opens once; the session
+    # Customer portal (docs/portal.md): a session link is valid for minutes and opens once; the session
     # then lasts this long after the last page opened. The platform's name and logo head every page; links go to
     # ``public_url``.
     portal_link_ttl_minutes: float = Field(default=5, gt=0, le=24 * 60)

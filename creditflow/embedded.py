@@ -48,7 +48,7 @@ from creditflow.config import Settings
 HOST = "127.0.0.1"
 DATABASE_NAME = "creditflow"
 SEARCH_ATTRIBUTES = {"CreditflowAccountId": "Keyword", "CreditflowStatus": "Keyword", "CreditflowPlan": "Keyword"}
-# Issue 3's webhook endpoint; registered with localstripe so payment events reach the API.
+# The API's Stripe webhook endpoint; registered with localstripe so payment events reach the API.
 STRIPE_WEBHOOK_PATH = "/api/v1/stripe/webhook"
 STATE_FILE = "dev-stack.json"
 ADMIN_KEY_FILE = "admin_api_key"
@@ -814,20 +814,62 @@ class DemoDriver:
                 raise StackError(f"demo: registering agent {agent} of {stats.account.external_id} failed: "
                                  f"HTTP {resp.status_code} {resp.text[:300]}")
 
+    def ensure_card(self, stats: DemoStats) -> bool:
+        """A test card saved for the account (on the emulator), once; False without the emulator."""
+        cards = self._json(self.client.get("/api/v1/billing/payment-methods", params={"account_id": stats.account_id}))
+        if cards.get("items"):
+            return True
+        if self.stripe is None:
+            return False
+        url, key = self.stripe
+        pm = httpx.post(f"{url}/v1/payment_methods", auth=(key, ""), timeout=10.0, data={
+            "type": "card", "card[number]": "4242424242424242", "card[exp_month]": "12",
+            "card[exp_year]": str(datetime.now(UTC).year + 3), "card[cvc]": "123",
+            "billing_details[name]": stats.account.name})
+        saved = self.client.post("/api/v1/billing/payment-methods",
+                                 json={"account_id": stats.account_id, "payment_method_id": pm.json()["id"]})
+        return saved.status_code < 300
+
+    def operator_moments(self, stats: DemoStats) -> None:
+        """Two things on-call looks at, on one account: a card top-up (a Stripe charge through the top-up
+        workflow) and an agent paused by hand whose next event is refused, then resumed. The worker's and the API's
+        /metrics (`creditflow_topups_total`, `creditflow_usage_events_total{outcome="denied"}`) and `creditflow
+        agents events` then show them, as they would in production."""
+        account = stats.account_id
+        try:
+            if self.ensure_card(stats):
+                resp = self.client.post("/api/v1/billing/wallet/topup", timeout=60.0, json={
+                    "account_id": account, "amount_usd": 10, "request_id": f"demo-{uuid.uuid4().hex}"})
+                body = self._json(resp)
+                outcome = body.get("status") or body.get("error", {}).get("code") or f"HTTP {resp.status_code}"
+                self.console.print(f"  {stats.account.name}: card top-up of $10 -> {outcome} "
+                                   f"(+{fmt_credits(body.get('credits'))} credits)", highlight=False)
+            agent = stats.account.agents[-1]
+            reason = {"account_id": account, "reason": "creditflow dev --demo: paused by hand"}
+            if self.client.post(f"/api/v1/agents/{agent}/pause", json=reason, timeout=30.0).status_code < 300:
+                refused = self._json(self.client.post("/api/v1/billing/track", json={
+                    "account_id": account, "feature_id": "chat_message", "value": 1, "agent_id": agent,
+                    "idempotency_key": f"demo-{uuid.uuid4().hex}"}))
+                code = refused.get("code") or refused.get("error", {}).get("code") or "?"
+                stats.events += 1
+                if refused.get("allowed"):
+                    stats.allowed += 1
+                else:
+                    stats.denied[code] = stats.denied.get(code, 0) + 1
+                resumed = self.client.post(f"/api/v1/agents/{agent}/resume", timeout=30.0,
+                                           json={**reason, "reason": "creditflow dev --demo: resumed"})
+                self.console.print(f"  {stats.account.name}: agent {agent} paused by hand, its next event "
+                                   f"refused ({code}), {'resumed' if resumed.status_code < 300 else 'not resumed'}"
+                                   f" (creditflow agents events {account} {agent})", highlight=False)
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            self.console.print(f"demo: operator moments skipped ({exc})")
+
     def portal_link(self, stats: DemoStats) -> str | None:
         """A customer portal link for a demo account (docs/portal.md), with a test card saved (on the emulator) so
         that Buy credits, Pay now and Auto-recharge work there. None (and a note) if the API refuses."""
         account = stats.account_id
         try:
-            cards = self._json(self.client.get("/api/v1/billing/payment-methods", params={"account_id": account}))
-            if self.stripe is not None and not cards.get("items"):
-                url, key = self.stripe
-                pm = httpx.post(f"{url}/v1/payment_methods", auth=(key, ""), timeout=10.0, data={
-                    "type": "card", "card[number]": "4242424242424242", "card[exp_month]": "12",
-                    "card[exp_year]": str(datetime.now(UTC).year + 3), "card[cvc]": "123",
-                    "billing_details[name]": stats.account.name})
-                self.client.post("/api/v1/billing/payment-methods",
-                                 json={"account_id": account, "payment_method_id": pm.json()["id"]})
+            self.ensure_card(stats)
             self.demo_invoices(account)
             resp = self.client.post("/api/v1/portal/sessions",
                                     json={"account_id": account, "return_url": f"{self.api_url}/docs"})
@@ -982,6 +1024,7 @@ class DemoDriver:
             live.update(frame())
         if not self.console.is_terminal:
             self.console.line()  # Live leaves the cursor at the end of its last frame when piped
+        self.operator_moments(all_stats[0])
         total = sum(s.events for s in all_stats)
         ok = sum(s.allowed for s in all_stats)
         self.console.print(f"demo done: {total} usage events, {ok} allowed, {total - ok} denied, "

@@ -24,6 +24,7 @@ from creditflow.config import get_settings
 from creditflow.errors import CreditflowError
 from creditflow.ledger import accounts, lookup, postings, queries
 from creditflow.ledger.db import open_pool
+from creditflow.ledger.models import PostingResult
 
 console = Console()
 T = TypeVar("T")
@@ -73,10 +74,11 @@ def run(action: Callable[[AsyncConnectionPool], Awaitable[T]], as_json: bool = F
 
 
 def answer(action: Callable[[AsyncConnectionPool], Awaitable[Any]], path: str, params: dict[str, Any] | None,
-           as_json: bool) -> Any:
-    """A read-only answer, from the database (CREDITFLOW_DATABASE_URL) or, without one, from the API
-    (CREDITFLOW_API_URL with CREDITFLOW_ADMIN_API_KEY: on-call needs no database credentials). Either way it
-    comes back as JSON values (exact decimals), the same for both."""
+           as_json: bool, body: dict[str, Any] | None = None) -> Any:
+    """An answer from the database (CREDITFLOW_DATABASE_URL) or, without one, from the API (CREDITFLOW_API_URL
+    with CREDITFLOW_ADMIN_API_KEY: on-call needs no database credentials); with ``body``, a write POSTed to
+    ``path`` that runs the same ledger function as ``action``. Either way it comes back as JSON values (exact
+    decimals), the same for both."""
     settings = get_settings()
     if settings.database_url or not settings.api_url:
         return simplejson.loads(dumps(run(action, as_json)), use_decimal=True)
@@ -87,8 +89,9 @@ def answer(action: Callable[[AsyncConnectionPool], Awaitable[Any]], path: str, p
 
     query = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in (params or {}).items() if v is not None}
     try:
-        resp = httpx.get(settings.api_url.rstrip("/") + path, params=query, timeout=30.0,
-                         headers={"Authorization": f"Bearer {settings.admin_api_key.get_secret_value()}"})
+        resp = httpx.request("GET" if body is None else "POST", settings.api_url.rstrip("/") + path, params=query,
+                             json=body, timeout=30.0,
+                             headers={"Authorization": f"Bearer {settings.admin_api_key.get_secret_value()}"})
     except httpx.HTTPError as exc:
         console.print(f"[red]the API at {settings.api_url} is not reachable[/red]: {type(exc).__name__}")
         raise typer.Exit(2) from exc
@@ -201,8 +204,10 @@ def wallet_credit(
 ) -> None:
     """Manual credit or debit, recorded as an `adjustment` journal entry."""
     key = idempotency_key or f"cli-{uuid.uuid4().hex}"
-    result = run(lambda pool: postings.adjust(pool, account_id=account_id, amount_credits=amount, reason=reason,
-                                              idempotency_key=key, actor="cli"), as_json)
+    result = PostingResult.model_validate(answer(
+        lambda pool: postings.adjust(pool, account_id=account_id, amount_credits=amount, reason=reason,
+                                     idempotency_key=key, actor="cli"), "/api/v1/billing/wallet/credit", None, as_json,
+        body={"account_id": account_id, "amount": amount, "reason": reason, "idempotency_key": key}))
     emit(result, as_json, lambda: console.print(
         f"{result.transaction_id}: {result.amount:+} credits, balance {result.balances.balance}"
         f"{' (replayed)' if result.replayed else ''}"))
@@ -210,8 +215,9 @@ def wallet_credit(
 
 @wallet_app.command("balance")
 def wallet_balance(account_id: str, as_json: JsonFlag = False) -> None:
-    balance = run(lambda pool: queries.balance(pool, account_id), as_json)
-    emit(balance, as_json, lambda: console.print_json(balance.model_dump_json()))
+    balance = answer(lambda pool: queries.balance(pool, account_id), "/api/v1/billing/balance",
+                     {"account_id": account_id}, as_json)
+    emit(balance, as_json, lambda: console.print_json(dumps(balance)))
 
 
 @wallet_app.command("history")

@@ -1,7 +1,8 @@
 """``creditflow reconcile``: reconcile the ledger with Stripe now and print what was repaired and reported.
 
 It starts ``ReconciliationWorkflow`` (the same workflow the daily schedule starts) and waits for it, so a worker
-must be running; ``--show`` and ``--list`` read stored reports from the database.
+must be running; ``--show`` and ``--list`` read stored reports from the database, or, without a database URL, from
+the API with an admin key (``/api/v1/reconciliation/runs``: on-call needs no database credentials).
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ from rich.table import Table
 from creditflow.client import CreditflowClient
 from creditflow.config import get_settings
 from creditflow.domain.reconciliation import RunReport
-from creditflow.ops_cli import console, run
+from creditflow.ops_cli import answer, console, dumps
 from creditflow.payments import reconcile as engine
+
+LIST_LIMIT = 20
+
+
+async def _latest_runs(pool: object) -> dict[str, object]:
+    """The latest runs as ``GET /api/v1/reconciliation/runs`` answers them (one shape from either source)."""
+    runs = await engine.list_runs(pool, LIST_LIMIT + 1)  # type: ignore[arg-type]
+    return {"items": runs[:LIST_LIMIT], "has_more": len(runs) > LIST_LIMIT}
 
 
 def _print(report: RunReport, json_output: bool) -> None:
@@ -51,8 +60,12 @@ def reconcile(
     through the same idempotent paths as the workflows, and report the rest. Exits 1 when something is left to
     look at (a reported difference or a ledger violation)."""
     if list_runs:
+        page = answer(_latest_runs, "/api/v1/reconciliation/runs", {"limit": LIST_LIMIT}, json_output)
+        if json_output:
+            print(dumps(page))
+            return
         table = Table("run", "trigger", "status", "since", "until", "repaired", "reported", "violations")
-        for r in run(lambda pool: engine.list_runs(pool)):
+        for r in (RunReport.model_validate(item) for item in page["items"]):
             table.add_row(r.id, r.trigger, r.status, f"{r.since:%Y-%m-%d %H:%M}", f"{r.until:%Y-%m-%d %H:%M}",
                           str(r.repaired), str(r.reported), str(r.violations))
         console.print(table)
@@ -70,7 +83,9 @@ def reconcile(
             return summary.run_id
 
         show = asyncio.run(start_and_wait())
-    report = run(lambda pool: engine.get_run(pool, show))
+    run_id = show
+    report = RunReport.model_validate(answer(lambda pool: engine.get_run(pool, run_id),
+                                             f"/api/v1/reconciliation/runs/{run_id}", None, json_output))
     _print(report, json_output)
     if report.reported or report.violations:
         raise typer.Exit(1)

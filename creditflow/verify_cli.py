@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from creditflow.ledger.verify import CHECKS, verify
-from creditflow.ops_cli import console, run
+from creditflow.ledger.verify import CHECKS, VerifyReport, verify
+from creditflow.ops_cli import answer, console
 
 
 def verify_command(
@@ -25,7 +25,9 @@ def verify_command(
         for check in CHECKS:
             console.print(f"[bold]{check.name}[/bold]: {check.doc}")
         return
-    report = run(lambda pool: verify(pool, account))
+    # From the database, or without a database URL from the API (admin key): the same report.
+    report = VerifyReport.model_validate(answer(lambda pool: verify(pool, account), "/api/v1/verify",
+                                                {"account_id": account}, json_output))
     if json_output:
         console.print_json(report.model_dump_json())
     elif report.ok:

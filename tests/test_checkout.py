@@ -1,4 +1,4 @@
-"""Packages and hosted checkout (issue 13 item 3, seed 000 "Select a credit package ... Complete checkout via Stripe").
+"""Packages and hosted checkout (seed 000 "Select a credit package ... Complete checkout via Stripe").
 
 Through the HTTP API and the hosted page's own endpoints, against the real stack: PostgreSQL, localstripe (its
 SetupIntent confirmation called as its Stripe.js calls it) and, for paying, the Temporal dev server with the

@@ -201,3 +201,114 @@ async def test_operator_answers_through_the_api_with_an_admin_key(
     monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", "cf_admin_wrong_key_123")
     get_settings.cache_clear()
     assert (await cli_json(app, "charges", account, code=1))["error"]["code"] == "unauthorized"
+
+
+async def test_verify_and_reconciliation_answers_through_the_api_with_an_admin_key(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool, cli_env: None, api_server: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runbook's "a reconciliation difference" needs no database credentials either: `verify` and
+    `reconcile --list|--show` print the same through the API as from the database."""
+    from creditflow import reconcile_cli, verify_cli
+    from creditflow.cli import app
+    from creditflow.payments.reconcile import complete_run, open_run
+    from tests.conftest import ADMIN_KEY
+
+    account, _ = await usage_account(api)
+    now = datetime.now(UTC)
+    run_id = f"test:{now.timestamp()}"
+    await open_run(pool, run_id, trigger="manual", since=now - timedelta(hours=1), now=now)
+    await complete_run(pool, run_id, violations=0)
+    commands = [("verify", "--account", account), ("reconcile", "--list"), ("reconcile", "--show", run_id)]
+    for console in (reconcile_cli.console, verify_cli.console):
+        monkeypatch.setattr(console, "width", 250)
+    from_database = [await cli_json(app, *c) for c in commands]
+    tables = [(await invoke(app, *c)).output for c in commands]
+
+    monkeypatch.delenv("CREDITFLOW_DATABASE_URL")
+    monkeypatch.setenv("CREDITFLOW_API_URL", api_server)
+    monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", ADMIN_KEY)
+    get_settings.cache_clear()
+    from_api = [await cli_json(app, *c) for c in commands]
+    for answer in (from_database[0], from_api[0]):
+        answer.pop("checked_at")
+    assert from_api == from_database
+    assert from_api[0]["ok"] is True and from_api[0]["account_id"] == account and from_api[0]["accounts_checked"] == 1
+    assert [r["id"] for r in from_api[1]["items"]] == [run_id] and from_api[2]["status"] == "completed"
+    assert [(await invoke(app, *c)).output for c in commands][1:] == tables[1:]
+    assert "no violation" in (await invoke(app, *commands[0])).output
+    missing = await cli_json(app, "reconcile", "--show", "test:nope", code=1)
+    assert missing["error"]["code"] == "not_found"
+
+
+async def test_wallet_balance_and_credit_through_the_api_with_an_admin_key(
+        api: httpx.AsyncClient, database_url: str, cli_env: None, api_server: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SLA credit by on-call needs no database credentials: `wallet credit` posts through the API (the same
+    ledger function, the same idempotency key) and `wallet balance` reads it back; the database sees the same."""
+    from creditflow.cli import app
+    from tests.conftest import ADMIN_KEY
+
+    account, _ = await usage_account(api)
+    from_database = await cli_json(app, "wallet", "balance", account)
+    credit = ("wallet", "credit", account, "--amount", "250", "--reason", "SLA credit", "--idempotency-key", "sla-1")
+
+    monkeypatch.delenv("CREDITFLOW_DATABASE_URL")
+    monkeypatch.setenv("CREDITFLOW_API_URL", api_server)
+    monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", ADMIN_KEY)
+    get_settings.cache_clear()
+    assert await cli_json(app, "wallet", "balance", account) == from_database
+    posted = await cli_json(app, *credit)
+    assert posted["amount"] == 250 and posted["replayed"] is False
+    assert posted["balances"]["balance"] == from_database["balance"] + 250
+    assert (await invoke(app, *credit)).output.strip().endswith(
+        f"balance {from_database['balance'] + 250} (replayed)")
+    refused = await cli_json(app, "wallet", "credit", account, "--amount", "-100000", "--reason", "oops", code=1)
+    assert refused["error"]["code"] == "insufficient_credits"
+
+    monkeypatch.setenv("CREDITFLOW_DATABASE_URL", database_url)  # the database again: it holds the same entry
+    get_settings.cache_clear()
+    def after(balance: dict[str, Any]) -> dict[str, Any]:
+        return {k: balance[k] for k in posted["balances"]}
+
+    assert after(await cli_json(app, "wallet", "balance", account)) == posted["balances"]
+    # The key records who posted it (the admin key through the API, "cli" here): reused from the other side it is
+    # refused, never credited twice.
+    assert (await cli_json(app, *credit, code=1))["error"]["code"] == "idempotency_conflict"
+    assert after(await cli_json(app, "wallet", "balance", account)) == posted["balances"]
+
+
+async def test_payment_event_failures_listed_and_redriven_through_the_api_with_an_admin_key(
+        api: httpx.AsyncClient, pool: AsyncConnectionPool, cli_env: None, api_server: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runbook's outbox question ends with `payment-events failed` and `redrive`: both work with an admin key
+    and no database credentials, and the re-drive lands in the outbox as from the database."""
+    from creditflow import payment_events_cli
+    from creditflow.cli import app
+    from creditflow.ledger import payment_event_failures
+    from tests.conftest import ADMIN_KEY
+
+    monkeypatch.setattr(payment_events_cli.console, "width", 250)
+    account, _ = await usage_account(api)
+    await payment_event_failures.record(pool, account, "stripe:evt_lost_refund", "payment.refunded",
+                                        {"payment_intent_id": "pi_x"}, "unknown_charge", "no charge for pi_x")
+    listing = ("payment-events", "failed", "--account-id", account)
+    from_database = await cli_json(app, *listing)
+    table = (await invoke(app, *listing)).output
+
+    monkeypatch.delenv("CREDITFLOW_DATABASE_URL")
+    monkeypatch.setenv("CREDITFLOW_API_URL", api_server)
+    monkeypatch.setenv("CREDITFLOW_ADMIN_API_KEY", ADMIN_KEY)
+    get_settings.cache_clear()
+    assert await cli_json(app, *listing) == from_database
+    assert (await invoke(app, *listing)).output == table
+    assert [(f["kind"], f["error_code"], f["redrives"]) for f in from_database] == [
+        ("payment.refunded", "unknown_charge", 0)]
+    redriven = await cli_json(app, "payment-events", "redrive", str(from_database[0]["id"]))
+    assert redriven == {"outbox_dedup_key": "stripe:evt_lost_refund#redrive-1"}
+    assert [f["redrives"] for f in await cli_json(app, *listing)] == [1]
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT kind FROM outbox WHERE dedup_key = %s",
+                                        (redriven["outbox_dedup_key"],))).fetchone()
+    assert row is not None and row["kind"] == "payment.refunded"
+    missing = await cli_json(app, "payment-events", "redrive", "999999", code=1)
+    assert missing["error"]["code"] == "not_found"

@@ -52,3 +52,26 @@ def test_help_lists_the_stack_and_operator_commands() -> None:
     assert result.exit_code == 0
     for command in ("dev", "api", "worker", "migrate", "ratecard", "accounts", "keys", "wallet"):
         assert f" {command} " in result.output
+
+
+def test_migrate_and_ratecard_load_print_json(cli_env: None) -> None:
+    """`--json` on every operator command, the two that change the schema and the rates included."""
+    import json
+    from pathlib import Path
+
+    import creditflow
+    from creditflow.cli import app
+
+    runner = CliRunner()
+    migrated = runner.invoke(app, ["migrate", "--json"])
+    assert migrated.exit_code == 0, migrated.output
+    assert json.loads(migrated.stdout) == {"applied": [], "ratecard_seeded": False}  # the test database is current
+
+    card = Path(creditflow.__file__).parent / "ratecard.default.yaml"
+    loaded = runner.invoke(app, ["ratecard", "load", str(card), "--json"])
+    assert loaded.exit_code == 0, loaded.output
+    body = json.loads(loaded.stdout)
+    shown = json.loads(runner.invoke(app, ["ratecard", "show", "--json"]).stdout)
+    assert body == {"path": str(card), "features": shown}
+    assert {"id": "llm_tokens", "credits_per_unit": 0.1}.items() <= next(
+        f for f in shown if f["id"] == "llm_tokens").items()

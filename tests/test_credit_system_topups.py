@@ -1,4 +1,4 @@
-"""Top-ups that name the credit system they fund (issue 13 item 7, docs/credit-systems.md), end to end: HTTP API,
+"""Top-ups that name the credit system they fund (docs/credit-systems.md), end to end: HTTP API,
 TopUpWorkflow / RefundWorkflow on the production worker (real Temporal dev server), localstripe, real PostgreSQL.
 
 The money of a system's purchase is conserved exactly as the wallet's: its lot carries its price, a refund takes

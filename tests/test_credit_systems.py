@@ -1,4 +1,4 @@
-"""Named credit systems (issue 13 item 7, seed 003) over the HTTP API on a real database: a system is a balance of
+"""Named credit systems (seed 003) over the HTTP API on a real database: a system is a balance of
 its own, funded by grants naming it and spent only by the features mapped to it; the default wallet is untouched."""
 
 from __future__ import annotations

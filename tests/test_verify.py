@@ -1,6 +1,6 @@
 """``creditflow verify``: a clean ledger passes every check, and each kind of money defect is reported with its ids.
 
-The defects are produced with the ledger's own functions (the states the issue-11 bugs left behind), not by
+The defects are produced with the ledger's own functions (the states the money-conservation bugs left behind), not by
 editing totals, so the checks are shown to see what the bugs did; plain corruption of a total is caught too.
 """
 

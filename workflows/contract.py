@@ -25,12 +25,12 @@ ACCOUNT_WORKFLOW_ID_PREFIX = "account:"
 SIGNAL_OUTBOX_EVENT = "outbox_event"
 QUERY_STATE = "state"
 
-# Agents (issue 5): a signal (fire and forget) and an update of the same name (returns the agent's new
+# Agents: a signal (fire and forget) and an update of the same name (returns the agent's new
 # ``AgentStatus``, or fails with ``invalid_transition`` / ``unknown_agent``), both taking ``AgentCommand``.
 SIGNAL_PAUSE_AGENT = UPDATE_PAUSE_AGENT = "pause_agent"
 SIGNAL_RESUME_AGENT = UPDATE_RESUME_AGENT = "resume_agent"
 
-# Billing cycle (issue 4): update ``change_plan`` (argument ``PlanChange``, result ``SubscriptionState``).
+# Billing cycle: update ``change_plan`` (argument ``PlanChange``, result ``SubscriptionState``).
 UPDATE_CHANGE_PLAN = "change_plan"
 
 # Dedup keys the account workflow remembers (and carries across continue-as-new).
@@ -169,7 +169,7 @@ class AccountWorkflowInput(BaseModel):
     # Continue-as-new after this many new events in one run, on top of the server's suggestion.
     # None (production) relies on the suggestion only; tests set a small number.
     continue_as_new_after_events: int | None = Field(default=None, ge=1)
-    # Stripe customer (issue 3): requested by ``account.created``, created by an activity exactly once.
+    # Stripe customer: requested by ``account.created``, created by an activity exactly once.
     stripe_customer_pending: bool = False
     stripe_customer_id: str | None = None
     # The error code when creating it failed for good (it is then created on first use by the API).
@@ -215,7 +215,7 @@ class AccountState(BaseModel):
     subscription: SubscriptionState | None = None
 
 
-# --- TopUpWorkflow (issue 3) -----------------------------------------------------------------------
+# --- TopUpWorkflow -----------------------------------------------------------------------------------
 
 TOPUP_WORKFLOW = "TopUpWorkflow"
 TOPUP_WORKFLOW_ID_PREFIX = "topup:"
@@ -292,7 +292,7 @@ class TopUpOutcome(BaseModel):
     decline_code: str | None = None
 
 
-# --- RefundWorkflow (issue 3) ----------------------------------------------------------------------
+# --- RefundWorkflow ----------------------------------------------------------------------------------
 
 REFUND_WORKFLOW = "RefundWorkflow"
 REFUND_WORKFLOW_ID_PREFIX = "refund:"
@@ -352,7 +352,7 @@ class RefundOutcome(BaseModel):
     error_message: str | None = None
 
 
-# --- AutoRechargeWorkflow (issue 3) ----------------------------------------------------------------
+# --- AutoRechargeWorkflow ----------------------------------------------------------------------------
 
 AUTO_RECHARGE_WORKFLOW = "AutoRechargeWorkflow"
 AUTO_RECHARGE_WORKFLOW_ID_PREFIX = "recharge:"
@@ -400,7 +400,7 @@ class AutoRechargeOutcome(BaseModel):
     decline_code: str | None = None
 
 
-# --- InvoiceWorkflow (issue 4) ---------------------------------------------------------------------
+# --- InvoiceWorkflow ---------------------------------------------------------------------------------
 
 INVOICE_WORKFLOW = "InvoiceWorkflow"
 INVOICE_WORKFLOW_ID_PREFIX = "invoice:"
@@ -522,7 +522,7 @@ class ReconcileSummary(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
-# --- PartitionMaintenanceWorkflow (issue 16 §4, docs/partitioning.md) --------------------------------------------
+# --- PartitionMaintenanceWorkflow (docs/partitioning.md) -----------------------------------------------------------
 
 PARTITION_MAINTENANCE_WORKFLOW = "PartitionMaintenanceWorkflow"
 # The Temporal Schedule that starts it (daily by default: CREDITFLOW_PARTITION_INTERVAL_HOURS).
@@ -544,7 +544,7 @@ class PartitionMaintenanceSummary(BaseModel):
     rollup_rows: int = 0
 
 
-# --- number rental in the wallet (issue 13, item 8) ---------------------------------------------------------------
+# --- number rental in the wallet ------------------------------------------------------------------------------------
 
 RENTAL_WORKFLOW = "RentalWorkflow"
 
@@ -563,7 +563,7 @@ class RentalInput(BaseModel):
     index: int = 0
 
 
-# --- customer-webhook redelivery (issue 12) -------------------------------------------------------------------------
+# --- customer-webhook redelivery -------------------------------------------------------------------------------------
 
 # Input: the redelivery's ``Notification`` (``creditflow.domain.notifications``; channels ``["webhook"]``,
 # ``redelivery_of`` the event's first delivery); result: the webhook channel's final status.

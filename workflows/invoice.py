@@ -72,7 +72,8 @@ INVOICE_DB_RETRY = db_retry(_REFUSALS)
 # Stripe said the money moved: the invoice must be marked paid (and the overage restored), whatever it takes.
 SETTLE_RETRY = until_done_retry(_REFUSALS)
 PDF_CONTENT_TYPE = "application/pdf"
-# Issue 11, defect 10: attempt 2+ first reads the earlier attempts' PaymentIntents back (one payment per invoice).
+# One payment per invoice even when an attempt's answer was lost: attempt 2+ first reads the earlier attempts'
+# PaymentIntents back.
 ONE_PAYMENT_PATCH = "invoice-one-payment-per-invoice"
 # Histories recorded before it took a ``processing`` PaymentIntent for a decline (past due, notice, charge failed).
 PROCESSING_PATCH = "invoice-processing-is-not-a-failure"

@@ -1,4 +1,4 @@
-"""Autumn-compatible routes (issue 13, item 11): apps written against Autumn's SDK (``autumn-python`` 0.2) run on
+"""Autumn-compatible routes: apps written against Autumn's SDK (``autumn-python`` 0.2) run on
 creditflow by changing only the base URL (``.../api/v1``) and the key. See docs/autumn-compatibility.md.
 
 Why a separate module with its own paths: the SDK's paths and answer shapes are Autumn's, not creditflow's; the

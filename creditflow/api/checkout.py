@@ -30,7 +30,7 @@ from creditflow.payments import checkout
 router = APIRouter(prefix="/api/v1", tags=["checkout"], route_class=ExactRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.BILLING_READ))]
-# Creating a checkout link charges nothing: the buyer pays on the page (issue 13 item 9: billing:write).
+# Creating a checkout link charges nothing: the buyer pays on the page, so billing:write is enough.
 Creator = Annotated[Principal, Depends(require(Scope.BILLING_WRITE))]
 Pool = Annotated[AsyncConnectionPool, Depends(get_pool)]
 AppSettings = Annotated[Settings, Depends(get_app_settings)]

@@ -1,7 +1,7 @@
 """/api/v1/operator: the operator CLI's answers over HTTP (admin keys only), so on-call needs an admin API key
 and no database credentials: ``CREDITFLOW_API_URL`` + ``CREDITFLOW_ADMIN_API_KEY`` for ``creditflow wallet
-history|show``, ``agents list|events`` and ``charges``. Each answer is exactly what the command prints with
-``--json`` (creditflow/ledger/lookup.py computes both)."""
+history|show``, ``agents list|events``, ``charges`` and ``payment-events failed|redrive``. Each answer is exactly
+what the command prints with ``--json`` (creditflow/ledger/lookup.py computes both)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from creditflow.api.deps import get_pool, require
 from creditflow.api.exact_json import ExactJSONResponse, ExactRoute, respond
 from creditflow.api.keys import Principal, Scope
 from creditflow.ids import check_id, check_token
-from creditflow.ledger import lookup
+from creditflow.ledger import lookup, payment_event_failures
 
 router = APIRouter(prefix="/api/v1/operator", tags=["operations"], route_class=ExactRoute)
 # The answers are the CLI's --json documents (creditflow/ledger/lookup.py): declared as JSON objects (arrays for the
@@ -65,3 +65,20 @@ async def agent_events(account_id: str, agent_id: str, principal: Admin, pool: P
     check_id(account_id, "acc", "account_id")
     check_token(agent_id, "agent id")
     return respond(await lookup.agent_trail(pool, account_id, agent_id, limit))
+
+
+@router.get("/payment-events/failed", response_class=ExactJSONResponse)
+async def payment_events_failed(principal: Admin, pool: Pool, account_id: str | None = None,
+                                include_resolved: Annotated[bool, Query(alias="all")] = False) -> ExactJSONResponse:
+    """Payment events the account workflow could not apply, oldest first, with their error."""
+    if account_id is not None:
+        check_id(account_id, "acc", "account_id")
+    return respond(await payment_event_failures.list_failures(pool, account_id=account_id,
+                                                              include_resolved=include_resolved))
+
+
+@router.post("/payment-events/{failure_id}/redrive", response_class=ExactJSONResponse)
+async def payment_event_redrive(failure_id: int, principal: Admin, pool: Pool) -> ExactJSONResponse:
+    """Deliver a failed event to its account workflow again (through the outbox): every effect is keyed by its
+    Stripe object, so a second re-drive applies nothing twice."""
+    return respond({"outbox_dedup_key": await payment_event_failures.redrive(pool, failure_id)})

@@ -5,7 +5,7 @@ The ledger stores amounts as integers of **micro-credits** (1 credit = 1,000,000
 enough for 64-bit columns (9.2e12 credits). A usage charge is ``quantity x credits_per_unit``
 rounded half-up to the micro-credit in :func:`usage_charge_micros` (the SQL hot path uses the
 same rule: ``round(quantity * rate * 1e6)``; a property test keeps the two in step). Billing
-(issue 4) adds two conversions that must round, with the same rule (half-up, i.e. halves away from
+adds two conversions that must round, with the same rule (half-up, i.e. halves away from
 zero, Decimal's ``ROUND_HALF_UP``): micro-credits to whole cents on an invoice line
 (:func:`micros_to_cents`) and a share of a whole-cent or whole-credit amount for proration
 (:func:`prorate`). Nothing else rounds: every other conversion is exact or refused.

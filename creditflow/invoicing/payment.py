@@ -123,7 +123,7 @@ async def settle(pool: AsyncConnectionPool, gateway: StripeGateway, invoice_id: 
     return await store.get(pool, invoice_id)
 
 
-# --- refunds and disputes of an invoice payment (issue 11, defect 8; migration 0024_3) ---------------------------
+# --- refunds and disputes of an invoice payment: they move its credit-line restoration (migration 0024_3) ---------
 
 
 class InvoicePaymentEvent(BaseModel):

@@ -181,7 +181,7 @@ async def prepare(pool: AsyncConnectionPool, request: InvoiceRequest, *, catalog
     if existing is not None:
         return existing, False
     # The credit balance an invoice applies is used up in the transaction that stores it, under a per-account lock
-    # (issue 11: the credit carried forward is applied once). Drafting and rendering happen outside that
+    # (the credit carried forward is applied once, never twice). Drafting and rendering happen outside that
     # transaction; if another invoice of the account changed the balance meanwhile, the draft is made again.
     while True:
         async with pool.connection() as conn:

@@ -1,4 +1,4 @@
-"""Spend limits and spend figures of an account (issue 5).
+"""Spend limits and spend figures of an account.
 
 Limits live on the balances row so the metering transaction enforces them under the lock it already
 takes (migration 0009: cf_spend_gate / cf_spend_record). Saving limits recomputes the day's and month's

@@ -52,7 +52,7 @@ class Balances(BaseModel):
 class Balance(Balances):
     account_id: str
     last_updated: datetime
-    # With a plan (issue 4): what is left of this cycle's plan credits (spent before the wallet) and when the
+    # With a plan: what is left of this cycle's plan credits (spent before the wallet) and when the
     # cycle renews. None without a subscription.
     plan_id: str | None = None
     plan_credits_remaining: Decimal | None = None

@@ -1,4 +1,4 @@
-"""Subscriptions and their billing cycle in the ledger (issue 4).
+"""Subscriptions and their billing cycle in the ledger.
 
 The account workflow is the only writer of cycle state: it calls these (through activities) to start a
 subscription, close a period and open the next. Every step is idempotent on its own: the grant and the

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import time
+import typing
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from creditflow.domain.notifications import Channel
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,9 @@ _STATS_SQL = {
                       " FROM reconciliation_runs WHERE status = 'completed' ORDER BY finished_at DESC LIMIT 1",
 }
 
+# The channels a notification is delivered on (creditflow.domain.notifications.Channel): each exported, 0 included.
+NOTIFICATION_CHANNELS = typing.get_args(Channel)
+
 # A charge's status as an outcome an operator reads (pending and requires_action are still open).
 CHARGE_OUTCOMES = {"succeeded": "succeeded", "failed": "failed", "canceled": "canceled", "pending": "pending",
                    "requires_action": "pending"}
@@ -158,9 +164,14 @@ class DatabaseStats(Collector):
                                         labels=["outcome"])
         invoices = CounterMetricFamily("creditflow_invoice_charges", "Invoice charges by outcome.", labels=["outcome"])
         families = {"topup": topups, "auto_recharge": recharges, "invoice": invoices}
+        # Every outcome is exported, 0 included: a rate or ratio over a series that appears only with its first
+        # failure would see no change at that first failure, and a dashboard would show "no data" instead of 0.
+        for kind, family in families.items():
+            for outcome in sorted(set(CHARGE_OUTCOMES.values())):
+                family.add_metric([outcome], self.charges.get((kind, outcome), 0))
         for (kind, outcome), n in sorted(self.charges.items()):
-            if kind in families:
-                families[kind].add_metric([outcome], n)
+            if kind in families and outcome not in CHARGE_OUTCOMES.values():
+                families[kind].add_metric([outcome], n)  # a status this code does not know yet
         yield from families.values()
         yield GaugeMetricFamily("creditflow_outbox_lag_seconds", "Age of the oldest outbox row not yet relayed "
                                 "to its workflow (0: none pending).", value=self.outbox_lag)
@@ -171,8 +182,8 @@ class DatabaseStats(Collector):
                                 value=self.webhooks_pending)
         failures = CounterMetricFamily("creditflow_notification_failures", "Notification deliveries given up "
                                        "(status failed), by channel.", labels=["channel"])
-        for channel, n in sorted(self.notification_failures.items()):
-            failures.add_metric([channel], n)
+        for channel in sorted(set(NOTIFICATION_CHANNELS) | set(self.notification_failures)):
+            failures.add_metric([channel], self.notification_failures.get(channel, 0))
         yield failures
         differences = GaugeMetricFamily("creditflow_reconciliation_differences", "Differences between the ledger "
                                         "and Stripe in the last completed reconciliation, by how they ended.",

@@ -1,4 +1,4 @@
-"""Refunds made on Stripe directly and disputes: take back the credits that payment bought (issue 3).
+"""Refunds made on Stripe directly and disputes: take back the credits that payment bought.
 
 Stripe tells us with ``charge.refunded`` (a refund creditflow did not make: e.g. from the Stripe dashboard) and
 ``charge.dispute.created``. The webhook stores the event and writes an outbox row in the same transaction; the
@@ -100,7 +100,7 @@ async def apply(pool: AsyncConnectionPool, account_id: str, kind: str, payload: 
         result.ignored.append("no PaymentIntent")
         return result
     invoice = await invoice_payment.invoice_paid_with(pool, account_id, result.payment_intent_id)
-    if invoice is not None:  # an invoice payment: the invoice and its credit-line restoration (issue 11, defect 8)
+    if invoice is not None:  # an invoice payment: its credit-line restoration moves, not a lot
         return await _apply_to_invoice(invoice, pool, kind, payload, stripe_refunds, result)
     async with pool.connection() as conn:
         try:

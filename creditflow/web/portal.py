@@ -1,4 +1,4 @@
-"""The customer billing portal (issue 14, docs/portal.md): server-rendered pages opened by a portal session.
+"""The customer billing portal (docs/portal.md): server-rendered pages opened by a portal session.
 
 Why it reuses the API's handlers: every page reads and every form writes through the very functions the
 ``/api/v1`` routes run (validation, idempotency, workflows, error codes), called with the session's principal

@@ -111,7 +111,7 @@ def alive(proc: psutil.Process) -> bool:
         return False
 
 
-def start(runs: list[Dev], data_dir: Path, log: Path) -> Dev:
+def start(runs: list[Dev], data_dir: Path, log: Path, *args: str) -> Dev:
     """Start ``creditflow dev`` on ``data_dir``. A new data dir is a link to a directory directly under the system's
     temp dir: as root, embedded PostgreSQL runs as its own user, which must traverse every parent of its data, and
     pytest keeps its own temp root (``pytest-of-root``) closed to other users (a doc-examples run in CI failed with
@@ -121,7 +121,7 @@ def start(runs: list[Dev], data_dir: Path, log: Path) -> Dev:
         real.chmod(0o755)
         data_dir.symlink_to(real, target_is_directory=True)
     for attempt in range(3):
-        run = Dev(data_dir, log)
+        run = Dev(data_dir, log, *args)
         runs.append(run)
         try:
             run.wait_for("GET /healthz", lambda url=f"{run.api}/healthz": httpx.get(url, timeout=2).json() == {
