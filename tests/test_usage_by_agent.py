@@ -36,8 +36,8 @@ async def test_usage_grouped_by_agent_totals_each_agents_credits_in_the_window_e
         assert (await metering.track(then, event)).code == "ok"
     # The days that are over are rolled up (what the partition maintenance does): they are read from usage_daily.
     assert await partitions.rollup_usage(pool, three_ago.date(), today.date()) > 0
-    for feature, value, key, agent in (("voice_minute", "0.05", "t-sub", "support"), ("chat_message", 1, "t-none", None),
-                                       ("chat_message", 3, "t-sales", "sales")):
+    for feature, value, key, agent in (("voice_minute", "0.05", "t-sub", "support"),
+                                       ("chat_message", 1, "t-none", None), ("chat_message", 3, "t-sales", "sales")):
         extra = {"agent_id": agent} if agent else {}
         assert (await track(api, acc, feature, value, key, **extra)).status_code == 200
 

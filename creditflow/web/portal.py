@@ -599,10 +599,15 @@ async def usage(ctx: Ctx) -> Response:
     start = datetime.fromisoformat(str(balance["period_start"]).replace("Z", "+00:00")) \
         if balance.get("period_start") else None
     rollups = (await ctx.call("GET", "/api/v1/billing/usage", billing.usage, pool=ctx.pool, start=start))["items"]
+    # Per agent over the same window as the per-day chart (the billing period), not the calendar month.
+    per_agent = (await ctx.call("GET", "/api/v1/billing/usage", billing.usage, pool=ctx.pool, start=start,
+                                group_by="agent"))["items"]
     agents = (await ctx.call("GET", "/api/v1/agents", agents_api.list_agents, pool=ctx.pool))["items"]
     days = _period_days(start, datetime.now(UTC))
-    return ctx.render("usage.html", "usage", chart=usage_chart(rollups, days), rollups=rollups, agents=agents,
-                      agent_bars=agent_chart(agents),
+    rows = agent_rows(per_agent, agents)
+    return ctx.render("usage.html", "usage", chart=usage_chart(rollups, days), rollups=rollups, agent_rows=rows,
+                      agent_bars=agent_chart(rows),
+                      agent_window="this billing period" if balance.get("plan_id") else "this month",
                       period_start=balance.get("period_start"), period_end=balance.get("period_end"))
 
 
@@ -656,9 +661,20 @@ def usage_chart(rollups: list[dict[str, Any]], period_days: list[str] | None = N
     return Chart(width=width, height=height, bars=bars, legend=list(colours.items()), top=top, days=days)
 
 
-def agent_chart(agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Horizontal bars of credits per agent this month, widest first (350 px for the top one; Decimal geometry)."""
-    spent = [(a["name"] or a["id"], Decimal(a["spent_this_month"])) for a in agents]
+def agent_rows(per_agent: list[dict[str, Any]], agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Credits per agent in the window (the API's ``group_by=agent``), named from the agents list; agents without
+    usage in it show 0, usage reported without an agent shows as such."""
+    names = {a["id"]: a["name"] or a["id"] for a in agents}
+    rows = [{"label": names.get(u["agent_id"], u["agent_id"]) if u["agent_id"] else "(no agent)",
+             "credits": Decimal(str(u["credits"]))} for u in per_agent]
+    used = {u["agent_id"] for u in per_agent}
+    return rows + [{"label": names[a["id"]], "credits": Decimal(0)} for a in agents if a["id"] not in used]
+
+
+def agent_chart(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Horizontal bars of credits per agent in the window, widest first (350 px for the top one; Decimal
+    geometry)."""
+    spent = [(r["label"], r["credits"]) for r in rows]
     top = max((v for _, v in spent), default=Decimal(0))
     bars = []
     for i, (label, value) in enumerate(sorted(spent, key=lambda x: -x[1])):
