@@ -234,9 +234,9 @@ async def test_every_portal_post_route_refuses_a_form_without_the_sessions_token
 
     routes = [r.path for r in router.routes
               if isinstance(r, Route) and r.path.startswith("/portal") and "POST" in (r.methods or set())]
-    assert len(routes) == 17 and "/portal/buy" in routes and "/portal/logout" in routes, routes
+    assert len(routes) == 18 and "/portal/buy" in routes and "/portal/spend/enabled" in routes, routes
     posts = [p for p in routes if "{" not in p] + [f"/portal/agents/{a}" for a in ("pause", "resume", "settings")]
-    assert len(posts) == 19 and "/portal/agents/{action:str}" in routes
+    assert len(posts) == 20 and "/portal/agents/{action:str}" in routes
     account = await new_account(api)
     assert (await api.post("/api/v1/agents", json={"account_id": account, "id": "support-bot"})).status_code == 201
     browser = await open_portal(api, account)
@@ -710,3 +710,34 @@ async def test_the_usage_pages_per_agent_chart_covers_the_billing_period_exactly
     rows = re.findall(r'<tr><td>([^<]*)</td><td class="num">([^<]*)</td></tr>', page.split("Per agent")[1])
     assert rows == [("Support", "3"), ("sales", "2"), ("Idle", "0")]
     assert "<title>sales: 2 credits</title>" in page and "Support: 3 credits" in page
+
+
+async def test_the_spend_management_switch_turns_the_limits_off_and_on_again_through_the_api(
+        api: httpx.AsyncClient) -> None:
+    """Seed 002's toggle at the top of Spend management: off keeps the limits (the form still shows them) and the
+    overview says Disabled; on again they apply. Saved by the API's limits code (``enabled``), with the token."""
+    account = await new_account(api)
+    assert (await api.put("/api/v1/billing/limits", json={"account_id": account, "daily_limit": 5,
+                                                          "monthly_limit": 100})).status_code == 200
+    browser = await open_portal(api, account)
+    assert '<span id="spend-management">Enabled</span>' in (await browser.get("/portal")).text
+    page = (await browser.get("/portal/spend")).text
+    assert 'Spend management is <span id="spend-switch">on</span>' in page
+    assert 'id="enabled" name="enabled" checked' in page
+    off = await browser.post("/portal/spend/enabled", data={"csrf_token": csrf_of(page)})  # an unticked box
+    assert (off.status_code, off.headers["location"]) == (303, "/portal/spend?ok=spend_off")
+    limits = (await api.get("/api/v1/billing/limits", params={"account_id": account})).json()
+    assert (limits["enabled"], limits["daily_limit"], limits["monthly_limit"]) == (False, 5, 100)
+    assert (await track(api, account, "chat_message", 7, "over-5")).status_code == 200  # not enforced
+    page = (await browser.get(off.headers["location"])).text
+    assert 'Spend management is <span id="spend-switch">off</span>' in page and 'name="enabled" aria' in page
+    assert 'id="daily_limit" name="daily_limit" inputmode="decimal" value="5"' in page
+    assert "limits are kept but not enforced" in page
+    assert '<span id="spend-management">Disabled</span>' in (await browser.get("/portal")).text
+    on = await browser.post("/portal/spend/enabled", data={"csrf_token": csrf_of(page), "enabled": "on"})
+    assert (on.status_code, on.headers["location"]) == (303, "/portal/spend?ok=spend_on")
+    limits = (await api.get("/api/v1/billing/limits", params={"account_id": account})).json()
+    assert (limits["enabled"], limits["daily_limit"], limits["monthly_limit"]) == (True, 5, 100)
+    refused = await track(api, account, "chat_message", 1, "after-on")
+    assert (refused.status_code, refused.json()["code"]) == (429, "daily_limit_reached")
+    assert '<span id="spend-management">Enabled</span>' in (await browser.get("/portal")).text

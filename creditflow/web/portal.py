@@ -161,7 +161,8 @@ NOTICES = {
     "default": "Default card changed.", "card_added": "Card added.", "deleted": "Card removed.",
     "paused": "Agent paused.",
     "resumed": "Agent resumed.", "agent_saved": "Agent saved.", "limits": "Spend limits saved.",
-    "recharge": "Auto-recharge saved.",
+    "recharge": "Auto-recharge saved.", "spend_on": "Spend management turned on: your limits apply.",
+    "spend_off": "Spend management turned off: your limits are kept but not enforced.",
     "notifications": "Notifications saved.", "alerts": "Low-balance alerts saved.",
     "channels": "Notification destinations saved.", "tax_added": "Tax registration added.",
     "tax_deleted": "Tax registration removed.",
@@ -342,7 +343,8 @@ async def overview(ctx: Ctx) -> Response:
     limit_set = await ctx.call("GET", "/api/v1/billing/limits", limits.get_limits, pool=pool)
     plan = await ctx.call("GET", "/api/v1/billing/subscription", subscription.get_subscription, pool=pool,
                           catalog=ctx.request.app.state.plan_catalog)
-    spend_on = any(limit_set[k] is not None for k in ("daily_limit", "monthly_limit", "per_agent_limit"))
+    spend_on = limit_set["enabled"] and any(limit_set[k] is not None
+                                            for k in ("daily_limit", "monthly_limit", "per_agent_limit"))
     return ctx.render("overview.html", "overview", balance=balance, spend=spend, profile=profile, recharge=recharge,
                       spend_on=spend_on, plan=plan)
 
@@ -572,6 +574,18 @@ async def save_spend(ctx: Ctx) -> Response:
     except (CreditflowError, ValidationError) as exc:
         return await fail(ctx, spend, exc)
     return done("limits", "/portal/spend")
+
+
+async def toggle_spend(ctx: Ctx) -> Response:
+    """Seed 002's Spend management switch: off keeps the limits and enforces none, on enforces them again (the
+    API's ``enabled``; nothing else in the limits changes)."""
+    on = ctx.form.get("enabled") == "on"
+    try:
+        await ctx.call("PUT", "/api/v1/billing/limits", limits.put_limits, limits.LimitsRequest(enabled=on),
+                       pool=ctx.pool)
+    except (CreditflowError, ValidationError) as exc:
+        return await fail(ctx, spend, exc)
+    return done("spend_on" if on else "spend_off", "/portal/spend")
 
 
 async def recharge(ctx: Ctx) -> Response:
@@ -841,7 +855,7 @@ for path, view, methods in [
     ("/portal/payment-methods/delete", card_delete, ["POST"]),
     ("/portal/payment-methods/add", card_add, ["POST"]), ("/portal/agents", agent_list, ["GET"]),
     ("/portal/agents/{action:str}", agent_action, ["POST"]), ("/portal/spend", spend, ["GET"]),
-    ("/portal/spend", save_spend, ["POST"]),
+    ("/portal/spend", save_spend, ["POST"]), ("/portal/spend/enabled", toggle_spend, ["POST"]),
     ("/portal/spend/notifications", save_notifications, ["POST"]),
     ("/portal/spend/alerts", save_alerts, ["POST"]), ("/portal/spend/channels", save_channels, ["POST"]),
     ("/portal/auto-recharge", recharge, ["GET"]),
