@@ -10,17 +10,23 @@ import json
 import re
 import subprocess
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 import stripe
+from psycopg_pool import AsyncConnectionPool
 
 from creditflow.api.app import create_app
 from creditflow.config import Settings
+from creditflow.domain.periods import Period
+from creditflow.ledger import metering
+from creditflow.ledger.metering import UsageEvent
+from creditflow.ledger.subscriptions import save_subscription
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot, new_card
 from tests.support.api import bearer, key_for, new_account, track
+from tests.test_partitions import clock_pool
 
 SESSIONS = "/api/v1/portal/sessions"
 RETURN = "https://platform.example/account"
@@ -228,9 +234,9 @@ async def test_every_portal_post_route_refuses_a_form_without_the_sessions_token
 
     routes = [r.path for r in router.routes
               if isinstance(r, Route) and r.path.startswith("/portal") and "POST" in (r.methods or set())]
-    assert len(routes) == 17 and "/portal/buy" in routes and "/portal/logout" in routes, routes
+    assert len(routes) == 18 and "/portal/buy" in routes and "/portal/spend/enabled" in routes, routes
     posts = [p for p in routes if "{" not in p] + [f"/portal/agents/{a}" for a in ("pause", "resume", "settings")]
-    assert len(posts) == 19 and "/portal/agents/{action:str}" in routes
+    assert len(posts) == 20 and "/portal/agents/{action:str}" in routes
     account = await new_account(api)
     assert (await api.post("/api/v1/agents", json={"account_id": account, "id": "support-bot"})).status_code == 201
     browser = await open_portal(api, account)
@@ -678,3 +684,60 @@ async def test_notification_destinations_are_edited_on_the_spend_page_through_th
     gone = await browser.post("/portal/spend/channels", data={"csrf_token": token, "remove_slack": "on"})
     assert gone.status_code == 303
     assert await channels() == (None, None, None)
+
+
+async def test_the_usage_pages_per_agent_chart_covers_the_billing_period_exactly(
+        api: httpx.AsyncClient, database_url: str, pool: AsyncConnectionPool) -> None:
+    """Per agent over the billing period (the per-day chart's window, from /billing/balance's period_start), by
+    the API's ``group_by=agent``: usage before the period starts is left out, a sub-credit amount stays exact."""
+    account = await new_account(api)
+    for agent, name in (("support-bot", "Support"), ("idle-bot", "Idle")):
+        assert (await api.post("/api/v1/agents", json={"account_id": account, "id": agent, "name": name})
+                ).status_code == 201
+    now = datetime.now(UTC)
+    async with clock_pool(database_url, now - timedelta(hours=3)) as before:
+        assert (await metering.track(before, UsageEvent.build(account, "chat_message", 5, "old", "sales"))).allowed
+    async with clock_pool(database_url, now - timedelta(minutes=30)) as within:
+        for event in (UsageEvent.build(account, "voice_minute", "0.25", "v", "support-bot"),
+                      UsageEvent.build(account, "chat_message", 2, "c", "sales")):
+            assert (await metering.track(within, event)).allowed
+    assert (await track(api, account, "voice_minute", "0.05", "sub", agent_id="support-bot")).status_code == 200
+    start = now - timedelta(hours=1)
+    await save_subscription(pool, account, plan_id="starter", pending_plan_id=None,
+                            period=Period(anchor=start, index=0, start=start, end=start + timedelta(days=30)))
+    page = (await (await open_portal(api, account)).get("/portal/usage")).text
+    assert "<h2>Per agent this billing period</h2>" in page
+    rows = re.findall(r'<tr><td>([^<]*)</td><td class="num">([^<]*)</td></tr>', page.split("Per agent")[1])
+    assert rows == [("Support", "3"), ("sales", "2"), ("Idle", "0")]
+    assert "<title>sales: 2 credits</title>" in page and "Support: 3 credits" in page
+
+
+async def test_the_spend_management_switch_turns_the_limits_off_and_on_again_through_the_api(
+        api: httpx.AsyncClient) -> None:
+    """Seed 002's toggle at the top of Spend management: off keeps the limits (the form still shows them) and the
+    overview says Disabled; on again they apply. Saved by the API's limits code (``enabled``), with the token."""
+    account = await new_account(api)
+    assert (await api.put("/api/v1/billing/limits", json={"account_id": account, "daily_limit": 5,
+                                                          "monthly_limit": 100})).status_code == 200
+    browser = await open_portal(api, account)
+    assert '<span id="spend-management">Enabled</span>' in (await browser.get("/portal")).text
+    page = (await browser.get("/portal/spend")).text
+    assert 'Spend management is <span id="spend-switch">on</span>' in page
+    assert 'id="enabled" name="enabled" checked' in page
+    off = await browser.post("/portal/spend/enabled", data={"csrf_token": csrf_of(page)})  # an unticked box
+    assert (off.status_code, off.headers["location"]) == (303, "/portal/spend?ok=spend_off")
+    limits = (await api.get("/api/v1/billing/limits", params={"account_id": account})).json()
+    assert (limits["enabled"], limits["daily_limit"], limits["monthly_limit"]) == (False, 5, 100)
+    assert (await track(api, account, "chat_message", 7, "over-5")).status_code == 200  # not enforced
+    page = (await browser.get(off.headers["location"])).text
+    assert 'Spend management is <span id="spend-switch">off</span>' in page and 'name="enabled" aria' in page
+    assert 'id="daily_limit" name="daily_limit" inputmode="decimal" value="5"' in page
+    assert "limits are kept but not enforced" in page
+    assert '<span id="spend-management">Disabled</span>' in (await browser.get("/portal")).text
+    on = await browser.post("/portal/spend/enabled", data={"csrf_token": csrf_of(page), "enabled": "on"})
+    assert (on.status_code, on.headers["location"]) == (303, "/portal/spend?ok=spend_on")
+    limits = (await api.get("/api/v1/billing/limits", params={"account_id": account})).json()
+    assert (limits["enabled"], limits["daily_limit"], limits["monthly_limit"]) == (True, 5, 100)
+    refused = await track(api, account, "chat_message", 1, "after-on")
+    assert (refused.status_code, refused.json()["code"]) == (429, "daily_limit_reached")
+    assert '<span id="spend-management">Enabled</span>' in (await browser.get("/portal")).text

@@ -32,7 +32,7 @@ async def test_fifty_concurrent_events_never_overshoot_the_daily_limit(api: http
     assert (await track(api, account, "chat_message", 10, "before")).status_code == 200  # counts once set
     assert await set_limits(api, account, daily_limit=100) == {
         "daily_limit": 100, "monthly_limit": None, "per_agent_limit": None, "action_on_limit": "pause",
-        "currency": "credits"}
+        "enabled": True, "currency": "credits"}
 
     responses = await asyncio.gather(*(track(api, account, "chat_message", 3, f"e-{n}") for n in range(50)))
     allowed = [r for r in responses if r.status_code == 200]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from psycopg_pool import AsyncConnectionPool
@@ -31,6 +31,7 @@ from creditflow.errors import STATUS_BY_CODE, CreditflowError
 from creditflow.ids import check_id
 from creditflow.ledger import credit_systems, metering, postings, queries
 from creditflow.ledger.models import (
+    AgentUsage,
     Balance,
     CheckResult,
     HoldResult,
@@ -259,6 +260,12 @@ class UsageRollupList(BaseModel):
     items: list[UsageRollup]
 
 
+class AgentUsageList(BaseModel):
+    """``group_by=agent``: credits per agent in the window, most first."""
+
+    items: list[AgentUsage]
+
+
 @router.get("/usage/items", response_model=UsageItemList, response_class=ExactJSONResponse)
 async def usage_items(
     principal: Reader, pool: Pool,
@@ -277,11 +284,17 @@ async def usage_items(
     return respond({"items": items, "has_more": has_more})
 
 
-@router.get("/usage", response_model=UsageRollupList, response_class=ExactJSONResponse)
+@router.get("/usage", response_model=UsageRollupList | AgentUsageList, response_class=ExactJSONResponse)
 async def usage(principal: Reader, pool: Pool, start: datetime | None = None, end: datetime | None = None,
-                account_id: str | None = None, credit_system: SystemQuery = None) -> ExactJSONResponse:
-    """Daily (UTC) usage per channel (``credit_system``: of that system's balance; default: the wallet)."""
+                account_id: str | None = None, credit_system: SystemQuery = None,
+                group_by: Annotated[Literal["day", "agent"], Query(
+                    description="day (default): per UTC day and channel; agent: one total per agent for "
+                                "[start, end)")] = "day") -> ExactJSONResponse:
+    """Daily (UTC) usage per channel, or per agent over the window (``credit_system``: of that system's balance;
+    default: the wallet)."""
     account = await _system_account(pool, target_account(principal, account_id), credit_system)
+    if group_by == "agent":
+        return respond({"items": await queries.usage_by_agent(pool, account, start=utc(start), end=utc(end))})
     rollups = await queries.usage_rollups(pool, account, start=utc(start),
                                           end=utc(end))
     return respond({"items": rollups})

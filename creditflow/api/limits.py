@@ -41,6 +41,8 @@ class LimitsRequest(Strict):
     per_agent_limit: Amount | None = Field(default=None, description="Credits per agent per UTC month, for agents "
                                                                      "without a limit of their own.")
     action_on_limit: Literal["pause", "alert_only"] | None = None
+    enabled: bool | None = Field(default=None, description="Spend management on/off: false keeps the three limits "
+                                                            "but enforces none of them; true enforces them again.")
 
 
 class LimitsView(BaseModel):
@@ -48,6 +50,7 @@ class LimitsView(BaseModel):
     monthly_limit: Decimal | None
     per_agent_limit: Decimal | None
     action_on_limit: str
+    enabled: bool = Field(description="false: spend management is off; the limits above are kept, not enforced")
     currency: str = "credits"
 
 
@@ -72,7 +75,7 @@ def _view(limits: Limits) -> LimitsView:
     return LimitsView(daily_limit=credits_or_none(limits.daily_limit_micros),
                       monthly_limit=credits_or_none(limits.monthly_limit_micros),
                       per_agent_limit=credits_or_none(limits.per_agent_limit_micros),
-                      action_on_limit=limits.action_on_limit)
+                      action_on_limit=limits.action_on_limit, enabled=limits.enabled)
 
 
 @router.get("/limits", response_model=LimitsView, response_class=ExactJSONResponse)
@@ -89,6 +92,8 @@ async def _save(req: LimitsRequest, principal: Principal, pool: AsyncConnectionP
             changes[f"{name}_micros"] = limit_micros(getattr(req, name), name)
     if req.action_on_limit is not None:
         changes["action_on_limit"] = req.action_on_limit
+    if req.enabled is not None:
+        changes["enabled"] = req.enabled
     return respond(_view(await ledger_limits.update_limits(pool, account_id, changes)))
 
 
@@ -96,7 +101,8 @@ async def _save(req: LimitsRequest, principal: Principal, pool: AsyncConnectionP
             responses={422: {"description": "invalid_amount / validation_error; nothing changed"}})
 async def put_limits(req: LimitsRequest, principal: Writer, pool: Pool) -> ExactJSONResponse:
     """Set spend limits. The day's and month's usage so far counts at once; raising or removing a limit resumes
-    the agents the system paused for it."""
+    the agents the system paused for it. ``enabled: false`` (spend management off) keeps the limits and enforces
+    none (limits saved while off are kept for when it is on again)."""
     return await _save(req, principal, pool)
 
 
@@ -114,9 +120,10 @@ async def get_spend(principal: Reader, pool: Pool, account_id: AccountQuery = No
     today = datetime.now(UTC).date()
     spent = await ledger_limits.spend(pool, account, today)
     limits = await ledger_limits.get_limits(pool, account)
+    applied = limits if limits.enabled else Limits(action_on_limit=limits.action_on_limit)  # off: none applies
     return respond(SpendView(
         date=today, today=micros_to_credits(spent.today_micros), yesterday=micros_to_credits(spent.yesterday_micros),
-        this_month=micros_to_credits(spent.month_micros), daily_limit=credits_or_none(limits.daily_limit_micros),
-        monthly_limit=credits_or_none(limits.monthly_limit_micros),
+        this_month=micros_to_credits(spent.month_micros), daily_limit=credits_or_none(applied.daily_limit_micros),
+        monthly_limit=credits_or_none(applied.monthly_limit_micros),
         agents=[AgentSpendView(agent_id=a.agent_id, spent_this_month=micros_to_credits(a.spent_micros),
                                monthly_limit=credits_or_none(a.monthly_limit_micros)) for a in spent.agents]))

@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
@@ -30,6 +31,21 @@ class Limits(BaseModel):
     per_agent_limit_micros: int | None = None
     action_on_limit: str = "pause"
     daily_usage_alert_micros: int | None = None
+    enabled: bool = True  # off: the three limits are kept but not enforced (seed 002's toggle)
+
+
+# The limits that spend management's off switch suspends (kept in balances.spend_limits_off, migration 0046).
+SUSPENDED = ("daily_limit_micros", "monthly_limit_micros", "per_agent_limit_micros")
+_LIMITS_SQL = ("SELECT daily_limit_micros, monthly_limit_micros, per_agent_limit_micros, limit_action,"
+               " daily_usage_alert_micros, spend_limits_off FROM balances WHERE account_id = %s")
+
+
+def _limits_of(row: dict[str, Any]) -> Limits:
+    """The saved limits, from the live columns, or from where they are kept while spend management is off."""
+    off = row["spend_limits_off"]
+    kept = {k: (off.get(k) if off is not None else row[k]) for k in SUSPENDED}
+    return Limits(**kept, action_on_limit=row["limit_action"], daily_usage_alert_micros=row["daily_usage_alert_micros"],
+                  enabled=off is None)
 
 
 class AgentSpend(BaseModel):
@@ -50,14 +66,10 @@ class Spend(BaseModel):
 
 async def get_limits(pool: AsyncConnectionPool, account_id: str) -> Limits:
     async with pool.connection() as conn:
-        row = await (await conn.execute(
-            "SELECT daily_limit_micros, monthly_limit_micros, per_agent_limit_micros, limit_action,"
-            " daily_usage_alert_micros FROM balances WHERE account_id = %s", (account_id,))).fetchone()
+        row = await (await conn.execute(_LIMITS_SQL, (account_id,))).fetchone()
     if row is None:
         raise CreditflowError("unknown_account", f"no account {account_id}")
-    return Limits(daily_limit_micros=row["daily_limit_micros"], monthly_limit_micros=row["monthly_limit_micros"],
-                  per_agent_limit_micros=row["per_agent_limit_micros"], action_on_limit=row["limit_action"],
-                  daily_usage_alert_micros=row["daily_usage_alert_micros"])
+    return _limits_of(row)
 
 
 async def put_limits(pool: AsyncConnectionPool, account_id: str, limits: Limits) -> Limits:
@@ -73,21 +85,20 @@ async def update_limits(pool: AsyncConnectionPool, account_id: str, changes: dic
     if unknown:
         raise CreditflowError("validation_error", f"unknown limit field(s): {', '.join(sorted(unknown))}")
     async with pool.connection() as conn, conn.transaction():
-        row = await (await conn.execute(
-            "SELECT daily_limit_micros, monthly_limit_micros, per_agent_limit_micros, limit_action,"
-            " daily_usage_alert_micros FROM balances WHERE account_id = %s FOR UPDATE", (account_id,))).fetchone()
+        row = await (await conn.execute(_LIMITS_SQL + " FOR UPDATE", (account_id,))).fetchone()
         if row is None:
             raise CreditflowError("unknown_account", f"no account {account_id}")
-        limits = Limits(daily_limit_micros=row["daily_limit_micros"], monthly_limit_micros=row["monthly_limit_micros"],
-                        per_agent_limit_micros=row["per_agent_limit_micros"], action_on_limit=row["limit_action"],
-                        daily_usage_alert_micros=row["daily_usage_alert_micros"]).model_copy(update=changes)
+        limits = _limits_of(row).model_copy(update=changes)
         if limits.action_on_limit not in LIMIT_ACTIONS:
             raise CreditflowError("validation_error", f"action_on_limit must be one of {', '.join(LIMIT_ACTIONS)}")
+        kept = {k: getattr(limits, k) for k in SUSPENDED}
+        live = kept if limits.enabled else dict.fromkeys(SUSPENDED)
         await conn.execute(
             "UPDATE balances SET daily_limit_micros = %s, monthly_limit_micros = %s, per_agent_limit_micros = %s,"
-            " limit_action = %s, daily_usage_alert_micros = %s WHERE account_id = %s",
-            (limits.daily_limit_micros, limits.monthly_limit_micros, limits.per_agent_limit_micros,
-             limits.action_on_limit, limits.daily_usage_alert_micros, account_id))
+            " limit_action = %s, daily_usage_alert_micros = %s, spend_limits_off = %s WHERE account_id = %s",
+            (live["daily_limit_micros"], live["monthly_limit_micros"], live["per_agent_limit_micros"],
+             limits.action_on_limit, limits.daily_usage_alert_micros, None if limits.enabled else Jsonb(kept),
+             account_id))
         await conn.execute("SELECT cf_refresh_spend(%s)", (account_id,))
         await emit_limits_changed(conn, account_id)
     return limits

@@ -209,6 +209,12 @@ class UsageRollup(BaseModel):
     events: int
 
 
+class AgentUsage(BaseModel):
+    agent_id: str | None = Field(description="null: usage reported without an agent")
+    credits: Decimal
+    events: int
+
+
 class Feature(BaseModel):
     id: str
     name: str

@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.domain.money import micros_to_credits
 from creditflow.errors import CreditflowError
 from creditflow.ledger.models import (
+    AgentUsage,
     Balance,
     Balances,
     Transaction,
@@ -164,13 +165,30 @@ async def usage_rollups(pool: AsyncConnectionPool, account_id: str, *, start: da
     """Daily (UTC) totals per channel. Whole days the partition maintenance has rolled up (usage_daily, migration
     0041) are read from there, the rest from the journal, so a long range does not read old journal partitions."""
     async with pool.connection() as conn:
-        rolled = await (await conn.execute(_ROLLED_DAYS_SQL)).fetchone()
-        lo, hi = _whole_days(rolled["lo"] if rolled else None, rolled["hi"] if rolled else None, start, end)
-        rows = await (await conn.execute(_USAGE_ROLLUPS_SQL, {
-            "a": account_id, "s": start, "e": end, "lo": lo, "hi": hi,
-            "lo_ts": datetime.combine(lo, time(), UTC), "hi_ts": datetime.combine(hi, time(), UTC)})).fetchall()
+        rows = await (await conn.execute(_USAGE_ROLLUPS_SQL, await _rollup_window(conn, account_id, start, end))
+                      ).fetchall()
     return [UsageRollup(date=r["day"], channel=r["channel"], quantity=exact(r["quantity"]) or 0,
                         credits=micros_to_credits(int(r["micros"])), events=r["events"]) for r in rows]
+
+
+async def usage_by_agent(pool: AsyncConnectionPool, account_id: str, *, start: datetime | None = None,
+                         end: datetime | None = None) -> list[AgentUsage]:
+    """Credits used per agent in [start, end), read like ``usage_rollups`` (rolled-up whole days, the journal for
+    the rest), so a per-agent chart and the per-day chart of the same window add up to the same total."""
+    async with pool.connection() as conn:
+        rows = await (await conn.execute(_USAGE_BY_AGENT_SQL, await _rollup_window(conn, account_id, start, end))
+                      ).fetchall()
+    return [AgentUsage(agent_id=r["agent_id"], credits=micros_to_credits(int(r["micros"])), events=r["events"])
+            for r in rows]
+
+
+async def _rollup_window(conn: Any, account_id: str, start: datetime | None, end: datetime | None
+                         ) -> dict[str, Any]:
+    """The query parameters that split [start, end) between the rollups (whole rolled-up days) and the journal."""
+    rolled = await (await conn.execute(_ROLLED_DAYS_SQL)).fetchone()
+    lo, hi = _whole_days(rolled["lo"] if rolled else None, rolled["hi"] if rolled else None, start, end)
+    return {"a": account_id, "s": start, "e": end, "lo": lo, "hi": hi,
+            "lo_ts": datetime.combine(lo, time(), UTC), "hi_ts": datetime.combine(hi, time(), UTC)}
 
 
 # The contiguous run of rolled-up days that ends at the latest one: [lo, hi).
@@ -190,6 +208,17 @@ _USAGE_ROLLUPS_SQL = (
     "  AND (%(e)s::timestamptz IS NULL OR created_at < %(e)s)"
     "  AND (created_at < %(lo_ts)s OR created_at >= %(hi_ts)s)"
     ") x GROUP BY 1, 2 ORDER BY 1 DESC, 2")
+# The same split, totalled per agent ('' in the rollups is no agent, NULL in the journal); most credits first.
+_USAGE_BY_AGENT_SQL = (
+    "SELECT agent_id, sum(micros) AS micros, sum(events)::bigint AS events FROM ("
+    " SELECT nullif(agent_id, '') AS agent_id, charged_micros AS micros, events FROM usage_daily"
+    "  WHERE account_id = %(a)s AND day >= %(lo)s AND day < %(hi)s"
+    " UNION ALL"
+    " SELECT agent_id, -amount_micros, 1 FROM journal WHERE account_id = %(a)s AND type = 'usage'"
+    "  AND (%(s)s::timestamptz IS NULL OR created_at >= %(s)s)"
+    "  AND (%(e)s::timestamptz IS NULL OR created_at < %(e)s)"
+    "  AND (created_at < %(lo_ts)s OR created_at >= %(hi_ts)s)"
+    ") x GROUP BY 1 ORDER BY 2 DESC, 1 NULLS LAST")
 
 
 def _whole_days(lo: date | None, hi: date | None, start: datetime | None,

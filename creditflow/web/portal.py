@@ -161,7 +161,8 @@ NOTICES = {
     "default": "Default card changed.", "card_added": "Card added.", "deleted": "Card removed.",
     "paused": "Agent paused.",
     "resumed": "Agent resumed.", "agent_saved": "Agent saved.", "limits": "Spend limits saved.",
-    "recharge": "Auto-recharge saved.",
+    "recharge": "Auto-recharge saved.", "spend_on": "Spend management turned on: your limits apply.",
+    "spend_off": "Spend management turned off: your limits are kept but not enforced.",
     "notifications": "Notifications saved.", "alerts": "Low-balance alerts saved.",
     "channels": "Notification destinations saved.", "tax_added": "Tax registration added.",
     "tax_deleted": "Tax registration removed.",
@@ -342,7 +343,8 @@ async def overview(ctx: Ctx) -> Response:
     limit_set = await ctx.call("GET", "/api/v1/billing/limits", limits.get_limits, pool=pool)
     plan = await ctx.call("GET", "/api/v1/billing/subscription", subscription.get_subscription, pool=pool,
                           catalog=ctx.request.app.state.plan_catalog)
-    spend_on = any(limit_set[k] is not None for k in ("daily_limit", "monthly_limit", "per_agent_limit"))
+    spend_on = limit_set["enabled"] and any(limit_set[k] is not None
+                                            for k in ("daily_limit", "monthly_limit", "per_agent_limit"))
     return ctx.render("overview.html", "overview", balance=balance, spend=spend, profile=profile, recharge=recharge,
                       spend_on=spend_on, plan=plan)
 
@@ -574,6 +576,18 @@ async def save_spend(ctx: Ctx) -> Response:
     return done("limits", "/portal/spend")
 
 
+async def toggle_spend(ctx: Ctx) -> Response:
+    """Seed 002's Spend management switch: off keeps the limits and enforces none, on enforces them again (the
+    API's ``enabled``; nothing else in the limits changes)."""
+    on = ctx.form.get("enabled") == "on"
+    try:
+        await ctx.call("PUT", "/api/v1/billing/limits", limits.put_limits, limits.LimitsRequest(enabled=on),
+                       pool=ctx.pool)
+    except (CreditflowError, ValidationError) as exc:
+        return await fail(ctx, spend, exc)
+    return done("spend_on" if on else "spend_off", "/portal/spend")
+
+
 async def recharge(ctx: Ctx) -> Response:
     current = await ctx.call("GET", "/api/v1/billing/auto-recharge", auto_recharge.get_auto_recharge, pool=ctx.pool,
                              settings=ctx.settings)
@@ -599,10 +613,15 @@ async def usage(ctx: Ctx) -> Response:
     start = datetime.fromisoformat(str(balance["period_start"]).replace("Z", "+00:00")) \
         if balance.get("period_start") else None
     rollups = (await ctx.call("GET", "/api/v1/billing/usage", billing.usage, pool=ctx.pool, start=start))["items"]
+    # Per agent over the same window as the per-day chart (the billing period), not the calendar month.
+    per_agent = (await ctx.call("GET", "/api/v1/billing/usage", billing.usage, pool=ctx.pool, start=start,
+                                group_by="agent"))["items"]
     agents = (await ctx.call("GET", "/api/v1/agents", agents_api.list_agents, pool=ctx.pool))["items"]
     days = _period_days(start, datetime.now(UTC))
-    return ctx.render("usage.html", "usage", chart=usage_chart(rollups, days), rollups=rollups, agents=agents,
-                      agent_bars=agent_chart(agents),
+    rows = agent_rows(per_agent, agents)
+    return ctx.render("usage.html", "usage", chart=usage_chart(rollups, days), rollups=rollups, agent_rows=rows,
+                      agent_bars=agent_chart(rows),
+                      agent_window="this billing period" if balance.get("plan_id") else "this month",
                       period_start=balance.get("period_start"), period_end=balance.get("period_end"))
 
 
@@ -656,9 +675,20 @@ def usage_chart(rollups: list[dict[str, Any]], period_days: list[str] | None = N
     return Chart(width=width, height=height, bars=bars, legend=list(colours.items()), top=top, days=days)
 
 
-def agent_chart(agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Horizontal bars of credits per agent this month, widest first (350 px for the top one; Decimal geometry)."""
-    spent = [(a["name"] or a["id"], Decimal(a["spent_this_month"])) for a in agents]
+def agent_rows(per_agent: list[dict[str, Any]], agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Credits per agent in the window (the API's ``group_by=agent``), named from the agents list; agents without
+    usage in it show 0, usage reported without an agent shows as such."""
+    names = {a["id"]: a["name"] or a["id"] for a in agents}
+    rows = [{"label": names.get(u["agent_id"], u["agent_id"]) if u["agent_id"] else "(no agent)",
+             "credits": Decimal(str(u["credits"]))} for u in per_agent]
+    used = {u["agent_id"] for u in per_agent}
+    return rows + [{"label": names[a["id"]], "credits": Decimal(0)} for a in agents if a["id"] not in used]
+
+
+def agent_chart(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Horizontal bars of credits per agent in the window, widest first (350 px for the top one; Decimal
+    geometry)."""
+    spent = [(r["label"], r["credits"]) for r in rows]
     top = max((v for _, v in spent), default=Decimal(0))
     bars = []
     for i, (label, value) in enumerate(sorted(spent, key=lambda x: -x[1])):
@@ -825,7 +855,7 @@ for path, view, methods in [
     ("/portal/payment-methods/delete", card_delete, ["POST"]),
     ("/portal/payment-methods/add", card_add, ["POST"]), ("/portal/agents", agent_list, ["GET"]),
     ("/portal/agents/{action:str}", agent_action, ["POST"]), ("/portal/spend", spend, ["GET"]),
-    ("/portal/spend", save_spend, ["POST"]),
+    ("/portal/spend", save_spend, ["POST"]), ("/portal/spend/enabled", toggle_spend, ["POST"]),
     ("/portal/spend/notifications", save_notifications, ["POST"]),
     ("/portal/spend/alerts", save_alerts, ["POST"]), ("/portal/spend/channels", save_channels, ["POST"]),
     ("/portal/auto-recharge", recharge, ["GET"]),
