@@ -67,7 +67,7 @@ async def agent_events(account_id: str, agent_id: str, principal: Admin, pool: P
     return respond(await lookup.agent_trail(pool, account_id, agent_id, limit))
 
 
-@router.get("/payment-events/failed", response_class=ExactJSONResponse)
+@router.get("/payment-events/failed", response_model=list[CliAnswer], response_class=ExactJSONResponse)
 async def payment_events_failed(principal: Admin, pool: Pool, account_id: str | None = None,
                                 include_resolved: Annotated[bool, Query(alias="all")] = False) -> ExactJSONResponse:
     """Payment events the account workflow could not apply, oldest first, with their error."""
@@ -77,7 +77,7 @@ async def payment_events_failed(principal: Admin, pool: Pool, account_id: str | 
                                                               include_resolved=include_resolved))
 
 
-@router.post("/payment-events/{failure_id}/redrive", response_class=ExactJSONResponse)
+@router.post("/payment-events/{failure_id}/redrive", response_model=CliAnswer, response_class=ExactJSONResponse)
 async def payment_event_redrive(failure_id: int, principal: Admin, pool: Pool) -> ExactJSONResponse:
     """Deliver a failed event to its account workflow again (through the outbox): every effect is keyed by its
     Stripe object, so a second re-drive applies nothing twice."""
