@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
-from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -24,13 +22,14 @@ from typer.testing import CliRunner
 from creditflow.config import Settings
 from creditflow.ledger import metering, partitions, queries
 from creditflow.ledger.accounts import create_account
-from creditflow.ledger.db import migrate, open_pool
+from creditflow.ledger.db import migrate
 from creditflow.ledger.metering import UsageEvent
 from creditflow.ledger.ratecard import ensure_default_ratecard
 from creditflow.ledger.verify import verify
 from creditflow.partitions_cli import partitions_app
 from creditflow.temporal_setup import ensure_partitions_schedule
 from tests.support.cli import cli_environment
+from tests.support.ledger import clock_pool
 from tests.support.migrations import apply_numbered, new_database
 from workflows.contract import PartitionMaintenanceSummary
 
@@ -41,18 +40,6 @@ def month_start(months_from_now: int) -> datetime:
     today = datetime.now(UTC)
     index = today.year * 12 + today.month - 1 + months_from_now
     return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
-
-
-@asynccontextmanager
-async def clock_pool(database_url: str, at: datetime) -> AsyncIterator[AsyncConnectionPool]:
-    """A pool whose sessions run on the ledger clock set to ``at`` (what ``creditflow simulate`` does)."""
-    sep = "&" if "?" in database_url else "?"
-    pool = open_pool(f"{database_url}{sep}options={quote(f'-c creditflow.now={at.isoformat()}')}", 1, 2)
-    await pool.open()
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 async def where(pool: AsyncConnectionPool, account_id: str) -> dict[str, str]:

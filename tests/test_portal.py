@@ -26,7 +26,7 @@ from creditflow.ledger.metering import UsageEvent
 from creditflow.ledger.subscriptions import save_subscription
 from tests.conftest import ADMIN_KEY, STRIPE_KEY, ledger_snapshot, new_card
 from tests.support.api import bearer, key_for, new_account, track
-from tests.test_partitions import clock_pool
+from tests.support.ledger import clock_pool
 
 SESSIONS = "/api/v1/portal/sessions"
 RETURN = "https://platform.example/account"

@@ -13,7 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from creditflow.ledger import metering, partitions
 from creditflow.ledger.metering import UsageEvent
 from tests.support.api import assert_error, new_account, track
-from tests.test_partitions import clock_pool
+from tests.support.ledger import clock_pool
 
 
 def _midnight(day: datetime) -> datetime:

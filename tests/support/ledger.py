@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from psycopg_pool import AsyncConnectionPool
 
 from creditflow.domain.money import MICROS_PER_CREDIT
 from creditflow.ids import new_id
 from creditflow.ledger import accounts
+from creditflow.ledger.db import open_pool
 from creditflow.payments import topups
 
 
@@ -112,3 +117,15 @@ async def paid_purchase(pool: AsyncConnectionPool, account_id: str, *, cents: in
             " WHERE c.id = %s", (charge_id,))).fetchone()
     assert lot is not None
     return {"charge_id": charge_id, "payment_intent_id": pi, "lot_id": lot["id"]}
+
+
+@asynccontextmanager
+async def clock_pool(database_url: str, at: datetime) -> AsyncIterator[AsyncConnectionPool]:
+    """A pool whose sessions run on the ledger clock set to ``at`` (what ``creditflow simulate`` does)."""
+    sep = "&" if "?" in database_url else "?"
+    pool = open_pool(f"{database_url}{sep}options={quote(f'-c creditflow.now={at.isoformat()}')}", 1, 2)
+    await pool.open()
+    try:
+        yield pool
+    finally:
+        await pool.close()
