@@ -472,6 +472,8 @@ async def test_dispute_closed_as_warning_closed_returns_what_was_taken_once(
     [claim] = await dispute_rows(pool, account)
     assert (claim["status"], claim["taken_micros"], claim["returned_micros"]) == (
         "warning_closed", 600 * MICROS_PER_CREDIT, 600 * MICROS_PER_CREDIT)
+    # Every redelivered close applied first: a late one must not write the row between the DELETE and the backfill.
+    await eventually(lambda: _unapplied_stripe_rows(pool, account), lambda n: n == 0, timeout=60)
     # Disputes applied before migration 0023_3 are recorded from their journal rows (its backfill, run again here).
     async with pool.connection() as conn:
         await conn.execute("DELETE FROM disputes WHERE account_id = %s", (account,))
@@ -541,3 +543,12 @@ async def test_refund_made_on_stripe_that_fails_gives_its_credits_back_once(
     unknown = event("refund.failed", {**obj, "id": "re_never_taken"})
     assert (await cf.deliver(unknown, sign(unknown))).json()["outcome"] == "ignored"
     await assert_invariants(pool)
+
+
+async def _unapplied_stripe_rows(pool: AsyncConnectionPool, account: str) -> int:
+    """Stripe events of the account not yet applied by its workflow (``outbox.applied_at``)."""
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT count(*) AS n FROM outbox WHERE account_id = %s AND kind LIKE 'stripe.%%' AND applied_at IS NULL",
+            (account,))).fetchone()
+    return int(row["n"]) if row else 0
